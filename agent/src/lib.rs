@@ -1,0 +1,231 @@
+//! Strobe's sidecar agent: takes a service's metrics, folds them into one-second snapshots aligned to wall-clock
+//! seconds, and streams them to the aggregator.
+//!
+//! # Layout
+//! - [`statsd`]: the DogStatsD line parser (pure).
+//! - [`window`]: one-second windows: counters, last gauges, HDR histograms (pure).
+//! - [`shipper`]: the gRPC stream to the aggregator, with replay of unacknowledged seconds and jittered backoff.
+//! - [`Agent`]: binds the DogStatsD UDP socket and runs the fold loop and the shipper.
+//!
+//! Inputs record, the window folds, the shipper exports: the three never share a lock.
+
+pub mod shipper;
+pub mod statsd;
+pub mod window;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use strobe_proto as pb;
+use strobe_proto::clock;
+use thiserror::Error;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::info;
+
+pub use shipper::{ShipperConfig, ShipperReport, run_shipper};
+pub use statsd::ParseLimits;
+pub use window::{Folder, Window, WindowLimits};
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Service name.
+    pub service: String,
+    /// Version of the service: deploy id, image tag or git sha.
+    pub version: String,
+    /// Zone the instance runs in (may be empty).
+    pub zone: String,
+    /// Instance id; empty means `host-pid`.
+    pub instance: String,
+    /// Extra identity labels, for example `deployer`.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// UDP address for DogStatsD.
+    pub statsd_addr: SocketAddr,
+    /// Largest UDP packet read, in bytes.
+    pub max_packet_bytes: usize,
+    /// Line parser bounds.
+    #[serde(skip)]
+    pub parse_limits: ParseLimits,
+    /// Most series in one second.
+    pub max_series_per_second: usize,
+    /// Largest histogram value in the metric's unit.
+    pub max_histogram_value: f64,
+    /// The gRPC stream to the aggregator.
+    pub shipper: ShipperConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let window = WindowLimits::default();
+        Self {
+            service: String::new(),
+            version: String::new(),
+            zone: String::new(),
+            instance: String::new(),
+            labels: Default::default(),
+            statsd_addr: SocketAddr::from(([127, 0, 0, 1], 8125)),
+            max_packet_bytes: 65_535,
+            parse_limits: ParseLimits::default(),
+            max_series_per_second: window.max_series,
+            max_histogram_value: window.max_histogram_value,
+            shipper: ShipperConfig::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The identity sent in the stream's hello, with the instance defaulted to `host-pid`.
+    pub fn identity(&self) -> pb::Identity {
+        let instance = if self.instance.is_empty() {
+            default_instance_id()
+        } else {
+            self.instance.clone()
+        };
+        pb::Identity {
+            service: self.service.clone(),
+            version: self.version.clone(),
+            zone: self.zone.clone(),
+            instance,
+            labels: self.labels.clone().into_iter().collect(),
+        }
+    }
+
+    fn window_limits(&self) -> WindowLimits {
+        WindowLimits {
+            max_series: self.max_series_per_second,
+            max_histogram_value: self.max_histogram_value,
+        }
+    }
+}
+
+/// `host-pid`, the default instance id.
+pub fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Why the agent could not start.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The service name is empty.
+    #[error("the service name must not be empty")]
+    MissingService,
+    /// The version is empty.
+    #[error("the version must not be empty")]
+    MissingVersion,
+    /// The DogStatsD socket could not be bound.
+    #[error("cannot bind DogStatsD on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound agent, ready to run.
+pub struct Agent {
+    config: AgentConfig,
+    socket: UdpSocket,
+}
+
+impl Agent {
+    /// Validates the config and binds the DogStatsD socket.
+    pub async fn bind(config: AgentConfig) -> Result<Self, AgentError> {
+        if config.service.trim().is_empty() {
+            return Err(AgentError::MissingService);
+        }
+        if config.version.trim().is_empty() {
+            return Err(AgentError::MissingVersion);
+        }
+        let socket = UdpSocket::bind(config.statsd_addr)
+            .await
+            .map_err(|source| AgentError::Bind {
+                addr: config.statsd_addr,
+                source,
+            })?;
+        Ok(Self { config, socket })
+    }
+
+    /// The address DogStatsD packets go to.
+    pub fn statsd_addr(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap_or(self.config.statsd_addr)
+    }
+
+    /// Folds and ships until `shutdown` completes, then closes the open second and drains what is unacknowledged.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShipperReport {
+        let identity = self.config.identity();
+        info!(
+            message = "Agent running.",
+            service = %identity.service, version = %identity.version, instance = %identity.instance,
+            statsd = %self.statsd_addr(), aggregator = %self.config.shipper.aggregator,
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let shipper = tokio::spawn(run_shipper(identity, self.config.shipper.clone(), rx));
+        fold_loop(
+            &self.socket,
+            &self.config,
+            tx,
+            shutdown,
+        )
+        .await;
+        shipper.await.unwrap_or_default()
+    }
+}
+
+async fn fold_loop(
+    socket: &UdpSocket,
+    config: &AgentConfig,
+    tx: mpsc::Sender<pb::Snapshot>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut folder = Folder::new(clock::unix_second(), config.window_limits());
+    let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
+    tokio::pin!(shutdown);
+    // A hair past the boundary, so the roll sees the new second.
+    let boundary = tokio::time::sleep(clock::until_next_second() + std::time::Duration::from_millis(1));
+    tokio::pin!(boundary);
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut packet) => {
+                let Ok((len, _)) = received else { continue };
+                ship(&tx, folder.roll(clock::unix_second())).await;
+                let window = folder.open();
+                statsd::parse_packet(&packet[..len], &config.parse_limits, |line| match line {
+                    Ok(line) => window.record(&line),
+                    Err(_) => window.count_malformed(),
+                });
+            }
+            _ = &mut boundary => {
+                ship(&tx, folder.roll(clock::unix_second())).await;
+                boundary.as_mut().reset(
+                    tokio::time::Instant::now() + clock::until_next_second() + std::time::Duration::from_millis(1),
+                );
+            }
+            _ = &mut shutdown => {
+                let open = std::mem::replace(folder.open(), Window::new(0, config.window_limits()));
+                ship(&tx, Some(open.close())).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn ship(tx: &mpsc::Sender<pb::Snapshot>, closed: Option<(pb::Snapshot, window::WindowStats)>) {
+    if let Some((snapshot, _)) = closed {
+        // The shipper only stops when this sender is dropped, so a send cannot fail while the loop runs.
+        let _ = tx.send(snapshot).await;
+    }
+}

@@ -1,0 +1,362 @@
+//! Ships closed snapshots to the aggregator over the gRPC stream, keeps what is not acknowledged, replays it after
+//! a reconnect, and backs off with jitter while the aggregator is away.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use prost::Message as _;
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use strobe_proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+/// How the shipper talks to the aggregator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShipperConfig {
+    /// The aggregator's gRPC address, `http://host:port`.
+    pub aggregator: String,
+    /// Token sent in the hello, when the aggregator requires one.
+    pub token: Option<String>,
+    /// Most unacknowledged seconds kept for replay; the oldest is dropped (and counted) past it.
+    pub max_buffered_seconds: usize,
+    /// Largest encoded snapshot; series past it are dropped (and counted) before sending.
+    pub max_message_bytes: usize,
+    /// First reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long a connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// On shutdown, how long to wait for the last seconds to be acknowledged.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        Self {
+            aggregator: "http://127.0.0.1:7070".to_owned(),
+            token: None,
+            max_buffered_seconds: 600,
+            max_message_bytes: 4 * 1024 * 1024,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the shipper did over its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShipperReport {
+    /// Snapshots acknowledged by an aggregator.
+    pub acknowledged: u64,
+    /// Snapshots dropped because the replay buffer was full.
+    pub dropped: u64,
+    /// Connections made.
+    pub connections: u64,
+}
+
+/// Unacknowledged snapshots, oldest first.
+struct ReplayBuffer {
+    snapshots: VecDeque<pb::Snapshot>,
+    capacity: usize,
+    dropped_unreported: u64,
+}
+
+impl ReplayBuffer {
+    fn push(&mut self, snapshot: pb::Snapshot, report: &mut ShipperReport) {
+        if self.snapshots.len() >= self.capacity.max(1) {
+            self.snapshots.pop_front();
+            self.dropped_unreported += 1;
+            report.dropped += 1;
+        }
+        self.snapshots.push_back(snapshot);
+    }
+
+    /// Drops everything up to and including `second`; returns how many.
+    fn ack(&mut self, second: i64) -> u64 {
+        let before = self.snapshots.len();
+        self.snapshots.retain(|s| s.second > second);
+        (before - self.snapshots.len()) as u64
+    }
+}
+
+/// Runs until `snapshots` closes and the buffer is drained (or the drain timeout passes).
+pub async fn run_shipper(
+    identity: pb::Identity,
+    config: ShipperConfig,
+    mut snapshots: mpsc::Receiver<pb::Snapshot>,
+) -> ShipperReport {
+    let mut report = ShipperReport::default();
+    let mut buffer = ReplayBuffer {
+        snapshots: VecDeque::new(),
+        capacity: config.max_buffered_seconds,
+        dropped_unreported: 0,
+    };
+    let mut target = config.aggregator.clone();
+    let mut failures: u32 = 0;
+    let mut input_open = true;
+    loop {
+        if !input_open && buffer.snapshots.is_empty() {
+            return report;
+        }
+        let outcome = ship_once(&identity, &config, &target, &mut snapshots, &mut buffer, &mut report).await;
+        match outcome {
+            Session::InputClosed => return report,
+            Session::Redirected(address) => {
+                info!(message = "Redirected.", service = %identity.service, %address);
+                target = address;
+                failures = 0;
+                continue;
+            }
+            Session::Lost { connected } => {
+                if connected {
+                    failures = 0;
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        let delay = backoff_delay(&config, failures);
+        debug!(message = "Reconnecting.", aggregator = %target, delay_ms = delay.as_millis() as u64);
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        // Keep folding seconds into the buffer while away.
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                next = snapshots.recv(), if input_open => match next {
+                    Some(s) => buffer.push(s, &mut report),
+                    None => input_open = false,
+                },
+            }
+        }
+        if !input_open && buffer.snapshots.is_empty() {
+            return report;
+        }
+    }
+}
+
+enum Session {
+    InputClosed,
+    Redirected(String),
+    Lost { connected: bool },
+}
+
+async fn ship_once(
+    identity: &pb::Identity,
+    config: &ShipperConfig,
+    target: &str,
+    snapshots: &mut mpsc::Receiver<pb::Snapshot>,
+    buffer: &mut ReplayBuffer,
+    report: &mut ShipperReport,
+) -> Session {
+    let endpoint = match Endpoint::from_shared(target.to_owned()) {
+        Ok(e) => e.connect_timeout(config.connect_timeout).tcp_nodelay(true),
+        Err(error) => {
+            warn!(message = "Invalid aggregator address.", address = %target, %error);
+            return Session::Lost { connected: false };
+        }
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(error) => {
+            debug!(message = "Connection failed.", address = %target, %error);
+            return Session::Lost { connected: false };
+        }
+    };
+    let mut client = pb::ingest_client::IngestClient::new(channel)
+        .max_encoding_message_size(config.max_message_bytes.saturating_add(1024));
+    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(config.max_buffered_seconds + 64);
+    let hello = pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            identity: Some(identity.clone()),
+            token: config.token.clone().unwrap_or_default(),
+        })),
+    };
+    if out_tx.try_send(hello).is_err() {
+        return Session::Lost { connected: false };
+    }
+    for snapshot in &buffer.snapshots {
+        if out_tx.try_send(snapshot_message(snapshot.clone())).is_err() {
+            return Session::Lost { connected: false };
+        }
+    }
+    let mut inbound = match client.stream(ReceiverStream::new(out_rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            warn!(message = "Aggregator refused the stream.", code = ?status.code(), error = %status.message());
+            return Session::Lost { connected: false };
+        }
+    };
+    report.connections += 1;
+    info!(message = "Connected to aggregator.", address = %target, replaying = buffer.snapshots.len());
+    let mut input_open = true;
+    let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(drain_deadline);
+    loop {
+        tokio::select! {
+            next = snapshots.recv(), if input_open => match next {
+                Some(mut snapshot) => {
+                    fit_to_limit(&mut snapshot, config.max_message_bytes);
+                    if let Some(stats) = snapshot.stats.as_mut() {
+                        stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
+                    }
+                    buffer.push(snapshot.clone(), report);
+                    if out_tx.try_send(snapshot_message(snapshot)).is_err() {
+                        return Session::Lost { connected: true };
+                    }
+                }
+                None => {
+                    input_open = false;
+                    if buffer.snapshots.is_empty() {
+                        return Session::InputClosed;
+                    }
+                    drain_deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + config.drain_timeout);
+                }
+            },
+            message = inbound.message() => match message {
+                Ok(Some(message)) => match message.body {
+                    Some(pb::aggregator_message::Body::Ack(ack)) => {
+                        report.acknowledged += buffer.ack(ack.second);
+                        if !input_open && buffer.snapshots.is_empty() {
+                            return Session::InputClosed;
+                        }
+                    }
+                    Some(pb::aggregator_message::Body::Rejection(r)) => {
+                        warn!(
+                            message = "Aggregator rejected data.",
+                            second = r.second, limit = %r.limit, reason = %r.message,
+                            series_dropped = r.series_dropped, whole_snapshot = r.whole_snapshot,
+                        );
+                    }
+                    Some(pb::aggregator_message::Body::Redirect(r)) => {
+                        return Session::Redirected(r.address);
+                    }
+                    None => {}
+                },
+                Ok(None) => return Session::Lost { connected: true },
+                Err(status) => {
+                    warn!(message = "Stream to aggregator ended.", code = ?status.code(), error = %status.message());
+                    return Session::Lost { connected: true };
+                }
+            },
+            _ = &mut drain_deadline, if !input_open => {
+                warn!(message = "Gave up waiting for acknowledgements on shutdown.", unacknowledged = buffer.snapshots.len());
+                return Session::InputClosed;
+            }
+        }
+    }
+}
+
+fn snapshot_message(snapshot: pb::Snapshot) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Snapshot(snapshot)),
+    }
+}
+
+/// Drops series from the end until the encoded snapshot fits in `max_bytes`, counting them as over the limit.
+fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize) {
+    let mut len = snapshot.encoded_len();
+    if len <= max_bytes {
+        return;
+    }
+    let mut dropped = 0u64;
+    // Room for the counters this function adds to the stats (a varint of at most 10 bytes plus its key).
+    let budget = max_bytes.saturating_sub(16);
+    while len > budget {
+        let Some(series) = snapshot.series.pop() else {
+            break;
+        };
+        // A repeated field element costs its key byte, its length prefix and its body.
+        let body = series.encoded_len();
+        len = len.saturating_sub(1 + prost::encoding::encoded_len_varint(body as u64) + body);
+        dropped += 1;
+    }
+    if dropped > 0 {
+        warn!(message = "Snapshot over the message size limit; series dropped.", dropped, limit = max_bytes);
+        if let Some(stats) = snapshot.stats.as_mut() {
+            stats.series_over_limit += dropped;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[min, min(max, min * 2^failures)]`.
+fn backoff_delay(config: &ShipperConfig, failures: u32) -> Duration {
+    let min = config.backoff_min.as_secs_f64();
+    let cap = config
+        .backoff_max
+        .as_secs_f64()
+        .min(min * 2f64.powi(failures.min(30) as i32))
+        .max(min);
+    Duration::from_secs_f64(rand::rng().random_range(min..=cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(second: i64) -> pb::Snapshot {
+        pb::Snapshot {
+            second,
+            series: vec![],
+            stats: Some(pb::AgentStats::default()),
+        }
+    }
+
+    #[test]
+    fn replay_buffer_drops_oldest_and_acks_cumulatively() {
+        let mut report = ShipperReport::default();
+        let mut buffer = ReplayBuffer {
+            snapshots: VecDeque::new(),
+            capacity: 3,
+            dropped_unreported: 0,
+        };
+        for s in 1..=5 {
+            buffer.push(snap(s), &mut report);
+        }
+        assert_eq!(report.dropped, 2);
+        let kept: Vec<i64> = buffer.snapshots.iter().map(|s| s.second).collect();
+        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(buffer.ack(4), 2);
+        assert_eq!(buffer.snapshots.front().map(|s| s.second), Some(5));
+    }
+
+    #[test]
+    fn oversized_snapshots_are_trimmed_to_the_limit() {
+        let mut s = snap(1);
+        for i in 0..1000 {
+            s.series.push(pb::Series {
+                name: format!("metric.number.{i}"),
+                tags: vec![],
+                value: Some(pb::series::Value::Counter(1.0)),
+            });
+        }
+        fit_to_limit(&mut s, 4096);
+        assert!(s.encoded_len() <= 4096);
+        assert!(!s.series.is_empty());
+        assert_eq!(
+            s.stats.unwrap().series_over_limit,
+            1000 - s.series.len() as u64
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_within_bounds() {
+        let config = ShipperConfig::default();
+        for failures in 0..40 {
+            let d = backoff_delay(&config, failures);
+            assert!(d >= config.backoff_min && d <= config.backoff_max, "{failures}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One-second windows: folds parsed samples into per-series accumulators and closes them into snapshots.
+//!
+//! Pure logic, no I/O: the caller says which wall-clock second it is.
+
+use std::collections::HashMap;
+
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use strobe_proto as pb;
+
+use crate::statsd::{Line, MetricType};
+
+/// Recorded integers per unit: histogram values keep three decimal places (microseconds for ms timers).
+pub const HISTOGRAM_SCALE: u32 = 1000;
+/// Significant decimal digits kept by every histogram (1% relative error, ~14 KiB per histogram of latencies).
+pub const HISTOGRAM_SIGFIG: u8 = 2;
+
+/// Bounds on one window.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowLimits {
+    /// Most distinct series in one second; samples for further series are counted and dropped.
+    pub max_series: usize,
+    /// Largest histogram value in the metric's unit; larger values are clamped to it and counted.
+    pub max_histogram_value: f64,
+}
+
+impl Default for WindowLimits {
+    fn default() -> Self {
+        Self {
+            max_series: 10_000,
+            // An hour in milliseconds: far above any latency worth a per-second view.
+            max_histogram_value: 3_600_000.0,
+        }
+    }
+}
+
+/// The agent's own counters for one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    /// Lines seen, good or bad.
+    pub lines_received: u64,
+    /// Lines refused by the parser or with a type that conflicts with the series' first type.
+    pub lines_malformed: u64,
+    /// Samples dropped because the window already held `max_series` series.
+    pub series_over_limit: u64,
+    /// Histogram values clamped to `max_histogram_value`.
+    pub values_clamped: u64,
+}
+
+enum Accumulator {
+    Counter(f64),
+    Gauge(f64),
+    Histogram { hist: Histogram<u64>, unit: &'static str },
+}
+
+struct SeriesEntry {
+    name: Box<str>,
+    tags: Vec<(Box<str>, Box<str>)>,
+    kind: MetricType,
+    value: Accumulator,
+}
+
+/// The series of one wall-clock second `[second, second + 1)` being folded.
+pub struct Window {
+    second: i64,
+    limits: WindowLimits,
+    series: HashMap<Box<str>, SeriesEntry>,
+    stats: WindowStats,
+    key_buf: String,
+}
+
+impl Window {
+    /// An empty window for `second`.
+    pub fn new(second: i64, limits: WindowLimits) -> Self {
+        Self {
+            second,
+            limits,
+            series: HashMap::new(),
+            stats: WindowStats::default(),
+            key_buf: String::new(),
+        }
+    }
+
+    /// The second this window covers.
+    pub fn second(&self) -> i64 {
+        self.second
+    }
+
+    /// Number of distinct series so far.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Counts a line that never reached `record` (refused by the parser).
+    pub fn count_malformed(&mut self) {
+        self.stats.lines_received += 1;
+        self.stats.lines_malformed += 1;
+    }
+
+    /// Folds one parsed line into the window.
+    pub fn record(&mut self, line: &Line<'_>) {
+        self.stats.lines_received += 1;
+        self.key_buf.clear();
+        self.key_buf.push_str(line.name);
+        for (k, v) in &line.tags {
+            self.key_buf.push('\u{1f}');
+            self.key_buf.push_str(k);
+            self.key_buf.push('=');
+            self.key_buf.push_str(v);
+        }
+        if !self.series.contains_key(self.key_buf.as_str()) {
+            if self.series.len() >= self.limits.max_series {
+                self.stats.series_over_limit += 1;
+                return;
+            }
+            let entry = SeriesEntry {
+                name: line.name.into(),
+                tags: line.tags.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+                kind: line.kind,
+                value: match line.kind {
+                    MetricType::Counter => Accumulator::Counter(0.0),
+                    MetricType::Gauge => Accumulator::Gauge(0.0),
+                    kind => Accumulator::Histogram {
+                        hist: new_histogram(),
+                        unit: if kind == MetricType::Timer { "ms" } else { "" },
+                    },
+                },
+            };
+            self.series.insert(self.key_buf.as_str().into(), entry);
+        }
+        let Some(entry) = self.series.get_mut(self.key_buf.as_str()) else {
+            return;
+        };
+        if entry.kind != line.kind
+            && !(entry.kind.is_histogram() && line.kind.is_histogram())
+        {
+            self.stats.lines_malformed += 1;
+            return;
+        }
+        let weight = 1.0 / line.sample_rate;
+        match &mut entry.value {
+            Accumulator::Counter(sum) => *sum += line.values().sum::<f64>() * weight,
+            Accumulator::Gauge(last) => {
+                if let Some(v) = line.values().last() {
+                    *last = v;
+                }
+            }
+            Accumulator::Histogram { hist, .. } => {
+                let count = weight.round().max(1.0) as u64;
+                for v in line.values() {
+                    let clamped = if v > self.limits.max_histogram_value {
+                        self.stats.values_clamped += 1;
+                        self.limits.max_histogram_value
+                    } else {
+                        v
+                    };
+                    let recorded = (clamped * f64::from(HISTOGRAM_SCALE)).round() as u64;
+                    // The histogram auto-resizes, and the value is bounded above, so this cannot fail.
+                    let _ = hist.record_n(recorded, count);
+                }
+            }
+        }
+    }
+
+    /// Closes the window into the snapshot sent on the wire.
+    pub fn close(self) -> (pb::Snapshot, WindowStats) {
+        let mut series: Vec<pb::Series> = Vec::with_capacity(self.series.len());
+        let mut encoder = V2Serializer::new();
+        for entry in self.series.into_values() {
+            let value = match entry.value {
+                Accumulator::Counter(sum) => pb::series::Value::Counter(sum),
+                Accumulator::Gauge(v) => pb::series::Value::Gauge(v),
+                Accumulator::Histogram { hist, unit } => {
+                    let mut hdr_v2 = Vec::new();
+                    if encoder.serialize(&hist, &mut hdr_v2).is_err() {
+                        continue;
+                    }
+                    pb::series::Value::Histogram(pb::Histogram {
+                        hdr_v2,
+                        scale: HISTOGRAM_SCALE,
+                        unit: unit.to_owned(),
+                    })
+                }
+            };
+            series.push(pb::Series {
+                name: entry.name.into(),
+                tags: entry
+                    .tags
+                    .into_iter()
+                    .map(|(key, value)| pb::Tag {
+                        key: key.into(),
+                        value: value.into(),
+                    })
+                    .collect(),
+                value: Some(value),
+            });
+        }
+        let stats = self.stats;
+        let snapshot = pb::Snapshot {
+            second: self.second,
+            series,
+            stats: Some(pb::AgentStats {
+                lines_received: stats.lines_received,
+                lines_malformed: stats.lines_malformed,
+                series_over_limit: stats.series_over_limit,
+                snapshots_dropped: 0,
+                values_clamped: stats.values_clamped,
+            }),
+        };
+        (snapshot, stats)
+    }
+}
+
+/// A histogram with Strobe's precision that grows to whatever range it is given.
+pub fn new_histogram() -> Histogram<u64> {
+    // 2 significant digits is within the crate's valid range, so construction cannot fail.
+    Histogram::new(HISTOGRAM_SIGFIG).unwrap_or_else(|_| unreachable!("valid sigfig"))
+}
+
+/// Keeps the open window aligned to wall-clock seconds: rolls it over when the second changes.
+pub struct Folder {
+    open: Window,
+    limits: WindowLimits,
+}
+
+impl Folder {
+    /// A folder whose first window is `second`.
+    pub fn new(second: i64, limits: WindowLimits) -> Self {
+        Self {
+            open: Window::new(second, limits),
+            limits,
+        }
+    }
+
+    /// The window receiving samples now.
+    pub fn open(&mut self) -> &mut Window {
+        &mut self.open
+    }
+
+    /// If `now_second` is past the open window, closes it and opens `now_second`. Seconds in between that saw no
+    /// call (the process was paused) are not invented.
+    pub fn roll(&mut self, now_second: i64) -> Option<(pb::Snapshot, WindowStats)> {
+        if now_second <= self.open.second {
+            return None;
+        }
+        let closed = std::mem::replace(&mut self.open, Window::new(now_second, self.limits));
+        Some(closed.close())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statsd::{ParseLimits, parse_line};
+    use hdrhistogram::serialization::Deserializer;
+
+    fn feed(window: &mut Window, lines: &[&str]) {
+        for l in lines {
+            match parse_line(l, &ParseLimits::default()) {
+                Ok(line) => window.record(&line),
+                Err(_) => window.count_malformed(),
+            }
+        }
+    }
+
+    fn decode(h: &pb::Histogram) -> Histogram<u64> {
+        Deserializer::new().deserialize(&mut &h.hdr_v2[..]).unwrap()
+    }
+
+    fn find<'a>(snap: &'a pb::Snapshot, name: &str) -> &'a pb::Series {
+        snap.series.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn folds_counters_gauges_and_histograms() {
+        let mut w = Window::new(100, WindowLimits::default());
+        feed(
+            &mut w,
+            &[
+                "req:1|c", "req:2|c", "req:1|c|@0.5", "depth:3|g", "depth:7|g",
+                "lat:10|ms", "lat:20|ms", "lat:30|ms|@0.5", "lat:5|h", "bad line",
+            ],
+        );
+        let (snap, stats) = w.close();
+        assert_eq!(snap.second, 100);
+        assert_eq!(find(&snap, "req").value, Some(pb::series::Value::Counter(5.0)));
+        assert_eq!(find(&snap, "depth").value, Some(pb::series::Value::Gauge(7.0)));
+        let Some(pb::series::Value::Histogram(h)) = &find(&snap, "lat").value else {
+            panic!("lat is not a histogram")
+        };
+        assert_eq!(h.scale, HISTOGRAM_SCALE);
+        assert_eq!(h.unit, "ms");
+        assert_eq!(&h.hdr_v2[..4], &pb::HDR_V2_COOKIE.to_be_bytes());
+        let hist = decode(h);
+        // 10, 20, 30 (x2 for the sample rate), 5 from the `h` line: the kinds mix as histograms.
+        assert_eq!(hist.len(), 5);
+        assert!(hist.equivalent(hist.max(), 30_000));
+        assert_eq!(stats.lines_received, 10);
+        assert_eq!(stats.lines_malformed, 1);
+    }
+
+    #[test]
+    fn tags_make_distinct_series_and_type_conflicts_are_counted() {
+        let mut w = Window::new(1, WindowLimits::default());
+        feed(&mut w, &["x:1|c|#a:1", "x:1|c|#a:2", "x:1|c|#a:1", "x:5|g|#a:1"]);
+        assert_eq!(w.series_count(), 2);
+        let (snap, stats) = w.close();
+        let a1 = snap
+            .series
+            .iter()
+            .find(|s| s.tags[0].value == "1")
+            .unwrap();
+        assert_eq!(a1.value, Some(pb::series::Value::Counter(2.0)));
+        assert_eq!(stats.lines_malformed, 1);
+    }
+
+    #[test]
+    fn cardinality_limit_drops_new_series_but_keeps_known_ones() {
+        let limits = WindowLimits {
+            max_series: 2,
+            ..WindowLimits::default()
+        };
+        let mut w = Window::new(1, limits);
+        feed(&mut w, &["a:1|c", "b:1|c", "c:1|c", "d:1|c", "a:1|c"]);
+        let (snap, stats) = w.close();
+        assert_eq!(snap.series.len(), 2);
+        assert_eq!(stats.series_over_limit, 2);
+        assert_eq!(find(&snap, "a").value, Some(pb::series::Value::Counter(2.0)));
+    }
+
+    #[test]
+    fn absurd_histogram_values_are_clamped_and_counted() {
+        let mut w = Window::new(1, WindowLimits::default());
+        feed(&mut w, &["lat:1e300|ms", "lat:1|ms"]);
+        let (snap, stats) = w.close();
+        assert_eq!(stats.values_clamped, 1);
+        let Some(pb::series::Value::Histogram(h)) = &find(&snap, "lat").value else {
+            panic!()
+        };
+        let hist = decode(h);
+        assert_eq!(hist.len(), 2);
+        assert!(hist.max() <= (3_600_000.0 * 1000.0 * 1.01) as u64);
+    }
+
+    #[test]
+    fn folder_rolls_on_second_boundaries() {
+        // (call at second, expected closed second)
+        let table: [(i64, Option<i64>); 5] =
+            [(10, None), (10, None), (11, Some(10)), (14, Some(11)), (13, None)];
+        let mut folder = Folder::new(10, WindowLimits::default());
+        for (now, expected) in table {
+            let closed = folder.roll(now).map(|(s, _)| s.second);
+            assert_eq!(closed, expected, "roll at {now}");
+        }
+        assert_eq!(folder.open().second(), 14);
+    }
+}
