@@ -1,0 +1,75 @@
+//! The aggregator's own counters, exposed in Prometheus text format at `/metrics`. Every dropped or refused
+//! piece of data increments a counter here as well as being logged.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+/// Counters and gauges about the aggregator itself.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Agent streams open now.
+    pub agent_streams: AtomicI64,
+    /// Snapshots accepted into a second.
+    pub snapshots_accepted: AtomicU64,
+    /// Replayed snapshots ignored because the (instance, second) was already merged.
+    pub snapshots_duplicate: AtomicU64,
+    /// Snapshots older than the late window.
+    pub snapshots_too_late: AtomicU64,
+    /// Seconds merged, sealed and published.
+    pub seconds_sealed: AtomicU64,
+    /// Corrections published for already sealed seconds.
+    pub corrections: AtomicU64,
+    /// Sum of milliseconds from a second's end to its sealing, for the mean.
+    pub seal_delay_ms_sum: AtomicU64,
+    /// Websocket clients connected now.
+    pub websocket_clients: AtomicI64,
+    /// Frames not delivered to websocket clients that fell behind.
+    pub websocket_frames_dropped: AtomicU64,
+    /// Refused messages and dropped series, by the limit they hit.
+    pub dropped: DashMap<&'static str, AtomicU64>,
+}
+
+impl Health {
+    /// Counts `n` items dropped for `limit`.
+    pub fn count_dropped(&self, limit: &'static str, n: u64) {
+        self.dropped
+            .entry(limit)
+            .or_default()
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, subscribers: usize) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        metric("strobe_agent_streams", "gauge", "Agent streams open now.", self.agent_streams.load(Ordering::Relaxed).to_string());
+        metric("strobe_snapshots_accepted_total", "counter", "Snapshots merged into a second.", get(&self.snapshots_accepted));
+        metric("strobe_snapshots_duplicate_total", "counter", "Replayed snapshots ignored as already merged.", get(&self.snapshots_duplicate));
+        metric("strobe_snapshots_too_late_total", "counter", "Snapshots older than the late window.", get(&self.snapshots_too_late));
+        metric("strobe_seconds_sealed_total", "counter", "Service-seconds sealed and published.", get(&self.seconds_sealed));
+        metric("strobe_corrections_total", "counter", "Corrections published for sealed seconds.", get(&self.corrections));
+        metric("strobe_seal_delay_milliseconds_sum", "counter", "Sum over sealed seconds of the delay from the second's end to sealing.", get(&self.seal_delay_ms_sum));
+        metric("strobe_websocket_clients", "gauge", "Websocket clients connected now.", self.websocket_clients.load(Ordering::Relaxed).to_string());
+        metric("strobe_websocket_subscribers", "gauge", "Live stream receivers now.", subscribers.to_string());
+        metric("strobe_websocket_frames_dropped_total", "counter", "Frames not delivered to lagging websocket clients.", get(&self.websocket_frames_dropped));
+        let _ = writeln!(
+            out,
+            "# HELP strobe_dropped_total Messages refused or series dropped, by the limit hit.\n# TYPE strobe_dropped_total counter"
+        );
+        let mut dropped: Vec<(&str, u64)> = self
+            .dropped
+            .iter()
+            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        dropped.sort();
+        for (limit, n) in dropped {
+            let _ = writeln!(out, "strobe_dropped_total{{limit=\"{limit}\"}} {n}");
+        }
+        out
+    }
+}

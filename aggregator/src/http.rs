@@ -1,0 +1,205 @@
+//! HTTP on one port: the dashboard at `/`, the JSON API under `/api/v1/`, the live websocket at `/api/v1/stream`,
+//! the aggregator's own health at `/metrics` and `/healthz`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::health::Health;
+use crate::hub::{Frame, Hub};
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    /// Frames, history, service status.
+    pub hub: Arc<Hub>,
+    /// The aggregator's counters.
+    pub health: Arc<Health>,
+}
+
+/// The router for the aggregator's HTTP port.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/series", get(series))
+        .route("/api/v1/stream", get(stream))
+        .with_state(state)
+}
+
+async fn index() -> Html<&'static str> {
+    Html(strobe_dashboard::INDEX_HTML)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.health.render(state.hub.subscriber_count()),
+    )
+}
+
+async fn services(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "services": state.hub.services() }))
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    service: String,
+}
+
+async fn series(State(state): State<Arc<AppState>>, Query(q): Query<SeriesQuery>) -> Response {
+    match state.hub.service(&q.service) {
+        Some(status) => Json(json!({
+            "service": status.service,
+            "t": status.last_second,
+            "series": status.latest.as_ref(),
+        }))
+        .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no service named {:?} has reported", q.service) })),
+        )
+            .into_response(),
+    }
+}
+
+/// A client's choice of what to receive.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Subscription {
+    /// Services to receive; absent or empty means all.
+    #[serde(default)]
+    services: Vec<String>,
+}
+
+impl Subscription {
+    fn wants(&self, service: &str) -> bool {
+        self.services.is_empty() || self.services.iter().any(|s| s == service)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientMessage {
+    subscribe: Subscription,
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    /// Comma-separated services, an alternative to the subscribe message.
+    services: Option<String>,
+}
+
+/// How long a new connection may take to send its first subscribe before it gets everything.
+const FIRST_SUBSCRIBE_WAIT: Duration = Duration::from_millis(300);
+
+async fn stream(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<StreamQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let from_query = q.services.map(|s| Subscription {
+        services: s.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+    });
+    upgrade.on_upgrade(move |socket| async move {
+        state.health.websocket_clients.fetch_add(1, Ordering::Relaxed);
+        serve_socket(socket, &state, from_query).await;
+        state.health.websocket_clients.fetch_sub(1, Ordering::Relaxed);
+    })
+}
+
+async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Subscription>) {
+    let (mut out, mut inbound) = socket.split();
+    let mut subscription = match from_query {
+        Some(s) => s,
+        None => match tokio::time::timeout(FIRST_SUBSCRIBE_WAIT, inbound.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => match parse_client_message(&text) {
+                Ok(s) => s,
+                Err(error) => {
+                    let _ = out.send(error_frame(&error)).await;
+                    Subscription::default()
+                }
+            },
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return,
+            _ => Subscription::default(),
+        },
+    };
+    let (mut live, backfill) = state.hub.subscribe(|s| subscription.wants(s));
+    if send_frames(&mut out, backfill).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            received = live.recv() => match received {
+                Ok(frame) => {
+                    if subscription.wants(&frame.service)
+                        && out.send(Message::Text(frame.json)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(dropped)) => {
+                    state.health.websocket_frames_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    let notice = json!({ "type": "lagged", "dropped": dropped }).to_string();
+                    if out.send(Message::Text(notice.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            },
+            message = inbound.next() => match message {
+                Some(Ok(Message::Text(text))) => match parse_client_message(&text) {
+                    Ok(next) => {
+                        // Backfill only what the old subscription did not already cover.
+                        let old = subscription.clone();
+                        subscription = next;
+                        let added = state.hub.backfill(|s| subscription.wants(s) && !old.wants(s));
+                        if send_frames(&mut out, added).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        if out.send(error_frame(&error)).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
+fn parse_client_message(text: &str) -> Result<Subscription, String> {
+    serde_json::from_str::<ClientMessage>(text)
+        .map(|m| m.subscribe)
+        .map_err(|e| format!("bad client message: {e}"))
+}
+
+fn error_frame(error: &str) -> Message {
+    Message::Text(json!({ "type": "error", "error": error }).to_string().into())
+}
+
+async fn send_frames(
+    out: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    frames: Vec<Frame>,
+) -> Result<(), axum::Error> {
+    for frame in frames {
+        out.feed(Message::Text(frame.json)).await?;
+    }
+    out.flush().await
+}

@@ -1,0 +1,146 @@
+//! The gRPC ingest service: one bidirectional stream per agent. Validates the hello and each snapshot, hands the
+//! snapshot to the shard that owns the service, and acknowledges it. Never waits on a subscriber.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use strobe_proto as pb;
+use strobe_proto::clock;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::config::Limits;
+use crate::health::Health;
+use crate::model::Instance;
+use crate::shard::{ShardCommand, Shards};
+use crate::validate::{validate_hello, validate_snapshot};
+
+/// The tonic service behind `strobe.v1.Ingest`.
+pub struct IngestService {
+    /// Where snapshots go.
+    pub shards: Shards,
+    /// Input bounds.
+    pub limits: Limits,
+    /// Accepted agent tokens (empty: no check).
+    pub agent_tokens: Arc<[String]>,
+    /// Counters.
+    pub health: Arc<Health>,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for IngestService {
+    type StreamStream = Outbound;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before the hello"))?;
+        let Some(pb::agent_message::Body::Hello(hello)) = first.body else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        let instance = match validate_hello(&hello, &self.limits, &self.agent_tokens) {
+            Ok(instance) => Arc::new(instance),
+            Err(refusal) => {
+                self.health.count_dropped(refusal.limit(), 1);
+                warn!(message = "Hello refused.", error = %refusal);
+                return Err(match refusal {
+                    crate::validate::Refusal::BadToken => Status::unauthenticated(refusal.to_string()),
+                    _ => Status::invalid_argument(refusal.to_string()),
+                });
+            }
+        };
+        info!(message = "Agent connected.", service = %instance.service, instance = %instance.id, version = %instance.version);
+        let (tx, rx) = mpsc::channel(64);
+        let shard = self.shards.for_service(&instance.service);
+        let limits = self.limits.clone();
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            health.agent_streams.fetch_add(1, Ordering::Relaxed);
+            let result = serve_stream(inbound, &instance, shard, &limits, &health, &tx).await;
+            health.agent_streams.fetch_sub(1, Ordering::Relaxed);
+            if let Err(status) = result {
+                debug!(message = "Agent stream ended with an error.", instance = %instance.id, error = %status.message());
+                let _ = tx.send(Err(status)).await;
+            } else {
+                info!(message = "Agent disconnected.", service = %instance.service, instance = %instance.id);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve_stream(
+    mut inbound: Streaming<pb::AgentMessage>,
+    instance: &Arc<Instance>,
+    shard: mpsc::Sender<ShardCommand>,
+    limits: &Limits,
+    health: &Health,
+    tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
+) -> Result<(), Status> {
+    let reply = |body| pb::AggregatorMessage { body: Some(body) };
+    while let Some(message) = inbound.message().await? {
+        let snapshot = match message.body {
+            Some(pb::agent_message::Body::Snapshot(s)) => s,
+            Some(pb::agent_message::Body::Hello(_)) => {
+                return Err(Status::invalid_argument("a stream has exactly one hello"));
+            }
+            None => continue,
+        };
+        let second = snapshot.second;
+        match validate_snapshot(snapshot, instance, limits, clock::unix_second()) {
+            Err(refusal) => {
+                health.count_dropped(refusal.limit(), 1);
+                let rejection = pb::Rejection {
+                    second,
+                    code: tonic::Code::InvalidArgument as i32,
+                    limit: refusal.limit().to_owned(),
+                    message: refusal.to_string(),
+                    series_dropped: 0,
+                    whole_snapshot: true,
+                };
+                send(tx, reply(pb::aggregator_message::Body::Rejection(rejection))).await?;
+            }
+            Ok(validated) => {
+                for (problem, n) in &validated.dropped {
+                    health.count_dropped(problem.limit(), u64::from(*n));
+                    let rejection = pb::Rejection {
+                        second,
+                        code: tonic::Code::InvalidArgument as i32,
+                        limit: problem.limit().to_owned(),
+                        message: problem.to_string(),
+                        series_dropped: *n,
+                        whole_snapshot: false,
+                    };
+                    send(tx, reply(pb::aggregator_message::Body::Rejection(rejection))).await?;
+                }
+                shard
+                    .send(ShardCommand::Snapshot(validated.second))
+                    .await
+                    .map_err(|_| Status::unavailable("aggregator is shutting down"))?;
+            }
+        }
+        // A refused second is acknowledged too: sending it again would be refused again.
+        send(tx, reply(pb::aggregator_message::Body::Ack(pb::Ack { second }))).await?;
+    }
+    Ok(())
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
+    message: pb::AggregatorMessage,
+) -> Result<(), Status> {
+    tx.send(Ok(message))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
+}

@@ -1,0 +1,418 @@
+//! Turns wire messages into the aggregator's types, enforcing every limit. Pure: no I/O, no tokio.
+//! Bad data is dropped series by series with a reason; only a bad identity or second refuses a whole message.
+
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::Deserializer;
+use strobe_proto as pb;
+use thiserror::Error;
+
+use crate::config::Limits;
+use crate::model::{Instance, InstanceSecond, SeriesKey, SeriesValue};
+
+/// Why a whole hello or snapshot was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// The hello has no identity, or a required field is empty.
+    #[error("identity field `{0}` is missing or empty")]
+    MissingIdentity(&'static str),
+    /// An identity field is too long or has control characters.
+    #[error("identity field `{0}` is longer than max_name_bytes or has control characters")]
+    BadIdentity(&'static str),
+    /// The token is not one of the configured agent tokens.
+    #[error("unknown agent token")]
+    BadToken,
+    /// The snapshot's second is further in the future than `max_future_skew` allows.
+    #[error("second {second} is {ahead}s in the future (max_future_skew {limit}s)")]
+    FutureSecond {
+        /// The snapshot's second.
+        second: i64,
+        /// How far ahead of the aggregator's clock.
+        ahead: i64,
+        /// The configured limit in seconds.
+        limit: u64,
+    },
+}
+
+impl Refusal {
+    /// The configured limit this refusal names, for the wire and for counters.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            Refusal::MissingIdentity(_) => "identity",
+            Refusal::BadIdentity(_) => "max_name_bytes",
+            Refusal::BadToken => "agent_tokens",
+            Refusal::FutureSecond { .. } => "max_future_skew",
+        }
+    }
+}
+
+/// Why one series was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
+pub enum SeriesProblem {
+    /// More series than `max_series_per_snapshot`.
+    #[error("more series than max_series_per_snapshot")]
+    TooManySeries,
+    /// Empty name, or a name or tag over `max_name_bytes`, or with control characters.
+    #[error("empty or over-long name or tag (max_name_bytes)")]
+    BadName,
+    /// More tags than `max_tags_per_series`.
+    #[error("more tags than max_tags_per_series")]
+    TooManyTags,
+    /// No value.
+    #[error("series without a value")]
+    MissingValue,
+    /// NaN or infinite counter or gauge, or a negative counter delta.
+    #[error("counter or gauge is NaN, infinite or a negative counter")]
+    BadNumber,
+    /// Not an uncompressed HdrHistogram V2 encoding, or undecodable.
+    #[error("histogram is not an uncompressed HdrHistogram V2 encoding")]
+    BadHistogram,
+    /// Declares more precision or range than `max_histogram_sigfig` / `max_histogram_value`, or a bad scale.
+    #[error("histogram range, precision or scale beyond the limits")]
+    HistogramOutOfRange,
+}
+
+impl SeriesProblem {
+    /// The configured limit or rule this problem names.
+    pub fn limit(self) -> &'static str {
+        match self {
+            SeriesProblem::TooManySeries => "max_series_per_snapshot",
+            SeriesProblem::BadName => "max_name_bytes",
+            SeriesProblem::TooManyTags => "max_tags_per_series",
+            SeriesProblem::MissingValue => "value",
+            SeriesProblem::BadNumber => "finite_values",
+            SeriesProblem::BadHistogram => "hdr_v2_encoding",
+            SeriesProblem::HistogramOutOfRange => "max_histogram_value",
+        }
+    }
+}
+
+/// A snapshot after validation: what is kept, and what was dropped and why.
+#[derive(Debug)]
+pub struct Validated {
+    /// The series that passed.
+    pub second: InstanceSecond,
+    /// Dropped series, by reason, with their count.
+    pub dropped: Vec<(SeriesProblem, u32)>,
+}
+
+fn check_text(value: &str, limits: &Limits) -> bool {
+    !value.is_empty() && value.len() <= limits.max_name_bytes && !value.chars().any(char::is_control)
+}
+
+/// Validates a hello into the instance identity every snapshot of the stream carries.
+pub fn validate_hello(hello: &pb::Hello, limits: &Limits, tokens: &[String]) -> Result<Instance, Refusal> {
+    if !tokens.is_empty() && !tokens.iter().any(|t| t == &hello.token) {
+        return Err(Refusal::BadToken);
+    }
+    let identity = hello
+        .identity
+        .as_ref()
+        .ok_or(Refusal::MissingIdentity("identity"))?;
+    let required = [
+        ("service", &identity.service),
+        ("version", &identity.version),
+        ("instance", &identity.instance),
+    ];
+    for (field, value) in required {
+        if value.is_empty() {
+            return Err(Refusal::MissingIdentity(field));
+        }
+        if !check_text(value, limits) {
+            return Err(Refusal::BadIdentity(field));
+        }
+    }
+    if !identity.zone.is_empty() && !check_text(&identity.zone, limits) {
+        return Err(Refusal::BadIdentity("zone"));
+    }
+    Ok(Instance {
+        service: identity.service.as_str().into(),
+        id: identity.instance.as_str().into(),
+        version: identity.version.as_str().into(),
+        zone: (!identity.zone.is_empty()).then(|| identity.zone.as_str().into()),
+    })
+}
+
+/// Validates one snapshot of `instance`, given the aggregator's current second.
+pub fn validate_snapshot(
+    snapshot: pb::Snapshot,
+    instance: &Arc<Instance>,
+    limits: &Limits,
+    now_second: i64,
+) -> Result<Validated, Refusal> {
+    let ahead = snapshot.second - now_second;
+    let limit = limits.max_future_skew.as_secs();
+    if ahead > i64::try_from(limit).unwrap_or(i64::MAX) {
+        return Err(Refusal::FutureSecond {
+            second: snapshot.second,
+            ahead,
+            limit,
+        });
+    }
+    let mut dropped: Vec<(SeriesProblem, u32)> = Vec::new();
+    let mut note = |problem: SeriesProblem| match dropped.iter_mut().find(|(p, _)| *p == problem) {
+        Some((_, n)) => *n += 1,
+        None => dropped.push((problem, 1)),
+    };
+    let total = snapshot.series.len();
+    let mut series = Vec::with_capacity(total.min(limits.max_series_per_snapshot));
+    for (index, s) in snapshot.series.into_iter().enumerate() {
+        if index >= limits.max_series_per_snapshot {
+            for _ in index..total {
+                note(SeriesProblem::TooManySeries);
+            }
+            break;
+        }
+        match validate_series(s, limits) {
+            Ok(kv) => series.push(kv),
+            Err(problem) => note(problem),
+        }
+    }
+    Ok(Validated {
+        second: InstanceSecond {
+            instance: instance.clone(),
+            t: snapshot.second,
+            series,
+        },
+        dropped,
+    })
+}
+
+fn validate_series(series: pb::Series, limits: &Limits) -> Result<(SeriesKey, SeriesValue), SeriesProblem> {
+    if !check_text(&series.name, limits) {
+        return Err(SeriesProblem::BadName);
+    }
+    if series.tags.len() > limits.max_tags_per_series {
+        return Err(SeriesProblem::TooManyTags);
+    }
+    let mut tags: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(series.tags.len());
+    for tag in &series.tags {
+        let value_ok = tag.value.len() <= limits.max_name_bytes && !tag.value.chars().any(char::is_control);
+        if !check_text(&tag.key, limits) || !value_ok {
+            return Err(SeriesProblem::BadName);
+        }
+        tags.push((tag.key.as_str().into(), tag.value.as_str().into()));
+    }
+    // Agents send tags sorted; a foreign client might not. Sort, and keep the last of a repeated key.
+    tags.sort_by(|a, b| a.0.cmp(&b.0));
+    tags.dedup_by(|later, earlier| {
+        if later.0 == earlier.0 {
+            std::mem::swap(later, earlier);
+            true
+        } else {
+            false
+        }
+    });
+    let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
+        pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
+        pb::series::Value::Gauge(v) if v.is_finite() => SeriesValue::Gauge(v),
+        pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => return Err(SeriesProblem::BadNumber),
+        pb::series::Value::Histogram(h) => decode_histogram(&h, limits)?,
+    };
+    Ok((
+        SeriesKey {
+            metric: series.name.as_str().into(),
+            tags: tags.into(),
+        },
+        value,
+    ))
+}
+
+/// Checks an HdrHistogram V2 header before decoding, so a hostile header cannot make the decoder allocate
+/// gigabytes: cookie, declared payload length, precision and range.
+fn decode_histogram(h: &pb::Histogram, limits: &Limits) -> Result<SeriesValue, SeriesProblem> {
+    if h.scale == 0 || h.scale > limits.max_histogram_scale {
+        return Err(SeriesProblem::HistogramOutOfRange);
+    }
+    let bytes = &h.hdr_v2[..];
+    let word = |at: usize| -> Option<u32> {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let long = |at: usize| -> Option<u64> {
+        bytes.get(at..at + 8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_be_bytes(a)
+        })
+    };
+    let (Some(cookie), Some(payload_len), Some(sigfig), Some(lowest), Some(highest)) =
+        (word(0), word(4), word(12), long(16), long(24))
+    else {
+        return Err(SeriesProblem::BadHistogram);
+    };
+    const HEADER: usize = 40;
+    if !strobe_proto::is_hdr_v2_cookie(cookie) || payload_len as usize != bytes.len().saturating_sub(HEADER) {
+        return Err(SeriesProblem::BadHistogram);
+    }
+    if sigfig > u32::from(limits.max_histogram_sigfig)
+        || lowest < 1
+        || highest > limits.max_histogram_value
+        || highest < 2 * lowest
+    {
+        return Err(SeriesProblem::HistogramOutOfRange);
+    }
+    let hist: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|_| SeriesProblem::BadHistogram)?;
+    if hist.max() > limits.max_histogram_value {
+        return Err(SeriesProblem::HistogramOutOfRange);
+    }
+    Ok(SeriesValue::Histogram {
+        hist: Box::new(hist),
+        scale: h.scale,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::serialization::{Serializer, V2Serializer};
+
+    fn instance() -> Arc<Instance> {
+        Arc::new(Instance {
+            service: "svc".into(),
+            id: "i1".into(),
+            version: "v1".into(),
+            zone: None,
+        })
+    }
+
+    fn encoded(values: &[u64]) -> Vec<u8> {
+        let mut h = Histogram::<u64>::new(2).unwrap();
+        for v in values {
+            h.record(*v).unwrap();
+        }
+        let mut out = Vec::new();
+        V2Serializer::new().serialize(&h, &mut out).unwrap();
+        out
+    }
+
+    fn series(name: &str, value: pb::series::Value) -> pb::Series {
+        pb::Series {
+            name: name.into(),
+            tags: vec![],
+            value: Some(value),
+        }
+    }
+
+    fn histogram(bytes: Vec<u8>) -> pb::series::Value {
+        pb::series::Value::Histogram(pb::Histogram {
+            hdr_v2: bytes,
+            scale: 1000,
+            unit: "ms".into(),
+        })
+    }
+
+    #[test]
+    fn each_bad_series_is_dropped_with_its_reason_and_the_rest_kept() {
+        let mut absurd_range = encoded(&[5]);
+        absurd_range[24..32].copy_from_slice(&u64::MAX.to_be_bytes());
+        let mut absurd_precision = encoded(&[5]);
+        absurd_precision[12..16].copy_from_slice(&9u32.to_be_bytes());
+        let mut lying_length = encoded(&[5]);
+        lying_length[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
+        let mut compressed_cookie = encoded(&[5]);
+        compressed_cookie[0..4].copy_from_slice(&0x1c84_9314u32.to_be_bytes());
+        let table: Vec<(pb::Series, Option<SeriesProblem>)> = vec![
+            (series("ok.counter", pb::series::Value::Counter(2.0)), None),
+            (series("ok.gauge", pb::series::Value::Gauge(-1.0)), None),
+            (series("ok.hist", histogram(encoded(&[1, 2, 3]))), None),
+            (series("", pb::series::Value::Counter(1.0)), Some(SeriesProblem::BadName)),
+            (series(&"n".repeat(201), pb::series::Value::Counter(1.0)), Some(SeriesProblem::BadName)),
+            (series("nan", pb::series::Value::Gauge(f64::NAN)), Some(SeriesProblem::BadNumber)),
+            (series("inf", pb::series::Value::Counter(f64::INFINITY)), Some(SeriesProblem::BadNumber)),
+            (series("neg", pb::series::Value::Counter(-1.0)), Some(SeriesProblem::BadNumber)),
+            (pb::Series { name: "none".into(), tags: vec![], value: None }, Some(SeriesProblem::MissingValue)),
+            (series("garbage", histogram(vec![1, 2, 3])), Some(SeriesProblem::BadHistogram)),
+            (series("empty", histogram(vec![])), Some(SeriesProblem::BadHistogram)),
+            (series("range", histogram(absurd_range)), Some(SeriesProblem::HistogramOutOfRange)),
+            (series("precision", histogram(absurd_precision)), Some(SeriesProblem::HistogramOutOfRange)),
+            (series("length", histogram(lying_length)), Some(SeriesProblem::BadHistogram)),
+            (series("deflate", histogram(compressed_cookie)), Some(SeriesProblem::BadHistogram)),
+            (
+                pb::Series {
+                    name: "tags".into(),
+                    tags: (0..33).map(|i| pb::Tag { key: format!("k{i}"), value: "v".into() }).collect(),
+                    value: Some(pb::series::Value::Counter(1.0)),
+                },
+                Some(SeriesProblem::TooManyTags),
+            ),
+        ];
+        let limits = Limits::default();
+        for (s, expected) in table {
+            let name = s.name.clone();
+            let snapshot = pb::Snapshot { second: 100, series: vec![s], stats: None };
+            let v = validate_snapshot(snapshot, &instance(), &limits, 100).unwrap();
+            match expected {
+                None => {
+                    assert_eq!(v.second.series.len(), 1, "{name}");
+                    assert!(v.dropped.is_empty(), "{name}");
+                }
+                Some(problem) => {
+                    assert!(v.second.series.is_empty(), "{name}");
+                    assert_eq!(v.dropped, vec![(problem, 1)], "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn series_over_the_limit_are_counted_and_the_first_kept() {
+        let limits = Limits {
+            max_series_per_snapshot: 3,
+            ..Limits::default()
+        };
+        let snapshot = pb::Snapshot {
+            second: 5,
+            series: (0..10)
+                .map(|i| series(&format!("m{i}"), pb::series::Value::Counter(1.0)))
+                .collect(),
+            stats: None,
+        };
+        let v = validate_snapshot(snapshot, &instance(), &limits, 5).unwrap();
+        assert_eq!(v.second.series.len(), 3);
+        assert_eq!(v.dropped, vec![(SeriesProblem::TooManySeries, 7)]);
+    }
+
+    #[test]
+    fn seconds_far_in_the_future_are_refused() {
+        let limits = Limits::default();
+        let ok = pb::Snapshot { second: 105, series: vec![], stats: None };
+        assert!(validate_snapshot(ok, &instance(), &limits, 100).is_ok());
+        let far = pb::Snapshot { second: 1_000_000, series: vec![], stats: None };
+        let err = validate_snapshot(far, &instance(), &limits, 100).unwrap_err();
+        assert_eq!(err.limit(), "max_future_skew");
+    }
+
+    #[test]
+    fn hellos_need_a_full_identity_and_a_known_token() {
+        let limits = Limits::default();
+        let hello = |service: &str, version: &str, instance: &str, token: &str| pb::Hello {
+            identity: Some(pb::Identity {
+                service: service.into(),
+                version: version.into(),
+                zone: String::new(),
+                instance: instance.into(),
+                labels: Default::default(),
+            }),
+            token: token.into(),
+        };
+        let tokens = vec!["secret".to_owned()];
+        let table: Vec<(pb::Hello, &[String], Option<Refusal>)> = vec![
+            (hello("s", "v", "i", ""), &[], None),
+            (hello("s", "v", "i", "secret"), &tokens, None),
+            (hello("s", "v", "i", "wrong"), &tokens, Some(Refusal::BadToken)),
+            (hello("", "v", "i", ""), &[], Some(Refusal::MissingIdentity("service"))),
+            (hello("s", "", "i", ""), &[], Some(Refusal::MissingIdentity("version"))),
+            (hello("s", "v", "", ""), &[], Some(Refusal::MissingIdentity("instance"))),
+            (hello("s\n", "v", "i", ""), &[], Some(Refusal::BadIdentity("service"))),
+            (pb::Hello { identity: None, token: String::new() }, &[], Some(Refusal::MissingIdentity("identity"))),
+        ];
+        for (h, tokens, expected) in table {
+            assert_eq!(validate_hello(&h, &limits, tokens).err(), expected, "{h:?}");
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! One service's open seconds and when to seal them. Pure: the caller passes the wall-clock time in.
+//!
+//! A second is sealed as soon as every instance that reported the previous sealed second has reported it, and at
+//! the latest `grace` after it ended. Ingest is idempotent per (instance, second). A snapshot for a sealed second
+//! still within `late_window` is merged and yields a correction; older ones are refused.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::merge::Cell;
+use crate::model::{Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, Split};
+
+/// Timing and bounds for one service's windows.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowSettings {
+    /// Milliseconds a second stays open after it ends.
+    pub grace_ms: i64,
+    /// Seconds a sealed second still takes late snapshots.
+    pub late_window_secs: i64,
+    /// Most cells (series times splits) in one second of one service.
+    pub max_cells: usize,
+}
+
+/// A second still taking snapshots (or sealed and kept for corrections).
+#[derive(Debug, Default)]
+pub struct OpenSecond {
+    reporters: HashMap<Arc<str>, Arc<Instance>>,
+    cells: HashMap<(Split, SeriesKey), Cell>,
+}
+
+impl OpenSecond {
+    /// The merged cells, for rule and canary evaluation.
+    pub fn cells(&self) -> &HashMap<(Split, SeriesKey), Cell> {
+        &self.cells
+    }
+}
+
+/// What applying a snapshot did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Merged into an open second.
+    Merged {
+        /// Series dropped: kind or scale conflicts, or the service's cell limit.
+        dropped: u32,
+    },
+    /// This instance already reported this second; nothing changed.
+    Duplicate,
+    /// Merged into an already sealed second; here is its new content.
+    Correction(SealedSecond),
+    /// Older than the late window; refused.
+    TooLate,
+}
+
+/// One service's open and recently sealed seconds.
+#[derive(Debug)]
+pub struct ServiceWindows {
+    service: Arc<str>,
+    settings: WindowSettings,
+    open: BTreeMap<i64, OpenSecond>,
+    recent: BTreeMap<i64, OpenSecond>,
+    last_sealed: Option<i64>,
+    expected: HashSet<Arc<str>>,
+}
+
+impl ServiceWindows {
+    /// No seconds yet.
+    pub fn new(service: Arc<str>, settings: WindowSettings) -> Self {
+        Self {
+            service,
+            settings,
+            open: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            last_sealed: None,
+            expected: HashSet::new(),
+        }
+    }
+
+    /// The newest sealed second.
+    pub fn last_sealed(&self) -> Option<i64> {
+        self.last_sealed
+    }
+
+    /// A sealed second still held for corrections.
+    pub fn sealed(&self, t: i64) -> Option<&OpenSecond> {
+        self.recent.get(&t)
+    }
+
+    /// Whether the service has nothing open and has sealed nothing since `before_second`.
+    pub fn is_idle(&self, before_second: i64) -> bool {
+        self.open.is_empty() && self.last_sealed.is_none_or(|t| t < before_second)
+    }
+
+    /// Merges one instance's second.
+    pub fn apply(&mut self, snapshot: InstanceSecond) -> Applied {
+        let t = snapshot.t;
+        if let Some(last) = self.last_sealed
+            && t <= last
+        {
+            if t <= last - self.settings.late_window_secs {
+                return Applied::TooLate;
+            }
+            let second = self.recent.entry(t).or_default();
+            if second.reporters.contains_key(&snapshot.instance.id) {
+                return Applied::Duplicate;
+            }
+            merge_into(second, snapshot, self.settings.max_cells);
+            return Applied::Correction(summarize(&self.service, t, second, true));
+        }
+        let second = self.open.entry(t).or_default();
+        if second.reporters.contains_key(&snapshot.instance.id) {
+            return Applied::Duplicate;
+        }
+        Applied::Merged {
+            dropped: merge_into(second, snapshot, self.settings.max_cells),
+        }
+    }
+
+    /// Seals, oldest first, every open second that is complete or past its grace at `now_ms`.
+    pub fn seal_ready(&mut self, now_ms: i64) -> Vec<SealedSecond> {
+        let mut sealed = Vec::new();
+        while let Some((&t, second)) = self.open.first_key_value() {
+            let deadline = (t + 1) * 1000 + self.settings.grace_ms;
+            let complete = !self.expected.is_empty()
+                && self
+                    .expected
+                    .iter()
+                    .all(|id| second.reporters.contains_key(id));
+            if !complete && now_ms < deadline {
+                break;
+            }
+            let Some(second) = self.open.remove(&t) else {
+                break;
+            };
+            self.expected = second.reporters.keys().cloned().collect();
+            self.last_sealed = Some(t);
+            sealed.push(summarize(&self.service, t, &second, false));
+            self.recent.insert(t, second);
+        }
+        if let Some(last) = self.last_sealed {
+            let oldest_kept = last - self.settings.late_window_secs;
+            while self.recent.first_key_value().is_some_and(|(&t, _)| t <= oldest_kept) {
+                self.recent.pop_first();
+            }
+        }
+        sealed
+    }
+}
+
+/// Merges a snapshot into every split it belongs to; returns how many series were dropped.
+fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usize) -> u32 {
+    let instance = snapshot.instance;
+    let mut splits = vec![Split::All, Split::Version(instance.version.clone())];
+    if let Some(zone) = &instance.zone {
+        splits.push(Split::Zone(zone.clone()));
+    }
+    let mut dropped = 0;
+    for (key, value) in snapshot.series {
+        for split in &splits {
+            // Keys are Arc-backed: building the probe only bumps reference counts.
+            let probe = (split.clone(), key.clone());
+            match second.cells.get_mut(&probe) {
+                Some(cell) => {
+                    if cell.merge(&value).is_err() {
+                        dropped += 1;
+                        break;
+                    }
+                }
+                None => {
+                    if second.cells.len() >= max_cells {
+                        dropped += 1;
+                        break;
+                    }
+                    second.cells.insert(probe, Cell::new(&value));
+                }
+            }
+        }
+    }
+    second.reporters.insert(instance.id.clone(), instance);
+    dropped
+}
+
+fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> SealedSecond {
+    let mut keys: Vec<&(Split, SeriesKey)> = second.cells.keys().collect();
+    keys.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+    let series = keys
+        .into_iter()
+        .map(|key| {
+            let cell = &second.cells[key];
+            let (split, series_key) = key;
+            SeriesSummary {
+                service: service.clone(),
+                metric: series_key.metric.clone(),
+                tags: series_key.tags.iter().cloned().collect(),
+                version: match split {
+                    Split::Version(v) => Some(v.clone()),
+                    _ => None,
+                },
+                zone: match split {
+                    Split::Zone(z) => Some(z.clone()),
+                    _ => None,
+                },
+                instances: cell.instances(),
+                stats: cell.stats(),
+            }
+        })
+        .collect();
+    let mut instances: Vec<Arc<Instance>> = second.reporters.values().cloned().collect();
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
+    SealedSecond {
+        service: service.clone(),
+        t,
+        correction,
+        series,
+        instances,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{SeriesValue, Stats};
+
+    const SETTINGS: WindowSettings = WindowSettings {
+        grace_ms: 250,
+        late_window_secs: 10,
+        max_cells: 1000,
+    };
+
+    fn instance(id: &str, version: &str, zone: Option<&str>) -> Arc<Instance> {
+        Arc::new(Instance {
+            service: "svc".into(),
+            id: id.into(),
+            version: version.into(),
+            zone: zone.map(Into::into),
+        })
+    }
+
+    fn counter(inst: &Arc<Instance>, t: i64, value: f64) -> InstanceSecond {
+        InstanceSecond {
+            instance: inst.clone(),
+            t,
+            series: vec![(
+                SeriesKey {
+                    metric: "requests".into(),
+                    tags: Arc::new([]),
+                },
+                SeriesValue::Counter(value),
+            )],
+        }
+    }
+
+    fn sum_of(sealed: &SealedSecond, version: Option<&str>, zone: Option<&str>) -> (f64, u32) {
+        let s = sealed
+            .series
+            .iter()
+            .find(|s| s.version.as_deref() == version && s.zone.as_deref() == zone)
+            .unwrap();
+        match s.stats {
+            Stats::Counter { sum } => (sum, s.instances),
+            _ => panic!("not a counter"),
+        }
+    }
+
+    #[test]
+    fn splits_by_version_and_zone() {
+        let a = instance("a", "v1", Some("z1"));
+        let b = instance("b", "v2", Some("z1"));
+        let c = instance("c", "v2", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        w.apply(counter(&a, 10, 1.0));
+        w.apply(counter(&b, 10, 2.0));
+        w.apply(counter(&c, 10, 4.0));
+        let sealed = w.seal_ready(11_250);
+        assert_eq!(sealed.len(), 1);
+        let table = [
+            (None, None, (7.0, 3)),
+            (Some("v1"), None, (1.0, 1)),
+            (Some("v2"), None, (6.0, 2)),
+            (None, Some("z1"), (3.0, 2)),
+        ];
+        for (version, zone, expected) in table {
+            assert_eq!(sum_of(&sealed[0], version, zone), expected, "{version:?} {zone:?}");
+        }
+        assert_eq!(sealed[0].series.len(), 4);
+        assert_eq!(sealed[0].instances.len(), 3);
+    }
+
+    #[test]
+    fn seals_when_complete_or_after_grace_in_order() {
+        let a = instance("a", "v1", None);
+        let b = instance("b", "v1", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        // Second 10: nobody is expected yet, so it waits for the grace.
+        w.apply(counter(&a, 10, 1.0));
+        w.apply(counter(&b, 10, 1.0));
+        assert!(w.seal_ready(11_100).is_empty());
+        assert_eq!(w.seal_ready(11_250).len(), 1);
+        // Second 11: both expected; sealed the moment the second arrives.
+        w.apply(counter(&a, 11, 1.0));
+        assert!(w.seal_ready(12_001).is_empty());
+        w.apply(counter(&b, 11, 1.0));
+        let sealed = w.seal_ready(12_002);
+        assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [11]);
+        // Second 12: b is gone; 13 is complete early but waits for 12, then both go in order.
+        w.apply(counter(&a, 12, 1.0));
+        w.apply(counter(&a, 13, 1.0));
+        assert!(w.seal_ready(13_100).is_empty());
+        let sealed = w.seal_ready(13_250);
+        assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
+        assert_eq!(w.last_sealed(), Some(13));
+    }
+
+    #[test]
+    fn replays_are_counted_once_and_late_data_corrects() {
+        let a = instance("a", "v1", None);
+        let b = instance("b", "v1", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Merged { dropped: 0 }));
+        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
+        let sealed = w.seal_ready(11_250);
+        assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));
+        // b was late: its second-10 data corrects the sealed second.
+        let Applied::Correction(corrected) = w.apply(counter(&b, 10, 5.0)) else {
+            panic!("expected a correction")
+        };
+        assert!(corrected.correction);
+        assert_eq!(sum_of(&corrected, None, None), (6.0, 2));
+        // Replays of either, before or after sealing, change nothing.
+        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
+        assert!(matches!(w.apply(counter(&b, 10, 5.0)), Applied::Duplicate));
+        // Far past the late window: refused.
+        for t in 11..30 {
+            w.apply(counter(&a, t, 1.0));
+        }
+        w.seal_ready(31_000);
+        assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
+    }
+
+    #[test]
+    fn the_cell_limit_drops_new_series_only() {
+        let a = instance("a", "v1", None);
+        let settings = WindowSettings {
+            max_cells: 2,
+            ..SETTINGS
+        };
+        let mut w = ServiceWindows::new("svc".into(), settings);
+        let mut second = counter(&a, 10, 1.0);
+        second.series.push((
+            SeriesKey {
+                metric: "other".into(),
+                tags: Arc::new([]),
+            },
+            SeriesValue::Counter(1.0),
+        ));
+        assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));
+        let sealed = w.seal_ready(20_000);
+        assert_eq!(sealed[0].series.len(), 2);
+    }
+}
