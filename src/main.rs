@@ -1,1 +1,100 @@
-fn main() {}
+//! The `strobe` binary: parses the command line and runs the library that does the work.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use cli::{Cli, Command, FileConfig};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("strobe: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("strobe: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let file = FileConfig::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Aggregator(args) => {
+            let aggregator =
+                strobe_aggregator::Aggregator::bind(args.apply(file.aggregator)).await?;
+            // One machine-readable line on stdout, so scripts and tests can find ports chosen with :0.
+            println!(
+                "strobe aggregator grpc={} http={}",
+                aggregator.grpc_addr(),
+                aggregator.http_addr()
+            );
+            aggregator.run(shutdown_signal()).await?;
+        }
+        Command::Agent(args) => {
+            let agent = strobe_agent::Agent::bind(args.apply(file.agent)).await?;
+            println!("strobe agent statsd={}", agent.statsd_addr());
+            let report = agent.run(shutdown_signal()).await;
+            tracing::info!(
+                message = "Agent stopped.",
+                acknowledged = report.acknowledged,
+                dropped = report.dropped
+            );
+        }
+        Command::Demo(args) => {
+            let mut aggregator = file.aggregator;
+            aggregator.http_addr = args.http_addr;
+            aggregator.grpc_addr = args.grpc_addr;
+            let config = strobe_benches::demo::DemoConfig {
+                aggregator,
+                bad_deploy_after: args.bad_deploy_after,
+            };
+            let after = args.bad_deploy_after;
+            strobe_benches::demo::run_demo(
+                config,
+                |http| {
+                    println!("strobe demo: dashboard at http://{http}/  (checkout v42, a bad deploy, rolls out in {}s)", after.as_secs());
+                },
+                shutdown_signal(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -174,13 +174,7 @@ impl Agent {
         );
         let (tx, rx) = mpsc::channel(16);
         let shipper = tokio::spawn(run_shipper(identity, self.config.shipper.clone(), rx));
-        fold_loop(
-            &self.socket,
-            &self.config,
-            tx,
-            shutdown,
-        )
-        .await;
+        fold_loop(&self.socket, &self.config, tx, shutdown).await;
         shipper.await.unwrap_or_default()
     }
 }
@@ -195,7 +189,8 @@ async fn fold_loop(
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
     tokio::pin!(shutdown);
     // A hair past the boundary, so the roll sees the new second.
-    let boundary = tokio::time::sleep(clock::until_next_second() + std::time::Duration::from_millis(1));
+    let boundary =
+        tokio::time::sleep(clock::until_next_second() + std::time::Duration::from_millis(1));
     tokio::pin!(boundary);
     loop {
         tokio::select! {
@@ -223,7 +218,10 @@ async fn fold_loop(
     }
 }
 
-async fn ship(tx: &mpsc::Sender<pb::Snapshot>, closed: Option<(pb::Snapshot, window::WindowStats)>) {
+async fn ship(
+    tx: &mpsc::Sender<pb::Snapshot>,
+    closed: Option<(pb::Snapshot, window::WindowStats)>,
+) {
     if let Some((snapshot, _)) = closed {
         // The shipper only stops when this sender is dropped, so a send cannot fail while the loop runs.
         let _ = tx.send(snapshot).await;

@@ -109,7 +109,15 @@ pub async fn run_shipper(
         if !input_open && buffer.snapshots.is_empty() {
             return report;
         }
-        let outcome = ship_once(&identity, &config, &target, &mut snapshots, &mut buffer, &mut report).await;
+        let outcome = ship_once(
+            &identity,
+            &config,
+            &target,
+            &mut snapshots,
+            &mut buffer,
+            &mut report,
+        )
+        .await;
         match outcome {
             Session::InputClosed => return report,
             Session::Redirected(address) => {
@@ -284,7 +292,11 @@ fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize) {
         dropped += 1;
     }
     if dropped > 0 {
-        warn!(message = "Snapshot over the message size limit; series dropped.", dropped, limit = max_bytes);
+        warn!(
+            message = "Snapshot over the message size limit; series dropped.",
+            dropped,
+            limit = max_bytes
+        );
         if let Some(stats) = snapshot.stats.as_mut() {
             stats.series_over_limit += dropped;
         }
@@ -356,7 +368,10 @@ mod tests {
         let config = ShipperConfig::default();
         for failures in 0..40 {
             let d = backoff_delay(&config, failures);
-            assert!(d >= config.backoff_min && d <= config.backoff_max, "{failures}: {d:?}");
+            assert!(
+                d >= config.backoff_min && d <= config.backoff_max,
+                "{failures}: {d:?}"
+            );
         }
     }
 }

@@ -267,23 +267,105 @@ mod tests {
             tags: Vec<(&'static str, &'static str)>,
         }
         let cases = [
-            Case { line: "page.views:1|c", name: "page.views", kind: MetricType::Counter, values: vec![1.0], rate: 1.0, tags: vec![] },
-            Case { line: "q.depth:-3.5|g", name: "q.depth", kind: MetricType::Gauge, values: vec![-3.5], rate: 1.0, tags: vec![] },
-            Case { line: "lat:12.25|ms|@0.5", name: "lat", kind: MetricType::Timer, values: vec![12.25], rate: 0.5, tags: vec![] },
-            Case { line: "size:10|h|#b:2,a:1", name: "size", kind: MetricType::Histogram, values: vec![10.0], rate: 1.0, tags: vec![("a", "1"), ("b", "2")] },
-            Case { line: "d:1:2:3|d", name: "d", kind: MetricType::Distribution, values: vec![1.0, 2.0, 3.0], rate: 1.0, tags: vec![] },
-            Case { line: "x:1|c|#env:prod,canary|@0.1", name: "x", kind: MetricType::Counter, values: vec![1.0], rate: 0.1, tags: vec![("canary", ""), ("env", "prod")] },
-            Case { line: "x:1|c|#k:a,k:b", name: "x", kind: MetricType::Counter, values: vec![1.0], rate: 1.0, tags: vec![("k", "b")] },
-            Case { line: "x:1|c|#url:http://a/b", name: "x", kind: MetricType::Counter, values: vec![1.0], rate: 1.0, tags: vec![("url", "http://a/b")] },
-            Case { line: "x:2|c|c:abc123|T1700000000|#a:1", name: "x", kind: MetricType::Counter, values: vec![2.0], rate: 1.0, tags: vec![("a", "1")] },
-            Case { line: "  x:1e3|g  ", name: "x", kind: MetricType::Gauge, values: vec![1000.0], rate: 1.0, tags: vec![] },
-            Case { line: "x:0|ms", name: "x", kind: MetricType::Timer, values: vec![0.0], rate: 1.0, tags: vec![] },
+            Case {
+                line: "page.views:1|c",
+                name: "page.views",
+                kind: MetricType::Counter,
+                values: vec![1.0],
+                rate: 1.0,
+                tags: vec![],
+            },
+            Case {
+                line: "q.depth:-3.5|g",
+                name: "q.depth",
+                kind: MetricType::Gauge,
+                values: vec![-3.5],
+                rate: 1.0,
+                tags: vec![],
+            },
+            Case {
+                line: "lat:12.25|ms|@0.5",
+                name: "lat",
+                kind: MetricType::Timer,
+                values: vec![12.25],
+                rate: 0.5,
+                tags: vec![],
+            },
+            Case {
+                line: "size:10|h|#b:2,a:1",
+                name: "size",
+                kind: MetricType::Histogram,
+                values: vec![10.0],
+                rate: 1.0,
+                tags: vec![("a", "1"), ("b", "2")],
+            },
+            Case {
+                line: "d:1:2:3|d",
+                name: "d",
+                kind: MetricType::Distribution,
+                values: vec![1.0, 2.0, 3.0],
+                rate: 1.0,
+                tags: vec![],
+            },
+            Case {
+                line: "x:1|c|#env:prod,canary|@0.1",
+                name: "x",
+                kind: MetricType::Counter,
+                values: vec![1.0],
+                rate: 0.1,
+                tags: vec![("canary", ""), ("env", "prod")],
+            },
+            Case {
+                line: "x:1|c|#k:a,k:b",
+                name: "x",
+                kind: MetricType::Counter,
+                values: vec![1.0],
+                rate: 1.0,
+                tags: vec![("k", "b")],
+            },
+            Case {
+                line: "x:1|c|#url:http://a/b",
+                name: "x",
+                kind: MetricType::Counter,
+                values: vec![1.0],
+                rate: 1.0,
+                tags: vec![("url", "http://a/b")],
+            },
+            Case {
+                line: "x:2|c|c:abc123|T1700000000|#a:1",
+                name: "x",
+                kind: MetricType::Counter,
+                values: vec![2.0],
+                rate: 1.0,
+                tags: vec![("a", "1")],
+            },
+            Case {
+                line: "  x:1e3|g  ",
+                name: "x",
+                kind: MetricType::Gauge,
+                values: vec![1000.0],
+                rate: 1.0,
+                tags: vec![],
+            },
+            Case {
+                line: "x:0|ms",
+                name: "x",
+                kind: MetricType::Timer,
+                values: vec![0.0],
+                rate: 1.0,
+                tags: vec![],
+            },
         ];
         for case in cases {
             let line = parse(case.line).unwrap_or_else(|e| panic!("{}: {e}", case.line));
             assert_eq!(line.name, case.name, "{}", case.line);
             assert_eq!(line.kind, case.kind, "{}", case.line);
-            assert_eq!(line.values().collect::<Vec<_>>(), case.values, "{}", case.line);
+            assert_eq!(
+                line.values().collect::<Vec<_>>(),
+                case.values,
+                "{}",
+                case.line
+            );
             assert_eq!(line.sample_rate, case.rate, "{}", case.line);
             assert_eq!(line.tags, case.tags, "{}", case.line);
         }
@@ -294,7 +376,10 @@ mod tests {
         let long_name = format!("{}:1|c", "n".repeat(201));
         let many_tags = format!(
             "x:1|c|#{}",
-            (0..33).map(|i| format!("t{i}:v")).collect::<Vec<_>>().join(",")
+            (0..33)
+                .map(|i| format!("t{i}:v"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let huge = format!("x:1|c|#{}", "a".repeat(9000));
         let cases: Vec<(&str, ParseError)> = vec![

@@ -50,7 +50,10 @@ pub struct WindowStats {
 enum Accumulator {
     Counter(f64),
     Gauge(f64),
-    Histogram { hist: Histogram<u64>, unit: &'static str },
+    Histogram {
+        hist: Histogram<u64>,
+        unit: &'static str,
+    },
 }
 
 struct SeriesEntry {
@@ -99,10 +102,29 @@ impl Window {
 
     /// Folds one parsed line into the window.
     pub fn record(&mut self, line: &Line<'_>) {
+        self.record_values(
+            line.name,
+            &line.tags,
+            line.kind,
+            line.values(),
+            line.sample_rate,
+        );
+    }
+
+    /// Folds values of one series into the window: the path every input (DogStatsD, in-process, simulated)
+    /// takes. `tags` must be sorted by key with unique keys; `sample_rate` must be in (0, 1].
+    pub fn record_values(
+        &mut self,
+        name: &str,
+        tags: &[(&str, &str)],
+        kind: MetricType,
+        values: impl Iterator<Item = f64>,
+        sample_rate: f64,
+    ) {
         self.stats.lines_received += 1;
         self.key_buf.clear();
-        self.key_buf.push_str(line.name);
-        for (k, v) in &line.tags {
+        self.key_buf.push_str(name);
+        for (k, v) in tags {
             self.key_buf.push('\u{1f}');
             self.key_buf.push_str(k);
             self.key_buf.push('=');
@@ -114,10 +136,13 @@ impl Window {
                 return;
             }
             let entry = SeriesEntry {
-                name: line.name.into(),
-                tags: line.tags.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
-                kind: line.kind,
-                value: match line.kind {
+                name: name.into(),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+                kind,
+                value: match kind {
                     MetricType::Counter => Accumulator::Counter(0.0),
                     MetricType::Gauge => Accumulator::Gauge(0.0),
                     kind => Accumulator::Histogram {
@@ -131,23 +156,25 @@ impl Window {
         let Some(entry) = self.series.get_mut(self.key_buf.as_str()) else {
             return;
         };
-        if entry.kind != line.kind
-            && !(entry.kind.is_histogram() && line.kind.is_histogram())
-        {
+        if entry.kind != kind && !(entry.kind.is_histogram() && kind.is_histogram()) {
             self.stats.lines_malformed += 1;
             return;
         }
-        let weight = 1.0 / line.sample_rate;
+        let weight = 1.0 / sample_rate;
         match &mut entry.value {
-            Accumulator::Counter(sum) => *sum += line.values().sum::<f64>() * weight,
+            Accumulator::Counter(sum) => *sum += values.sum::<f64>() * weight,
             Accumulator::Gauge(last) => {
-                if let Some(v) = line.values().last() {
+                if let Some(v) = values.last() {
                     *last = v;
                 }
             }
             Accumulator::Histogram { hist, .. } => {
                 let count = weight.round().max(1.0) as u64;
-                for v in line.values() {
+                for v in values {
+                    if !v.is_finite() || v < 0.0 {
+                        self.stats.lines_malformed += 1;
+                        continue;
+                    }
                     let clamped = if v > self.limits.max_histogram_value {
                         self.stats.values_clamped += 1;
                         self.limits.max_histogram_value
@@ -277,14 +304,28 @@ mod tests {
         feed(
             &mut w,
             &[
-                "req:1|c", "req:2|c", "req:1|c|@0.5", "depth:3|g", "depth:7|g",
-                "lat:10|ms", "lat:20|ms", "lat:30|ms|@0.5", "lat:5|h", "bad line",
+                "req:1|c",
+                "req:2|c",
+                "req:1|c|@0.5",
+                "depth:3|g",
+                "depth:7|g",
+                "lat:10|ms",
+                "lat:20|ms",
+                "lat:30|ms|@0.5",
+                "lat:5|h",
+                "bad line",
             ],
         );
         let (snap, stats) = w.close();
         assert_eq!(snap.second, 100);
-        assert_eq!(find(&snap, "req").value, Some(pb::series::Value::Counter(5.0)));
-        assert_eq!(find(&snap, "depth").value, Some(pb::series::Value::Gauge(7.0)));
+        assert_eq!(
+            find(&snap, "req").value,
+            Some(pb::series::Value::Counter(5.0))
+        );
+        assert_eq!(
+            find(&snap, "depth").value,
+            Some(pb::series::Value::Gauge(7.0))
+        );
         let Some(pb::series::Value::Histogram(h)) = &find(&snap, "lat").value else {
             panic!("lat is not a histogram")
         };
@@ -302,14 +343,13 @@ mod tests {
     #[test]
     fn tags_make_distinct_series_and_type_conflicts_are_counted() {
         let mut w = Window::new(1, WindowLimits::default());
-        feed(&mut w, &["x:1|c|#a:1", "x:1|c|#a:2", "x:1|c|#a:1", "x:5|g|#a:1"]);
+        feed(
+            &mut w,
+            &["x:1|c|#a:1", "x:1|c|#a:2", "x:1|c|#a:1", "x:5|g|#a:1"],
+        );
         assert_eq!(w.series_count(), 2);
         let (snap, stats) = w.close();
-        let a1 = snap
-            .series
-            .iter()
-            .find(|s| s.tags[0].value == "1")
-            .unwrap();
+        let a1 = snap.series.iter().find(|s| s.tags[0].value == "1").unwrap();
         assert_eq!(a1.value, Some(pb::series::Value::Counter(2.0)));
         assert_eq!(stats.lines_malformed, 1);
     }
@@ -325,7 +365,10 @@ mod tests {
         let (snap, stats) = w.close();
         assert_eq!(snap.series.len(), 2);
         assert_eq!(stats.series_over_limit, 2);
-        assert_eq!(find(&snap, "a").value, Some(pb::series::Value::Counter(2.0)));
+        assert_eq!(
+            find(&snap, "a").value,
+            Some(pb::series::Value::Counter(2.0))
+        );
     }
 
     #[test]
@@ -345,8 +388,13 @@ mod tests {
     #[test]
     fn folder_rolls_on_second_boundaries() {
         // (call at second, expected closed second)
-        let table: [(i64, Option<i64>); 5] =
-            [(10, None), (10, None), (11, Some(10)), (14, Some(11)), (13, None)];
+        let table: [(i64, Option<i64>); 5] = [
+            (10, None),
+            (10, None),
+            (11, Some(10)),
+            (14, Some(11)),
+            (13, None),
+        ];
         let mut folder = Folder::new(10, WindowLimits::default());
         for (now, expected) in table {
             let closed = folder.roll(now).map(|(s, _)| s.second);

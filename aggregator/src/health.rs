@@ -44,19 +44,72 @@ impl Health {
     pub fn render(&self, subscribers: usize) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        metric("strobe_agent_streams", "gauge", "Agent streams open now.", self.agent_streams.load(Ordering::Relaxed).to_string());
-        metric("strobe_snapshots_accepted_total", "counter", "Snapshots merged into a second.", get(&self.snapshots_accepted));
-        metric("strobe_snapshots_duplicate_total", "counter", "Replayed snapshots ignored as already merged.", get(&self.snapshots_duplicate));
-        metric("strobe_snapshots_too_late_total", "counter", "Snapshots older than the late window.", get(&self.snapshots_too_late));
-        metric("strobe_seconds_sealed_total", "counter", "Service-seconds sealed and published.", get(&self.seconds_sealed));
-        metric("strobe_corrections_total", "counter", "Corrections published for sealed seconds.", get(&self.corrections));
-        metric("strobe_seal_delay_milliseconds_sum", "counter", "Sum over sealed seconds of the delay from the second's end to sealing.", get(&self.seal_delay_ms_sum));
-        metric("strobe_websocket_clients", "gauge", "Websocket clients connected now.", self.websocket_clients.load(Ordering::Relaxed).to_string());
-        metric("strobe_websocket_subscribers", "gauge", "Live stream receivers now.", subscribers.to_string());
-        metric("strobe_websocket_frames_dropped_total", "counter", "Frames not delivered to lagging websocket clients.", get(&self.websocket_frames_dropped));
+        metric(
+            "strobe_agent_streams",
+            "gauge",
+            "Agent streams open now.",
+            self.agent_streams.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "strobe_snapshots_accepted_total",
+            "counter",
+            "Snapshots merged into a second.",
+            get(&self.snapshots_accepted),
+        );
+        metric(
+            "strobe_snapshots_duplicate_total",
+            "counter",
+            "Replayed snapshots ignored as already merged.",
+            get(&self.snapshots_duplicate),
+        );
+        metric(
+            "strobe_snapshots_too_late_total",
+            "counter",
+            "Snapshots older than the late window.",
+            get(&self.snapshots_too_late),
+        );
+        metric(
+            "strobe_seconds_sealed_total",
+            "counter",
+            "Service-seconds sealed and published.",
+            get(&self.seconds_sealed),
+        );
+        metric(
+            "strobe_corrections_total",
+            "counter",
+            "Corrections published for sealed seconds.",
+            get(&self.corrections),
+        );
+        metric(
+            "strobe_seal_delay_milliseconds_sum",
+            "counter",
+            "Sum over sealed seconds of the delay from the second's end to sealing.",
+            get(&self.seal_delay_ms_sum),
+        );
+        metric(
+            "strobe_websocket_clients",
+            "gauge",
+            "Websocket clients connected now.",
+            self.websocket_clients.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "strobe_websocket_subscribers",
+            "gauge",
+            "Live stream receivers now.",
+            subscribers.to_string(),
+        );
+        metric(
+            "strobe_websocket_frames_dropped_total",
+            "counter",
+            "Frames not delivered to lagging websocket clients.",
+            get(&self.websocket_frames_dropped),
+        );
         let _ = writeln!(
             out,
             "# HELP strobe_dropped_total Messages refused or series dropped, by the limit hit.\n# TYPE strobe_dropped_total counter"

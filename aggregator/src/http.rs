@@ -112,12 +112,22 @@ async fn stream(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let from_query = q.services.map(|s| Subscription {
-        services: s.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        services: s
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
     });
     upgrade.on_upgrade(move |socket| async move {
-        state.health.websocket_clients.fetch_add(1, Ordering::Relaxed);
+        state
+            .health
+            .websocket_clients
+            .fetch_add(1, Ordering::Relaxed);
         serve_socket(socket, &state, from_query).await;
-        state.health.websocket_clients.fetch_sub(1, Ordering::Relaxed);
+        state
+            .health
+            .websocket_clients
+            .fetch_sub(1, Ordering::Relaxed);
     })
 }
 
@@ -191,7 +201,11 @@ fn parse_client_message(text: &str) -> Result<Subscription, String> {
 }
 
 fn error_frame(error: &str) -> Message {
-    Message::Text(json!({ "type": "error", "error": error }).to_string().into())
+    Message::Text(
+        json!({ "type": "error", "error": error })
+            .to_string()
+            .into(),
+    )
 }
 
 async fn send_frames(

@@ -132,7 +132,10 @@ impl Hub {
                 history.insert(at, frame.clone());
             }
             let newest = history.back().map_or(frame.t, |f| f.t);
-            while history.front().is_some_and(|f| f.t <= newest - self.history_seconds) {
+            while history
+                .front()
+                .is_some_and(|f| f.t <= newest - self.history_seconds)
+            {
                 history.pop_front();
             }
         }
@@ -152,7 +155,11 @@ impl Hub {
                 latest: Arc::new(Vec::new()),
             });
         status.last_second = sealed.t;
-        status.instances = sealed.instances.iter().map(|i| instance_status(i)).collect();
+        status.instances = sealed
+            .instances
+            .iter()
+            .map(|i| instance_status(i))
+            .collect();
         status.latest = Arc::new(sealed.series.clone());
         for v in status.versions.values_mut() {
             v.instances = 0;
@@ -175,7 +182,10 @@ impl Hub {
     }
 
     /// A live receiver and, consistently with it, the history of the services `wanted` accepts.
-    pub fn subscribe(&self, wanted: impl Fn(&str) -> bool) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
+    pub fn subscribe(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+    ) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         let receiver = self.live.subscribe();
         (receiver, self.backfill(wanted))

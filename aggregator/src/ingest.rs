@@ -47,7 +47,9 @@ impl pb::ingest_server::Ingest for IngestService {
             .await?
             .ok_or_else(|| Status::invalid_argument("stream ended before the hello"))?;
         let Some(pb::agent_message::Body::Hello(hello)) = first.body else {
-            return Err(Status::invalid_argument("the first message must be a hello"));
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
         };
         let instance = match validate_hello(&hello, &self.limits, &self.agent_tokens) {
             Ok(instance) => Arc::new(instance),
@@ -55,7 +57,9 @@ impl pb::ingest_server::Ingest for IngestService {
                 self.health.count_dropped(refusal.limit(), 1);
                 warn!(message = "Hello refused.", error = %refusal);
                 return Err(match refusal {
-                    crate::validate::Refusal::BadToken => Status::unauthenticated(refusal.to_string()),
+                    crate::validate::Refusal::BadToken => {
+                        Status::unauthenticated(refusal.to_string())
+                    }
                     _ => Status::invalid_argument(refusal.to_string()),
                 });
             }
@@ -109,7 +113,11 @@ async fn serve_stream(
                     series_dropped: 0,
                     whole_snapshot: true,
                 };
-                send(tx, reply(pb::aggregator_message::Body::Rejection(rejection))).await?;
+                send(
+                    tx,
+                    reply(pb::aggregator_message::Body::Rejection(rejection)),
+                )
+                .await?;
             }
             Ok(validated) => {
                 for (problem, n) in &validated.dropped {
@@ -122,7 +130,11 @@ async fn serve_stream(
                         series_dropped: *n,
                         whole_snapshot: false,
                     };
-                    send(tx, reply(pb::aggregator_message::Body::Rejection(rejection))).await?;
+                    send(
+                        tx,
+                        reply(pb::aggregator_message::Body::Rejection(rejection)),
+                    )
+                    .await?;
                 }
                 shard
                     .send(ShardCommand::Snapshot(validated.second))
@@ -131,7 +143,11 @@ async fn serve_stream(
             }
         }
         // A refused second is acknowledged too: sending it again would be refused again.
-        send(tx, reply(pb::aggregator_message::Body::Ack(pb::Ack { second }))).await?;
+        send(
+            tx,
+            reply(pb::aggregator_message::Body::Ack(pb::Ack { second })),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -106,7 +106,10 @@ impl Aggregator {
     }
 
     /// Serves until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AggregatorError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AggregatorError> {
         let settings = WindowSettings {
             grace_ms: i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX),
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
@@ -147,7 +150,10 @@ impl Aggregator {
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(grpc_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), stopped(stop_rx.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc),
+                stopped(stop_rx.clone()),
+            );
         let http = axum::serve(self.http, app).with_graceful_shutdown(stopped(stop_rx));
         let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
         grpc?;

@@ -211,10 +211,7 @@ mod tests {
                 vec![SeriesValue::Counter(3.0), SeriesValue::Counter(4.5)],
                 Stats::Counter { sum: 7.5 },
             ),
-            (
-                vec![SeriesValue::Counter(0.0)],
-                Stats::Counter { sum: 0.0 },
-            ),
+            (vec![SeriesValue::Counter(0.0)], Stats::Counter { sum: 0.0 }),
             (
                 vec![
                     SeriesValue::Gauge(2.0),

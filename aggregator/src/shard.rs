@@ -2,7 +2,7 @@
 //! arrive and, on a 10 ms tick, seals what is complete or past its grace. Only the shard's tick advances time.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -67,14 +67,16 @@ impl Shards {
 
     /// The shard owning `service`.
     pub fn for_service(&self, service: &str) -> mpsc::Sender<ShardCommand> {
-        let mut h = self.hasher.build_hasher();
-        service.hash(&mut h);
-        let index = (h.finish() % self.senders.len() as u64) as usize;
+        let index = (self.hasher.hash_one(service) % self.senders.len() as u64) as usize;
         self.senders[index].clone()
     }
 }
 
-async fn run_shard(index: usize, mut commands: mpsc::Receiver<ShardCommand>, context: Arc<ShardContext>) {
+async fn run_shard(
+    index: usize,
+    mut commands: mpsc::Receiver<ShardCommand>,
+    context: Arc<ShardContext>,
+) {
     let mut services: HashMap<Arc<str>, ServiceWindows> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,7 +117,10 @@ fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &Shard
         Applied::Merged { dropped } => {
             health.snapshots_accepted.fetch_add(1, Ordering::Relaxed);
             if dropped > 0 {
-                health.count_dropped("series_conflict_or_max_series_per_service", u64::from(dropped));
+                health.count_dropped(
+                    "series_conflict_or_max_series_per_service",
+                    u64::from(dropped),
+                );
             }
         }
         Applied::Duplicate => {
@@ -134,7 +139,10 @@ fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &Shard
 
 fn publish(sealed: SealedSecond, context: &ShardContext) {
     let delay = clock::unix_millis() - (sealed.t + 1) * 1000;
-    context.health.seconds_sealed.fetch_add(1, Ordering::Relaxed);
+    context
+        .health
+        .seconds_sealed
+        .fetch_add(1, Ordering::Relaxed);
     context
         .health
         .seal_delay_ms_sum

@@ -98,11 +98,17 @@ pub struct Validated {
 }
 
 fn check_text(value: &str, limits: &Limits) -> bool {
-    !value.is_empty() && value.len() <= limits.max_name_bytes && !value.chars().any(char::is_control)
+    !value.is_empty()
+        && value.len() <= limits.max_name_bytes
+        && !value.chars().any(char::is_control)
 }
 
 /// Validates a hello into the instance identity every snapshot of the stream carries.
-pub fn validate_hello(hello: &pb::Hello, limits: &Limits, tokens: &[String]) -> Result<Instance, Refusal> {
+pub fn validate_hello(
+    hello: &pb::Hello,
+    limits: &Limits,
+    tokens: &[String],
+) -> Result<Instance, Refusal> {
     if !tokens.is_empty() && !tokens.iter().any(|t| t == &hello.token) {
         return Err(Refusal::BadToken);
     }
@@ -179,7 +185,10 @@ pub fn validate_snapshot(
     })
 }
 
-fn validate_series(series: pb::Series, limits: &Limits) -> Result<(SeriesKey, SeriesValue), SeriesProblem> {
+fn validate_series(
+    series: pb::Series,
+    limits: &Limits,
+) -> Result<(SeriesKey, SeriesValue), SeriesProblem> {
     if !check_text(&series.name, limits) {
         return Err(SeriesProblem::BadName);
     }
@@ -188,7 +197,8 @@ fn validate_series(series: pb::Series, limits: &Limits) -> Result<(SeriesKey, Se
     }
     let mut tags: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(series.tags.len());
     for tag in &series.tags {
-        let value_ok = tag.value.len() <= limits.max_name_bytes && !tag.value.chars().any(char::is_control);
+        let value_ok =
+            tag.value.len() <= limits.max_name_bytes && !tag.value.chars().any(char::is_control);
         if !check_text(&tag.key, limits) || !value_ok {
             return Err(SeriesProblem::BadName);
         }
@@ -207,7 +217,9 @@ fn validate_series(series: pb::Series, limits: &Limits) -> Result<(SeriesKey, Se
     let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
         pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
         pb::series::Value::Gauge(v) if v.is_finite() => SeriesValue::Gauge(v),
-        pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => return Err(SeriesProblem::BadNumber),
+        pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => {
+            return Err(SeriesProblem::BadNumber);
+        }
         pb::series::Value::Histogram(h) => decode_histogram(&h, limits)?,
     };
     Ok((
@@ -244,7 +256,9 @@ fn decode_histogram(h: &pb::Histogram, limits: &Limits) -> Result<SeriesValue, S
         return Err(SeriesProblem::BadHistogram);
     };
     const HEADER: usize = 40;
-    if !strobe_proto::is_hdr_v2_cookie(cookie) || payload_len as usize != bytes.len().saturating_sub(HEADER) {
+    if !strobe_proto::is_hdr_v2_cookie(cookie)
+        || payload_len as usize != bytes.len().saturating_sub(HEADER)
+    {
         return Err(SeriesProblem::BadHistogram);
     }
     if sigfig > u32::from(limits.max_histogram_sigfig)
@@ -320,22 +334,67 @@ mod tests {
             (series("ok.counter", pb::series::Value::Counter(2.0)), None),
             (series("ok.gauge", pb::series::Value::Gauge(-1.0)), None),
             (series("ok.hist", histogram(encoded(&[1, 2, 3]))), None),
-            (series("", pb::series::Value::Counter(1.0)), Some(SeriesProblem::BadName)),
-            (series(&"n".repeat(201), pb::series::Value::Counter(1.0)), Some(SeriesProblem::BadName)),
-            (series("nan", pb::series::Value::Gauge(f64::NAN)), Some(SeriesProblem::BadNumber)),
-            (series("inf", pb::series::Value::Counter(f64::INFINITY)), Some(SeriesProblem::BadNumber)),
-            (series("neg", pb::series::Value::Counter(-1.0)), Some(SeriesProblem::BadNumber)),
-            (pb::Series { name: "none".into(), tags: vec![], value: None }, Some(SeriesProblem::MissingValue)),
-            (series("garbage", histogram(vec![1, 2, 3])), Some(SeriesProblem::BadHistogram)),
-            (series("empty", histogram(vec![])), Some(SeriesProblem::BadHistogram)),
-            (series("range", histogram(absurd_range)), Some(SeriesProblem::HistogramOutOfRange)),
-            (series("precision", histogram(absurd_precision)), Some(SeriesProblem::HistogramOutOfRange)),
-            (series("length", histogram(lying_length)), Some(SeriesProblem::BadHistogram)),
-            (series("deflate", histogram(compressed_cookie)), Some(SeriesProblem::BadHistogram)),
+            (
+                series("", pb::series::Value::Counter(1.0)),
+                Some(SeriesProblem::BadName),
+            ),
+            (
+                series(&"n".repeat(201), pb::series::Value::Counter(1.0)),
+                Some(SeriesProblem::BadName),
+            ),
+            (
+                series("nan", pb::series::Value::Gauge(f64::NAN)),
+                Some(SeriesProblem::BadNumber),
+            ),
+            (
+                series("inf", pb::series::Value::Counter(f64::INFINITY)),
+                Some(SeriesProblem::BadNumber),
+            ),
+            (
+                series("neg", pb::series::Value::Counter(-1.0)),
+                Some(SeriesProblem::BadNumber),
+            ),
+            (
+                pb::Series {
+                    name: "none".into(),
+                    tags: vec![],
+                    value: None,
+                },
+                Some(SeriesProblem::MissingValue),
+            ),
+            (
+                series("garbage", histogram(vec![1, 2, 3])),
+                Some(SeriesProblem::BadHistogram),
+            ),
+            (
+                series("empty", histogram(vec![])),
+                Some(SeriesProblem::BadHistogram),
+            ),
+            (
+                series("range", histogram(absurd_range)),
+                Some(SeriesProblem::HistogramOutOfRange),
+            ),
+            (
+                series("precision", histogram(absurd_precision)),
+                Some(SeriesProblem::HistogramOutOfRange),
+            ),
+            (
+                series("length", histogram(lying_length)),
+                Some(SeriesProblem::BadHistogram),
+            ),
+            (
+                series("deflate", histogram(compressed_cookie)),
+                Some(SeriesProblem::BadHistogram),
+            ),
             (
                 pb::Series {
                     name: "tags".into(),
-                    tags: (0..33).map(|i| pb::Tag { key: format!("k{i}"), value: "v".into() }).collect(),
+                    tags: (0..33)
+                        .map(|i| pb::Tag {
+                            key: format!("k{i}"),
+                            value: "v".into(),
+                        })
+                        .collect(),
                     value: Some(pb::series::Value::Counter(1.0)),
                 },
                 Some(SeriesProblem::TooManyTags),
@@ -344,7 +403,11 @@ mod tests {
         let limits = Limits::default();
         for (s, expected) in table {
             let name = s.name.clone();
-            let snapshot = pb::Snapshot { second: 100, series: vec![s], stats: None };
+            let snapshot = pb::Snapshot {
+                second: 100,
+                series: vec![s],
+                stats: None,
+            };
             let v = validate_snapshot(snapshot, &instance(), &limits, 100).unwrap();
             match expected {
                 None => {
@@ -380,9 +443,17 @@ mod tests {
     #[test]
     fn seconds_far_in_the_future_are_refused() {
         let limits = Limits::default();
-        let ok = pb::Snapshot { second: 105, series: vec![], stats: None };
+        let ok = pb::Snapshot {
+            second: 105,
+            series: vec![],
+            stats: None,
+        };
         assert!(validate_snapshot(ok, &instance(), &limits, 100).is_ok());
-        let far = pb::Snapshot { second: 1_000_000, series: vec![], stats: None };
+        let far = pb::Snapshot {
+            second: 1_000_000,
+            series: vec![],
+            stats: None,
+        };
         let err = validate_snapshot(far, &instance(), &limits, 100).unwrap_err();
         assert_eq!(err.limit(), "max_future_skew");
     }
@@ -404,12 +475,39 @@ mod tests {
         let table: Vec<(pb::Hello, &[String], Option<Refusal>)> = vec![
             (hello("s", "v", "i", ""), &[], None),
             (hello("s", "v", "i", "secret"), &tokens, None),
-            (hello("s", "v", "i", "wrong"), &tokens, Some(Refusal::BadToken)),
-            (hello("", "v", "i", ""), &[], Some(Refusal::MissingIdentity("service"))),
-            (hello("s", "", "i", ""), &[], Some(Refusal::MissingIdentity("version"))),
-            (hello("s", "v", "", ""), &[], Some(Refusal::MissingIdentity("instance"))),
-            (hello("s\n", "v", "i", ""), &[], Some(Refusal::BadIdentity("service"))),
-            (pb::Hello { identity: None, token: String::new() }, &[], Some(Refusal::MissingIdentity("identity"))),
+            (
+                hello("s", "v", "i", "wrong"),
+                &tokens,
+                Some(Refusal::BadToken),
+            ),
+            (
+                hello("", "v", "i", ""),
+                &[],
+                Some(Refusal::MissingIdentity("service")),
+            ),
+            (
+                hello("s", "", "i", ""),
+                &[],
+                Some(Refusal::MissingIdentity("version")),
+            ),
+            (
+                hello("s", "v", "", ""),
+                &[],
+                Some(Refusal::MissingIdentity("instance")),
+            ),
+            (
+                hello("s\n", "v", "i", ""),
+                &[],
+                Some(Refusal::BadIdentity("service")),
+            ),
+            (
+                pb::Hello {
+                    identity: None,
+                    token: String::new(),
+                },
+                &[],
+                Some(Refusal::MissingIdentity("identity")),
+            ),
         ];
         for (h, tokens, expected) in table {
             assert_eq!(validate_hello(&h, &limits, tokens).err(), expected, "{h:?}");

@@ -138,7 +138,11 @@ impl ServiceWindows {
         }
         if let Some(last) = self.last_sealed {
             let oldest_kept = last - self.settings.late_window_secs;
-            while self.recent.first_key_value().is_some_and(|(&t, _)| t <= oldest_kept) {
+            while self
+                .recent
+                .first_key_value()
+                .is_some_and(|(&t, _)| t <= oldest_kept)
+            {
                 self.recent.pop_first();
             }
         }
@@ -279,7 +283,11 @@ mod tests {
             (None, Some("z1"), (3.0, 2)),
         ];
         for (version, zone, expected) in table {
-            assert_eq!(sum_of(&sealed[0], version, zone), expected, "{version:?} {zone:?}");
+            assert_eq!(
+                sum_of(&sealed[0], version, zone),
+                expected,
+                "{version:?} {zone:?}"
+            );
         }
         assert_eq!(sealed[0].series.len(), 4);
         assert_eq!(sealed[0].instances.len(), 3);
@@ -315,7 +323,10 @@ mod tests {
         let a = instance("a", "v1", None);
         let b = instance("b", "v1", None);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
-        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Merged { dropped: 0 }));
+        assert!(matches!(
+            w.apply(counter(&a, 10, 1.0)),
+            Applied::Merged { dropped: 0 }
+        ));
         assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
         let sealed = w.seal_ready(11_250);
         assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));

@@ -1,0 +1,126 @@
+//! `strobe demo`: an aggregator and a simulated fleet in one process, talking real gRPC over loopback, with a bad
+//! deploy of one service staged partway through.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strobe_agent::ShipperConfig;
+use strobe_aggregator::{Aggregator, AggregatorConfig, AggregatorError};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::info;
+
+use crate::sim::{Behavior, SimInstance, identity, run_instance};
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// The aggregator's settings (addresses included).
+    pub aggregator: AggregatorConfig,
+    /// When the bad version of `checkout` starts rolling out.
+    pub bad_deploy_after: Duration,
+}
+
+/// The bad version's behaviour: 16x the errors, and a p99 about six times the healthy one.
+pub const BAD: Behavior = Behavior {
+    rps: 200.0,
+    error_ratio: 0.08,
+    latency_median_ms: 45.0,
+    latency_sigma: 0.9,
+};
+
+const SERVICES: [(&str, &str); 3] = [("checkout", "v41"), ("search", "v7"), ("payments", "v3")];
+const ZONES: [&str; 2] = ["eu-1", "eu-2"];
+
+/// The healthy fleet: three services, four instances each, over two zones.
+pub fn healthy_fleet() -> Vec<SimInstance> {
+    let mut fleet = Vec::new();
+    for (service, version) in SERVICES {
+        for n in 1..=4 {
+            let zone = ZONES[n % 2];
+            let behavior = Behavior {
+                // A little variety between services.
+                rps: Behavior::HEALTHY.rps * (1.0 + 0.5 * (service.len() % 3) as f64),
+                ..Behavior::HEALTHY
+            };
+            fleet.push(SimInstance {
+                identity: identity(service, version, zone, &format!("{service}-{n}")),
+                behavior,
+            });
+        }
+    }
+    fleet
+}
+
+/// Runs the demo until `shutdown` completes; `ready` is told the HTTP address once it is bound.
+pub async fn run_demo(
+    config: DemoConfig,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AggregatorError> {
+    let aggregator = Aggregator::bind(config.aggregator).await?;
+    let grpc = aggregator.grpc_addr();
+    ready(aggregator.http_addr());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shipper = ShipperConfig {
+        aggregator: format!("http://{grpc}"),
+        ..ShipperConfig::default()
+    };
+    let server = tokio::spawn(aggregator.run(shutdown));
+    let mut fleet = JoinSet::new();
+    // One retire switch per instance; every sender lives as long as the deploy task, so no stop fires by a drop.
+    let mut retire = Vec::new();
+    for (seed, instance) in healthy_fleet().into_iter().enumerate() {
+        let (retire_tx, retire_rx) = watch::channel(false);
+        retire.push((instance.identity.instance.clone(), retire_tx));
+        let stop = merge_stops(stop_rx.clone(), retire_rx);
+        fleet.spawn(run_instance(instance, shipper.clone(), seed as u64, stop));
+    }
+    let bad_after = config.bad_deploy_after;
+    let stop_for_deploy = stop_rx.clone();
+    let deploy = tokio::spawn(async move {
+        tokio::time::sleep(bad_after).await;
+        info!(message = "Deploying checkout v42 (bad) to two of four instances.");
+        let mut new = JoinSet::new();
+        for n in 5..=6 {
+            let instance = SimInstance {
+                identity: identity("checkout", "v42", ZONES[n % 2], &format!("checkout-{n}")),
+                behavior: BAD,
+            };
+            new.spawn(run_instance(
+                instance,
+                shipper.clone(),
+                100 + n as u64,
+                stop_for_deploy.clone(),
+            ));
+        }
+        for (instance, switch) in &retire {
+            if instance == "checkout-3" || instance == "checkout-4" {
+                let _ = switch.send(true);
+            }
+        }
+        while new.join_next().await.is_some() {}
+    });
+    let result = server.await.unwrap_or(Ok(()));
+    let _ = stop_tx.send(true);
+    deploy.abort();
+    fleet.abort_all();
+    result
+}
+
+/// A receiver that turns true when either input does.
+fn merge_stops(
+    mut a: watch::Receiver<bool>,
+    mut b: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = a.wait_for(|s| *s) => {}
+            _ = b.wait_for(|s| *s) => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}

@@ -1,0 +1,250 @@
+//! Command line: parses flags (each also `STROBE_<FLAG>` in the environment) over an optional TOML file, then
+//! hands a finished config to the library that does the work.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use strobe_agent::AgentConfig;
+use strobe_aggregator::AggregatorConfig;
+
+/// Strobe: per-second metrics for continuous delivery.
+#[derive(Debug, Parser)]
+#[command(name = "strobe", version, about)]
+pub(crate) struct Cli {
+    /// TOML file with `[aggregator]` and `[agent]` tables; flags and environment override it.
+    #[arg(long, env = "STROBE_CONFIG", global = true)]
+    pub(crate) config: Option<PathBuf>,
+    /// Log filter, in `RUST_LOG` syntax.
+    #[arg(long, env = "STROBE_LOG", default_value = "info", global = true)]
+    pub(crate) log: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// What to run.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run an aggregator.
+    Aggregator(AggregatorArgs),
+    /// Run an agent next to a service.
+    Agent(AgentArgs),
+    /// Run an aggregator and a simulated fleet with a staged bad deploy, and serve the dashboard.
+    Demo(DemoArgs),
+}
+
+/// `strobe aggregator` flags.
+#[derive(Debug, Args)]
+pub(crate) struct AggregatorArgs {
+    /// gRPC address agents connect to.
+    #[arg(long, env = "STROBE_GRPC_ADDR")]
+    pub(crate) grpc_addr: Option<SocketAddr>,
+    /// HTTP address for the dashboard, API and websocket.
+    #[arg(long, env = "STROBE_HTTP_ADDR")]
+    pub(crate) http_addr: Option<SocketAddr>,
+    /// How long a second stays open for late instances, e.g. `250ms`.
+    #[arg(long, env = "STROBE_GRACE", value_parser = humantime::parse_duration)]
+    pub(crate) grace: Option<Duration>,
+    /// How much history to keep for backfill, e.g. `10m`.
+    #[arg(long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
+    pub(crate) history: Option<Duration>,
+    /// Shards (0: one per core).
+    #[arg(long, env = "STROBE_SHARDS")]
+    pub(crate) shards: Option<usize>,
+    /// Token an agent must present (repeatable; comma-separated in the environment).
+    #[arg(
+        long = "agent-token",
+        env = "STROBE_AGENT_TOKEN",
+        value_delimiter = ','
+    )]
+    pub(crate) agent_tokens: Vec<String>,
+}
+
+/// `strobe agent` flags.
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Service name.
+    #[arg(long, env = "STROBE_SERVICE")]
+    pub(crate) service: Option<String>,
+    /// Version: deploy id, image tag or git sha.
+    #[arg(long, env = "STROBE_VERSION")]
+    pub(crate) version: Option<String>,
+    /// Zone the instance runs in.
+    #[arg(long, env = "STROBE_ZONE")]
+    pub(crate) zone: Option<String>,
+    /// Instance id (default: host-pid).
+    #[arg(long, env = "STROBE_INSTANCE")]
+    pub(crate) instance: Option<String>,
+    /// Extra identity label `key=value` (repeatable), e.g. `deployer=alice`.
+    #[arg(long = "label", env = "STROBE_LABEL", value_delimiter = ',', value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
+    /// The aggregator's gRPC address.
+    #[arg(long, env = "STROBE_AGGREGATOR")]
+    pub(crate) aggregator: Option<String>,
+    /// UDP address for DogStatsD.
+    #[arg(long, env = "STROBE_STATSD_ADDR")]
+    pub(crate) statsd_addr: Option<SocketAddr>,
+    /// Token sent to the aggregator.
+    #[arg(long, env = "STROBE_TOKEN")]
+    pub(crate) token: Option<String>,
+}
+
+/// `strobe demo` flags.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// HTTP address for the dashboard.
+    #[arg(long, env = "STROBE_HTTP_ADDR", default_value = "127.0.0.1:7080")]
+    pub(crate) http_addr: SocketAddr,
+    /// gRPC address of the demo's aggregator (port 0: any free port).
+    #[arg(long, env = "STROBE_GRPC_ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) grpc_addr: SocketAddr,
+    /// When the bad deploy starts, e.g. `30s`.
+    #[arg(long, env = "STROBE_BAD_DEPLOY_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) bad_deploy_after: Duration,
+}
+
+fn parse_label(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {raw:?} is not key=value"))
+}
+
+/// The TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    /// The `[aggregator]` table.
+    pub(crate) aggregator: AggregatorConfig,
+    /// The `[agent]` table.
+    pub(crate) agent: AgentConfig,
+}
+
+impl FileConfig {
+    /// Reads the file, or the defaults when none is given.
+    pub(crate) fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+impl AggregatorArgs {
+    /// Flags over the file's values.
+    pub(crate) fn apply(self, mut config: AggregatorConfig) -> AggregatorConfig {
+        if let Some(v) = self.grpc_addr {
+            config.grpc_addr = v;
+        }
+        if let Some(v) = self.http_addr {
+            config.http_addr = v;
+        }
+        if let Some(v) = self.grace {
+            config.grace = v;
+        }
+        if let Some(v) = self.history {
+            config.history = v;
+        }
+        if let Some(v) = self.shards {
+            config.shards = v;
+        }
+        if !self.agent_tokens.is_empty() {
+            config.agent_tokens = self.agent_tokens;
+        }
+        config
+    }
+}
+
+impl AgentArgs {
+    /// Flags over the file's values.
+    pub(crate) fn apply(self, mut config: AgentConfig) -> AgentConfig {
+        let set = |slot: &mut String, v: Option<String>| {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        };
+        set(&mut config.service, self.service);
+        set(&mut config.version, self.version);
+        set(&mut config.zone, self.zone);
+        set(&mut config.instance, self.instance);
+        set(&mut config.shipper.aggregator, self.aggregator);
+        config.labels.extend(self.labels);
+        if let Some(v) = self.statsd_addr {
+            config.statsd_addr = v;
+        }
+        if self.token.is_some() {
+            config.shipper.token = self.token;
+        }
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [aggregator]
+            grace = "100ms"
+            http_addr = "127.0.0.1:9999"
+            [aggregator.limits]
+            max_series_per_snapshot = 5
+            [agent]
+            service = "from-file"
+            version = "v1"
+            "#,
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["strobe", "aggregator", "--http-addr", "127.0.0.1:1234"]);
+        let Command::Aggregator(args) = cli.command else {
+            panic!()
+        };
+        let config = args.apply(file.aggregator);
+        assert_eq!(config.grace, Duration::from_millis(100));
+        assert_eq!(config.http_addr.port(), 1234);
+        assert_eq!(config.limits.max_series_per_snapshot, 5);
+        let cli = Cli::parse_from([
+            "strobe",
+            "agent",
+            "--version",
+            "v2",
+            "--label",
+            "deployer=alice",
+        ]);
+        let Command::Agent(args) = cli.command else {
+            panic!()
+        };
+        let agent = args.apply(file.agent);
+        assert_eq!(
+            (agent.service.as_str(), agent.version.as_str()),
+            ("from-file", "v2")
+        );
+        assert_eq!(
+            agent.labels.get("deployer").map(String::as_str),
+            Some("alice")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let err = toml::from_str::<FileConfig>("[aggregator]\ngrase = \"1s\"\n").unwrap_err();
+        assert!(err.to_string().contains("grase"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/strobe.example.toml"))
+                .unwrap();
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        assert_eq!(file.aggregator.grace, AggregatorConfig::default().grace);
+    }
+}

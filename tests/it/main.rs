@@ -1,0 +1,273 @@
+//! End-to-end tests: real `strobe` processes, real UDP, real gRPC, real websockets.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+/// Waits until the aggregator lists `n` instances of `service`.
+async fn wait_for_instances(http: std::net::SocketAddr, service: &str, n: usize) {
+    eventually(Duration::from_secs(20), "agents to report", || async {
+        let doc = get_json(http, "/api/v1/services").await;
+        doc["services"].as_array().is_some_and(|all| {
+            all.iter().any(|s| {
+                s["service"] == service && s["instances"].as_array().map(Vec::len) == Some(n)
+            })
+        })
+    })
+    .await;
+}
+
+/// Sleeps until the wall clock is early in a second, so a burst of packets lands in one second.
+async fn wait_for_start_of_second() -> i64 {
+    loop {
+        let now = unix_now();
+        let frac = now.fract();
+        if (0.05..0.3).contains(&frac) {
+            return now.floor() as i64;
+        }
+        let wait = if frac < 0.05 {
+            0.05 - frac
+        } else {
+            1.05 - frac
+        };
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_merge_into_one_second_with_true_percentiles() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let a = agent(&aggregator, "checkout", "v1", "z1", "checkout-a").await;
+    let b = agent(&aggregator, "checkout", "v2", "z2", "checkout-b").await;
+    wait_for_instances(http, "checkout", 2).await;
+    let mut ws = subscribe(http, &["checkout"]).await;
+
+    // A: 995 fast requests (5..54 ms); B: 5 slow ones (800..804 ms). The union's p99 is fast; the mean of the two
+    // instances' p99s is about 430 ms.
+    let fast: Vec<f64> = (0..995).map(|i| 5.0 + f64::from(i % 50)).collect();
+    let slow: Vec<f64> = (0..5).map(|i| 800.0 + f64::from(i)).collect();
+    let lines = |values: &[f64], requests: u32| {
+        let mut lines: Vec<String> = values
+            .iter()
+            .map(|v| format!("request.latency:{v}|ms"))
+            .collect();
+        lines.push(format!("request.count:{requests}|c"));
+        lines.push("this is not statsd".to_owned());
+        lines
+    };
+    let t = wait_for_start_of_second().await;
+    send_statsd(a.addr("statsd"), &lines(&fast, 7)).await;
+    send_statsd(b.addr("statsd"), &lines(&slow, 5)).await;
+    assert_eq!(
+        unix_now().floor() as i64,
+        t,
+        "the burst crossed a second boundary"
+    );
+
+    let frame = next_frame(&mut ws, Duration::from_secs(10), |f| {
+        (f["type"] == "second" && f["t"] == t && f["service"] == "checkout").then(|| f.clone())
+    })
+    .await;
+
+    let mut union: Vec<f64> = fast.iter().chain(&slow).copied().collect();
+    union.sort_by(f64::total_cmp);
+    let rank =
+        |sorted: &[f64], q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).max(1) - 1];
+    let union_p99 = rank(&union, 0.99);
+    let mean_of_p99s = (rank(&fast, 0.99) + rank(&slow, 0.99)) / 2.0;
+
+    let latency = series(&frame, "request.latency", None, None).expect("merged latency");
+    assert_eq!(latency["kind"], "histogram");
+    assert_eq!(latency["count"], 1000);
+    assert_eq!(latency["instances"], 2);
+    let p99 = latency["p99"].as_f64().unwrap();
+    assert!(
+        (p99 - union_p99).abs() <= union_p99 * 0.01 + 0.01,
+        "p99 {p99} vs union {union_p99}"
+    );
+    assert!(
+        (p99 - mean_of_p99s).abs() > 100.0,
+        "p99 {p99} must not be the mean of p99s {mean_of_p99s}"
+    );
+    let max = latency["max"].as_f64().unwrap();
+    assert!((max - 804.0).abs() <= 804.0 * 0.01, "max {max}");
+
+    let requests = series(&frame, "request.count", None, None).expect("merged counter");
+    assert_eq!(requests["sum"], 12.0);
+    assert_eq!(requests["instances"], 2);
+
+    let by_version = |v: &str| {
+        series(&frame, "request.latency", Some(v), None)
+            .cloned()
+            .expect("version split")
+    };
+    assert_eq!(by_version("v1")["count"], 995);
+    assert_eq!(by_version("v1")["instances"], 1);
+    assert_eq!(by_version("v2")["count"], 5);
+    let slow_p99 = by_version("v2")["p99"].as_f64().unwrap();
+    assert!(slow_p99 >= 800.0 * 0.99, "v2 p99 {slow_p99}");
+    let zone = series(&frame, "request.count", None, Some("z2")).expect("zone split");
+    assert_eq!(zone["sum"], 5.0);
+
+    // The second is in the history a late subscriber gets as backfill.
+    let mut late = subscribe(http, &["checkout"]).await;
+    let replayed = next_frame(&mut late, Duration::from_secs(5), |f| {
+        (f["t"] == t).then(|| f.clone())
+    })
+    .await;
+    assert_eq!(
+        series(&replayed, "request.count", None, None).unwrap()["sum"],
+        12.0
+    );
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_second_is_lost_while_the_aggregator_restarts() {
+    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grpc = format!("127.0.0.1:{grpc_port}");
+    let first = aggregator_on(&grpc).await;
+    let agent = agent(&first, "replay", "v1", "z1", "replay-1").await;
+    wait_for_instances(first.addr("http"), "replay", 1).await;
+
+    // Send one increment every 50 ms, away from second boundaries so each is attributed to a known second.
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_for(agent.addr("statsd"), 2.0, &mut sent).await;
+    drop(first); // killed: its acknowledged seconds go with it
+    let down_from = unix_now().floor() as i64 + 1;
+    send_for(agent.addr("statsd"), 3.0, &mut sent).await;
+    let down_until = unix_now().floor() as i64 - 1;
+    let second = aggregator_on(&grpc).await;
+    send_for(agent.addr("statsd"), 1.5, &mut sent).await;
+    let http = second.addr("http");
+
+    // Every second fully inside the outage reaches the new aggregator, once, with exactly what was sent.
+    let mut ws = subscribe(http, &["replay"]).await;
+    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+            got.insert(t, s["sum"].as_f64().unwrap());
+        }
+        (down_from..=down_until)
+            .all(|t| got.contains_key(&t))
+            .then_some(())
+    })
+    .await;
+    assert!(down_until >= down_from, "the outage covered whole seconds");
+    for t in down_from..=down_until {
+        assert_eq!(
+            got[&t],
+            f64::from(sent[&t]),
+            "second {t}: {got:?} vs {sent:?}"
+        );
+    }
+    let metrics = http_text(http, "/metrics").await;
+    assert!(
+        metrics.contains("strobe_snapshots_accepted_total"),
+        "{metrics}"
+    );
+}
+
+/// Sends one increment every 50 ms for `secs`, away from second boundaries so each lands in a known second.
+async fn send_for(statsd: std::net::SocketAddr, secs: f64, sent: &mut BTreeMap<i64, u32>) {
+    let until = unix_now() + secs;
+    while unix_now() < until {
+        let now = unix_now();
+        if (0.1..0.9).contains(&now.fract()) {
+            send_statsd(statsd, &["ticks:1|c".to_owned()]).await;
+            *sent.entry(now.floor() as i64).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn aggregator_on(grpc: &str) -> Process {
+    spawn(&[
+        "aggregator",
+        "--grpc-addr",
+        grpc,
+        "--http-addr",
+        "127.0.0.1:0",
+    ])
+    .await
+}
+
+async fn http_text(http: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_reason_and_the_rest_survives() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let a = agent(&aggregator, "robust", "v1", "", "robust-1").await;
+    wait_for_instances(http, "robust", 1).await;
+    let mut ws = subscribe(http, &["robust"]).await;
+    let t = wait_for_start_of_second().await;
+    let lines: Vec<String> = [
+        "good:1|c",
+        "nan:NaN|g",
+        "inf:inf|ms",
+        "neg:-1|ms",
+        "rate:1|c|@7",
+        ":1|c",
+        "x:1|s",
+        "\u{1}:1|c",
+        "good:2|c",
+        "gauge:4|g",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    send_statsd(a.addr("statsd"), &lines).await;
+    let frame: Value = next_frame(&mut ws, Duration::from_secs(10), |f| {
+        (f["t"] == t).then(|| f.clone())
+    })
+    .await;
+    assert_eq!(series(&frame, "good", None, None).unwrap()["sum"], 3.0);
+    assert_eq!(series(&frame, "gauge", None, None).unwrap()["max"], 4.0);
+    let metrics: Vec<&str> = frame["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["metric"].as_str())
+        .collect();
+    assert!(
+        metrics.iter().all(|m| ["good", "gauge"].contains(m)),
+        "{metrics:?}"
+    );
+    // A client message that is not a subscription gets an error frame, and the connection stays up.
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "{\"subscribe\":{\"servics\":[]}}".into(),
+    ))
+    .await
+    .unwrap();
+    let error = next_frame(&mut ws, Duration::from_secs(5), |f| {
+        (f["type"] == "error").then(|| f.clone())
+    })
+    .await;
+    assert!(
+        error["error"].as_str().unwrap().contains("servics"),
+        "{error}"
+    );
+    next_frame(&mut ws, Duration::from_secs(5), |f| {
+        (f["type"] == "second").then_some(())
+    })
+    .await;
+}

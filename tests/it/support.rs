@@ -1,0 +1,202 @@
+//! Starts real `strobe` processes on port 0 and talks to them over real sockets.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+/// A running `strobe` process, killed on drop.
+pub(crate) struct Process {
+    _child: Child,
+    /// `key=value` pairs from its first stdout line.
+    pub(crate) addrs: Vec<(String, String)>,
+}
+
+impl Process {
+    pub(crate) fn addr(&self, key: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no {key} in {:?}", self.addrs))
+            .1
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Runs `strobe <args>` and waits for its address line.
+pub(crate) async fn spawn(args: &[&str]) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strobe"))
+        .args(args)
+        .env("STROBE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("strobe starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("address line in time")
+        .unwrap()
+        .expect("an address line");
+    let addrs = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Process {
+        _child: child,
+        addrs,
+    }
+}
+
+pub(crate) async fn aggregator(extra: &[&str]) -> Process {
+    let mut args = vec![
+        "aggregator",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args).await
+}
+
+pub(crate) async fn agent(
+    aggregator: &Process,
+    service: &str,
+    version: &str,
+    zone: &str,
+    instance: &str,
+) -> Process {
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    spawn(&[
+        "agent",
+        "--service",
+        service,
+        "--version",
+        version,
+        "--zone",
+        zone,
+        "--instance",
+        instance,
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+    ])
+    .await
+}
+
+/// Sends DogStatsD lines to `to`, packed into packets of at most ~1400 bytes.
+pub(crate) async fn send_statsd(to: SocketAddr, lines: &[String]) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut packet = String::new();
+    for line in lines {
+        if packet.len() + line.len() + 1 > 1400 {
+            socket.send_to(packet.as_bytes(), to).await.unwrap();
+            packet.clear();
+        }
+        packet.push_str(line);
+        packet.push('\n');
+    }
+    if !packet.is_empty() {
+        socket.send_to(packet.as_bytes(), to).await.unwrap();
+    }
+}
+
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens the stream subscribed to `services`.
+pub(crate) async fn subscribe(http: SocketAddr, services: &[&str]) -> Ws {
+    let (mut ws, _) = connect_async(format!("ws://{http}/api/v1/stream"))
+        .await
+        .unwrap();
+    let msg = serde_json::json!({ "subscribe": { "services": services } }).to_string();
+    ws.send(Message::Text(msg.into())).await.unwrap();
+    ws
+}
+
+/// Reads frames until `pick` returns something, or panics after `within`.
+pub(crate) async fn next_frame<T>(
+    ws: &mut Ws,
+    within: Duration,
+    mut pick: impl FnMut(&Value) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let message = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("the awaited frame in time")
+            .expect("stream open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if let Some(found) = pick(&frame) {
+                return found;
+            }
+        }
+    }
+}
+
+/// GETs a JSON document.
+pub(crate) async fn get_json(http: SocketAddr, path: &str) -> Value {
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body)
+        .await
+        .unwrap();
+    let (_, json) = body.split_once("\r\n\r\n").expect("an HTTP response");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+/// Polls until `check` holds, or panics after `within`.
+pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Finds the series of `metric` with the given version and zone split in a "second" frame.
+pub(crate) fn series<'a>(
+    frame: &'a Value,
+    metric: &str,
+    version: Option<&str>,
+    zone: Option<&str>,
+) -> Option<&'a Value> {
+    frame["series"].as_array()?.iter().find(|s| {
+        s["metric"] == metric && s["version"].as_str() == version && s["zone"].as_str() == zone
+    })
+}
+
+/// Unix time now, in seconds with fraction.
+pub(crate) fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
