@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use rand::rngs::SmallRng;
 use strobe_agent::statsd::{ParseLimits, parse_packet};
 use strobe_agent::{Window, WindowLimits};
 use strobe_aggregator::Limits;
@@ -19,7 +19,10 @@ use strobe_proto as pb;
 fn packet() -> Vec<u8> {
     let mut p = String::new();
     for i in 0..20 {
-        p.push_str(&format!("request.latency:{}.5|ms|#route:/pay,status:200\n", 10 + i));
+        p.push_str(&format!(
+            "request.latency:{}.5|ms|#route:/pay,status:200\n",
+            10 + i
+        ));
         p.push_str("request.count:1|c|#route:/pay\n");
     }
     p.into_bytes()
@@ -84,7 +87,11 @@ fn aggregator(c: &mut Criterion) {
     let validated: Vec<_> = snapshots
         .iter()
         .zip(&instances)
-        .map(|(s, i)| validate_snapshot(s.clone(), i, &limits, 100).unwrap().second)
+        .map(|(s, i)| {
+            validate_snapshot(s.clone(), i, &limits, 100)
+                .unwrap()
+                .second
+        })
         .collect();
     group.throughput(Throughput::Elements(validated.len() as u64));
     group.bench_function("merge_and_seal_100_instances", |b| {
