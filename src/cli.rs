@@ -54,6 +54,9 @@ pub(crate) struct AggregatorArgs {
     /// Shards (0: one per core).
     #[arg(long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
+    /// Rules file (TOML); reloaded when it changes.
+    #[arg(long, env = "STROBE_RULES")]
+    pub(crate) rules: Option<PathBuf>,
     /// Token an agent must present (repeatable; comma-separated in the environment).
     #[arg(
         long = "agent-token",
@@ -152,6 +155,9 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.shards {
             config.shards = v;
+        }
+        if self.rules.is_some() {
+            config.rules = self.rules;
         }
         if !self.agent_tokens.is_empty() {
             config.agent_tokens = self.agent_tokens;

@@ -1,9 +1,12 @@
 //! The aggregator's configuration: addresses, timing and every limit, each a named value with a default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::alerts::DeliverySettings;
 
 /// Everything the aggregator needs to run. Deserialises from the `[aggregator]` table of the TOML config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +29,10 @@ pub struct AggregatorConfig {
     pub shards: usize,
     /// Tokens agents must present; empty means no check.
     pub agent_tokens: Vec<String>,
+    /// The rules file (TOML), reloaded when it changes.
+    pub rules: Option<PathBuf>,
+    /// Webhook timeouts and retries.
+    pub webhooks: DeliverySettings,
     /// Input bounds.
     pub limits: Limits,
 }
@@ -40,6 +47,8 @@ impl Default for AggregatorConfig {
             late_window: Duration::from_secs(10),
             shards: 0,
             agent_tokens: Vec::new(),
+            rules: None,
+            webhooks: DeliverySettings::default(),
             limits: Limits::default(),
         }
     }

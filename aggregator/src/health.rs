@@ -27,6 +27,14 @@ pub struct Health {
     pub websocket_clients: AtomicI64,
     /// Frames not delivered to websocket clients that fell behind.
     pub websocket_frames_dropped: AtomicU64,
+    /// Webhook notifications delivered.
+    pub webhook_delivered: AtomicU64,
+    /// Webhook notifications refused by the target (4xx).
+    pub webhook_refused: AtomicU64,
+    /// Webhook notifications still failing at the deadline.
+    pub webhook_gave_up: AtomicU64,
+    /// Webhook retries.
+    pub webhook_retries: AtomicU64,
     /// Refused messages and dropped series, by the limit they hit.
     pub dropped: DashMap<&'static str, AtomicU64>,
 }
@@ -109,6 +117,30 @@ impl Health {
             "counter",
             "Frames not delivered to lagging websocket clients.",
             get(&self.websocket_frames_dropped),
+        );
+        metric(
+            "strobe_webhook_delivered_total",
+            "counter",
+            "Webhook notifications delivered.",
+            get(&self.webhook_delivered),
+        );
+        metric(
+            "strobe_webhook_refused_total",
+            "counter",
+            "Webhook notifications refused by the target (4xx).",
+            get(&self.webhook_refused),
+        );
+        metric(
+            "strobe_webhook_gave_up_total",
+            "counter",
+            "Webhook notifications still failing at the deadline.",
+            get(&self.webhook_gave_up),
+        );
+        metric(
+            "strobe_webhook_retries_total",
+            "counter",
+            "Webhook delivery retries.",
+            get(&self.webhook_retries),
         );
         let _ = writeln!(
             out,

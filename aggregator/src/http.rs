@@ -7,18 +7,21 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::alerts::{AckError, Alerts};
 use crate::health::Health;
 use crate::hub::{Frame, Hub};
+use crate::rules::{RuleSet, RulesStore, StoreError};
 
 /// What the HTTP handlers share.
 pub struct AppState {
@@ -26,6 +29,10 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The aggregator's counters.
     pub health: Arc<Health>,
+    /// The rules in force.
+    pub rules: Arc<RulesStore>,
+    /// The alert manager.
+    pub alerts: Alerts,
 }
 
 /// The router for the aggregator's HTTP port.
@@ -37,6 +44,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/series", get(series))
         .route("/api/v1/stream", get(stream))
+        .route("/api/v1/rules", get(get_rules).put(put_rules))
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/alerts/{id}/ack", post(ack_alert))
         .with_state(state)
 }
 
@@ -71,6 +81,80 @@ async fn series(State(state): State<Arc<AppState>>, Query(q): Query<SeriesQuery>
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": format!("no service named {:?} has reported", q.service) })),
+        )
+            .into_response(),
+    }
+}
+
+fn rules_json(rules: &RuleSet) -> serde_json::Value {
+    let mut owners: Vec<_> = rules.owners.values().collect();
+    owners.sort_by(|a, b| a.name.cmp(&b.name));
+    json!({ "rules": rules.rules, "owners": owners, "source": rules.source })
+}
+
+async fn get_rules(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(rules_json(&state.rules.current()))
+}
+
+/// Replaces the rules with the TOML body; a bad body is refused whole with its line and reason.
+async fn put_rules(State(state): State<Arc<AppState>>, body: String) -> Response {
+    match state.rules.replace(&body) {
+        Ok(rules) => Json(rules_json(&rules)).into_response(),
+        Err(StoreError::Invalid(error)) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": error.to_string(), "line": error.line })),
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn list_alerts(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "alerts": state.alerts.list().await }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    /// Who acknowledges.
+    by: Option<String>,
+}
+
+/// Acknowledges a firing alert. The body `{"by":"alice"}` is optional.
+async fn ack_alert(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: String,
+) -> Response {
+    let ack: AckBody = if body.trim().is_empty() {
+        AckBody::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(ack) => ack,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({ "error": format!("bad body: {e}") })),
+                )
+                    .into_response();
+            }
+        }
+    };
+    let by = ack.by.unwrap_or_else(|| "anonymous".to_owned());
+    match state.alerts.ack(&id, &by).await {
+        Ok(record) => Json(json!({ "alert": record })).into_response(),
+        Err(error @ AckError::NotFound(_)) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
+        Err(error @ AckError::NotFiring(_)) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": error.to_string() })),
         )
             .into_response(),
     }

@@ -9,7 +9,11 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::alerts::{AlertRecord, AlertState};
 use crate::model::{Instance, SealedSecond, SeriesSummary};
+
+/// Most alert states kept for backfill.
+const MAX_ALERT_FRAMES: usize = 1000;
 
 /// One JSON text frame of the stream, shared by every subscriber.
 #[derive(Debug, Clone)]
@@ -79,6 +83,8 @@ pub struct Hub {
     history: DashMap<Arc<str>, VecDeque<Frame>>,
     history_seconds: i64,
     services: RwLock<BTreeMap<Arc<str>, ServiceStatus>>,
+    /// The newest frame of each alert, by id, for backfill.
+    alerts: Mutex<BTreeMap<String, Frame>>,
     /// Serialises history updates with the broadcast, so a subscriber never sees a frame twice or not at all
     /// between its backfill and its live stream.
     publish: Mutex<()>,
@@ -93,6 +99,7 @@ impl Hub {
             history: DashMap::new(),
             history_seconds,
             services: RwLock::new(BTreeMap::new()),
+            alerts: Mutex::new(BTreeMap::new()),
             publish: Mutex::new(()),
         }
     }
@@ -140,6 +147,38 @@ impl Hub {
             }
         }
         // No subscribers is not an error.
+        let _ = self.live.send(frame);
+    }
+
+    /// Serialises and broadcasts an alert's new state; keeps the newest state of each alert for backfill.
+    pub fn publish_alert(&self, record: &AlertRecord) {
+        let json =
+            match serde_json::to_string(&serde_json::json!({ "type": "alert", "alert": record })) {
+                Ok(json) => json,
+                Err(error) => {
+                    tracing::error!(message = "Alert serialisation failed.", %error);
+                    return;
+                }
+            };
+        let frame = Frame {
+            service: record.service.clone(),
+            t: record.since,
+            correction: false,
+            json: json.into(),
+        };
+        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+            if record.state == AlertState::Cleared {
+                alerts.remove(&record.id);
+            } else {
+                alerts.insert(record.id.clone(), frame.clone());
+            }
+            // A guard against unbounded growth; ids are hashes, so which one goes is arbitrary.
+            while alerts.len() > MAX_ALERT_FRAMES {
+                alerts.pop_first();
+            }
+        }
         let _ = self.live.send(frame);
     }
 
@@ -200,6 +239,8 @@ impl Hub {
             .flat_map(|entry| entry.value().iter().cloned().collect::<Vec<_>>())
             .collect();
         frames.sort_by_key(|f| f.t);
+        let alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        frames.extend(alerts.values().filter(|f| wanted(&f.service)).cloned());
         frames
     }
 

@@ -6,10 +6,13 @@
 //! - [`ingest`]: the tonic service; [`validate`] turns wire messages into [`model`] types, enforcing limits.
 //! - [`shard`]: tasks that own services; [`windows`] decides when a second is sealed; [`merge`] merges cells.
 //! - [`hub`]: frames serialised once, history, broadcast. [`http`]: dashboard, API, websocket.
+//! - [`rules`]: threshold rules, evaluated by the owning shard on every sealed second.
+//! - [`alerts`]: alert records, escalation chains, acknowledgements, webhook delivery.
 //! - [`health`]: the aggregator's own counters. [`config`]: every setting and limit.
 //!
 //! `validate`, `merge` and `windows` are pure (no I/O, no tokio); time is passed in.
 
+pub mod alerts;
 pub mod config;
 pub mod health;
 pub mod http;
@@ -17,6 +20,7 @@ pub mod hub;
 pub mod ingest;
 pub mod merge;
 pub mod model;
+pub mod rules;
 pub mod shard;
 pub mod validate;
 pub mod windows;
@@ -32,8 +36,10 @@ use tracing::info;
 
 pub use config::{AggregatorConfig, Limits};
 
+use crate::alerts::{Alerts, Deliverer, Notification};
 use crate::health::Health;
 use crate::hub::Hub;
+use crate::rules::RulesStore;
 use crate::shard::{ShardContext, Shards};
 use crate::windows::WindowSettings;
 
@@ -56,6 +62,9 @@ pub enum AggregatorError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The rules file could not be loaded at start-up.
+    #[error(transparent)]
+    Rules(#[from] rules::StoreError),
 }
 
 /// A bound aggregator, ready to run.
@@ -65,6 +74,7 @@ pub struct Aggregator {
     http: TcpListener,
     hub: Arc<Hub>,
     health: Arc<Health>,
+    rules: Arc<RulesStore>,
 }
 
 impl Aggregator {
@@ -86,12 +96,14 @@ impl Aggregator {
             })?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
         let hub = Arc::new(Hub::new(history, config.limits.subscriber_buffer_frames));
+        let rules = RulesStore::open(config.rules.clone())?;
         Ok(Self {
             config,
             grpc,
             http,
             hub,
             health: Arc::new(Health::default()),
+            rules,
         })
     }
 
@@ -115,10 +127,21 @@ impl Aggregator {
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
             max_cells: self.config.limits.max_series_per_service.saturating_mul(3),
         };
+        let deliverer = Deliverer::new(self.config.webhooks.clone(), self.health.clone());
+        let (sink, mut notifications) = tokio::sync::mpsc::unbounded_channel::<Notification>();
+        tokio::spawn(async move {
+            while let Some(notification) = notifications.recv().await {
+                deliverer.enqueue(notification);
+            }
+        });
+        let alerts = Alerts::spawn(self.rules.clone(), self.hub.clone(), sink);
+        let watcher = tokio::spawn(self.rules.clone().watch());
         let context = Arc::new(ShardContext {
             hub: self.hub.clone(),
             health: self.health.clone(),
             settings,
+            rules: self.rules.clone(),
+            alerts: alerts.clone(),
         });
         let shard_count = self.config.shard_count();
         let (shards, _tasks) = Shards::spawn(shard_count, context);
@@ -134,6 +157,8 @@ impl Aggregator {
         let app = http::router(Arc::new(http::AppState {
             hub: self.hub.clone(),
             health: self.health.clone(),
+            rules: self.rules.clone(),
+            alerts,
         }));
         info!(
             message = "Aggregator listening.",
@@ -156,6 +181,7 @@ impl Aggregator {
             );
         let http = axum::serve(self.http, app).with_graceful_shutdown(stopped(stop_rx));
         let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
+        watcher.abort();
         grpc?;
         http?;
         Ok(())

@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::alerts::Alerts;
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::model::{InstanceSecond, SealedSecond};
+use crate::rules::{Evaluator, RulesStore};
 use crate::windows::{Applied, ServiceWindows, WindowSettings};
 
 /// How often a shard checks for seconds to seal.
@@ -39,6 +41,16 @@ pub struct ShardContext {
     pub health: Arc<Health>,
     /// Grace, late window, cell limit.
     pub settings: WindowSettings,
+    /// The rules in force.
+    pub rules: Arc<RulesStore>,
+    /// Where rule lifecycle events go.
+    pub alerts: Alerts,
+}
+
+/// Everything a shard holds for one service.
+struct ServiceState {
+    windows: ServiceWindows,
+    evaluator: Evaluator,
 }
 
 /// Handles to the running shards.
@@ -77,7 +89,7 @@ async fn run_shard(
     mut commands: mpsc::Receiver<ShardCommand>,
     context: Arc<ShardContext>,
 ) {
-    let mut services: HashMap<Arc<str>, ServiceWindows> = HashMap::new();
+    let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,24 +100,41 @@ async fn run_shard(
                     return;
                 };
                 let service = snapshot.instance.service.clone();
-                let windows = services
-                    .entry(service.clone())
-                    .or_insert_with(|| ServiceWindows::new(service, context.settings));
-                apply(windows, snapshot, &context);
+                let state = services.entry(service.clone()).or_insert_with(|| ServiceState {
+                    windows: ServiceWindows::new(service, context.settings),
+                    evaluator: Evaluator::default(),
+                });
+                apply(&mut state.windows, snapshot, &context);
                 // A snapshot may complete its second: seal at once rather than at the next tick.
-                for sealed in windows.seal_ready(clock::unix_millis()) {
-                    publish(sealed, &context);
+                for sealed in state.windows.seal_ready(clock::unix_millis()) {
+                    publish(sealed, &mut state.evaluator, &context);
                 }
             }
             _ = tick.tick() => {
                 let now = clock::unix_millis();
-                for windows in services.values_mut() {
-                    for sealed in windows.seal_ready(now) {
-                        publish(sealed, &context);
+                for state in services.values_mut() {
+                    for sealed in state.windows.seal_ready(now) {
+                        publish(sealed, &mut state.evaluator, &context);
                     }
                 }
                 let horizon = now.div_euclid(1000) - IDLE_SECONDS;
-                services.retain(|_, w| !w.is_idle(horizon));
+                services.retain(|service, s| {
+                    let idle = s.windows.is_idle(horizon);
+                    if idle {
+                        // A service that stopped reporting resolves whatever it had firing.
+                        let gone = SealedSecond {
+                            service: service.clone(),
+                            t: horizon,
+                            correction: false,
+                            series: Vec::new(),
+                            instances: Vec::new(),
+                        };
+                        for event in s.evaluator.on_sealed(&Default::default(), &gone, now) {
+                            context.alerts.event(event);
+                        }
+                    }
+                    !idle
+                });
             }
         }
     }
@@ -137,8 +166,14 @@ fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &Shard
     }
 }
 
-fn publish(sealed: SealedSecond, context: &ShardContext) {
-    let delay = clock::unix_millis() - (sealed.t + 1) * 1000;
+/// Evaluates the rules on a sealed second, then publishes it. Alert events go to the manager without waiting.
+fn publish(sealed: SealedSecond, evaluator: &mut Evaluator, context: &ShardContext) {
+    let now = clock::unix_millis();
+    let rules = context.rules.current();
+    for event in evaluator.on_sealed(&rules, &sealed, now) {
+        context.alerts.event(event);
+    }
+    let delay = now - (sealed.t + 1) * 1000;
     context
         .health
         .seconds_sealed

@@ -53,12 +53,97 @@ pub fn healthy_fleet() -> Vec<SimInstance> {
     fleet
 }
 
+/// The demo's rules: error ratio and p99 per version for every service, paging a local receiver.
+pub fn demo_rules(receiver: SocketAddr) -> String {
+    format!(
+        r#"# Strobe demo rules. Edit this file while the demo runs: it is reloaded within a second.
+
+[[rules]]
+name = "error-ratio"
+metric = "request.errors"
+stat = "ratio"
+over = "request.count"
+above = 0.03
+for = "2s"
+split_by = ["version"]
+owner = "demo-oncall"
+
+[[rules]]
+name = "p99-latency"
+metric = "request.latency"
+stat = "p99"
+above = 200.0
+for = "2s"
+split_by = ["version"]
+owner = "demo-oncall"
+
+[[owners]]
+name = "demo-oncall"
+escalation = [
+  {{ after = "0s",  webhook = "http://{receiver}/developer", format = "json" }},
+  {{ after = "30s", webhook = "http://{receiver}/team-lead", format = "slack" }},
+]
+"#
+    )
+}
+
+/// A local webhook receiver that prints one line per notification it gets.
+async fn start_receiver() -> std::io::Result<SocketAddr> {
+    use axum::extract::Path;
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/{who}",
+        post(|Path(who): Path<String>, body: String| async move {
+            let line = match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if v.get("text").is_some() => {
+                    v["text"].as_str().unwrap_or_default().to_owned()
+                }
+                Ok(v) => {
+                    let a = &v["strobe"];
+                    format!(
+                        "{} {} on {} {} value={} detected_after_ms={}",
+                        v["transition"].as_str().unwrap_or_default().to_uppercase(),
+                        a["rule"].as_str().unwrap_or_default(),
+                        a["service"].as_str().unwrap_or_default(),
+                        a["labels"],
+                        a["value"],
+                        a["detected_after_ms"],
+                    )
+                }
+                Err(_) => body,
+            };
+            println!("webhook -> {who}: {line}");
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
 /// Runs the demo until `shutdown` completes; `ready` is told the HTTP address once it is bound.
 pub async fn run_demo(
-    config: DemoConfig,
+    mut config: DemoConfig,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AggregatorError> {
+) -> Result<(), DemoError> {
+    if config.aggregator.rules.is_none() {
+        let receiver = start_receiver().await.map_err(|source| DemoError::Setup {
+            what: "the webhook receiver",
+            source,
+        })?;
+        let path =
+            std::env::temp_dir().join(format!("strobe-demo-rules-{}.toml", std::process::id()));
+        std::fs::write(&path, demo_rules(receiver)).map_err(|source| DemoError::Setup {
+            what: "the rules file",
+            source,
+        })?;
+        println!(
+            "strobe demo: rules in {} (edit them live), webhooks printed below",
+            path.display()
+        );
+        config.aggregator.rules = Some(path);
+    }
     let aggregator = Aggregator::bind(config.aggregator).await?;
     let grpc = aggregator.grpc_addr();
     ready(aggregator.http_addr());
@@ -106,7 +191,23 @@ pub async fn run_demo(
     let _ = stop_tx.send(true);
     deploy.abort();
     fleet.abort_all();
-    result
+    Ok(result?)
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The aggregator failed.
+    #[error(transparent)]
+    Aggregator(#[from] AggregatorError),
+    /// A local helper could not be set up.
+    #[error("cannot set up {what}: {source}")]
+    Setup {
+        /// Which helper.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A receiver that turns true when either input does.

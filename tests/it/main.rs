@@ -1,5 +1,7 @@
 //! End-to-end tests: real `strobe` processes, real UDP, real gRPC, real websockets.
 
+mod alerts;
+mod receiver;
 mod support;
 
 use std::collections::BTreeMap;
@@ -201,7 +203,7 @@ async fn aggregator_on(grpc: &str) -> Process {
     .await
 }
 
-async fn http_text(http: std::net::SocketAddr, path: &str) -> String {
+pub(crate) async fn http_text(http: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");

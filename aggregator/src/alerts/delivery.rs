@@ -1,0 +1,325 @@
+//! Webhook delivery: one queue and one worker per target URL, so a target that hangs or fails never delays any
+//! other. Each notification is retried with exponential backoff and jitter until a deadline; a 4xx answer (other
+//! than 408 and 429) is final. Every outcome is logged and counted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::payload::{self, SIGNATURE_HEADER};
+use super::record::{AlertRecord, NotifyTransition};
+use crate::health::Health;
+use crate::rules::Step;
+
+/// Timeouts and retry schedule of webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// One attempt's limit, connection included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Give up on a notification this long after its first attempt.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(30),
+            deadline: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One message for one target.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    /// The alert as it is now.
+    pub record: AlertRecord,
+    /// What it announces.
+    pub transition: NotifyTransition,
+    /// The target.
+    pub step: Step,
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The target took it (2xx).
+    Delivered,
+    /// The target refused it for good (4xx other than 408/429).
+    Refused(String),
+    /// Worth another try (5xx, 408, 429, timeout, connection error).
+    Retry(String),
+}
+
+/// The result of all attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered after this many attempts.
+    Delivered(u32),
+    /// Refused after this many attempts.
+    Refused(u32, String),
+    /// Still failing at the deadline after this many attempts.
+    GaveUp(u32, String),
+}
+
+/// The delay before retry number `retry` (0-based): exponential from `retry_min`, capped at `retry_max`, with
+/// "equal jitter" (between half and all of it) so that many senders do not retry in step.
+pub fn retry_delay(retry: u32, settings: &DeliverySettings, jitter: f64) -> Duration {
+    let base = (settings.retry_min.as_secs_f64() * 2f64.powi(retry.min(30) as i32))
+        .min(settings.retry_max.as_secs_f64());
+    Duration::from_secs_f64(base * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+}
+
+/// Runs `attempt` until it delivers, is refused, or the deadline would pass before the next try.
+pub async fn with_retries<F, Fut>(settings: &DeliverySettings, mut attempt: F) -> Outcome
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Attempt>,
+{
+    let deadline = tokio::time::Instant::now() + settings.deadline;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt(tries).await {
+            Attempt::Delivered => return Outcome::Delivered(tries),
+            Attempt::Refused(reason) => return Outcome::Refused(tries, reason),
+            Attempt::Retry(reason) => {
+                let delay = retry_delay(tries - 1, settings, rand::rng().random());
+                if tokio::time::Instant::now() + delay > deadline {
+                    return Outcome::GaveUp(tries, reason);
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Per-target queues and their workers.
+pub struct Deliverer {
+    client: reqwest::Client,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Notification>>>,
+    settings: DeliverySettings,
+    health: Arc<Health>,
+}
+
+impl Deliverer {
+    /// A deliverer with its own HTTP client.
+    pub fn new(settings: DeliverySettings, health: Arc<Health>) -> Arc<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .user_agent(concat!("strobe/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Arc::new(Self {
+            client,
+            queues: Mutex::new(HashMap::new()),
+            settings,
+            health,
+        })
+    }
+
+    /// Queues a notification on its target's queue; never waits.
+    pub fn enqueue(self: &Arc<Self>, notification: Notification) {
+        let url = notification.step.webhook.clone();
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = queues.entry(url.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().target_worker(url, rx));
+            tx
+        });
+        if let Err(error) = queue.send(notification) {
+            warn!(message = "Webhook queue closed.", %error);
+        }
+    }
+
+    async fn target_worker(
+        self: Arc<Self>,
+        url: String,
+        mut queue: mpsc::UnboundedReceiver<Notification>,
+    ) {
+        while let Some(n) = queue.recv().await {
+            let body = payload::body(&n.record, n.transition, &n.step).to_string();
+            let signature = n
+                .step
+                .secret
+                .as_deref()
+                .map(|s| payload::sign(s, body.as_bytes()));
+            let outcome = with_retries(&self.settings, |attempt| {
+                if attempt > 1 {
+                    self.health.webhook_retries.fetch_add(1, Ordering::Relaxed);
+                }
+                self.attempt(&url, &n, &body, signature.as_deref())
+            })
+            .await;
+            let (alert, transition) = (&n.record.id, n.transition.as_str());
+            match outcome {
+                Outcome::Delivered(attempts) => {
+                    self.health
+                        .webhook_delivered
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(message = "Webhook delivered.", %url, %alert, transition, attempts);
+                }
+                Outcome::Refused(attempts, error) => {
+                    self.health.webhook_refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(message = "Webhook refused; not retried.", %url, %alert, transition, attempts, %error);
+                }
+                Outcome::GaveUp(attempts, error) => {
+                    self.health.webhook_gave_up.fetch_add(1, Ordering::Relaxed);
+                    warn!(message = "Webhook delivery failed until the deadline.", %url, %alert, transition, attempts, %error);
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        url: &str,
+        n: &Notification,
+        body: &str,
+        signature: Option<&str>,
+    ) -> Attempt {
+        let mut request = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("x-strobe-alert-id", &n.record.id)
+            .header("x-strobe-transition", n.transition.as_str())
+            .header(
+                "idempotency-key",
+                format!("{}:{}", n.record.id, n.transition.as_str()),
+            )
+            .body(body.to_owned());
+        if let Some(signature) = signature {
+            request = request.header(SIGNATURE_HEADER, signature);
+        }
+        match request.send().await {
+            Ok(response) => classify(response.status()),
+            Err(error) => Attempt::Retry(error.to_string()),
+        }
+    }
+}
+
+fn classify(status: reqwest::StatusCode) -> Attempt {
+    if status.is_success() {
+        Attempt::Delivered
+    } else if status.is_client_error()
+        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+    {
+        Attempt::Refused(format!("HTTP {status}"))
+    } else {
+        Attempt::Retry(format!("HTTP {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn the_delay_doubles_is_capped_and_jittered() {
+        let s = DeliverySettings {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            ..DeliverySettings::default()
+        };
+        let table = [
+            (0, 1.0, 100),
+            (1, 1.0, 200),
+            (2, 1.0, 400),
+            (3, 1.0, 800),
+            (4, 1.0, 1000),
+            (40, 1.0, 1000),
+            (2, 0.0, 200),
+            (2, 0.5, 300),
+        ];
+        for (retry, jitter, ms) in table {
+            assert_eq!(
+                retry_delay(retry, &s, jitter).as_millis(),
+                ms,
+                "retry {retry} jitter {jitter}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_codes_split_into_final_and_retryable() {
+        use reqwest::StatusCode as S;
+        assert_eq!(classify(S::OK), Attempt::Delivered);
+        assert_eq!(classify(S::ACCEPTED), Attempt::Delivered);
+        assert!(matches!(classify(S::BAD_REQUEST), Attempt::Refused(_)));
+        assert!(matches!(classify(S::NOT_FOUND), Attempt::Refused(_)));
+        assert!(matches!(classify(S::TOO_MANY_REQUESTS), Attempt::Retry(_)));
+        assert!(matches!(classify(S::REQUEST_TIMEOUT), Attempt::Retry(_)));
+        assert!(matches!(
+            classify(S::INTERNAL_SERVER_ERROR),
+            Attempt::Retry(_)
+        ));
+        assert!(matches!(classify(S::BAD_GATEWAY), Attempt::Retry(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_follow_the_schedule_until_success_or_deadline() {
+        let s = DeliverySettings {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            deadline: Duration::from_secs(5),
+            ..DeliverySettings::default()
+        };
+        // Fails three times, then succeeds: three sleeps, each within [half, all] of 100, 200, 400 ms.
+        let start = tokio::time::Instant::now();
+        let calls = AtomicU32::new(0);
+        let outcome = with_retries(&s, |_| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 3 {
+                    Attempt::Retry("500".into())
+                } else {
+                    Attempt::Delivered
+                }
+            }
+        })
+        .await;
+        assert_eq!(outcome, Outcome::Delivered(4));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(350) && waited <= Duration::from_millis(700),
+            "{waited:?}"
+        );
+
+        // Always failing: gives up before the deadline passes.
+        let start = tokio::time::Instant::now();
+        let outcome = with_retries(&s, |_| async { Attempt::Retry("timeout".into()) }).await;
+        let Outcome::GaveUp(tries, _) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(tries >= 5, "{tries}");
+        assert!(start.elapsed() <= Duration::from_secs(5));
+
+        // Refused: one attempt, no wait.
+        let start = tokio::time::Instant::now();
+        let outcome = with_retries(&s, |_| async { Attempt::Refused("HTTP 400".into()) }).await;
+        assert_eq!(outcome, Outcome::Refused(1, "HTTP 400".into()));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,460 @@
+//! The rules file: parsing and validating TOML into a `RuleSet`. A file with any error is refused whole, with the
+//! line and the reason; nothing is half-applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Which number of a series a rule watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stat {
+    /// Counter: the fleet's sum in the second (a rate per second). Histogram: the count.
+    Rate,
+    /// Same as `rate`.
+    Sum,
+    /// Histogram or gauge mean.
+    Mean,
+    /// Histogram or gauge max.
+    Max,
+    /// Gauge min.
+    Min,
+    /// Histogram median.
+    P50,
+    /// Histogram 90th percentile.
+    P90,
+    /// Histogram 99th percentile.
+    P99,
+    /// Histogram 99.9th percentile.
+    P999,
+    /// `sum(metric) / sum(over)` of two counters in the same second.
+    Ratio,
+}
+
+impl fmt::Display for Stat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&name)
+    }
+}
+
+/// A dimension a rule evaluates separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitBy {
+    /// Each version on its own.
+    Version,
+    /// Each zone on its own.
+    Zone,
+}
+
+/// Which side of the threshold is bad.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Comparison {
+    /// Bad when the value is above the threshold.
+    Above,
+    /// Bad when the value is below the threshold.
+    Below,
+}
+
+/// Webhook body formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Strobe's JSON, shaped like Alertmanager's webhook v4.
+    Json,
+    /// Slack incoming webhook (`text` and `blocks`).
+    Slack,
+    /// PagerDuty Events API v2.
+    Pagerduty,
+}
+
+/// A validated rule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rule {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// The service it watches; `None` is every service.
+    pub service: Option<String>,
+    /// The metric it reads.
+    pub metric: String,
+    /// Which statistic.
+    pub stat: Stat,
+    /// The denominator counter of a ratio.
+    pub over: Option<String>,
+    /// Above or below.
+    pub comparison: Comparison,
+    /// The threshold.
+    pub threshold: f64,
+    /// Seconds the condition must hold before firing (0 or 1: the first bad second fires).
+    pub for_secs: u32,
+    /// Seconds a firing alert stays firing after the condition clears (flap damping).
+    pub keep_firing_for_secs: u32,
+    /// Evaluate each version and/or zone separately; empty evaluates the whole service.
+    pub split_by: Vec<SplitBy>,
+    /// Only series with these tags.
+    pub tags: BTreeMap<String, String>,
+    /// Owner to notify.
+    pub owner: Option<String>,
+}
+
+impl Rule {
+    /// Whether the rule watches `service`.
+    pub fn applies_to(&self, service: &str) -> bool {
+        self.service.as_deref().is_none_or(|s| s == service)
+    }
+
+    /// Whether `value` is on the bad side of the threshold.
+    pub fn breaches(&self, value: f64) -> bool {
+        match self.comparison {
+            Comparison::Above => value > self.threshold,
+            Comparison::Below => value < self.threshold,
+        }
+    }
+}
+
+/// One step of an escalation chain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    /// Time after firing at which this step is notified, unless acknowledged.
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    /// Where to POST.
+    pub webhook: String,
+    /// Body format.
+    pub format: Format,
+    /// HMAC-SHA256 key for the `X-Strobe-Signature` header.
+    #[serde(skip)]
+    pub secret: Option<String>,
+    /// PagerDuty routing key.
+    #[serde(skip)]
+    pub routing_key: Option<String>,
+}
+
+/// Someone alerts are for, with their escalation chain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Owner {
+    /// Unique name.
+    pub name: String,
+    /// Steps in order of `after`.
+    pub escalation: Vec<Step>,
+}
+
+/// Everything the rules file says, validated.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    /// Rules in file order.
+    pub rules: Vec<Arc<Rule>>,
+    /// Owners by name.
+    pub owners: HashMap<String, Arc<Owner>>,
+    /// The TOML it came from.
+    pub source: String,
+}
+
+/// Why a rules file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rules line {line}: {reason}")]
+pub struct RulesError {
+    /// 1-based line of the offending entry.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    owners: Vec<Spanned<RawOwner>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    service: Option<String>,
+    metric: String,
+    stat: Stat,
+    over: Option<String>,
+    above: Option<f64>,
+    below: Option<f64>,
+    #[serde(rename = "for", default, with = "humantime_serde")]
+    for_: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keep_firing_for: Option<Duration>,
+    #[serde(default)]
+    split_by: Vec<SplitBy>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    owner: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOwner {
+    name: String,
+    escalation: Vec<RawStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    #[serde(with = "humantime_serde")]
+    after: Duration,
+    webhook: String,
+    #[serde(default = "default_format")]
+    format: Format,
+    secret: Option<String>,
+    routing_key: Option<String>,
+}
+
+fn default_format() -> Format {
+    Format::Json
+}
+
+/// How long a firing alert stays firing after its condition clears, unless a rule says otherwise.
+pub const DEFAULT_KEEP_FIRING_FOR_SECS: u32 = 5;
+
+fn line_of(source: &str, offset: usize) -> usize {
+    source[..offset.min(source.len())].matches('\n').count() + 1
+}
+
+fn whole_seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Parses and validates a rules file.
+pub fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
+    let raw: RawFile = toml::from_str(source).map_err(|e| RulesError {
+        line: e.span().map_or(1, |s| line_of(source, s.start)),
+        reason: e.message().to_owned(),
+    })?;
+    let mut owners = HashMap::new();
+    for spanned in raw.owners {
+        let line = line_of(source, spanned.span().start);
+        let fail = |reason: String| RulesError { line, reason };
+        let raw = spanned.into_inner();
+        if raw.name.trim().is_empty() {
+            return Err(fail("owner name must not be empty".into()));
+        }
+        if raw.escalation.is_empty() {
+            return Err(fail(format!(
+                "owner {:?} has an empty escalation",
+                raw.name
+            )));
+        }
+        let mut steps = Vec::with_capacity(raw.escalation.len());
+        for step in raw.escalation {
+            let url = reqwest::Url::parse(&step.webhook)
+                .map_err(|e| fail(format!("webhook {:?} is not a URL: {e}", step.webhook)))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(fail(format!(
+                    "webhook {:?} must be http or https",
+                    step.webhook
+                )));
+            }
+            if step.format == Format::Pagerduty && step.routing_key.is_none() {
+                return Err(fail(format!(
+                    "pagerduty step {:?} needs a routing_key",
+                    step.webhook
+                )));
+            }
+            if steps
+                .last()
+                .is_some_and(|prev: &Step| prev.after > step.after)
+            {
+                return Err(fail(format!(
+                    "owner {:?}: escalation steps must be in order of `after`",
+                    raw.name
+                )));
+            }
+            steps.push(Step {
+                after: step.after,
+                webhook: step.webhook,
+                format: step.format,
+                secret: step.secret,
+                routing_key: step.routing_key,
+            });
+        }
+        let name = raw.name.clone();
+        let owner = Arc::new(Owner {
+            name: raw.name,
+            escalation: steps,
+        });
+        if owners.insert(name.clone(), owner).is_some() {
+            return Err(fail(format!("owner {name:?} is defined twice")));
+        }
+    }
+    let mut rules: Vec<Arc<Rule>> = Vec::new();
+    for spanned in raw.rules {
+        let line = line_of(source, spanned.span().start);
+        let fail = |reason: String| RulesError { line, reason };
+        let raw = spanned.into_inner();
+        if raw.name.trim().is_empty() {
+            return Err(fail("rule name must not be empty".into()));
+        }
+        if rules.iter().any(|r| *r.name == *raw.name) {
+            return Err(fail(format!("rule {:?} is defined twice", raw.name)));
+        }
+        if raw.metric.trim().is_empty() {
+            return Err(fail(format!(
+                "rule {:?}: metric must not be empty",
+                raw.name
+            )));
+        }
+        let (comparison, threshold) = match (raw.above, raw.below) {
+            (Some(v), None) => (Comparison::Above, v),
+            (None, Some(v)) => (Comparison::Below, v),
+            _ => {
+                return Err(fail(format!(
+                    "rule {:?}: give exactly one of `above` or `below`",
+                    raw.name
+                )));
+            }
+        };
+        if !threshold.is_finite() {
+            return Err(fail(format!(
+                "rule {:?}: the threshold must be a finite number",
+                raw.name
+            )));
+        }
+        match (raw.stat, &raw.over) {
+            (Stat::Ratio, None) => {
+                return Err(fail(format!(
+                    "rule {:?}: stat \"ratio\" needs `over` (the denominator counter)",
+                    raw.name
+                )));
+            }
+            (stat, Some(_)) if stat != Stat::Ratio => {
+                return Err(fail(format!(
+                    "rule {:?}: `over` is only for stat \"ratio\"",
+                    raw.name
+                )));
+            }
+            _ => {}
+        }
+        if let Some(owner) = &raw.owner
+            && !owners.contains_key(owner)
+        {
+            return Err(fail(format!(
+                "rule {:?}: owner {owner:?} is not defined in [[owners]]",
+                raw.name
+            )));
+        }
+        let mut split_by = raw.split_by;
+        split_by.dedup();
+        rules.push(Arc::new(Rule {
+            name: raw.name.into(),
+            service: raw.service,
+            metric: raw.metric,
+            stat: raw.stat,
+            over: raw.over,
+            comparison,
+            threshold,
+            for_secs: raw.for_.map_or(0, whole_seconds),
+            keep_firing_for_secs: raw
+                .keep_firing_for
+                .map_or(DEFAULT_KEEP_FIRING_FOR_SECS, whole_seconds),
+            split_by,
+            tags: raw.tags,
+            owner: raw.owner,
+        }));
+    }
+    Ok(RuleSet {
+        rules,
+        owners,
+        source: source.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[rules]]
+name = "checkout-p99"
+service = "checkout"
+metric = "request.latency"
+stat = "p99"
+above = 250.0
+for = "2s"
+split_by = ["version"]
+owner = "checkout-oncall"
+
+[[rules]]
+name = "errors"
+metric = "request.errors"
+stat = "ratio"
+over = "request.count"
+above = 0.02
+owner = "checkout-oncall"
+
+[[owners]]
+name = "checkout-oncall"
+escalation = [
+  { after = "0s",  webhook = "http://127.0.0.1:9000/dev",  format = "json", secret = "s3cret" },
+  { after = "60s", webhook = "http://127.0.0.1:9000/lead", format = "slack" },
+]
+"#;
+
+    #[test]
+    fn a_good_file_parses_into_rules_and_owners() {
+        let set = parse_rules(GOOD).unwrap();
+        assert_eq!(set.rules.len(), 2);
+        let p99 = &set.rules[0];
+        assert_eq!(
+            (p99.stat, p99.for_secs, p99.threshold),
+            (Stat::P99, 2, 250.0)
+        );
+        assert_eq!(p99.split_by, vec![SplitBy::Version]);
+        assert!(p99.applies_to("checkout") && !p99.applies_to("search"));
+        let errors = &set.rules[1];
+        assert_eq!(errors.over.as_deref(), Some("request.count"));
+        assert!(errors.applies_to("anything"));
+        assert_eq!(errors.keep_firing_for_secs, DEFAULT_KEEP_FIRING_FOR_SECS);
+        let owner = &set.owners["checkout-oncall"];
+        assert_eq!(owner.escalation.len(), 2);
+        assert_eq!(owner.escalation[1].after, Duration::from_secs(60));
+        assert_eq!(owner.escalation[0].secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_line_and_reason() {
+        let rule =
+            |body: &str| format!("# comment\n[[rules]]\nname = \"r\"\nmetric = \"m\"\n{body}\n");
+        let table: Vec<(String, usize, &str)> = vec![
+            (rule("stat = \"p42\"\nabove = 1.0"), 5, "p42"),
+            (rule("stat = \"p99\"\nabove = 1.0\nbogus = 1"), 7, "bogus"),
+            (rule("stat = \"ratio\"\nabove = 1.0"), 2, "needs `over`"),
+            (rule("stat = \"p99\"\nover = \"x\"\nabove = 1.0"), 2, "only for stat"),
+            (rule("stat = \"p99\"\nabove = 1.0\nfor = \"two seconds\""), 7, "duration"),
+            (rule("stat = \"p99\"\nabove = 1.0\nowner = \"ghost\""), 2, "ghost"),
+            (rule("stat = \"p99\""), 2, "exactly one"),
+            (rule("stat = \"p99\"\nabove = 1.0\nbelow = 2.0"), 2, "exactly one"),
+            (rule("stat = \"p99\"\nabove = nan"), 2, "finite"),
+            (rule("stat = \"p99\"\nabove = 1.0\nsplit_by = [\"region\"]"), 7, "region"),
+            (format!("{}\n[[rules]]\nname = \"r\"\nmetric = \"m\"\nstat = \"max\"\nabove = 1.0\n", rule("stat = \"max\"\nabove = 1.0")), 8, "twice"),
+            ("[[owners]]\nname = \"o\"\nescalation = []\n".to_owned(), 1, "empty escalation"),
+            ("[[owners]]\nname = \"o\"\nescalation = [{ after = \"0s\", webhook = \"not a url\" }]\n".to_owned(), 1, "not a URL"),
+            ("[[owners]]\nname = \"o\"\nescalation = [{ after = \"0s\", webhook = \"http://x/\", format = \"pagerduty\" }]\n".to_owned(), 1, "routing_key"),
+            ("[[owners]]\nname = \"o\"\nescalation = [{ after = \"9s\", webhook = \"http://x/\" }, { after = \"1s\", webhook = \"http://y/\" }]\n".to_owned(), 1, "in order"),
+            ("[[rules]\n".to_owned(), 1, ""),
+        ];
+        for (source, line, needle) in table {
+            let err = parse_rules(&source).unwrap_err();
+            assert_eq!(err.line, line, "{source}\n=> {err}");
+            assert!(err.reason.contains(needle), "{source}\n=> {err}");
+        }
+    }
+}

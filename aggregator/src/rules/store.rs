@@ -1,0 +1,108 @@
+//! The live rule set: swapped whole on a good reload or API update, read by shards once per sealed second.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tracing::{error, info};
+
+use super::config::{RuleSet, RulesError, parse_rules};
+
+/// How often the rules file is checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why new rules were not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The rules did not validate; the old ones stay.
+    #[error(transparent)]
+    Invalid(#[from] RulesError),
+    /// The rules file could not be read or written.
+    #[error("rules file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The current rules and, if any, the file they live in.
+pub struct RulesStore {
+    current: RwLock<Arc<RuleSet>>,
+    path: Option<PathBuf>,
+}
+
+impl RulesStore {
+    /// Loads `path` (when given); a bad file is an error at start-up.
+    pub fn open(path: Option<PathBuf>) -> Result<Arc<Self>, StoreError> {
+        let rules = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| StoreError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+                parse_rules(&text)?
+            }
+            None => RuleSet::default(),
+        };
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(rules)),
+            path,
+        }))
+    }
+
+    /// The rules in force.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Validates and applies new rules; writes them to the file (atomically) when there is one.
+    pub fn replace(&self, source: &str) -> Result<Arc<RuleSet>, StoreError> {
+        let rules = Arc::new(parse_rules(source)?);
+        if let Some(path) = &self.path {
+            let tmp = path.with_extension("toml.tmp");
+            std::fs::write(&tmp, source)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = rules.clone();
+        Ok(rules)
+    }
+
+    /// Re-reads the file every second and applies it when its content changed. A bad edit is logged with its
+    /// line and reason, and the old rules stay.
+    pub async fn watch(self: Arc<Self>) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let mut interval = tokio::time::interval(RELOAD_INTERVAL);
+        let mut rejected: Option<String> = None;
+        loop {
+            interval.tick().await;
+            let Ok(text) = tokio::fs::read_to_string(&path).await else {
+                continue;
+            };
+            if text == self.current().source || rejected.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            match parse_rules(&text) {
+                Ok(rules) => {
+                    info!(message = "Rules reloaded.", path = %path.display(), rules = rules.rules.len());
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+                    rejected = None;
+                }
+                Err(error) => {
+                    error!(message = "Rules file rejected; the previous rules stay.", path = %path.display(), %error);
+                    rejected = Some(text);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Alerts end to end: a real aggregator process with a rules file, real agents, a real webhook receiver.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::http_text;
+use crate::receiver::{Receiver, signature_valid};
+use crate::support::*;
+
+const SECRET: &str = "topsecret";
+
+fn rules(receiver: std::net::SocketAddr) -> String {
+    let rule = |name: &str, service: &str| {
+        format!(
+            "[[rules]]\nname = \"{name}\"\nservice = \"{service}\"\nmetric = \"errors\"\nstat = \"rate\"\nabove = 5.0\n\
+             for = \"1s\"\nkeep_firing_for = \"1s\"\nowner = \"team\"\n\n"
+        )
+    };
+    format!(
+        "{}{}[[owners]]\nname = \"team\"\nescalation = [\n  \
+         {{ after = \"0s\", webhook = \"http://{receiver}/dev\", format = \"json\", secret = \"{SECRET}\" }},\n  \
+         {{ after = \"3s\", webhook = \"http://{receiver}/lead\", format = \"slack\", secret = \"{SECRET}\" }},\n]\n",
+        rule("pay-errors", "pay"),
+        rule("cart-errors", "cart"),
+    )
+}
+
+/// Sends `errors:1|c` every 100 ms (10 per second, above the threshold of 5) until told to stop.
+fn feed_errors(statsd: std::net::SocketAddr) -> watch::Sender<bool> {
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            send_statsd(
+                statsd,
+                &["errors:1|c".to_owned(), "requests:3|c".to_owned()],
+            )
+            .await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    stop
+}
+
+async fn alert_of(http: std::net::SocketAddr, rule: &str) -> Option<Value> {
+    let doc = get_json(http, "/api/v1/alerts").await;
+    doc["alerts"]
+        .as_array()?
+        .iter()
+        .find(|a| a["rule"] == rule)
+        .cloned()
+}
+
+async fn post(http: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (_, json) = response.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_everyone_told() {
+    // The developer's endpoint fails with 500 three times before it recovers.
+    let receiver = Receiver::start(3).await;
+    let dir = std::env::temp_dir().join(format!("strobe-it-alerts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules_path = dir.join("rules.toml");
+    std::fs::write(&rules_path, rules(receiver.addr)).unwrap();
+    let aggregator = aggregator(&["--rules", rules_path.to_str().unwrap()]).await;
+    let http = aggregator.addr("http");
+    let pay = agent(&aggregator, "pay", "v1", "z1", "pay-1").await;
+    let cart = agent(&aggregator, "cart", "v1", "z1", "cart-1").await;
+    let mut ws = subscribe(http, &["pay"]).await;
+
+    let stop_pay = feed_errors(pay.addr("statsd"));
+    let stop_cart = feed_errors(cart.addr("statsd"));
+
+    // The websocket carries the firing alert with its detection latency.
+    let firing = next_frame(&mut ws, Duration::from_secs(20), |f| {
+        (f["type"] == "alert" && f["alert"]["state"] == "firing").then(|| f["alert"].clone())
+    })
+    .await;
+    assert_eq!(firing["rule"], "pay-errors");
+    assert!(
+        firing["detected_after_ms"].as_i64().unwrap() > 0,
+        "{firing}"
+    );
+    assert_eq!(firing["threshold"], 5.0);
+    let pay_id = firing["id"].as_str().unwrap().to_owned();
+
+    // Acknowledge cart's alert as soon as it fires.
+    eventually(Duration::from_secs(10), "cart's alert to fire", || async {
+        alert_of(http, "cart-errors")
+            .await
+            .is_some_and(|a| a["state"] == "firing")
+    })
+    .await;
+    let cart_id = alert_of(http, "cart-errors").await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, acked) = post(
+        http,
+        &format!("/api/v1/alerts/{cart_id}/ack"),
+        "{\"by\":\"tester\"}",
+    )
+    .await;
+    assert_eq!(status, 200, "{acked}");
+    assert_eq!(acked["alert"]["state"], "acknowledged");
+    assert_eq!(acked["alert"]["acknowledged_by"], "tester");
+    let (status, _) = post(http, "/api/v1/alerts/no-such-alert/ack", "").await;
+    assert_eq!(status, 404);
+
+    // Pay is not acknowledged: after 3 s the lead is paged too.
+    eventually(
+        Duration::from_secs(15),
+        "escalation to the lead",
+        || async { receiver.count("lead", &pay_id, "firing") == 1 },
+    )
+    .await;
+    // Keep cart breaching past its escalation delay, so a missing stop would show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop_pay.send(true);
+    let _ = stop_cart.send(true);
+
+    eventually(Duration::from_secs(15), "resolution notices", || async {
+        receiver.count("dev", &pay_id, "resolved") == 1
+            && receiver.count("lead", &pay_id, "resolved") == 1
+            && receiver.count("dev", &cart_id, "resolved") == 1
+    })
+    .await;
+    // Give any stray or duplicate delivery a moment to show up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    assert_eq!(receiver.failures_left(), 0, "the 500s were all served");
+    assert_eq!(
+        receiver.count("dev", &pay_id, "firing"),
+        1,
+        "exactly once despite three 500s"
+    );
+    assert_eq!(receiver.count("lead", &pay_id, "firing"), 1);
+    assert_eq!(receiver.count("dev", &pay_id, "resolved"), 1);
+    assert_eq!(receiver.count("lead", &pay_id, "resolved"), 1);
+    assert_eq!(receiver.count("dev", &cart_id, "firing"), 1);
+    assert_eq!(receiver.count("dev", &cart_id, "acknowledged"), 1);
+    assert_eq!(receiver.count("dev", &cart_id, "resolved"), 1);
+    assert!(
+        receiver
+            .received()
+            .iter()
+            .all(|r| r.path != "lead" || r.alert_id != cart_id),
+        "acknowledged: no escalation"
+    );
+
+    for r in receiver.received() {
+        let signature = r.signature.as_deref().expect("signed");
+        assert!(
+            signature_valid(SECRET, &r.raw, signature),
+            "bad signature on {} {}",
+            r.path,
+            r.transition
+        );
+        match r.path.as_str() {
+            "dev" => {
+                assert_eq!(r.body["version"], "4");
+                assert_eq!(r.body["alerts"][0]["fingerprint"], r.alert_id.as_str());
+                let status = if r.transition == "resolved" {
+                    "resolved"
+                } else {
+                    "firing"
+                };
+                assert_eq!(r.body["status"], status);
+            }
+            _ => assert!(
+                r.body["text"].as_str().unwrap().contains("pay-errors"),
+                "{}",
+                r.body
+            ),
+        }
+    }
+    let cart_alert = alert_of(http, "cart-errors").await.unwrap();
+    assert_eq!(cart_alert["state"], "resolved");
+    assert_eq!(cart_alert["acknowledged_by"], "tester");
+    let metrics = http_text(http, "/metrics").await;
+    assert!(
+        metrics.contains("strobe_webhook_retries_total 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
+    let dir = std::env::temp_dir().join(format!("strobe-it-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rules.toml");
+    let rule = |threshold: f64| {
+        format!("[[rules]]\nname = \"r\"\nmetric = \"m\"\nstat = \"p99\"\nabove = {threshold:.1}\n")
+    };
+    std::fs::write(&path, rule(1.0)).unwrap();
+    let aggregator = aggregator(&["--rules", path.to_str().unwrap()]).await;
+    let http = aggregator.addr("http");
+    assert_eq!(
+        get_json(http, "/api/v1/rules").await["rules"][0]["threshold"],
+        1.0
+    );
+
+    std::fs::write(&path, rule(2.0)).unwrap();
+    eventually(Duration::from_secs(10), "the edit to load", || async {
+        get_json(http, "/api/v1/rules").await["rules"][0]["threshold"] == 2.0
+    })
+    .await;
+    // A bad edit: the old rules stay.
+    std::fs::write(
+        &path,
+        "[[rules]]\nname = \"r\"\nmetric = \"m\"\nstat = \"p42\"\nabove = 3.0\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get_json(http, "/api/v1/rules").await["rules"][0]["threshold"],
+        2.0
+    );
+
+    // PUT: a bad body is refused with its line, a good one applies and is written to the file.
+    let (status, error) = put(
+        http,
+        "/api/v1/rules",
+        "[[rules]]\nname = \"x\"\nmetric = \"m\"\nstat = \"ratio\"\nabove = 1.0\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(error["line"], 1);
+    assert!(error["error"].as_str().unwrap().contains("over"), "{error}");
+    let (status, _) = put(http, "/api/v1/rules", &rule(7.0)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        get_json(http, "/api/v1/rules").await["rules"][0]["threshold"],
+        7.0
+    );
+    assert!(std::fs::read_to_string(&path).unwrap().contains("7.0"));
+}
+
+async fn put(http: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/toml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (_, json) = response.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
