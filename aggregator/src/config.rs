@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::DeliverySettings;
+use crate::overview::MainMetrics;
 
 /// Everything the aggregator needs to run. Deserialises from the `[aggregator]` table of the TOML config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +34,8 @@ pub struct AggregatorConfig {
     pub rules: Option<PathBuf>,
     /// Webhook timeouts and retries.
     pub webhooks: DeliverySettings,
+    /// The request, error and latency metrics the overview and the canary read.
+    pub metrics: MainMetrics,
     /// Input bounds.
     pub limits: Limits,
 }
@@ -49,6 +52,7 @@ impl Default for AggregatorConfig {
             agent_tokens: Vec::new(),
             rules: None,
             webhooks: DeliverySettings::default(),
+            metrics: MainMetrics::default(),
             limits: Limits::default(),
         }
     }

@@ -11,7 +11,7 @@ use axum::extract::Path;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::alerts::{AckError, Alerts};
 use crate::health::Health;
-use crate::hub::{Frame, Hub};
+use crate::hub::{Frame, FrameKind, Hub};
 use crate::rules::{RuleSet, RulesStore, StoreError};
 
 /// What the HTTP handlers share.
@@ -37,8 +37,14 @@ pub struct AppState {
 
 /// The router for the aggregator's HTTP port.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(index))
+    let mut router = Router::new();
+    for asset in strobe_dashboard::ASSETS {
+        router = router.route(
+            asset.path,
+            get(move || async move { ([(header::CONTENT_TYPE, asset.content_type)], asset.body) }),
+        );
+    }
+    router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
@@ -48,10 +54,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/alerts/{id}/ack", post(ack_alert))
         .with_state(state)
-}
-
-async fn index() -> Html<&'static str> {
-    Html(strobe_dashboard::INDEX_HTML)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -161,17 +163,35 @@ async fn ack_alert(
 }
 
 /// A client's choice of what to receive.
+///
+/// - `services`: full "second" frames of these services; absent or empty means every service, unless `overview`
+///   is set, in which case it means none.
+/// - `overview`: one "overview" frame per service and second (every service).
+///
+/// Alert frames come for every service a client sees anything of.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Subscription {
-    /// Services to receive; absent or empty means all.
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
+    overview: bool,
 }
 
 impl Subscription {
-    fn wants(&self, service: &str) -> bool {
-        self.services.is_empty() || self.services.iter().any(|s| s == service)
+    fn names(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+    }
+
+    fn wants(&self, frame: &Frame) -> bool {
+        match frame.kind {
+            FrameKind::Overview => self.overview,
+            FrameKind::Second if self.overview => self.names(&frame.service),
+            FrameKind::Second => self.services.is_empty() || self.names(&frame.service),
+            FrameKind::Alert => {
+                self.overview || self.services.is_empty() || self.names(&frame.service)
+            }
+        }
     }
 }
 
@@ -185,6 +205,8 @@ struct ClientMessage {
 struct StreamQuery {
     /// Comma-separated services, an alternative to the subscribe message.
     services: Option<String>,
+    /// `?overview=true`, an alternative to the subscribe message.
+    overview: Option<bool>,
 }
 
 /// How long a new connection may take to send its first subscribe before it gets everything.
@@ -195,12 +217,15 @@ async fn stream(
     Query(q): Query<StreamQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let from_query = q.services.map(|s| Subscription {
-        services: s
+    let from_query = (q.services.is_some() || q.overview.is_some()).then(|| Subscription {
+        services: q
+            .services
+            .unwrap_or_default()
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
+        overview: q.overview.unwrap_or(false),
     });
     upgrade.on_upgrade(move |socket| async move {
         state
@@ -231,7 +256,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             _ => Subscription::default(),
         },
     };
-    let (mut live, backfill) = state.hub.subscribe(|s| subscription.wants(s));
+    let (mut live, backfill) = state.hub.subscribe(|f| subscription.wants(f));
     if send_frames(&mut out, backfill).await.is_err() {
         return;
     }
@@ -239,7 +264,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
         tokio::select! {
             received = live.recv() => match received {
                 Ok(frame) => {
-                    if subscription.wants(&frame.service)
+                    if subscription.wants(&frame)
                         && out.send(Message::Text(frame.json)).await.is_err()
                     {
                         return;
@@ -260,7 +285,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         // Backfill only what the old subscription did not already cover.
                         let old = subscription.clone();
                         subscription = next;
-                        let added = state.hub.backfill(|s| subscription.wants(s) && !old.wants(s));
+                        let added = state.hub.backfill(|f| subscription.wants(f) && !old.wants(f));
                         if send_frames(&mut out, added).await.is_err() {
                             return;
                         }

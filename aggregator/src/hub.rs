@@ -11,13 +11,27 @@ use tokio::sync::broadcast;
 
 use crate::alerts::{AlertRecord, AlertState};
 use crate::model::{Instance, SealedSecond, SeriesSummary};
+use crate::overview::{self, MainMetrics};
 
 /// Most alert states kept for backfill.
 const MAX_ALERT_FRAMES: usize = 1000;
 
+/// What a frame carries, for subscription filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Every merged series of one service's second.
+    Second,
+    /// One summary per service and version of one second.
+    Overview,
+    /// An alert's new state.
+    Alert,
+}
+
 /// One JSON text frame of the stream, shared by every subscriber.
 #[derive(Debug, Clone)]
 pub struct Frame {
+    /// What it carries.
+    pub kind: FrameKind,
     /// The service the frame is about.
     pub service: Arc<str>,
     /// The second it covers.
@@ -80,7 +94,8 @@ struct SecondFrame<'a> {
 /// The fan-out point between shards and subscribers.
 pub struct Hub {
     live: broadcast::Sender<Frame>,
-    history: DashMap<Arc<str>, VecDeque<Frame>>,
+    history: DashMap<Arc<str>, ServiceHistory>,
+    metrics: MainMetrics,
     history_seconds: i64,
     services: RwLock<BTreeMap<Arc<str>, ServiceStatus>>,
     /// The newest frame of each alert, by id, for backfill.
@@ -92,11 +107,12 @@ pub struct Hub {
 
 impl Hub {
     /// A hub keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
-    pub fn new(history_seconds: i64, buffer_frames: usize) -> Self {
+    pub fn new(history_seconds: i64, buffer_frames: usize, metrics: MainMetrics) -> Self {
         let (live, _) = broadcast::channel(buffer_frames.max(16));
         Self {
             live,
             history: DashMap::new(),
+            metrics,
             history_seconds,
             services: RwLock::new(BTreeMap::new()),
             alerts: Mutex::new(BTreeMap::new()),
@@ -121,33 +137,55 @@ impl Hub {
             }
         };
         let frame = Frame {
+            kind: FrameKind::Second,
             service: sealed.service.clone(),
             t: sealed.t,
             correction: sealed.correction,
             json: json.into(),
         };
-        if !sealed.correction {
-            self.update_status(&sealed);
-        }
+        let first_seen = if sealed.correction {
+            self.first_seen(&sealed.service)
+        } else {
+            self.update_status(&sealed)
+        };
+        let overview = overview::summarize(&sealed, &self.metrics, &first_seen);
+        let overview = serde_json::to_string(&overview).map(|json| Frame {
+            kind: FrameKind::Overview,
+            service: sealed.service.clone(),
+            t: sealed.t,
+            correction: sealed.correction,
+            json: json.into(),
+        });
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut history = self.history.entry(sealed.service.clone()).or_default();
-            if let Some(slot) = history.iter_mut().rev().find(|f| f.t == frame.t) {
-                *slot = frame.clone();
-            } else {
-                let at = history.partition_point(|f| f.t < frame.t);
-                history.insert(at, frame.clone());
-            }
-            let newest = history.back().map_or(frame.t, |f| f.t);
-            while history
-                .front()
-                .is_some_and(|f| f.t <= newest - self.history_seconds)
-            {
-                history.pop_front();
+            keep(&mut history.seconds, frame.clone(), self.history_seconds);
+            if let Ok(overview) = &overview {
+                keep(
+                    &mut history.overview,
+                    overview.clone(),
+                    self.history_seconds,
+                );
             }
         }
         // No subscribers is not an error.
         let _ = self.live.send(frame);
+        if let Ok(overview) = overview {
+            let _ = self.live.send(overview);
+        }
+    }
+
+    fn first_seen(&self, service: &str) -> BTreeMap<Arc<str>, i64> {
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        services
+            .get(service)
+            .map(|s| {
+                s.versions
+                    .iter()
+                    .map(|(v, st)| (v.clone(), st.first_seen))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Serialises and broadcasts an alert's new state; keeps the newest state of each alert for backfill.
@@ -161,6 +199,7 @@ impl Hub {
                 }
             };
         let frame = Frame {
+            kind: FrameKind::Alert,
             service: record.service.clone(),
             t: record.since,
             correction: false,
@@ -182,7 +221,8 @@ impl Hub {
         let _ = self.live.send(frame);
     }
 
-    fn update_status(&self, sealed: &SealedSecond) {
+    /// Updates the service's status; returns each version's first second.
+    fn update_status(&self, sealed: &SealedSecond) -> BTreeMap<Arc<str>, i64> {
         let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
         let status = services
             .entry(sealed.service.clone())
@@ -218,29 +258,40 @@ impl Hub {
         // Versions not seen for the whole history are forgotten.
         let horizon = sealed.t - self.history_seconds;
         status.versions.retain(|_, v| v.last_seen > horizon);
+        status
+            .versions
+            .iter()
+            .map(|(v, st)| (v.clone(), st.first_seen))
+            .collect()
     }
 
-    /// A live receiver and, consistently with it, the history of the services `wanted` accepts.
+    /// A live receiver and, consistently with it, the stored frames `wanted` accepts.
     pub fn subscribe(
         &self,
-        wanted: impl Fn(&str) -> bool,
+        wanted: impl Fn(&Frame) -> bool,
     ) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         let receiver = self.live.subscribe();
         (receiver, self.backfill(wanted))
     }
 
-    /// The history of the services `wanted` accepts, oldest first.
-    pub fn backfill(&self, wanted: impl Fn(&str) -> bool) -> Vec<Frame> {
-        let mut frames: Vec<Frame> = self
-            .history
-            .iter()
-            .filter(|entry| wanted(entry.key()))
-            .flat_map(|entry| entry.value().iter().cloned().collect::<Vec<_>>())
-            .collect();
+    /// The stored frames `wanted` accepts: seconds and overviews oldest first, then the alerts' newest states.
+    pub fn backfill(&self, wanted: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = Vec::new();
+        for entry in self.history.iter() {
+            let history = entry.value();
+            frames.extend(
+                history
+                    .seconds
+                    .iter()
+                    .chain(&history.overview)
+                    .filter(|f| wanted(f))
+                    .cloned(),
+            );
+        }
         frames.sort_by_key(|f| f.t);
         let alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
-        frames.extend(alerts.values().filter(|f| wanted(&f.service)).cloned());
+        frames.extend(alerts.values().filter(|f| wanted(f)).cloned());
         frames
     }
 
@@ -259,6 +310,30 @@ impl Hub {
     /// Subscribers connected now.
     pub fn subscriber_count(&self) -> usize {
         self.live.receiver_count()
+    }
+}
+
+/// One service's stored frames.
+#[derive(Default)]
+struct ServiceHistory {
+    seconds: VecDeque<Frame>,
+    overview: VecDeque<Frame>,
+}
+
+/// Inserts a frame in second order (replacing a frame of the same second) and drops what is older than the history.
+fn keep(frames: &mut VecDeque<Frame>, frame: Frame, history_seconds: i64) {
+    if let Some(slot) = frames.iter_mut().rev().find(|f| f.t == frame.t) {
+        *slot = frame;
+    } else {
+        let at = frames.partition_point(|f| f.t < frame.t);
+        frames.insert(at, frame);
+    }
+    let newest = frames.back().map_or(0, |f| f.t);
+    while frames
+        .front()
+        .is_some_and(|f| f.t <= newest - history_seconds)
+    {
+        frames.pop_front();
     }
 }
 

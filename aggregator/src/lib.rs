@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`ingest`]: the tonic service; [`validate`] turns wire messages into [`model`] types, enforcing limits.
 //! - [`shard`]: tasks that own services; [`windows`] decides when a second is sealed; [`merge`] merges cells.
-//! - [`hub`]: frames serialised once, history, broadcast. [`http`]: dashboard, API, websocket.
+//! - [`hub`]: frames serialised once, history, broadcast; [`overview`] summarises a second per version.
+//! - [`http`]: dashboard, API, websocket.
 //! - [`rules`]: threshold rules, evaluated by the owning shard on every sealed second.
 //! - [`alerts`]: alert records, escalation chains, acknowledgements, webhook delivery.
 //! - [`health`]: the aggregator's own counters. [`config`]: every setting and limit.
@@ -20,6 +21,7 @@ pub mod hub;
 pub mod ingest;
 pub mod merge;
 pub mod model;
+pub mod overview;
 pub mod rules;
 pub mod shard;
 pub mod validate;
@@ -42,6 +44,9 @@ use crate::hub::Hub;
 use crate::rules::RulesStore;
 use crate::shard::{ShardContext, Shards};
 use crate::windows::WindowSettings;
+
+/// How long connections may take to close after shutdown is asked for.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the aggregator could not start or stopped.
 #[derive(Debug, Error)]
@@ -95,7 +100,11 @@ impl Aggregator {
                 source,
             })?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
-        let hub = Arc::new(Hub::new(history, config.limits.subscriber_buffer_frames));
+        let hub = Arc::new(Hub::new(
+            history,
+            config.limits.subscriber_buffer_frames,
+            config.metrics.clone(),
+        ));
         let rules = RulesStore::open(config.rules.clone())?;
         Ok(Self {
             config,
@@ -179,11 +188,25 @@ impl Aggregator {
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),
             );
-        let http = axum::serve(self.http, app).with_graceful_shutdown(stopped(stop_rx));
-        let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
+        let http = axum::serve(self.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        let servers = async {
+            let (grpc, http) =
+                tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
+            grpc.map_err(AggregatorError::from).and(http)
+        };
+        // Open agent streams and websockets would hold a graceful shutdown forever: bound it.
+        let deadline = async {
+            stopped(stop_rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let result = tokio::select! {
+            result = servers => result,
+            _ = deadline => {
+                info!(message = "Connections still open after the shutdown grace; closing them.");
+                Ok(())
+            }
+        };
         watcher.abort();
-        grpc?;
-        http?;
-        Ok(())
+        result
     }
 }

@@ -22,13 +22,23 @@ pub struct DemoConfig {
     pub bad_deploy_after: Duration,
 }
 
-/// The bad version's behaviour: 16x the errors, and a p99 about six times the healthy one.
-pub const BAD: Behavior = Behavior {
-    rps: 200.0,
-    error_ratio: 0.08,
-    latency_median_ms: 45.0,
-    latency_sigma: 0.9,
-};
+/// The bad version's behaviour: 16x the errors, and a p99 about six times the healthy one (same traffic).
+pub fn bad(healthy: Behavior) -> Behavior {
+    Behavior {
+        error_ratio: 0.08,
+        latency_median_ms: 45.0,
+        latency_sigma: 0.9,
+        ..healthy
+    }
+}
+
+/// Traffic per instance of a service: a little variety between services.
+fn service_behavior(service: &str) -> Behavior {
+    Behavior {
+        rps: Behavior::HEALTHY.rps * (1.0 + 0.5 * (service.len() % 3) as f64),
+        ..Behavior::HEALTHY
+    }
+}
 
 const SERVICES: [(&str, &str); 3] = [("checkout", "v41"), ("search", "v7"), ("payments", "v3")];
 const ZONES: [&str; 2] = ["eu-1", "eu-2"];
@@ -39,14 +49,9 @@ pub fn healthy_fleet() -> Vec<SimInstance> {
     for (service, version) in SERVICES {
         for n in 1..=4 {
             let zone = ZONES[n % 2];
-            let behavior = Behavior {
-                // A little variety between services.
-                rps: Behavior::HEALTHY.rps * (1.0 + 0.5 * (service.len() % 3) as f64),
-                ..Behavior::HEALTHY
-            };
             fleet.push(SimInstance {
                 identity: identity(service, version, zone, &format!("{service}-{n}")),
-                behavior,
+                behavior: service_behavior(service),
             });
         }
     }
@@ -152,7 +157,13 @@ pub async fn run_demo(
         aggregator: format!("http://{grpc}"),
         ..ShipperConfig::default()
     };
-    let server = tokio::spawn(aggregator.run(shutdown));
+    // On shutdown the fleet stops first (each agent flushes its last second), then the aggregator.
+    let fleet_stop = stop_tx.clone();
+    let server = tokio::spawn(aggregator.run(async move {
+        shutdown.await;
+        let _ = fleet_stop.send(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }));
     let mut fleet = JoinSet::new();
     // One retire switch per instance; every sender lives as long as the deploy task, so no stop fires by a drop.
     let mut retire = Vec::new();
@@ -171,7 +182,7 @@ pub async fn run_demo(
         for n in 5..=6 {
             let instance = SimInstance {
                 identity: identity("checkout", "v42", ZONES[n % 2], &format!("checkout-{n}")),
-                behavior: BAD,
+                behavior: bad(service_behavior("checkout")),
             };
             new.spawn(run_instance(
                 instance,

@@ -402,7 +402,7 @@ escalation = [
         let store = RulesStore::open(Some(path)).unwrap();
         let (sink, notes) = mpsc::unbounded_channel();
         (
-            Alerts::spawn(store, Arc::new(Hub::new(600, 64)), sink),
+            Alerts::spawn(store, Arc::new(Hub::new(600, 64, Default::default())), sink),
             notes,
         )
     }
