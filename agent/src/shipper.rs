@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use strobe_proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 /// How the shipper talks to the aggregator.
@@ -94,7 +94,27 @@ impl ReplayBuffer {
 pub async fn run_shipper(
     identity: pb::Identity,
     config: ShipperConfig,
+    snapshots: mpsc::Receiver<pb::Snapshot>,
+) -> ShipperReport {
+    ship(identity, config, snapshots, None).await
+}
+
+/// Like [`run_shipper`], but multiplexes its stream over an existing HTTP/2 channel (load generators run
+/// thousands of shippers over a few connections). A redirect still connects to the new address.
+pub async fn run_shipper_on(
+    identity: pb::Identity,
+    config: ShipperConfig,
+    snapshots: mpsc::Receiver<pb::Snapshot>,
+    channel: Channel,
+) -> ShipperReport {
+    ship(identity, config, snapshots, Some(channel)).await
+}
+
+async fn ship(
+    identity: pb::Identity,
+    config: ShipperConfig,
     mut snapshots: mpsc::Receiver<pb::Snapshot>,
+    shared: Option<Channel>,
 ) -> ShipperReport {
     let mut report = ShipperReport::default();
     let mut buffer = ReplayBuffer {
@@ -109,10 +129,15 @@ pub async fn run_shipper(
         if !input_open && buffer.snapshots.is_empty() {
             return report;
         }
+        let channel = shared
+            .as_ref()
+            .filter(|_| target == config.aggregator)
+            .cloned();
         let outcome = ship_once(
             &identity,
             &config,
             &target,
+            channel,
             &mut snapshots,
             &mut buffer,
             &mut report,
@@ -163,23 +188,17 @@ async fn ship_once(
     identity: &pb::Identity,
     config: &ShipperConfig,
     target: &str,
+    shared: Option<Channel>,
     snapshots: &mut mpsc::Receiver<pb::Snapshot>,
     buffer: &mut ReplayBuffer,
     report: &mut ShipperReport,
 ) -> Session {
-    let endpoint = match Endpoint::from_shared(target.to_owned()) {
-        Ok(e) => e.connect_timeout(config.connect_timeout).tcp_nodelay(true),
-        Err(error) => {
-            warn!(message = "Invalid aggregator address.", address = %target, %error);
-            return Session::Lost { connected: false };
-        }
-    };
-    let channel = match endpoint.connect().await {
-        Ok(c) => c,
-        Err(error) => {
-            debug!(message = "Connection failed.", address = %target, %error);
-            return Session::Lost { connected: false };
-        }
+    let channel = match shared {
+        Some(channel) => channel,
+        None => match connect(config, target).await {
+            Some(channel) => channel,
+            None => return Session::Lost { connected: false },
+        },
     };
     let mut client = pb::ingest_client::IngestClient::new(channel)
         .max_encoding_message_size(config.max_message_bytes.saturating_add(1024));
@@ -263,6 +282,24 @@ async fn ship_once(
                 warn!(message = "Gave up waiting for acknowledgements on shutdown.", unacknowledged = buffer.snapshots.len());
                 return Session::InputClosed;
             }
+        }
+    }
+}
+
+/// Opens a connection to the aggregator at `target`.
+pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
+    let endpoint = match Endpoint::from_shared(target.to_owned()) {
+        Ok(e) => e.connect_timeout(config.connect_timeout).tcp_nodelay(true),
+        Err(error) => {
+            warn!(message = "Invalid aggregator address.", address = %target, %error);
+            return None;
+        }
+    };
+    match endpoint.connect().await {
+        Ok(c) => Some(c),
+        Err(error) => {
+            debug!(message = "Connection failed.", address = %target, %error);
+            None
         }
     }
 }

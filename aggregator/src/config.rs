@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::DeliverySettings;
+use crate::canary::CanarySettings;
 use crate::overview::MainMetrics;
 
 /// Everything the aggregator needs to run. Deserialises from the `[aggregator]` table of the TOML config.
@@ -36,6 +37,8 @@ pub struct AggregatorConfig {
     pub webhooks: DeliverySettings,
     /// The request, error and latency metrics the overview and the canary read.
     pub metrics: MainMetrics,
+    /// Automatic new-version-versus-old comparison.
+    pub canary: CanarySettings,
     /// Input bounds.
     pub limits: Limits,
 }
@@ -53,6 +56,7 @@ impl Default for AggregatorConfig {
             rules: None,
             webhooks: DeliverySettings::default(),
             metrics: MainMetrics::default(),
+            canary: CanarySettings::default(),
             limits: Limits::default(),
         }
     }

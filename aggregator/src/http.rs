@@ -52,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/stream", get(stream))
         .route("/api/v1/rules", get(get_rules).put(put_rules))
         .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/deploys", get(list_deploys))
         .route("/api/v1/alerts/{id}/ack", post(ack_alert))
         .with_state(state)
 }
@@ -113,6 +114,10 @@ async fn put_rules(State(state): State<Arc<AppState>>, body: String) -> Response
         )
             .into_response(),
     }
+}
+
+async fn list_deploys(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "deploys": state.hub.deploys() }))
 }
 
 async fn list_alerts(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -188,7 +193,7 @@ impl Subscription {
             FrameKind::Overview => self.overview,
             FrameKind::Second if self.overview => self.names(&frame.service),
             FrameKind::Second => self.services.is_empty() || self.names(&frame.service),
-            FrameKind::Alert => {
+            FrameKind::Alert | FrameKind::Deploy => {
                 self.overview || self.services.is_empty() || self.names(&frame.service)
             }
         }

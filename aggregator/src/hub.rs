@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::alerts::{AlertRecord, AlertState};
+use crate::canary::Verdict;
 use crate::model::{Instance, SealedSecond, SeriesSummary};
 use crate::overview::{self, MainMetrics};
 
@@ -25,6 +26,8 @@ pub enum FrameKind {
     Overview,
     /// An alert's new state.
     Alert,
+    /// A canary verdict's new state.
+    Deploy,
 }
 
 /// One JSON text frame of the stream, shared by every subscriber.
@@ -100,6 +103,8 @@ pub struct Hub {
     services: RwLock<BTreeMap<Arc<str>, ServiceStatus>>,
     /// The newest frame of each alert, by id, for backfill.
     alerts: Mutex<BTreeMap<String, Frame>>,
+    /// The newest canary verdict of each service, and its frame.
+    deploys: Mutex<BTreeMap<Arc<str>, (Verdict, Frame)>>,
     /// Serialises history updates with the broadcast, so a subscriber never sees a frame twice or not at all
     /// between its backfill and its live stream.
     publish: Mutex<()>,
@@ -116,6 +121,7 @@ impl Hub {
             history_seconds,
             services: RwLock::new(BTreeMap::new()),
             alerts: Mutex::new(BTreeMap::new()),
+            deploys: Mutex::new(BTreeMap::new()),
             publish: Mutex::new(()),
         }
     }
@@ -221,6 +227,38 @@ impl Hub {
         let _ = self.live.send(frame);
     }
 
+    /// Serialises and broadcasts a canary verdict; keeps the newest per service for backfill and the API.
+    pub fn publish_deploy(&self, verdict: &Verdict) {
+        let json = match serde_json::to_string(
+            &serde_json::json!({ "type": "deploy", "deploy": verdict }),
+        ) {
+            Ok(json) => json,
+            Err(error) => {
+                tracing::error!(message = "Verdict serialisation failed.", %error);
+                return;
+            }
+        };
+        let frame = Frame {
+            kind: FrameKind::Deploy,
+            service: verdict.service.clone(),
+            t: verdict.t,
+            correction: false,
+            json: json.into(),
+        };
+        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        self.deploys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(verdict.service.clone(), (verdict.clone(), frame.clone()));
+        let _ = self.live.send(frame);
+    }
+
+    /// The newest canary verdict of every service that had one.
+    pub fn deploys(&self) -> Vec<Verdict> {
+        let deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
+        deploys.values().map(|(v, _)| v.clone()).collect()
+    }
+
     /// Updates the service's status; returns each version's first second.
     fn update_status(&self, sealed: &SealedSecond) -> BTreeMap<Arc<str>, i64> {
         let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
@@ -292,6 +330,14 @@ impl Hub {
         frames.sort_by_key(|f| f.t);
         let alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
         frames.extend(alerts.values().filter(|f| wanted(f)).cloned());
+        let deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
+        frames.extend(
+            deploys
+                .values()
+                .map(|(_, f)| f)
+                .filter(|f| wanted(f))
+                .cloned(),
+        );
         frames
     }
 

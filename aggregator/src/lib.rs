@@ -8,12 +8,14 @@
 //! - [`hub`]: frames serialised once, history, broadcast; [`overview`] summarises a second per version.
 //! - [`http`]: dashboard, API, websocket.
 //! - [`rules`]: threshold rules, evaluated by the owning shard on every sealed second.
+//! - [`canary`]: automatic comparison of a new version with the one it replaces, every sealed second.
 //! - [`alerts`]: alert records, escalation chains, acknowledgements, webhook delivery.
 //! - [`health`]: the aggregator's own counters. [`config`]: every setting and limit.
 //!
 //! `validate`, `merge` and `windows` are pure (no I/O, no tokio); time is passed in.
 
 pub mod alerts;
+pub mod canary;
 pub mod config;
 pub mod health;
 pub mod http;
@@ -151,6 +153,8 @@ impl Aggregator {
             settings,
             rules: self.rules.clone(),
             alerts: alerts.clone(),
+            canary: self.config.canary.clone(),
+            metrics: self.config.metrics.clone(),
         });
         let shard_count = self.config.shard_count();
         let (shards, _tasks) = Shards::spawn(shard_count, context);

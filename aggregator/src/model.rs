@@ -54,6 +54,8 @@ pub struct Instance {
     pub version: Arc<str>,
     /// Zone, if the agent gave one.
     pub zone: Option<Arc<str>>,
+    /// Who deployed this instance's version (the identity's `deployer` label), if known.
+    pub deployer: Option<Arc<str>>,
 }
 
 /// One instance's validated series for one second.

@@ -150,6 +150,7 @@ mod tests {
                 id: id.into(),
                 version: v.into(),
                 zone: None,
+                deployer: None,
             })
         };
         let sealed = SealedSecond {

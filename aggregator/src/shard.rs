@@ -1,7 +1,7 @@
 //! Shards: each is one task owning a disjoint set of services (by hash of the name). It merges snapshots as they
 //! arrive and, on a 10 ms tick, seals what is complete or past its grace. Only the shard's tick advances time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,10 +13,15 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::alerts::Alerts;
+use crate::canary::{Canary, CanarySettings, Verdict, VerdictState, VersionSecond};
 use crate::health::Health;
 use crate::hub::Hub;
+use crate::merge::Cell;
+use crate::model::Split;
 use crate::model::{InstanceSecond, SealedSecond};
-use crate::rules::{Evaluator, RulesStore};
+use crate::overview::MainMetrics;
+use crate::rules::{AlertEvent, Evaluator, EventKind, RuleSet, RulesStore, alert_id};
+use crate::windows::OpenSecond;
 use crate::windows::{Applied, ServiceWindows, WindowSettings};
 
 /// How often a shard checks for seconds to seal.
@@ -45,12 +50,17 @@ pub struct ShardContext {
     pub rules: Arc<RulesStore>,
     /// Where rule lifecycle events go.
     pub alerts: Alerts,
+    /// Canary thresholds.
+    pub canary: CanarySettings,
+    /// The request, error and latency metrics.
+    pub metrics: MainMetrics,
 }
 
 /// Everything a shard holds for one service.
 struct ServiceState {
     windows: ServiceWindows,
     evaluator: Evaluator,
+    canary: Canary,
 }
 
 /// Handles to the running shards.
@@ -103,18 +113,19 @@ async fn run_shard(
                 let state = services.entry(service.clone()).or_insert_with(|| ServiceState {
                     windows: ServiceWindows::new(service, context.settings),
                     evaluator: Evaluator::default(),
+                    canary: Canary::default(),
                 });
                 apply(&mut state.windows, snapshot, &context);
                 // A snapshot may complete its second: seal at once rather than at the next tick.
                 for sealed in state.windows.seal_ready(clock::unix_millis()) {
-                    publish(sealed, &mut state.evaluator, &context);
+                    publish(sealed, state, &context);
                 }
             }
             _ = tick.tick() => {
                 let now = clock::unix_millis();
                 for state in services.values_mut() {
                     for sealed in state.windows.seal_ready(now) {
-                        publish(sealed, &mut state.evaluator, &context);
+                        publish(sealed, state, &context);
                     }
                 }
                 let horizon = now.div_euclid(1000) - IDLE_SECONDS;
@@ -138,6 +149,102 @@ async fn run_shard(
             }
         }
     }
+}
+
+/// Each version's requests, errors and merged latency in one sealed second, from the version-split cells.
+fn version_seconds(
+    second: &OpenSecond,
+    sealed: &SealedSecond,
+    metrics: &MainMetrics,
+) -> BTreeMap<Arc<str>, VersionSecond> {
+    let mut versions: BTreeMap<Arc<str>, VersionSecond> = BTreeMap::new();
+    for instance in &sealed.instances {
+        let v = versions.entry(instance.version.clone()).or_default();
+        v.instances += 1;
+        if v.deployer.is_none() {
+            v.deployer = instance.deployer.clone();
+        }
+    }
+    for ((split, key), cell) in second.cells() {
+        let Split::Version(version) = split else {
+            continue;
+        };
+        let v = versions.entry(version.clone()).or_default();
+        match cell {
+            Cell::Counter { sum, .. } if *key.metric == *metrics.requests => v.requests += sum,
+            Cell::Counter { sum, .. } if *key.metric == *metrics.errors => v.errors += sum,
+            Cell::Histogram { hist, scale, .. }
+                if *key.metric == *metrics.latency && key.tags.is_empty() =>
+            {
+                v.latency = Some((hist.as_ref().clone(), *scale));
+            }
+            _ => {}
+        }
+    }
+    versions
+}
+
+/// The alert event a verdict change means: firing when it turns bad, resolved when a bad candidate's comparison
+/// ends (rolled back, promoted or replaced).
+fn canary_alert(verdict: &Verdict, rules: &RuleSet, now_ms: i64) -> Option<AlertEvent> {
+    let kind = match verdict.state {
+        VerdictState::Bad => EventKind::Firing,
+        VerdictState::Promoted | VerdictState::RolledBack if verdict.reason.is_some() => {
+            EventKind::Resolved
+        }
+        _ => return None,
+    };
+    let labels = BTreeMap::from([("version".to_owned(), verdict.candidate.to_string())]);
+    let mut owners: Vec<String> = rules
+        .service_owner(&verdict.service)
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    if let Some(deployer) = &verdict.deployer
+        && rules.owners.contains_key(deployer.as_ref())
+        && !owners.iter().any(|o| **o == **deployer)
+    {
+        owners.push(deployer.to_string());
+    }
+    let reason = verdict.reason.as_ref();
+    let summary = match reason {
+        Some(r) if r.metric == "error_ratio" => format!(
+            "bad deploy: {} of {} has error ratio {:.2}% vs {:.2}% on {}",
+            verdict.candidate,
+            verdict.service,
+            100.0 * r.candidate,
+            100.0 * r.baseline,
+            verdict.baseline
+        ),
+        Some(r) => format!(
+            "bad deploy: {} of {} has {} latency {:.1} ms vs {:.1} ms on {}",
+            verdict.candidate, verdict.service, r.metric, r.candidate, r.baseline, verdict.baseline
+        ),
+        None => format!("bad deploy: {} of {}", verdict.candidate, verdict.service),
+    };
+    Some(AlertEvent {
+        id: alert_id("canary", &verdict.service, &labels, verdict.since),
+        kind,
+        rule: "canary".into(),
+        owners,
+        service: verdict.service.clone(),
+        labels,
+        summary,
+        value: reason.map(|r| r.candidate),
+        threshold: reason.map_or(f64::NAN, |r| r.baseline),
+        since: verdict.since,
+        at_ms: now_ms,
+        evidence: serde_json::to_value(verdict).ok(),
+        hint: Some(format!(
+            "roll {} back to {}{}",
+            verdict.service,
+            verdict.baseline,
+            verdict
+                .deployer
+                .as_ref()
+                .map_or(String::new(), |d| format!(" (deployed by {d})"))
+        )),
+    })
 }
 
 fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &ShardContext) {
@@ -166,12 +273,27 @@ fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &Shard
     }
 }
 
-/// Evaluates the rules on a sealed second, then publishes it. Alert events go to the manager without waiting.
-fn publish(sealed: SealedSecond, evaluator: &mut Evaluator, context: &ShardContext) {
+/// Evaluates the rules and the canary on a sealed second, then publishes it. Alert events go to the manager
+/// without waiting.
+fn publish(sealed: SealedSecond, state: &mut ServiceState, context: &ShardContext) {
     let now = clock::unix_millis();
     let rules = context.rules.current();
-    for event in evaluator.on_sealed(&rules, &sealed, now) {
+    for event in state.evaluator.on_sealed(&rules, &sealed, now) {
         context.alerts.event(event);
+    }
+    if context.canary.enabled
+        && let Some(second) = state.windows.sealed(sealed.t)
+    {
+        let versions = version_seconds(second, &sealed, &context.metrics);
+        for verdict in state
+            .canary
+            .observe(&sealed.service, sealed.t, versions, &context.canary)
+        {
+            context.hub.publish_deploy(&verdict);
+            if let Some(event) = canary_alert(&verdict, &rules, now) {
+                context.alerts.event(event);
+            }
+        }
     }
     let delay = now - (sealed.t + 1) * 1000;
     context

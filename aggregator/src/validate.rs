@@ -137,6 +137,11 @@ pub fn validate_hello(
         id: identity.instance.as_str().into(),
         version: identity.version.as_str().into(),
         zone: (!identity.zone.is_empty()).then(|| identity.zone.as_str().into()),
+        deployer: identity
+            .labels
+            .get("deployer")
+            .filter(|d| check_text(d, limits))
+            .map(|d| d.as_str().into()),
     })
 }
 
@@ -291,6 +296,7 @@ mod tests {
             id: "i1".into(),
             version: "v1".into(),
             zone: None,
+            deployer: None,
         })
     }
 

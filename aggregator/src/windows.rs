@@ -236,6 +236,7 @@ mod tests {
             id: id.into(),
             version: version.into(),
             zone: zone.map(Into::into),
+            deployer: None,
         })
     }
 

@@ -71,6 +71,7 @@ fn aggregator(c: &mut Criterion) {
                 id: format!("i{i}").into(),
                 version: if i % 10 == 0 { "v2" } else { "v1" }.into(),
                 zone: Some(if i % 2 == 0 { "z1" } else { "z2" }.into()),
+                deployer: None,
             })
         })
         .collect();

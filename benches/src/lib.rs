@@ -2,4 +2,5 @@
 //! scenario, and the criterion benchmarks under `benches/`.
 
 pub mod demo;
+pub mod loadgen;
 pub mod sim;

@@ -175,13 +175,7 @@ impl Manager {
                 }
             }
             EventKind::Firing => {
-                let chain = event
-                    .owner
-                    .as_ref()
-                    .and_then(|o| self.rules.current().owners.get(o).cloned());
-                if event.owner.is_some() && chain.is_none() {
-                    warn!(message = "Alert owner has no escalation chain.", owner = ?event.owner, alert = %event.id);
-                }
+                let chain = self.chain_of(&event);
                 let entry = self
                     .entries
                     .entry(event.id.clone())
@@ -233,6 +227,38 @@ impl Manager {
                 for step in told {
                     notify(&self.sink, entry, NotifyTransition::Resolved, step);
                 }
+            }
+        }
+    }
+
+    /// The escalation chain of an event's owners: one owner's chain, or several merged in order of `after`.
+    fn chain_of(&self, event: &AlertEvent) -> Option<Arc<Owner>> {
+        let rules = self.rules.current();
+        let mut chains = Vec::new();
+        for name in &event.owners {
+            match rules.owners.get(name) {
+                Some(owner) => chains.push(owner.clone()),
+                None => {
+                    warn!(message = "Alert owner has no escalation chain.", owner = %name, alert = %event.id)
+                }
+            }
+        }
+        match chains.len() {
+            0 => None,
+            1 => chains.pop(),
+            _ => {
+                let mut escalation: Vec<_> = chains
+                    .iter()
+                    .flat_map(|o| o.escalation.iter().cloned())
+                    .collect();
+                escalation.sort_by_key(|s| s.after);
+                escalation.dedup_by(|a, b| a.webhook == b.webhook);
+                let name = chains
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+");
+                Some(Arc::new(Owner { name, escalation }))
             }
         }
     }
@@ -342,10 +368,10 @@ fn new_record(event: &AlertEvent) -> AlertRecord {
         acknowledged_by: None,
         acknowledged_at_ms: None,
         resolved_at_ms: None,
-        owner: event.owner.clone(),
+        owners: event.owners.clone(),
         notified: Vec::new(),
         evidence: event.evidence.clone(),
-        hint: None,
+        hint: event.hint.clone(),
     }
 }
 
@@ -382,7 +408,7 @@ escalation = [
             id: id.into(),
             kind,
             rule: "r".into(),
-            owner: Some("team".into()),
+            owners: vec!["team".into()],
             service: "svc".into(),
             labels: BTreeMap::new(),
             summary: "m sum above 1".into(),
@@ -391,6 +417,7 @@ escalation = [
             since: 100,
             at_ms: 101_005,
             evidence: None,
+            hint: None,
         }
     }
 

@@ -77,8 +77,8 @@ pub struct AlertRecord {
     pub acknowledged_at_ms: Option<i64>,
     /// When it resolved (unix milliseconds).
     pub resolved_at_ms: Option<i64>,
-    /// Owner whose chain is notified.
-    pub owner: Option<String>,
+    /// Owners whose chains are notified.
+    pub owners: Vec<String>,
     /// Webhooks told so far, in order.
     pub notified: Vec<String>,
     /// Evidence (canary verdicts).

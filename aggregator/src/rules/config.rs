@@ -106,6 +106,28 @@ pub struct Rule {
     pub owner: Option<String>,
 }
 
+impl RuleSet {
+    /// The owner of `service`: its `[[services]]` entry, else the owner of the first rule naming it, else the owner
+    /// of the first rule for every service.
+    pub fn service_owner(&self, service: &str) -> Option<&str> {
+        self.service_owners
+            .get(service)
+            .map(String::as_str)
+            .or_else(|| {
+                self.rules
+                    .iter()
+                    .filter(|r| r.service.as_deref() == Some(service))
+                    .find_map(|r| r.owner.as_deref())
+            })
+            .or_else(|| {
+                self.rules
+                    .iter()
+                    .filter(|r| r.service.is_none())
+                    .find_map(|r| r.owner.as_deref())
+            })
+    }
+}
+
 impl Rule {
     /// Whether the rule watches `service`.
     pub fn applies_to(&self, service: &str) -> bool {
@@ -155,6 +177,8 @@ pub struct RuleSet {
     pub rules: Vec<Arc<Rule>>,
     /// Owners by name.
     pub owners: HashMap<String, Arc<Owner>>,
+    /// Who owns each service (for alerts no rule names, such as canary verdicts).
+    pub service_owners: HashMap<String, String>,
     /// The TOML it came from.
     pub source: String,
 }
@@ -176,6 +200,15 @@ struct RawFile {
     rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     owners: Vec<Spanned<RawOwner>>,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    owner: String,
 }
 
 #[derive(Deserialize)]
@@ -370,9 +403,30 @@ pub fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
             owner: raw.owner,
         }));
     }
+    let mut service_owners = HashMap::new();
+    for spanned in raw.services {
+        let line = line_of(source, spanned.span().start);
+        let raw = spanned.into_inner();
+        if !owners.contains_key(&raw.owner) {
+            return Err(RulesError {
+                line,
+                reason: format!(
+                    "service {:?}: owner {:?} is not defined in [[owners]]",
+                    raw.name, raw.owner
+                ),
+            });
+        }
+        if service_owners.insert(raw.name.clone(), raw.owner).is_some() {
+            return Err(RulesError {
+                line,
+                reason: format!("service {:?} is listed twice", raw.name),
+            });
+        }
+    }
     Ok(RuleSet {
         rules,
         owners,
+        service_owners,
         source: source.to_owned(),
     })
 }
@@ -427,6 +481,17 @@ escalation = [
         assert_eq!(owner.escalation.len(), 2);
         assert_eq!(owner.escalation[1].after, Duration::from_secs(60));
         assert_eq!(owner.escalation[0].secret.as_deref(), Some("s3cret"));
+        assert_eq!(set.service_owner("checkout"), Some("checkout-oncall"));
+        assert_eq!(
+            set.service_owner("anything"),
+            Some("checkout-oncall"),
+            "from the rule for every service"
+        );
+        let listed = parse_rules(&format!(
+            "{GOOD}\n[[services]]\nname = \"search\"\nowner = \"checkout-oncall\"\n"
+        ))
+        .unwrap();
+        assert_eq!(listed.service_owner("search"), Some("checkout-oncall"));
     }
 
     #[test]
@@ -450,6 +515,7 @@ escalation = [
             ("[[owners]]\nname = \"o\"\nescalation = [{ after = \"0s\", webhook = \"http://x/\", format = \"pagerduty\" }]\n".to_owned(), 1, "routing_key"),
             ("[[owners]]\nname = \"o\"\nescalation = [{ after = \"9s\", webhook = \"http://x/\" }, { after = \"1s\", webhook = \"http://y/\" }]\n".to_owned(), 1, "in order"),
             ("[[rules]\n".to_owned(), 1, ""),
+            ("[[services]]\nname = \"s\"\nowner = \"nobody\"\n".to_owned(), 1, "nobody"),
         ];
         for (source, line, needle) in table {
             let err = parse_rules(&source).unwrap_err();

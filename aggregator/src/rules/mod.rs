@@ -40,8 +40,8 @@ pub struct AlertEvent {
     pub kind: EventKind,
     /// The rule's name (or `canary` for automatic verdicts).
     pub rule: Arc<str>,
-    /// Who to tell.
-    pub owner: Option<String>,
+    /// Whose escalation chains to walk (merged by `after`).
+    pub owners: Vec<String>,
     /// The service.
     pub service: Arc<str>,
     /// Version, zone and tags of the group.
@@ -58,6 +58,8 @@ pub struct AlertEvent {
     pub at_ms: i64,
     /// Extra evidence (canary verdicts), free-form JSON.
     pub evidence: Option<serde_json::Value>,
+    /// What to do about it.
+    pub hint: Option<String>,
 }
 
 /// A stable alert id from what identifies one breach.
@@ -107,7 +109,7 @@ impl Evaluator {
                 events.push(event(
                     EventKind::Resolved,
                     name,
-                    None,
+                    Vec::new(),
                     sealed,
                     group,
                     tracker.last_value,
@@ -189,7 +191,7 @@ fn rule_event(
     event(
         kind,
         &rule.name,
-        rule.owner.clone(),
+        rule.owner.iter().cloned().collect(),
         sealed,
         group,
         value,
@@ -204,7 +206,7 @@ fn rule_event(
 fn event(
     kind: EventKind,
     rule: &Arc<str>,
-    owner: Option<String>,
+    owners: Vec<String>,
     sealed: &SealedSecond,
     group: &Group,
     value: Option<f64>,
@@ -218,7 +220,7 @@ fn event(
         id: alert_id(rule, &sealed.service, &labels, since),
         kind,
         rule: rule.clone(),
-        owner,
+        owners,
         service: sealed.service.clone(),
         labels,
         summary,
@@ -227,6 +229,7 @@ fn event(
         since,
         at_ms: now_ms,
         evidence: None,
+        hint: None,
     }
 }
 

@@ -1,0 +1,568 @@
+//! Automatic canary analysis: whenever a service reports more than one version, the newest (the candidate) is
+//! compared every second with the version it replaces (the baseline: most instance-seconds so far), on error ratio
+//! and on p50 and p99 latency, with tests that stay valid when looked at every second. No rule needs writing.
+//! Pure: the shard feeds it each sealed second's per-version numbers.
+
+pub mod stats;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use stats::{compare_proportions, count_above};
+
+/// Thresholds of the canary analysis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CanarySettings {
+    /// Whether to run it at all.
+    pub enabled: bool,
+    /// False-alarm probability per deployment and check, however often it looks.
+    pub alpha: f64,
+    /// Requests each side needs before the error ratio is judged.
+    pub min_requests: u64,
+    /// Latency samples each side needs before latency is judged.
+    pub min_latency_samples: u64,
+    /// The candidate's error ratio must be at least this many times the baseline's to be bad...
+    pub min_error_ratio_factor: f64,
+    /// ...and at least this much higher in absolute terms (0.005 = half a percentage point).
+    pub min_error_ratio_increase: f64,
+    /// The candidate's p50 must be at least this many times the baseline's to be bad.
+    pub min_p50_factor: f64,
+    /// The candidate's p99 must be at least this many times the baseline's to be bad.
+    pub min_p99_factor: f64,
+    /// Once this much data is there, only the newest window counts.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A version gone this long ends the comparison (promoted or rolled back).
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+}
+
+impl Default for CanarySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            alpha: 0.001,
+            min_requests: 100,
+            min_latency_samples: 100,
+            min_error_ratio_factor: 2.0,
+            min_error_ratio_increase: 0.005,
+            min_p50_factor: 1.25,
+            min_p99_factor: 1.3,
+            window: Duration::from_secs(120),
+            settle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One version's numbers in one sealed second.
+#[derive(Debug, Clone, Default)]
+pub struct VersionSecond {
+    /// Instances that reported.
+    pub instances: u32,
+    /// Requests (the requests counter, summed over tag sets).
+    pub requests: f64,
+    /// Failed requests.
+    pub errors: f64,
+    /// The merged latency histogram and its scale.
+    pub latency: Option<(Histogram<u64>, u32)>,
+    /// The `deployer` label of one of its instances.
+    pub deployer: Option<Arc<str>>,
+}
+
+/// Where a candidate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictState {
+    /// Not enough data yet.
+    Collecting,
+    /// Enough data, and nothing significantly worse.
+    Healthy,
+    /// Significantly worse: see the evidence.
+    Bad,
+    /// The baseline is gone and the candidate remains.
+    Promoted,
+    /// The candidate is gone and the baseline remains.
+    RolledBack,
+}
+
+/// One check's numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evidence {
+    /// `error_ratio`, `p50` or `p99`.
+    pub metric: &'static str,
+    /// Candidate value (ratio, or milliseconds).
+    pub candidate: f64,
+    /// Baseline value.
+    pub baseline: f64,
+    /// z statistic of the underlying proportions.
+    pub z: f64,
+    /// mSPRT likelihood ratio; bad needs `>= 1/alpha`.
+    pub likelihood_ratio: f64,
+    /// Candidate samples (requests or latency values).
+    pub candidate_samples: u64,
+    /// Baseline samples.
+    pub baseline_samples: u64,
+    /// Whether this check says bad.
+    pub bad: bool,
+}
+
+/// The canary's verdict on one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    /// Service.
+    pub service: Arc<str>,
+    /// The new version.
+    pub candidate: Arc<str>,
+    /// The version it is compared with.
+    pub baseline: Arc<str>,
+    /// Where it stands.
+    pub state: VerdictState,
+    /// First second the candidate reported.
+    pub since: i64,
+    /// The second this verdict is about.
+    pub t: i64,
+    /// The check that made it bad.
+    pub reason: Option<Evidence>,
+    /// Every check with enough data, newest numbers.
+    pub checks: Vec<Evidence>,
+    /// Who deployed the candidate (its instances' `deployer` label).
+    pub deployer: Option<Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct VersionTrack {
+    first_seen: i64,
+    last_seen: i64,
+    instance_seconds: u64,
+}
+
+#[derive(Debug)]
+struct Side {
+    requests: f64,
+    errors: f64,
+    latency: Option<Histogram<u64>>,
+    scale: u32,
+}
+
+impl Side {
+    fn new() -> Self {
+        Self {
+            requests: 0.0,
+            errors: 0.0,
+            latency: None,
+            scale: 1,
+        }
+    }
+
+    fn add(&mut self, second: &VersionSecond) {
+        self.requests += second.requests;
+        self.errors += second.errors;
+        if let Some((h, scale)) = &second.latency {
+            self.scale = *scale;
+            match &mut self.latency {
+                Some(sum) => {
+                    let _ = sum.add(h);
+                }
+                None => {
+                    let mut sum = h.clone();
+                    sum.auto(true);
+                    self.latency = Some(sum);
+                }
+            }
+        }
+    }
+
+    fn subtract(&mut self, second: &VersionSecond) {
+        self.requests -= second.requests;
+        self.errors -= second.errors;
+        if let (Some(sum), Some((h, _))) = (&mut self.latency, &second.latency) {
+            let _ = sum.subtract(h);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Deployment {
+    candidate: Arc<str>,
+    baseline: Arc<str>,
+    window: VecDeque<(i64, VersionSecond, VersionSecond)>,
+    candidate_side: Side,
+    baseline_side: Side,
+    verdict: Verdict,
+}
+
+/// One service's canary state, owned by its shard.
+#[derive(Debug, Default)]
+pub struct Canary {
+    versions: BTreeMap<Arc<str>, VersionTrack>,
+    deployment: Option<Deployment>,
+}
+
+impl Canary {
+    /// The current verdict, if a comparison is running.
+    pub fn verdict(&self) -> Option<&Verdict> {
+        self.deployment.as_ref().map(|d| &d.verdict)
+    }
+
+    /// Feeds one sealed second; returns the verdicts that changed (a finished deployment's last one first).
+    pub fn observe(
+        &mut self,
+        service: &Arc<str>,
+        t: i64,
+        mut seconds: BTreeMap<Arc<str>, VersionSecond>,
+        settings: &CanarySettings,
+    ) -> Vec<Verdict> {
+        let mut changes = Vec::new();
+        for (version, second) in &seconds {
+            if second.instances == 0 {
+                continue;
+            }
+            let track = self
+                .versions
+                .entry(version.clone())
+                .or_insert(VersionTrack {
+                    first_seen: t,
+                    ..VersionTrack::default()
+                });
+            track.last_seen = t;
+            track.instance_seconds += u64::from(second.instances);
+        }
+        let settle = i64::try_from(settings.settle.as_secs()).unwrap_or(i64::MAX);
+        self.versions
+            .retain(|_, v| t - v.last_seen <= settle.max(1) * 6);
+        let present: Vec<(&Arc<str>, &VersionTrack)> = self
+            .versions
+            .iter()
+            .filter(|(_, v)| t - v.last_seen < settle.max(1))
+            .collect();
+
+        // Who is compared with whom: the newest version against the biggest of the others.
+        let pair = if present.len() >= 2 {
+            let candidate = present
+                .iter()
+                .max_by_key(|(v, track)| (track.first_seen, (*v).clone()))
+                .map(|(v, _)| (*v).clone());
+            let baseline = present
+                .iter()
+                .filter(|(v, _)| Some(*v) != candidate.as_ref())
+                .max_by_key(|(v, track)| (track.instance_seconds, (*v).clone()))
+                .map(|(v, _)| (*v).clone());
+            candidate.zip(baseline)
+        } else {
+            None
+        };
+
+        // End a deployment whose pair changed or vanished.
+        if let Some(d) = &self.deployment {
+            let same = pair
+                .as_ref()
+                .is_some_and(|(c, b)| *c == d.candidate && *b == d.baseline);
+            if !same {
+                let Some(mut ended) = self.deployment.take().map(|d| d.verdict) else {
+                    return changes;
+                };
+                let candidate_here = present.iter().any(|(v, _)| **v == ended.candidate);
+                let baseline_here = present.iter().any(|(v, _)| **v == ended.baseline);
+                ended.state = match (candidate_here, baseline_here) {
+                    (true, false) => VerdictState::Promoted,
+                    (false, true) => VerdictState::RolledBack,
+                    // Replaced by a newer candidate, or everything went: the comparison simply ends.
+                    _ if ended.state == VerdictState::Bad => VerdictState::RolledBack,
+                    _ => ended.state,
+                };
+                ended.t = t;
+                changes.push(ended);
+            }
+        }
+        let Some((candidate, baseline)) = pair else {
+            return changes;
+        };
+        let deployer = seconds.get(&candidate).and_then(|s| s.deployer.clone());
+        let since = self.versions.get(&candidate).map_or(t, |v| v.first_seen);
+        let deployment = self.deployment.get_or_insert_with(|| Deployment {
+            candidate: candidate.clone(),
+            baseline: baseline.clone(),
+            window: VecDeque::new(),
+            candidate_side: Side::new(),
+            baseline_side: Side::new(),
+            verdict: Verdict {
+                service: service.clone(),
+                candidate: candidate.clone(),
+                baseline: baseline.clone(),
+                state: VerdictState::Collecting,
+                since,
+                t,
+                reason: None,
+                checks: Vec::new(),
+                deployer: deployer.clone(),
+            },
+        });
+        let c = seconds.remove(&candidate).unwrap_or_default();
+        let b = seconds.remove(&baseline).unwrap_or_default();
+        deployment.candidate_side.add(&c);
+        deployment.baseline_side.add(&b);
+        deployment.window.push_back((t, c, b));
+        let window = i64::try_from(settings.window.as_secs()).unwrap_or(i64::MAX);
+        while deployment
+            .window
+            .front()
+            .is_some_and(|(old, _, _)| *old <= t - window)
+        {
+            if let Some((_, c, b)) = deployment.window.pop_front() {
+                deployment.candidate_side.subtract(&c);
+                deployment.baseline_side.subtract(&b);
+            }
+        }
+        let checks = judge(
+            &deployment.candidate_side,
+            &deployment.baseline_side,
+            settings,
+        );
+        let before = deployment.verdict.state;
+        let verdict = &mut deployment.verdict;
+        verdict.t = t;
+        verdict.deployer = verdict.deployer.clone().or(deployer);
+        if verdict.state != VerdictState::Bad {
+            if let Some(reason) = checks.iter().find(|e| e.bad) {
+                verdict.state = VerdictState::Bad;
+                verdict.reason = Some(reason.clone());
+            } else if !checks.is_empty() {
+                verdict.state = VerdictState::Healthy;
+            }
+        }
+        verdict.checks = checks;
+        if verdict.state != before {
+            changes.push(verdict.clone());
+        }
+        changes
+    }
+}
+
+/// Runs every check that has enough data.
+fn judge(candidate: &Side, baseline: &Side, s: &CanarySettings) -> Vec<Evidence> {
+    let mut checks = Vec::new();
+    let min_requests = s.min_requests as f64;
+    if candidate.requests >= min_requests && baseline.requests >= min_requests {
+        let p_b = baseline.errors / baseline.requests;
+        let tau = (2.0 * p_b).max(s.min_error_ratio_increase).max(0.005);
+        if let Some(c) = compare_proportions(
+            candidate.errors,
+            candidate.requests,
+            baseline.errors,
+            baseline.requests,
+            tau,
+        ) {
+            let big_enough = c.candidate >= c.baseline * s.min_error_ratio_factor
+                && c.candidate - c.baseline >= s.min_error_ratio_increase;
+            checks.push(Evidence {
+                metric: "error_ratio",
+                candidate: c.candidate,
+                baseline: c.baseline,
+                z: c.z,
+                likelihood_ratio: c.likelihood_ratio,
+                candidate_samples: candidate.requests.round() as u64,
+                baseline_samples: baseline.requests.round() as u64,
+                bad: big_enough && c.candidate_worse(s.alpha),
+            });
+        }
+    }
+    if let (Some(hc), Some(hb)) = (&candidate.latency, &baseline.latency)
+        && hc.len() >= s.min_latency_samples
+        && hb.len() >= s.min_latency_samples
+    {
+        let scale = f64::from(baseline.scale.max(1));
+        for (metric, q, factor) in [
+            ("p50", 0.5, s.min_p50_factor),
+            ("p99", 0.99, s.min_p99_factor),
+        ] {
+            // Share of each side slower than the baseline's quantile: about 1 - q for the baseline; a candidate
+            // whose quantile is higher has a larger share. A quantile test on the bucket counts, no resampling.
+            let threshold = hb.value_at_quantile(q);
+            let (n_c, n_b) = (hc.len() as f64, hb.len() as f64);
+            let x_c = count_above(hc, threshold) as f64;
+            let x_b = count_above(hb, threshold) as f64;
+            let tau = (1.0 - q).clamp(0.01, 0.2);
+            let Some(c) = compare_proportions(x_c, n_c, x_b, n_b, tau) else {
+                continue;
+            };
+            let cand_q = hc.value_at_quantile(q) as f64 / scale;
+            let base_q = threshold as f64 / scale;
+            checks.push(Evidence {
+                metric,
+                candidate: cand_q,
+                baseline: base_q,
+                z: c.z,
+                likelihood_ratio: c.likelihood_ratio,
+                candidate_samples: hc.len(),
+                baseline_samples: hb.len(),
+                bad: cand_q >= base_q * factor && c.candidate_worse(s.alpha),
+            });
+        }
+    }
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+    use rand_distr::{Binomial, Distribution, LogNormal};
+
+    struct Traffic {
+        rps: u64,
+        error_ratio: f64,
+        median_ms: f64,
+        sigma: f64,
+    }
+
+    const BASE: Traffic = Traffic {
+        rps: 400,
+        error_ratio: 0.01,
+        median_ms: 20.0,
+        sigma: 0.5,
+    };
+
+    fn second(rng: &mut SmallRng, traffic: &Traffic, instances: u32) -> VersionSecond {
+        let errors = Binomial::new(traffic.rps, traffic.error_ratio)
+            .unwrap()
+            .sample(rng);
+        let mut h = Histogram::<u64>::new(2).unwrap();
+        let latency = LogNormal::new(traffic.median_ms.ln(), traffic.sigma).unwrap();
+        for _ in 0..traffic.rps {
+            h.record((latency.sample(rng) * 1000.0) as u64).unwrap();
+        }
+        VersionSecond {
+            instances,
+            requests: traffic.rps as f64,
+            errors: errors as f64,
+            latency: Some((h, 1000)),
+            deployer: None,
+        }
+    }
+
+    /// Runs baseline-only for 30 s, then baseline and candidate for `seconds`; returns every verdict change with
+    /// the number of seconds since the candidate's first second.
+    fn run(seed: u64, candidate: &Traffic, seconds: i64) -> Vec<(i64, Verdict)> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let settings = CanarySettings::default();
+        let service: Arc<str> = "svc".into();
+        let mut canary = Canary::default();
+        let mut changes = Vec::new();
+        for t in 0..30 {
+            let seconds = BTreeMap::from([(Arc::from("v1"), second(&mut rng, &BASE, 8))]);
+            changes.extend(
+                canary
+                    .observe(&service, t, seconds, &settings)
+                    .into_iter()
+                    .map(|v| (t, v)),
+            );
+        }
+        for t in 30..30 + seconds {
+            let seconds = BTreeMap::from([
+                (Arc::from("v1"), second(&mut rng, &BASE, 8)),
+                (Arc::from("v2"), second(&mut rng, candidate, 1)),
+            ]);
+            changes.extend(
+                canary
+                    .observe(&service, t, seconds, &settings)
+                    .into_iter()
+                    .map(|v| (t - 30, v)),
+            );
+        }
+        changes
+    }
+
+    fn first_bad(changes: &[(i64, Verdict)]) -> Option<(i64, &'static str)> {
+        changes
+            .iter()
+            .find(|(_, v)| v.state == VerdictState::Bad)
+            .map(|(after, v)| (*after, v.reason.as_ref().map_or("", |r| r.metric)))
+    }
+
+    #[test]
+    fn bad_candidates_are_caught_within_seconds() {
+        let five_x_errors = Traffic {
+            error_ratio: 0.05,
+            ..BASE
+        };
+        let two_x_p99 = Traffic {
+            sigma: 0.5 + 2f64.ln() / 2.326,
+            ..BASE
+        };
+        let slow_median = Traffic {
+            median_ms: 40.0,
+            ..BASE
+        };
+        for (traffic, metric) in [
+            (five_x_errors, "error_ratio"),
+            (two_x_p99, "p99"),
+            (slow_median, "p50"),
+        ] {
+            for seed in 0..5 {
+                let changes = run(seed, &traffic, 20);
+                let (after, why) = first_bad(&changes)
+                    .unwrap_or_else(|| panic!("{metric} seed {seed}: {changes:?}"));
+                assert!(after <= 3, "{metric} seed {seed}: bad only after {after} s");
+                assert!(
+                    why == metric || metric == "p99",
+                    "{metric} seed {seed}: flagged for {why}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn identical_candidates_are_healthy_for_ten_minutes() {
+        for seed in 0..10 {
+            let changes = run(100 + seed, &BASE, 600);
+            assert_eq!(first_bad(&changes), None, "seed {seed}");
+            assert!(
+                changes
+                    .iter()
+                    .any(|(_, v)| v.state == VerdictState::Healthy),
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn promotion_and_rollback_end_the_comparison() {
+        let settings = CanarySettings::default();
+        let service: Arc<str> = "svc".into();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut canary = Canary::default();
+        let mut states = Vec::new();
+        let mut feed = |canary: &mut Canary, t: i64, versions: &[&str]| {
+            let seconds = versions
+                .iter()
+                .map(|v| (Arc::from(*v), second(&mut rng, &BASE, 2)))
+                .collect();
+            for v in canary.observe(&service, t, seconds, &settings) {
+                states.push((v.candidate.to_string(), v.state));
+            }
+        };
+        for t in 0..5 {
+            feed(&mut canary, t, &["v1"]);
+        }
+        for t in 5..15 {
+            feed(&mut canary, t, &["v1", "v2"]);
+        }
+        for t in 15..40 {
+            feed(&mut canary, t, &["v2"]);
+        }
+        assert_eq!(
+            states,
+            vec![
+                ("v2".into(), VerdictState::Healthy),
+                ("v2".into(), VerdictState::Promoted)
+            ]
+        );
+        assert!(canary.verdict().is_none());
+    }
+}

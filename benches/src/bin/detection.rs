@@ -1,0 +1,407 @@
+//! Detection-latency benchmark: an aggregator, a simulated fleet over real gRPC, a websocket client and a real
+//! webhook receiver. Bad versions are deployed at known instants; the time from their first request to the alert
+//! on the websocket, to the webhook, and to the canary's `bad` verdict is measured over many trials. Identical
+//! ("A/A") candidates run alongside for the whole run to count false verdicts.
+//!
+//! `cargo run --release -p strobe-benches --bin detection -- --agents 10000 --trials 30 --aa-duration 10m`
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures_util::StreamExt;
+use rand::{Rng, SeedableRng};
+use strobe_aggregator::{Aggregator, AggregatorConfig};
+use strobe_benches::loadgen::{Deploy, Fleet, LoadSpec, service_name};
+use strobe_benches::sim::Behavior;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Simulated instances.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Services they are spread over.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Requests per second of each instance.
+    #[arg(long, default_value_t = 50.0)]
+    rps: f64,
+    /// New instances per deploy.
+    #[arg(long, default_value_t = 5)]
+    candidates: usize,
+    /// Bad deploys (cycling: 5x errors, 2x p99, 1.5x p99).
+    #[arg(long, default_value_t = 30)]
+    trials: usize,
+    /// Services running an identical candidate for the whole run.
+    #[arg(long, default_value_t = 10)]
+    aa_trials: usize,
+    /// How long the identical candidates run (the run lasts at least this long).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    aa_duration: Duration,
+    /// HTTP/2 connections the fleet uses.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+}
+
+const HEALTHY: Behavior = Behavior {
+    rps: 50.0,
+    error_ratio: 0.01,
+    latency_median_ms: 20.0,
+    latency_sigma: 0.5,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Errors5x,
+    P99x2,
+    P99x1_5,
+}
+
+impl Kind {
+    fn behavior(self, healthy: Behavior) -> Behavior {
+        let sigma_for = |factor: f64| healthy.latency_sigma + factor.ln() / 2.326;
+        match self {
+            Kind::Errors5x => Behavior {
+                error_ratio: healthy.error_ratio * 5.0,
+                ..healthy
+            },
+            Kind::P99x2 => Behavior {
+                latency_sigma: sigma_for(2.0),
+                ..healthy
+            },
+            Kind::P99x1_5 => Behavior {
+                latency_sigma: sigma_for(1.5),
+                ..healthy
+            },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Errors5x => "5x error ratio",
+            Kind::P99x2 => "2x p99",
+            Kind::P99x1_5 => "1.5x p99",
+        }
+    }
+}
+
+/// Wall-clock arrival times (unix ms) of what the observers saw, by service.
+#[derive(Default)]
+struct Seen {
+    ws_alert: HashMap<String, f64>,
+    webhook: HashMap<String, f64>,
+    verdict_bad: HashMap<String, f64>,
+    verdict_reason: HashMap<String, String>,
+    rule_alerts: HashMap<String, u32>,
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+fn rules(receiver: SocketAddr) -> String {
+    format!(
+        r#"[[rules]]
+name = "error-ratio"
+metric = "request.errors"
+stat = "ratio"
+over = "request.count"
+above = 0.03
+for = "0s"
+keep_firing_for = "1s"
+split_by = ["version"]
+owner = "bench"
+
+[[rules]]
+name = "p99"
+metric = "request.latency"
+stat = "p99"
+above = 100.0
+for = "0s"
+keep_firing_for = "1s"
+split_by = ["version"]
+owner = "bench"
+
+[[owners]]
+name = "bench"
+escalation = [{{ after = "0s", webhook = "http://{receiver}/hook", format = "json" }}]
+"#
+    )
+}
+
+async fn start_receiver(seen: Arc<Mutex<Seen>>) -> Result<SocketAddr> {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                let at = unix_ms();
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+                    && v["transition"] == "firing"
+                    && let Some(service) = v["strobe"]["service"].as_str()
+                {
+                    seen.lock()
+                        .unwrap()
+                        .webhook
+                        .entry(service.to_owned())
+                        .or_insert(at);
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+async fn watch_stream(http: SocketAddr, seen: Arc<Mutex<Seen>>) -> Result<()> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{http}/api/v1/stream?overview=true"))
+            .await?;
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let at = unix_ms();
+            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let mut seen = seen.lock().unwrap();
+            match frame["type"].as_str() {
+                Some("alert") if frame["alert"]["state"] == "firing" => {
+                    let service = frame["alert"]["service"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if frame["alert"]["kind"] == "rule" {
+                        *seen.rule_alerts.entry(service.clone()).or_default() += 1;
+                    }
+                    seen.ws_alert.entry(service).or_insert(at);
+                }
+                Some("deploy") if frame["deploy"]["state"] == "bad" => {
+                    let service = frame["deploy"]["service"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.verdict_reason
+                        .insert(service.clone(), frame["deploy"]["reason"].to_string());
+                    seen.verdict_bad.entry(service).or_insert(at);
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+fn percentiles(label: &str, mut values: Vec<f64>) {
+    if values.is_empty() {
+        println!("{label:<44} no samples");
+        return;
+    }
+    values.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+    println!(
+        "{label:<44} n={:<3} p50={:>6.0} ms  p90={:>6.0} ms  p99={:>6.0} ms  max={:>6.0} ms",
+        values.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber_init();
+    let healthy = Behavior {
+        rps: args.rps,
+        ..HEALTHY
+    };
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let receiver = start_receiver(seen.clone()).await?;
+    let rules_path =
+        std::env::temp_dir().join(format!("strobe-detection-{}.toml", std::process::id()));
+    std::fs::write(&rules_path, rules(receiver))?;
+    let mut config = AggregatorConfig {
+        grpc_addr: "127.0.0.1:0".parse()?,
+        http_addr: "127.0.0.1:0".parse()?,
+        rules: Some(rules_path),
+        ..AggregatorConfig::default()
+    };
+    config.canary.settle = Duration::from_secs(3);
+    let aggregator = Aggregator::bind(config).await?;
+    let (grpc, http) = (aggregator.grpc_addr(), aggregator.http_addr());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(aggregator.run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    watch_stream(http, seen.clone()).await?;
+
+    let spec = LoadSpec {
+        aggregator: format!("http://{grpc}"),
+        agents: args.agents,
+        services: args.services,
+        series: 3,
+        histograms: 1,
+        connections: args.connections,
+        behavior: healthy,
+    };
+    let fleet = Fleet::start(spec).await.context("starting the fleet")?;
+    println!(
+        "fleet: {} instances over {} services, {} req/s each; deploys of {} instances; warming up",
+        args.agents, args.services, args.rps, args.candidates
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let run_started = std::time::Instant::now();
+
+    // Identical candidates on the last services, for the whole run.
+    let aa_services: Vec<usize> =
+        (args.services.saturating_sub(args.aa_trials)..args.services).collect();
+    for &service in &aa_services {
+        fleet.deploy(Deploy {
+            service,
+            version: "v2-same".into(),
+            instances: args.candidates,
+            behavior: healthy,
+            at: unix_ms() / 1000.0 + 1.0,
+            retire: 0,
+            deployer: None,
+        });
+    }
+
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let kinds = [Kind::Errors5x, Kind::P99x2, Kind::P99x1_5];
+    let mut results: Vec<(Kind, String, f64)> = Vec::new();
+    let bad_services = args.services.saturating_sub(args.aa_trials).max(1);
+    for trial in 0..args.trials {
+        let kind = kinds[trial % kinds.len()];
+        let service = service_name(trial % bad_services);
+        let at = (unix_ms() / 1000.0).floor() + 1.0 + rng.random::<f64>();
+        fleet.deploy(Deploy {
+            service: trial % bad_services,
+            version: format!("v-bad-{trial}"),
+            instances: args.candidates,
+            behavior: kind.behavior(healthy),
+            at,
+            retire: 0,
+            deployer: None,
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let seen = seen.lock().unwrap();
+            let done = seen.verdict_bad.contains_key(&service)
+                && (kind == Kind::P99x1_5
+                    || (seen.ws_alert.contains_key(&service)
+                        && seen.webhook.contains_key(&service)));
+            if done || std::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        results.push((kind, service, at * 1000.0));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let remaining = args.aa_duration.saturating_sub(run_started.elapsed());
+    println!(
+        "bad trials done; identical candidates keep running for {} s more",
+        remaining.as_secs()
+    );
+    tokio::time::sleep(remaining).await;
+
+    report(&seen.lock().unwrap(), &results, &aa_services, &args, &fleet);
+    fleet.stop().await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+fn report(
+    seen: &Seen,
+    results: &[(Kind, String, f64)],
+    aa_services: &[usize],
+    args: &Args,
+    fleet: &Fleet,
+) {
+    let kinds = [Kind::Errors5x, Kind::P99x2, Kind::P99x1_5];
+    println!("\nfirst bad request -> ...");
+    for kind in kinds {
+        let mine: Vec<&(Kind, String, f64)> =
+            results.iter().filter(|(k, _, _)| *k == kind).collect();
+        let delays = |map: &HashMap<String, f64>| -> Vec<f64> {
+            mine.iter()
+                .filter_map(|(_, s, at)| map.get(s).map(|seen| seen - at))
+                .collect()
+        };
+        if kind != Kind::P99x1_5 {
+            percentiles(
+                &format!("{}: websocket alert", kind.name()),
+                delays(&seen.ws_alert),
+            );
+            percentiles(
+                &format!("{}: webhook received", kind.name()),
+                delays(&seen.webhook),
+            );
+        }
+        percentiles(
+            &format!("{}: canary verdict bad", kind.name()),
+            delays(&seen.verdict_bad),
+        );
+        let missed = mine
+            .iter()
+            .filter(|(_, s, _)| !seen.verdict_bad.contains_key(s))
+            .count();
+        println!(
+            "{:<44} missed={missed} of {}",
+            format!("{}: canary", kind.name()),
+            mine.len()
+        );
+    }
+    let false_verdicts = aa_services
+        .iter()
+        .filter(|s| seen.verdict_bad.contains_key(&service_name(**s)))
+        .count();
+    for s in aa_services {
+        if let Some(reason) = seen.verdict_reason.get(&service_name(*s)) {
+            println!("false verdict on {}: {reason}", service_name(*s));
+        }
+    }
+    let aa_rule_alerts: u32 = aa_services
+        .iter()
+        .filter_map(|s| seen.rule_alerts.get(&service_name(*s)))
+        .sum();
+    println!(
+        "\nA/A: {} identical candidates for {} s: {false_verdicts} bad verdicts; {aa_rule_alerts} threshold-rule alerts (rules with for=0s)",
+        aa_services.len(),
+        args.aa_duration.as_secs()
+    );
+    println!(
+        "load: {} snapshots sent, {} dropped by the generator",
+        fleet.stats.sent.load(std::sync::atomic::Ordering::Relaxed),
+        fleet
+            .stats
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+fn tracing_subscriber_init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("STROBE_LOG").unwrap_or_else(|_| "warn".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,391 @@
+//! The load generator: thousands of simulated instances, each streaming one snapshot a second over real gRPC
+//! (multiplexed over a few HTTP/2 connections), with deploys of new versions staged on command.
+//!
+//! Generating realistic histograms for every instance every second would cost more than what is measured, so each
+//! behaviour has a pool of prebuilt seconds (folded by the agent's own `Window`) that instances draw from.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use strobe_agent::statsd::MetricType;
+use strobe_agent::{ShipperConfig, Window, WindowLimits, run_shipper_on};
+use strobe_proto as pb;
+use strobe_proto::clock;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::info;
+
+use rand_distr::{Binomial, Distribution};
+
+use crate::sim::{Behavior, identity, metrics, simulate_second};
+
+/// Prebuilt seconds per behaviour.
+const POOL_SECONDS: usize = 256;
+
+/// Prebuilt seconds for one behaviour.
+pub struct Pool {
+    behavior: Behavior,
+    extra_counters: usize,
+    extra_histograms: usize,
+    seconds: Vec<Vec<pb::Series>>,
+}
+
+impl Pool {
+    /// `size` seconds of `behavior`, each with the request/error/latency series plus `extra_counters` counters and
+    /// `extra_histograms` histograms.
+    pub fn build(
+        behavior: Behavior,
+        extra_counters: usize,
+        extra_histograms: usize,
+        size: usize,
+        seed: u64,
+    ) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let seconds = (0..size.max(1))
+            .map(|_| one_second(&behavior, 1.0, extra_counters, extra_histograms, &mut rng))
+            .collect();
+        Self {
+            behavior,
+            extra_counters,
+            extra_histograms,
+            seconds,
+        }
+    }
+
+    /// A prebuilt second, with the error count drawn afresh: reusing a fixed sample of error counts would give
+    /// two "identical" versions really different error ratios. (Latency histograms are reused; the pool is large
+    /// enough that its quantiles sit within a few percent of the behaviour's.)
+    fn pick(&self, n: usize, rng: &mut SmallRng) -> Vec<pb::Series> {
+        let mut series = self.seconds[n % self.seconds.len()].clone();
+        let requests = series
+            .iter()
+            .find(|s| s.name == metrics::REQUESTS)
+            .and_then(|s| match s.value {
+                Some(pb::series::Value::Counter(v)) => Some(v),
+                _ => None,
+            })
+            .unwrap_or(0.0);
+        if let Some(errors) = series.iter_mut().find(|s| s.name == metrics::ERRORS) {
+            let drawn = Binomial::new(requests as u64, self.behavior.error_ratio.clamp(0.0, 1.0))
+                .map_or(0, |b| b.sample(rng));
+            errors.value = Some(pb::series::Value::Counter(drawn as f64));
+        }
+        series
+    }
+
+    /// A fresh second with only `share` of the traffic (an instance that started partway through the second).
+    fn partial(&self, share: f64, rng: &mut SmallRng) -> Vec<pb::Series> {
+        one_second(
+            &self.behavior,
+            share,
+            self.extra_counters,
+            self.extra_histograms,
+            rng,
+        )
+    }
+}
+
+fn one_second(
+    behavior: &Behavior,
+    share: f64,
+    extra_counters: usize,
+    extra_histograms: usize,
+    rng: &mut SmallRng,
+) -> Vec<pb::Series> {
+    let mut window = Window::new(0, WindowLimits::default());
+    let scaled = Behavior {
+        rps: behavior.rps * share,
+        ..*behavior
+    };
+    simulate_second(&mut window, &scaled, rng);
+    for i in 0..extra_counters {
+        let name = format!("load.counter.{i}");
+        window.record_values(
+            &name,
+            &[],
+            MetricType::Counter,
+            std::iter::once(rng.random_range(0.0..100.0)),
+            1.0,
+        );
+    }
+    for i in 0..extra_histograms {
+        let name = format!("load.histogram.{i}");
+        let values: Vec<f64> = (0..8).map(|_| rng.random_range(1.0..500.0)).collect();
+        window.record_values(&name, &[], MetricType::Histogram, values.into_iter(), 1.0);
+    }
+    window.close().0.series
+}
+
+/// The shape of the load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The aggregator's gRPC address.
+    pub aggregator: String,
+    /// Simulated instances.
+    pub agents: usize,
+    /// Services they are spread over (`svc-000`, `svc-001`, ...).
+    pub services: usize,
+    /// Series per instance and second, the request/error/latency three included.
+    pub series: usize,
+    /// How many of those are histograms (the latency one included).
+    pub histograms: usize,
+    /// HTTP/2 connections the streams are multiplexed over.
+    pub connections: usize,
+    /// Healthy traffic per instance.
+    pub behavior: Behavior,
+}
+
+/// A staged deploy: new instances of a new version of one service, from a given instant.
+#[derive(Debug, Clone)]
+pub struct Deploy {
+    /// Index of the service.
+    pub service: usize,
+    /// Version name of the new instances.
+    pub version: String,
+    /// How many new instances.
+    pub instances: usize,
+    /// Their behaviour.
+    pub behavior: Behavior,
+    /// Unix time (seconds, fractional) of their first request.
+    pub at: f64,
+    /// Old instances stopped at the same instant.
+    pub retire: usize,
+    /// `deployer` label of the new instances.
+    pub deployer: Option<String>,
+}
+
+struct Instance {
+    service: usize,
+    tx: mpsc::Sender<pb::Snapshot>,
+    /// Which pool it draws from.
+    pool: Arc<Pool>,
+    /// Unix time of its first request (new instances of a deploy).
+    starts_at: f64,
+    /// Unix second from which it no longer reports.
+    stops_from: i64,
+}
+
+/// Counters of a running fleet.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    /// Snapshots handed to shippers.
+    pub sent: AtomicU64,
+    /// Snapshots the generator could not hand over (a shipper's queue was full).
+    pub dropped: AtomicU64,
+}
+
+/// Service name for index `i`.
+pub fn service_name(i: usize) -> String {
+    format!("svc-{i:03}")
+}
+
+/// A running simulated fleet.
+pub struct Fleet {
+    deploys: mpsc::UnboundedSender<Deploy>,
+    /// Counters.
+    pub stats: Arc<LoadStats>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Fleet {
+    /// Connects and starts generating; instances report from the next second on.
+    pub async fn start(spec: LoadSpec) -> Result<Self, LoadError> {
+        let shipper = ShipperConfig {
+            aggregator: spec.aggregator.clone(),
+            ..ShipperConfig::default()
+        };
+        let mut channels = Vec::new();
+        for _ in 0..spec.connections.max(1) {
+            let channel = strobe_agent::shipper::connect(&shipper, &spec.aggregator)
+                .await
+                .ok_or_else(|| LoadError::Connect(spec.aggregator.clone()))?;
+            channels.push(channel);
+        }
+        let extra_counters = spec.series.saturating_sub(spec.histograms.max(1) + 2);
+        let extra_histograms = spec.histograms.saturating_sub(1);
+        let healthy = Arc::new(Pool::build(
+            spec.behavior,
+            extra_counters,
+            extra_histograms,
+            POOL_SECONDS,
+            1,
+        ));
+        let stats = Arc::new(LoadStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let (deploys, deploy_rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        let mut instances = Vec::with_capacity(spec.agents);
+        let services = spec.services.max(1);
+        let connections = channels.len();
+        let spawn_shipper = move |tasks: &mut JoinSet<()>, n: usize, id: pb::Identity| {
+            let (tx, rx) = mpsc::channel(8);
+            let channel = channels[n % channels.len()].clone();
+            let config = shipper.clone();
+            tasks.spawn(async move {
+                run_shipper_on(id, config, rx, channel).await;
+            });
+            tx
+        };
+        for n in 0..spec.agents {
+            let service = n % services;
+            let id = identity(
+                &service_name(service),
+                "v1",
+                ["z1", "z2"][n % 2],
+                &format!("i{n:05}"),
+            );
+            instances.push(Instance {
+                service,
+                tx: spawn_shipper(&mut tasks, n, id),
+                pool: healthy.clone(),
+                starts_at: 0.0,
+                stops_from: i64::MAX,
+            });
+        }
+        info!(
+            message = "Fleet connected.",
+            agents = spec.agents,
+            services,
+            connections
+        );
+        let generator = Generator {
+            instances,
+            stats: stats.clone(),
+            spawn: Box::new(move |tasks, n, id| spawn_shipper(tasks, n, id)),
+            extra: (extra_counters, extra_histograms),
+        };
+        let mut shippers = JoinSet::new();
+        std::mem::swap(&mut shippers, &mut tasks);
+        tasks.spawn(generator.run(deploy_rx, stop_rx, shippers));
+        Ok(Self {
+            deploys,
+            stats,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stages a deploy; its new instances connect now and report from `deploy.at`.
+    pub fn deploy(&self, deploy: Deploy) {
+        let _ = self.deploys.send(deploy);
+    }
+
+    /// Stops generating; shippers flush and close.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+type SpawnShipper =
+    Box<dyn Fn(&mut JoinSet<()>, usize, pb::Identity) -> mpsc::Sender<pb::Snapshot> + Send>;
+
+struct Generator {
+    instances: Vec<Instance>,
+    stats: Arc<LoadStats>,
+    spawn: SpawnShipper,
+    extra: (usize, usize),
+}
+
+impl Generator {
+    async fn run(
+        mut self,
+        mut deploys: mpsc::UnboundedReceiver<Deploy>,
+        mut stop: watch::Receiver<bool>,
+        mut shippers: JoinSet<()>,
+    ) {
+        let mut rng = SmallRng::seed_from_u64(7);
+        loop {
+            let boundary =
+                tokio::time::sleep(clock::until_next_second() + Duration::from_millis(1));
+            tokio::select! {
+                _ = boundary => {}
+                Some(deploy) = deploys.recv() => {
+                    self.add_deploy(deploy, &mut shippers);
+                    continue;
+                }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let t = clock::unix_second() - 1;
+            self.emit(t, &mut rng);
+        }
+        // Dropping the senders lets every shipper drain and finish.
+        self.instances.clear();
+        while shippers.join_next().await.is_some() {}
+    }
+
+    fn add_deploy(&mut self, deploy: Deploy, shippers: &mut JoinSet<()>) {
+        let pool = Arc::new(Pool::build(
+            deploy.behavior,
+            self.extra.0,
+            self.extra.1,
+            POOL_SECONDS,
+            deploy.at.to_bits(),
+        ));
+        let stop_second = deploy.at.floor() as i64;
+        // Retired instances still report the second the new ones start in, then stop.
+        for old in self
+            .instances
+            .iter_mut()
+            .filter(|i| i.service == deploy.service && i.stops_from == i64::MAX)
+            .take(deploy.retire)
+        {
+            old.stops_from = stop_second + 1;
+        }
+        for k in 0..deploy.instances {
+            let n = self.instances.len();
+            let mut id = identity(
+                &service_name(deploy.service),
+                &deploy.version,
+                ["z1", "z2"][k % 2],
+                &format!("{}-{k}", deploy.version),
+            );
+            if let Some(d) = &deploy.deployer {
+                id.labels.insert("deployer".into(), d.clone());
+            }
+            let tx = (self.spawn)(shippers, n, id);
+            self.instances.push(Instance {
+                service: deploy.service,
+                tx,
+                pool: pool.clone(),
+                starts_at: deploy.at,
+                stops_from: i64::MAX,
+            });
+        }
+    }
+
+    fn emit(&mut self, t: i64, rng: &mut SmallRng) {
+        for (n, instance) in self.instances.iter().enumerate() {
+            let start_second = instance.starts_at.floor() as i64;
+            if t < start_second || t >= instance.stops_from {
+                continue;
+            }
+            let series = if t == start_second && instance.starts_at > 0.0 {
+                instance.pool.partial(1.0 - instance.starts_at.fract(), rng)
+            } else {
+                instance.pool.pick(n.wrapping_add(t as usize), rng)
+            };
+            let snapshot = pb::Snapshot {
+                second: t,
+                series,
+                stats: Some(pb::AgentStats::default()),
+            };
+            match instance.tx.try_send(snapshot) {
+                Ok(()) => self.stats.sent.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+}
+
+/// Why the fleet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The aggregator could not be reached.
+    #[error("cannot connect to the aggregator at {0}")]
+    Connect(String),
+}
