@@ -34,6 +34,76 @@ pub(crate) enum Command {
     Agent(AgentArgs),
     /// Run an aggregator and a simulated fleet with a staged bad deploy, and serve the dashboard.
     Demo(DemoArgs),
+    /// Stream simulated load from thousands of instances to an aggregator, optionally staging a deploy.
+    Loadgen(LoadgenArgs),
+}
+
+/// What a staged deploy's new instances do.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum DeployKind {
+    /// Exactly like the old version.
+    Same,
+    /// Five times the error ratio.
+    Errors,
+    /// Twice the p99 latency.
+    Latency,
+}
+
+/// `strobe loadgen` flags.
+#[derive(Debug, Args)]
+pub(crate) struct LoadgenArgs {
+    /// The aggregator's gRPC address.
+    #[arg(
+        long,
+        env = "STROBE_AGGREGATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub(crate) aggregator: String,
+    /// Simulated instances.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) agents: usize,
+    /// Series per instance per second (request count, errors and latency included).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) series: usize,
+    /// How many of those are histograms (latency included).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) histograms: usize,
+    /// Services the instances are spread over (`svc-000`...).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) services: usize,
+    /// HTTP/2 connections the streams share.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) connections: usize,
+    /// Requests per second per instance.
+    #[arg(long, default_value_t = 50.0)]
+    pub(crate) rps: f64,
+    /// Error ratio of healthy instances.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) error_ratio: f64,
+    /// Stop after this long (default: run until interrupted).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Stage a deploy of a new version this long after start.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) deploy_after: Option<Duration>,
+    /// Which service (index) gets the deploy.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) deploy_service: usize,
+    /// New instances.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) deploy_instances: usize,
+    /// How the new version behaves.
+    #[arg(long, value_enum, default_value = "errors")]
+    pub(crate) deploy_kind: DeployKind,
+    /// Old instances stopped when the new ones start (or `--retire-after` later).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) retire: usize,
+    /// Delay between the new instances' start and the old ones' stop.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub(crate) retire_after: Duration,
+    /// `deployer` label of the new instances.
+    #[arg(long)]
+    pub(crate) deployer: Option<String>,
 }
 
 /// `strobe aggregator` flags.
@@ -107,6 +177,53 @@ pub(crate) struct DemoArgs {
     /// When the bad deploy starts, e.g. `30s`.
     #[arg(long, env = "STROBE_BAD_DEPLOY_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) bad_deploy_after: Duration,
+}
+
+impl LoadgenArgs {
+    /// The plan the flags describe.
+    pub(crate) fn plan(self) -> strobe_benches::loadgen::LoadPlan {
+        use strobe_benches::loadgen::{Deploy, LoadPlan, LoadSpec};
+        use strobe_benches::sim::Behavior;
+        let healthy = Behavior {
+            rps: self.rps,
+            error_ratio: self.error_ratio,
+            ..Behavior::HEALTHY
+        };
+        let behavior = match self.deploy_kind {
+            DeployKind::Same => healthy,
+            DeployKind::Errors => Behavior {
+                error_ratio: (healthy.error_ratio * 5.0).min(1.0),
+                ..healthy
+            },
+            DeployKind::Latency => Behavior {
+                latency_sigma: healthy.latency_sigma + 2f64.ln() / 2.326,
+                ..healthy
+            },
+        };
+        LoadPlan {
+            spec: LoadSpec {
+                aggregator: self.aggregator,
+                agents: self.agents,
+                services: self.services,
+                series: self.series.max(3),
+                histograms: self.histograms.max(1),
+                connections: self.connections,
+                behavior: healthy,
+            },
+            deploy_after: self.deploy_after,
+            deploy: Deploy {
+                service: self.deploy_service,
+                version: "v2".into(),
+                instances: self.deploy_instances,
+                behavior,
+                at: 0.0,
+                retire: self.retire,
+                retire_after: self.retire_after.as_secs_f64(),
+                deployer: self.deployer,
+            },
+            duration: self.duration,
+        }
+    }
 }
 
 fn parse_label(raw: &str) -> Result<(String, String), String> {

@@ -73,6 +73,9 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
         }
+        Command::Loadgen(args) => {
+            strobe_benches::loadgen::run_loadgen(args.plan(), shutdown_signal()).await?;
+        }
     }
     Ok(())
 }

@@ -151,8 +151,10 @@ pub struct Deploy {
     pub behavior: Behavior,
     /// Unix time (seconds, fractional) of their first request.
     pub at: f64,
-    /// Old instances stopped at the same instant.
+    /// Old instances stopped...
     pub retire: usize,
+    /// ...this many seconds after the new ones start (0: at the same instant).
+    pub retire_after: f64,
     /// `deployer` label of the new instances.
     pub deployer: Option<String>,
 }
@@ -326,7 +328,7 @@ impl Generator {
             POOL_SECONDS,
             deploy.at.to_bits(),
         ));
-        let stop_second = deploy.at.floor() as i64;
+        let stop_second = (deploy.at + deploy.retire_after).floor() as i64;
         // Retired instances still report the second the new ones start in, then stop.
         for old in self
             .instances
@@ -388,4 +390,66 @@ pub enum LoadError {
     /// The aggregator could not be reached.
     #[error("cannot connect to the aggregator at {0}")]
     Connect(String),
+}
+
+/// What `strobe loadgen` does besides steady load: optionally one deploy.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    /// The load.
+    pub spec: LoadSpec,
+    /// A deploy staged this long after start, if any.
+    pub deploy_after: Option<Duration>,
+    /// The deploy (its `at` is filled in when it happens).
+    pub deploy: Deploy,
+    /// Stop after this long (`None`: until shutdown).
+    pub duration: Option<Duration>,
+}
+
+/// Runs a plan until its duration passes or `shutdown` completes; prints progress every five seconds.
+pub async fn run_loadgen(
+    plan: LoadPlan,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), LoadError> {
+    let fleet = Fleet::start(plan.spec.clone()).await?;
+    println!(
+        "strobe loadgen agents={} services={} connections={}",
+        plan.spec.agents, plan.spec.services, plan.spec.connections
+    );
+    let started = tokio::time::Instant::now();
+    let end = plan.duration.map(|d| started + d);
+    let mut deploy = plan
+        .deploy_after
+        .map(|after| (started + after, plan.deploy.clone()));
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    tokio::pin!(shutdown);
+    loop {
+        let deploy_at = deploy.as_ref().map(|(at, _)| *at);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = sleep_until_opt(end) => break,
+            _ = sleep_until_opt(deploy_at) => {
+                if let Some((_, mut d)) = deploy.take() {
+                    d.at = clock::unix_millis() as f64 / 1000.0 + 0.2;
+                    println!("strobe loadgen deploy service={} version={} instances={}", service_name(d.service), d.version, d.instances);
+                    fleet.deploy(d);
+                }
+            }
+            _ = progress.tick() => {
+                println!(
+                    "strobe loadgen sent={} dropped={}",
+                    fleet.stats.sent.load(Ordering::Relaxed),
+                    fleet.stats.dropped.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+    fleet.stop().await;
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `strobe` processes, real UDP, real gRPC, real websockets.
 
 mod alerts;
+mod canary;
 mod receiver;
 mod support;
 

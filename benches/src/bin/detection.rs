@@ -278,6 +278,7 @@ async fn main() -> Result<()> {
             behavior: healthy,
             at: unix_ms() / 1000.0 + 1.0,
             retire: 0,
+            retire_after: 0.0,
             deployer: None,
         });
     }
@@ -297,6 +298,7 @@ async fn main() -> Result<()> {
             behavior: kind.behavior(healthy),
             at,
             retire: 0,
+            retire_after: 0.0,
             deployer: None,
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

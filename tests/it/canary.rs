@@ -1,0 +1,183 @@
+//! The automatic canary end to end: a real aggregator process and a real load generator process staging deploys.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::receiver::Receiver;
+use crate::support::*;
+
+async fn verdict(http: std::net::SocketAddr, service: &str) -> Option<Value> {
+    let doc = get_json(http, "/api/v1/deploys").await;
+    doc["deploys"]
+        .as_array()?
+        .iter()
+        .find(|d| d["service"] == service)
+        .cloned()
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("strobe-it-canary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn loadgen(aggregator: &Process, extra: &[&str]) -> Process {
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    let mut args = vec![
+        "loadgen",
+        "--aggregator",
+        &target,
+        "--agents",
+        "12",
+        "--services",
+        "1",
+        "--connections",
+        "2",
+        "--rps",
+        "100",
+        "--duration",
+        "120s",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_candidate_gets_a_bad_verdict_and_pages_the_owner_and_the_deployer() {
+    let receiver = Receiver::start(0).await;
+    let rules = write(
+        "bad.toml",
+        &format!(
+            "[[services]]\nname = \"svc-000\"\nowner = \"team\"\n\n\
+             [[owners]]\nname = \"team\"\nescalation = [{{ after = \"0s\", webhook = \"http://{0}/team\" }}]\n\n\
+             [[owners]]\nname = \"alice\"\nescalation = [{{ after = \"0s\", webhook = \"http://{0}/alice\" }}]\n",
+            receiver.addr
+        ),
+    );
+    let aggregator = aggregator(&["--rules", rules.to_str().unwrap()]).await;
+    let http = aggregator.addr("http");
+    let _load = loadgen(
+        &aggregator,
+        &[
+            "--deploy-after",
+            "3s",
+            "--deploy-instances",
+            "2",
+            "--deploy-kind",
+            "errors",
+            "--deployer",
+            "alice",
+        ],
+    )
+    .await;
+
+    eventually(Duration::from_secs(30), "a bad verdict", || async {
+        verdict(http, "svc-000")
+            .await
+            .is_some_and(|v| v["state"] == "bad")
+    })
+    .await;
+    let v = verdict(http, "svc-000").await.unwrap();
+    assert_eq!(
+        (v["candidate"].as_str(), v["baseline"].as_str()),
+        (Some("v2"), Some("v1"))
+    );
+    assert_eq!(v["reason"]["metric"], "error_ratio");
+    assert!(
+        v["reason"]["candidate"].as_f64().unwrap()
+            > 2.0 * v["reason"]["baseline"].as_f64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["deployer"], "alice");
+
+    let alerts = get_json(http, "/api/v1/alerts").await;
+    let alert = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["rule"] == "canary")
+        .cloned()
+        .expect("a canary alert");
+    assert_eq!(alert["state"], "firing");
+    assert_eq!(alert["labels"]["version"], "v2");
+    assert!(
+        alert["hint"]
+            .as_str()
+            .unwrap()
+            .contains("roll svc-000 back to v1"),
+        "{alert}"
+    );
+    assert_eq!(alert["evidence"]["reason"]["metric"], "error_ratio");
+    let id = alert["id"].as_str().unwrap().to_owned();
+    eventually(
+        Duration::from_secs(10),
+        "the owner and the deployer to be paged",
+        || async {
+            receiver.count("team", &id, "firing") == 1
+                && receiver.count("alice", &id, "firing") == 1
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_candidate_is_healthy_then_promoted() {
+    let config = write("promote.toml", "[aggregator.canary]\nsettle = \"2s\"\n");
+    let aggregator = spawn(&[
+        "aggregator",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    let http = aggregator.addr("http");
+    let _load = loadgen(
+        &aggregator,
+        &[
+            "--deploy-after",
+            "3s",
+            "--deploy-instances",
+            "4",
+            "--deploy-kind",
+            "same",
+            "--retire",
+            "12",
+            "--retire-after",
+            "8s",
+        ],
+    )
+    .await;
+    // Poll the verdict, keeping each state it passes through.
+    let mut states: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while states.last().map(String::as_str) != Some("promoted") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no promotion; states {states:?}"
+        );
+        if let Some(v) = verdict(http, "svc-000").await {
+            let state = v["state"].as_str().unwrap_or_default().to_owned();
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(states.contains(&"healthy".to_owned()), "{states:?}");
+    assert!(!states.contains(&"bad".to_owned()), "{states:?}");
+    let alerts = get_json(http, "/api/v1/alerts").await;
+    assert!(
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["rule"] != "canary"),
+        "{alerts}"
+    );
+}
