@@ -12,6 +12,7 @@ const COLORS = ["#4ea1ff", "#ff6b6b", "#f7c948", "#3ddc97", "#c77dff", "#ff9f43"
 const state = {
   services: new Map(),   // name -> { points: [{t, versions}], tile }
   alerts: new Map(),     // id -> record
+  deploys: new Map(),    // service -> newest canary verdict
   selected: null,        // service in the detail view
   series: new Map(),     // key -> { metric, tags, kind, bySplit: Map(splitKey -> Map(t -> summary)) }
   newest: 0,
@@ -71,6 +72,7 @@ function onFrame(frame) {
     case "overview": onOverview(frame); break;
     case "second": onSecond(frame); break;
     case "alert": onAlert(frame.alert); break;
+    case "deploy": state.deploys.set(frame.deploy.service, frame.deploy); state.dirty = true; break;
     case "lagged": {
       const el = $("lagged");
       el.textContent = `dropped ${frame.dropped} frames (this page fell behind)`;
@@ -143,6 +145,8 @@ function alertsOf(service) {
 
 function versionHealth(service, v, alerts) {
   const mine = alerts.filter((a) => (a.labels && a.labels.version) === v.version);
+  const verdict = state.deploys.get(service);
+  if (verdict && verdict.candidate === v.version && verdict.state === "bad") return "bad";
   if (mine.some((a) => a.state === "firing")) return "bad";
   if (v.error_ratio !== null && v.error_ratio > ERROR_BAD) return "bad";
   if (mine.some((a) => a.state === "acknowledged" || a.state === "pending")) return "warn";
@@ -172,7 +176,7 @@ function makeTile(name) {
   el.innerHTML = `<div class="name"><span class="svc"></span><span class="state"></span></div>
     <div class="nums"><span><b class="rate"></b><i>req/s</i></span><span><b class="err"></b><i>errors</i></span>
     <span><b class="p50"></b><i>p50 ms</i></span><span><b class="p99"></b><i>p99 ms</i></span></div>
-    <canvas width="240" height="36"></canvas><div class="versions"></div>`;
+    <canvas width="240" height="36"></canvas><div class="versions"></div><div class="verdict"></div>`;
   el.querySelector(".svc").textContent = name;
   el.addEventListener("click", () => openDetail(name));
   return el;
@@ -230,7 +234,18 @@ function updateTile(name, svc, health) {
     }).join("");
     if (box._html !== html) { box.innerHTML = html; box._html = html; }
   } else if (box._html) { box.innerHTML = ""; box._html = ""; }
+  setText(el.querySelector(".verdict"), verdictText(state.deploys.get(name), versions.length));
+  el.querySelector(".verdict").className = "verdict " + ((state.deploys.get(name) || {}).state || "");
   drawSpark(el.querySelector("canvas"), svc.points, latest.t);
+}
+
+function verdictText(v, versions) {
+  if (!v || (versions < 2 && !["promoted", "rolled_back"].includes(v.state))) return "";
+  const head = `canary ${v.candidate} vs ${v.baseline}: ${v.state.replace("_", " ")}`;
+  const r = v.reason;
+  if (!r) return head;
+  const show = (x) => r.metric === "error_ratio" ? pct(x) : fmt(x) + " ms";
+  return `${head} · ${r.metric} ${show(r.candidate)} vs ${show(r.baseline)}`;
 }
 
 function drawSpark(canvas, points, newest) {
@@ -292,7 +307,11 @@ function renderAlerts() {
     el.dataset.alertId = a.id;
     el.dataset.service = a.service;
     const labels = Object.entries(a.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ");
-    const evidence = a.evidence ? JSON.stringify(a.evidence, null, 1).slice(0, 600) : "";
+    const reason = a.evidence && a.evidence.reason;
+    const evidence = reason
+      ? `${reason.metric}: ${fmt(reason.candidate, 4)} vs ${fmt(reason.baseline, 4)} (z ${fmt(reason.z, 1)}, ` +
+        `${reason.candidate_samples} vs ${reason.baseline_samples} samples)`
+      : a.evidence ? JSON.stringify(a.evidence).slice(0, 300) : "";
     el.innerHTML = `<div class="head"><span>${escapeHtml(a.service)} · ${escapeHtml(a.rule)}</span><span>${a.state}</span></div>
       <div>${escapeHtml(a.summary)} ${escapeHtml(labels)}</div>
       <div class="meta">value ${fmt(a.value, 3)} / threshold ${fmt(a.threshold, 3)} · since ${new Date(a.since * 1000).toLocaleTimeString()}` +

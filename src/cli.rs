@@ -18,9 +18,9 @@ pub(crate) struct Cli {
     /// TOML file with `[aggregator]` and `[agent]` tables; flags and environment override it.
     #[arg(long, env = "STROBE_CONFIG", global = true)]
     pub(crate) config: Option<PathBuf>,
-    /// Log filter, in `RUST_LOG` syntax.
-    #[arg(long, env = "STROBE_LOG", default_value = "info", global = true)]
-    pub(crate) log: String,
+    /// Log filter, in `RUST_LOG` syntax (default `info`; `warn` for the demo, whose terminal shows webhooks).
+    #[arg(long, env = "STROBE_LOG", global = true)]
+    pub(crate) log: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use strobe_agent::statsd::MetricType;
 use strobe_agent::{ShipperConfig, Window, WindowLimits, run_shipper_on};
@@ -361,7 +362,12 @@ impl Generator {
     }
 
     fn emit(&mut self, t: i64, rng: &mut SmallRng) {
-        for (n, instance) in self.instances.iter().enumerate() {
+        // Real agents race each other at every boundary; a fixed order would always put a deploy's new
+        // instances last, after their service's second was sealed.
+        let mut order: Vec<usize> = (0..self.instances.len()).collect();
+        order.shuffle(rng);
+        for n in order {
+            let instance = &self.instances[n];
             let start_second = instance.starts_at.floor() as i64;
             if t < start_second || t >= instance.stops_from {
                 continue;

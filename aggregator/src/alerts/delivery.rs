@@ -278,6 +278,70 @@ mod tests {
         assert!(matches!(classify(S::BAD_GATEWAY), Attempt::Retry(_)));
     }
 
+    /// A target that never answers holds only its own queue: another target's notification arrives at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_target_does_not_delay_another() {
+        use axum::routing::post;
+        use std::sync::Mutex;
+        let received: Arc<Mutex<Vec<(String, tokio::time::Instant)>>> = Arc::default();
+        let log = received.clone();
+        let app = axum::Router::new()
+            .route(
+                "/hang",
+                post(|| async { tokio::time::sleep(Duration::from_secs(60)).await }),
+            )
+            .route(
+                "/ok",
+                post(move || {
+                    let log = log.clone();
+                    async move {
+                        log.lock()
+                            .unwrap()
+                            .push(("ok".into(), tokio::time::Instant::now()))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let deliverer = Deliverer::new(
+            DeliverySettings {
+                timeout: Duration::from_secs(30),
+                ..DeliverySettings::default()
+            },
+            Arc::new(Health::default()),
+        );
+        let record = crate::alerts::manager::tests_support::record("a1");
+        let step = |path: &str| crate::rules::Step {
+            after: Duration::ZERO,
+            webhook: format!("http://{addr}/{path}"),
+            format: crate::rules::Format::Json,
+            secret: None,
+            routing_key: None,
+        };
+        let start = tokio::time::Instant::now();
+        for path in ["hang", "hang", "ok"] {
+            deliverer.enqueue(Notification {
+                record: record.clone(),
+                transition: NotifyTransition::Firing,
+                step: step(path),
+            });
+        }
+        for _ in 0..50 {
+            if !received.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = received.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "the healthy target got its notification");
+        assert!(
+            got[0].1 - start < Duration::from_secs(1),
+            "{:?}",
+            got[0].1 - start
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_follow_the_schedule_until_success_or_deadline() {
         let s = DeliverySettings {

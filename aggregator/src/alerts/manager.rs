@@ -382,6 +382,37 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Test helpers shared with other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A firing alert record.
+    pub(crate) fn record(id: &str) -> AlertRecord {
+        AlertRecord {
+            id: id.into(),
+            rule: "r".into(),
+            kind: "rule",
+            service: "svc".into(),
+            labels: BTreeMap::new(),
+            summary: "m sum above 1".into(),
+            state: AlertState::Firing,
+            value: Some(5.0),
+            threshold: 1.0,
+            since: 100,
+            fired_at_ms: Some(101_000),
+            detected_after_ms: Some(1000),
+            acknowledged_by: None,
+            acknowledged_at_ms: None,
+            resolved_at_ms: None,
+            owners: vec!["team".into()],
+            notified: Vec::new(),
+            evidence: None,
+            hint: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,12 +89,12 @@ impl Kind {
     }
 }
 
-/// Wall-clock arrival times (unix ms) of what the observers saw, by service.
+/// Wall-clock arrival times (unix ms) of what the observers saw, by (service, version): the first of each.
 #[derive(Default)]
 struct Seen {
-    ws_alert: HashMap<String, f64>,
-    webhook: HashMap<String, f64>,
-    verdict_bad: HashMap<String, f64>,
+    ws_alert: HashMap<(String, String), f64>,
+    webhook: HashMap<(String, String), f64>,
+    verdict_bad: HashMap<(String, String), f64>,
     verdict_reason: HashMap<String, String>,
     rule_alerts: HashMap<String, u32>,
 }
@@ -148,11 +148,11 @@ async fn start_receiver(seen: Arc<Mutex<Seen>>) -> Result<SocketAddr> {
                     && v["transition"] == "firing"
                     && let Some(service) = v["strobe"]["service"].as_str()
                 {
-                    seen.lock()
-                        .unwrap()
-                        .webhook
-                        .entry(service.to_owned())
-                        .or_insert(at);
+                    let version = v["strobe"]["labels"]["version"]
+                        .as_str()
+                        .unwrap_or_default();
+                    let key = (service.to_owned(), version.to_owned());
+                    seen.lock().unwrap().webhook.entry(key).or_insert(at);
                 }
             }
         }),
@@ -183,19 +183,27 @@ async fn watch_stream(http: SocketAddr, seen: Arc<Mutex<Seen>>) -> Result<()> {
                         .as_str()
                         .unwrap_or_default()
                         .to_owned();
+                    let version = frame["alert"]["labels"]["version"]
+                        .as_str()
+                        .unwrap_or_default();
                     if frame["alert"]["kind"] == "rule" {
                         *seen.rule_alerts.entry(service.clone()).or_default() += 1;
                     }
-                    seen.ws_alert.entry(service).or_insert(at);
+                    seen.ws_alert
+                        .entry((service, version.to_owned()))
+                        .or_insert(at);
                 }
                 Some("deploy") if frame["deploy"]["state"] == "bad" => {
                     let service = frame["deploy"]["service"]
                         .as_str()
                         .unwrap_or_default()
                         .to_owned();
+                    let version = frame["deploy"]["candidate"].as_str().unwrap_or_default();
                     seen.verdict_reason
                         .insert(service.clone(), frame["deploy"]["reason"].to_string());
-                    seen.verdict_bad.entry(service).or_insert(at);
+                    seen.verdict_bad
+                        .entry((service, version.to_owned()))
+                        .or_insert(at);
                 }
                 _ => {}
             }
@@ -285,15 +293,15 @@ async fn main() -> Result<()> {
 
     let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
     let kinds = [Kind::Errors5x, Kind::P99x2, Kind::P99x1_5];
-    let mut results: Vec<(Kind, String, f64)> = Vec::new();
+    let mut results: Vec<(Kind, (String, String), f64)> = Vec::new();
     let bad_services = args.services.saturating_sub(args.aa_trials).max(1);
     for trial in 0..args.trials {
         let kind = kinds[trial % kinds.len()];
-        let service = service_name(trial % bad_services);
+        let key = (service_name(trial % bad_services), format!("v-bad-{trial}"));
         let at = (unix_ms() / 1000.0).floor() + 1.0 + rng.random::<f64>();
         fleet.deploy(Deploy {
             service: trial % bad_services,
-            version: format!("v-bad-{trial}"),
+            version: key.1.clone(),
             instances: args.candidates,
             behavior: kind.behavior(healthy),
             at,
@@ -305,15 +313,14 @@ async fn main() -> Result<()> {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let seen = seen.lock().unwrap();
-            let done = seen.verdict_bad.contains_key(&service)
+            let done = seen.verdict_bad.contains_key(&key)
                 && (kind == Kind::P99x1_5
-                    || (seen.ws_alert.contains_key(&service)
-                        && seen.webhook.contains_key(&service)));
+                    || (seen.ws_alert.contains_key(&key) && seen.webhook.contains_key(&key)));
             if done || std::time::Instant::now() > deadline {
                 break;
             }
         }
-        results.push((kind, service, at * 1000.0));
+        results.push((kind, key, at * 1000.0));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let remaining = args.aa_duration.saturating_sub(run_started.elapsed());
@@ -332,7 +339,7 @@ async fn main() -> Result<()> {
 
 fn report(
     seen: &Seen,
-    results: &[(Kind, String, f64)],
+    results: &[(Kind, (String, String), f64)],
     aa_services: &[usize],
     args: &Args,
     fleet: &Fleet,
@@ -340,9 +347,9 @@ fn report(
     let kinds = [Kind::Errors5x, Kind::P99x2, Kind::P99x1_5];
     println!("\nfirst bad request -> ...");
     for kind in kinds {
-        let mine: Vec<&(Kind, String, f64)> =
+        let mine: Vec<&(Kind, (String, String), f64)> =
             results.iter().filter(|(k, _, _)| *k == kind).collect();
-        let delays = |map: &HashMap<String, f64>| -> Vec<f64> {
+        let delays = |map: &HashMap<(String, String), f64>| -> Vec<f64> {
             mine.iter()
                 .filter_map(|(_, s, at)| map.get(s).map(|seen| seen - at))
                 .collect()
@@ -373,7 +380,10 @@ fn report(
     }
     let false_verdicts = aa_services
         .iter()
-        .filter(|s| seen.verdict_bad.contains_key(&service_name(**s)))
+        .filter(|s| {
+            seen.verdict_bad
+                .contains_key(&(service_name(**s), "v2-same".to_owned()))
+        })
         .count();
     for s in aa_services {
         if let Some(reason) = seen.verdict_reason.get(&service_name(*s)) {
