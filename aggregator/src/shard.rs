@@ -143,6 +143,13 @@ async fn run_shard(
                         for event in s.evaluator.on_sealed(&Default::default(), &gone, now) {
                             context.alerts.event(event);
                         }
+                        if let Some(verdict) = s.canary.verdict().filter(|v| v.state == VerdictState::Bad) {
+                            let ended = Verdict { state: VerdictState::RolledBack, t: horizon, ..verdict.clone() };
+                            context.hub.publish_deploy(&ended);
+                            if let Some(event) = canary_alert(&ended, &context.rules.current(), now) {
+                                context.alerts.event(event);
+                            }
+                        }
                     }
                     !idle
                 });

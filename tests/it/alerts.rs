@@ -5,7 +5,6 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::http_text;
 use crate::receiver::{Receiver, signature_valid};
 use crate::support::*;
 
@@ -55,21 +54,6 @@ async fn alert_of(http: std::net::SocketAddr, rule: &str) -> Option<Value> {
         .cloned()
 }
 
-async fn post(http: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let (_, json) = response.split_once("\r\n\r\n").unwrap();
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_everyone_told() {
     // The developer's endpoint fails with 500 three times before it recovers.
@@ -111,8 +95,9 @@ async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_eve
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, acked) = post(
+    let (status, acked) = http_json(
         http,
+        "POST",
         &format!("/api/v1/alerts/{cart_id}/ack"),
         "{\"by\":\"tester\"}",
     )
@@ -120,7 +105,7 @@ async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_eve
     assert_eq!(status, 200, "{acked}");
     assert_eq!(acked["alert"]["state"], "acknowledged");
     assert_eq!(acked["alert"]["acknowledged_by"], "tester");
-    let (status, _) = post(http, "/api/v1/alerts/no-such-alert/ack", "").await;
+    let (status, _) = http_json(http, "POST", "/api/v1/alerts/no-such-alert/ack", "").await;
     assert_eq!(status, 404);
 
     // Pay is not acknowledged: after 3 s the lead is paged too.
@@ -193,7 +178,7 @@ async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_eve
     let cart_alert = alert_of(http, "cart-errors").await.unwrap();
     assert_eq!(cart_alert["state"], "resolved");
     assert_eq!(cart_alert["acknowledged_by"], "tester");
-    let metrics = http_text(http, "/metrics").await;
+    let (_, metrics) = crate::support::http(http, "GET", "/metrics", "").await;
     assert!(
         metrics.contains("strobe_webhook_retries_total 3"),
         "{metrics}"
@@ -234,8 +219,9 @@ async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
     );
 
     // PUT: a bad body is refused with its line, a good one applies and is written to the file.
-    let (status, error) = put(
+    let (status, error) = http_json(
         http,
+        "PUT",
         "/api/v1/rules",
         "[[rules]]\nname = \"x\"\nmetric = \"m\"\nstat = \"ratio\"\nabove = 1.0\n",
     )
@@ -243,26 +229,11 @@ async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
     assert_eq!(status, 400);
     assert_eq!(error["line"], 1);
     assert!(error["error"].as_str().unwrap().contains("over"), "{error}");
-    let (status, _) = put(http, "/api/v1/rules", &rule(7.0)).await;
+    let (status, _) = http_json(http, "PUT", "/api/v1/rules", &rule(7.0)).await;
     assert_eq!(status, 200);
     assert_eq!(
         get_json(http, "/api/v1/rules").await["rules"][0]["threshold"],
         7.0
     );
     assert!(std::fs::read_to_string(&path).unwrap().contains("7.0"));
-}
-
-async fn put(http: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
-    let request = format!(
-        "PUT {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/toml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let (_, json) = response.split_once("\r\n\r\n").unwrap();
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
 }

@@ -173,7 +173,7 @@ async fn no_second_is_lost_while_the_aggregator_restarts() {
             "second {t}: {got:?} vs {sent:?}"
         );
     }
-    let metrics = http_text(http, "/metrics").await;
+    let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
     assert!(
         metrics.contains("strobe_snapshots_accepted_total"),
         "{metrics}"
@@ -202,16 +202,6 @@ async fn aggregator_on(grpc: &str) -> Process {
         "127.0.0.1:0",
     ])
     .await
-}
-
-pub(crate) async fn http_text(http: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

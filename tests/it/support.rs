@@ -150,19 +150,38 @@ pub(crate) async fn next_frame<T>(
     }
 }
 
+/// One HTTP/1.1 request over a fresh connection; returns the status and the body.
+pub(crate) async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (status, body.to_owned())
+}
+
+/// Sends a request and parses the JSON answer (`null` when it is not JSON).
+pub(crate) async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, Value) {
+    let (status, body) = http(addr, method, path, body).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
 /// GETs a JSON document.
-pub(crate) async fn get_json(http: SocketAddr, path: &str) -> Value {
-    let mut stream = TcpStream::connect(http).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body)
-        .await
-        .unwrap();
-    let (_, json) = body.split_once("\r\n\r\n").expect("an HTTP response");
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
+pub(crate) async fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, doc) = http_json(addr, "GET", path, "").await;
+    assert_eq!(status, 200, "GET {path}: {doc}");
+    doc
 }
 
 /// Polls until `check` holds, or panics after `within`.

@@ -108,6 +108,21 @@ struct Entry {
     ended_at: Option<Instant>,
 }
 
+impl Entry {
+    /// A pending alert nobody has been told about.
+    fn new(event: &AlertEvent) -> Self {
+        Self {
+            record: new_record(event),
+            chain: None,
+            fired_at: None,
+            next_step: 0,
+            told: Vec::new(),
+            sent: HashSet::new(),
+            ended_at: None,
+        }
+    }
+}
+
 struct Manager {
     rules: Arc<RulesStore>,
     hub: Arc<Hub>,
@@ -156,15 +171,7 @@ impl Manager {
                 let entry = self
                     .entries
                     .entry(event.id.clone())
-                    .or_insert_with(|| Entry {
-                        record: new_record(&event),
-                        chain: None,
-                        fired_at: None,
-                        next_step: 0,
-                        told: Vec::new(),
-                        sent: HashSet::new(),
-                        ended_at: None,
-                    });
+                    .or_insert_with(|| Entry::new(&event));
                 self.hub.publish_alert(&entry.record);
             }
             EventKind::Cleared => {
@@ -179,15 +186,7 @@ impl Manager {
                 let entry = self
                     .entries
                     .entry(event.id.clone())
-                    .or_insert_with(|| Entry {
-                        record: new_record(&event),
-                        chain: None,
-                        fired_at: None,
-                        next_step: 0,
-                        told: Vec::new(),
-                        sent: HashSet::new(),
-                        ended_at: None,
-                    });
+                    .or_insert_with(|| Entry::new(&event));
                 if entry.record.state != AlertState::Pending {
                     return;
                 }
