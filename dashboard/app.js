@@ -169,10 +169,18 @@ function serviceHealth(name, svc) {
 
 // ---------- overview tiles ----------
 
+// Only tiles on screen are drawn; the others keep their place in the order and catch up when scrolled to.
+const visibility = new IntersectionObserver((entries) => {
+  for (const e of entries) e.target._visible = e.isIntersecting;
+  state.dirty = true;
+});
+
 function makeTile(name) {
   const el = document.createElement("div");
   el.className = "tile";
   el.dataset.service = name;
+  el._visible = true;
+  visibility.observe(el);
   el.innerHTML = `<div class="name"><span class="svc"></span><span class="state"></span></div>
     <div class="nums"><span><b class="rate"></b><i>req/s</i></span><span><b class="err"></b><i>errors</i></span>
     <span><b class="p50"></b><i>p50 ms</i></span><span><b class="p99"></b><i>p99 ms</i></span></div>
@@ -200,19 +208,23 @@ function renderTiles() {
   entries.sort((a, b) => (b.health.score || 0) - (a.health.score || 0) || a.name.localeCompare(b.name));
   // Reorder only when the order changed, so the layout is not redone every second.
   const order = entries.map((e) => e.name).join("\n");
-  if (order !== state.tileOrder) {
+  const reordered = order !== state.tileOrder;
+  if (reordered) {
     for (const e of entries) container.appendChild(e.svc.tile);
     state.tileOrder = order;
   }
-  for (const { name, svc, health } of entries) updateTile(name, svc, health);
+  // After a reorder, visibility is not known until the observer runs: draw every tile once.
+  for (const { name, svc, health } of entries) updateTile(name, svc, health, reordered);
   setText($("counts"), `${shown} services${bad ? `, ${bad} unhealthy` : ""}`);
 }
 
-function updateTile(name, svc, health) {
+function updateTile(name, svc, health, force) {
   const el = svc.tile;
   const latest = svc.points[svc.points.length - 1];
-  el.className = "tile " + health.level;
+  const cls = "tile " + health.level;
+  if (el.className !== cls) el.className = cls;
   if (!latest) return;
+  if (!force && !el._visible && el.dataset.t) { el.dataset.t = latest.t; return; }
   el.dataset.t = latest.t;
   const all = latest.versions[0];
   setText(el.querySelector(".rate"), fmtRate(all.rate));
