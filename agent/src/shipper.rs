@@ -401,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_stays_within_bounds() {
+    fn backoff_stays_within_bounds_at_every_failure_count() {
         let config = ShipperConfig::default();
         for failures in 0..40 {
             let d = backoff_delay(&config, failures);

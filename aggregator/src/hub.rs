@@ -45,6 +45,31 @@ pub struct Frame {
     pub json: Utf8Bytes,
 }
 
+impl Frame {
+    /// Serialises `body` once into a frame; a failure is logged and yields nothing.
+    fn encode(
+        kind: FrameKind,
+        service: &Arc<str>,
+        t: i64,
+        correction: bool,
+        body: &impl Serialize,
+    ) -> Option<Frame> {
+        match serde_json::to_string(body) {
+            Ok(json) => Some(Frame {
+                kind,
+                service: service.clone(),
+                t,
+                correction,
+                json: json.into(),
+            }),
+            Err(error) => {
+                tracing::error!(message = "Frame serialisation failed.", ?kind, %error);
+                None
+            }
+        }
+    }
+}
+
 /// What the API says about a service.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
@@ -135,19 +160,14 @@ impl Hub {
             correction: sealed.correction,
             series: &sealed.series,
         };
-        let json = match serde_json::to_string(&body) {
-            Ok(json) => json,
-            Err(error) => {
-                tracing::error!(message = "Frame serialisation failed.", %error);
-                return;
-            }
-        };
-        let frame = Frame {
-            kind: FrameKind::Second,
-            service: sealed.service.clone(),
-            t: sealed.t,
-            correction: sealed.correction,
-            json: json.into(),
+        let Some(frame) = Frame::encode(
+            FrameKind::Second,
+            &sealed.service,
+            sealed.t,
+            sealed.correction,
+            &body,
+        ) else {
+            return;
         };
         let first_seen = if sealed.correction {
             self.first_seen(&sealed.service)
@@ -155,18 +175,18 @@ impl Hub {
             self.update_status(&sealed)
         };
         let overview = overview::summarize(&sealed, &self.metrics, &first_seen);
-        let overview = serde_json::to_string(&overview).map(|json| Frame {
-            kind: FrameKind::Overview,
-            service: sealed.service.clone(),
-            t: sealed.t,
-            correction: sealed.correction,
-            json: json.into(),
-        });
+        let overview = Frame::encode(
+            FrameKind::Overview,
+            &sealed.service,
+            sealed.t,
+            sealed.correction,
+            &overview,
+        );
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut history = self.history.entry(sealed.service.clone()).or_default();
             keep(&mut history.seconds, frame.clone(), self.history_seconds);
-            if let Ok(overview) = &overview {
+            if let Some(overview) = &overview {
                 keep(
                     &mut history.overview,
                     overview.clone(),
@@ -176,7 +196,7 @@ impl Hub {
         }
         // No subscribers is not an error.
         let _ = self.live.send(frame);
-        if let Ok(overview) = overview {
+        if let Some(overview) = overview {
             let _ = self.live.send(overview);
         }
     }
@@ -196,20 +216,15 @@ impl Hub {
 
     /// Serialises and broadcasts an alert's new state; keeps the newest state of each alert for backfill.
     pub fn publish_alert(&self, record: &AlertRecord) {
-        let json =
-            match serde_json::to_string(&serde_json::json!({ "type": "alert", "alert": record })) {
-                Ok(json) => json,
-                Err(error) => {
-                    tracing::error!(message = "Alert serialisation failed.", %error);
-                    return;
-                }
-            };
-        let frame = Frame {
-            kind: FrameKind::Alert,
-            service: record.service.clone(),
-            t: record.since,
-            correction: false,
-            json: json.into(),
+        let body = serde_json::json!({ "type": "alert", "alert": record });
+        let Some(frame) = Frame::encode(
+            FrameKind::Alert,
+            &record.service,
+            record.since,
+            false,
+            &body,
+        ) else {
+            return;
         };
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         {
@@ -229,21 +244,11 @@ impl Hub {
 
     /// Serialises and broadcasts a canary verdict; keeps the newest per service for backfill and the API.
     pub fn publish_deploy(&self, verdict: &Verdict) {
-        let json = match serde_json::to_string(
-            &serde_json::json!({ "type": "deploy", "deploy": verdict }),
-        ) {
-            Ok(json) => json,
-            Err(error) => {
-                tracing::error!(message = "Verdict serialisation failed.", %error);
-                return;
-            }
-        };
-        let frame = Frame {
-            kind: FrameKind::Deploy,
-            service: verdict.service.clone(),
-            t: verdict.t,
-            correction: false,
-            json: json.into(),
+        let body = serde_json::json!({ "type": "deploy", "deploy": verdict });
+        let Some(frame) =
+            Frame::encode(FrameKind::Deploy, &verdict.service, verdict.t, false, &body)
+        else {
+            return;
         };
         let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         self.deploys

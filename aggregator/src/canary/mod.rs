@@ -556,11 +556,20 @@ mod tests {
         for t in 15..40 {
             feed(&mut canary, t, &["v2"]);
         }
+        // Then v3 comes and goes again: rolled back.
+        for t in 40..50 {
+            feed(&mut canary, t, &["v2", "v3"]);
+        }
+        for t in 50..70 {
+            feed(&mut canary, t, &["v2"]);
+        }
         assert_eq!(
             states,
             vec![
                 ("v2".into(), VerdictState::Healthy),
-                ("v2".into(), VerdictState::Promoted)
+                ("v2".into(), VerdictState::Promoted),
+                ("v3".into(), VerdictState::Healthy),
+                ("v3".into(), VerdictState::RolledBack),
             ]
         );
         assert!(canary.verdict().is_none());
