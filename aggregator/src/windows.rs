@@ -103,8 +103,15 @@ impl ServiceWindows {
             if second.reporters.contains_key(&snapshot.instance.id) {
                 return Applied::Duplicate;
             }
+            let id = snapshot.instance.id.clone();
             merge_into(second, snapshot, self.settings.max_cells);
-            return Applied::Correction(summarize(&self.service, t, second, true));
+            let correction = summarize(&self.service, t, second, true);
+            if t == last {
+                // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
+                // be left out (and only corrected) second after second.
+                self.expected.insert(id);
+            }
+            return Applied::Correction(correction);
         }
         let second = self.open.entry(t).or_default();
         if second.reporters.contains_key(&snapshot.instance.id) {
@@ -317,6 +324,29 @@ mod tests {
         let sealed = w.seal_ready(13_250);
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
         assert_eq!(w.last_sealed(), Some(13));
+    }
+
+    #[test]
+    fn a_straggler_is_waited_for_in_the_next_second() {
+        let a = instance("a", "v1", None);
+        let b = instance("b", "v1", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        w.apply(counter(&a, 10, 1.0));
+        w.apply(counter(&b, 10, 1.0));
+        w.seal_ready(11_250);
+        // b is late for 11: 11 seals at its grace without b, and b's data becomes a correction.
+        w.apply(counter(&a, 11, 1.0));
+        assert_eq!(w.seal_ready(12_250).len(), 1);
+        assert!(matches!(
+            w.apply(counter(&b, 11, 1.0)),
+            Applied::Correction(_)
+        ));
+        // 12 is not complete with a alone: b is expected again.
+        w.apply(counter(&a, 12, 1.0));
+        assert!(w.seal_ready(13_010).is_empty());
+        w.apply(counter(&b, 12, 1.0));
+        let sealed = w.seal_ready(13_020);
+        assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
     }
 
     #[test]
