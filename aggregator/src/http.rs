@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::alerts::{AckError, Alerts};
 use crate::health::Health;
-use crate::hub::{Frame, FrameKind, Hub};
+use crate::hub::{Delivered, Frame, FrameKind, Hub};
 use crate::rules::{RuleSet, RulesStore, StoreError};
 
 /// What the HTTP handlers share.
@@ -262,6 +262,8 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
         },
     };
     let (mut live, backfill) = state.hub.subscribe(|f| subscription.wants(f));
+    let mut delivered = Delivered::default();
+    delivered.record(&backfill);
     if send_frames(&mut out, backfill).await.is_err() {
         return;
     }
@@ -270,6 +272,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             received = live.recv() => match received {
                 Ok(frame) => {
                     if subscription.wants(&frame)
+                        && !delivered.already_sent(&frame)
                         && out.send(Message::Text(frame.json)).await.is_err()
                     {
                         return;
@@ -291,6 +294,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         let old = subscription.clone();
                         subscription = next;
                         let added = state.hub.backfill(|f| subscription.wants(f) && !old.wants(f));
+                        delivered.record(&added);
                         if send_frames(&mut out, added).await.is_err() {
                             return;
                         }

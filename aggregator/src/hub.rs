@@ -1,7 +1,7 @@
 //! Where sealed seconds go: serialised once into a frame, kept in per-service history for backfill, and broadcast
 //! to every subscriber. Publishing never waits on a subscriber: a slow one lags and loses frames.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -18,7 +18,7 @@ use crate::overview::{self, MainMetrics};
 const MAX_ALERT_FRAMES: usize = 1000;
 
 /// What a frame carries, for subscription filters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FrameKind {
     /// Every merged series of one service's second.
     Second,
@@ -130,9 +130,6 @@ pub struct Hub {
     alerts: Mutex<BTreeMap<String, Frame>>,
     /// The newest canary verdict of each service, and its frame.
     deploys: Mutex<BTreeMap<Arc<str>, (Verdict, Frame)>>,
-    /// Serialises history updates with the broadcast, so a subscriber never sees a frame twice or not at all
-    /// between its backfill and its live stream.
-    publish: Mutex<()>,
 }
 
 impl Hub {
@@ -147,7 +144,6 @@ impl Hub {
             services: RwLock::new(BTreeMap::new()),
             alerts: Mutex::new(BTreeMap::new()),
             deploys: Mutex::new(BTreeMap::new()),
-            publish: Mutex::new(()),
         }
     }
 
@@ -182,7 +178,6 @@ impl Hub {
             sealed.correction,
             &overview,
         );
-        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut history = self.history.entry(sealed.service.clone()).or_default();
             keep(&mut history.seconds, frame.clone(), self.history_seconds);
@@ -226,7 +221,6 @@ impl Hub {
         ) else {
             return;
         };
-        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
             if record.state == AlertState::Cleared {
@@ -250,7 +244,6 @@ impl Hub {
         else {
             return;
         };
-        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         self.deploys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -313,7 +306,6 @@ impl Hub {
         &self,
         wanted: impl Fn(&Frame) -> bool,
     ) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
-        let _guard = self.publish.lock().unwrap_or_else(|e| e.into_inner());
         let receiver = self.live.subscribe();
         (receiver, self.backfill(wanted))
     }
@@ -364,6 +356,39 @@ impl Hub {
     }
 }
 
+/// The newest second a subscriber has been sent, per frame kind and service, to skip live frames that its
+/// backfill already carried.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    newest: HashMap<(FrameKind, Arc<str>), i64>,
+}
+
+impl Delivered {
+    /// Notes frames sent from the backfill.
+    pub fn record(&mut self, frames: &[Frame]) {
+        for f in frames
+            .iter()
+            .filter(|f| matches!(f.kind, FrameKind::Second | FrameKind::Overview))
+        {
+            let newest = self
+                .newest
+                .entry((f.kind, f.service.clone()))
+                .or_insert(f.t);
+            *newest = (*newest).max(f.t);
+        }
+    }
+
+    /// Whether a live frame repeats one already sent (corrections and alert states always go out).
+    pub fn already_sent(&self, frame: &Frame) -> bool {
+        !frame.correction
+            && matches!(frame.kind, FrameKind::Second | FrameKind::Overview)
+            && self
+                .newest
+                .get(&(frame.kind, frame.service.clone()))
+                .is_some_and(|t| frame.t <= *t)
+    }
+}
+
 /// One service's stored frames.
 #[derive(Default)]
 struct ServiceHistory {
@@ -393,5 +418,77 @@ fn instance_status(instance: &Instance) -> InstanceStatus {
         id: instance.id.clone(),
         version: instance.version.clone(),
         zone: instance.zone.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: FrameKind, service: &str, t: i64, correction: bool) -> Frame {
+        Frame {
+            kind,
+            service: service.into(),
+            t,
+            correction,
+            json: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn live_frames_already_in_the_backfill_are_skipped_once() {
+        let mut delivered = Delivered::default();
+        delivered.record(&[
+            frame(FrameKind::Second, "a", 10, false),
+            frame(FrameKind::Second, "a", 11, false),
+            frame(FrameKind::Overview, "a", 9, false),
+        ]);
+        let table = [
+            (frame(FrameKind::Second, "a", 11, false), true),
+            (frame(FrameKind::Second, "a", 12, false), false),
+            (frame(FrameKind::Second, "a", 11, true), false),
+            (frame(FrameKind::Overview, "a", 10, false), false),
+            (frame(FrameKind::Second, "b", 5, false), false),
+            (frame(FrameKind::Alert, "a", 1, false), false),
+        ];
+        for (f, skipped) in table {
+            assert_eq!(
+                delivered.already_sent(&f),
+                skipped,
+                "{:?} {} {}",
+                f.kind,
+                f.service,
+                f.t
+            );
+        }
+    }
+
+    #[test]
+    fn publishing_stores_history_for_backfill_and_replaces_corrections() {
+        let hub = Hub::new(600, 64, MainMetrics::default());
+        let sealed = |t: i64, correction: bool| SealedSecond {
+            service: "svc".into(),
+            t,
+            correction,
+            series: Vec::new(),
+            instances: Vec::new(),
+        };
+        let (mut live, backfill) = hub.subscribe(|_| true);
+        assert!(backfill.is_empty());
+        hub.publish_second(sealed(10, false));
+        hub.publish_second(sealed(11, false));
+        hub.publish_second(sealed(10, true));
+        let seconds: Vec<(i64, bool)> = hub
+            .backfill(|f| f.kind == FrameKind::Second)
+            .iter()
+            .map(|f| (f.t, f.correction))
+            .collect();
+        assert_eq!(seconds, vec![(10, true), (11, false)]);
+        // Every publish reached the live receiver too: a second and an overview each time.
+        let mut kinds = Vec::new();
+        while let Ok(f) = live.try_recv() {
+            kinds.push(f.kind);
+        }
+        assert_eq!(kinds.len(), 6);
     }
 }
