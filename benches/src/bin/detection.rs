@@ -212,6 +212,48 @@ async fn watch_stream(http: SocketAddr, seen: Arc<Mutex<Seen>>) -> Result<()> {
     Ok(())
 }
 
+/// A thread with its own runtime for the webhook receiver and the websocket client.
+struct Observers {
+    runtime: tokio::runtime::Handle,
+    receiver: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Observers {
+    fn start(seen: Arc<Mutex<Seen>>) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let for_thread = seen.clone();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            let receiver = runtime.block_on(start_receiver(for_thread));
+            let _ = tx.send(receiver.map(|addr| (runtime.handle().clone(), addr)));
+            runtime.block_on(std::future::pending::<()>());
+        });
+        let (runtime, receiver) = rx.recv()??;
+        Ok(Self {
+            runtime,
+            receiver,
+            seen,
+        })
+    }
+
+    /// Connects the websocket client on the observers' runtime.
+    async fn watch(&self, http: SocketAddr) -> Result<()> {
+        self.runtime
+            .spawn(watch_stream(http, self.seen.clone()))
+            .await?
+    }
+}
+
 fn percentiles(label: &str, mut values: Vec<f64>) {
     if values.is_empty() {
         println!("{label:<44} no samples");
@@ -239,7 +281,10 @@ async fn main() -> Result<()> {
         ..HEALTHY
     };
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let receiver = start_receiver(seen.clone()).await?;
+    // The observers (webhook receiver, websocket client) stand for other machines: they get a runtime and a thread
+    // of their own, so the load on the measured side does not delay them.
+    let observers = Observers::start(seen.clone())?;
+    let receiver = observers.receiver;
     let rules_path =
         std::env::temp_dir().join(format!("strobe-detection-{}.toml", std::process::id()));
     std::fs::write(&rules_path, rules(receiver))?;
@@ -256,7 +301,7 @@ async fn main() -> Result<()> {
     let server = tokio::spawn(aggregator.run(async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
-    watch_stream(http, seen.clone()).await?;
+    observers.watch(http).await?;
 
     let spec = LoadSpec {
         aggregator: format!("http://{grpc}"),
