@@ -19,7 +19,7 @@ pub struct Health {
     pub snapshots_too_late: AtomicU64,
     /// Seconds merged, sealed and published.
     pub seconds_sealed: AtomicU64,
-    /// Corrections published for already sealed seconds.
+    /// Corrections published for already sealed seconds (late snapshots of one second within a tick count once).
     pub corrections: AtomicU64,
     /// Sum of milliseconds from a second's end to its sealing, for the mean.
     pub seal_delay_ms_sum: AtomicU64,

@@ -264,6 +264,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
     let (mut live, backfill) = state.hub.subscribe(|f| subscription.wants(f));
     let mut delivered = Delivered::default();
     delivered.record(&backfill);
+    let mut unflushed = false;
     if send_frames(&mut out, backfill).await.is_err() {
         return;
     }
@@ -271,11 +272,18 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
         tokio::select! {
             received = live.recv() => match received {
                 Ok(frame) => {
-                    if subscription.wants(&frame)
-                        && !delivered.already_sent(&frame)
-                        && out.send(Message::Text(frame.json)).await.is_err()
-                    {
-                        return;
+                    if subscription.wants(&frame) && !delivered.already_sent(&frame) {
+                        if out.feed(Message::Text(frame.json)).await.is_err() {
+                            return;
+                        }
+                        unflushed = true;
+                    }
+                    // Flush once the burst is drained: one write per burst rather than per frame.
+                    if unflushed && live.is_empty() {
+                        if out.flush().await.is_err() {
+                            return;
+                        }
+                        unflushed = false;
                     }
                 }
                 Err(RecvError::Lagged(dropped)) => {

@@ -63,6 +63,8 @@ struct ServiceState {
     windows: ServiceWindows,
     evaluator: Evaluator,
     canary: Canary,
+    /// Corrected seconds not yet published: many late snapshots for one second become one correction per tick.
+    corrections: BTreeMap<i64, SealedSecond>,
 }
 
 /// Handles to the running shards.
@@ -116,8 +118,9 @@ async fn run_shard(
                     windows: ServiceWindows::new(service, context.settings),
                     evaluator: Evaluator::default(),
                     canary: Canary::default(),
+                    corrections: BTreeMap::new(),
                 });
-                apply(&mut state.windows, snapshot, &context);
+                apply(state, snapshot, &context);
                 // A snapshot may complete its second: seal at once rather than at the next tick.
                 for sealed in state.windows.seal_ready(clock::unix_millis()) {
                     publish(sealed, state, &context);
@@ -126,6 +129,9 @@ async fn run_shard(
             _ = tick.tick() => {
                 let now = clock::unix_millis();
                 for state in services.values_mut() {
+                    for (_, corrected) in std::mem::take(&mut state.corrections) {
+                        context.hub.publish_second(corrected);
+                    }
                     for sealed in state.windows.seal_ready(now) {
                         publish(sealed, state, &context);
                     }
@@ -256,9 +262,9 @@ fn canary_alert(verdict: &Verdict, rules: &RuleSet, now_ms: i64) -> Option<Alert
     })
 }
 
-fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &ShardContext) {
+fn apply(state: &mut ServiceState, snapshot: InstanceSecond, context: &ShardContext) {
     let health = &context.health;
-    match windows.apply(snapshot) {
+    match state.windows.apply(snapshot) {
         Applied::Merged { dropped } => {
             health.snapshots_accepted.fetch_add(1, Ordering::Relaxed);
             if dropped > 0 {
@@ -276,8 +282,9 @@ fn apply(windows: &mut ServiceWindows, snapshot: InstanceSecond, context: &Shard
         }
         Applied::Correction(sealed) => {
             health.snapshots_accepted.fetch_add(1, Ordering::Relaxed);
-            health.corrections.fetch_add(1, Ordering::Relaxed);
-            context.hub.publish_second(sealed);
+            if state.corrections.insert(sealed.t, sealed).is_none() {
+                health.corrections.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

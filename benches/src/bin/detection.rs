@@ -97,6 +97,8 @@ struct Seen {
     verdict_bad: HashMap<(String, String), f64>,
     verdict_reason: HashMap<String, String>,
     rule_alerts: HashMap<String, u32>,
+    /// Frames the server dropped because this client fell behind.
+    lagged: u64,
 }
 
 fn unix_ms() -> f64 {
@@ -205,6 +207,7 @@ async fn watch_stream(http: SocketAddr, seen: Arc<Mutex<Seen>>) -> Result<()> {
                         .entry((service, version.to_owned()))
                         .or_insert(at);
                 }
+                Some("lagged") => seen.lagged += frame["dropped"].as_u64().unwrap_or(0),
                 _ => {}
             }
         }
@@ -443,6 +446,10 @@ fn report(
         "\nA/A: {} identical candidates for {} s: {false_verdicts} bad verdicts; {aa_rule_alerts} threshold-rule alerts (rules with for=0s)",
         aa_services.len(),
         args.aa_duration.as_secs()
+    );
+    println!(
+        "websocket observer: {} frames dropped by the server for lag",
+        seen.lagged
     );
     println!(
         "load: {} snapshots sent, {} dropped by the generator",
