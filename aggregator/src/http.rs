@@ -75,12 +75,18 @@ struct SeriesQuery {
 
 async fn series(State(state): State<Arc<AppState>>, Query(q): Query<SeriesQuery>) -> Response {
     match state.hub.service(&q.service) {
-        Some(status) => Json(json!({
-            "service": status.service,
-            "t": status.last_second,
-            "series": status.latest.as_ref(),
-        }))
-        .into_response(),
+        Some(status) => {
+            // The stored frame is the one the stream sent; reading its series back is cheaper than keeping a
+            // second copy of every service's newest second.
+            let frame: serde_json::Value =
+                serde_json::from_str(status.latest.as_str()).unwrap_or_default();
+            Json(json!({
+                "service": status.service,
+                "t": status.last_second,
+                "series": frame["series"],
+            }))
+            .into_response()
+        }
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": format!("no service named {:?} has reported", q.service) })),

@@ -81,9 +81,9 @@ pub struct ServiceStatus {
     pub instances: Vec<InstanceStatus>,
     /// Versions seen: instances in the newest second and the first second each version reported.
     pub versions: BTreeMap<Arc<str>, VersionStatus>,
-    /// The newest sealed second's series.
+    /// The newest sealed second's frame, shared with the stream (read by `/api/v1/series`).
     #[serde(skip)]
-    pub latest: Arc<Vec<SeriesSummary>>,
+    pub latest: Utf8Bytes,
 }
 
 /// One instance in the newest sealed second.
@@ -168,7 +168,7 @@ impl Hub {
         let first_seen = if sealed.correction {
             self.first_seen(&sealed.service)
         } else {
-            self.update_status(&sealed)
+            self.update_status(&sealed, &frame.json)
         };
         let overview = overview::summarize(&sealed, &self.metrics, &first_seen);
         let overview = Frame::encode(
@@ -258,7 +258,7 @@ impl Hub {
     }
 
     /// Updates the service's status; returns each version's first second.
-    fn update_status(&self, sealed: &SealedSecond) -> BTreeMap<Arc<str>, i64> {
+    fn update_status(&self, sealed: &SealedSecond, frame: &Utf8Bytes) -> BTreeMap<Arc<str>, i64> {
         let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
         let status = services
             .entry(sealed.service.clone())
@@ -267,7 +267,7 @@ impl Hub {
                 last_second: sealed.t,
                 instances: Vec::new(),
                 versions: BTreeMap::new(),
-                latest: Arc::new(Vec::new()),
+                latest: frame.clone(),
             });
         status.last_second = sealed.t;
         status.instances = sealed
@@ -275,7 +275,7 @@ impl Hub {
             .iter()
             .map(|i| instance_status(i))
             .collect();
-        status.latest = Arc::new(sealed.series.clone());
+        status.latest = frame.clone();
         for v in status.versions.values_mut() {
             v.instances = 0;
         }

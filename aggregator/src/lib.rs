@@ -74,6 +74,12 @@ pub enum AggregatorError {
     Rules(#[from] rules::StoreError),
 }
 
+async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AggregatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AggregatorError::Bind { what, addr, source })
+}
+
 /// A bound aggregator, ready to run.
 pub struct Aggregator {
     config: AggregatorConfig,
@@ -87,20 +93,8 @@ pub struct Aggregator {
 impl Aggregator {
     /// Binds both listeners.
     pub async fn bind(config: AggregatorConfig) -> Result<Self, AggregatorError> {
-        let grpc = TcpListener::bind(config.grpc_addr)
-            .await
-            .map_err(|source| AggregatorError::Bind {
-                what: "gRPC",
-                addr: config.grpc_addr,
-                source,
-            })?;
-        let http = TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| AggregatorError::Bind {
-                what: "HTTP",
-                addr: config.http_addr,
-                source,
-            })?;
+        let grpc = listen("gRPC", config.grpc_addr).await?;
+        let http = listen("HTTP", config.http_addr).await?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
         let hub = Arc::new(Hub::new(
             history,

@@ -117,6 +117,14 @@ async fn two_agents_merge_into_one_second_with_true_percentiles() {
     let zone = series(&frame, "request.count", None, Some("z2")).expect("zone split");
     assert_eq!(zone["sum"], 5.0);
 
+    // The API serves the newest sealed second of the service.
+    let newest = get_json(http, "/api/v1/series?service=checkout").await;
+    assert_eq!(newest["service"], "checkout");
+    assert!(newest["t"].as_i64().unwrap() >= t, "{newest}");
+    assert!(newest["series"].as_array().is_some(), "{newest}");
+    let (status, _) = http_json(http, "GET", "/api/v1/series?service=nope", "").await;
+    assert_eq!(status, 404);
+
     // The second is in the history a late subscriber gets as backfill.
     let mut late = subscribe(http, &["checkout"]).await;
     let replayed = next_frame(&mut late, Duration::from_secs(5), |f| {
