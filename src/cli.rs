@@ -118,6 +118,12 @@ pub(crate) struct AggregatorArgs {
     /// How long a second stays open for late instances, e.g. `250ms`.
     #[arg(long, env = "STROBE_GRACE", value_parser = humantime::parse_duration)]
     pub(crate) grace: Option<Duration>,
+    /// Past the grace, a second stays open while its snapshots still arrive this often, e.g. `50ms`.
+    #[arg(long, env = "STROBE_GRACE_QUIET", value_parser = humantime::parse_duration)]
+    pub(crate) grace_quiet: Option<Duration>,
+    /// The longest a second stays open after it ends, e.g. `1s`.
+    #[arg(long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
+    pub(crate) grace_max: Option<Duration>,
     /// How much history to keep for backfill, e.g. `10m`.
     #[arg(long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
     pub(crate) history: Option<Duration>,
@@ -267,6 +273,12 @@ impl AggregatorArgs {
         if let Some(v) = self.grace {
             config.grace = v;
         }
+        if let Some(v) = self.grace_quiet {
+            config.grace_quiet = v;
+        }
+        if let Some(v) = self.grace_max {
+            config.grace_max = v;
+        }
         if let Some(v) = self.history {
             config.history = v;
         }
@@ -317,6 +329,7 @@ mod tests {
             r#"
             [aggregator]
             grace = "100ms"
+            grace_max = "2s"
             http_addr = "127.0.0.1:9999"
             [aggregator.limits]
             max_series_per_snapshot = 5
@@ -326,12 +339,21 @@ mod tests {
             "#,
         )
         .unwrap();
-        let cli = Cli::parse_from(["strobe", "aggregator", "--http-addr", "127.0.0.1:1234"]);
+        let cli = Cli::parse_from([
+            "strobe",
+            "aggregator",
+            "--http-addr",
+            "127.0.0.1:1234",
+            "--grace-quiet",
+            "20ms",
+        ]);
         let Command::Aggregator(args) = cli.command else {
             panic!()
         };
         let config = args.apply(file.aggregator);
         assert_eq!(config.grace, Duration::from_millis(100));
+        assert_eq!(config.grace_max, Duration::from_secs(2));
+        assert_eq!(config.grace_quiet, Duration::from_millis(20));
         assert_eq!(config.http_addr.port(), 1234);
         assert_eq!(config.limits.max_series_per_snapshot, 5);
         let cli = Cli::parse_from([

@@ -18,9 +18,15 @@ pub struct AggregatorConfig {
     pub grpc_addr: SocketAddr,
     /// Dashboard, JSON API and websocket.
     pub http_addr: SocketAddr,
-    /// How long after a second ends it stays open for instances that have not reported yet.
+    /// How long after a second ends it stays open for instances that have not reported yet...
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// ...and past that, while snapshots for it still reach the shard this often (a burst being decoded)...
+    #[serde(with = "humantime_serde")]
+    pub grace_quiet: Duration,
+    /// ...but never longer than this after it ends.
+    #[serde(with = "humantime_serde")]
+    pub grace_max: Duration,
     /// How long sealed seconds are kept for backfill.
     #[serde(with = "humantime_serde")]
     pub history: Duration,
@@ -49,6 +55,8 @@ impl Default for AggregatorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
             grace: Duration::from_millis(250),
+            grace_quiet: Duration::from_millis(50),
+            grace_max: Duration::from_secs(1),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),
             shards: 0,

@@ -1,9 +1,9 @@
 //! Shards: each is one task owning a disjoint set of services (by hash of the name). It merges snapshots as they
 //! arrive, seals a second the moment its last expected instance reports, and on a 10 ms tick seals what is past its
-//! grace. After sealing it runs the rules and the canary on the second, then publishes it. One task per shard, so
+//! grace (stretched while the shard is still receiving that second). After sealing it runs the rules and the canary on the second, then publishes it. One task per shard, so
 //! the merge path takes no lock (one service's state is only ever touched by its shard).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,7 +24,7 @@ use crate::model::{InstanceSecond, SealedSecond};
 use crate::overview::MainMetrics;
 use crate::rules::{AlertEvent, Evaluator, EventKind, RuleSet, RulesStore, alert_id};
 use crate::windows::OpenSecond;
-use crate::windows::{Applied, ServiceWindows, WindowSettings};
+use crate::windows::{Applied, Arrivals, ServiceWindows, WindowSettings};
 
 /// How often a shard checks for seconds to seal.
 const TICK: Duration = Duration::from_millis(10);
@@ -64,7 +64,7 @@ struct ServiceState {
     evaluator: Evaluator,
     canary: Canary,
     /// Corrected seconds not yet published: many late snapshots for one second become one correction per tick.
-    corrections: BTreeMap<i64, SealedSecond>,
+    corrections: BTreeSet<i64>,
 }
 
 /// Handles to the running shards.
@@ -104,6 +104,7 @@ async fn run_shard(
     context: Arc<ShardContext>,
 ) {
     let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
+    let mut arrivals = Arrivals::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -113,29 +114,34 @@ async fn run_shard(
                     debug!(message = "Shard stopping.", shard = index);
                     return;
                 };
+                let now = clock::unix_millis();
+                arrivals.record(snapshot.t, now);
                 let service = snapshot.instance.service.clone();
                 let state = services.entry(service.clone()).or_insert_with(|| ServiceState {
                     windows: ServiceWindows::new(service, context.settings),
                     evaluator: Evaluator::default(),
                     canary: Canary::default(),
-                    corrections: BTreeMap::new(),
+                    corrections: BTreeSet::new(),
                 });
                 apply(state, snapshot, &context);
                 // A snapshot may complete its second: seal at once rather than at the next tick.
-                for sealed in state.windows.seal_ready(clock::unix_millis()) {
+                for sealed in state.windows.seal_ready(now, &arrivals) {
                     publish(sealed, state, &context);
                 }
             }
             _ = tick.tick() => {
                 let now = clock::unix_millis();
                 for state in services.values_mut() {
-                    for (_, corrected) in std::mem::take(&mut state.corrections) {
-                        context.hub.publish_second(corrected);
+                    for t in std::mem::take(&mut state.corrections) {
+                        if let Some(corrected) = state.windows.corrected(t) {
+                            context.hub.publish_second(corrected);
+                        }
                     }
-                    for sealed in state.windows.seal_ready(now) {
+                    for sealed in state.windows.seal_ready(now, &arrivals) {
                         publish(sealed, state, &context);
                     }
                 }
+                arrivals.forget_before(now.div_euclid(1000) - context.settings.late_window_secs - 1);
                 let horizon = now.div_euclid(1000) - IDLE_SECONDS;
                 services.retain(|service, s| {
                     let idle = s.windows.is_idle(horizon);
@@ -280,9 +286,9 @@ fn apply(state: &mut ServiceState, snapshot: InstanceSecond, context: &ShardCont
         Applied::TooLate => {
             health.snapshots_too_late.fetch_add(1, Ordering::Relaxed);
         }
-        Applied::Correction(sealed) => {
+        Applied::Correction(t) => {
             health.snapshots_accepted.fetch_add(1, Ordering::Relaxed);
-            if state.corrections.insert(sealed.t, sealed).is_none() {
+            if state.corrections.insert(t) {
                 health.corrections.fetch_add(1, Ordering::Relaxed);
             }
         }

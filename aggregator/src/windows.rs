@@ -1,8 +1,10 @@
 //! One service's open seconds and when to seal them. Pure: the caller passes the wall-clock time in.
 //!
-//! A second is sealed as soon as every instance that reported the previous sealed second has reported it, and at
-//! the latest `grace` after it ended. Ingest is idempotent per (instance, second). A snapshot for a sealed second
-//! still within `late_window` is merged and yields a correction; older ones are refused.
+//! A second is sealed as soon as every instance that reported the previous sealed second has reported it.
+//! Otherwise it waits `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the
+//! shard less than `grace_quiet` ago: a burst of thousands is still being decoded), and never longer than
+//! `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second still within
+//! `late_window` is merged and yields a correction; older ones are refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -13,8 +15,12 @@ use crate::model::{Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSumm
 /// Timing and bounds for one service's windows.
 #[derive(Debug, Clone, Copy)]
 pub struct WindowSettings {
-    /// Milliseconds a second stays open after it ends.
+    /// Milliseconds an incomplete second stays open after it ends...
     pub grace_ms: i64,
+    /// ...and after that, until no snapshot for it has arrived for this many milliseconds...
+    pub grace_quiet_ms: i64,
+    /// ...but never longer than this after it ends.
+    pub grace_max_ms: i64,
     /// Seconds a sealed second still takes late snapshots.
     pub late_window_secs: i64,
     /// Most cells (series times splits) in one second of one service.
@@ -35,6 +41,31 @@ impl OpenSecond {
     }
 }
 
+/// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
+/// still streaming in, sealing it would only turn the rest of it into corrections.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    last: BTreeMap<i64, i64>,
+}
+
+impl Arrivals {
+    /// A snapshot for second `t` arrived at `now_ms`.
+    pub fn record(&mut self, t: i64, now_ms: i64) {
+        let last = self.last.entry(t).or_insert(now_ms);
+        *last = (*last).max(now_ms);
+    }
+
+    /// When the newest snapshot for `t` arrived.
+    pub fn last(&self, t: i64) -> Option<i64> {
+        self.last.get(&t).copied()
+    }
+
+    /// Forgets seconds before `t`.
+    pub fn forget_before(&mut self, t: i64) {
+        self.last = self.last.split_off(&t);
+    }
+}
+
 /// What applying a snapshot did.
 #[derive(Debug)]
 pub enum Applied {
@@ -45,8 +76,9 @@ pub enum Applied {
     },
     /// This instance already reported this second; nothing changed.
     Duplicate,
-    /// Merged into an already sealed second; here is its new content.
-    Correction(SealedSecond),
+    /// Merged into this already sealed second; `corrected` summarizes its new content (once per batch of late
+    /// snapshots, not once per snapshot).
+    Correction(i64),
     /// Older than the late window; refused.
     TooLate,
 }
@@ -90,6 +122,13 @@ impl ServiceWindows {
         self.open.is_empty() && self.last_sealed.is_none_or(|t| t < before_second)
     }
 
+    /// A sealed second's current content, as a correction; `None` once it left the late window.
+    pub fn corrected(&self, t: i64) -> Option<SealedSecond> {
+        self.recent
+            .get(&t)
+            .map(|second| summarize(&self.service, t, second, true))
+    }
+
     /// Merges one instance's second.
     pub fn apply(&mut self, snapshot: InstanceSecond) -> Applied {
         let t = snapshot.t;
@@ -105,13 +144,12 @@ impl ServiceWindows {
             }
             let id = snapshot.instance.id.clone();
             merge_into(second, snapshot, self.settings.max_cells);
-            let correction = summarize(&self.service, t, second, true);
             if t == last {
                 // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
                 // be left out (and only corrected) second after second.
                 self.expected.insert(id);
             }
-            return Applied::Correction(correction);
+            return Applied::Correction(t);
         }
         let second = self.open.entry(t).or_default();
         if second.reporters.contains_key(&snapshot.instance.id) {
@@ -123,16 +161,22 @@ impl ServiceWindows {
     }
 
     /// Seals, oldest first, every open second that is complete or past its grace at `now_ms`.
-    pub fn seal_ready(&mut self, now_ms: i64) -> Vec<SealedSecond> {
+    pub fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
-            let deadline = (t + 1) * 1000 + self.settings.grace_ms;
+            let end = (t + 1) * 1000;
             let complete = !self.expected.is_empty()
                 && self
                     .expected
                     .iter()
                     .all(|id| second.reporters.contains_key(id));
-            if !complete && now_ms < deadline {
+            let quiet = arrivals
+                .last(t)
+                .is_none_or(|last| now_ms >= last.saturating_add(self.settings.grace_quiet_ms));
+            let grace = self.settings.grace_ms;
+            let waited = (now_ms >= end.saturating_add(grace) && quiet)
+                || now_ms >= end.saturating_add(self.settings.grace_max_ms.max(grace));
+            if !complete && !waited {
                 break;
             }
             let Some(second) = self.open.remove(&t) else {
@@ -233,6 +277,8 @@ mod tests {
 
     const SETTINGS: WindowSettings = WindowSettings {
         grace_ms: 250,
+        grace_quiet_ms: 50,
+        grace_max_ms: 1000,
         late_window_secs: 10,
         max_cells: 1000,
     };
@@ -282,7 +328,7 @@ mod tests {
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 2.0));
         w.apply(counter(&c, 10, 4.0));
-        let sealed = w.seal_ready(11_250);
+        let sealed = w.seal_ready(11_250, &Arrivals::default());
         assert_eq!(sealed.len(), 1);
         let table = [
             (None, None, (7.0, 3)),
@@ -309,21 +355,52 @@ mod tests {
         // Second 10: nobody is expected yet, so it waits for the grace.
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 1.0));
-        assert!(w.seal_ready(11_100).is_empty());
-        assert_eq!(w.seal_ready(11_250).len(), 1);
+        assert!(w.seal_ready(11_100, &Arrivals::default()).is_empty());
+        assert_eq!(w.seal_ready(11_250, &Arrivals::default()).len(), 1);
         // Second 11: both expected; sealed the moment the second arrives.
         w.apply(counter(&a, 11, 1.0));
-        assert!(w.seal_ready(12_001).is_empty());
+        assert!(w.seal_ready(12_001, &Arrivals::default()).is_empty());
         w.apply(counter(&b, 11, 1.0));
-        let sealed = w.seal_ready(12_002);
+        let sealed = w.seal_ready(12_002, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [11]);
         // Second 12: b is gone; 13 is complete early but waits for 12, then both go in order.
         w.apply(counter(&a, 12, 1.0));
         w.apply(counter(&a, 13, 1.0));
-        assert!(w.seal_ready(13_100).is_empty());
-        let sealed = w.seal_ready(13_250);
+        assert!(w.seal_ready(13_100, &Arrivals::default()).is_empty());
+        let sealed = w.seal_ready(13_250, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
         assert_eq!(w.last_sealed(), Some(13));
+    }
+
+    #[test]
+    fn an_incomplete_second_waits_past_its_grace_while_snapshots_still_arrive() {
+        let a = instance("a", "v1", None);
+        let b = instance("b", "v1", None);
+        let c = instance("c", "v1", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut arrivals = Arrivals::default();
+        for i in [&a, &b] {
+            w.apply(counter(i, 10, 1.0));
+        }
+        w.seal_ready(11_250, &arrivals);
+        // Second 11: a reports; the shard is still receiving second 11 (for other services) at 11_240.
+        w.apply(counter(&a, 11, 1.0));
+        arrivals.record(11, 12_240);
+        assert!(w.seal_ready(12_260, &arrivals).is_empty(), "still arriving");
+        w.apply(counter(&c, 11, 1.0));
+        arrivals.record(11, 12_280);
+        assert!(w.seal_ready(12_320, &arrivals).is_empty());
+        // Quiet for 50 ms: sealed without b.
+        let sealed = w.seal_ready(12_330, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
+        // Second 12 keeps streaming in forever: sealed at the latest grace_max after it ends.
+        w.apply(counter(&a, 12, 1.0));
+        arrivals.record(12, 13_990);
+        assert!(w.seal_ready(13_995, &arrivals).is_empty());
+        assert_eq!(w.seal_ready(14_000, &arrivals).len(), 1);
+        arrivals.forget_before(12);
+        assert_eq!(arrivals.last(11), None);
+        assert_eq!(arrivals.last(12), Some(13_990));
     }
 
     #[test]
@@ -333,19 +410,19 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 1.0));
-        w.seal_ready(11_250);
+        w.seal_ready(11_250, &Arrivals::default());
         // b is late for 11: 11 seals at its grace without b, and b's data becomes a correction.
         w.apply(counter(&a, 11, 1.0));
-        assert_eq!(w.seal_ready(12_250).len(), 1);
+        assert_eq!(w.seal_ready(12_250, &Arrivals::default()).len(), 1);
         assert!(matches!(
             w.apply(counter(&b, 11, 1.0)),
             Applied::Correction(_)
         ));
         // 12 is not complete with a alone: b is expected again.
         w.apply(counter(&a, 12, 1.0));
-        assert!(w.seal_ready(13_010).is_empty());
+        assert!(w.seal_ready(13_010, &Arrivals::default()).is_empty());
         w.apply(counter(&b, 12, 1.0));
-        let sealed = w.seal_ready(13_020);
+        let sealed = w.seal_ready(13_020, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
     }
 
@@ -359,12 +436,14 @@ mod tests {
             Applied::Merged { dropped: 0 }
         ));
         assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
-        let sealed = w.seal_ready(11_250);
+        let sealed = w.seal_ready(11_250, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));
         // b was late: its second-10 data corrects the sealed second.
-        let Applied::Correction(corrected) = w.apply(counter(&b, 10, 5.0)) else {
-            panic!("expected a correction")
-        };
+        assert!(matches!(
+            w.apply(counter(&b, 10, 5.0)),
+            Applied::Correction(10)
+        ));
+        let corrected = w.corrected(10).unwrap();
         assert!(corrected.correction);
         assert_eq!(sum_of(&corrected, None, None), (6.0, 2));
         // Replays of either, before or after sealing, change nothing.
@@ -374,7 +453,7 @@ mod tests {
         for t in 11..30 {
             w.apply(counter(&a, t, 1.0));
         }
-        w.seal_ready(31_000);
+        w.seal_ready(31_000, &Arrivals::default());
         assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
     }
 
@@ -395,7 +474,7 @@ mod tests {
             SeriesValue::Counter(1.0),
         ));
         assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));
-        let sealed = w.seal_ready(20_000);
+        let sealed = w.seal_ready(20_000, &Arrivals::default());
         assert_eq!(sealed[0].series.len(), 2);
     }
 }

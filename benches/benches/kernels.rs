@@ -12,7 +12,7 @@ use strobe_agent::{Window, WindowLimits};
 use strobe_aggregator::Limits;
 use strobe_aggregator::model::Instance;
 use strobe_aggregator::validate::validate_snapshot;
-use strobe_aggregator::windows::{ServiceWindows, WindowSettings};
+use strobe_aggregator::windows::{Arrivals, ServiceWindows, WindowSettings};
 use strobe_benches::sim::{Behavior, simulate_second};
 use strobe_proto as pb;
 
@@ -98,6 +98,8 @@ fn aggregator(c: &mut Criterion) {
     group.bench_function("merge_and_seal_100_instances", |b| {
         let settings = WindowSettings {
             grace_ms: 250,
+            grace_quiet_ms: 50,
+            grace_max_ms: 1000,
             late_window_secs: 10,
             max_cells: 150_000,
         };
@@ -108,7 +110,7 @@ fn aggregator(c: &mut Criterion) {
                 for s in seconds {
                     w.apply(s);
                 }
-                w.seal_ready(i64::MAX / 2)
+                w.seal_ready(i64::MAX / 2, &Arrivals::default())
             },
             BatchSize::SmallInput,
         )
