@@ -19,6 +19,10 @@ use strobe_benches::loadgen::{Deploy, Fleet, LoadSpec, service_name};
 use strobe_benches::sim::Behavior;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The same allocator as the `strobe` binary, so the aggregator here costs what it costs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Simulated instances.
@@ -96,6 +100,8 @@ struct Seen {
     webhook: HashMap<(String, String), f64>,
     verdict_bad: HashMap<(String, String), f64>,
     verdict_reason: HashMap<String, String>,
+    /// The second each first bad verdict was about, and the candidate's samples then.
+    verdict_detail: HashMap<(String, String), (i64, String)>,
     rule_alerts: HashMap<String, u32>,
     /// Frames the server dropped because this client fell behind.
     lagged: u64,
@@ -203,6 +209,17 @@ async fn watch_stream(http: SocketAddr, seen: Arc<Mutex<Seen>>) -> Result<()> {
                     let version = frame["deploy"]["candidate"].as_str().unwrap_or_default();
                     seen.verdict_reason
                         .insert(service.clone(), frame["deploy"]["reason"].to_string());
+                    let detail = (
+                        frame["deploy"]["t"].as_i64().unwrap_or_default(),
+                        format!(
+                            "{} n={}",
+                            frame["deploy"]["reason"]["metric"].as_str().unwrap_or("?"),
+                            frame["deploy"]["reason"]["candidate_samples"]
+                        ),
+                    );
+                    seen.verdict_detail
+                        .entry((service.clone(), version.to_owned()))
+                        .or_insert(detail);
                     seen.verdict_bad
                         .entry((service, version.to_owned()))
                         .or_insert(at);
@@ -393,6 +410,28 @@ fn report(
     fleet: &Fleet,
 ) {
     let kinds = [Kind::Errors5x, Kind::P99x2, Kind::P99x1_5];
+    println!("\neach trial: first bad request at second+fraction; ms after it to ...");
+    for (kind, key, at) in results {
+        let after = |map: &HashMap<(String, String), f64>| {
+            map.get(key)
+                .map_or("-".to_owned(), |seen| format!("{:.0}", seen - at))
+        };
+        let (second, why) = seen
+            .verdict_detail
+            .get(key)
+            .map_or((0, "-".to_owned()), |(t, why)| (*t, why.clone()));
+        let first = (at / 1000.0).floor() as i64;
+        println!(
+            "  {:<9} {} +{:.2}: ws {:>5} webhook {:>5} verdict {:>5} (second +{}, {why})",
+            kind.name(),
+            key.0,
+            (at / 1000.0).fract(),
+            after(&seen.ws_alert),
+            after(&seen.webhook),
+            after(&seen.verdict_bad),
+            second - first,
+        );
+    }
     println!("\nfirst bad request -> ...");
     for kind in kinds {
         let mine: Vec<&(Kind, (String, String), f64)> =
