@@ -6,6 +6,43 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
+/// Upper bounds (milliseconds) of the delay histograms' buckets; the last bucket is `+Inf`.
+const DELAY_BOUNDS_MS: [u64; 12] = [5, 10, 25, 50, 100, 150, 200, 250, 500, 1000, 2500, 5000];
+
+/// A Prometheus histogram of delays after the end of a second.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    /// Per bucket (not cumulative), the last for larger delays.
+    buckets: [AtomicU64; DELAY_BOUNDS_MS.len() + 1],
+    sum_ms: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Records one delay.
+    pub fn observe(&self, delay_ms: u64) {
+        let bucket = DELAY_BOUNDS_MS
+            .iter()
+            .position(|bound| delay_ms <= *bound)
+            .unwrap_or(DELAY_BOUNDS_MS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(delay_ms, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = DELAY_BOUNDS_MS
+                .get(i)
+                .map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
 /// Counters and gauges about the aggregator itself.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -21,8 +58,10 @@ pub struct Health {
     pub seconds_sealed: AtomicU64,
     /// Corrections published for already sealed seconds (late snapshots of one second within a tick count once).
     pub corrections: AtomicU64,
-    /// Sum of milliseconds from a second's end to its sealing, for the mean.
-    pub seal_delay_ms_sum: AtomicU64,
+    /// From a second's end to its sealing.
+    pub seal_delay: DelayHistogram,
+    /// From a second's end to a snapshot of it reaching its shard.
+    pub arrival_delay: DelayHistogram,
     /// Websocket clients connected now.
     pub websocket_clients: AtomicI64,
     /// Frames not delivered to websocket clients that fell behind.
@@ -95,12 +134,6 @@ impl Health {
             get(&self.corrections),
         );
         metric(
-            "strobe_seal_delay_milliseconds_sum",
-            "counter",
-            "Sum over sealed seconds of the delay from the second's end to sealing.",
-            get(&self.seal_delay_ms_sum),
-        );
-        metric(
             "strobe_websocket_clients",
             "gauge",
             "Websocket clients connected now.",
@@ -142,6 +175,16 @@ impl Health {
             "Webhook delivery retries.",
             get(&self.webhook_retries),
         );
+        self.seal_delay.render(
+            &mut out,
+            "strobe_seal_delay_seconds",
+            "From the end of a service-second to its sealing.",
+        );
+        self.arrival_delay.render(
+            &mut out,
+            "strobe_snapshot_arrival_delay_seconds",
+            "From the end of a second to a snapshot of it reaching its shard.",
+        );
         let _ = writeln!(
             out,
             "# HELP strobe_dropped_total Messages refused or series dropped, by the limit hit.\n# TYPE strobe_dropped_total counter"
@@ -156,5 +199,36 @@ impl Health {
             let _ = writeln!(out, "strobe_dropped_total{{limit=\"{limit}\"}} {n}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_delays_render_as_a_cumulative_prometheus_histogram() {
+        let health = Health::default();
+        for ms in [3, 5, 40, 260, 260, 9000] {
+            health.seal_delay.observe(ms);
+        }
+        let text = health.render(0);
+        for line in [
+            "# TYPE strobe_seal_delay_seconds histogram",
+            "strobe_seal_delay_seconds_bucket{le=\"0.005\"} 2",
+            "strobe_seal_delay_seconds_bucket{le=\"0.05\"} 3",
+            "strobe_seal_delay_seconds_bucket{le=\"0.25\"} 3",
+            "strobe_snapshot_arrival_delay_seconds_count 0",
+            "strobe_seal_delay_seconds_bucket{le=\"0.5\"} 5",
+            "strobe_seal_delay_seconds_bucket{le=\"5\"} 5",
+            "strobe_seal_delay_seconds_bucket{le=\"+Inf\"} 6",
+            "strobe_seal_delay_seconds_sum 9.568",
+            "strobe_seal_delay_seconds_count 6",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
     }
 }

@@ -122,6 +122,11 @@ impl Aggregator {
         self.http.local_addr().unwrap_or(self.config.http_addr)
     }
 
+    /// The aggregator's own counters (what `/metrics` shows).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn run(
         self,

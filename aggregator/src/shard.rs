@@ -116,6 +116,7 @@ async fn run_shard(
                 };
                 let now = clock::unix_millis();
                 arrivals.record(snapshot.t, now);
+                context.health.arrival_delay.observe((now - (snapshot.t + 1) * 1000).max(0) as u64);
                 let service = snapshot.instance.service.clone();
                 let state = services.entry(service.clone()).or_insert_with(|| ServiceState {
                     windows: ServiceWindows::new(service, context.settings),
@@ -134,6 +135,12 @@ async fn run_shard(
                 for state in services.values_mut() {
                     for t in std::mem::take(&mut state.corrections) {
                         if let Some(corrected) = state.windows.corrected(t) {
+                            // Late data still counts as evidence for the canary (not for threshold rules, which
+                            // judged the second when it was sealed, like a Prometheus rule evaluation).
+                            if context.canary.enabled && let Some(second) = state.windows.sealed(t) {
+                                let versions = version_seconds(second, &corrected, &context.metrics);
+                                state.canary.correct(t, versions);
+                            }
                             context.hub.publish_second(corrected);
                         }
                     }
@@ -322,9 +329,6 @@ fn publish(sealed: SealedSecond, state: &mut ServiceState, context: &ShardContex
         .health
         .seconds_sealed
         .fetch_add(1, Ordering::Relaxed);
-    context
-        .health
-        .seal_delay_ms_sum
-        .fetch_add(delay.max(0) as u64, Ordering::Relaxed);
+    context.health.seal_delay.observe(delay.max(0) as u64);
     context.hub.publish_second(sealed);
 }

@@ -209,6 +209,25 @@ impl Canary {
         self.deployment.as_ref().map(|d| &d.verdict)
     }
 
+    /// Late snapshots changed an already observed second: its numbers replace what the comparison counted for it.
+    /// The next sealed second is judged with them.
+    pub fn correct(&mut self, t: i64, mut seconds: BTreeMap<Arc<str>, VersionSecond>) {
+        let Some(d) = &mut self.deployment else {
+            return;
+        };
+        let Some((_, c, b)) = d.window.iter_mut().find(|(second, _, _)| *second == t) else {
+            return;
+        };
+        let new_c = seconds.remove(&d.candidate).unwrap_or_default();
+        let new_b = seconds.remove(&d.baseline).unwrap_or_default();
+        d.candidate_side.subtract(c);
+        d.candidate_side.add(&new_c);
+        d.baseline_side.subtract(b);
+        d.baseline_side.add(&new_b);
+        *c = new_c;
+        *b = new_b;
+    }
+
     /// Feeds one sealed second; returns the verdicts that changed (a finished deployment's last one first).
     pub fn observe(
         &mut self,
@@ -529,6 +548,52 @@ mod tests {
                 "seed {seed}"
             );
         }
+    }
+
+    #[test]
+    fn late_data_replaces_what_was_counted_for_its_second() {
+        let settings = CanarySettings::default();
+        let service: Arc<str> = "svc".into();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut canary = Canary::default();
+        for t in 0..3 {
+            let seconds = BTreeMap::from([(Arc::from("v1"), second(&mut rng, &BASE, 8))]);
+            canary.observe(&service, t, seconds, &settings);
+        }
+        // Second 3 sealed with only part of the candidate (one of its instances was late)...
+        let partial = VersionSecond {
+            requests: 100.0,
+            errors: 1.0,
+            ..second(&mut rng, &BASE, 1)
+        };
+        let base = second(&mut rng, &BASE, 8);
+        let sealed = BTreeMap::from([(Arc::from("v1"), base.clone()), (Arc::from("v2"), partial)]);
+        canary.observe(&service, 3, sealed, &settings);
+        // ...then the late instance's data arrived.
+        let whole = VersionSecond {
+            requests: 400.0,
+            errors: 4.0,
+            ..second(&mut rng, &BASE, 2)
+        };
+        let latency_samples = whole.latency.as_ref().map(|(h, _)| h.len());
+        canary.correct(
+            3,
+            BTreeMap::from([(Arc::from("v1"), base), (Arc::from("v2"), whole)]),
+        );
+        let d = canary.deployment.as_ref().unwrap();
+        assert_eq!(d.candidate_side.requests, 400.0);
+        assert_eq!(d.candidate_side.errors, 4.0);
+        assert_eq!(
+            d.candidate_side.latency.as_ref().map(Histogram::len),
+            latency_samples
+        );
+        assert_eq!(d.window.back().map(|(_, c, _)| c.requests), Some(400.0));
+        // A correction for a second the comparison never counted changes nothing.
+        canary.correct(1, BTreeMap::new());
+        assert_eq!(
+            canary.deployment.as_ref().unwrap().candidate_side.requests,
+            400.0
+        );
     }
 
     #[test]

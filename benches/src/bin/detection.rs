@@ -316,6 +316,7 @@ async fn main() -> Result<()> {
     };
     config.canary.settle = Duration::from_secs(3);
     let aggregator = Aggregator::bind(config).await?;
+    let health = aggregator.health();
     let (grpc, http) = (aggregator.grpc_addr(), aggregator.http_addr());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(aggregator.run(async move {
@@ -332,7 +333,18 @@ async fn main() -> Result<()> {
         connections: args.connections,
         behavior: healthy,
     };
-    let fleet = Fleet::start(spec).await.context("starting the fleet")?;
+    // The fleet stands for thousands of other machines: it gets a runtime of its own, so its ten thousand shipper
+    // tasks compete with the aggregator for the CPU (as other processes would) and not in the aggregator's task
+    // queues (as no real fleet could).
+    let fleet_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fleet")
+        .enable_all()
+        .build()?;
+    let fleet = fleet_runtime
+        .spawn(Fleet::start(spec))
+        .await?
+        .context("starting the fleet")?;
     println!(
         "fleet: {} instances over {} services, {} req/s each; deploys of {} instances; warming up",
         args.agents, args.services, args.rps, args.candidates
@@ -396,7 +408,18 @@ async fn main() -> Result<()> {
     tokio::time::sleep(remaining).await;
 
     report(&seen.lock().unwrap(), &results, &aa_services, &args, &fleet);
-    fleet.stop().await;
+    println!("\naggregator (from /metrics):");
+    for line in health.render(0).lines().filter(|l| {
+        l.starts_with("strobe_seal_delay_seconds")
+            || l.starts_with("strobe_snapshot_arrival_delay_seconds")
+            || l.starts_with("strobe_corrections_total")
+            || l.starts_with("strobe_seconds_sealed_total")
+            || l.starts_with("strobe_snapshots_")
+    }) {
+        println!("  {line}");
+    }
+    fleet_runtime.spawn(fleet.stop()).await?;
+    fleet_runtime.shutdown_background();
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
