@@ -1,7 +1,8 @@
 //! Shards: each is one task owning a disjoint set of services (by hash of the name). It merges snapshots as they
 //! arrive, seals a second the moment its last expected instance reports, and on a 10 ms tick seals what is past its
-//! grace (stretched while the shard is still receiving that second). After sealing it runs the rules and the canary on the second, then publishes it. One task per shard, so
-//! the merge path takes no lock (one service's state is only ever touched by its shard).
+//! grace (stretched while the shard is still receiving that second). After sealing it runs the rules and the canary
+//! on the second, then publishes it. One task per shard, so the merge path takes no lock (one service's state is
+//! only ever touched by its shard).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;

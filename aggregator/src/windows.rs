@@ -76,8 +76,8 @@ pub enum Applied {
     },
     /// This instance already reported this second; nothing changed.
     Duplicate,
-    /// Merged into this already sealed second; `corrected` summarizes its new content (once per batch of late
-    /// snapshots, not once per snapshot).
+    /// Merged into this already sealed second; [`ServiceWindows::corrected`] summarizes its new content (once per
+    /// batch of late snapshots, not once per snapshot).
     Correction(i64),
     /// Older than the late window; refused.
     TooLate,
@@ -383,7 +383,7 @@ mod tests {
             w.apply(counter(i, 10, 1.0));
         }
         w.seal_ready(11_250, &arrivals);
-        // Second 11: a reports; the shard is still receiving second 11 (for other services) at 11_240.
+        // Second 11: a reports; the shard is still receiving second 11 (for other services) at 12_240.
         w.apply(counter(&a, 11, 1.0));
         arrivals.record(11, 12_240);
         assert!(w.seal_ready(12_260, &arrivals).is_empty(), "still arriving");

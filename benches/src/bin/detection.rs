@@ -98,6 +98,9 @@ impl Kind {
 struct Seen {
     ws_alert: HashMap<(String, String), f64>,
     webhook: HashMap<(String, String), f64>,
+    /// For each first webhook: milliseconds from the end of the second the alert was decided on to its arrival
+    /// (the pipeline's own share, whatever the statistics of the trial).
+    webhook_pipeline: HashMap<(String, String), f64>,
     verdict_bad: HashMap<(String, String), f64>,
     verdict_reason: HashMap<String, String>,
     /// The second each first bad verdict was about, and the candidate's samples then.
@@ -160,7 +163,21 @@ async fn start_receiver(seen: Arc<Mutex<Seen>>) -> Result<SocketAddr> {
                         .as_str()
                         .unwrap_or_default();
                     let key = (service.to_owned(), version.to_owned());
-                    seen.lock().unwrap().webhook.entry(key).or_insert(at);
+                    // A rule with `for = 0s` fires on its first breaching second; a canary alert on the second of
+                    // its verdict.
+                    let decided = if v["strobe"]["rule"] == "canary" {
+                        v["strobe"]["evidence"]["t"].as_i64()
+                    } else {
+                        v["strobe"]["since"].as_i64()
+                    };
+                    let mut seen = seen.lock().unwrap();
+                    if !seen.webhook.contains_key(&key) {
+                        seen.webhook.insert(key.clone(), at);
+                        if let Some(t) = decided {
+                            seen.webhook_pipeline
+                                .insert(key, at - ((t + 1) * 1000) as f64);
+                        }
+                    }
                 }
             }
         }),
@@ -488,6 +505,14 @@ fn report(
             mine.len()
         );
     }
+    let trial_keys: Vec<&(String, String)> = results.iter().map(|(_, key, _)| key).collect();
+    percentiles(
+        "end of the deciding second -> webhook",
+        trial_keys
+            .iter()
+            .filter_map(|key| seen.webhook_pipeline.get(*key).copied())
+            .collect(),
+    );
     let false_verdicts = aa_services
         .iter()
         .filter(|s| {
