@@ -3,7 +3,7 @@
 //! on the websocket, to the webhook, and to the canary's `bad` verdict is measured over many trials. Identical
 //! ("A/A") candidates run alongside for the whole run to count false verdicts.
 //!
-//! `cargo run --release -p strobe-benches --bin detection -- --agents 10000 --trials 30 --aa-duration 10m`
+//! `cargo run --release -p strobe-benches --bin detection -- --agents 10000 --trials 60 --aa-duration 10m`
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -456,20 +456,21 @@ fn report(
             map.get(key)
                 .map_or("-".to_owned(), |seen| format!("{:.0}", seen - at))
         };
-        let (second, why) = seen
+        let first = (at / 1000.0).floor() as i64;
+        let verdict = seen
             .verdict_detail
             .get(key)
-            .map_or((0, "-".to_owned()), |(t, why)| (*t, why.clone()));
-        let first = (at / 1000.0).floor() as i64;
+            .map_or("no verdict".to_owned(), |(t, why)| {
+                format!("second +{}, {why}", t - first)
+            });
         println!(
-            "  {:<9} {} +{:.2}: ws {:>5} webhook {:>5} verdict {:>5} (second +{}, {why})",
+            "  {:<9} {} +{:.2}: ws {:>5} webhook {:>5} verdict {:>5} ({verdict})",
             kind.name(),
             key.0,
             (at / 1000.0).fract(),
             after(&seen.ws_alert),
             after(&seen.webhook),
             after(&seen.verdict_bad),
-            second - first,
         );
     }
     println!("\nfirst bad request -> ...");
@@ -505,12 +506,11 @@ fn report(
             mine.len()
         );
     }
-    let trial_keys: Vec<&(String, String)> = results.iter().map(|(_, key, _)| key).collect();
     percentiles(
         "end of the deciding second -> webhook",
-        trial_keys
+        results
             .iter()
-            .filter_map(|key| seen.webhook_pipeline.get(*key).copied())
+            .filter_map(|(_, key, _)| seen.webhook_pipeline.get(key).copied())
             .collect(),
     );
     let false_verdicts = aa_services
