@@ -206,7 +206,7 @@ impl Tracker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rules::config::{Comparison, DEFAULT_KEEP_FIRING_FOR_SECS};
 
@@ -227,7 +227,12 @@ mod tests {
         }
     }
 
-    fn summary(metric: &str, version: Option<&str>, stats: Stats) -> SeriesSummary {
+    /// One series of service `svc`, from one instance, for rule tests here and in `rules`.
+    pub(in crate::rules) fn summary(
+        metric: &str,
+        version: Option<&str>,
+        stats: Stats,
+    ) -> SeriesSummary {
         SeriesSummary {
             service: "svc".into(),
             metric: metric.into(),

@@ -235,18 +235,13 @@ fn event(
 
 #[cfg(test)]
 mod tests {
+    use super::eval::tests::summary;
     use super::*;
-    use crate::model::{SeriesSummary, Stats};
+    use crate::model::Stats;
 
     fn second(t: i64, errors: f64) -> SealedSecond {
-        let counter = |metric: &str, version: Option<&str>, sum: f64| SeriesSummary {
-            service: "svc".into(),
-            metric: metric.into(),
-            tags: BTreeMap::new(),
-            version: version.map(Into::into),
-            zone: None,
-            instances: 1,
-            stats: Stats::Counter { sum },
+        let counter = |metric: &str, version: Option<&str>, sum: f64| {
+            summary(metric, version, Stats::Counter { sum })
         };
         SealedSecond {
             service: "svc".into(),
