@@ -187,9 +187,9 @@ pub(crate) struct DemoArgs {
 
 impl LoadgenArgs {
     /// The plan the flags describe.
-    pub(crate) fn plan(self) -> strobe_benches::loadgen::LoadPlan {
-        use strobe_benches::loadgen::{Deploy, LoadPlan, LoadSpec};
-        use strobe_benches::sim::Behavior;
+    pub(crate) fn plan(self) -> strobe_sim::loadgen::LoadPlan {
+        use strobe_sim::loadgen::{Deploy, LoadPlan, LoadSpec};
+        use strobe_sim::sim::Behavior;
         let healthy = Behavior {
             rps: self.rps,
             error_ratio: self.error_ratio,

@@ -70,12 +70,12 @@ async fn run(cli: Cli) -> Result<()> {
             let mut aggregator = file.aggregator;
             aggregator.http_addr = args.http_addr;
             aggregator.grpc_addr = args.grpc_addr;
-            let config = strobe_benches::demo::DemoConfig {
+            let config = strobe_sim::demo::DemoConfig {
                 aggregator,
                 bad_deploy_after: args.bad_deploy_after,
             };
             let after = args.bad_deploy_after;
-            strobe_benches::demo::run_demo(
+            strobe_sim::demo::run_demo(
                 config,
                 |http| {
                     println!("strobe demo: dashboard at http://{http}/  (checkout v42, a bad deploy, rolls out in {}s)", after.as_secs());
@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await?;
         }
         Command::Loadgen(args) => {
-            strobe_benches::loadgen::run_loadgen(args.plan(), shutdown_signal()).await?;
+            strobe_sim::loadgen::run_loadgen(args.plan(), shutdown_signal()).await?;
         }
     }
     Ok(())

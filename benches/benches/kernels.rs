@@ -13,8 +13,8 @@ use strobe_aggregator::Limits;
 use strobe_aggregator::model::Instance;
 use strobe_aggregator::validate::validate_snapshot;
 use strobe_aggregator::windows::{Arrivals, ServiceWindows, WindowSettings};
-use strobe_benches::sim::{Behavior, simulate_second};
 use strobe_proto as pb;
+use strobe_sim::sim::{Behavior, simulate_second};
 
 fn packet() -> Vec<u8> {
     let mut p = String::new();

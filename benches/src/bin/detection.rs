@@ -15,8 +15,8 @@ use clap::Parser;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use strobe_aggregator::{Aggregator, AggregatorConfig};
-use strobe_benches::loadgen::{Deploy, Fleet, LoadSpec, service_name};
-use strobe_benches::sim::Behavior;
+use strobe_sim::loadgen::{Deploy, Fleet, LoadSpec, service_name};
+use strobe_sim::sim::Behavior;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The same allocator as the `strobe` binary, so the aggregator here costs what it costs there.
