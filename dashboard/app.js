@@ -1,4 +1,4 @@
-// Strobe dashboard: reads only the public API (/api/v1/stream, /api/v1/alerts, /api/v1/services).
+// Strobe dashboard: reads only the public API (/api/v1/stream, /api/v1/alerts, POST /api/v1/alerts/{id}/ack).
 // Overview tiles come from "overview" frames; the service view from "second" frames of one service.
 "use strict";
 

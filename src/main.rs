@@ -94,7 +94,11 @@ async fn run(cli: Cli) -> Result<()> {
 /// Completes on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            // Without a Ctrl-C handler, SIGTERM (below) still stops the process.
+            tracing::warn!(message = "Cannot listen for Ctrl-C.", %error);
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {

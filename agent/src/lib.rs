@@ -222,8 +222,13 @@ async fn ship(
     tx: &mpsc::Sender<pb::Snapshot>,
     closed: Option<(pb::Snapshot, window::WindowStats)>,
 ) {
-    if let Some((snapshot, _)) = closed {
-        // The shipper only stops when this sender is dropped, so a send cannot fail while the loop runs.
-        let _ = tx.send(snapshot).await;
+    if let Some((snapshot, _)) = closed
+        && let Err(lost) = tx.send(snapshot).await
+    {
+        // The shipper stops only when this sender is dropped, so this means it failed: say which second is lost.
+        tracing::error!(
+            message = "Shipper stopped; snapshot not sent.",
+            second = lost.0.second
+        );
     }
 }

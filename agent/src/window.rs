@@ -182,8 +182,11 @@ impl Window {
                         v
                     };
                     let recorded = (clamped * f64::from(HISTOGRAM_SCALE)).round() as u64;
-                    // The histogram auto-resizes, and the value is bounded above, so this cannot fail.
-                    let _ = hist.record_n(recorded, count);
+                    // The histogram auto-resizes and the value is bounded above, so this should not fail; if it
+                    // does, the value is counted as malformed rather than lost silently.
+                    if hist.record_n(recorded, count).is_err() {
+                        self.stats.lines_malformed += 1;
+                    }
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! The aggregator's configuration: addresses, timing and every limit, each a named value with a default.
+//! The aggregator's configuration: addresses, timing and every setting, each a named value with a default. The
+//! composition root's view: it gathers each room's own settings type; no room imports this module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,9 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::alerts::DeliverySettings;
-use crate::canary::CanarySettings;
-use crate::overview::MainMetrics;
+use crate::alerting::alerts::DeliverySettings;
+use crate::alerting::canary::CanarySettings;
+use crate::limits::Limits;
+use crate::model::MainMetrics;
 
 /// Everything the aggregator needs to run. Deserialises from the `[aggregator]` table of the TOML config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,50 +79,6 @@ impl AggregatorConfig {
             self.shards
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
-        }
-    }
-}
-
-/// Bounds on what agents and browsers may send or cost. Data past a bound is dropped and counted, with a reason.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Largest gRPC message accepted, in bytes.
-    pub max_message_bytes: usize,
-    /// Most series in one snapshot; the rest are dropped and reported.
-    pub max_series_per_snapshot: usize,
-    /// Most tags on one series.
-    pub max_tags_per_series: usize,
-    /// Longest metric name, tag key or tag value, and identity field, in bytes.
-    pub max_name_bytes: usize,
-    /// Most significant digits a histogram may declare (memory grows tenfold per digit).
-    pub max_histogram_sigfig: u8,
-    /// Largest highest-trackable value a histogram may declare.
-    pub max_histogram_value: u64,
-    /// Largest histogram scale (recorded integers per unit).
-    pub max_histogram_scale: u32,
-    /// How far in the future a snapshot's second may be.
-    #[serde(with = "humantime_serde")]
-    pub max_future_skew: Duration,
-    /// Most distinct series one service may have in one second (all instances together).
-    pub max_series_per_service: usize,
-    /// Frames a websocket client may fall behind before it loses frames (and is told so).
-    pub subscriber_buffer_frames: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 4 * 1024 * 1024,
-            max_series_per_snapshot: 10_000,
-            max_tags_per_series: 32,
-            max_name_bytes: 200,
-            max_histogram_sigfig: 3,
-            max_histogram_value: 1 << 53,
-            max_histogram_scale: 1_000_000,
-            max_future_skew: Duration::from_secs(5),
-            max_series_per_service: 50_000,
-            subscriber_buffer_frames: 4096,
         }
     }
 }

@@ -1,205 +1,278 @@
-//! The aggregator's own counters, exposed in Prometheus text format at `/metrics`. Every dropped or refused
-//! piece of data increments a counter here as well as being logged.
+//! The aggregator's own health: typed counters, gauges and histograms registered with `prometheus-client` and
+//! exposed at `/metrics`. Every dropped or refused piece of data increments a counter here, labelled with a
+//! [`DropReason`], as well as being logged. A leaf: imports only `model`'s plain data.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-use dashmap::DashMap;
+use crate::model::AgentCounts;
 
-/// Upper bounds (milliseconds) of the delay histograms' buckets; the last bucket is `+Inf`.
-const DELAY_BOUNDS_MS: [u64; 12] = [5, 10, 25, 50, 100, 150, 200, 250, 500, 1000, 2500, 5000];
+/// Upper bounds (seconds) of the delay histograms' buckets; `+Inf` follows.
+const DELAY_BOUNDS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
-/// A Prometheus histogram of delays after the end of a second.
-#[derive(Debug, Default)]
-pub struct DelayHistogram {
-    /// Per bucket (not cumulative), the last for larger delays.
-    buckets: [AtomicU64; DELAY_BOUNDS_MS.len() + 1],
-    sum_ms: AtomicU64,
+/// Why a message was refused or a series dropped: the limit or rule it broke. The label value is the name of the
+/// configuration value (or the rule) so an operator can find what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum DropReason {
+    /// A hello without a complete identity.
+    Identity,
+    /// A name, tag or identity field over `max_name_bytes` or with control characters.
+    MaxNameBytes,
+    /// An agent token that is not configured.
+    AgentTokens,
+    /// A second further in the future than `max_future_skew`.
+    MaxFutureSkew,
+    /// Series past `max_series_per_snapshot`.
+    MaxSeriesPerSnapshot,
+    /// Tags past `max_tags_per_series`.
+    MaxTagsPerSeries,
+    /// A series without a value.
+    MissingValue,
+    /// A NaN or infinite counter or gauge, or a negative counter.
+    FiniteValues,
+    /// A histogram that is not uncompressed HdrHistogram V2.
+    HdrV2Encoding,
+    /// A histogram declaring more range, precision or scale than the limits.
+    MaxHistogramValue,
+    /// A series whose kind or scale conflicts with the service's, or past `max_series_per_service`.
+    SeriesConflictOrServiceLimit,
 }
 
-impl DelayHistogram {
-    /// Records one delay.
-    pub fn observe(&self, delay_ms: u64) {
-        let bucket = DELAY_BOUNDS_MS
-            .iter()
-            .position(|bound| delay_ms <= *bound)
-            .unwrap_or(DELAY_BOUNDS_MS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_ms.fetch_add(delay_ms, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let le = DELAY_BOUNDS_MS
-                .get(i)
-                .map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+impl DropReason {
+    /// The label value, also sent to agents in a `Rejection`'s `limit`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Identity => "identity",
+            DropReason::MaxNameBytes => "max_name_bytes",
+            DropReason::AgentTokens => "agent_tokens",
+            DropReason::MaxFutureSkew => "max_future_skew",
+            DropReason::MaxSeriesPerSnapshot => "max_series_per_snapshot",
+            DropReason::MaxTagsPerSeries => "max_tags_per_series",
+            DropReason::MissingValue => "value",
+            DropReason::FiniteValues => "finite_values",
+            DropReason::HdrV2Encoding => "hdr_v2_encoding",
+            DropReason::MaxHistogramValue => "max_histogram_value",
+            DropReason::SeriesConflictOrServiceLimit => "series_conflict_or_max_series_per_service",
         }
-        let sum = self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
     }
+}
+
+impl EncodeLabelValue for DropReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    limit: DropReason,
+}
+
+/// Which of an agent's own counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values are the wire's field names
+enum AgentCounter {
+    lines_received,
+    lines_malformed,
+    series_over_limit,
+    snapshots_dropped,
+    values_clamped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AgentLabels {
+    service: String,
+    counter: AgentCounter,
 }
 
 /// Counters and gauges about the aggregator itself.
-#[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
+    registry: Registry,
     /// Agent streams open now.
-    pub agent_streams: AtomicI64,
+    pub(crate) agent_streams: Gauge,
     /// Snapshots accepted into a second.
-    pub snapshots_accepted: AtomicU64,
+    pub(crate) snapshots_accepted: Counter,
     /// Replayed snapshots ignored because the (instance, second) was already merged.
-    pub snapshots_duplicate: AtomicU64,
+    pub(crate) snapshots_duplicate: Counter,
     /// Snapshots older than the late window.
-    pub snapshots_too_late: AtomicU64,
+    pub(crate) snapshots_too_late: Counter,
     /// Seconds merged, sealed and published.
-    pub seconds_sealed: AtomicU64,
+    pub(crate) seconds_sealed: Counter,
     /// Corrections published for already sealed seconds (late snapshots of one second within a tick count once).
-    pub corrections: AtomicU64,
-    /// From a second's end to its sealing.
-    pub seal_delay: DelayHistogram,
-    /// From a second's end to a snapshot of it reaching its shard.
-    pub arrival_delay: DelayHistogram,
+    pub(crate) corrections: Counter,
+    /// From a second's end to its sealing, in seconds.
+    pub(crate) seal_delay: Histogram,
+    /// From a second's end to a snapshot of it reaching its shard, in seconds.
+    pub(crate) arrival_delay: Histogram,
     /// Websocket clients connected now.
-    pub websocket_clients: AtomicI64,
+    pub(crate) websocket_clients: Gauge,
+    /// Live stream receivers now (set when rendering).
+    websocket_subscribers: Gauge,
     /// Frames not delivered to websocket clients that fell behind.
-    pub websocket_frames_dropped: AtomicU64,
+    pub(crate) websocket_frames_dropped: Counter,
     /// Webhook notifications delivered.
-    pub webhook_delivered: AtomicU64,
+    pub(crate) webhook_delivered: Counter,
     /// Webhook notifications refused by the target (4xx).
-    pub webhook_refused: AtomicU64,
+    pub(crate) webhook_refused: Counter,
     /// Webhook notifications still failing at the deadline.
-    pub webhook_gave_up: AtomicU64,
+    pub(crate) webhook_gave_up: Counter,
     /// Webhook retries.
-    pub webhook_retries: AtomicU64,
+    pub(crate) webhook_retries: Counter,
+    /// Alert events the manager could not take (it stopped).
+    pub(crate) alert_events_lost: Counter,
     /// Refused messages and dropped series, by the limit they hit.
-    pub dropped: DashMap<&'static str, AtomicU64>,
+    dropped: Family<DropLabels, Counter>,
+    /// The agents' own counters (inputs received, malformed, over limits), summed per service.
+    agents: Family<AgentLabels, Counter>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Health {
-    /// Counts `n` items dropped for `limit`.
-    pub fn count_dropped(&self, limit: &'static str, n: u64) {
-        self.dropped
-            .entry(limit)
-            .or_default()
-            .fetch_add(n, Ordering::Relaxed);
+    /// Every metric at zero, registered under `strobe_`.
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("strobe");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let snapshots_accepted = counter("snapshots_accepted", "Snapshots merged into a second.");
+        let snapshots_duplicate = counter(
+            "snapshots_duplicate",
+            "Replayed snapshots ignored as already merged.",
+        );
+        let snapshots_too_late = counter(
+            "snapshots_too_late",
+            "Snapshots older than the late window.",
+        );
+        let seconds_sealed = counter("seconds_sealed", "Service-seconds sealed and published.");
+        let corrections = counter("corrections", "Corrections published for sealed seconds.");
+        let websocket_frames_dropped = counter(
+            "websocket_frames_dropped",
+            "Frames not delivered to lagging websocket clients.",
+        );
+        let webhook_delivered = counter("webhook_delivered", "Webhook notifications delivered.");
+        let webhook_refused = counter(
+            "webhook_refused",
+            "Webhook notifications refused by the target (4xx).",
+        );
+        let webhook_gave_up = counter(
+            "webhook_gave_up",
+            "Webhook notifications still failing at the deadline.",
+        );
+        let webhook_retries = counter("webhook_retries", "Webhook delivery retries.");
+        let alert_events_lost = counter(
+            "alert_events_lost",
+            "Alert lifecycle events the alert manager could not take because it had stopped.",
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let agent_streams = gauge("agent_streams", "Agent streams open now.");
+        let websocket_clients = gauge("websocket_clients", "Websocket clients connected now.");
+        let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now.");
+        let seal_delay = Histogram::new(DELAY_BOUNDS);
+        registry.register(
+            "seal_delay_seconds",
+            "From the end of a service-second to its sealing.",
+            seal_delay.clone(),
+        );
+        let arrival_delay = Histogram::new(DELAY_BOUNDS);
+        registry.register(
+            "snapshot_arrival_delay_seconds",
+            "From the end of a second to a snapshot of it reaching its shard.",
+            arrival_delay.clone(),
+        );
+        let dropped = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "dropped",
+            "Messages refused or series dropped, by the limit hit.",
+            dropped.clone(),
+        );
+        let agents = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "agent_reported",
+            "What agents count about their own inputs (lines received, malformed, series over their limits, \
+             snapshots dropped from a full buffer, values clamped), summed per service over merged snapshots.",
+            agents.clone(),
+        );
+        Self {
+            registry,
+            agents,
+            agent_streams,
+            snapshots_accepted,
+            snapshots_duplicate,
+            snapshots_too_late,
+            seconds_sealed,
+            corrections,
+            seal_delay,
+            arrival_delay,
+            websocket_clients,
+            websocket_subscribers,
+            websocket_frames_dropped,
+            webhook_delivered,
+            webhook_refused,
+            webhook_gave_up,
+            webhook_retries,
+            alert_events_lost,
+            dropped,
+        }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, subscribers: usize) -> String {
+    /// Counts `n` items dropped for `reason`.
+    pub(crate) fn count_dropped(&self, reason: DropReason, n: u64) {
+        self.dropped
+            .get_or_create(&DropLabels { limit: reason })
+            .inc_by(n);
+    }
+
+    /// Adds one merged snapshot's agent counters to its service's sums.
+    pub(crate) fn count_agent(&self, service: &str, counts: &AgentCounts) {
+        for (counter, n) in [
+            (AgentCounter::lines_received, counts.lines_received),
+            (AgentCounter::lines_malformed, counts.lines_malformed),
+            (AgentCounter::series_over_limit, counts.series_over_limit),
+            (AgentCounter::snapshots_dropped, counts.snapshots_dropped),
+            (AgentCounter::values_clamped, counts.values_clamped),
+        ] {
+            if n > 0 {
+                let labels = AgentLabels {
+                    service: service.to_owned(),
+                    counter,
+                };
+                self.agents.get_or_create(&labels).inc_by(n);
+            }
+        }
+    }
+
+    /// The exposition (OpenMetrics text, which Prometheus scrapes), with `subscribers` live receivers now.
+    pub(crate) fn render(&self, subscribers: usize) -> String {
+        self.websocket_subscribers
+            .set(i64::try_from(subscribers).unwrap_or(i64::MAX));
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        metric(
-            "strobe_agent_streams",
-            "gauge",
-            "Agent streams open now.",
-            self.agent_streams.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "strobe_snapshots_accepted_total",
-            "counter",
-            "Snapshots merged into a second.",
-            get(&self.snapshots_accepted),
-        );
-        metric(
-            "strobe_snapshots_duplicate_total",
-            "counter",
-            "Replayed snapshots ignored as already merged.",
-            get(&self.snapshots_duplicate),
-        );
-        metric(
-            "strobe_snapshots_too_late_total",
-            "counter",
-            "Snapshots older than the late window.",
-            get(&self.snapshots_too_late),
-        );
-        metric(
-            "strobe_seconds_sealed_total",
-            "counter",
-            "Service-seconds sealed and published.",
-            get(&self.seconds_sealed),
-        );
-        metric(
-            "strobe_corrections_total",
-            "counter",
-            "Corrections published for sealed seconds.",
-            get(&self.corrections),
-        );
-        metric(
-            "strobe_websocket_clients",
-            "gauge",
-            "Websocket clients connected now.",
-            self.websocket_clients.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "strobe_websocket_subscribers",
-            "gauge",
-            "Live stream receivers now.",
-            subscribers.to_string(),
-        );
-        metric(
-            "strobe_websocket_frames_dropped_total",
-            "counter",
-            "Frames not delivered to lagging websocket clients.",
-            get(&self.websocket_frames_dropped),
-        );
-        metric(
-            "strobe_webhook_delivered_total",
-            "counter",
-            "Webhook notifications delivered.",
-            get(&self.webhook_delivered),
-        );
-        metric(
-            "strobe_webhook_refused_total",
-            "counter",
-            "Webhook notifications refused by the target (4xx).",
-            get(&self.webhook_refused),
-        );
-        metric(
-            "strobe_webhook_gave_up_total",
-            "counter",
-            "Webhook notifications still failing at the deadline.",
-            get(&self.webhook_gave_up),
-        );
-        metric(
-            "strobe_webhook_retries_total",
-            "counter",
-            "Webhook delivery retries.",
-            get(&self.webhook_retries),
-        );
-        self.seal_delay.render(
-            &mut out,
-            "strobe_seal_delay_seconds",
-            "From the end of a service-second to its sealing.",
-        );
-        self.arrival_delay.render(
-            &mut out,
-            "strobe_snapshot_arrival_delay_seconds",
-            "From the end of a second to a snapshot of it reaching its shard.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP strobe_dropped_total Messages refused or series dropped, by the limit hit.\n# TYPE strobe_dropped_total counter"
-        );
-        let mut dropped: Vec<(&str, u64)> = self
-            .dropped
-            .iter()
-            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
-            .collect();
-        dropped.sort();
-        for (limit, n) in dropped {
-            let _ = writeln!(out, "strobe_dropped_total{{limit=\"{limit}\"}} {n}");
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(message = "Metrics exposition failed.", %error);
         }
         out
     }
+}
+
+/// Milliseconds as the seconds the delay histograms take.
+pub(crate) fn millis_as_seconds(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
 }
 
 #[cfg(test)]
@@ -210,8 +283,15 @@ mod tests {
     fn seal_delays_render_as_a_cumulative_prometheus_histogram() {
         let health = Health::default();
         for ms in [3, 5, 40, 260, 260, 9000] {
-            health.seal_delay.observe(ms);
+            health.seal_delay.observe(millis_as_seconds(ms));
         }
+        health.count_dropped(DropReason::FiniteValues, 3);
+        let counts = AgentCounts {
+            lines_malformed: 2,
+            ..AgentCounts::default()
+        };
+        health.count_agent("checkout", &counts);
+        health.count_agent("checkout", &counts);
         let text = health.render(0);
         for line in [
             "# TYPE strobe_seal_delay_seconds histogram",
@@ -220,10 +300,13 @@ mod tests {
             "strobe_seal_delay_seconds_bucket{le=\"0.25\"} 3",
             "strobe_snapshot_arrival_delay_seconds_count 0",
             "strobe_seal_delay_seconds_bucket{le=\"0.5\"} 5",
-            "strobe_seal_delay_seconds_bucket{le=\"5\"} 5",
+            "strobe_seal_delay_seconds_bucket{le=\"5.0\"} 5",
             "strobe_seal_delay_seconds_bucket{le=\"+Inf\"} 6",
             "strobe_seal_delay_seconds_sum 9.568",
             "strobe_seal_delay_seconds_count 6",
+            "strobe_dropped_total{limit=\"finite_values\"} 3",
+            "strobe_websocket_subscribers 0",
+            "strobe_agent_reported_total{service=\"checkout\",counter=\"lines_malformed\"} 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

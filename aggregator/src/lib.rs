@@ -1,33 +1,33 @@
 //! Strobe's aggregator: ingests one-second snapshots from agents over gRPC, merges each second across all
-//! instances of a service (overall, by version, by zone), seals it within a short grace, and serves it live to
-//! browsers over a websocket, with history for backfill.
+//! instances of a service (overall, by version, by zone), seals it within a short grace, judges it (threshold rules
+//! and the canary), and serves it live to browsers over a websocket, with history for backfill.
 //!
 //! # Layout
-//! - [`ingest`]: the tonic service; [`validate`] turns wire messages into [`model`] types, enforcing limits.
-//! - [`shard`]: tasks that own services; [`windows`] decides when a second is sealed; [`merge`] merges cells.
-//! - [`hub`]: frames serialised once, history, broadcast; [`overview`] summarises a second per version.
-//! - [`http`]: dashboard, API, websocket.
-//! - [`rules`]: threshold rules, evaluated by the owning shard on every sealed second.
-//! - [`canary`]: automatic comparison of a new version with the one it replaces, every sealed second.
-//! - [`alerts`]: alert records, escalation chains, acknowledgements, webhook delivery.
-//! - [`health`]: the aggregator's own counters. [`config`]: every setting and limit.
+//! Rooms, each depending only on the ones listed before it (no two rooms import each other):
+//! - leaves: [`model`] (data types, the main metrics), [`limits`], [`health`] (counters, typed drop reasons);
+//! - [`alerting`]: rules, canary, the alert manager and webhook delivery, and the alert currency they trade in;
+//! - [`publish`]: the hub (frames, history, broadcast, status, alert and verdict states), the overview, HTTP;
+//! - [`pipeline`]: shards (the scheduler), per-service transitions, windows, merge;
+//! - [`ingest`]: the tonic service and the validator, the only code that touches protobuf types;
+//! - this file and [`config`]: the composition root that wires them.
 //!
-//! `validate`, `merge` and `windows` are pure (no I/O, no tokio); time is passed in.
+//! `model`, `limits`, `ingest::validate`, `pipeline::windows`, `pipeline::merge`, the rules' evaluation, the canary
+//! and `publish::overview` are pure (no I/O, no tokio); time is passed in.
+//!
+//! The public surface is [`Aggregator`], its configuration and [`kernels`] (the pure hot-path functions, public so
+//! the benchmarks can measure them); everything else is `pub(crate)`.
 
-pub mod alerts;
-pub mod canary;
+pub(crate) mod alerting;
+#[cfg(test)]
+mod architecture_tests;
 pub mod config;
-pub mod health;
-pub mod http;
-pub mod hub;
-pub mod ingest;
-pub mod merge;
-pub mod model;
-pub mod overview;
-pub mod rules;
-pub mod shard;
-pub mod validate;
-pub mod windows;
+pub(crate) mod health;
+pub(crate) mod ingest;
+pub mod kernels;
+pub mod limits;
+pub(crate) mod model;
+pub(crate) mod pipeline;
+pub(crate) mod publish;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,17 +35,24 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
-pub use config::{AggregatorConfig, Limits};
+pub use alerting::alerts::delivery::DeliverySettings;
+pub use alerting::canary::CanarySettings;
+pub use config::AggregatorConfig;
+pub use limits::Limits;
+pub use model::MainMetrics;
 
-use crate::alerts::{Alerts, Deliverer, Notification};
+use crate::alerting::alerts::{Alerts, Deliverer, Notification};
+use crate::alerting::rules::{RulesStore, StoreError};
 use crate::health::Health;
-use crate::hub::Hub;
-use crate::rules::RulesStore;
-use crate::shard::{ShardContext, Shards};
-use crate::windows::WindowSettings;
+use crate::pipeline::service::ServiceContext;
+use crate::pipeline::shard::Shards;
+use crate::pipeline::windows::WindowSettings;
+use crate::publish::Hub;
 
 /// How long connections may take to close after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -71,7 +78,10 @@ pub enum AggregatorError {
     Http(std::io::Error),
     /// The rules file could not be loaded at start-up.
     #[error(transparent)]
-    Rules(#[from] rules::StoreError),
+    Rules(#[from] StoreError),
+    /// The webhook client could not be built (TLS roots, for example).
+    #[error("webhook client: {0}")]
+    Webhooks(#[from] reqwest::Error),
 }
 
 async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AggregatorError> {
@@ -122,12 +132,8 @@ impl Aggregator {
         self.http.local_addr().unwrap_or(self.config.http_addr)
     }
 
-    /// The aggregator's own counters (what `/metrics` shows).
-    pub fn health(&self) -> Arc<Health> {
-        self.health.clone()
-    }
-
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes. Every task it starts is owned here and joined (or aborted after the
+    /// shutdown grace) before it returns.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -139,16 +145,26 @@ impl Aggregator {
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
             max_cells: self.config.limits.max_series_per_service.saturating_mul(3),
         };
-        let deliverer = Deliverer::new(self.config.webhooks.clone(), self.health.clone());
+        // Long-lived tasks (shards, alert manager, delivery, rules watcher) live in `tasks`; per-connection ones
+        // (agent streams) in `streams`.
+        let mut tasks = JoinSet::new();
+        let streams = TaskTracker::new();
+        let deliverer = Deliverer::new(self.config.webhooks.clone(), self.health.clone())?;
         let (sink, mut notifications) = tokio::sync::mpsc::unbounded_channel::<Notification>();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             while let Some(notification) = notifications.recv().await {
                 deliverer.enqueue(notification);
             }
         });
-        let alerts = Alerts::spawn(self.rules.clone(), self.hub.clone(), sink);
-        let watcher = tokio::spawn(self.rules.clone().watch());
-        let context = Arc::new(ShardContext {
+        let alerts = Alerts::spawn(
+            self.rules.clone(),
+            self.hub.clone(),
+            sink,
+            self.health.clone(),
+            &mut tasks,
+        );
+        tasks.spawn(self.rules.clone().watch());
+        let context = Arc::new(ServiceContext {
             hub: self.hub.clone(),
             health: self.health.clone(),
             settings,
@@ -158,17 +174,18 @@ impl Aggregator {
             metrics: self.config.metrics.clone(),
         });
         let shard_count = self.config.shard_count();
-        let (shards, _tasks) = Shards::spawn(shard_count, context);
+        let shards = Shards::spawn(shard_count, context, &mut tasks);
         let ingest = ingest::IngestService {
             shards,
             limits: self.config.limits.clone(),
             agent_tokens: self.config.agent_tokens.clone().into(),
             health: self.health.clone(),
+            streams: streams.clone(),
         };
         let max_message = self.config.limits.max_message_bytes;
         let grpc_service = strobe_proto::ingest_server::IngestServer::new(ingest)
             .max_decoding_message_size(max_message);
-        let app = http::router(Arc::new(http::AppState {
+        let app = publish::http::router(Arc::new(publish::http::AppState {
             hub: self.hub.clone(),
             health: self.health.clone(),
             rules: self.rules.clone(),
@@ -179,12 +196,14 @@ impl Aggregator {
             grpc = %self.grpc_addr(), http = %self.http_addr(), shards = shard_count,
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            // Every receiver is a server below; if they are all gone there is nobody left to stop.
+            stop_tx.send(true).ok();
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+            // An error means the sender is gone, which only happens once shutdown was asked for.
+            rx.wait_for(|stop| *stop).await.ok();
         };
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -211,7 +230,17 @@ impl Aggregator {
                 Ok(())
             }
         };
-        watcher.abort();
+        streams.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, streams.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                message = "Agent streams still open after the shutdown grace; abandoning them.",
+                open = streams.len()
+            );
+        }
+        tasks.shutdown().await;
         result
     }
 }

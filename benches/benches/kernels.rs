@@ -2,17 +2,13 @@
 //! one second across instances. Inputs are built outside the measured loops.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use strobe_agent::statsd::{ParseLimits, parse_packet};
 use strobe_agent::{Window, WindowLimits};
-use strobe_aggregator::Limits;
-use strobe_aggregator::model::Instance;
-use strobe_aggregator::validate::validate_snapshot;
-use strobe_aggregator::windows::{Arrivals, ServiceWindows, WindowSettings};
+use strobe_aggregator::kernels::{self, Sender, WindowSettings};
 use strobe_proto as pb;
 use strobe_sim::sim::{Behavior, simulate_second};
 
@@ -63,16 +59,14 @@ fn instance_snapshot(seed: u64, second: i64) -> pb::Snapshot {
 }
 
 fn aggregator(c: &mut Criterion) {
-    let limits = Limits::default();
-    let instances: Vec<Arc<Instance>> = (0..100)
+    let instances: Vec<Sender> = (0..100)
         .map(|i| {
-            Arc::new(Instance {
-                service: "svc".into(),
-                id: format!("i{i}").into(),
-                version: if i % 10 == 0 { "v2" } else { "v1" }.into(),
-                zone: Some(if i % 2 == 0 { "z1" } else { "z2" }.into()),
-                deployer: None,
-            })
+            Sender::new(
+                "svc",
+                &format!("i{i}"),
+                if i % 10 == 0 { "v2" } else { "v1" },
+                Some(if i % 2 == 0 { "z1" } else { "z2" }),
+            )
         })
         .collect();
     let snapshots: Vec<pb::Snapshot> = (0..100).map(|i| instance_snapshot(i, 100)).collect();
@@ -81,18 +75,14 @@ fn aggregator(c: &mut Criterion) {
     group.bench_function("validate_snapshot_with_histogram", |b| {
         b.iter_batched(
             || snapshots[0].clone(),
-            |s| validate_snapshot(s, &instances[0], &limits, 100),
+            |s| kernels::validate(s, &instances[0], 100),
             BatchSize::SmallInput,
         )
     });
     let validated: Vec<_> = snapshots
         .iter()
         .zip(&instances)
-        .map(|(s, i)| {
-            validate_snapshot(s.clone(), i, &limits, 100)
-                .unwrap()
-                .second
-        })
+        .map(|(s, i)| kernels::validate(s.clone(), i, 100).expect("a valid snapshot"))
         .collect();
     group.throughput(Throughput::Elements(validated.len() as u64));
     group.bench_function("merge_and_seal_100_instances", |b| {
@@ -105,13 +95,7 @@ fn aggregator(c: &mut Criterion) {
         };
         b.iter_batched(
             || validated.clone(),
-            |seconds| {
-                let mut w = ServiceWindows::new("svc".into(), settings);
-                for s in seconds {
-                    w.apply(s);
-                }
-                w.seal_ready(i64::MAX / 2, &Arrivals::default())
-            },
+            |seconds| kernels::merge_and_seal("svc", settings, seconds),
             BatchSize::SmallInput,
         )
     });

@@ -1,6 +1,6 @@
 //! Strobe's wire format: the `strobe.v1` protobuf messages and the tonic client and server for the
-//! agent-to-aggregator stream. Generated from `strobe.proto` at build time; nothing here is hand-written
-//! but this comment and the re-exports.
+//! agent-to-aggregator stream, generated from `strobe.proto` at build time. Hand-written beside them: the
+//! HdrHistogram V2 cookie both ends check, and [`clock`], the wall-clock second arithmetic both ends share.
 
 #![allow(unreachable_pub, clippy::all)]
 
@@ -11,11 +11,13 @@ pub mod v1 {
 
 pub use v1::*;
 
-/// Cookie of an uncompressed HdrHistogram V2 encoding of 8-byte counts (the first four bytes, big-endian): the V2
-/// cookie base `0x1c849303` with the word size in bits 4..8, as Java's and Rust's HdrHistogram write it.
+/// Cookie of an HdrHistogram V2 encoding that is not deflate-compressed (its first four bytes, big-endian): the V2
+/// cookie base `0x1c849303` with `0x10` set, the flag Java's and Rust's HdrHistogram write for the ZigZag LEB128
+/// encoding of the counts.
 pub const HDR_V2_COOKIE: u32 = 0x1c84_9313;
 
-/// Whether `cookie` is an uncompressed V2 encoding of any word size (the base with bits 4..8 ignored).
+/// Whether `cookie` is a V2 encoding that is not deflate-compressed: the base, whatever bits 4..8 hold (the older
+/// formats kept a word size there; V2 writers set `0x10`). The compressed cookie has another base and is refused.
 pub fn is_hdr_v2_cookie(cookie: u32) -> bool {
     cookie & !0xf0 == 0x1c84_9303
 }

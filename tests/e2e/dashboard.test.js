@@ -84,6 +84,14 @@ test("the dashboard shows every service live, turns the bad version red and ackn
     await page.waitForSelector('.tile[data-service="checkout"] .version.bad[data-version="v42"]', { timeout: 40000 });
     assert.equal(await page.$('.tile[data-service="checkout"] .version.bad[data-version="v41"]'), null);
     assert.match(await page.getAttribute('.tile[data-service="checkout"]', "class"), /\bbad\b/);
+    // Red alone could come from the page's own 5% error colour; the tile must also show what the canary decided,
+    // and the API must say the same.
+    const verdict = page.locator('.tile[data-service="checkout"] .verdict.bad');
+    await verdict.waitFor({ timeout: 30000 });
+    assert.match(await verdict.textContent(), /canary v42 vs v41: bad · (error_ratio|p50|p99) /);
+    const deploys = (await (await fetch(new URL("/api/v1/deploys", url))).json()).deploys;
+    const checkout = deploys.find((d) => d.service === "checkout");
+    assert.deepEqual([checkout.candidate, checkout.baseline, checkout.state], ["v42", "v41", "bad"]);
     const alert = page.locator('#alert-list .alert.firing[data-service="checkout"]').first();
     await alert.waitFor({ timeout: 30000 });
     const id = await alert.getAttribute("data-alert-id");

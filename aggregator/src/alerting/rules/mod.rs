@@ -1,98 +1,31 @@
 //! Threshold rules: the file format ([`config`]), evaluation and lifecycle ([`eval`], pure), and the per-service
 //! [`Evaluator`] a shard runs on every sealed second, which turns lifecycle changes into [`AlertEvent`]s.
 
-pub mod config;
-pub mod eval;
-pub mod store;
+pub(crate) mod config;
+pub(crate) mod eval;
+pub(crate) mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
-
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::model::SealedSecond;
 
-pub use config::{Format, Owner, Rule, RuleSet, RulesError, Step, parse_rules};
+use crate::alerting::event::{AlertEvent, EventKind, alert_id};
+#[cfg(test)]
+use config::parse_rules;
+pub(crate) use config::{Rule, RuleSet};
 use eval::{Group, Tracker, Transition};
-pub use store::{RulesStore, StoreError};
-
-/// What happened to an alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventKind {
-    /// Breaching, not yet for long enough.
-    Pending,
-    /// Stopped breaching before firing.
-    Cleared,
-    /// Firing: people are told.
-    Firing,
-    /// Over: everyone who was told is told.
-    Resolved,
-}
-
-/// A lifecycle change, from a shard to the alert manager.
-#[derive(Debug, Clone)]
-pub struct AlertEvent {
-    /// Stable id: the same for pending, firing and resolved of one breach.
-    pub id: String,
-    /// What happened.
-    pub kind: EventKind,
-    /// The rule's name (or `canary` for automatic verdicts).
-    pub rule: Arc<str>,
-    /// Whose escalation chains to walk (merged by `after`).
-    pub owners: Vec<String>,
-    /// The service.
-    pub service: Arc<str>,
-    /// Version, zone and tags of the group.
-    pub labels: BTreeMap<String, String>,
-    /// The metric and statistic, for people.
-    pub summary: String,
-    /// The value that crossed (or the last value seen).
-    pub value: Option<f64>,
-    /// The threshold.
-    pub threshold: f64,
-    /// First second of the breach.
-    pub since: i64,
-    /// Wall clock of the event, unix milliseconds.
-    pub at_ms: i64,
-    /// Extra evidence (canary verdicts), free-form JSON.
-    pub evidence: Option<serde_json::Value>,
-    /// What to do about it.
-    pub hint: Option<String>,
-}
-
-/// A stable alert id from what identifies one breach.
-pub fn alert_id(
-    rule: &str,
-    service: &str,
-    labels: &BTreeMap<String, String>,
-    since: i64,
-) -> String {
-    let mut h = Sha256::new();
-    for part in [rule, service] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    for (k, v) in labels {
-        h.update(k.as_bytes());
-        h.update([1]);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
-    h.update(since.to_be_bytes());
-    hex::encode(&h.finalize()[..8])
-}
+pub(crate) use store::{RulesStore, StoreError};
 
 /// One service's rule trackers, owned by the shard that owns the service.
 #[derive(Debug, Default)]
-pub struct Evaluator {
+pub(crate) struct Evaluator {
     trackers: HashMap<(Arc<str>, Group), Tracker>,
 }
 
 impl Evaluator {
     /// Evaluates every rule on a freshly sealed second; returns the lifecycle changes.
-    pub fn on_sealed(
+    pub(crate) fn on_sealed(
         &mut self,
         rules: &RuleSet,
         sealed: &SealedSecond,
@@ -110,7 +43,7 @@ impl Evaluator {
                     EventKind::Resolved,
                     name,
                     Vec::new(),
-                    sealed,
+                    &sealed.service,
                     group,
                     tracker.last_value,
                     f64::NAN,
@@ -161,6 +94,29 @@ impl Evaluator {
         self.trackers.retain(|_, t| !t.is_quiet());
         events
     }
+
+    /// The service stopped reporting: whatever fires resolves (everyone told is told), and every tracker is
+    /// forgotten. No second is evaluated; there is none.
+    pub(crate) fn on_service_gone(&mut self, service: &Arc<str>, now_ms: i64) -> Vec<AlertEvent> {
+        let mut events = Vec::new();
+        for ((name, group), mut tracker) in self.trackers.drain() {
+            if let Some(Transition::Resolved { since }) = tracker.resolve_now() {
+                events.push(event(
+                    EventKind::Resolved,
+                    &name,
+                    Vec::new(),
+                    service,
+                    &group,
+                    tracker.last_value,
+                    f64::NAN,
+                    since,
+                    now_ms,
+                    String::new(),
+                ));
+            }
+        }
+        events
+    }
 }
 
 fn rule_event(
@@ -192,7 +148,7 @@ fn rule_event(
         kind,
         &rule.name,
         rule.owner.iter().cloned().collect(),
-        sealed,
+        &sealed.service,
         group,
         value,
         rule.threshold,
@@ -207,7 +163,7 @@ fn event(
     kind: EventKind,
     rule: &Arc<str>,
     owners: Vec<String>,
-    sealed: &SealedSecond,
+    service: &Arc<str>,
     group: &Group,
     value: Option<f64>,
     threshold: f64,
@@ -217,11 +173,11 @@ fn event(
 ) -> AlertEvent {
     let labels = group.labels();
     AlertEvent {
-        id: alert_id(rule, &sealed.service, &labels, since),
+        id: alert_id(rule, service, &labels, since),
         kind,
         rule: rule.clone(),
         owners,
-        service: sealed.service.clone(),
+        service: service.clone(),
         labels,
         summary,
         value,
@@ -255,12 +211,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn evaluator_fires_resolves_with_stable_ids_and_resolves_removed_rules() {
-        let rules = parse_rules(
+    /// Fires on more than 5 errors in a second, per version, and stops 1 s after it stops breaching.
+    fn errors_by_version() -> RuleSet {
+        parse_rules(
             "[[rules]]\nname = \"e\"\nmetric = \"errors\"\nstat = \"sum\"\nabove = 5.0\nkeep_firing_for = \"1s\"\nsplit_by = [\"version\"]\n",
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn evaluator_fires_resolves_with_stable_ids_and_resolves_removed_rules() {
+        let rules = errors_by_version();
         let mut evaluator = Evaluator::default();
         assert!(
             evaluator
@@ -287,5 +248,21 @@ mod tests {
             (gone[0].kind, gone[0].id.as_str()),
             (EventKind::Resolved, again[0].id.as_str())
         );
+    }
+
+    #[test]
+    fn a_service_that_goes_away_resolves_what_fires_and_forgets_the_rest() {
+        let rules = errors_by_version();
+        let mut evaluator = Evaluator::default();
+        let fired = evaluator.on_sealed(&rules, &second(11, 9.0), 12_004);
+        assert_eq!(fired[0].kind, EventKind::Firing);
+        let service: Arc<str> = "svc".into();
+        let gone = evaluator.on_service_gone(&service, 200_000);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            (gone[0].kind, gone[0].id.as_str(), gone[0].at_ms),
+            (EventKind::Resolved, fired[0].id.as_str(), 200_000)
+        );
+        assert!(evaluator.on_service_gone(&service, 200_001).is_empty());
     }
 }

@@ -4,19 +4,19 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::payload::{self, SIGNATURE_HEADER};
-use super::record::{AlertRecord, NotifyTransition};
+use crate::alerting::escalation::Step;
+use crate::alerting::event::{AlertRecord, NotifyTransition};
 use crate::health::Health;
-use crate::rules::Step;
 
 /// Timeouts and retry schedule of webhook delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,18 +49,18 @@ impl Default for DeliverySettings {
 
 /// One message for one target.
 #[derive(Debug, Clone)]
-pub struct Notification {
+pub(crate) struct Notification {
     /// The alert as it is now.
-    pub record: AlertRecord,
+    pub(crate) record: AlertRecord,
     /// What it announces.
-    pub transition: NotifyTransition,
+    pub(crate) transition: NotifyTransition,
     /// The target.
-    pub step: Step,
+    pub(crate) step: Step,
 }
 
 /// The result of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
+pub(crate) enum Attempt {
     /// The target took it (2xx).
     Delivered,
     /// The target refused it for good (4xx other than 408/429).
@@ -71,7 +71,7 @@ pub enum Attempt {
 
 /// The result of all attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Delivered after this many attempts.
     Delivered(u32),
     /// Refused after this many attempts.
@@ -82,14 +82,14 @@ pub enum Outcome {
 
 /// The delay before retry number `retry` (0-based): exponential from `retry_min`, capped at `retry_max`, with
 /// "equal jitter" (between half and all of it) so that many senders do not retry in step.
-pub fn retry_delay(retry: u32, settings: &DeliverySettings, jitter: f64) -> Duration {
+pub(crate) fn retry_delay(retry: u32, settings: &DeliverySettings, jitter: f64) -> Duration {
     let base = (settings.retry_min.as_secs_f64() * 2f64.powi(retry.min(30) as i32))
         .min(settings.retry_max.as_secs_f64());
     Duration::from_secs_f64(base * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
 }
 
 /// Runs `attempt` until it delivers, is refused, or the deadline would pass before the next try.
-pub async fn with_retries<F, Fut>(settings: &DeliverySettings, mut attempt: F) -> Outcome
+pub(crate) async fn with_retries<F, Fut>(settings: &DeliverySettings, mut attempt: F) -> Outcome
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Attempt>,
@@ -112,45 +112,62 @@ where
     }
 }
 
-/// Per-target queues and their workers.
-pub struct Deliverer {
-    client: reqwest::Client,
+/// Per-target queues and their workers. The workers are owned here: dropping the deliverer stops them.
+pub(crate) struct Deliverer {
+    sender: Arc<Sender>,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Notification>>>,
+    workers: Mutex<JoinSet<()>>,
+}
+
+/// What every target's worker shares: the HTTP client, the retry schedule, the counters.
+struct Sender {
+    client: reqwest::Client,
     settings: DeliverySettings,
     health: Arc<Health>,
 }
 
 impl Deliverer {
-    /// A deliverer with its own HTTP client.
-    pub fn new(settings: DeliverySettings, health: Arc<Health>) -> Arc<Self> {
+    /// A deliverer with its own HTTP client (timeouts from `settings`). Fails only if the client cannot be built;
+    /// a client without timeouts would let one hanging target hold its queue forever, so there is no fallback.
+    pub(crate) fn new(
+        settings: DeliverySettings,
+        health: Arc<Health>,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .user_agent(concat!("strobe/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
-        Arc::new(Self {
-            client,
+            .build()?;
+        Ok(Self {
+            sender: Arc::new(Sender {
+                client,
+                settings,
+                health,
+            }),
             queues: Mutex::new(HashMap::new()),
-            settings,
-            health,
+            workers: Mutex::new(JoinSet::new()),
         })
     }
 
     /// Queues a notification on its target's queue; never waits.
-    pub fn enqueue(self: &Arc<Self>, notification: Notification) {
+    pub(crate) fn enqueue(&self, notification: Notification) {
         let url = notification.step.webhook.clone();
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = queues.entry(url.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().target_worker(url, rx));
+            self.workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .spawn(self.sender.clone().target_worker(url, rx));
             tx
         });
         if let Err(error) = queue.send(notification) {
             warn!(message = "Webhook queue closed.", %error);
         }
     }
+}
 
+impl Sender {
     async fn target_worker(
         self: Arc<Self>,
         url: String,
@@ -165,7 +182,7 @@ impl Deliverer {
                 .map(|s| payload::sign(s, body.as_bytes()));
             let outcome = with_retries(&self.settings, |attempt| {
                 if attempt > 1 {
-                    self.health.webhook_retries.fetch_add(1, Ordering::Relaxed);
+                    self.health.webhook_retries.inc();
                 }
                 self.attempt(&url, &n, &body, signature.as_deref())
             })
@@ -173,17 +190,15 @@ impl Deliverer {
             let (alert, transition) = (&n.record.id, n.transition.as_str());
             match outcome {
                 Outcome::Delivered(attempts) => {
-                    self.health
-                        .webhook_delivered
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.health.webhook_delivered.inc();
                     info!(message = "Webhook delivered.", %url, %alert, transition, attempts);
                 }
                 Outcome::Refused(attempts, error) => {
-                    self.health.webhook_refused.fetch_add(1, Ordering::Relaxed);
+                    self.health.webhook_refused.inc();
                     warn!(message = "Webhook refused; not retried.", %url, %alert, transition, attempts, %error);
                 }
                 Outcome::GaveUp(attempts, error) => {
-                    self.health.webhook_gave_up.fetch_add(1, Ordering::Relaxed);
+                    self.health.webhook_gave_up.inc();
                     warn!(message = "Webhook delivery failed until the deadline.", %url, %alert, transition, attempts, %error);
                 }
             }
@@ -234,7 +249,7 @@ fn classify(status: reqwest::StatusCode) -> Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]
     fn the_delay_doubles_is_capped_and_jittered() {
@@ -310,12 +325,13 @@ mod tests {
                 ..DeliverySettings::default()
             },
             Arc::new(Health::default()),
-        );
-        let record = crate::alerts::manager::tests_support::record("a1");
-        let step = |path: &str| crate::rules::Step {
+        )
+        .expect("webhook client");
+        let record = crate::alerting::alerts::manager::tests_support::record("a1");
+        let step = |path: &str| crate::alerting::escalation::Step {
             after: Duration::ZERO,
             webhook: format!("http://{addr}/{path}"),
-            format: crate::rules::Format::Json,
+            format: crate::alerting::escalation::Format::Json,
             secret: None,
             routing_key: None,
         };

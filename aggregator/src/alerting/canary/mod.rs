@@ -1,9 +1,13 @@
 //! Automatic canary analysis: whenever a service reports more than one version, the newest (the candidate) is
 //! compared every second with the version it replaces (the baseline: most instance-seconds so far), on error ratio
 //! and on p50 and p99 latency, with tests that stay valid when looked at every second. No rule needs writing.
-//! Pure: the shard feeds it each sealed second's per-version numbers.
+//! Pure: the pipeline feeds it each sealed second's per-version numbers ([`inputs`]); [`alert`] words what a
+//! verdict change means for people.
 
-pub mod stats;
+pub(crate) mod alert;
+pub(crate) mod inputs;
+pub(crate) mod stats;
+pub(crate) mod verdict;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -12,7 +16,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+pub(crate) use inputs::VersionSecond;
 use stats::{compare_proportions, count_above};
+pub(crate) use verdict::{Evidence, Verdict, VerdictState};
 
 /// Thresholds of the canary analysis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,81 +65,6 @@ impl Default for CanarySettings {
     }
 }
 
-/// One version's numbers in one sealed second.
-#[derive(Debug, Clone, Default)]
-pub struct VersionSecond {
-    /// Instances that reported.
-    pub instances: u32,
-    /// Requests (the requests counter, summed over tag sets).
-    pub requests: f64,
-    /// Failed requests.
-    pub errors: f64,
-    /// The merged latency histogram and its scale.
-    pub latency: Option<(Histogram<u64>, u32)>,
-    /// The `deployer` label of one of its instances.
-    pub deployer: Option<Arc<str>>,
-}
-
-/// Where a candidate stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VerdictState {
-    /// Not enough data yet.
-    Collecting,
-    /// Enough data, and nothing significantly worse.
-    Healthy,
-    /// Significantly worse: see the evidence.
-    Bad,
-    /// The baseline is gone and the candidate remains.
-    Promoted,
-    /// The candidate is gone and the baseline remains.
-    RolledBack,
-}
-
-/// One check's numbers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Evidence {
-    /// `error_ratio`, `p50` or `p99`.
-    pub metric: &'static str,
-    /// Candidate value (ratio, or milliseconds).
-    pub candidate: f64,
-    /// Baseline value.
-    pub baseline: f64,
-    /// z statistic of the underlying proportions.
-    pub z: f64,
-    /// mSPRT likelihood ratio; bad needs `>= 1/alpha`.
-    pub likelihood_ratio: f64,
-    /// Candidate samples (requests or latency values).
-    pub candidate_samples: u64,
-    /// Baseline samples.
-    pub baseline_samples: u64,
-    /// Whether this check says bad.
-    pub bad: bool,
-}
-
-/// The canary's verdict on one candidate.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Verdict {
-    /// Service.
-    pub service: Arc<str>,
-    /// The new version.
-    pub candidate: Arc<str>,
-    /// The version it is compared with.
-    pub baseline: Arc<str>,
-    /// Where it stands.
-    pub state: VerdictState,
-    /// First second the candidate reported.
-    pub since: i64,
-    /// The second this verdict is about.
-    pub t: i64,
-    /// The check that made it bad.
-    pub reason: Option<Evidence>,
-    /// Every check with enough data, newest numbers.
-    pub checks: Vec<Evidence>,
-    /// Who deployed the candidate (its instances' `deployer` label).
-    pub deployer: Option<Arc<str>>,
-}
-
 #[derive(Debug, Default)]
 struct VersionTrack {
     first_seen: i64,
@@ -159,30 +90,59 @@ impl Side {
         }
     }
 
-    fn add(&mut self, second: &VersionSecond) {
+    /// Adds a second. Returns false when its histogram could not be added (the sum no longer matches the window).
+    #[must_use]
+    fn add(&mut self, second: &VersionSecond) -> bool {
         self.requests += second.requests;
         self.errors += second.errors;
-        if let Some((h, scale)) = &second.latency {
-            self.scale = *scale;
-            match &mut self.latency {
-                Some(sum) => {
-                    let _ = sum.add(h);
-                }
-                None => {
-                    let mut sum = h.clone();
-                    sum.auto(true);
-                    self.latency = Some(sum);
-                }
+        let Some((h, scale)) = &second.latency else {
+            return true;
+        };
+        self.scale = *scale;
+        match &mut self.latency {
+            Some(sum) => sum.add(h).is_ok(),
+            None => {
+                let mut sum = h.clone();
+                sum.auto(true);
+                self.latency = Some(sum);
+                true
             }
         }
     }
 
-    fn subtract(&mut self, second: &VersionSecond) {
+    /// Subtracts a second added before. Returns false when its histogram could not be subtracted.
+    #[must_use]
+    fn subtract(&mut self, second: &VersionSecond) -> bool {
         self.requests -= second.requests;
         self.errors -= second.errors;
-        if let (Some(sum), Some((h, _))) = (&mut self.latency, &second.latency) {
-            let _ = sum.subtract(h);
+        match (&mut self.latency, &second.latency) {
+            (Some(sum), Some((h, _))) => sum.subtract(h).is_ok(),
+            _ => true,
         }
+    }
+
+    /// The sum of `seconds`, built afresh: the way back to a consistent side after an add or subtract failed.
+    fn rebuilt<'a>(seconds: impl Iterator<Item = &'a VersionSecond>) -> Self {
+        let mut side = Side::new();
+        for second in seconds {
+            if !side.add(second) {
+                // A histogram that cannot join a fresh auto-resizing sum is left out of the latency check.
+                tracing::warn!(message = "Canary left a latency histogram out of its sum.");
+            }
+        }
+        side
+    }
+}
+
+impl Deployment {
+    /// Rebuilds both sides from the window when incremental updates failed.
+    fn repair(&mut self, consistent: bool) {
+        if consistent {
+            return;
+        }
+        tracing::debug!(message = "Canary sums rebuilt from the window.", candidate = %self.candidate);
+        self.candidate_side = Side::rebuilt(self.window.iter().map(|(_, c, _)| c));
+        self.baseline_side = Side::rebuilt(self.window.iter().map(|(_, _, b)| b));
     }
 }
 
@@ -198,20 +158,33 @@ struct Deployment {
 
 /// One service's canary state, owned by its shard.
 #[derive(Debug, Default)]
-pub struct Canary {
+pub(crate) struct Canary {
     versions: BTreeMap<Arc<str>, VersionTrack>,
     deployment: Option<Deployment>,
 }
 
 impl Canary {
+    #[cfg(test)]
     /// The current verdict, if a comparison is running.
-    pub fn verdict(&self) -> Option<&Verdict> {
+    pub(crate) fn verdict(&self) -> Option<&Verdict> {
         self.deployment.as_ref().map(|d| &d.verdict)
+    }
+
+    /// The service stopped reporting altogether. A candidate convicted as bad counts as rolled back (nothing of it
+    /// serves any more), so its alert resolves; any other comparison just ends. No second is judged.
+    pub(crate) fn on_service_gone(&mut self, t: i64) -> Option<Verdict> {
+        self.versions.clear();
+        let deployment = self.deployment.take()?;
+        (deployment.verdict.state == VerdictState::Bad).then_some(Verdict {
+            state: VerdictState::RolledBack,
+            t,
+            ..deployment.verdict
+        })
     }
 
     /// Late snapshots changed an already observed second: its numbers replace what the comparison counted for it.
     /// The next sealed second is judged with them.
-    pub fn correct(&mut self, t: i64, mut seconds: BTreeMap<Arc<str>, VersionSecond>) {
+    pub(crate) fn correct(&mut self, t: i64, mut seconds: BTreeMap<Arc<str>, VersionSecond>) {
         let Some(d) = &mut self.deployment else {
             return;
         };
@@ -220,16 +193,17 @@ impl Canary {
         };
         let new_c = seconds.remove(&d.candidate).unwrap_or_default();
         let new_b = seconds.remove(&d.baseline).unwrap_or_default();
-        d.candidate_side.subtract(c);
-        d.candidate_side.add(&new_c);
-        d.baseline_side.subtract(b);
-        d.baseline_side.add(&new_b);
+        let consistent = d.candidate_side.subtract(c)
+            & d.candidate_side.add(&new_c)
+            & d.baseline_side.subtract(b)
+            & d.baseline_side.add(&new_b);
         *c = new_c;
         *b = new_b;
+        d.repair(consistent);
     }
 
     /// Feeds one sealed second; returns the verdicts that changed (a finished deployment's last one first).
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         service: &Arc<str>,
         t: i64,
@@ -323,8 +297,7 @@ impl Canary {
         });
         let c = seconds.remove(&candidate).unwrap_or_default();
         let b = seconds.remove(&baseline).unwrap_or_default();
-        deployment.candidate_side.add(&c);
-        deployment.baseline_side.add(&b);
+        let mut consistent = deployment.candidate_side.add(&c) & deployment.baseline_side.add(&b);
         deployment.window.push_back((t, c, b));
         let window = i64::try_from(settings.window.as_secs()).unwrap_or(i64::MAX);
         while deployment
@@ -333,10 +306,11 @@ impl Canary {
             .is_some_and(|(old, _, _)| *old <= t - window)
         {
             if let Some((_, c, b)) = deployment.window.pop_front() {
-                deployment.candidate_side.subtract(&c);
-                deployment.baseline_side.subtract(&b);
+                consistent &=
+                    deployment.candidate_side.subtract(&c) & deployment.baseline_side.subtract(&b);
             }
         }
+        deployment.repair(consistent);
         let checks = judge(
             &deployment.candidate_side,
             &deployment.baseline_side,
@@ -432,6 +406,35 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
     use rand_distr::{Binomial, Distribution, LogNormal};
+
+    fn latency_second(values: &[u64]) -> VersionSecond {
+        let mut h = Histogram::<u64>::new(2).unwrap();
+        for v in values {
+            h.record(*v).unwrap();
+        }
+        VersionSecond {
+            instances: 1,
+            requests: values.len() as f64,
+            errors: 0.0,
+            latency: Some((h, 1000)),
+            deployer: None,
+        }
+    }
+
+    #[test]
+    fn a_side_that_cannot_subtract_says_so_and_is_rebuilt_from_its_seconds() {
+        let small = latency_second(&[1_000]);
+        let big = latency_second(&[1_000, 2_000, 3_000]);
+        let mut side = Side::new();
+        assert!(side.add(&small));
+        assert!(
+            !side.subtract(&big),
+            "more counts out than in must be refused"
+        );
+        let rebuilt = Side::rebuilt([&small, &big].into_iter());
+        assert_eq!(rebuilt.requests, 4.0);
+        assert_eq!(rebuilt.latency.as_ref().map(Histogram::len), Some(4));
+    }
 
     struct Traffic {
         rps: u64,

@@ -9,7 +9,7 @@ use tracing::{error, info};
 use super::config::{RuleSet, RulesError, parse_rules};
 
 /// How often the rules file is checked for changes.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why new rules were not applied.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +28,14 @@ pub enum StoreError {
 }
 
 /// The current rules and, if any, the file they live in.
-pub struct RulesStore {
+pub(crate) struct RulesStore {
     current: RwLock<Arc<RuleSet>>,
     path: Option<PathBuf>,
 }
 
 impl RulesStore {
     /// Loads `path` (when given); a bad file is an error at start-up.
-    pub fn open(path: Option<PathBuf>) -> Result<Arc<Self>, StoreError> {
+    pub(crate) fn open(path: Option<PathBuf>) -> Result<Arc<Self>, StoreError> {
         let rules = match &path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| StoreError::Io {
@@ -53,7 +53,7 @@ impl RulesStore {
     }
 
     /// The rules in force.
-    pub fn current(&self) -> Arc<RuleSet> {
+    pub(crate) fn current(&self) -> Arc<RuleSet> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -61,7 +61,7 @@ impl RulesStore {
     }
 
     /// Validates and applies new rules; writes them to the file (atomically) when there is one.
-    pub fn replace(&self, source: &str) -> Result<Arc<RuleSet>, StoreError> {
+    pub(crate) fn replace(&self, source: &str) -> Result<Arc<RuleSet>, StoreError> {
         let rules = Arc::new(parse_rules(source)?);
         if let Some(path) = &self.path {
             let tmp = path.with_extension("toml.tmp");
@@ -78,7 +78,7 @@ impl RulesStore {
 
     /// Re-reads the file every second and applies it when its content changed. A bad edit is logged with its
     /// line and reason, and the old rules stay.
-    pub async fn watch(self: Arc<Self>) {
+    pub(crate) async fn watch(self: Arc<Self>) {
         let Some(path) = self.path.clone() else {
             return;
         };

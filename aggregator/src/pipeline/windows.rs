@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::merge::Cell;
 use crate::model::{Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, Split};
+use crate::pipeline::merge::Cell;
 
 /// Timing and bounds for one service's windows.
 #[derive(Debug, Clone, Copy)]
@@ -29,14 +29,14 @@ pub struct WindowSettings {
 
 /// A second still taking snapshots (or sealed and kept for corrections).
 #[derive(Debug, Default)]
-pub struct OpenSecond {
+pub(crate) struct OpenSecond {
     reporters: HashMap<Arc<str>, Arc<Instance>>,
     cells: HashMap<(Split, SeriesKey), Cell>,
 }
 
 impl OpenSecond {
     /// The merged cells, for rule and canary evaluation.
-    pub fn cells(&self) -> &HashMap<(Split, SeriesKey), Cell> {
+    pub(crate) fn cells(&self) -> &HashMap<(Split, SeriesKey), Cell> {
         &self.cells
     }
 }
@@ -44,31 +44,31 @@ impl OpenSecond {
 /// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
 /// still streaming in, sealing it would only turn the rest of it into corrections.
 #[derive(Debug, Default)]
-pub struct Arrivals {
+pub(crate) struct Arrivals {
     last: BTreeMap<i64, i64>,
 }
 
 impl Arrivals {
     /// A snapshot for second `t` arrived at `now_ms`.
-    pub fn record(&mut self, t: i64, now_ms: i64) {
+    pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
         let last = self.last.entry(t).or_insert(now_ms);
         *last = (*last).max(now_ms);
     }
 
     /// When the newest snapshot for `t` arrived.
-    pub fn last(&self, t: i64) -> Option<i64> {
+    pub(crate) fn last(&self, t: i64) -> Option<i64> {
         self.last.get(&t).copied()
     }
 
     /// Forgets seconds before `t`.
-    pub fn forget_before(&mut self, t: i64) {
+    pub(crate) fn forget_before(&mut self, t: i64) {
         self.last = self.last.split_off(&t);
     }
 }
 
 /// What applying a snapshot did.
 #[derive(Debug)]
-pub enum Applied {
+pub(crate) enum Applied {
     /// Merged into an open second.
     Merged {
         /// Series dropped: kind or scale conflicts, or the service's cell limit.
@@ -85,7 +85,7 @@ pub enum Applied {
 
 /// One service's open and recently sealed seconds.
 #[derive(Debug)]
-pub struct ServiceWindows {
+pub(crate) struct ServiceWindows {
     service: Arc<str>,
     settings: WindowSettings,
     open: BTreeMap<i64, OpenSecond>,
@@ -96,7 +96,7 @@ pub struct ServiceWindows {
 
 impl ServiceWindows {
     /// No seconds yet.
-    pub fn new(service: Arc<str>, settings: WindowSettings) -> Self {
+    pub(crate) fn new(service: Arc<str>, settings: WindowSettings) -> Self {
         Self {
             service,
             settings,
@@ -107,30 +107,31 @@ impl ServiceWindows {
         }
     }
 
+    #[cfg(test)]
     /// The newest sealed second.
-    pub fn last_sealed(&self) -> Option<i64> {
+    pub(crate) fn last_sealed(&self) -> Option<i64> {
         self.last_sealed
     }
 
     /// A sealed second still held for corrections.
-    pub fn sealed(&self, t: i64) -> Option<&OpenSecond> {
+    pub(crate) fn sealed(&self, t: i64) -> Option<&OpenSecond> {
         self.recent.get(&t)
     }
 
     /// Whether the service has nothing open and has sealed nothing since `before_second`.
-    pub fn is_idle(&self, before_second: i64) -> bool {
+    pub(crate) fn is_idle(&self, before_second: i64) -> bool {
         self.open.is_empty() && self.last_sealed.is_none_or(|t| t < before_second)
     }
 
     /// A sealed second's current content, as a correction; `None` once it left the late window.
-    pub fn corrected(&self, t: i64) -> Option<SealedSecond> {
+    pub(crate) fn corrected(&self, t: i64) -> Option<SealedSecond> {
         self.recent
             .get(&t)
             .map(|second| summarize(&self.service, t, second, true))
     }
 
     /// Merges one instance's second.
-    pub fn apply(&mut self, snapshot: InstanceSecond) -> Applied {
+    pub(crate) fn apply(&mut self, snapshot: InstanceSecond) -> Applied {
         let t = snapshot.t;
         if let Some(last) = self.last_sealed
             && t <= last
@@ -161,7 +162,7 @@ impl ServiceWindows {
     }
 
     /// Seals, oldest first, every open second that is complete or past its grace at `now_ms`.
-    pub fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
+    pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
             let end = (t + 1) * 1000;
@@ -296,6 +297,7 @@ mod tests {
     fn counter(inst: &Arc<Instance>, t: i64, value: f64) -> InstanceSecond {
         InstanceSecond {
             instance: inst.clone(),
+            agent: Default::default(),
             t,
             series: vec![(
                 SeriesKey {

@@ -1,34 +1,38 @@
 //! The gRPC ingest service: one bidirectional stream per agent. Validates the hello and each snapshot, hands the
 //! snapshot to the shard that owns the service, and acknowledges it. Never waits on a subscriber.
 
+pub(crate) mod validate;
+
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::config::Limits;
 use crate::health::Health;
+use crate::limits::Limits;
 use crate::model::Instance;
-use crate::shard::{ShardCommand, Shards};
-use crate::validate::{validate_hello, validate_snapshot};
+use crate::pipeline::shard::{ShardCommand, Shards};
+use validate::{Refusal, validate_hello, validate_snapshot};
 
 /// The tonic service behind `strobe.v1.Ingest`.
-pub struct IngestService {
+pub(crate) struct IngestService {
     /// Where snapshots go.
-    pub shards: Shards,
+    pub(crate) shards: Shards,
     /// Input bounds.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Accepted agent tokens (empty: no check).
-    pub agent_tokens: Arc<[String]>,
+    pub(crate) agent_tokens: Arc<[String]>,
     /// Counters.
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
+    /// Owns every stream's task, so shutdown can wait for them.
+    pub(crate) streams: TaskTracker,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
@@ -54,12 +58,10 @@ impl pb::ingest_server::Ingest for IngestService {
         let instance = match validate_hello(&hello, &self.limits, &self.agent_tokens) {
             Ok(instance) => Arc::new(instance),
             Err(refusal) => {
-                self.health.count_dropped(refusal.limit(), 1);
+                self.health.count_dropped(refusal.reason(), 1);
                 warn!(message = "Hello refused.", error = %refusal);
                 return Err(match refusal {
-                    crate::validate::Refusal::BadToken => {
-                        Status::unauthenticated(refusal.to_string())
-                    }
+                    Refusal::BadToken => Status::unauthenticated(refusal.to_string()),
                     _ => Status::invalid_argument(refusal.to_string()),
                 });
             }
@@ -69,13 +71,14 @@ impl pb::ingest_server::Ingest for IngestService {
         let shard = self.shards.for_service(&instance.service);
         let limits = self.limits.clone();
         let health = self.health.clone();
-        tokio::spawn(async move {
-            health.agent_streams.fetch_add(1, Ordering::Relaxed);
+        self.streams.spawn(async move {
+            health.agent_streams.inc();
             let result = serve_stream(inbound, &instance, shard, &limits, &health, &tx).await;
-            health.agent_streams.fetch_sub(1, Ordering::Relaxed);
+            health.agent_streams.dec();
             if let Err(status) = result {
                 debug!(message = "Agent stream ended with an error.", instance = %instance.id, error = %status.message());
-                let _ = tx.send(Err(status)).await;
+                // The agent may have gone already; then there is nobody to tell.
+                tx.send(Err(status)).await.ok();
             } else {
                 info!(message = "Agent disconnected.", service = %instance.service, instance = %instance.id);
             }
@@ -104,11 +107,11 @@ async fn serve_stream(
         let second = snapshot.second;
         match validate_snapshot(snapshot, instance, limits, clock::unix_second()) {
             Err(refusal) => {
-                health.count_dropped(refusal.limit(), 1);
+                health.count_dropped(refusal.reason(), 1);
                 let rejection = pb::Rejection {
                     second,
                     code: tonic::Code::InvalidArgument as i32,
-                    limit: refusal.limit().to_owned(),
+                    limit: refusal.reason().as_str().to_owned(),
                     message: refusal.to_string(),
                     series_dropped: 0,
                     whole_snapshot: true,
@@ -121,11 +124,11 @@ async fn serve_stream(
             }
             Ok(validated) => {
                 for (problem, n) in &validated.dropped {
-                    health.count_dropped(problem.limit(), u64::from(*n));
+                    health.count_dropped(problem.reason(), u64::from(*n));
                     let rejection = pb::Rejection {
                         second,
                         code: tonic::Code::InvalidArgument as i32,
-                        limit: problem.limit().to_owned(),
+                        limit: problem.reason().as_str().to_owned(),
                         message: problem.to_string(),
                         series_dropped: *n,
                         whole_snapshot: false,

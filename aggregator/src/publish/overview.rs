@@ -4,105 +4,77 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::model::{SealedSecond, Stats};
-
-/// Which metrics the overview (and the canary) read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MainMetrics {
-    /// Counter of requests.
-    pub requests: String,
-    /// Counter of failed requests.
-    pub errors: String,
-    /// Histogram of request latency.
-    pub latency: String,
-}
-
-impl Default for MainMetrics {
-    fn default() -> Self {
-        Self {
-            requests: "request.count".into(),
-            errors: "request.errors".into(),
-            latency: "request.latency".into(),
-        }
-    }
-}
+use crate::alerting::canary::inputs::{SeriesNumber, per_version};
+use crate::model::{MainMetrics, SealedSecond, Stats};
 
 /// One service (`version: null`) or one of its versions in one second.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct VersionSummary {
+pub(crate) struct VersionSummary {
     /// `null` for the whole service.
-    pub version: Option<Arc<str>>,
+    pub(crate) version: Option<Arc<str>>,
     /// Instances that reported the second.
-    pub instances: u32,
+    pub(crate) instances: u32,
     /// Requests in the second (summed over tag sets).
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Failed requests in the second (summed over tag sets).
-    pub errors: f64,
+    pub(crate) errors: f64,
     /// `errors / rate`, or `null` without requests.
-    pub error_ratio: Option<f64>,
+    pub(crate) error_ratio: Option<f64>,
     /// Median latency of the untagged latency series.
-    pub p50: Option<f64>,
+    pub(crate) p50: Option<f64>,
     /// 99th percentile latency of the untagged latency series.
-    pub p99: Option<f64>,
+    pub(crate) p99: Option<f64>,
     /// First second this version reported (versions only).
-    pub first_seen: Option<i64>,
+    pub(crate) first_seen: Option<i64>,
 }
 
 /// The overview frame of one service's second.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Overview {
+pub(crate) struct Overview {
     /// Always `overview`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The second.
-    pub t: i64,
+    pub(crate) t: i64,
     /// The service.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
     /// Whether it replaces an already sent overview of this second.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub correction: bool,
+    pub(crate) correction: bool,
     /// The whole service first, then each version in name order.
-    pub versions: Vec<VersionSummary>,
+    pub(crate) versions: Vec<VersionSummary>,
 }
 
-/// Summarises a sealed second; `first_seen` gives each version's first second.
-pub fn summarize(
+/// Summarises a sealed second; `first_seen` gives each version's first second. The numbers come from the same
+/// extraction the canary reads ([`per_version`]), so a tile and a verdict never disagree on what was counted.
+pub(crate) fn summarize(
     sealed: &SealedSecond,
     metrics: &MainMetrics,
     first_seen: &BTreeMap<Arc<str>, i64>,
 ) -> Overview {
-    let mut rows: BTreeMap<Option<Arc<str>>, VersionSummary> = BTreeMap::new();
-    rows.insert(None, VersionSummary::default());
-    for instance in &sealed.instances {
-        rows.entry(None).or_default().instances += 1;
-        rows.entry(Some(instance.version.clone()))
-            .or_default()
-            .instances += 1;
-    }
-    for s in sealed.series.iter().filter(|s| s.zone.is_none()) {
-        let row = rows.entry(s.version.clone()).or_default();
-        match &s.stats {
-            Stats::Counter { sum } if *s.metric == *metrics.requests => row.rate += sum,
-            Stats::Counter { sum } if *s.metric == *metrics.errors => row.errors += sum,
+    let series = sealed.series.iter().filter(|s| s.zone.is_none()).map(|s| {
+        let value = match &s.stats {
+            Stats::Counter { sum } => SeriesNumber::Counter(*sum),
             Stats::Histogram {
                 count, p50, p99, ..
-            } if *s.metric == *metrics.latency && s.tags.is_empty() && *count > 0 => {
-                row.p50 = Some(*p50);
-                row.p99 = Some(*p99);
-            }
-            _ => {}
-        }
-    }
-    let versions = rows
+            } if *count > 0 => SeriesNumber::Latency((*p50, *p99)),
+            _ => SeriesNumber::Other,
+        };
+        (s.version.as_ref(), &*s.metric, s.tags.is_empty(), value)
+    });
+    let versions = per_version(&sealed.instances, series, metrics)
         .into_iter()
-        .map(|(version, mut row)| {
-            row.error_ratio = (row.rate > 0.0).then(|| row.errors / row.rate);
-            row.first_seen = version.as_ref().and_then(|v| first_seen.get(v).copied());
-            row.version = version;
-            row
+        .map(|(version, row)| VersionSummary {
+            instances: row.instances,
+            rate: row.requests,
+            errors: row.errors,
+            error_ratio: (row.requests > 0.0).then(|| row.errors / row.requests),
+            p50: row.latency.map(|(p50, _)| p50),
+            p99: row.latency.map(|(_, p99)| p99),
+            first_seen: version.as_ref().and_then(|v| first_seen.get(v).copied()),
+            version,
         })
         .collect();
     Overview {

@@ -2,7 +2,6 @@
 //! the aggregator's own health at `/metrics` and `/healthz`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -18,25 +17,25 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::alerts::{AckError, Alerts};
+use crate::alerting::alerts::{AckError, Alerts};
+use crate::alerting::rules::{RuleSet, RulesStore, StoreError};
 use crate::health::Health;
-use crate::hub::{Delivered, Frame, FrameKind, Hub};
-use crate::rules::{RuleSet, RulesStore, StoreError};
+use crate::publish::{Delivered, Frame, FrameKind, Hub};
 
 /// What the HTTP handlers share.
-pub struct AppState {
+pub(crate) struct AppState {
     /// Frames, history, service status.
-    pub hub: Arc<Hub>,
+    pub(crate) hub: Arc<Hub>,
     /// The aggregator's counters.
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
     /// The rules in force.
-    pub rules: Arc<RulesStore>,
+    pub(crate) rules: Arc<RulesStore>,
     /// The alert manager.
-    pub alerts: Alerts,
+    pub(crate) alerts: Alerts,
 }
 
 /// The router for the aggregator's HTTP port.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for asset in strobe_dashboard::ASSETS {
         router = router.route(
@@ -59,7 +58,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.health.render(state.hub.subscriber_count()),
     )
 }
@@ -239,15 +241,9 @@ async fn stream(
         overview: q.overview.unwrap_or(false),
     });
     upgrade.on_upgrade(move |socket| async move {
-        state
-            .health
-            .websocket_clients
-            .fetch_add(1, Ordering::Relaxed);
+        state.health.websocket_clients.inc();
         serve_socket(socket, &state, from_query).await;
-        state
-            .health
-            .websocket_clients
-            .fetch_sub(1, Ordering::Relaxed);
+        state.health.websocket_clients.dec();
     })
 }
 
@@ -259,7 +255,8 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             Ok(Some(Ok(Message::Text(text)))) => match parse_client_message(&text) {
                 Ok(s) => s,
                 Err(error) => {
-                    let _ = out.send(error_frame(&error)).await;
+                    // The client is told why its subscription was not understood; if it already left, nothing is lost.
+                    out.send(error_frame(&error)).await.ok();
                     Subscription::default()
                 }
             },
@@ -293,7 +290,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                     }
                 }
                 Err(RecvError::Lagged(dropped)) => {
-                    state.health.websocket_frames_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    state.health.websocket_frames_dropped.inc_by(dropped);
                     let notice = json!({ "type": "lagged", "dropped": dropped }).to_string();
                     if out.send(Message::Text(notice.into())).await.is_err() {
                         return;

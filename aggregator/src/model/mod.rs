@@ -1,15 +1,16 @@
-//! The aggregator's own data types: validated snapshots, series identity, splits and sealed summaries.
-//! Only `ingest` and `validate` touch protobuf types; everything downstream speaks these.
+//! The aggregator's own data types: validated snapshots, series identity, splits, sealed summaries, and which
+//! metrics are a service's requests, errors and latency. A leaf: imports nothing of the crate. Only `ingest` touches
+//! protobuf types; everything downstream speaks these.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which instances a merged cell covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Split {
+pub(crate) enum Split {
     /// Every instance of the service.
     All,
     /// The instances running one version.
@@ -20,16 +21,16 @@ pub enum Split {
 
 /// A metric name with its sorted tags.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeriesKey {
+pub(crate) struct SeriesKey {
     /// Metric name.
-    pub metric: Arc<str>,
+    pub(crate) metric: Arc<str>,
     /// Tags sorted by key, keys unique.
-    pub tags: Arc<[(Arc<str>, Arc<str>)]>,
+    pub(crate) tags: Arc<[(Arc<str>, Arc<str>)]>,
 }
 
 /// One series' value from one instance for one second, validated.
 #[derive(Debug, Clone)]
-pub enum SeriesValue {
+pub(crate) enum SeriesValue {
     /// Sum of increments within the second.
     Counter(f64),
     /// Last value within the second.
@@ -45,34 +46,51 @@ pub enum SeriesValue {
 
 /// Who sent a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Instance {
+pub(crate) struct Instance {
     /// Service name.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
     /// Instance id, unique within the service.
-    pub id: Arc<str>,
+    pub(crate) id: Arc<str>,
     /// Version the instance runs.
-    pub version: Arc<str>,
+    pub(crate) version: Arc<str>,
     /// Zone, if the agent gave one.
-    pub zone: Option<Arc<str>>,
+    pub(crate) zone: Option<Arc<str>>,
     /// Who deployed this instance's version (the identity's `deployer` label), if known.
-    pub deployer: Option<Arc<str>>,
+    pub(crate) deployer: Option<Arc<str>>,
 }
 
 /// One instance's validated series for one second.
 #[derive(Debug, Clone)]
-pub struct InstanceSecond {
+pub(crate) struct InstanceSecond {
     /// Who sent it.
-    pub instance: Arc<Instance>,
+    pub(crate) instance: Arc<Instance>,
     /// Start of the second, unix seconds.
-    pub t: i64,
+    pub(crate) t: i64,
     /// The series that passed validation.
-    pub series: Vec<(SeriesKey, SeriesValue)>,
+    pub(crate) series: Vec<(SeriesKey, SeriesValue)>,
+    /// What the agent counted about its own inputs during this second.
+    pub(crate) agent: AgentCounts,
+}
+
+/// An agent's own counters for one second (its inputs' health), as it reports them in each snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AgentCounts {
+    /// Lines (or samples) received.
+    pub(crate) lines_received: u64,
+    /// Lines refused as malformed.
+    pub(crate) lines_malformed: u64,
+    /// Series dropped by the agent's cardinality or size limits.
+    pub(crate) series_over_limit: u64,
+    /// Snapshots the agent dropped from its full replay buffer.
+    pub(crate) snapshots_dropped: u64,
+    /// Values clamped to the histogram's range.
+    pub(crate) values_clamped: u64,
 }
 
 /// The statistics of one merged cell, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Stats {
+pub(crate) enum Stats {
     /// Counter: the sum over instances, which is the rate per second.
     Counter {
         /// Sum of the instances' deltas.
@@ -110,35 +128,57 @@ pub enum Stats {
 
 /// One merged series of one sealed second, in the stream's JSON shape.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SeriesSummary {
+pub(crate) struct SeriesSummary {
     /// Service name.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
     /// Metric name.
-    pub metric: Arc<str>,
+    pub(crate) metric: Arc<str>,
     /// Tags as a JSON object.
-    pub tags: BTreeMap<Arc<str>, Arc<str>>,
+    pub(crate) tags: BTreeMap<Arc<str>, Arc<str>>,
     /// `null` for the merge over all versions, else the version of this split.
-    pub version: Option<Arc<str>>,
+    pub(crate) version: Option<Arc<str>>,
     /// `null` for the merge over all zones, else the zone of this split.
-    pub zone: Option<Arc<str>>,
+    pub(crate) zone: Option<Arc<str>>,
     /// How many instances contributed.
-    pub instances: u32,
+    pub(crate) instances: u32,
     /// The merged statistics (serialised flat, with `kind`).
     #[serde(flatten)]
-    pub stats: Stats,
+    pub(crate) stats: Stats,
 }
 
 /// A service's merged second, ready to publish.
 #[derive(Debug, Clone)]
-pub struct SealedSecond {
+pub(crate) struct SealedSecond {
     /// Service name.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
     /// Start of the second, unix seconds.
-    pub t: i64,
+    pub(crate) t: i64,
     /// True when this replaces an already published second (a late snapshot arrived).
-    pub correction: bool,
+    pub(crate) correction: bool,
     /// Every merged series: overall, by version, by zone.
-    pub series: Vec<SeriesSummary>,
+    pub(crate) series: Vec<SeriesSummary>,
     /// Instances that reported, with their version and zone.
-    pub instances: Vec<Arc<Instance>>,
+    pub(crate) instances: Vec<Arc<Instance>>,
+}
+
+/// Which metrics the overview (and the canary) read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MainMetrics {
+    /// Counter of requests.
+    pub requests: String,
+    /// Counter of failed requests.
+    pub errors: String,
+    /// Histogram of request latency.
+    pub latency: String,
+}
+
+impl Default for MainMetrics {
+    fn default() -> Self {
+        Self {
+            requests: "request.count".into(),
+            errors: "request.errors".into(),
+            latency: "request.latency".into(),
+        }
+    }
 }

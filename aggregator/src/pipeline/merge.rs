@@ -7,7 +7,7 @@ use crate::model::{SeriesValue, Stats};
 
 /// The merge of one series in one split for one second.
 #[derive(Debug, Clone)]
-pub enum Cell {
+pub(crate) enum Cell {
     /// Sum of counter deltas.
     Counter {
         /// Running sum.
@@ -39,7 +39,7 @@ pub enum Cell {
 
 /// Why a contribution could not be merged into a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum MergeError {
+pub(crate) enum MergeError {
     /// The series was a different kind (counter, gauge, histogram) in another instance this second.
     #[error("series kind differs from other instances")]
     KindConflict,
@@ -53,7 +53,7 @@ pub enum MergeError {
 
 impl Cell {
     /// A cell holding one contribution.
-    pub fn new(value: &SeriesValue) -> Self {
+    pub(crate) fn new(value: &SeriesValue) -> Self {
         match value {
             SeriesValue::Counter(v) => Cell::Counter {
                 sum: *v,
@@ -78,7 +78,7 @@ impl Cell {
     }
 
     /// Adds one instance's value.
-    pub fn merge(&mut self, value: &SeriesValue) -> Result<(), MergeError> {
+    pub(crate) fn merge(&mut self, value: &SeriesValue) -> Result<(), MergeError> {
         match (self, value) {
             (Cell::Counter { sum, instances }, SeriesValue::Counter(v)) => {
                 *sum += v;
@@ -122,7 +122,7 @@ impl Cell {
     }
 
     /// Instances merged into this cell.
-    pub fn instances(&self) -> u32 {
+    pub(crate) fn instances(&self) -> u32 {
         match self {
             Cell::Counter { instances, .. }
             | Cell::Gauge { instances, .. }
@@ -131,7 +131,7 @@ impl Cell {
     }
 
     /// The cell's statistics, in the metric's unit.
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         match self {
             Cell::Counter { sum, .. } => Stats::Counter { sum: *sum },
             Cell::Gauge {
@@ -169,14 +169,6 @@ impl Cell {
                     max: hist.max() as f64 / scale,
                 }
             }
-        }
-    }
-
-    /// The merged histogram and its scale, for canary statistics.
-    pub fn histogram(&self) -> Option<(&Histogram<u64>, u32)> {
-        match self {
-            Cell::Histogram { hist, scale, .. } => Some((hist, *scale)),
-            _ => None,
         }
     }
 }

@@ -16,26 +16,32 @@ use hdrhistogram::Histogram;
 
 /// The result of comparing two proportions.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Comparison {
+pub(crate) struct Comparison {
     /// Candidate proportion.
-    pub candidate: f64,
+    pub(crate) candidate: f64,
     /// Baseline proportion.
-    pub baseline: f64,
+    pub(crate) baseline: f64,
     /// The classical z statistic of the difference (for people; the decision uses `likelihood_ratio`).
-    pub z: f64,
+    pub(crate) z: f64,
     /// The mSPRT likelihood ratio.
-    pub likelihood_ratio: f64,
+    pub(crate) likelihood_ratio: f64,
 }
 
 impl Comparison {
     /// Whether the candidate is worse with always-valid confidence `1 - alpha`.
-    pub fn candidate_worse(&self, alpha: f64) -> bool {
+    pub(crate) fn candidate_worse(&self, alpha: f64) -> bool {
         self.candidate > self.baseline && self.likelihood_ratio >= 1.0 / alpha
     }
 }
 
 /// Compares `x_c / n_c` with `x_b / n_b`; `tau` is the spread of differences the test is tuned to detect.
-pub fn compare_proportions(x_c: f64, n_c: f64, x_b: f64, n_b: f64, tau: f64) -> Option<Comparison> {
+pub(crate) fn compare_proportions(
+    x_c: f64,
+    n_c: f64,
+    x_b: f64,
+    n_b: f64,
+    tau: f64,
+) -> Option<Comparison> {
     if n_c <= 0.0 || n_b <= 0.0 || tau.is_nan() || tau <= 0.0 {
         return None;
     }
@@ -56,7 +62,7 @@ pub fn compare_proportions(x_c: f64, n_c: f64, x_b: f64, n_b: f64, tau: f64) -> 
 }
 
 /// How many recorded values are in buckets above the one holding `threshold` (in recorded units).
-pub fn count_above(hist: &Histogram<u64>, threshold: u64) -> u64 {
+pub(crate) fn count_above(hist: &Histogram<u64>, threshold: u64) -> u64 {
     let top = hist.highest_equivalent(threshold);
     hist.iter_recorded()
         .filter(|v| v.value_iterated_to() > top)

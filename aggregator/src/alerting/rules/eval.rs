@@ -9,7 +9,7 @@ use crate::model::{SealedSecond, SeriesSummary, Stats};
 use super::config::{Rule, SplitBy, Stat};
 
 /// The value of one statistic of one series.
-pub fn stat_value(summary: &SeriesSummary, stat: Stat) -> Option<f64> {
+pub(crate) fn stat_value(summary: &SeriesSummary, stat: Stat) -> Option<f64> {
     match (&summary.stats, stat) {
         (Stats::Counter { sum }, Stat::Rate | Stat::Sum) => Some(*sum),
         (Stats::Histogram { count, .. }, Stat::Rate | Stat::Sum) => Some(*count as f64),
@@ -30,18 +30,18 @@ pub fn stat_value(summary: &SeriesSummary, stat: Stat) -> Option<f64> {
 
 /// One evaluated group of a rule: which split and tags, and its labels for people.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Group {
+pub(crate) struct Group {
     /// `version` / `zone` of the split, when the rule splits.
-    pub version: Option<Arc<str>>,
+    pub(crate) version: Option<Arc<str>>,
     /// Zone of the split.
-    pub zone: Option<Arc<str>>,
+    pub(crate) zone: Option<Arc<str>>,
     /// The series' tags.
-    pub tags: BTreeMap<Arc<str>, Arc<str>>,
+    pub(crate) tags: BTreeMap<Arc<str>, Arc<str>>,
 }
 
 impl Group {
     /// Labels identifying the group: version, zone and tags.
-    pub fn labels(&self) -> BTreeMap<String, String> {
+    pub(crate) fn labels(&self) -> BTreeMap<String, String> {
         let mut labels: BTreeMap<String, String> = self
             .tags
             .iter()
@@ -73,7 +73,7 @@ fn tags_match(rule: &Rule, s: &SeriesSummary) -> bool {
 }
 
 /// The rule's value for every group present in the second.
-pub fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> {
+pub(crate) fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> {
     if !rule.applies_to(&sealed.service) {
         return Vec::new();
     }
@@ -117,7 +117,7 @@ pub fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> {
 
 /// A change of an alert's state.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// The condition holds, not yet for long enough.
     Pending {
         /// First second of the breach.
@@ -142,27 +142,27 @@ pub enum Transition {
 
 /// Lifecycle of one (rule, service, group).
 #[derive(Debug, Clone, Default)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     breach_since: Option<i64>,
     firing_since: Option<i64>,
     clear_since: Option<i64>,
     /// The most recent value seen.
-    pub last_value: Option<f64>,
+    pub(crate) last_value: Option<f64>,
 }
 
 impl Tracker {
-    /// Whether the group is firing.
-    pub fn is_firing(&self) -> bool {
-        self.firing_since.is_some()
-    }
-
     /// Whether nothing is going on (can be forgotten).
-    pub fn is_quiet(&self) -> bool {
+    pub(crate) fn is_quiet(&self) -> bool {
         self.breach_since.is_none() && self.firing_since.is_none()
     }
 
     /// Feeds second `t`'s value (`None`: no data, which is not a breach).
-    pub fn observe(&mut self, rule: &Rule, t: i64, value: Option<f64>) -> Option<Transition> {
+    pub(crate) fn observe(
+        &mut self,
+        rule: &Rule,
+        t: i64,
+        value: Option<f64>,
+    ) -> Option<Transition> {
         if value.is_some() {
             self.last_value = value;
         }
@@ -196,7 +196,7 @@ impl Tracker {
     }
 
     /// Forces resolution (the rule was removed).
-    pub fn resolve_now(&mut self) -> Option<Transition> {
+    pub(crate) fn resolve_now(&mut self) -> Option<Transition> {
         self.breach_since = None;
         self.clear_since = None;
         self.firing_since
@@ -208,7 +208,7 @@ impl Tracker {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::rules::config::{Comparison, DEFAULT_KEEP_FIRING_FOR_SECS};
+    use crate::alerting::rules::config::{Comparison, DEFAULT_KEEP_FIRING_FOR_SECS};
 
     fn rule(stat: Stat, threshold: f64, for_secs: u32) -> Rule {
         Rule {
@@ -228,7 +228,7 @@ pub(super) mod tests {
     }
 
     /// One series of service `svc`, from one instance, for rule tests here and in `rules`.
-    pub(in crate::rules) fn summary(
+    pub(in crate::alerting::rules) fn summary(
         metric: &str,
         version: Option<&str>,
         stats: Stats,

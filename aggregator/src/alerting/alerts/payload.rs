@@ -7,11 +7,11 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use super::record::{AlertRecord, NotifyTransition};
-use crate::rules::{Format, Step};
+use crate::alerting::escalation::{Format, Step};
+use crate::alerting::event::{AlertRecord, NotifyTransition};
 
 /// The signature header, `sha256=<hex>` of HMAC-SHA256(secret, body).
-pub const SIGNATURE_HEADER: &str = "x-strobe-signature";
+pub(crate) const SIGNATURE_HEADER: &str = "x-strobe-signature";
 
 fn rfc3339(ms: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
@@ -19,7 +19,7 @@ fn rfc3339(ms: i64) -> String {
 }
 
 /// The body for one notification of one step.
-pub fn body(record: &AlertRecord, transition: NotifyTransition, step: &Step) -> Value {
+pub(crate) fn body(record: &AlertRecord, transition: NotifyTransition, step: &Step) -> Value {
     match step.format {
         Format::Json => json_body(record, transition),
         Format::Slack => slack_body(record, transition),
@@ -139,7 +139,7 @@ fn pagerduty_body(record: &AlertRecord, transition: NotifyTransition, routing_ke
 }
 
 /// `sha256=<hex>` of HMAC-SHA256 over the body with the secret.
-pub fn sign(secret: &str, body: &[u8]) -> String {
+pub(crate) fn sign(secret: &str, body: &[u8]) -> String {
     // HMAC takes keys of any length, so construction cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
@@ -147,8 +147,9 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+#[cfg(test)]
 /// Whether `signature` is the right one for `body` (constant-time comparison).
-pub fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
+pub(crate) fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
     let Some(hex_sig) = signature.strip_prefix("sha256=") else {
         return false;
     };
@@ -165,7 +166,7 @@ pub fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::record::AlertState;
+    use crate::alerting::event::AlertState;
 
     fn record() -> AlertRecord {
         AlertRecord {

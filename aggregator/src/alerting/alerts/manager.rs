@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::delivery::Notification;
-use super::record::{AlertRecord, AlertState, NotifyTransition};
-use crate::hub::Hub;
-use crate::rules::{AlertEvent, EventKind, Owner, RulesStore};
+use crate::alerting::escalation::Owner;
+use crate::alerting::event::{AlertEvent, EventKind};
+use crate::alerting::event::{AlertRecord, AlertState, NotifyTransition};
+use crate::alerting::rules::RulesStore;
+use crate::health::Health;
 
 /// How long resolved alerts stay listed.
 const RESOLVED_RETENTION: Duration = Duration::from_secs(3600);
@@ -22,7 +25,7 @@ const MAX_RECORDS: usize = 1000;
 
 /// Why an acknowledgement failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AckError {
+pub(crate) enum AckError {
     /// No alert has that id.
     #[error("no alert with id {0:?}")]
     NotFound(String),
@@ -43,37 +46,52 @@ enum Command {
     },
 }
 
+/// Where the manager sends every alert record that changed (the publishing side implements it). Must not block.
+pub(crate) trait RecordSink: Send + Sync {
+    /// An alert's new state.
+    fn publish_alert(&self, record: &AlertRecord);
+}
+
 /// A handle to the alert manager; cheap to clone, never blocks the caller.
 #[derive(Clone)]
-pub struct Alerts {
+pub(crate) struct Alerts {
     tx: mpsc::UnboundedSender<Command>,
+    health: Arc<Health>,
 }
 
 impl Alerts {
-    /// Starts the manager. Notifications go to `sink`; alert frames to `hub`.
-    pub fn spawn(
+    /// Starts the manager in `tasks`. Notifications go to `sink`; changed records to `records`.
+    pub(crate) fn spawn(
         rules: Arc<RulesStore>,
-        hub: Arc<Hub>,
+        records: Arc<dyn RecordSink>,
         sink: mpsc::UnboundedSender<Notification>,
+        health: Arc<Health>,
+        tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             rules,
-            hub,
+            records,
             sink,
             entries: BTreeMap::new(),
         };
-        tokio::spawn(manager.run(rx));
-        Self { tx }
+        tasks.spawn(manager.run(rx));
+        Self { tx, health }
     }
 
-    /// Hands over a lifecycle event (from a shard or the canary).
-    pub fn event(&self, event: AlertEvent) {
-        let _ = self.tx.send(Command::Event(event));
+    /// Hands over a lifecycle event (from a shard or the canary). Only fails once the manager has stopped (at
+    /// shutdown); the event is then counted and logged as lost.
+    pub(crate) fn event(&self, event: AlertEvent) {
+        if let Err(mpsc::error::SendError(Command::Event(event))) =
+            self.tx.send(Command::Event(event))
+        {
+            self.health.alert_events_lost.inc();
+            warn!(message = "Alert manager stopped; event lost.", alert = %event.id, rule = %event.rule);
+        }
     }
 
     /// Acknowledges a firing alert: escalation stops, and everyone told so far is told.
-    pub async fn ack(&self, id: &str, by: &str) -> Result<AlertRecord, AckError> {
+    pub(crate) async fn ack(&self, id: &str, by: &str) -> Result<AlertRecord, AckError> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Ack {
             id: id.to_owned(),
@@ -89,7 +107,7 @@ impl Alerts {
     }
 
     /// Every listed alert, newest first.
-    pub async fn list(&self) -> Vec<AlertRecord> {
+    pub(crate) async fn list(&self) -> Vec<AlertRecord> {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Command::List { reply }).is_err() {
             return Vec::new();
@@ -125,7 +143,7 @@ impl Entry {
 
 struct Manager {
     rules: Arc<RulesStore>,
-    hub: Arc<Hub>,
+    records: Arc<dyn RecordSink>,
     sink: mpsc::UnboundedSender<Notification>,
     entries: BTreeMap<String, Entry>,
 }
@@ -139,12 +157,13 @@ impl Manager {
                     None => return,
                     Some(Command::Event(event)) => self.on_event(event),
                     Some(Command::Ack { id, by, reply }) => {
-                        let _ = reply.send(self.on_ack(&id, &by));
+                        // The asker may have gone (a closed HTTP request); the ack stands either way.
+                        reply.send(self.on_ack(&id, &by)).ok();
                     }
                     Some(Command::List { reply }) => {
                         let mut all: Vec<AlertRecord> = self.entries.values().map(|e| e.record.clone()).collect();
                         all.sort_by(|a, b| b.since.cmp(&a.since).then_with(|| a.id.cmp(&b.id)));
-                        let _ = reply.send(all);
+                        reply.send(all).ok(); // nobody waiting any more is fine
                     }
                 },
                 _ = sleep_until_opt(due) => {}
@@ -172,13 +191,13 @@ impl Manager {
                     .entries
                     .entry(event.id.clone())
                     .or_insert_with(|| Entry::new(&event));
-                self.hub.publish_alert(&entry.record);
+                self.records.publish_alert(&entry.record);
             }
             EventKind::Cleared => {
                 if let Some(mut entry) = self.entries.remove(&event.id) {
                     entry.record.state = AlertState::Cleared;
                     entry.record.value = event.value;
-                    self.hub.publish_alert(&entry.record);
+                    self.records.publish_alert(&entry.record);
                 }
             }
             EventKind::Firing => {
@@ -201,7 +220,7 @@ impl Manager {
                     message = "Alert firing.", alert = %event.id, rule = %event.rule, service = %event.service,
                     detected_after_ms = event.at_ms - event.since * 1000,
                 );
-                self.hub.publish_alert(&entry.record);
+                self.records.publish_alert(&entry.record);
                 // Steps due at once go out in escalate_due, right after this event.
             }
             EventKind::Resolved => {
@@ -221,7 +240,7 @@ impl Manager {
                 }
                 entry.ended_at = Some(Instant::now());
                 info!(message = "Alert resolved.", alert = %event.id, rule = %event.rule, service = %event.service);
-                self.hub.publish_alert(&entry.record);
+                self.records.publish_alert(&entry.record);
                 let told = entry.told.clone();
                 for step in told {
                     notify(&self.sink, entry, NotifyTransition::Resolved, step);
@@ -276,7 +295,7 @@ impl Manager {
         entry.record.acknowledged_by = Some(by.to_owned());
         entry.record.acknowledged_at_ms = Some(strobe_proto::clock::unix_millis());
         info!(message = "Alert acknowledged.", alert = %id, by = %by);
-        self.hub.publish_alert(&entry.record);
+        self.records.publish_alert(&entry.record);
         let told = entry.told.clone();
         for step in told {
             notify(&self.sink, entry, NotifyTransition::Acknowledged, step);
@@ -339,11 +358,15 @@ fn notify(
     if !entry.sent.insert((transition, step)) {
         return;
     }
-    let _ = sink.send(Notification {
+    let notification = Notification {
         record: entry.record.clone(),
         transition,
         step: target.clone(),
-    });
+    };
+    if sink.send(notification).is_err() {
+        // Delivery stops only at shutdown; the notification is not sent, and says so.
+        warn!(message = "Delivery stopped; notification not sent.", alert = %entry.record.id, transition = transition.as_str());
+    }
 }
 
 fn new_record(event: &AlertEvent) -> AlertRecord {
@@ -451,17 +474,24 @@ escalation = [
         }
     }
 
-    fn setup() -> (Alerts, mpsc::UnboundedReceiver<Notification>) {
+    /// Records go nowhere: these tests read the notifications.
+    struct Discard;
+
+    impl RecordSink for Discard {
+        fn publish_alert(&self, _: &AlertRecord) {}
+    }
+
+    fn setup() -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
         let dir = std::env::temp_dir().join(format!("strobe-manager-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("rules-{}.toml", rand::random::<u64>()));
         std::fs::write(&path, RULES).unwrap();
         let store = RulesStore::open(Some(path)).unwrap();
         let (sink, notes) = mpsc::unbounded_channel();
-        (
-            Alerts::spawn(store, Arc::new(Hub::new(600, 64, Default::default())), sink),
-            notes,
-        )
+        let mut tasks = JoinSet::new();
+        let health = Arc::new(Health::default());
+        let alerts = Alerts::spawn(store, Arc::new(Discard), sink, health, &mut tasks);
+        (alerts, notes, tasks)
     }
 
     fn drain(
@@ -487,7 +517,7 @@ escalation = [
 
     #[tokio::test(start_paused = true)]
     async fn escalates_when_nobody_acknowledges_and_resolves_to_everyone_told() {
-        let (alerts, mut notes) = setup();
+        let (alerts, mut notes, _tasks) = setup();
         alerts.event(event("a", EventKind::Pending));
         alerts.event(event("a", EventKind::Firing));
         settle().await;
@@ -529,7 +559,7 @@ escalation = [
 
     #[tokio::test(start_paused = true)]
     async fn acknowledgement_stops_escalation() {
-        let (alerts, mut notes) = setup();
+        let (alerts, mut notes, _tasks) = setup();
         alerts.event(event("b", EventKind::Firing));
         settle().await;
         assert_eq!(drain(&mut notes).len(), 1);
@@ -566,7 +596,7 @@ escalation = [
 
     #[tokio::test(start_paused = true)]
     async fn pending_that_clears_tells_nobody() {
-        let (alerts, mut notes) = setup();
+        let (alerts, mut notes, _tasks) = setup();
         alerts.event(event("c", EventKind::Pending));
         alerts.event(event("c", EventKind::Cleared));
         settle().await;

@@ -8,12 +8,13 @@ use hdrhistogram::serialization::Deserializer;
 use strobe_proto as pb;
 use thiserror::Error;
 
-use crate::config::Limits;
-use crate::model::{Instance, InstanceSecond, SeriesKey, SeriesValue};
+use crate::health::DropReason;
+use crate::limits::Limits;
+use crate::model::{AgentCounts, Instance, InstanceSecond, SeriesKey, SeriesValue};
 
 /// Why a whole hello or snapshot was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The hello has no identity, or a required field is empty.
     #[error("identity field `{0}` is missing or empty")]
     MissingIdentity(&'static str),
@@ -37,19 +38,19 @@ pub enum Refusal {
 
 impl Refusal {
     /// The configured limit this refusal names, for the wire and for counters.
-    pub fn limit(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> DropReason {
         match self {
-            Refusal::MissingIdentity(_) => "identity",
-            Refusal::BadIdentity(_) => "max_name_bytes",
-            Refusal::BadToken => "agent_tokens",
-            Refusal::FutureSecond { .. } => "max_future_skew",
+            Refusal::MissingIdentity(_) => DropReason::Identity,
+            Refusal::BadIdentity(_) => DropReason::MaxNameBytes,
+            Refusal::BadToken => DropReason::AgentTokens,
+            Refusal::FutureSecond { .. } => DropReason::MaxFutureSkew,
         }
     }
 }
 
 /// Why one series was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
-pub enum SeriesProblem {
+pub(crate) enum SeriesProblem {
     /// More series than `max_series_per_snapshot`.
     #[error("more series than max_series_per_snapshot")]
     TooManySeries,
@@ -75,26 +76,26 @@ pub enum SeriesProblem {
 
 impl SeriesProblem {
     /// The configured limit or rule this problem names.
-    pub fn limit(self) -> &'static str {
+    pub(crate) fn reason(self) -> DropReason {
         match self {
-            SeriesProblem::TooManySeries => "max_series_per_snapshot",
-            SeriesProblem::BadName => "max_name_bytes",
-            SeriesProblem::TooManyTags => "max_tags_per_series",
-            SeriesProblem::MissingValue => "value",
-            SeriesProblem::BadNumber => "finite_values",
-            SeriesProblem::BadHistogram => "hdr_v2_encoding",
-            SeriesProblem::HistogramOutOfRange => "max_histogram_value",
+            SeriesProblem::TooManySeries => DropReason::MaxSeriesPerSnapshot,
+            SeriesProblem::BadName => DropReason::MaxNameBytes,
+            SeriesProblem::TooManyTags => DropReason::MaxTagsPerSeries,
+            SeriesProblem::MissingValue => DropReason::MissingValue,
+            SeriesProblem::BadNumber => DropReason::FiniteValues,
+            SeriesProblem::BadHistogram => DropReason::HdrV2Encoding,
+            SeriesProblem::HistogramOutOfRange => DropReason::MaxHistogramValue,
         }
     }
 }
 
 /// A snapshot after validation: what is kept, and what was dropped and why.
 #[derive(Debug)]
-pub struct Validated {
+pub(crate) struct Validated {
     /// The series that passed.
-    pub second: InstanceSecond,
+    pub(crate) second: InstanceSecond,
     /// Dropped series, by reason, with their count.
-    pub dropped: Vec<(SeriesProblem, u32)>,
+    pub(crate) dropped: Vec<(SeriesProblem, u32)>,
 }
 
 fn check_text(value: &str, limits: &Limits) -> bool {
@@ -104,7 +105,7 @@ fn check_text(value: &str, limits: &Limits) -> bool {
 }
 
 /// Validates a hello into the instance identity every snapshot of the stream carries.
-pub fn validate_hello(
+pub(crate) fn validate_hello(
     hello: &pb::Hello,
     limits: &Limits,
     tokens: &[String],
@@ -146,13 +147,13 @@ pub fn validate_hello(
 }
 
 /// Validates one snapshot of `instance`, given the aggregator's current second.
-pub fn validate_snapshot(
+pub(crate) fn validate_snapshot(
     snapshot: pb::Snapshot,
     instance: &Arc<Instance>,
     limits: &Limits,
     now_second: i64,
 ) -> Result<Validated, Refusal> {
-    let ahead = snapshot.second - now_second;
+    let ahead = snapshot.second.saturating_sub(now_second);
     let limit = limits.max_future_skew.as_secs();
     if ahead > i64::try_from(limit).unwrap_or(i64::MAX) {
         return Err(Refusal::FutureSecond {
@@ -161,6 +162,15 @@ pub fn validate_snapshot(
             limit,
         });
     }
+    let agent = snapshot
+        .stats
+        .map_or_else(AgentCounts::default, |s| AgentCounts {
+            lines_received: s.lines_received,
+            lines_malformed: s.lines_malformed,
+            series_over_limit: s.series_over_limit,
+            snapshots_dropped: s.snapshots_dropped,
+            values_clamped: s.values_clamped,
+        });
     let mut dropped: Vec<(SeriesProblem, u32)> = Vec::new();
     let mut note = |problem: SeriesProblem| match dropped.iter_mut().find(|(p, _)| *p == problem) {
         Some((_, n)) => *n += 1,
@@ -185,6 +195,7 @@ pub fn validate_snapshot(
             instance: instance.clone(),
             t: snapshot.second,
             series,
+            agent,
         },
         dropped,
     })
@@ -461,7 +472,7 @@ mod tests {
             stats: None,
         };
         let err = validate_snapshot(far, &instance(), &limits, 100).unwrap_err();
-        assert_eq!(err.limit(), "max_future_skew");
+        assert_eq!(err.reason(), DropReason::MaxFutureSkew);
     }
 
     #[test]

@@ -9,10 +9,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::alerting::escalation::{Format, Owner, Step};
+
 /// Which number of a series a rule watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Stat {
+pub(crate) enum Stat {
     /// Counter: the fleet's sum in the second (a rate per second). Histogram: the count.
     Rate,
     /// Same as `rate`.
@@ -48,7 +50,7 @@ impl fmt::Display for Stat {
 /// A dimension a rule evaluates separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SplitBy {
+pub(crate) enum SplitBy {
     /// Each version on its own.
     Version,
     /// Each zone on its own.
@@ -58,58 +60,46 @@ pub enum SplitBy {
 /// Which side of the threshold is bad.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Comparison {
+pub(crate) enum Comparison {
     /// Bad when the value is above the threshold.
     Above,
     /// Bad when the value is below the threshold.
     Below,
 }
 
-/// Webhook body formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Strobe's JSON, shaped like Alertmanager's webhook v4.
-    Json,
-    /// Slack incoming webhook (`text` and `blocks`).
-    Slack,
-    /// PagerDuty Events API v2.
-    Pagerduty,
-}
-
 /// A validated rule.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Unique name.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// The service it watches; `None` is every service.
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// The metric it reads.
-    pub metric: String,
+    pub(crate) metric: String,
     /// Which statistic.
-    pub stat: Stat,
+    pub(crate) stat: Stat,
     /// The denominator counter of a ratio.
-    pub over: Option<String>,
+    pub(crate) over: Option<String>,
     /// Above or below.
-    pub comparison: Comparison,
+    pub(crate) comparison: Comparison,
     /// The threshold.
-    pub threshold: f64,
+    pub(crate) threshold: f64,
     /// Seconds the condition must hold before firing (0 or 1: the first bad second fires).
-    pub for_secs: u32,
+    pub(crate) for_secs: u32,
     /// Seconds a firing alert stays firing after the condition clears (flap damping).
-    pub keep_firing_for_secs: u32,
+    pub(crate) keep_firing_for_secs: u32,
     /// Evaluate each version and/or zone separately; empty evaluates the whole service.
-    pub split_by: Vec<SplitBy>,
+    pub(crate) split_by: Vec<SplitBy>,
     /// Only series with these tags.
-    pub tags: BTreeMap<String, String>,
+    pub(crate) tags: BTreeMap<String, String>,
     /// Owner to notify.
-    pub owner: Option<String>,
+    pub(crate) owner: Option<String>,
 }
 
 impl RuleSet {
     /// The owner of `service`: its `[[services]]` entry, else the owner of the first rule naming it, else the owner
     /// of the first rule for every service.
-    pub fn service_owner(&self, service: &str) -> Option<&str> {
+    pub(crate) fn service_owner(&self, service: &str) -> Option<&str> {
         self.service_owners
             .get(service)
             .map(String::as_str)
@@ -130,12 +120,12 @@ impl RuleSet {
 
 impl Rule {
     /// Whether the rule watches `service`.
-    pub fn applies_to(&self, service: &str) -> bool {
+    pub(crate) fn applies_to(&self, service: &str) -> bool {
         self.service.as_deref().is_none_or(|s| s == service)
     }
 
     /// Whether `value` is on the bad side of the threshold.
-    pub fn breaches(&self, value: f64) -> bool {
+    pub(crate) fn breaches(&self, value: f64) -> bool {
         match self.comparison {
             Comparison::Above => value > self.threshold,
             Comparison::Below => value < self.threshold,
@@ -143,44 +133,17 @@ impl Rule {
     }
 }
 
-/// One step of an escalation chain.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Step {
-    /// Time after firing at which this step is notified, unless acknowledged.
-    #[serde(with = "humantime_serde")]
-    pub after: Duration,
-    /// Where to POST.
-    pub webhook: String,
-    /// Body format.
-    pub format: Format,
-    /// HMAC-SHA256 key for the `X-Strobe-Signature` header.
-    #[serde(skip)]
-    pub secret: Option<String>,
-    /// PagerDuty routing key.
-    #[serde(skip)]
-    pub routing_key: Option<String>,
-}
-
-/// Someone alerts are for, with their escalation chain.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Owner {
-    /// Unique name.
-    pub name: String,
-    /// Steps in order of `after`.
-    pub escalation: Vec<Step>,
-}
-
 /// Everything the rules file says, validated.
 #[derive(Debug, Clone, Default)]
-pub struct RuleSet {
+pub(crate) struct RuleSet {
     /// Rules in file order.
-    pub rules: Vec<Arc<Rule>>,
+    pub(crate) rules: Vec<Arc<Rule>>,
     /// Owners by name.
-    pub owners: HashMap<String, Arc<Owner>>,
+    pub(crate) owners: HashMap<String, Arc<Owner>>,
     /// Who owns each service (for alerts no rule names, such as canary verdicts).
-    pub service_owners: HashMap<String, String>,
+    pub(crate) service_owners: HashMap<String, String>,
     /// The TOML it came from.
-    pub source: String,
+    pub(crate) source: String,
 }
 
 /// Why a rules file was refused.
@@ -188,9 +151,9 @@ pub struct RuleSet {
 #[error("rules line {line}: {reason}")]
 pub struct RulesError {
     /// 1-based line of the offending entry.
-    pub line: usize,
+    pub(crate) line: usize,
     /// What is wrong.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 #[derive(Deserialize)]
@@ -256,7 +219,7 @@ fn default_format() -> Format {
 }
 
 /// How long a firing alert stays firing after its condition clears, unless a rule says otherwise.
-pub const DEFAULT_KEEP_FIRING_FOR_SECS: u32 = 5;
+pub(crate) const DEFAULT_KEEP_FIRING_FOR_SECS: u32 = 5;
 
 fn line_of(source: &str, offset: usize) -> usize {
     source[..offset.min(source.len())].matches('\n').count() + 1
@@ -267,7 +230,7 @@ fn whole_seconds(d: Duration) -> u32 {
 }
 
 /// Parses and validates a rules file.
-pub fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
+pub(crate) fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
     let raw: RawFile = toml::from_str(source).map_err(|e| RulesError {
         line: e.span().map_or(1, |s| line_of(source, s.start)),
         reason: e.message().to_owned(),
@@ -288,7 +251,7 @@ pub fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
         }
         let mut steps = Vec::with_capacity(raw.escalation.len());
         for step in raw.escalation {
-            let url = reqwest::Url::parse(&step.webhook)
+            let url = url::Url::parse(&step.webhook)
                 .map_err(|e| fail(format!("webhook {:?} is not a URL: {e}", step.webhook)))?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(fail(format!(

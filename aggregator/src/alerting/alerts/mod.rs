@@ -1,0 +1,9 @@
+//! Alerts after a rule (or the canary) decides: records and escalation ([`manager`]), webhook bodies and
+//! signatures ([`payload`], pure), and delivery with retries ([`delivery`]).
+
+pub(crate) mod delivery;
+pub(crate) mod manager;
+pub(crate) mod payload;
+
+pub(crate) use delivery::{Deliverer, DeliverySettings, Notification};
+pub(crate) use manager::{AckError, Alerts, RecordSink};

@@ -1,0 +1,12 @@
+//! The pipeline: from a validated snapshot to a sealed second.
+//!
+//! - [`shard`]: the scheduler: N tasks, each owning the services that hash to it; queue, tick, routing.
+//! - [`service`]: one service's state in its shard and its transitions: a snapshot applied, a second sealed (rules,
+//!   canary, publish), a correction published, the service evicted.
+//! - [`windows`]: when a second is sealed, who is expected, dedup, corrections (pure).
+//! - [`merge`]: the merge of one series in one split (pure).
+
+pub(crate) mod merge;
+pub(crate) mod service;
+pub(crate) mod shard;
+pub(crate) mod windows;

@@ -1,0 +1,118 @@
+//! Shards: the scheduler. Each shard is one task owning a disjoint set of services (by hash of the name); it decides
+//! when each service's transitions run ([`ServiceState`]): a snapshot is applied as it arrives and may seal its
+//! second at once; a 10 ms tick publishes gathered corrections, seals what is past its grace (stretched while the
+//! shard is still receiving that second) and evicts services gone quiet. One task per shard, so the merge path
+//! takes no lock (one service's state is only ever touched by its shard).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strobe_proto::clock;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use super::service::{ServiceContext, ServiceState};
+use super::windows::Arrivals;
+use crate::health::millis_as_seconds;
+use crate::model::InstanceSecond;
+
+/// How often a shard checks for seconds to seal.
+const TICK: Duration = Duration::from_millis(10);
+/// A service with nothing sealed for this long is forgotten by its shard.
+const IDLE_SECONDS: i64 = 120;
+/// Snapshots queued per shard before ingest waits.
+const QUEUE: usize = 8192;
+
+/// Work for a shard.
+#[derive(Debug)]
+pub(crate) enum ShardCommand {
+    /// Merge one instance's second.
+    Snapshot(InstanceSecond),
+}
+
+/// Handles to the running shards.
+#[derive(Clone)]
+pub(crate) struct Shards {
+    senders: Arc<[mpsc::Sender<ShardCommand>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Shards {
+    /// Starts `count` shard tasks in `tasks`; each ends when every handle is dropped.
+    pub(crate) fn spawn(
+        count: usize,
+        context: Arc<ServiceContext>,
+        tasks: &mut JoinSet<()>,
+    ) -> Self {
+        let mut senders = Vec::with_capacity(count);
+        for index in 0..count.max(1) {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            senders.push(tx);
+            tasks.spawn(run_shard(index, rx, context.clone()));
+        }
+        Self {
+            senders: senders.into(),
+            hasher: Default::default(),
+        }
+    }
+
+    /// The shard owning `service`.
+    pub(crate) fn for_service(&self, service: &str) -> mpsc::Sender<ShardCommand> {
+        let index = (self.hasher.hash_one(service) % self.senders.len() as u64) as usize;
+        self.senders[index].clone()
+    }
+}
+
+async fn run_shard(
+    index: usize,
+    mut commands: mpsc::Receiver<ShardCommand>,
+    context: Arc<ServiceContext>,
+) {
+    let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
+    let mut arrivals = Arrivals::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(ShardCommand::Snapshot(snapshot)) = command else {
+                    debug!(message = "Shard stopping.", shard = index);
+                    return;
+                };
+                let now = clock::unix_millis();
+                arrivals.record(snapshot.t, now);
+                let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
+                context.health.arrival_delay.observe(millis_as_seconds(now.saturating_sub(end_ms)));
+                let state = services
+                    .entry(snapshot.instance.service.clone())
+                    .or_insert_with_key(|service| ServiceState::new(service.clone(), context.settings));
+                state.apply(snapshot, &context.health);
+                // A snapshot may complete its second: seal at once rather than at the next tick.
+                state.seal_ready(now, &arrivals, &context);
+            }
+            _ = tick.tick() => {
+                let now = clock::unix_millis();
+                for state in services.values_mut() {
+                    state.publish_corrections(&context);
+                    state.seal_ready(now, &arrivals, &context);
+                }
+                let second = now.div_euclid(1000);
+                arrivals.forget_before(second - context.settings.late_window_secs - 1);
+                let horizon = second - IDLE_SECONDS;
+                let idle: Vec<Arc<str>> = services
+                    .iter()
+                    .filter(|(_, s)| s.is_idle(horizon))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in idle {
+                    if let Some(state) = services.remove(&name) {
+                        state.evict(&name, horizon, now, &context);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Publishing: where sealed seconds, alert states and verdicts go, and how browsers and the API read them.
+//!
+//! - [`Hub`]: the fan-out point between shards and subscribers. Serialises each sealed second once into a frame and
+//!   an overview frame, stores them, and broadcasts; publishing never waits on a subscriber.
+//! - [`frame`]: the shared frame and the per-subscriber dedup; `stream`: broadcast and history; `status`: the
+//!   service-status registry; `state`: the newest alert and verdict states. Each has its own lock, and none is held
+//!   while a subscriber filters, sorts or sends (see `stream`).
+//! - [`overview`]: one summary per service and version per second (pure).
+//! - [`http`]: the axum router: dashboard, JSON API, websocket, `/metrics`.
+//!
+//! Depends on the leaves and on `alerting` (the types it shows, the acknowledgement handle); nothing here reaches the
+//! pipeline.
+
+pub(crate) mod frame;
+pub(crate) mod http;
+pub(crate) mod overview;
+mod state;
+mod status;
+mod stream;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+pub(crate) use frame::{Delivered, Frame, FrameKind};
+pub(crate) use status::ServiceStatus;
+
+use crate::alerting::alerts::RecordSink;
+use crate::alerting::canary::Verdict;
+use crate::alerting::event::AlertRecord;
+use crate::model::{MainMetrics, SealedSecond, SeriesSummary};
+use state::EventStates;
+use status::StatusRegistry;
+use stream::LiveStream;
+
+#[derive(Serialize)]
+struct SecondFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    t: i64,
+    service: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    correction: bool,
+    series: &'a [SeriesSummary],
+}
+
+/// The fan-out point between shards and subscribers.
+pub(crate) struct Hub {
+    stream: LiveStream,
+    status: StatusRegistry,
+    events: EventStates,
+    metrics: MainMetrics,
+}
+
+impl Hub {
+    /// A hub keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
+    pub(crate) fn new(history_seconds: i64, buffer_frames: usize, metrics: MainMetrics) -> Self {
+        Self {
+            stream: LiveStream::new(history_seconds, buffer_frames),
+            status: StatusRegistry::new(history_seconds),
+            events: EventStates::default(),
+            metrics,
+        }
+    }
+
+    /// Serialises, stores and broadcasts one sealed second and its overview.
+    pub(crate) fn publish_second(&self, sealed: SealedSecond) {
+        let body = SecondFrame {
+            kind: "second",
+            t: sealed.t,
+            service: &sealed.service,
+            correction: sealed.correction,
+            series: &sealed.series,
+        };
+        let Some(frame) = Frame::encode(
+            FrameKind::Second,
+            &sealed.service,
+            sealed.t,
+            sealed.correction,
+            &body,
+        ) else {
+            return;
+        };
+        let first_seen = if sealed.correction {
+            self.status.first_seen(&sealed.service)
+        } else {
+            self.status.update(&sealed, &frame.json)
+        };
+        let overview = overview::summarize(&sealed, &self.metrics, &first_seen);
+        let overview = Frame::encode(
+            FrameKind::Overview,
+            &sealed.service,
+            sealed.t,
+            sealed.correction,
+            &overview,
+        );
+        self.stream.publish_second(frame, overview);
+    }
+
+    /// Serialises and broadcasts a canary verdict; keeps the newest per service for backfill and the API.
+    pub(crate) fn publish_deploy(&self, verdict: &Verdict) {
+        let body = serde_json::json!({ "type": "deploy", "deploy": verdict });
+        let Some(frame) =
+            Frame::encode(FrameKind::Deploy, &verdict.service, verdict.t, false, &body)
+        else {
+            return;
+        };
+        self.events.deploy(verdict, &frame);
+        self.stream.broadcast(frame);
+    }
+
+    /// The newest canary verdict of every service that had one.
+    pub(crate) fn deploys(&self) -> Vec<Verdict> {
+        self.events.verdicts()
+    }
+
+    /// A live receiver and, consistently with it, the stored frames `wanted` accepts: the receiver is taken first,
+    /// so nothing published meanwhile falls between the two (what comes both ways is skipped by [`Delivered`]).
+    pub(crate) fn subscribe(
+        &self,
+        wanted: impl FnMut(&Frame) -> bool,
+    ) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
+        let receiver = self.stream.subscribe();
+        (receiver, self.backfill(wanted))
+    }
+
+    /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states.
+    /// Copies frame handles under each store's lock, then filters and sorts with no lock held.
+    pub(crate) fn backfill(&self, mut wanted: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
+        let mut frames = self.stream.stored();
+        frames.retain(&mut wanted);
+        frames.sort_by_key(|f| f.t);
+        let mut states = self.events.frames();
+        states.retain(&mut wanted);
+        frames.extend(states);
+        frames
+    }
+
+    /// Every service's status.
+    pub(crate) fn services(&self) -> Vec<ServiceStatus> {
+        self.status.all()
+    }
+
+    /// One service's status.
+    pub(crate) fn service(&self, name: &str) -> Option<ServiceStatus> {
+        self.status.get(name)
+    }
+
+    /// Subscribers connected now.
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.stream.subscriber_count()
+    }
+}
+
+impl RecordSink for Hub {
+    /// Serialises and broadcasts an alert's new state; keeps the newest state of each alert for backfill.
+    fn publish_alert(&self, record: &AlertRecord) {
+        let body = serde_json::json!({ "type": "alert", "alert": record });
+        let Some(frame) = Frame::encode(
+            FrameKind::Alert,
+            &record.service,
+            record.since,
+            false,
+            &body,
+        ) else {
+            return;
+        };
+        self.events.alert(record, &frame);
+        self.stream.broadcast(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn sealed(t: i64, correction: bool) -> SealedSecond {
+        SealedSecond {
+            service: "svc".into(),
+            t,
+            correction,
+            series: Vec::new(),
+            instances: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn publishing_stores_history_for_backfill_and_replaces_corrections() {
+        let hub = Hub::new(600, 64, MainMetrics::default());
+        let (mut live, backfill) = hub.subscribe(|_| true);
+        assert!(backfill.is_empty());
+        hub.publish_second(sealed(10, false));
+        hub.publish_second(sealed(11, false));
+        hub.publish_second(sealed(10, true));
+        let seconds: Vec<(i64, bool)> = hub
+            .backfill(|f| f.kind == FrameKind::Second)
+            .iter()
+            .map(|f| (f.t, f.correction))
+            .collect();
+        assert_eq!(seconds, vec![(10, true), (11, false)]);
+        // Every publish reached the live receiver too: a second and an overview each time.
+        let mut kinds = Vec::new();
+        while let Ok(f) = live.try_recv() {
+            kinds.push(f.kind);
+        }
+        assert_eq!(kinds.len(), 6);
+    }
+
+    /// A backfill that takes its time (here: its filter waits until a shard has published) holds no lock a publish
+    /// needs. If it did, the publish below could not finish and the filter would give up waiting.
+    #[test]
+    fn a_slow_backfill_does_not_hold_up_publishing() {
+        let hub = Arc::new(Hub::new(600, 64, MainMetrics::default()));
+        hub.publish_second(sealed(10, false));
+        hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
+        let (done_tx, done_rx) = mpsc::channel();
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                hub.publish_second(sealed(11, false));
+                hub.publish_second(sealed(12, false));
+                hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
+                done_tx.send(()).ok();
+            })
+        };
+        let mut waited = false;
+        let frames = hub.backfill(|_| {
+            if !waited {
+                waited = true;
+                done_rx
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("publishing waited for the backfill");
+            }
+            true
+        });
+        publisher.join().expect("publisher thread");
+        assert!(waited && !frames.is_empty());
+        assert_eq!(
+            hub.backfill(|f| f.kind == FrameKind::Second).len(),
+            3,
+            "the publishes made during the backfill are stored"
+        );
+    }
+}
