@@ -175,7 +175,13 @@ impl Agent {
         let (tx, rx) = mpsc::channel(16);
         let shipper = tokio::spawn(run_shipper(identity, self.config.shipper.clone(), rx));
         fold_loop(&self.socket, &self.config, tx, shutdown).await;
-        shipper.await.unwrap_or_default()
+        match shipper.await {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(message = "Shipper failed; unsent seconds are lost.", %error);
+                ShipperReport::default()
+            }
+        }
     }
 }
 
@@ -195,7 +201,14 @@ async fn fold_loop(
     loop {
         tokio::select! {
             received = socket.recv_from(&mut packet) => {
-                let Ok((len, _)) = received else { continue };
+                let len = match received {
+                    Ok((len, _)) => len,
+                    Err(error) => {
+                        // Transient (an ICMP error surfacing, say); the socket stays usable.
+                        tracing::warn!(message = "UDP receive failed.", %error);
+                        continue;
+                    }
+                };
                 ship(&tx, folder.roll(clock::unix_second())).await;
                 let window = folder.open();
                 statsd::parse_packet(&packet[..len], &config.parse_limits, |line| match line {

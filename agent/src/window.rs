@@ -194,6 +194,7 @@ impl Window {
 
     /// Closes the window into the snapshot sent on the wire.
     pub fn close(self) -> (pb::Snapshot, WindowStats) {
+        let mut stats = self.stats;
         let mut series: Vec<pb::Series> = Vec::with_capacity(self.series.len());
         let mut encoder = V2Serializer::new();
         for entry in self.series.into_values() {
@@ -203,6 +204,8 @@ impl Window {
                 Accumulator::Histogram { hist, unit } => {
                     let mut hdr_v2 = Vec::new();
                     if encoder.serialize(&hist, &mut hdr_v2).is_err() {
+                        // Not expected for an in-memory histogram; the series is counted as dropped.
+                        stats.series_over_limit += 1;
                         continue;
                     }
                     pb::series::Value::Histogram(pb::Histogram {
@@ -225,7 +228,6 @@ impl Window {
                 value: Some(value),
             });
         }
-        let stats = self.stats;
         let snapshot = pb::Snapshot {
             second: self.second,
             series,

@@ -56,7 +56,7 @@ const IO: &[&str] = &[
     "std::thread",
 ];
 
-/// Every module's source without its unit tests, by module path (`""` is the crate root).
+/// Every module's source without its `#[cfg(test)]` items, by module path (`""` is the crate root).
 fn sources() -> BTreeMap<String, String> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).expect("src is readable") {
@@ -79,40 +79,141 @@ fn sources() -> BTreeMap<String, String> {
                 .strip_prefix(&root)
                 .expect("under src")
                 .with_extension("");
-            let mut module = rel.to_string_lossy().replace('/', "::");
-            for suffix in ["::mod", "mod", "lib"] {
-                if let Some(stripped) = module.strip_suffix(suffix)
-                    && (stripped.is_empty() || suffix != "mod")
-                {
-                    module = stripped.to_owned();
-                }
-            }
-            let text = std::fs::read_to_string(&path).expect("source is readable");
-            let code = match text.find("#[cfg(test)]\nmod tests") {
-                Some(at) => text[..at].to_owned(),
-                None => match text.find("#[cfg(test)]\npub(crate) mod tests") {
-                    Some(at) => text[..at].to_owned(),
-                    None => text,
-                },
+            let rel = rel.to_string_lossy().replace('/', "::");
+            let module = match rel.as_str() {
+                "lib" => String::new(),
+                other => other.strip_suffix("::mod").unwrap_or(other).to_owned(),
             };
-            (module, code)
+            let text = std::fs::read_to_string(&path).expect("source is readable");
+            (module, without_tests(&text))
         })
         .collect()
 }
 
-/// The modules `code` imports through `crate::` paths, each resolved to the longest known module.
-fn imports(code: &str, modules: &BTreeSet<&str>) -> BTreeSet<String> {
+/// `text` without comments and without every item that follows a `#[cfg(test)]` attribute (up to its matching
+/// closing brace, or its semicolon).
+fn without_tests(text: &str) -> String {
+    let code: String = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let mut out = String::new();
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..at]);
+        let item = &rest[at..];
+        let end = match (item.find('{'), item.find(';')) {
+            (Some(open), semi) if semi.is_none_or(|semi| open < semi) => {
+                let mut depth = 0usize;
+                let mut end = item.len();
+                for (i, c) in item[open..].char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = open + i + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                end
+            }
+            (_, Some(semi)) => semi + 1,
+            _ => item.len(),
+        };
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Expands a `use` tree (`a::{b, c::{d, e}}`) into its full paths.
+fn expand(tree: &str) -> Vec<String> {
+    let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
+    let Some(open) = tree.find('{') else {
+        return vec![tree];
+    };
+    let prefix = &tree[..open];
+    let inner = &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())];
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[start..]);
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .flat_map(|p| expand(p).into_iter().map(move |e| format!("{prefix}{e}")))
+        .collect()
+}
+
+/// The modules `code` (the source of `module`) imports: every `use` path and every inline `crate::` or `super::`
+/// path, made absolute and resolved to the longest known module.
+fn imports(module: &str, code: &str, modules: &BTreeSet<&str>) -> BTreeSet<String> {
+    let mut paths: Vec<String> = Vec::new();
+    for (at, _) in code.match_indices("use ") {
+        if at > 0 && !code[..at].ends_with(|c: char| c.is_whitespace() || c == ')') {
+            continue;
+        }
+        if let Some(end) = code[at..].find(';') {
+            paths.extend(expand(&code[at + 4..at + end]));
+        }
+    }
+    // Inline paths may be split across lines: read them with the whitespace taken out.
+    let compact: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+    for anchor in ["crate::", "super::"] {
+        for (at, _) in compact.match_indices(anchor) {
+            if at > 0
+                && compact[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':')
+            {
+                continue;
+            }
+            let path: String = compact[at..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            paths.push(path);
+        }
+    }
+    // A file's parent for `super::` is its module's parent, except that `mod.rs` and `lib.rs` are their module.
     let mut found = BTreeSet::new();
-    for (at, _) in code.match_indices("crate::") {
-        let path: String = code[at + "crate::".len()..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
-            .collect();
-        let parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
-        let best = (1..=parts.len())
-            .map(|n| parts[..n].join("::"))
+    for path in paths {
+        let mut parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+        let mut base: Vec<&str> = module.split("::").filter(|p| !p.is_empty()).collect();
+        let absolute = match parts.first() {
+            Some(&"crate") => {
+                parts.remove(0);
+                parts
+            }
+            Some(&"super") => {
+                while parts.first() == Some(&"super") {
+                    parts.remove(0);
+                    base.pop();
+                }
+                base.extend(parts);
+                base
+            }
+            _ => continue,
+        };
+        let best = (1..=absolute.len())
+            .map(|n| absolute[..n].join("::"))
             .rfind(|candidate| modules.contains(candidate.as_str()));
-        if let Some(best) = best {
+        if let Some(best) = best
+            && best != module
+        {
             found.insert(best);
         }
     }
@@ -132,7 +233,7 @@ fn rooms_import_only_the_rooms_below_them_and_no_two_modules_import_each_other()
     let mut graph: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     let mut wrong = Vec::new();
     for (module, code) in &sources {
-        let imported = imports(code, &modules);
+        let imported = imports(module, code, &modules);
         if let Some(may) = allowed.get(room(module)) {
             for target in &imported {
                 let to = room(target);
@@ -147,14 +248,51 @@ fn rooms_import_only_the_rooms_below_them_and_no_two_modules_import_each_other()
         wrong.is_empty(),
         "imports across rooms not in ARCHITECTURE.md: {wrong:#?}"
     );
-    for (a, targets) in &graph {
-        for b in targets {
-            assert!(
-                !graph.get(b.as_str()).is_some_and(|back| back.contains(*a)),
-                "{a} and {b} import each other"
+    // No cycle at all, two modules importing each other included: a depth-first search from every module.
+    fn visit<'a>(
+        module: &'a str,
+        graph: &'a BTreeMap<&str, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) {
+        if let Some(at) = path.iter().position(|m| *m == module) {
+            panic!(
+                "import cycle: {}",
+                path[at..].join(" -> ") + " -> " + module
             );
         }
+        if !done.insert(module) {
+            return;
+        }
+        path.push(module);
+        for next in graph.get(module).into_iter().flatten() {
+            visit(next, graph, path, done);
+        }
+        path.pop();
     }
+    let mut done = BTreeSet::new();
+    for module in graph.keys() {
+        visit(module, &graph, &mut Vec::new(), &mut done);
+    }
+}
+
+#[test]
+fn the_import_reader_sees_grouped_relative_and_split_paths() {
+    let modules = BTreeSet::from(["a", "a::b", "a::c", "d", "d::e"]);
+    let code = "use crate::{a::b::Thing, d::{e::X, Y}};\nuse super::c;\n";
+    let found = imports("a::b", code, &modules);
+    let expected: BTreeSet<String> = ["a::c", "d", "d::e"].map(String::from).into();
+    assert_eq!(found, expected);
+    let split = imports(
+        "a",
+        "fn f() { let x = crate::\n    d::e::g(); }\n",
+        &modules,
+    );
+    assert_eq!(split, BTreeSet::from(["d::e".to_owned()]));
+    let stripped = without_tests(
+        "fn kept() {}\n#[cfg(test)]\nmod tests {\n    use crate::x;\n}\nfn also_kept() {}\n",
+    );
+    assert!(stripped.contains("also_kept") && !stripped.contains("crate::x"));
 }
 
 #[test]

@@ -60,7 +60,7 @@ impl ServiceState {
     pub(crate) fn apply(&mut self, snapshot: InstanceSecond, health: &Health) {
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let applied = self.windows.apply(snapshot);
-        if matches!(applied, Applied::Merged { .. } | Applied::Correction(_)) {
+        if matches!(applied, Applied::Merged { .. } | Applied::Correction { .. }) {
             // Counted once per merged snapshot, so a replay does not count an agent's numbers twice.
             health.count_agent(&service, &agent);
         }
@@ -80,8 +80,14 @@ impl ServiceState {
             Applied::TooLate => {
                 health.snapshots_too_late.inc();
             }
-            Applied::Correction(t) => {
+            Applied::Correction { t, dropped } => {
                 health.snapshots_accepted.inc();
+                if dropped > 0 {
+                    health.count_dropped(
+                        DropReason::SeriesConflictOrServiceLimit,
+                        u64::from(dropped),
+                    );
+                }
                 if self.corrections.insert(t) {
                     health.corrections.inc();
                 }

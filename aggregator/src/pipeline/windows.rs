@@ -78,7 +78,12 @@ pub(crate) enum Applied {
     Duplicate,
     /// Merged into this already sealed second; [`ServiceWindows::corrected`] summarizes its new content (once per
     /// batch of late snapshots, not once per snapshot).
-    Correction(i64),
+    Correction {
+        /// The second.
+        t: i64,
+        /// Series dropped, as for [`Applied::Merged`].
+        dropped: u32,
+    },
     /// Older than the late window; refused.
     TooLate,
 }
@@ -144,13 +149,13 @@ impl ServiceWindows {
                 return Applied::Duplicate;
             }
             let id = snapshot.instance.id.clone();
-            merge_into(second, snapshot, self.settings.max_cells);
+            let dropped = merge_into(second, snapshot, self.settings.max_cells);
             if t == last {
                 // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
                 // be left out (and only corrected) second after second.
                 self.expected.insert(id);
             }
-            return Applied::Correction(t);
+            return Applied::Correction { t, dropped };
         }
         let second = self.open.entry(t).or_default();
         if second.reporters.contains_key(&snapshot.instance.id) {
@@ -418,7 +423,7 @@ mod tests {
         assert_eq!(w.seal_ready(12_250, &Arrivals::default()).len(), 1);
         assert!(matches!(
             w.apply(counter(&b, 11, 1.0)),
-            Applied::Correction(_)
+            Applied::Correction { t: _, .. }
         ));
         // 12 is not complete with a alone: b is expected again.
         w.apply(counter(&a, 12, 1.0));
@@ -443,7 +448,7 @@ mod tests {
         // b was late: its second-10 data corrects the sealed second.
         assert!(matches!(
             w.apply(counter(&b, 10, 5.0)),
-            Applied::Correction(10)
+            Applied::Correction { t: 10, .. }
         ));
         let corrected = w.corrected(10).unwrap();
         assert!(corrected.correction);

@@ -80,8 +80,17 @@ async fn series(State(state): State<Arc<AppState>>, Query(q): Query<SeriesQuery>
         Some(status) => {
             // The stored frame is the one the stream sent; reading its series back is cheaper than keeping a
             // second copy of every service's newest second.
-            let frame: serde_json::Value =
-                serde_json::from_str(status.latest.as_str()).unwrap_or_default();
+            let frame: serde_json::Value = match serde_json::from_str(status.latest.as_str()) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    tracing::error!(message = "Stored frame is not JSON.", service = %status.service, %error);
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "stored frame unreadable\n",
+                    )
+                        .into_response();
+                }
+            };
             Json(json!({
                 "service": status.service,
                 "t": status.last_second,

@@ -1,6 +1,6 @@
 //! The live stream: a broadcast of frames and, per service, the recent frames a new subscriber is backfilled with.
 //!
-//! Locking: the service map is read-locked to find or add a service's history; each service's history has its own
+//! Locking: the service map is read-locked to find a service's history (write-locked once, to add it); each has its own
 //! mutex, held by a publisher only to insert one frame and by a backfill only to copy that service's frame handles
 //! (reference-counted, no JSON is copied). Filtering, sorting and sending a backfill happen after every lock is
 //! released, so a slow or large backfill never holds up a shard's publish.

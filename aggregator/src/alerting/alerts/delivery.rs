@@ -11,7 +11,7 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::payload::{self, SIGNATURE_HEADER};
 use crate::alerting::escalation::Step;
@@ -155,10 +155,14 @@ impl Deliverer {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = queues.entry(url.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            self.workers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .spawn(self.sender.clone().target_worker(url, rx));
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            // Workers only end by failing (a panic); say so rather than lose it.
+            while let Some(ended) = workers.try_join_next() {
+                if let Err(error) = ended {
+                    error!(message = "Webhook worker failed.", %error);
+                }
+            }
+            workers.spawn(self.sender.clone().target_worker(url, rx));
             tx
         });
         if let Err(error) = queue.send(notification) {

@@ -84,10 +84,22 @@ impl RulesStore {
         };
         let mut interval = tokio::time::interval(RELOAD_INTERVAL);
         let mut rejected: Option<String> = None;
+        let mut unreadable = false;
         loop {
             interval.tick().await;
-            let Ok(text) = tokio::fs::read_to_string(&path).await else {
-                continue;
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(text) => {
+                    unreadable = false;
+                    text
+                }
+                Err(error) => {
+                    // Said once per outage, not every second; the rules in force stay.
+                    if !unreadable {
+                        error!(message = "Rules file unreadable; the previous rules stay.", path = %path.display(), %error);
+                    }
+                    unreadable = true;
+                    continue;
+                }
             };
             if text == self.current().source || rejected.as_deref() == Some(text.as_str()) {
                 continue;
