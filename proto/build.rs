@@ -3,6 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=strobe.proto");
     let descriptors = protox::compile(["strobe.proto"], ["."])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Histogram bytes stay slices of the received buffer: checked and merged without a copy.
+    tonic_prost_build::configure()
+        .bytes(".strobe.v1.Histogram.hdr_v2")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -124,6 +124,9 @@ pub(crate) struct AggregatorArgs {
     /// The longest a second stays open after it ends, e.g. `1s`.
     #[arg(long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
     pub(crate) grace_max: Option<Duration>,
+    /// Late snapshots of one sealed second become one correction at most this often, e.g. `250ms`.
+    #[arg(long, env = "STROBE_CORRECTION_INTERVAL", value_parser = humantime::parse_duration)]
+    pub(crate) correction_interval: Option<Duration>,
     /// How much history to keep for backfill, e.g. `10m`.
     #[arg(long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
     pub(crate) history: Option<Duration>,
@@ -281,6 +284,9 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.history {
             config.history = v;
+        }
+        if let Some(v) = self.correction_interval {
+            config.correction_interval = v;
         }
         if let Some(v) = self.shards {
             config.shards = v;

@@ -209,7 +209,7 @@ impl Window {
                         continue;
                     }
                     pb::series::Value::Histogram(pb::Histogram {
-                        hdr_v2,
+                        hdr_v2: hdr_v2.into(),
                         scale: HISTOGRAM_SCALE,
                         unit: unit.to_owned(),
                     })

@@ -35,6 +35,9 @@ pub struct AggregatorConfig {
     /// How long a sealed second still accepts late snapshots (as corrections).
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
+    /// Late snapshots of one sealed second are gathered and published as one correction at most this often.
+    #[serde(with = "humantime_serde")]
+    pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means one per core.
     pub shards: usize,
     /// Tokens agents must present; empty means no check.
@@ -61,6 +64,7 @@ impl Default for AggregatorConfig {
             grace_max: Duration::from_secs(1),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),
+            correction_interval: Duration::from_millis(250),
             shards: 0,
             agent_tokens: Vec::new(),
             rules: None,

@@ -57,6 +57,6 @@ pub fn merge_and_seal(service: &str, settings: WindowSettings, snapshots: Vec<Va
     windows
         .seal_ready(i64::MAX / 2, &Arrivals::default())
         .iter()
-        .map(|s| s.series.len())
+        .map(|s| s.second.series.len())
         .sum()
 }

@@ -49,6 +49,7 @@ pub use model::MainMetrics;
 use crate::alerting::alerts::{Alerts, Deliverer, Notification};
 use crate::alerting::rules::{RulesStore, StoreError};
 use crate::health::Health;
+use crate::pipeline::budget::QueueBudget;
 use crate::pipeline::service::ServiceContext;
 use crate::pipeline::shard::Shards;
 use crate::pipeline::windows::WindowSettings;
@@ -172,6 +173,8 @@ impl Aggregator {
             alerts: alerts.clone(),
             canary: self.config.canary.clone(),
             metrics: self.config.metrics.clone(),
+            correction_interval_ms: i64::try_from(self.config.correction_interval.as_millis())
+                .unwrap_or(i64::MAX),
         });
         let shard_count = self.config.shard_count();
         let shards = Shards::spawn(shard_count, context, &mut tasks);
@@ -181,6 +184,10 @@ impl Aggregator {
             agent_tokens: self.config.agent_tokens.clone().into(),
             health: self.health.clone(),
             streams: streams.clone(),
+            budget: QueueBudget::new(
+                self.config.limits.max_queued_bytes,
+                self.config.limits.max_queued_bytes_per_stream,
+            ),
         };
         let max_message = self.config.limits.max_message_bytes;
         let grpc_service = strobe_proto::ingest_server::IngestServer::new(ingest)

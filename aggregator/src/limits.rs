@@ -30,6 +30,10 @@ pub struct Limits {
     pub max_series_per_service: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so).
     pub subscriber_buffer_frames: usize,
+    /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
+    pub max_queued_bytes_per_stream: usize,
+    /// Bytes of all streams' snapshots queued between the sockets and the shards; past it, streams wait.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +49,8 @@ impl Default for Limits {
             max_future_skew: Duration::from_secs(5),
             max_series_per_service: 50_000,
             subscriber_buffer_frames: 4096,
+            max_queued_bytes_per_stream: 4 * 1024 * 1024,
+            max_queued_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -6,6 +6,7 @@ pub(crate) mod validate;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use prost::Message as _;
 use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::mpsc;
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::health::Health;
 use crate::limits::Limits;
 use crate::model::Instance;
+use crate::pipeline::budget::{QueueBudget, StreamBudget};
 use crate::pipeline::shard::{ShardCommand, Shards};
 use validate::{Refusal, validate_hello, validate_snapshot};
 
@@ -33,6 +35,8 @@ pub(crate) struct IngestService {
     pub(crate) health: Arc<Health>,
     /// Owns every stream's task, so shutdown can wait for them.
     pub(crate) streams: TaskTracker,
+    /// Bytes queued for the shards, per stream and in all.
+    pub(crate) budget: QueueBudget,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
@@ -69,11 +73,13 @@ impl pb::ingest_server::Ingest for IngestService {
         info!(message = "Agent connected.", service = %instance.service, instance = %instance.id, version = %instance.version);
         let (tx, rx) = mpsc::channel(64);
         let shard = self.shards.for_service(&instance.service);
+        let budget = self.budget.stream();
         let limits = self.limits.clone();
         let health = self.health.clone();
         self.streams.spawn(async move {
             health.agent_streams.inc();
-            let result = serve_stream(inbound, &instance, shard, &limits, &health, &tx).await;
+            let result =
+                serve_stream(inbound, &instance, shard, &limits, &health, budget, &tx).await;
             health.agent_streams.dec();
             if let Err(status) = result {
                 debug!(message = "Agent stream ended with an error.", instance = %instance.id, error = %status.message());
@@ -93,6 +99,7 @@ async fn serve_stream(
     shard: mpsc::Sender<ShardCommand>,
     limits: &Limits,
     health: &Health,
+    budget: StreamBudget,
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
 ) -> Result<(), Status> {
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
@@ -105,6 +112,12 @@ async fn serve_stream(
             None => continue,
         };
         let second = snapshot.second;
+        // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
+        // queue, this waits, and the agent's stream with it.
+        let reservation = budget
+            .reserve(snapshot.encoded_len())
+            .await
+            .ok_or_else(|| Status::unavailable("aggregator is shutting down"))?;
         match validate_snapshot(snapshot, instance, limits, clock::unix_second()) {
             Err(refusal) => {
                 health.count_dropped(refusal.reason(), 1);
@@ -140,7 +153,7 @@ async fn serve_stream(
                     .await?;
                 }
                 shard
-                    .send(ShardCommand::Snapshot(validated.second))
+                    .send(ShardCommand::Snapshot(validated.second, reservation))
                     .await
                     .map_err(|_| Status::unavailable("aggregator is shutting down"))?;
             }

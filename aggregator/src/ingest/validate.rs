@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use hdrhistogram::Histogram;
-use hdrhistogram::serialization::Deserializer;
 use strobe_proto as pb;
 use thiserror::Error;
 
 use crate::health::DropReason;
 use crate::limits::Limits;
+use crate::model::hdr::{CheckedV2, V2Error};
 use crate::model::{AgentCounts, Instance, InstanceSecond, SeriesKey, SeriesValue};
 
 /// Why a whole hello or snapshot was refused.
@@ -236,7 +235,7 @@ fn validate_series(
         pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => {
             return Err(SeriesProblem::BadNumber);
         }
-        pb::series::Value::Histogram(h) => decode_histogram(&h, limits)?,
+        pb::series::Value::Histogram(h) => decode_histogram(h, limits)?,
     };
     Ok((
         SeriesKey {
@@ -247,58 +246,28 @@ fn validate_series(
     ))
 }
 
-/// Checks an HdrHistogram V2 header before decoding, so a hostile header cannot make the decoder allocate
-/// gigabytes: cookie, declared payload length, precision and range.
-fn decode_histogram(h: &pb::Histogram, limits: &Limits) -> Result<SeriesValue, SeriesProblem> {
+/// Checks an HdrHistogram V2 encoding without decoding it into a histogram: the header first (cookie, declared
+/// length, precision, range), so a hostile header cannot make anything allocate, then every varint of the payload.
+fn decode_histogram(h: pb::Histogram, limits: &Limits) -> Result<SeriesValue, SeriesProblem> {
     if h.scale == 0 || h.scale > limits.max_histogram_scale {
         return Err(SeriesProblem::HistogramOutOfRange);
     }
-    let bytes = &h.hdr_v2[..];
-    let word = |at: usize| -> Option<u32> {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let long = |at: usize| -> Option<u64> {
-        bytes.get(at..at + 8).map(|b| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b);
-            u64::from_be_bytes(a)
-        })
-    };
-    let (Some(cookie), Some(payload_len), Some(sigfig), Some(lowest), Some(highest)) =
-        (word(0), word(4), word(12), long(16), long(24))
-    else {
-        return Err(SeriesProblem::BadHistogram);
-    };
-    const HEADER: usize = 40;
-    if !strobe_proto::is_hdr_v2_cookie(cookie)
-        || payload_len as usize != bytes.len().saturating_sub(HEADER)
-    {
-        return Err(SeriesProblem::BadHistogram);
-    }
-    if sigfig > u32::from(limits.max_histogram_sigfig)
-        || lowest < 1
-        || highest > limits.max_histogram_value
-        || highest < 2 * lowest
-    {
-        return Err(SeriesProblem::HistogramOutOfRange);
-    }
-    let hist: Histogram<u64> = Deserializer::new()
-        .deserialize(&mut &bytes[..])
-        .map_err(|_| SeriesProblem::BadHistogram)?;
-    if hist.max() > limits.max_histogram_value {
-        return Err(SeriesProblem::HistogramOutOfRange);
-    }
-    Ok(SeriesValue::Histogram {
-        hist: Box::new(hist),
-        scale: h.scale,
-    })
+    let v2 = CheckedV2::check(
+        h.hdr_v2,
+        u32::from(limits.max_histogram_sigfig),
+        limits.max_histogram_value,
+    )
+    .map_err(|error| match error {
+        V2Error::Encoding => SeriesProblem::BadHistogram,
+        V2Error::Range => SeriesProblem::HistogramOutOfRange,
+    })?;
+    Ok(SeriesValue::Histogram { v2, scale: h.scale })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hdrhistogram::Histogram;
     use hdrhistogram::serialization::{Serializer, V2Serializer};
 
     fn instance() -> Arc<Instance> {
@@ -331,7 +300,7 @@ mod tests {
 
     fn histogram(bytes: Vec<u8>) -> pb::series::Value {
         pb::series::Value::Histogram(pb::Histogram {
-            hdr_v2: bytes,
+            hdr_v2: bytes.into(),
             scale: 1000,
             unit: "ms".into(),
         })

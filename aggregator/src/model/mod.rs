@@ -5,8 +5,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+pub(crate) mod hdr;
+
+use hdr::CheckedV2;
 
 /// Which instances a merged cell covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,10 +38,10 @@ pub(crate) enum SeriesValue {
     Counter(f64),
     /// Last value within the second.
     Gauge(f64),
-    /// A decoded histogram of integers; the metric's value is `recorded / scale`.
+    /// A checked HdrHistogram V2 encoding of integers; the metric's value is `recorded / scale`.
     Histogram {
-        /// The decoded counts.
-        hist: Box<Histogram<u64>>,
+        /// The encoding, checked and not yet decoded.
+        v2: CheckedV2,
         /// Recorded integers per unit.
         scale: u32,
     },

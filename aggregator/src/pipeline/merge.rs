@@ -1,8 +1,7 @@
 //! Merging one second's series across instances: counters summed, gauges spread, histograms merged bucket by
 //! bucket (percentiles are read from the merged counts, never averaged). Pure: no I/O, no tokio.
 
-use hdrhistogram::Histogram;
-
+use crate::model::hdr::HdrAccumulator;
 use crate::model::{SeriesValue, Stats};
 
 /// The merge of one series in one split for one second.
@@ -28,8 +27,8 @@ pub(crate) enum Cell {
     },
     /// Merged histogram.
     Histogram {
-        /// Counts merged so far.
-        hist: Box<Histogram<u64>>,
+        /// Counts merged so far, in the fixed layout.
+        acc: HdrAccumulator,
         /// Recorded integers per unit; every contribution must share it.
         scale: u32,
         /// Contributing instances.
@@ -46,9 +45,6 @@ pub(crate) enum MergeError {
     /// A histogram's scale differs from other instances' for the same series.
     #[error("histogram scale differs from other instances")]
     ScaleConflict,
-    /// The merged histogram could not hold the values.
-    #[error("histogram merge failed")]
-    HistogramRange,
 }
 
 impl Cell {
@@ -65,11 +61,11 @@ impl Cell {
                 sum: *v,
                 instances: 1,
             },
-            SeriesValue::Histogram { hist, scale } => {
-                let mut hist = hist.clone();
-                hist.auto(true);
+            SeriesValue::Histogram { v2, scale } => {
+                let mut acc = HdrAccumulator::default();
+                acc.add_v2(v2);
                 Cell::Histogram {
-                    hist,
+                    acc,
                     scale: *scale,
                     instances: 1,
                 }
@@ -100,25 +96,72 @@ impl Cell {
             }
             (
                 Cell::Histogram {
-                    hist,
+                    acc,
                     scale,
                     instances,
                 },
                 SeriesValue::Histogram {
-                    hist: other,
+                    v2,
                     scale: other_scale,
                 },
             ) => {
                 if scale != other_scale {
                     return Err(MergeError::ScaleConflict);
                 }
-                hist.add(other.as_ref())
-                    .map_err(|_| MergeError::HistogramRange)?;
+                acc.add_v2(v2);
                 *instances += 1;
             }
             _ => return Err(MergeError::KindConflict),
         }
         Ok(())
+    }
+
+    /// Adds another cell of the same series (a leaf into a split). Leaves of one series share kind and scale:
+    /// a conflicting contribution never entered any leaf.
+    pub(crate) fn absorb(&mut self, other: &Cell) {
+        match (self, other) {
+            (
+                Cell::Counter { sum, instances },
+                Cell::Counter {
+                    sum: s,
+                    instances: n,
+                },
+            ) => {
+                *sum += s;
+                *instances += n;
+            }
+            (
+                Cell::Gauge {
+                    min,
+                    max,
+                    sum,
+                    instances,
+                },
+                Cell::Gauge {
+                    min: lo,
+                    max: hi,
+                    sum: s,
+                    instances: n,
+                },
+            ) => {
+                *min = min.min(*lo);
+                *max = max.max(*hi);
+                *sum += s;
+                *instances += n;
+            }
+            (
+                Cell::Histogram { acc, instances, .. },
+                Cell::Histogram {
+                    acc: other,
+                    instances: n,
+                    ..
+                },
+            ) => {
+                acc.add(other);
+                *instances += n;
+            }
+            _ => debug_assert!(false, "leaves of one series differ in kind"),
+        }
     }
 
     /// Instances merged into this cell.
@@ -145,10 +188,9 @@ impl Cell {
                 mean: sum / f64::from((*instances).max(1)),
                 sum: *sum,
             },
-            Cell::Histogram { hist, scale, .. } => {
+            Cell::Histogram { acc, scale, .. } => {
                 let scale = f64::from((*scale).max(1));
-                let q = |quantile: f64| hist.value_at_quantile(quantile) as f64 / scale;
-                if hist.is_empty() {
+                if acc.total() == 0 {
                     return Stats::Histogram {
                         count: 0,
                         mean: 0.0,
@@ -159,14 +201,16 @@ impl Cell {
                         max: 0.0,
                     };
                 }
+                let s = acc.stats();
+                let unit = |v: u64| v as f64 / scale;
                 Stats::Histogram {
-                    count: hist.len(),
-                    mean: hist.mean() / scale,
-                    p50: q(0.5),
-                    p90: q(0.9),
-                    p99: q(0.99),
-                    p999: q(0.999),
-                    max: hist.max() as f64 / scale,
+                    count: s.count,
+                    mean: s.mean / scale,
+                    p50: unit(s.p50),
+                    p90: unit(s.p90),
+                    p99: unit(s.p99),
+                    p999: unit(s.p999),
+                    max: unit(s.max),
                 }
             }
         }
@@ -178,12 +222,10 @@ mod tests {
     use super::*;
 
     fn hist(values: impl IntoIterator<Item = u64>) -> SeriesValue {
-        let mut h = Histogram::<u64>::new(2).unwrap();
-        for v in values {
-            h.record(v).unwrap();
-        }
+        let values: Vec<u64> = values.into_iter().collect();
+        let (_, bytes) = crate::model::hdr::tests::encoded(&values, 1, 2);
         SeriesValue::Histogram {
-            hist: Box::new(h),
+            v2: crate::model::hdr::CheckedV2::check(bytes, 3, 1 << 53).unwrap(),
             scale: 1000,
         }
     }
@@ -259,11 +301,38 @@ mod tests {
         );
         assert_eq!(cell.stats(), Stats::Counter { sum: 1.0 });
         let mut h = Cell::new(&hist([1]));
-        let other_scale = SeriesValue::Histogram {
-            hist: Box::new(Histogram::new(2).unwrap()),
-            scale: 1,
+        let SeriesValue::Histogram { v2, .. } = hist([2]) else {
+            unreachable!()
         };
+        let other_scale = SeriesValue::Histogram { v2, scale: 1 };
         assert_eq!(h.merge(&other_scale), Err(MergeError::ScaleConflict));
         assert_eq!(h.instances(), 1);
+    }
+
+    #[test]
+    fn a_split_absorbed_from_leaves_equals_merging_every_contribution_into_it() {
+        let values = [
+            hist([1_000, 2_000]),
+            hist([3_000]),
+            hist([500_000, 7]),
+            hist([40_000]),
+        ];
+        let whole = merge_all(&values).unwrap();
+        let mut split = merge_all(&values[..1]).unwrap();
+        split.absorb(&merge_all(&values[1..3]).unwrap());
+        split.absorb(&merge_all(&values[3..]).unwrap());
+        assert_eq!(split.stats(), whole.stats());
+        assert_eq!(split.instances(), 4);
+        let mut gauges = Cell::new(&SeriesValue::Gauge(3.0));
+        gauges.absorb(&Cell::new(&SeriesValue::Gauge(-1.0)));
+        assert_eq!(
+            gauges.stats(),
+            Stats::Gauge {
+                min: -1.0,
+                max: 3.0,
+                mean: 1.0,
+                sum: 2.0
+            }
+        );
     }
 }

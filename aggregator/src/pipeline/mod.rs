@@ -5,7 +5,9 @@
 //!   canary, publish), a correction published, the service evicted.
 //! - [`windows`]: when a second is sealed, who is expected, dedup, corrections (pure).
 //! - [`merge`]: the merge of one series in one split (pure).
+//! - [`budget`]: the bytes a stream, and all streams, may have queued for the shards.
 
+pub(crate) mod budget;
 pub(crate) mod merge;
 pub(crate) mod service;
 pub(crate) mod shard;

@@ -2,10 +2,9 @@
 //! (rules and canary judge it, then it is published), a late second's correction published, the service evicted.
 //! The shard only decides when each happens.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hdrhistogram::Histogram;
 use strobe_proto::clock;
 
 use crate::alerting::alerts::Alerts;
@@ -14,9 +13,10 @@ use crate::alerting::canary::inputs::{SeriesNumber, VersionSecond, per_version, 
 use crate::alerting::canary::{Canary, CanarySettings};
 use crate::alerting::rules::{Evaluator, RulesStore};
 use crate::health::{DropReason, Health, millis_as_seconds};
-use crate::model::{InstanceSecond, MainMetrics, SealedSecond, Split};
+use crate::model::hdr::HdrAccumulator;
+use crate::model::{InstanceSecond, MainMetrics, Split};
 use crate::pipeline::merge::Cell;
-use crate::pipeline::windows::{Applied, Arrivals, OpenSecond, ServiceWindows, WindowSettings};
+use crate::pipeline::windows::{Applied, Arrivals, Sealed, ServiceWindows, WindowSettings};
 use crate::publish::Hub;
 
 /// What every service's transitions need, shared by all shards.
@@ -35,6 +35,8 @@ pub(crate) struct ServiceContext {
     pub(crate) canary: CanarySettings,
     /// The request, error and latency metrics.
     pub(crate) metrics: MainMetrics,
+    /// Late snapshots of one second are published as one correction at most this often (milliseconds).
+    pub(crate) correction_interval_ms: i64,
 }
 
 /// Everything a shard holds for one service.
@@ -42,8 +44,9 @@ pub(crate) struct ServiceState {
     windows: ServiceWindows,
     evaluator: Evaluator,
     canary: Canary,
-    /// Corrected seconds not yet published: many late snapshots for one second become one correction per tick.
-    corrections: BTreeSet<i64>,
+    /// Corrected seconds not yet published, with when each is due: the late snapshots of one second that arrive
+    /// within `correction_interval` become one correction.
+    corrections: BTreeMap<i64, i64>,
 }
 
 impl ServiceState {
@@ -52,12 +55,18 @@ impl ServiceState {
             windows: ServiceWindows::new(service, settings),
             evaluator: Evaluator::default(),
             canary: Canary::default(),
-            corrections: BTreeSet::new(),
+            corrections: BTreeMap::new(),
         }
     }
 
-    /// Merges one instance's second, counting what happened to it.
-    pub(crate) fn apply(&mut self, snapshot: InstanceSecond, health: &Health) {
+    /// Merges one instance's second at `now_ms`, counting what happened to it.
+    pub(crate) fn apply(
+        &mut self,
+        snapshot: InstanceSecond,
+        now_ms: i64,
+        context: &ServiceContext,
+    ) {
+        let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let applied = self.windows.apply(snapshot);
         if matches!(applied, Applied::Merged { .. } | Applied::Correction { .. }) {
@@ -88,7 +97,8 @@ impl ServiceState {
                         u64::from(dropped),
                     );
                 }
-                if self.corrections.insert(t) {
+                if let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t) {
+                    due.insert(now_ms.saturating_add(context.correction_interval_ms));
                     health.corrections.inc();
                 }
             }
@@ -107,20 +117,25 @@ impl ServiceState {
         }
     }
 
-    /// Publishes the corrections gathered since the last tick. Late data counts for the canary's evidence, not for
-    /// threshold rules, which judged the second when it was sealed (like a Prometheus rule evaluation).
-    pub(crate) fn publish_corrections(&mut self, context: &ServiceContext) {
-        for t in std::mem::take(&mut self.corrections) {
+    /// Publishes the corrections due at `now_ms`. Late data counts for the canary's evidence, not for threshold
+    /// rules, which judged the second when it was sealed (like a Prometheus rule evaluation).
+    pub(crate) fn publish_corrections(&mut self, now_ms: i64, context: &ServiceContext) {
+        let due: Vec<i64> = self
+            .corrections
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            self.corrections.remove(&t);
             let Some(corrected) = self.windows.corrected(t) else {
                 continue;
             };
-            if context.canary.enabled
-                && let Some(second) = self.windows.sealed(t)
-            {
-                let versions = canary_inputs(second, &corrected, &context.metrics);
+            if context.canary.enabled {
+                let versions = canary_inputs(&corrected, &context.metrics);
                 self.canary.correct(t, versions);
             }
-            context.hub.publish_second(corrected);
+            context.hub.publish_second(corrected.second);
         }
     }
 
@@ -150,16 +165,15 @@ impl ServiceState {
 
     /// Evaluates the rules and the canary on a freshly sealed second, then publishes it. Alert events go to the
     /// manager without waiting.
-    fn on_sealed(&mut self, sealed: SealedSecond, context: &ServiceContext) {
+    fn on_sealed(&mut self, merged: Sealed, context: &ServiceContext) {
         let now = clock::unix_millis();
         let rules = context.rules.current();
-        for event in self.evaluator.on_sealed(&rules, &sealed, now) {
+        for event in self.evaluator.on_sealed(&rules, &merged.second, now) {
             context.alerts.event(event);
         }
-        if context.canary.enabled
-            && let Some(second) = self.windows.sealed(sealed.t)
-        {
-            let versions = canary_inputs(second, &sealed, &context.metrics);
+        if context.canary.enabled {
+            let versions = canary_inputs(&merged, &context.metrics);
+            let sealed = &merged.second;
             for verdict in self
                 .canary
                 .observe(&sealed.service, sealed.t, versions, &context.canary)
@@ -170,6 +184,7 @@ impl ServiceState {
                 }
             }
         }
+        let sealed = merged.second;
         let delay = now.saturating_sub(sealed.t.saturating_add(1).saturating_mul(1000));
         context.health.seconds_sealed.inc();
         context.health.seal_delay.observe(millis_as_seconds(delay));
@@ -179,21 +194,17 @@ impl ServiceState {
 
 /// The canary's per-version numbers of a sealed second, read from its version-split cells (merged histograms, so
 /// its latency tests see every bucket).
-fn canary_inputs(
-    second: &OpenSecond,
-    sealed: &SealedSecond,
-    metrics: &MainMetrics,
-) -> BTreeMap<Arc<str>, VersionSecond> {
-    let series = second.cells().iter().filter_map(|((split, key), cell)| {
+fn canary_inputs(merged: &Sealed, metrics: &MainMetrics) -> BTreeMap<Arc<str>, VersionSecond> {
+    let series = merged.splits.iter().filter_map(|((split, key), cell)| {
         let Split::Version(version) = split else {
             return None;
         };
-        let value: SeriesNumber<(&Histogram<u64>, u32)> = match cell {
+        let value: SeriesNumber<(&HdrAccumulator, u32)> = match cell {
             Cell::Counter { sum, .. } => SeriesNumber::Counter(*sum),
-            Cell::Histogram { hist, scale, .. } => SeriesNumber::Latency((hist.as_ref(), *scale)),
+            Cell::Histogram { acc, scale, .. } => SeriesNumber::Latency((acc, *scale)),
             _ => SeriesNumber::Other,
         };
         Some((Some(version), &*key.metric, key.tags.is_empty(), value))
     });
-    version_seconds(per_version(&sealed.instances, series, metrics))
+    version_seconds(per_version(&merged.second.instances, series, metrics))
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::debug;
 
+use super::budget::Reservation;
 use super::service::{ServiceContext, ServiceState};
 use super::windows::Arrivals;
 use crate::health::millis_as_seconds;
@@ -29,8 +30,8 @@ const QUEUE: usize = 8192;
 /// Work for a shard.
 #[derive(Debug)]
 pub(crate) enum ShardCommand {
-    /// Merge one instance's second.
-    Snapshot(InstanceSecond),
+    /// Merge one instance's second; its queue reservation is released once it is merged.
+    Snapshot(InstanceSecond, Reservation),
 }
 
 /// Handles to the running shards.
@@ -78,7 +79,7 @@ async fn run_shard(
     loop {
         tokio::select! {
             command = commands.recv() => {
-                let Some(ShardCommand::Snapshot(snapshot)) = command else {
+                let Some(ShardCommand::Snapshot(snapshot, reservation)) = command else {
                     debug!(message = "Shard stopping.", shard = index);
                     return;
                 };
@@ -89,14 +90,15 @@ async fn run_shard(
                 let state = services
                     .entry(snapshot.instance.service.clone())
                     .or_insert_with_key(|service| ServiceState::new(service.clone(), context.settings));
-                state.apply(snapshot, &context.health);
+                state.apply(snapshot, now, &context);
+                drop(reservation);
                 // A snapshot may complete its second: seal at once rather than at the next tick.
                 state.seal_ready(now, &arrivals, &context);
             }
             _ = tick.tick() => {
                 let now = clock::unix_millis();
                 for state in services.values_mut() {
-                    state.publish_corrections(&context);
+                    state.publish_corrections(now, &context);
                     state.seal_ready(now, &arrivals, &context);
                 }
                 let second = now.div_euclid(1000);

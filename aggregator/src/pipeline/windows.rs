@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::model::{Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, Split};
+use crate::model::{
+    Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, SeriesValue, Split,
+};
 use crate::pipeline::merge::Cell;
 
 /// Timing and bounds for one service's windows.
@@ -27,17 +29,79 @@ pub struct WindowSettings {
     pub max_cells: usize,
 }
 
-/// A second still taking snapshots (or sealed and kept for corrections).
+/// The hash maps of the merge path: foldhash, randomly seeded per process (SipHash's cost showed in profiles;
+/// the seed keeps hostile series names from choosing collisions).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The instances a leaf holds: one version in one zone. Every instance is in exactly one leaf.
+type Leaf = (Arc<str>, Option<Arc<str>>);
+
+/// What a series is, fixed for the second by its first contribution: later ones of another kind (or histogram
+/// scale) are refused, whichever leaf they land in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram(u32),
+}
+
+impl Kind {
+    fn of(value: &SeriesValue) -> Self {
+        match value {
+            SeriesValue::Counter(_) => Kind::Counter,
+            SeriesValue::Gauge(_) => Kind::Gauge,
+            SeriesValue::Histogram { scale, .. } => Kind::Histogram(*scale),
+        }
+    }
+}
+
+/// A second still taking snapshots (or sealed and kept for corrections). Each snapshot is merged once, into its
+/// instance's leaf; the overall, per-version and per-zone splits are derived from the leaves when the second is
+/// summarised.
 #[derive(Debug, Default)]
 pub(crate) struct OpenSecond {
-    reporters: HashMap<Arc<str>, Arc<Instance>>,
-    cells: HashMap<(Split, SeriesKey), Cell>,
+    reporters: FastMap<Arc<str>, Arc<Instance>>,
+    leaves: FastMap<Leaf, FastMap<SeriesKey, Cell>>,
+    kinds: FastMap<SeriesKey, Kind>,
+    cells: usize,
+}
+
+/// A second's merged cells by split (overall, per version, per zone), derived from its leaves.
+pub(crate) type Splits = FastMap<(Split, SeriesKey), Cell>;
+
+/// A summarised second and the merged cells it was summarised from (which the canary reads: merged histograms,
+/// not summaries).
+#[derive(Debug)]
+pub(crate) struct Sealed {
+    /// What is published.
+    pub(crate) second: SealedSecond,
+    /// Every split's cells.
+    pub(crate) splits: Splits,
 }
 
 impl OpenSecond {
-    /// The merged cells, for rule and canary evaluation.
-    pub(crate) fn cells(&self) -> &HashMap<(Split, SeriesKey), Cell> {
-        &self.cells
+    /// Every split of every series, derived from the leaves.
+    pub(crate) fn splits(&self) -> Splits {
+        let mut splits = Splits::default();
+        for ((version, zone), cells) in &self.leaves {
+            for (key, cell) in cells {
+                let mut targets = vec![Split::All, Split::Version(version.clone())];
+                if let Some(zone) = zone {
+                    targets.push(Split::Zone(zone.clone()));
+                }
+                for split in targets {
+                    match splits.entry((split, key.clone())) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            e.get_mut().absorb(cell)
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(cell.clone());
+                        }
+                    }
+                }
+            }
+        }
+        splits
     }
 }
 
@@ -118,18 +182,13 @@ impl ServiceWindows {
         self.last_sealed
     }
 
-    /// A sealed second still held for corrections.
-    pub(crate) fn sealed(&self, t: i64) -> Option<&OpenSecond> {
-        self.recent.get(&t)
-    }
-
     /// Whether the service has nothing open and has sealed nothing since `before_second`.
     pub(crate) fn is_idle(&self, before_second: i64) -> bool {
         self.open.is_empty() && self.last_sealed.is_none_or(|t| t < before_second)
     }
 
     /// A sealed second's current content, as a correction; `None` once it left the late window.
-    pub(crate) fn corrected(&self, t: i64) -> Option<SealedSecond> {
+    pub(crate) fn corrected(&self, t: i64) -> Option<Sealed> {
         self.recent
             .get(&t)
             .map(|second| summarize(&self.service, t, second, true))
@@ -167,7 +226,7 @@ impl ServiceWindows {
     }
 
     /// Seals, oldest first, every open second that is complete or past its grace at `now_ms`.
-    pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
+    pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
             let end = (t + 1) * 1000;
@@ -207,46 +266,43 @@ impl ServiceWindows {
     }
 }
 
-/// Merges a snapshot into every split it belongs to; returns how many series were dropped.
+/// Merges a snapshot into its instance's leaf; returns how many series were dropped (a kind or scale that differs
+/// from the series' first contribution this second, or a new cell past `max_cells`).
 fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usize) -> u32 {
     let instance = snapshot.instance;
-    let mut splits = vec![Split::All, Split::Version(instance.version.clone())];
-    if let Some(zone) = &instance.zone {
-        splits.push(Split::Zone(zone.clone()));
-    }
+    let leaf = second
+        .leaves
+        .entry((instance.version.clone(), instance.zone.clone()))
+        .or_default();
     let mut dropped = 0;
     for (key, value) in snapshot.series {
-        for split in &splits {
-            // Keys are Arc-backed: building the probe only bumps reference counts.
-            let probe = (split.clone(), key.clone());
-            match second.cells.get_mut(&probe) {
-                Some(cell) => {
-                    if cell.merge(&value).is_err() {
-                        dropped += 1;
-                        break;
-                    }
-                }
-                None => {
-                    if second.cells.len() >= max_cells {
-                        dropped += 1;
-                        break;
-                    }
-                    second.cells.insert(probe, Cell::new(&value));
-                }
+        if let Some(cell) = leaf.get_mut(&key) {
+            if cell.merge(&value).is_err() {
+                dropped += 1;
             }
+            continue;
         }
+        // The first contribution of this series to this leaf: it must agree with the other leaves.
+        let kind = Kind::of(&value);
+        if *second.kinds.entry(key.clone()).or_insert(kind) != kind || second.cells >= max_cells {
+            dropped += 1;
+            continue;
+        }
+        second.cells += 1;
+        leaf.insert(key, Cell::new(&value));
     }
     second.reporters.insert(instance.id.clone(), instance);
     dropped
 }
 
-fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> SealedSecond {
-    let mut keys: Vec<&(Split, SeriesKey)> = second.cells.keys().collect();
+fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> Sealed {
+    let splits = second.splits();
+    let mut keys: Vec<&(Split, SeriesKey)> = splits.keys().collect();
     keys.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
     let series = keys
         .into_iter()
         .map(|key| {
-            let cell = &second.cells[key];
+            let cell = &splits[key];
             let (split, series_key) = key;
             SeriesSummary {
                 service: service.clone(),
@@ -267,18 +323,34 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
         .collect();
     let mut instances: Vec<Arc<Instance>> = second.reporters.values().cloned().collect();
     instances.sort_by(|a, b| a.id.cmp(&b.id));
-    SealedSecond {
-        service: service.clone(),
-        t,
-        correction,
-        series,
-        instances,
+    Sealed {
+        second: SealedSecond {
+            service: service.clone(),
+            t,
+            correction,
+            series,
+            instances,
+        },
+        splits,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl ServiceWindows {
+        fn seal_ready_seconds(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
+            self.seal_ready(now_ms, arrivals)
+                .into_iter()
+                .map(|s| s.second)
+                .collect()
+        }
+
+        fn corrected_second(&self, t: i64) -> Option<SealedSecond> {
+            self.corrected(t).map(|s| s.second)
+        }
+    }
     use crate::model::{SeriesValue, Stats};
 
     const SETTINGS: WindowSettings = WindowSettings {
@@ -335,7 +407,7 @@ mod tests {
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 2.0));
         w.apply(counter(&c, 10, 4.0));
-        let sealed = w.seal_ready(11_250, &Arrivals::default());
+        let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
         assert_eq!(sealed.len(), 1);
         let table = [
             (None, None, (7.0, 3)),
@@ -362,19 +434,28 @@ mod tests {
         // Second 10: nobody is expected yet, so it waits for the grace.
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 1.0));
-        assert!(w.seal_ready(11_100, &Arrivals::default()).is_empty());
-        assert_eq!(w.seal_ready(11_250, &Arrivals::default()).len(), 1);
+        assert!(
+            w.seal_ready_seconds(11_100, &Arrivals::default())
+                .is_empty()
+        );
+        assert_eq!(w.seal_ready_seconds(11_250, &Arrivals::default()).len(), 1);
         // Second 11: both expected; sealed the moment the second arrives.
         w.apply(counter(&a, 11, 1.0));
-        assert!(w.seal_ready(12_001, &Arrivals::default()).is_empty());
+        assert!(
+            w.seal_ready_seconds(12_001, &Arrivals::default())
+                .is_empty()
+        );
         w.apply(counter(&b, 11, 1.0));
-        let sealed = w.seal_ready(12_002, &Arrivals::default());
+        let sealed = w.seal_ready_seconds(12_002, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [11]);
         // Second 12: b is gone; 13 is complete early but waits for 12, then both go in order.
         w.apply(counter(&a, 12, 1.0));
         w.apply(counter(&a, 13, 1.0));
-        assert!(w.seal_ready(13_100, &Arrivals::default()).is_empty());
-        let sealed = w.seal_ready(13_250, &Arrivals::default());
+        assert!(
+            w.seal_ready_seconds(13_100, &Arrivals::default())
+                .is_empty()
+        );
+        let sealed = w.seal_ready_seconds(13_250, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
         assert_eq!(w.last_sealed(), Some(13));
     }
@@ -389,22 +470,25 @@ mod tests {
         for i in [&a, &b] {
             w.apply(counter(i, 10, 1.0));
         }
-        w.seal_ready(11_250, &arrivals);
+        w.seal_ready_seconds(11_250, &arrivals);
         // Second 11: a reports; the shard is still receiving second 11 (for other services) at 12_240.
         w.apply(counter(&a, 11, 1.0));
         arrivals.record(11, 12_240);
-        assert!(w.seal_ready(12_260, &arrivals).is_empty(), "still arriving");
+        assert!(
+            w.seal_ready_seconds(12_260, &arrivals).is_empty(),
+            "still arriving"
+        );
         w.apply(counter(&c, 11, 1.0));
         arrivals.record(11, 12_280);
-        assert!(w.seal_ready(12_320, &arrivals).is_empty());
+        assert!(w.seal_ready_seconds(12_320, &arrivals).is_empty());
         // Quiet for 50 ms: sealed without b.
-        let sealed = w.seal_ready(12_330, &arrivals);
+        let sealed = w.seal_ready_seconds(12_330, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
         // Second 12 keeps streaming in forever: sealed at the latest grace_max after it ends.
         w.apply(counter(&a, 12, 1.0));
         arrivals.record(12, 13_990);
-        assert!(w.seal_ready(13_995, &arrivals).is_empty());
-        assert_eq!(w.seal_ready(14_000, &arrivals).len(), 1);
+        assert!(w.seal_ready_seconds(13_995, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
         arrivals.forget_before(12);
         assert_eq!(arrivals.last(11), None);
         assert_eq!(arrivals.last(12), Some(13_990));
@@ -417,19 +501,22 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         w.apply(counter(&a, 10, 1.0));
         w.apply(counter(&b, 10, 1.0));
-        w.seal_ready(11_250, &Arrivals::default());
+        w.seal_ready_seconds(11_250, &Arrivals::default());
         // b is late for 11: 11 seals at its grace without b, and b's data becomes a correction.
         w.apply(counter(&a, 11, 1.0));
-        assert_eq!(w.seal_ready(12_250, &Arrivals::default()).len(), 1);
+        assert_eq!(w.seal_ready_seconds(12_250, &Arrivals::default()).len(), 1);
         assert!(matches!(
             w.apply(counter(&b, 11, 1.0)),
             Applied::Correction { t: _, .. }
         ));
         // 12 is not complete with a alone: b is expected again.
         w.apply(counter(&a, 12, 1.0));
-        assert!(w.seal_ready(13_010, &Arrivals::default()).is_empty());
+        assert!(
+            w.seal_ready_seconds(13_010, &Arrivals::default())
+                .is_empty()
+        );
         w.apply(counter(&b, 12, 1.0));
-        let sealed = w.seal_ready(13_020, &Arrivals::default());
+        let sealed = w.seal_ready_seconds(13_020, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
     }
 
@@ -443,14 +530,14 @@ mod tests {
             Applied::Merged { dropped: 0 }
         ));
         assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
-        let sealed = w.seal_ready(11_250, &Arrivals::default());
+        let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));
         // b was late: its second-10 data corrects the sealed second.
         assert!(matches!(
             w.apply(counter(&b, 10, 5.0)),
             Applied::Correction { t: 10, .. }
         ));
-        let corrected = w.corrected(10).unwrap();
+        let corrected = w.corrected_second(10).unwrap();
         assert!(corrected.correction);
         assert_eq!(sum_of(&corrected, None, None), (6.0, 2));
         // Replays of either, before or after sealing, change nothing.
@@ -460,7 +547,7 @@ mod tests {
         for t in 11..30 {
             w.apply(counter(&a, t, 1.0));
         }
-        w.seal_ready(31_000, &Arrivals::default());
+        w.seal_ready_seconds(31_000, &Arrivals::default());
         assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
     }
 
@@ -468,7 +555,7 @@ mod tests {
     fn the_cell_limit_drops_new_series_only() {
         let a = instance("a", "v1", None);
         let settings = WindowSettings {
-            max_cells: 2,
+            max_cells: 1,
             ..SETTINGS
         };
         let mut w = ServiceWindows::new("svc".into(), settings);
@@ -481,7 +568,7 @@ mod tests {
             SeriesValue::Counter(1.0),
         ));
         assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));
-        let sealed = w.seal_ready(20_000, &Arrivals::default());
+        let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sealed[0].series.len(), 2);
     }
 }

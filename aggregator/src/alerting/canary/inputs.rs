@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 
+use crate::model::hdr::HdrAccumulator;
 use crate::model::{Instance, MainMetrics};
 
 /// One series of a second, as the extraction sees it.
@@ -85,9 +86,9 @@ pub(crate) fn per_version<'a, L>(
 
 /// Per-version numbers whose latency still points into the second's merged cells.
 pub(crate) type BorrowedRows<'a> =
-    BTreeMap<Option<Arc<str>>, VersionNumbers<(&'a Histogram<u64>, u32)>>;
+    BTreeMap<Option<Arc<str>>, VersionNumbers<(&'a HdrAccumulator, u32)>>;
 
-/// The canary's view: versions only, each latency histogram copied out of the second's cells.
+/// The canary's view: versions only, each latency histogram built from the second's merged counts.
 pub(crate) fn version_seconds(rows: BorrowedRows<'_>) -> BTreeMap<Arc<str>, VersionSecond> {
     rows.into_iter()
         .filter_map(|(version, row)| {
@@ -97,7 +98,7 @@ pub(crate) fn version_seconds(rows: BorrowedRows<'_>) -> BTreeMap<Arc<str>, Vers
                     instances: row.instances,
                     requests: row.requests,
                     errors: row.errors,
-                    latency: row.latency.map(|(h, scale)| (h.clone(), scale)),
+                    latency: row.latency.map(|(acc, scale)| (acc.to_histogram(), scale)),
                     deployer: row.deployer,
                 },
             ))

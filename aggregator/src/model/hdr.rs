@@ -1,0 +1,558 @@
+//! HdrHistogram V2 bytes merged straight into counts, without building a histogram per snapshot.
+//!
+//! Every accumulator has one fixed layout ([`Layout::FIXED`]: lowest discernible value 1, 2 significant digits,
+//! so 256 sub-buckets per power of two, about 1% relative error), and grows only to the highest index actually
+//! recorded, so accumulators of one metric always line up and are merged by adding counts index by index. A V2
+//! encoding in that layout (what every Strobe agent sends) is decoded in one pass of varints straight into the
+//! accumulator's counts; any other layout (another precision or lowest value) goes through values, as
+//! `hdrhistogram`'s own `add` does when layouts differ, with the same result. Statistics are read from the counts
+//! exactly as `hdrhistogram` reads them (property tests compare both, count for count and bit for bit).
+//!
+//! Decoding is done twice: once at ingest to check the encoding (so a malformed histogram is refused before it
+//! is acknowledged) and once when merging. Both passes only read bytes; neither allocates per histogram.
+//! Pure, and a leaf: imports nothing of the crate.
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+/// Size of the V2 header: cookie, payload length, normalizing offset, digits, lowest, highest, ratio.
+const HEADER: usize = 40;
+
+/// Why a V2 encoding was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum V2Error {
+    /// Not an uncompressed V2 encoding, or its payload does not decode.
+    Encoding,
+    /// It declares or holds values, precision or a range beyond what is accepted.
+    Range,
+}
+
+/// How a histogram maps values to counts indexes (the part of HdrHistogram's configuration that matters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    unit_magnitude: u32,
+    sub_bucket_half_count_magnitude: u32,
+}
+
+impl Layout {
+    /// Every accumulator's layout: lowest discernible value 1, 2 significant digits.
+    pub(crate) const FIXED: Layout = Layout {
+        unit_magnitude: 0,
+        sub_bucket_half_count_magnitude: 7,
+    };
+
+    /// The layout HdrHistogram builds for `lowest` and `sigfig`, or `None` where it would refuse them.
+    pub(crate) fn new(lowest: u64, sigfig: u32) -> Option<Layout> {
+        if !(1..=u64::MAX / 2).contains(&lowest) || sigfig > 5 {
+            return None;
+        }
+        let unit_magnitude = 63 - lowest.leading_zeros();
+        let largest = 2 * 10_u32.pow(sigfig);
+        // ceil(log2(largest)), largest >= 2.
+        let sub_bucket_count_magnitude = 32 - (largest - 1).leading_zeros();
+        if unit_magnitude + sub_bucket_count_magnitude > 63 {
+            return None;
+        }
+        Some(Layout {
+            unit_magnitude,
+            sub_bucket_half_count_magnitude: sub_bucket_count_magnitude - 1,
+        })
+    }
+
+    fn half_count(self) -> u64 {
+        1 << self.sub_bucket_half_count_magnitude
+    }
+
+    fn bucket_for(self, value: u64) -> u32 {
+        let mask = ((self.half_count() << 1) - 1) << self.unit_magnitude;
+        let base = 64 - self.unit_magnitude - (self.sub_bucket_half_count_magnitude + 1);
+        base - (value | mask).leading_zeros()
+    }
+
+    /// The counts index of `value`.
+    pub(crate) fn index_of(self, value: u64) -> usize {
+        let bucket = self.bucket_for(value);
+        let sub_bucket = value >> (bucket + self.unit_magnitude);
+        let base = u64::from(bucket + 1) << self.sub_bucket_half_count_magnitude;
+        (base + sub_bucket - self.half_count()) as usize
+    }
+
+    /// The lowest value counted at `index` (`None` past the values a u64 can hold).
+    pub(crate) fn value_at(self, index: usize) -> Option<u64> {
+        let half = self.half_count();
+        let mut bucket = (index as u64 >> self.sub_bucket_half_count_magnitude) as i64 - 1;
+        let mut sub_bucket = (index as u64 & (half - 1)) + half;
+        if bucket < 0 {
+            sub_bucket -= half;
+            bucket = 0;
+        }
+        let shift = u32::try_from(bucket).ok()? + self.unit_magnitude;
+        let value = sub_bucket.checked_shl(shift)?;
+        // A shift that drops bits is past the range too.
+        (value >> shift == sub_bucket).then_some(value)
+    }
+
+    fn equivalent_range(self, value: u64) -> u64 {
+        1 << (self.unit_magnitude + self.bucket_for(value))
+    }
+
+    fn lowest_equivalent(self, value: u64) -> u64 {
+        let bucket = self.bucket_for(value);
+        (value >> (bucket + self.unit_magnitude)) << (bucket + self.unit_magnitude)
+    }
+
+    fn highest_equivalent(self, value: u64) -> u64 {
+        if value == u64::MAX {
+            return u64::MAX;
+        }
+        self.lowest_equivalent(value)
+            .saturating_add(self.equivalent_range(value))
+            - 1
+    }
+
+    fn median_equivalent(self, value: u64) -> u64 {
+        self.lowest_equivalent(value) + (self.equivalent_range(value) >> 1)
+    }
+
+    /// How many counts HdrHistogram allocates to track values up to `highest`.
+    fn counts_len(self, highest: u64) -> usize {
+        let mut smallest_untrackable = (self.half_count() << 1) << self.unit_magnitude;
+        let mut buckets: u64 = 1;
+        while smallest_untrackable <= highest {
+            if smallest_untrackable > u64::MAX / 2 {
+                buckets += 1;
+                break;
+            }
+            smallest_untrackable <<= 1;
+            buckets += 1;
+        }
+        ((buckets + 1) * self.half_count()) as usize
+    }
+}
+
+/// A V2 encoding that passed every check: ready to merge, in its own layout.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckedV2 {
+    bytes: Bytes,
+    layout: Layout,
+    /// The highest index with a count.
+    max_index: usize,
+    /// Values recorded.
+    total: u64,
+}
+
+impl CheckedV2 {
+    /// Checks an encoding: header (cookie, declared length, precision, range) first, then every varint of the
+    /// payload, without allocating. Values above `max_value` and precision above `max_sigfig` are refused.
+    pub(crate) fn check(bytes: Bytes, max_sigfig: u32, max_value: u64) -> Result<Self, V2Error> {
+        let header = bytes.get(..HEADER).ok_or(V2Error::Encoding)?;
+        let word = |at: usize| {
+            u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let long = |at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&header[at..at + 8]);
+            u64::from_be_bytes(a)
+        };
+        let (cookie, payload_len, offset, sigfig) = (word(0), word(4), word(8), word(12));
+        let (lowest, highest, ratio) = (long(16), long(24), f64::from_bits(long(32)));
+        if !strobe_proto::is_hdr_v2_cookie(cookie)
+            || payload_len as usize != bytes.len() - HEADER
+            || offset != 0
+            || ratio != 1.0
+        {
+            return Err(V2Error::Encoding);
+        }
+        if sigfig > max_sigfig || highest > max_value || highest < lowest.saturating_mul(2) {
+            return Err(V2Error::Range);
+        }
+        let layout = Layout::new(lowest, sigfig).ok_or(V2Error::Range)?;
+        let len = layout.counts_len(highest);
+        let (mut max_index, mut total) = (0, 0u64);
+        walk(&bytes[HEADER..], len, |index, count| {
+            max_index = index;
+            total = total.saturating_add(count);
+        })?;
+        let max_recorded = layout.value_at(max_index).ok_or(V2Error::Range)?;
+        if total > 0 && max_recorded > max_value {
+            return Err(V2Error::Range);
+        }
+        Ok(Self {
+            bytes,
+            layout,
+            max_index,
+            total,
+        })
+    }
+
+    /// Values recorded.
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// Reads one varint as HdrHistogram writes them (LEB128, at most 9 bytes, the 9th contributing all 8 bits).
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().take(9).enumerate() {
+        if i == 8 {
+            return Some((value | (u64::from(*b) << 56), 9));
+        }
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
+/// varints, indexes at or past `len` (what the declared range allows) and negative counts.
+fn walk(mut payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
+    let mut index: usize = 0;
+    while !payload.is_empty() {
+        let (raw, used) = varint(payload).ok_or(V2Error::Encoding)?;
+        payload = &payload[used..];
+        let n = ((raw >> 1) as i64) ^ -((raw & 1) as i64);
+        if n < 0 {
+            let zeros = usize::try_from(n.unsigned_abs()).map_err(|_| V2Error::Encoding)?;
+            index = index.checked_add(zeros).ok_or(V2Error::Encoding)?;
+        } else {
+            if n > 0 {
+                if index >= len {
+                    return Err(V2Error::Encoding);
+                }
+                each(index, n as u64);
+            }
+            index = index.checked_add(1).ok_or(V2Error::Encoding)?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts in [`Layout::FIXED`], grown to the highest index recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HdrAccumulator {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+/// What is read from an accumulator, in recorded integers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct HdrStats {
+    /// Values recorded.
+    pub(crate) count: u64,
+    /// Mean, from each bucket's median equivalent value.
+    pub(crate) mean: f64,
+    /// Median.
+    pub(crate) p50: u64,
+    /// 90th percentile.
+    pub(crate) p90: u64,
+    /// 99th percentile.
+    pub(crate) p99: u64,
+    /// 99.9th percentile.
+    pub(crate) p999: u64,
+    /// Largest value (the highest equivalent of the top bucket).
+    pub(crate) max: u64,
+}
+
+impl HdrAccumulator {
+    fn grow_to(&mut self, index: usize) {
+        if self.counts.len() <= index {
+            self.counts.resize(index + 1, 0);
+        }
+    }
+
+    /// Adds a checked encoding's counts.
+    pub(crate) fn add_v2(&mut self, v2: &CheckedV2) {
+        let payload = &v2.bytes[HEADER..];
+        let fixed = Layout::FIXED;
+        if v2.layout == fixed {
+            self.grow_to(v2.max_index);
+            let counts = &mut self.counts;
+            // Checked at ingest; a failure here would only stop early.
+            let walked = walk(payload, usize::MAX, |i, c| {
+                counts[i] = counts[i].saturating_add(c)
+            });
+            debug_assert!(walked.is_ok());
+        } else {
+            let layout = v2.layout;
+            if let Some(top) = layout.value_at(v2.max_index) {
+                self.grow_to(fixed.index_of(top));
+            }
+            let counts = &mut self.counts;
+            let walked = walk(payload, usize::MAX, |i, c| {
+                if let Some(value) = layout.value_at(i) {
+                    let at = fixed.index_of(value);
+                    if let Some(slot) = counts.get_mut(at) {
+                        *slot = slot.saturating_add(c);
+                    }
+                }
+            });
+            debug_assert!(walked.is_ok());
+        }
+        self.total = self.total.saturating_add(v2.total);
+    }
+
+    /// Adds another accumulator's counts (deriving a split from its leaves).
+    pub(crate) fn add(&mut self, other: &HdrAccumulator) {
+        if other.counts.len() > self.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine = mine.saturating_add(*theirs);
+        }
+        self.total = self.total.saturating_add(other.total);
+    }
+
+    /// Values recorded.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The value at `quantile`, as `hdrhistogram`'s `value_at_quantile` reads it.
+    #[cfg(test)]
+    pub(crate) fn value_at_quantile(&self, quantile: f64) -> u64 {
+        let quantile = quantile.min(1.0);
+        let wanted = ((quantile * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for (i, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= wanted {
+                let value = Layout::FIXED.value_at(i).unwrap_or(u64::MAX);
+                return if quantile == 0.0 {
+                    Layout::FIXED.lowest_equivalent(value)
+                } else {
+                    Layout::FIXED.highest_equivalent(value)
+                };
+            }
+        }
+        0
+    }
+
+    /// Count, mean, percentiles and max, each as `hdrhistogram` computes it, in one pass over the counts.
+    pub(crate) fn stats(&self) -> HdrStats {
+        const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+        let fixed = Layout::FIXED;
+        let wanted = QUANTILES.map(|q| ((q * self.total as f64).ceil() as u64).max(1));
+        let mut found = [0u64; 4];
+        let mut next = 0;
+        let (mut seen, mut mean, mut top) = (0u64, 0.0_f64, None);
+        for (i, count) in self.counts.iter().enumerate() {
+            if *count == 0 {
+                continue;
+            }
+            let value = fixed.value_at(i).unwrap_or(u64::MAX);
+            seen += count;
+            while next < wanted.len() && seen >= wanted[next] {
+                found[next] = fixed.highest_equivalent(value);
+                next += 1;
+            }
+            mean += fixed.median_equivalent(value) as f64 * *count as f64 / self.total as f64;
+            top = Some(value);
+        }
+        HdrStats {
+            count: self.total,
+            mean: if self.total == 0 { 0.0 } else { mean },
+            p50: found[0],
+            p90: found[1],
+            p99: found[2],
+            p999: found[3],
+            max: top.map_or(0, |v| fixed.highest_equivalent(v)),
+        }
+    }
+
+    /// The same counts as an `hdrhistogram` histogram (for the canary's tests on merged buckets).
+    pub(crate) fn to_histogram(&self) -> Histogram<u64> {
+        let top = self
+            .counts
+            .iter()
+            .rposition(|c| *c > 0)
+            .and_then(|i| Layout::FIXED.value_at(i))
+            .unwrap_or(2);
+        let mut h = Histogram::new_with_bounds(1, top.max(2), 2).unwrap_or_else(|_| {
+            Histogram::new(2).expect("two significant digits are a valid precision")
+        });
+        h.auto(true);
+        for (i, count) in self.counts.iter().enumerate().filter(|(_, c)| **c > 0) {
+            if let Some(value) = Layout::FIXED.value_at(i) {
+                // Same layout: lands on index i. Cannot fail with auto-resize on.
+                h.record_n(value, *count).ok();
+            }
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use hdrhistogram::serialization::{Serializer, V2Serializer};
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    /// `values` recorded in a histogram of `lowest` and `sigfig`, encoded as V2.
+    pub(crate) fn encoded(values: &[u64], lowest: u64, sigfig: u8) -> (Histogram<u64>, Bytes) {
+        let mut h = Histogram::<u64>::new_with_bounds(lowest, lowest * 2, sigfig).unwrap();
+        h.auto(true);
+        for v in values {
+            h.record(*v).unwrap();
+        }
+        let mut out = Vec::new();
+        V2Serializer::new().serialize(&h, &mut out).unwrap();
+        (h, out.into())
+    }
+
+    fn random_values(rng: &mut SmallRng) -> Vec<u64> {
+        let n = rng.random_range(0..300);
+        let spread = rng.random_range(1..40);
+        (0..n)
+            .map(|_| {
+                let magnitude = rng.random_range(0..spread);
+                rng.random_range(0..=(1u64 << magnitude))
+            })
+            .collect()
+    }
+
+    /// Property: for random histograms of random layouts, merging their V2 bytes into an accumulator gives the
+    /// same counts and the same statistics as `hdrhistogram`'s deserialize + `add` into a 2-digit histogram.
+    #[test]
+    fn merging_v2_bytes_equals_hdrhistogram_deserialize_and_add() {
+        for seed in 0..300 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut reference = Histogram::<u64>::new_with_bounds(1, 2, 2).unwrap();
+            reference.auto(true);
+            let mut acc = HdrAccumulator::default();
+            for _ in 0..rng.random_range(1..6) {
+                let (lowest, sigfig) = match rng.random_range(0..4) {
+                    0 => (1, 3),
+                    1 => (1000, 2),
+                    _ => (1, 2),
+                };
+                let values = random_values(&mut rng);
+                let (h, bytes) = encoded(&values, lowest, sigfig);
+                let checked = CheckedV2::check(bytes, 3, u64::MAX / 4).unwrap();
+                assert_eq!(checked.total(), h.len());
+                acc.add_v2(&checked);
+                reference.add(&h).unwrap();
+            }
+            assert_eq!(acc.total(), reference.len(), "seed {seed}");
+            for (i, count) in acc.counts.iter().enumerate() {
+                let value = Layout::FIXED.value_at(i).unwrap();
+                assert_eq!(*count, reference.count_at(value), "seed {seed}, index {i}");
+            }
+            assert_eq!(
+                acc.counts.iter().sum::<u64>(),
+                reference.len(),
+                "no count outside the accumulator, seed {seed}"
+            );
+            if reference.is_empty() {
+                continue;
+            }
+            let stats = acc.stats();
+            let expected = HdrStats {
+                count: reference.len(),
+                mean: reference.mean(),
+                p50: reference.value_at_quantile(0.5),
+                p90: reference.value_at_quantile(0.9),
+                p99: reference.value_at_quantile(0.99),
+                p999: reference.value_at_quantile(0.999),
+                max: reference.max(),
+            };
+            assert_eq!(stats.mean.to_bits(), expected.mean.to_bits(), "seed {seed}");
+            for q in [0.0, 0.25, 0.75, 1.0] {
+                assert_eq!(
+                    acc.value_at_quantile(q),
+                    reference.value_at_quantile(q),
+                    "seed {seed} q {q}"
+                );
+            }
+            assert_eq!(stats, expected, "seed {seed}");
+            let back = acc.to_histogram();
+            assert_eq!(back.len(), reference.len());
+            assert_eq!(back.value_at_quantile(0.99), expected.p99);
+        }
+    }
+
+    #[test]
+    fn adding_accumulators_equals_adding_their_bytes() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let (mut a, mut b, mut both) = Default::default();
+        for target in [&mut a, &mut b] {
+            let (_, bytes) = encoded(&random_values(&mut rng), 1, 2);
+            let checked = CheckedV2::check(bytes, 3, u64::MAX / 4).unwrap();
+            HdrAccumulator::add_v2(target, &checked);
+            HdrAccumulator::add_v2(&mut both, &checked);
+        }
+        HdrAccumulator::add(&mut a, &b);
+        assert_eq!(a, both);
+    }
+
+    #[test]
+    fn hostile_encodings_are_refused_before_anything_is_allocated() {
+        let (_, good) = encoded(&[5, 50, 500], 1, 2);
+        let mut cases: Vec<(&str, Vec<u8>, V2Error)> = Vec::new();
+        cases.push(("empty", Vec::new(), V2Error::Encoding));
+        cases.push(("header only, cut", good[..20].to_vec(), V2Error::Encoding));
+        let mut cookie = good.to_vec();
+        cookie[3] ^= 0x01;
+        cases.push(("cookie", cookie, V2Error::Encoding));
+        let mut length = good.to_vec();
+        length[7] = length[7].wrapping_add(1);
+        cases.push(("declared length", length, V2Error::Encoding));
+        let mut sigfig = good.to_vec();
+        sigfig[15] = 5;
+        cases.push(("precision", sigfig, V2Error::Range));
+        let mut highest = good.to_vec();
+        highest[24..32].copy_from_slice(&u64::MAX.to_be_bytes());
+        cases.push(("declared range", highest, V2Error::Range));
+        let mut truncated = good.to_vec();
+        truncated.push(0x80);
+        let len = (truncated.len() - HEADER) as u32;
+        truncated[4..8].copy_from_slice(&len.to_be_bytes());
+        cases.push(("truncated varint", truncated, V2Error::Encoding));
+        let mut skip = good[..HEADER].to_vec();
+        skip.extend([0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x02]);
+        let len = (skip.len() - HEADER) as u32;
+        skip[4..8].copy_from_slice(&len.to_be_bytes());
+        cases.push(("count far past the declared range", skip, V2Error::Encoding));
+        for (what, bytes, error) in cases {
+            assert_eq!(
+                CheckedV2::check(bytes.into(), 3, 1 << 53).map(|c| c.total()),
+                Err(error),
+                "{what}"
+            );
+        }
+        assert_eq!(CheckedV2::check(good, 3, 1 << 53).map(|c| c.total()), Ok(3));
+    }
+
+    #[test]
+    fn the_fixed_layout_is_hdrhistograms_two_digit_layout() {
+        let reference = Histogram::<u64>::new(2).unwrap();
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            257,
+            1000,
+            123_456,
+            1 << 40,
+            u64::MAX / 3,
+        ] {
+            let index = Layout::FIXED.index_of(value);
+            let lowest = Layout::FIXED.value_at(index).unwrap();
+            assert_eq!(lowest, reference.lowest_equivalent(value), "{value}");
+            assert_eq!(
+                Layout::FIXED.highest_equivalent(value),
+                reference.highest_equivalent(value),
+                "{value}"
+            );
+        }
+        assert_eq!(Layout::new(1, 2), Some(Layout::FIXED));
+        assert_eq!(Layout::new(0, 2), None);
+    }
+}

@@ -1,0 +1,371 @@
+//! Throughput benchmark: a real `strobe aggregator` and a real `strobe loadgen`, as separate processes, and two
+//! websocket clients (one subscribed to every full frame, one to the overview). After a warm-up it measures, for
+//! a number of seconds:
+//! - instances per sealed second (live frames, and after corrections), min and median;
+//! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p99;
+//! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
+//! - instance-seconds lost: expected (agents x seconds) minus those counted in a sealed or corrected second.
+//!
+//! `cargo build --release && cargo run --release -p strobe-benches --bin throughput -- --agents 10000 --seconds 300`
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The `strobe` binary (build it with `cargo build --release` first).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/strobe"))]
+    strobe: PathBuf,
+    /// Simulated agents.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Series per agent.
+    #[arg(long, default_value_t = 100)]
+    series: usize,
+    /// Of which histograms.
+    #[arg(long, default_value_t = 20)]
+    histograms: usize,
+    /// Services the agents are spread over.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Seconds ignored at the start (connections, first seconds).
+    #[arg(long, default_value_t = 15)]
+    warmup: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+}
+
+#[derive(Deserialize)]
+struct FrameHead {
+    #[serde(rename = "type")]
+    kind: String,
+    t: Option<i64>,
+    service: Option<String>,
+    #[serde(default)]
+    correction: bool,
+    #[allow(dead_code)]
+    series: Option<IgnoredAny>,
+    versions: Option<Vec<OverviewRow>>,
+}
+
+#[derive(Deserialize)]
+struct OverviewRow {
+    version: Option<IgnoredAny>,
+    instances: u64,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// (service, t) -> instances in the live overview, and the most in any correction.
+    instances: HashMap<(String, i64), (u64, u64)>,
+    /// Live "second" frames: milliseconds after their second ended.
+    frame_delays: Vec<i64>,
+    /// Bytes received on the full-frame connection.
+    bytes: u64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn spawn(bin: &PathBuf, args: &[String]) -> Result<Child> {
+    Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// CPU ticks (user + system) and peak RSS (KiB) of a process.
+fn proc_usage(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks, hwm))
+}
+
+/// Quantile of a Prometheus histogram (cumulative buckets), as the upper bound of the bucket that holds it.
+fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let wanted = q * total;
+    buckets
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= wanted)
+        .map_or(f64::NAN, |(le, _)| *le)
+}
+
+async fn seal_delay_buckets(http: &str) -> Result<Vec<(f64, f64)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: strobe\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let mut buckets = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("strobe_seal_delay_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse()?
+        };
+        buckets.push((le, count.trim().parse()?));
+    }
+    Ok(buckets)
+}
+
+/// The difference of two cumulative histograms (what was observed in between).
+fn between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|(le, n)| {
+            let old = before.iter().find(|(l, _)| l == le).map_or(0.0, |b| b.1);
+            (*le, n - old)
+        })
+        .collect()
+}
+
+async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    while let Some(message) = ws.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let arrived = now_ms();
+        let Ok(frame) = serde_json::from_str::<FrameHead>(text.as_str()) else {
+            continue;
+        };
+        let mut seen = seen.lock().expect("lock");
+        if full {
+            seen.bytes += text.len() as u64;
+        }
+        match (frame.kind.as_str(), frame.t, frame.service) {
+            ("second", Some(t), Some(_)) if full && !frame.correction => {
+                seen.frame_delays.push(arrived - (t + 1) * 1000);
+            }
+            ("overview", Some(t), Some(service)) if !full => {
+                let instances = frame
+                    .versions
+                    .iter()
+                    .flatten()
+                    .find(|row| row.version.is_none())
+                    .map_or(0, |row| row.instances);
+                let entry = seen.instances.entry((service, t)).or_default();
+                if frame.correction {
+                    entry.1 = entry.1.max(instances);
+                } else {
+                    entry.0 = instances;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[i64], q: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut aggregator = spawn(
+        &args.strobe,
+        &[
+            "aggregator",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ]
+        .map(String::from),
+    )?;
+    let mut lines = BufReader::new(aggregator.stdout.take().context("aggregator stdout")?).lines();
+    let first = lines
+        .next_line()
+        .await?
+        .context("aggregator printed nothing")?;
+    let field = |name: &str| {
+        first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let (Some(grpc), Some(http)) = (field("grpc="), field("http=")) else {
+        bail!("unexpected aggregator line: {first}");
+    };
+    let agg_pid = aggregator.id().context("aggregator pid")?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let full = tokio::spawn(watch(
+        format!("ws://{http}/api/v1/stream"),
+        seen.clone(),
+        true,
+    ));
+    let overview = tokio::spawn(watch(
+        format!("ws://{http}/api/v1/stream?overview=true"),
+        seen.clone(),
+        false,
+    ));
+    let mut loadgen = spawn(
+        &args.strobe,
+        &[
+            "loadgen".to_owned(),
+            "--aggregator".to_owned(),
+            format!("http://{grpc}"),
+            "--agents".to_owned(),
+            args.agents.to_string(),
+            "--series".to_owned(),
+            args.series.to_string(),
+            "--histograms".to_owned(),
+            args.histograms.to_string(),
+            "--services".to_owned(),
+            args.services.to_string(),
+            "--log".to_owned(),
+            "warn".to_owned(),
+        ],
+    )?;
+    let loadgen_pid = loadgen.id().context("loadgen pid")?;
+    let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
+    let last_progress = Arc::new(Mutex::new(String::new()));
+    {
+        let last = last_progress.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = loadgen_out.next_line().await {
+                *last.lock().expect("lock") = line;
+            }
+        });
+    }
+    println!(
+        "throughput: {} agents x {} series ({} histograms) over {} services; warm-up {} s, measuring {} s",
+        args.agents, args.series, args.histograms, args.services, args.warmup, args.seconds
+    );
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let first_second = now_ms() / 1000;
+    let (cpu0, _) = proc_usage(agg_pid)?;
+    let (lg0, _) = proc_usage(loadgen_pid)?;
+    let delays0 = seal_delay_buckets(&http).await?;
+    seen.lock().expect("lock").frame_delays.clear();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let last_second = now_ms() / 1000 - 1;
+    let (cpu1, _) = proc_usage(agg_pid)?;
+    let (lg1, _) = proc_usage(loadgen_pid)?;
+    let delays1 = seal_delay_buckets(&http).await?;
+    // Let corrections of the last measured seconds arrive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, rss_kib) = proc_usage(agg_pid)?;
+    let ticks_per_second = 100.0;
+    let agg_cores = (cpu1 - cpu0) as f64 / ticks_per_second / args.seconds as f64;
+    let lg_cores = (lg1 - lg0) as f64 / ticks_per_second / args.seconds as f64;
+    let seal = between(&delays0, &delays1);
+
+    let (instances, frame_delays, bytes) = {
+        let mut seen = seen.lock().expect("lock");
+        (
+            std::mem::take(&mut seen.instances),
+            std::mem::take(&mut seen.frame_delays),
+            seen.bytes,
+        )
+    };
+    // Per second of the measured window: instances live and after corrections, summed over services.
+    let mut per_second: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    for ((_, t), (live, corrected)) in &instances {
+        if (first_second..last_second).contains(t) {
+            let entry = per_second.entry(*t).or_default();
+            entry.0 += live;
+            entry.1 += (*live).max(*corrected);
+        }
+    }
+    let expected = args.agents as u64;
+    let mut live: Vec<i64> = (first_second..last_second)
+        .map(|t| per_second.get(&t).map_or(0, |v| v.0) as i64)
+        .collect();
+    let mut total: Vec<i64> = (first_second..last_second)
+        .map(|t| per_second.get(&t).map_or(0, |v| v.1) as i64)
+        .collect();
+    live.sort_unstable();
+    total.sort_unstable();
+    let lost: i64 = total
+        .iter()
+        .map(|n| expected as i64 - n)
+        .filter(|d| *d > 0)
+        .sum();
+    let live_share = live.iter().sum::<i64>() as f64 / (expected as f64 * live.len().max(1) as f64);
+    let mut delays = frame_delays;
+    delays.sort_unstable();
+    println!(
+        "| agents x series | instances per second, live (min / median) | after corrections (min / median) | live share | seal delay p50 / p99 | frame after second p99 | aggregator CPU | aggregator peak RSS | loadgen CPU | lost |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} x {} | {} / {} | {} / {} | {:.2}% | {} / {} s | {} ms | {:.2} cores | {:.2} GiB | {:.2} cores | {} of {} |",
+        args.agents,
+        args.series,
+        live.first().copied().unwrap_or(0),
+        percentile(&live, 0.5),
+        total.first().copied().unwrap_or(0),
+        percentile(&total, 0.5),
+        100.0 * live_share,
+        histogram_quantile(&seal, 0.5),
+        histogram_quantile(&seal, 0.99),
+        percentile(&delays, 0.99),
+        agg_cores,
+        rss_kib as f64 / 1024.0 / 1024.0,
+        lg_cores,
+        lost,
+        expected * live.len() as u64,
+    );
+    println!(
+        "(full-frame client received {:.1} MB/s; loadgen's last progress line: {})",
+        bytes as f64 / 1e6 / (args.seconds + args.warmup) as f64,
+        last_progress.lock().expect("lock")
+    );
+    full.abort();
+    overview.abort();
+    loadgen.kill().await.ok();
+    aggregator.kill().await.ok();
+    Ok(())
+}
