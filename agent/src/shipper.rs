@@ -37,6 +37,8 @@ pub struct ShipperConfig {
     /// On shutdown, how long to wait for the last seconds to be acknowledged.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Most series one stream's dictionary names (then sent by id alone); series past it are always sent named.
+    pub max_dictionary_series: usize,
 }
 
 impl Default for ShipperConfig {
@@ -50,6 +52,7 @@ impl Default for ShipperConfig {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(2),
+            max_dictionary_series: 100_000,
         }
     }
 }
@@ -212,8 +215,12 @@ async fn ship_once(
     if out_tx.try_send(hello).is_err() {
         return Session::Lost { connected: false };
     }
+    let mut dictionary = SeriesDictionary::new(config.max_dictionary_series);
     for snapshot in &buffer.snapshots {
-        if out_tx.try_send(snapshot_message(snapshot.clone())).is_err() {
+        if out_tx
+            .try_send(snapshot_message(dictionary.compact(snapshot)))
+            .is_err()
+        {
             return Session::Lost { connected: false };
         }
     }
@@ -237,8 +244,9 @@ async fn ship_once(
                     if let Some(stats) = snapshot.stats.as_mut() {
                         stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
                     }
-                    buffer.push(snapshot.clone(), report);
-                    if out_tx.try_send(snapshot_message(snapshot)).is_err() {
+                    let compact = dictionary.compact(&snapshot);
+                    buffer.push(snapshot, report);
+                    if out_tx.try_send(snapshot_message(compact)).is_err() {
                         return Session::Lost { connected: true };
                     }
                 }
@@ -310,6 +318,65 @@ fn snapshot_message(snapshot: pb::Snapshot) -> pb::AgentMessage {
     }
 }
 
+/// One stream's series dictionary (see `strobe.proto`): the series it has named, by id. It lives and dies with
+/// its stream, so a reconnect or a redirect names every series again.
+#[derive(Debug)]
+struct SeriesDictionary {
+    ids: std::collections::HashMap<String, u32>,
+    limit: usize,
+    /// Reused to spell a series' name and tags as one lookup key, without allocating.
+    spelling: String,
+}
+
+impl SeriesDictionary {
+    fn new(limit: usize) -> Self {
+        Self {
+            ids: std::collections::HashMap::new(),
+            limit,
+            spelling: String::new(),
+        }
+    }
+
+    /// The snapshot as this stream sends it: series it named before go by id alone; new ones are named and given
+    /// an id (while the dictionary has room).
+    fn compact(&mut self, snapshot: &pb::Snapshot) -> pb::Snapshot {
+        let series = snapshot
+            .series
+            .iter()
+            .map(|s| {
+                self.spelling.clear();
+                self.spelling.push_str(&s.name);
+                for tag in &s.tags {
+                    self.spelling.push('\0');
+                    self.spelling.push_str(&tag.key);
+                    self.spelling.push('\0');
+                    self.spelling.push_str(&tag.value);
+                }
+                if let Some(id) = self.ids.get(self.spelling.as_str()) {
+                    return pb::Series {
+                        name: String::new(),
+                        tags: Vec::new(),
+                        id: *id,
+                        value: s.value.clone(),
+                    };
+                }
+                let mut named = s.clone();
+                if self.ids.len() < self.limit {
+                    let id = u32::try_from(self.ids.len() + 1).unwrap_or(0);
+                    self.ids.insert(self.spelling.clone(), id);
+                    named.id = id;
+                }
+                named
+            })
+            .collect();
+        pb::Snapshot {
+            second: snapshot.second,
+            series,
+            stats: snapshot.stats,
+        }
+    }
+}
+
 /// Drops series from the end until the encoded snapshot fits in `max_bytes`, counting them as over the limit.
 fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize) {
     let mut len = snapshot.encoded_len();
@@ -363,6 +430,58 @@ mod tests {
         }
     }
 
+    fn named(name: &str, tags: &[(&str, &str)], v: f64) -> pb::Series {
+        pb::Series {
+            name: name.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| pb::Tag {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            id: 0,
+            value: Some(pb::series::Value::Counter(v)),
+        }
+    }
+
+    #[test]
+    fn a_stream_names_each_series_once_and_a_new_stream_names_them_again() {
+        let snapshot = pb::Snapshot {
+            second: 10,
+            series: vec![
+                named("req", &[("route", "/a")], 1.0),
+                named("req", &[("route", "/b")], 2.0),
+                named("req", &[], 3.0),
+            ],
+            stats: None,
+        };
+        let mut stream = SeriesDictionary::new(100);
+        let first = stream.compact(&snapshot);
+        let ids: Vec<u32> = first.series.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert!(first.series.iter().all(|s| s.name == "req"));
+        let second = stream.compact(&snapshot);
+        for (s, id) in second.series.iter().zip(&ids) {
+            assert_eq!((s.name.as_str(), s.tags.len(), s.id), ("", 0, *id));
+        }
+        assert_eq!(
+            second.series[1].value,
+            Some(pb::series::Value::Counter(2.0))
+        );
+        // A reconnect or a redirect is a new stream: everything is named again.
+        let mut reconnected = SeriesDictionary::new(100);
+        assert_eq!(reconnected.compact(&snapshot), first);
+        // Past its limit, a dictionary sends new series named, without an id.
+        let mut small = SeriesDictionary::new(1);
+        let limited = small.compact(&snapshot);
+        assert_eq!(
+            limited.series.iter().map(|s| s.id).collect::<Vec<_>>(),
+            [1, 0, 0]
+        );
+        assert_eq!(small.compact(&snapshot).series[2].name, "req");
+    }
+
     #[test]
     fn replay_buffer_drops_oldest_and_acks_cumulatively() {
         let mut report = ShipperReport::default();
@@ -388,6 +507,7 @@ mod tests {
             s.series.push(pb::Series {
                 name: format!("metric.number.{i}"),
                 tags: vec![],
+                id: 0,
                 value: Some(pb::series::Value::Counter(1.0)),
             });
         }

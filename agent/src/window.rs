@@ -225,6 +225,7 @@ impl Window {
                         value: value.into(),
                     })
                     .collect(),
+                id: 0,
                 value: Some(value),
             });
         }

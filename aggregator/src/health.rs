@@ -42,6 +42,8 @@ pub(crate) enum DropReason {
     MaxHistogramValue,
     /// A series whose kind or scale conflicts with the service's, or past `max_series_per_service`.
     SeriesConflictOrServiceLimit,
+    /// A series sent by a dictionary id its stream never named (or could not name: `max_series_per_stream`).
+    SeriesDictionary,
 }
 
 impl DropReason {
@@ -59,6 +61,7 @@ impl DropReason {
             DropReason::HdrV2Encoding => "hdr_v2_encoding",
             DropReason::MaxHistogramValue => "max_histogram_value",
             DropReason::SeriesConflictOrServiceLimit => "series_conflict_or_max_series_per_service",
+            DropReason::SeriesDictionary => "series_dictionary",
         }
     }
 }

@@ -42,9 +42,15 @@ impl Validated {
 
 /// Validates one snapshot as ingest does, against the default limits, at `now_second`.
 pub fn validate(snapshot: pb::Snapshot, sender: &Sender, now_second: i64) -> Option<Validated> {
-    validate_snapshot(snapshot, &sender.0, &Limits::default(), now_second)
-        .ok()
-        .map(|v| Validated(v.second))
+    validate_snapshot(
+        snapshot,
+        &sender.0,
+        &mut Default::default(),
+        &Limits::default(),
+        now_second,
+    )
+    .ok()
+    .map(|v| Validated(v.second))
 }
 
 /// Merges every snapshot into one service's windows and seals everything; returns the series of the sealed

@@ -26,6 +26,8 @@ pub struct Limits {
     /// How far in the future a snapshot's second may be.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// Most series one agent stream may name in its series dictionary.
+    pub max_series_per_stream: usize,
     /// Most distinct series one service may have in one second (all instances together).
     pub max_series_per_service: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so).
@@ -47,6 +49,7 @@ impl Default for Limits {
             max_histogram_value: 1 << 53,
             max_histogram_scale: 1_000_000,
             max_future_skew: Duration::from_secs(5),
+            max_series_per_stream: 100_000,
             max_series_per_service: 50_000,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,

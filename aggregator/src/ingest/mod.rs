@@ -21,7 +21,7 @@ use crate::limits::Limits;
 use crate::model::Instance;
 use crate::pipeline::budget::{QueueBudget, StreamBudget};
 use crate::pipeline::shard::{ShardCommand, Shards};
-use validate::{Refusal, validate_hello, validate_snapshot};
+use validate::{Refusal, StreamDictionary, validate_hello, validate_snapshot};
 
 /// The tonic service behind `strobe.v1.Ingest`.
 pub(crate) struct IngestService {
@@ -103,6 +103,7 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
 ) -> Result<(), Status> {
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
+    let mut dictionary = StreamDictionary::default();
     while let Some(message) = inbound.message().await? {
         let snapshot = match message.body {
             Some(pb::agent_message::Body::Snapshot(s)) => s,
@@ -118,7 +119,13 @@ async fn serve_stream(
             .reserve(snapshot.encoded_len())
             .await
             .ok_or_else(|| Status::unavailable("aggregator is shutting down"))?;
-        match validate_snapshot(snapshot, instance, limits, clock::unix_second()) {
+        match validate_snapshot(
+            snapshot,
+            instance,
+            &mut dictionary,
+            limits,
+            clock::unix_second(),
+        ) {
             Err(refusal) => {
                 health.count_dropped(refusal.reason(), 1);
                 let rejection = pb::Rejection {

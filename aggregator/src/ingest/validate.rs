@@ -1,6 +1,7 @@
 //! Turns wire messages into the aggregator's types, enforcing every limit. Pure: no I/O, no tokio.
 //! Bad data is dropped series by series with a reason; only a bad identity or second refuses a whole message.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use strobe_proto as pb;
@@ -68,6 +69,9 @@ pub(crate) enum SeriesProblem {
     /// Not an uncompressed HdrHistogram V2 encoding, or undecodable.
     #[error("histogram is not an uncompressed HdrHistogram V2 encoding")]
     BadHistogram,
+    /// A series sent by dictionary id that its stream never named.
+    #[error("series id unknown on this stream (the series dictionary)")]
+    UnknownSeriesId,
     /// Declares more precision or range than `max_histogram_sigfig` / `max_histogram_value`, or a bad scale.
     #[error("histogram range, precision or scale beyond the limits")]
     HistogramOutOfRange,
@@ -84,6 +88,7 @@ impl SeriesProblem {
             SeriesProblem::BadNumber => DropReason::FiniteValues,
             SeriesProblem::BadHistogram => DropReason::HdrV2Encoding,
             SeriesProblem::HistogramOutOfRange => DropReason::MaxHistogramValue,
+            SeriesProblem::UnknownSeriesId => DropReason::SeriesDictionary,
         }
     }
 }
@@ -145,16 +150,59 @@ pub(crate) fn validate_hello(
     })
 }
 
-/// Validates one snapshot of `instance`, given the aggregator's current second.
+/// One stream's series dictionary (see `strobe.proto`): the series its agent named with an id. Lives with its
+/// stream; bounded by `max_series_per_stream`.
+#[derive(Debug, Default)]
+pub(crate) struct StreamDictionary {
+    keys: HashMap<u32, SeriesKey, foldhash::fast::RandomState>,
+}
+
+impl StreamDictionary {
+    /// The series `series` stands for: named in full (and then remembered under its id, if it has one and there
+    /// is room), or its id alone.
+    fn resolve(
+        &mut self,
+        series: &pb::Series,
+        limits: &Limits,
+    ) -> Result<SeriesKey, SeriesProblem> {
+        if series.name.is_empty() && series.tags.is_empty() && series.id != 0 {
+            return self
+                .keys
+                .get(&series.id)
+                .cloned()
+                .ok_or(SeriesProblem::UnknownSeriesId);
+        }
+        let key = series_key(series, limits)?;
+        if series.id != 0
+            && (self.keys.len() < limits.max_series_per_stream
+                || self.keys.contains_key(&series.id))
+        {
+            self.keys.insert(series.id, key.clone());
+        }
+        Ok(key)
+    }
+
+    /// Remembers the names a refused snapshot defined, so the seconds after it can refer to them.
+    fn learn(&mut self, series: &[pb::Series], limits: &Limits) {
+        for s in series.iter().filter(|s| !s.name.is_empty() && s.id != 0) {
+            // A malformed definition is refused when it is used.
+            self.resolve(s, limits).ok();
+        }
+    }
+}
+
+/// Validates one snapshot of `instance`, given the aggregator's current second; `dictionary` is its stream's.
 pub(crate) fn validate_snapshot(
     snapshot: pb::Snapshot,
     instance: &Arc<Instance>,
+    dictionary: &mut StreamDictionary,
     limits: &Limits,
     now_second: i64,
 ) -> Result<Validated, Refusal> {
     let ahead = snapshot.second.saturating_sub(now_second);
     let limit = limits.max_future_skew.as_secs();
     if ahead > i64::try_from(limit).unwrap_or(i64::MAX) {
+        dictionary.learn(&snapshot.series, limits);
         return Err(Refusal::FutureSecond {
             second: snapshot.second,
             ahead,
@@ -179,12 +227,11 @@ pub(crate) fn validate_snapshot(
     let mut series = Vec::with_capacity(total.min(limits.max_series_per_snapshot));
     for (index, s) in snapshot.series.into_iter().enumerate() {
         if index >= limits.max_series_per_snapshot {
-            for _ in index..total {
-                note(SeriesProblem::TooManySeries);
-            }
-            break;
+            note(SeriesProblem::TooManySeries);
+            dictionary.learn(std::slice::from_ref(&s), limits);
+            continue;
         }
-        match validate_series(s, limits) {
+        match validate_series(s, dictionary, limits) {
             Ok(kv) => series.push(kv),
             Err(problem) => note(problem),
         }
@@ -202,8 +249,23 @@ pub(crate) fn validate_snapshot(
 
 fn validate_series(
     series: pb::Series,
+    dictionary: &mut StreamDictionary,
     limits: &Limits,
 ) -> Result<(SeriesKey, SeriesValue), SeriesProblem> {
+    let key = dictionary.resolve(&series, limits)?;
+    let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
+        pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
+        pb::series::Value::Gauge(v) if v.is_finite() => SeriesValue::Gauge(v),
+        pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => {
+            return Err(SeriesProblem::BadNumber);
+        }
+        pb::series::Value::Histogram(h) => decode_histogram(h, limits)?,
+    };
+    Ok((key, value))
+}
+
+/// A named series' key: name and tags checked, tags sorted (a repeated key keeps its last value).
+fn series_key(series: &pb::Series, limits: &Limits) -> Result<SeriesKey, SeriesProblem> {
     if !check_text(&series.name, limits) {
         return Err(SeriesProblem::BadName);
     }
@@ -229,21 +291,10 @@ fn validate_series(
             false
         }
     });
-    let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
-        pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
-        pb::series::Value::Gauge(v) if v.is_finite() => SeriesValue::Gauge(v),
-        pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => {
-            return Err(SeriesProblem::BadNumber);
-        }
-        pb::series::Value::Histogram(h) => decode_histogram(h, limits)?,
-    };
-    Ok((
-        SeriesKey {
-            metric: series.name.as_str().into(),
-            tags: tags.into(),
-        },
-        value,
-    ))
+    Ok(SeriesKey {
+        metric: series.name.as_str().into(),
+        tags: tags.into(),
+    })
 }
 
 /// Checks an HdrHistogram V2 encoding without decoding it into a histogram: the header first (cookie, declared
@@ -292,6 +343,7 @@ mod tests {
 
     fn series(name: &str, value: pb::series::Value) -> pb::Series {
         pb::Series {
+            id: 0,
             name: name.into(),
             tags: vec![],
             value: Some(value),
@@ -342,6 +394,7 @@ mod tests {
             ),
             (
                 pb::Series {
+                    id: 0,
                     name: "none".into(),
                     tags: vec![],
                     value: None,
@@ -374,6 +427,7 @@ mod tests {
             ),
             (
                 pb::Series {
+                    id: 0,
                     name: "tags".into(),
                     tags: (0..33)
                         .map(|i| pb::Tag {
@@ -394,7 +448,14 @@ mod tests {
                 series: vec![s],
                 stats: None,
             };
-            let v = validate_snapshot(snapshot, &instance(), &limits, 100).unwrap();
+            let v = validate_snapshot(
+                snapshot,
+                &instance(),
+                &mut StreamDictionary::default(),
+                &limits,
+                100,
+            )
+            .unwrap();
             match expected {
                 None => {
                     assert_eq!(v.second.series.len(), 1, "{name}");
@@ -421,7 +482,14 @@ mod tests {
                 .collect(),
             stats: None,
         };
-        let v = validate_snapshot(snapshot, &instance(), &limits, 5).unwrap();
+        let v = validate_snapshot(
+            snapshot,
+            &instance(),
+            &mut StreamDictionary::default(),
+            &limits,
+            5,
+        )
+        .unwrap();
         assert_eq!(v.second.series.len(), 3);
         assert_eq!(v.dropped, vec![(SeriesProblem::TooManySeries, 7)]);
     }
@@ -434,13 +502,29 @@ mod tests {
             series: vec![],
             stats: None,
         };
-        assert!(validate_snapshot(ok, &instance(), &limits, 100).is_ok());
+        assert!(
+            validate_snapshot(
+                ok,
+                &instance(),
+                &mut StreamDictionary::default(),
+                &limits,
+                100
+            )
+            .is_ok()
+        );
         let far = pb::Snapshot {
             second: 1_000_000,
             series: vec![],
             stats: None,
         };
-        let err = validate_snapshot(far, &instance(), &limits, 100).unwrap_err();
+        let err = validate_snapshot(
+            far,
+            &instance(),
+            &mut StreamDictionary::default(),
+            &limits,
+            100,
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), DropReason::MaxFutureSkew);
     }
 
@@ -498,5 +582,66 @@ mod tests {
         for (h, tokens, expected) in table {
             assert_eq!(validate_hello(&h, &limits, tokens).err(), expected, "{h:?}");
         }
+    }
+
+    #[test]
+    fn the_series_dictionary_names_once_refers_after_and_survives_a_refused_second() {
+        let limits = Limits::default();
+        let mut dictionary = StreamDictionary::default();
+        let named = |id: u32, name: &str, v: f64| pb::Series {
+            id,
+            name: name.into(),
+            tags: vec![pb::Tag {
+                key: "route".into(),
+                value: "/pay".into(),
+            }],
+            value: Some(pb::series::Value::Counter(v)),
+        };
+        let by_id = |id: u32, v: f64| pb::Series {
+            id,
+            name: String::new(),
+            tags: vec![],
+            value: Some(pb::series::Value::Counter(v)),
+        };
+        let snapshot = |second: i64, series: Vec<pb::Series>| pb::Snapshot {
+            second,
+            series,
+            stats: None,
+        };
+        // Second 10 names series 1, but is refused whole (too far ahead): its names still count.
+        let refused = validate_snapshot(
+            snapshot(10, vec![named(1, "req", 1.0)]),
+            &instance(),
+            &mut dictionary,
+            &limits,
+            0,
+        );
+        assert!(refused.is_err());
+        let v = validate_snapshot(
+            snapshot(11, vec![by_id(1, 2.0), by_id(7, 3.0), named(2, "err", 4.0)]),
+            &instance(),
+            &mut dictionary,
+            &limits,
+            11,
+        )
+        .unwrap();
+        let names: Vec<(&str, usize)> = v
+            .second
+            .series
+            .iter()
+            .map(|(k, _)| (&*k.metric, k.tags.len()))
+            .collect();
+        assert_eq!(names, [("req", 1), ("err", 1)]);
+        assert_eq!(v.dropped, vec![(SeriesProblem::UnknownSeriesId, 1)]);
+        // Another stream knows none of it.
+        let other = validate_snapshot(
+            snapshot(11, vec![by_id(1, 2.0)]),
+            &instance(),
+            &mut StreamDictionary::default(),
+            &limits,
+            11,
+        )
+        .unwrap();
+        assert!(other.second.series.is_empty());
     }
 }

@@ -137,6 +137,8 @@ pub(crate) struct CheckedV2 {
     layout: Layout,
     /// The highest index with a count.
     max_index: usize,
+    /// The lowest index with a count.
+    min_index: usize,
     /// Values recorded.
     total: u64,
 }
@@ -168,8 +170,9 @@ impl CheckedV2 {
         }
         let layout = Layout::new(lowest, sigfig).ok_or(V2Error::Range)?;
         let len = layout.counts_len(highest);
-        let (mut max_index, mut total) = (0, 0u64);
+        let (mut min_index, mut max_index, mut total) = (usize::MAX, 0, 0u64);
         walk(&bytes[HEADER..], len, |index, count| {
+            min_index = min_index.min(index);
             max_index = index;
             total = total.saturating_add(count);
         })?;
@@ -181,6 +184,7 @@ impl CheckedV2 {
             bytes,
             layout,
             max_index,
+            min_index,
             total,
         })
     }
@@ -232,10 +236,22 @@ fn walk(mut payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Res
 }
 
 /// Counts in [`Layout::FIXED`], grown to the highest index recorded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HdrAccumulator {
     counts: Vec<u64>,
     total: u64,
+    /// No count below this index (reading starts here: latencies leave the low buckets empty).
+    first: usize,
+}
+
+impl Default for HdrAccumulator {
+    fn default() -> Self {
+        Self {
+            counts: Vec::new(),
+            total: 0,
+            first: usize::MAX,
+        }
+    }
 }
 
 /// What is read from an accumulator, in recorded integers.
@@ -270,6 +286,9 @@ impl HdrAccumulator {
         let fixed = Layout::FIXED;
         if v2.layout == fixed {
             self.grow_to(v2.max_index);
+            if v2.total > 0 {
+                self.first = self.first.min(v2.min_index);
+            }
             let counts = &mut self.counts;
             // Checked at ingest; a failure here would only stop early.
             let walked = walk(payload, usize::MAX, |i, c| {
@@ -281,12 +300,13 @@ impl HdrAccumulator {
             if let Some(top) = layout.value_at(v2.max_index) {
                 self.grow_to(fixed.index_of(top));
             }
-            let counts = &mut self.counts;
+            let (counts, first) = (&mut self.counts, &mut self.first);
             let walked = walk(payload, usize::MAX, |i, c| {
                 if let Some(value) = layout.value_at(i) {
                     let at = fixed.index_of(value);
                     if let Some(slot) = counts.get_mut(at) {
                         *slot = slot.saturating_add(c);
+                        *first = (*first).min(at);
                     }
                 }
             });
@@ -300,9 +320,11 @@ impl HdrAccumulator {
         if other.counts.len() > self.counts.len() {
             self.counts.resize(other.counts.len(), 0);
         }
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+        let from = other.first.min(other.counts.len());
+        for (mine, theirs) in self.counts[from..].iter_mut().zip(&other.counts[from..]) {
             *mine = mine.saturating_add(*theirs);
         }
+        self.first = self.first.min(other.first);
         self.total = self.total.saturating_add(other.total);
     }
 
@@ -339,7 +361,8 @@ impl HdrAccumulator {
         let mut found = [0u64; 4];
         let mut next = 0;
         let (mut seen, mut mean, mut top) = (0u64, 0.0_f64, None);
-        for (i, count) in self.counts.iter().enumerate() {
+        let from = self.first.min(self.counts.len());
+        for (i, count) in self.counts.iter().enumerate().skip(from) {
             if *count == 0 {
                 continue;
             }
