@@ -5,10 +5,14 @@ use std::sync::Arc;
 
 use strobe_proto as pb;
 
+use crate::alerting::rules::config::parse_rules;
+use crate::alerting::rules::{Evaluator, RuleSet};
 use crate::ingest::validate::validate_snapshot;
 use crate::limits::Limits;
-use crate::model::{Instance, InstanceSecond};
+use crate::model::hdr::{CheckedV2, HdrAccumulator};
+use crate::model::{Instance, InstanceSecond, MainMetrics, SealedSecond};
 use crate::pipeline::windows::{Arrivals, ServiceWindows};
+use crate::publish::Hub;
 
 pub use crate::pipeline::windows::WindowSettings;
 
@@ -65,4 +69,126 @@ pub fn merge_and_seal(service: &str, settings: WindowSettings, snapshots: Vec<Va
         .iter()
         .map(|s| s.second.series.len())
         .sum()
+}
+
+/// HdrHistogram V2 encodings checked as ingest checks them (header, then every varint, no allocation).
+#[derive(Debug, Clone)]
+pub struct CheckedHistograms(Vec<CheckedV2>);
+
+impl CheckedHistograms {
+    /// Checks every encoding; those that fail are left out.
+    pub fn check(encodings: &[bytes::Bytes]) -> Self {
+        let limits = Limits::default();
+        Self(
+            encodings
+                .iter()
+                .filter_map(|bytes| {
+                    CheckedV2::check(
+                        bytes.clone(),
+                        u32::from(limits.max_histogram_sigfig),
+                        limits.max_histogram_value,
+                    )
+                    .ok()
+                })
+                .collect(),
+        )
+    }
+
+    /// Encodings that passed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none passed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Merges checked encodings straight from their bytes into one fixed-layout accumulator, as a shard does;
+/// returns the values counted.
+pub fn merge_checked(histograms: &CheckedHistograms) -> u64 {
+    let mut acc = HdrAccumulator::default();
+    for v2 in &histograms.0 {
+        acc.add_v2(v2);
+    }
+    acc.total()
+}
+
+/// A sealed second, ready for rule evaluation.
+#[derive(Debug)]
+pub struct SealedBench(SealedSecond);
+
+impl SealedBench {
+    /// Merges and seals `snapshots` of one service, as [`merge_and_seal`] does, keeping the result.
+    pub fn seal(
+        service: &str,
+        settings: WindowSettings,
+        snapshots: Vec<Validated>,
+    ) -> Option<Self> {
+        let mut windows = ServiceWindows::new(service.into(), settings);
+        for snapshot in snapshots {
+            windows.apply(snapshot.0);
+        }
+        windows
+            .seal_ready(i64::MAX / 2, &Arrivals::default())
+            .into_iter()
+            .next()
+            .map(|s| Self(s.second))
+    }
+
+    /// Merged series in the second (every split).
+    pub fn series(&self) -> usize {
+        self.0.series.len()
+    }
+}
+
+/// A rules file, parsed and validated.
+#[derive(Debug)]
+pub struct Rules(RuleSet);
+
+impl Rules {
+    /// Parses a rules file (TOML).
+    pub fn parse(source: &str) -> Option<Self> {
+        parse_rules(source).ok().map(Self)
+    }
+}
+
+/// Evaluates every rule on a sealed second, as a shard does; returns the alert events it produced.
+pub fn evaluate(rules: &Rules, sealed: &SealedBench, evaluator: &mut RuleEvaluator) -> usize {
+    evaluator.0.on_sealed(&rules.0, &sealed.0, 0).len()
+}
+
+/// One service's rule state across seconds.
+#[derive(Debug, Default)]
+pub struct RuleEvaluator(Evaluator);
+
+/// The publishing side with `subscribers` live receivers, for the frame fan-out kernel.
+pub struct FanOut {
+    hub: Hub,
+    receivers: Vec<tokio::sync::broadcast::Receiver<crate::publish::Frame>>,
+}
+
+impl FanOut {
+    /// A hub and `subscribers` receivers of every frame.
+    pub fn new(subscribers: usize) -> Self {
+        let hub = Hub::new(600, 4096, MainMetrics::default());
+        let receivers = (0..subscribers)
+            .map(|_| hub.subscribe(|_| false).0)
+            .collect();
+        Self { hub, receivers }
+    }
+
+    /// Serialises `sealed` once (its frame and its overview), stores and broadcasts it, then lets every receiver
+    /// take what it was sent; returns the frames received.
+    pub fn publish(&mut self, sealed: &SealedBench) -> usize {
+        self.hub.publish_second(sealed.0.clone());
+        let mut received = 0;
+        for receiver in &mut self.receivers {
+            while receiver.try_recv().is_ok() {
+                received += 1;
+            }
+        }
+        received
+    }
 }

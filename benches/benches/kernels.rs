@@ -1,11 +1,14 @@
-//! Criterion benchmarks of the hot kernels: DogStatsD parsing and folding, histogram decoding, and the merge of
-//! one second across instances. Inputs are built outside the measured loops.
+//! Criterion benchmarks of the hot kernels: DogStatsD parsing and folding, validation, merging histograms from their
+//! V2 bytes (against `hdrhistogram`'s deserialize + `add`), sealing, rule evaluation and frame fan-out on a second of
+//! 100k series. Inputs are built outside the measured loops.
 
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use rand::SeedableRng;
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use strobe_agent::statsd::{ParseLimits, parse_packet};
 use strobe_agent::{Window, WindowLimits};
 use strobe_aggregator::kernels::{self, Sender, WindowSettings};
@@ -102,5 +105,160 @@ fn aggregator(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, statsd, aggregator);
+/// V2 encodings of `n` values each (lognormal-ish latencies in microseconds), as agents send them.
+fn encodings(count: usize, n: usize) -> Vec<bytes::Bytes> {
+    let mut rng = SmallRng::seed_from_u64(n as u64);
+    (0..count)
+        .map(|_| {
+            let mut h = Histogram::<u64>::new(2).expect("two digits");
+            for _ in 0..n {
+                let ms: f64 = rng.random_range(1.0_f64..6.0).exp();
+                h.record((ms * 1000.0) as u64).expect("auto-resizing");
+            }
+            let mut out = Vec::new();
+            V2Serializer::new()
+                .serialize(&h, &mut out)
+                .expect("in memory");
+            out.into()
+        })
+        .collect()
+}
+
+/// Merging histograms: Strobe's straight-from-bytes merge against `hdrhistogram`'s deserialize + `add`.
+fn histogram_merge(c: &mut Criterion) {
+    let mut group = c.benchmark_group("histogram_merge");
+    for values in [100, 1_000, 10_000] {
+        let inputs = encodings(100, values);
+        group.throughput(Throughput::Elements(inputs.len() as u64));
+        group.bench_function(format!("strobe_check_at_ingest_{values}_values"), |b| {
+            b.iter(|| kernels::CheckedHistograms::check(black_box(&inputs)).len())
+        });
+        let checked = kernels::CheckedHistograms::check(&inputs);
+        group.bench_function(
+            format!("strobe_merge_v2_bytes_into_counts_{values}_values"),
+            |b| b.iter(|| kernels::merge_checked(black_box(&checked))),
+        );
+        group.bench_function(
+            format!("hdrhistogram_deserialize_and_add_{values}_values"),
+            |b| {
+                b.iter(|| {
+                    let mut deserializer = Deserializer::new();
+                    let mut sum = Histogram::<u64>::new(2).expect("two digits");
+                    for bytes in black_box(&inputs) {
+                        let h: Histogram<u64> = deserializer
+                            .deserialize(&mut bytes.as_ref())
+                            .expect("valid V2");
+                        sum.add(&h).expect("auto-resizing");
+                    }
+                    sum.len()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// 1,000 instances x 100 series (20 histograms), one service: the sealing, rule and fan-out kernels on 100k
+/// series a second.
+fn second_of_100k_series(c: &mut Criterion) {
+    let settings = WindowSettings {
+        grace_ms: 250,
+        grace_quiet_ms: 50,
+        grace_max_ms: 1000,
+        late_window_secs: 10,
+        max_cells: 1_000_000,
+    };
+    let histograms = encodings(20, 100);
+    let validated: Vec<_> = (0..1000)
+        .map(|i| {
+            let sender = Sender::new(
+                "svc",
+                &format!("i{i}"),
+                if i % 10 == 0 { "v2" } else { "v1" },
+                Some(if i % 2 == 0 { "z1" } else { "z2" }),
+            );
+            let mut series: Vec<pb::Series> = (0..80)
+                .map(|k| pb::Series {
+                    name: format!("business.counter.{}", k % 8),
+                    tags: vec![pb::Tag {
+                        key: "route".into(),
+                        value: format!("/r{}", k / 8),
+                    }],
+                    id: 0,
+                    value: Some(pb::series::Value::Counter(f64::from(i % 7 + k))),
+                })
+                .collect();
+            series.extend(histograms.iter().enumerate().map(|(k, h)| pb::Series {
+                name: "request.latency".into(),
+                tags: vec![pb::Tag {
+                    key: "route".into(),
+                    value: format!("/r{k}"),
+                }],
+                id: 0,
+                value: Some(pb::series::Value::Histogram(pb::Histogram {
+                    hdr_v2: h.clone(),
+                    scale: 1000,
+                    unit: "ms".into(),
+                })),
+            }));
+            let snapshot = pb::Snapshot {
+                second: 100,
+                series,
+                stats: None,
+            };
+            kernels::validate(snapshot, &sender, 100).expect("a valid snapshot")
+        })
+        .collect();
+    let mut group = c.benchmark_group("second_of_100k_series");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(100_000));
+    group.bench_function("merge_and_seal", |b| {
+        b.iter_batched(
+            || validated.clone(),
+            |seconds| kernels::merge_and_seal("svc", settings, seconds),
+            BatchSize::LargeInput,
+        )
+    });
+    let sealed = kernels::SealedBench::seal("svc", settings, validated.clone()).expect("sealed");
+    let rules = kernels::Rules::parse(
+        r#"
+[[rules]]
+name = "p99"
+metric = "request.latency"
+stat = "p99"
+above = 250.0
+split_by = ["version", "zone"]
+
+[[rules]]
+name = "counters"
+metric = "business.counter.3"
+stat = "sum"
+above = 1e12
+"#,
+    )
+    .expect("valid rules");
+    group.bench_function(
+        format!("rules_over_{}_merged_series", sealed.series()),
+        |b| {
+            let mut evaluator = kernels::RuleEvaluator::default();
+            b.iter(|| kernels::evaluate(&rules, black_box(&sealed), &mut evaluator))
+        },
+    );
+    group.finish();
+    let mut fanout = c.benchmark_group("frame_fanout");
+    fanout.sample_size(10);
+    fanout.bench_function("serialise_once_and_deliver_to_1000_subscribers", |b| {
+        let mut hub = kernels::FanOut::new(1000);
+        b.iter(|| hub.publish(black_box(&sealed)))
+    });
+    fanout.finish();
+}
+
+criterion_group!(
+    benches,
+    statsd,
+    aggregator,
+    histogram_merge,
+    second_of_100k_series
+);
 criterion_main!(benches);

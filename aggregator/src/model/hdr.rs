@@ -197,9 +197,15 @@ impl CheckedV2 {
 }
 
 /// Reads one varint as HdrHistogram writes them (LEB128, at most 9 bytes, the 9th contributing all 8 bits).
+#[inline]
 fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let mut value = 0u64;
-    for (i, b) in bytes.iter().take(9).enumerate() {
+    // Most counts and zero runs fit in one byte.
+    let first = *bytes.first()?;
+    if first & 0x80 == 0 {
+        return Some((u64::from(first), 1));
+    }
+    let mut value = u64::from(first & 0x7f);
+    for (i, b) in bytes.iter().enumerate().take(9).skip(1) {
         if i == 8 {
             return Some((value | (u64::from(*b) << 56), 9));
         }
@@ -213,11 +219,13 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
 
 /// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
 /// varints, indexes at or past `len` (what the declared range allows) and negative counts.
-fn walk(mut payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
+#[inline]
+fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
     let mut index: usize = 0;
-    while !payload.is_empty() {
-        let (raw, used) = varint(payload).ok_or(V2Error::Encoding)?;
-        payload = &payload[used..];
+    let mut at = 0;
+    while at < payload.len() {
+        let (raw, used) = varint(&payload[at..]).ok_or(V2Error::Encoding)?;
+        at += used;
         let n = ((raw >> 1) as i64) ^ -((raw & 1) as i64);
         if n < 0 {
             let zeros = usize::try_from(n.unsigned_abs()).map_err(|_| V2Error::Encoding)?;
@@ -233,6 +241,36 @@ fn walk(mut payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Res
         }
     }
     Ok(())
+}
+
+/// Walks a payload that [`CheckedV2::check`] accepted, without re-checking it: one-byte varints (most counts and
+/// zero runs) take a short path.
+#[inline]
+fn walk_checked(payload: &[u8], mut each: impl FnMut(usize, u64)) {
+    let mut index: usize = 0;
+    let mut at = 0;
+    while let Some(&byte) = payload.get(at) {
+        let raw = if byte & 0x80 == 0 {
+            at += 1;
+            u64::from(byte)
+        } else {
+            let Some((raw, used)) = varint(&payload[at..]) else {
+                return;
+            };
+            at += used;
+            raw
+        };
+        if raw & 1 == 1 {
+            // ZigZag: an odd number is negative, a run of (raw >> 1) + 1 empty buckets.
+            index = index.saturating_add((raw >> 1) as usize).saturating_add(1);
+        } else {
+            let count = raw >> 1;
+            if count > 0 {
+                each(index, count);
+            }
+            index = index.saturating_add(1);
+        }
+    }
 }
 
 /// Counts in [`Layout::FIXED`], grown to the highest index recorded.
@@ -290,18 +328,18 @@ impl HdrAccumulator {
                 self.first = self.first.min(v2.min_index);
             }
             let counts = &mut self.counts;
-            // Checked at ingest; a failure here would only stop early.
-            let walked = walk(payload, usize::MAX, |i, c| {
-                counts[i] = counts[i].saturating_add(c)
+            walk_checked(payload, |i, c| {
+                if let Some(slot) = counts.get_mut(i) {
+                    *slot = slot.saturating_add(c);
+                }
             });
-            debug_assert!(walked.is_ok());
         } else {
             let layout = v2.layout;
             if let Some(top) = layout.value_at(v2.max_index) {
                 self.grow_to(fixed.index_of(top));
             }
             let (counts, first) = (&mut self.counts, &mut self.first);
-            let walked = walk(payload, usize::MAX, |i, c| {
+            walk_checked(payload, |i, c| {
                 if let Some(value) = layout.value_at(i) {
                     let at = fixed.index_of(value);
                     if let Some(slot) = counts.get_mut(at) {
@@ -310,7 +348,6 @@ impl HdrAccumulator {
                     }
                 }
             });
-            debug_assert!(walked.is_ok());
         }
         self.total = self.total.saturating_add(v2.total);
     }
