@@ -24,7 +24,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::info;
 
-pub use shipper::{ShipperConfig, ShipperReport, run_shipper, run_shipper_on};
+pub use shipper::{ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_on};
 pub use statsd::ParseLimits;
 pub use window::{Folder, Window, WindowLimits};
 

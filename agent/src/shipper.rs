@@ -2,6 +2,7 @@
 //! a reconnect, and backs off with jitter while the aggregator is away.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
@@ -73,6 +74,8 @@ struct ReplayBuffer {
     snapshots: VecDeque<pb::Snapshot>,
     capacity: usize,
     dropped_unreported: u64,
+    /// Where acknowledgements and refusals are also counted live, if anyone watches.
+    tally: Option<Arc<ShipperTally>>,
 }
 
 impl ReplayBuffer {
@@ -93,13 +96,24 @@ impl ReplayBuffer {
     }
 }
 
+/// Live counters shared by any number of shippers (a load generator reports them every second).
+#[derive(Debug, Default)]
+pub struct ShipperTally {
+    /// Snapshots acknowledged.
+    pub acknowledged: std::sync::atomic::AtomicU64,
+    /// Snapshots the aggregator refused whole.
+    pub refused_snapshots: std::sync::atomic::AtomicU64,
+    /// Series the aggregator dropped from snapshots it took.
+    pub refused_series: std::sync::atomic::AtomicU64,
+}
+
 /// Runs until `snapshots` closes and the buffer is drained (or the drain timeout passes).
 pub async fn run_shipper(
     identity: pb::Identity,
     config: ShipperConfig,
     snapshots: mpsc::Receiver<pb::Snapshot>,
 ) -> ShipperReport {
-    ship(identity, config, snapshots, None).await
+    ship(identity, config, snapshots, None, None).await
 }
 
 /// Like [`run_shipper`], but multiplexes its stream over an existing HTTP/2 channel (load generators run
@@ -109,8 +123,9 @@ pub async fn run_shipper_on(
     config: ShipperConfig,
     snapshots: mpsc::Receiver<pb::Snapshot>,
     channel: Channel,
+    tally: Arc<ShipperTally>,
 ) -> ShipperReport {
-    ship(identity, config, snapshots, Some(channel)).await
+    ship(identity, config, snapshots, Some(channel), Some(tally)).await
 }
 
 async fn ship(
@@ -118,12 +133,14 @@ async fn ship(
     config: ShipperConfig,
     mut snapshots: mpsc::Receiver<pb::Snapshot>,
     shared: Option<Channel>,
+    tally: Option<Arc<ShipperTally>>,
 ) -> ShipperReport {
     let mut report = ShipperReport::default();
     let mut buffer = ReplayBuffer {
         snapshots: VecDeque::new(),
         capacity: config.max_buffered_seconds,
         dropped_unreported: 0,
+        tally,
     };
     let mut target = config.aggregator.clone();
     let mut failures: u32 = 0;
@@ -196,6 +213,8 @@ async fn ship_once(
     buffer: &mut ReplayBuffer,
     report: &mut ShipperReport,
 ) -> Session {
+    let tally = buffer.tally.clone();
+    let tally = tally.as_deref();
     let channel = match shared {
         Some(channel) => channel,
         None => match connect(config, target).await {
@@ -263,12 +282,20 @@ async fn ship_once(
             message = inbound.message() => match message {
                 Ok(Some(message)) => match message.body {
                     Some(pb::aggregator_message::Body::Ack(ack)) => {
-                        report.acknowledged += buffer.ack(ack.second);
+                        let acked = buffer.ack(ack.second);
+                        report.acknowledged += acked;
+                        if let Some(tally) = tally {
+                            tally.acknowledged.fetch_add(acked, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if !input_open && buffer.snapshots.is_empty() {
                             return Session::InputClosed;
                         }
                     }
                     Some(pb::aggregator_message::Body::Rejection(r)) => {
+                        if let Some(tally) = tally {
+                            let counter = if r.whole_snapshot { &tally.refused_snapshots } else { &tally.refused_series };
+                            counter.fetch_add(if r.whole_snapshot { 1 } else { u64::from(r.series_dropped) }, std::sync::atomic::Ordering::Relaxed);
+                        }
                         warn!(
                             message = "Aggregator rejected data.",
                             second = r.second, limit = %r.limit, reason = %r.message,
@@ -489,6 +516,7 @@ mod tests {
             snapshots: VecDeque::new(),
             capacity: 3,
             dropped_unreported: 0,
+            tally: None,
         };
         for s in 1..=5 {
             buffer.push(snap(s), &mut report);

@@ -1,7 +1,6 @@
 //! Turns wire messages into the aggregator's types, enforcing every limit. Pure: no I/O, no tokio.
 //! Bad data is dropped series by series with a reason; only a bad identity or second refuses a whole message.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use strobe_proto as pb;
@@ -150,11 +149,11 @@ pub(crate) fn validate_hello(
     })
 }
 
-/// One stream's series dictionary (see `strobe.proto`): the series its agent named with an id. Lives with its
-/// stream; bounded by `max_series_per_stream`.
+/// One stream's series dictionary (see `strobe.proto`): the series its agent named with an id, indexed by id.
+/// Lives with its stream; ids at or past `max_series_per_stream` are not remembered (agents number from 1).
 #[derive(Debug, Default)]
 pub(crate) struct StreamDictionary {
-    keys: HashMap<u32, SeriesKey, foldhash::fast::RandomState>,
+    keys: Vec<Option<SeriesKey>>,
 }
 
 impl StreamDictionary {
@@ -165,19 +164,20 @@ impl StreamDictionary {
         series: &pb::Series,
         limits: &Limits,
     ) -> Result<SeriesKey, SeriesProblem> {
-        if series.name.is_empty() && series.tags.is_empty() && series.id != 0 {
+        let id = series.id as usize;
+        if series.name.is_empty() && series.tags.is_empty() && id != 0 {
             return self
                 .keys
-                .get(&series.id)
-                .cloned()
+                .get(id)
+                .and_then(Option::clone)
                 .ok_or(SeriesProblem::UnknownSeriesId);
         }
         let key = series_key(series, limits)?;
-        if series.id != 0
-            && (self.keys.len() < limits.max_series_per_stream
-                || self.keys.contains_key(&series.id))
-        {
-            self.keys.insert(series.id, key.clone());
+        if id != 0 && id < limits.max_series_per_stream {
+            if self.keys.len() <= id {
+                self.keys.resize(id + 1, None);
+            }
+            self.keys[id] = Some(key.clone());
         }
         Ok(key)
     }
@@ -291,10 +291,7 @@ fn series_key(series: &pb::Series, limits: &Limits) -> Result<SeriesKey, SeriesP
             false
         }
     });
-    Ok(SeriesKey {
-        metric: series.name.as_str().into(),
-        tags: tags.into(),
-    })
+    Ok(SeriesKey::new(series.name.as_str().into(), tags.into()))
 }
 
 /// Checks an HdrHistogram V2 encoding without decoding it into a histogram: the header first (cookie, declared

@@ -22,13 +22,65 @@ pub(crate) enum Split {
     Zone(Arc<str>),
 }
 
-/// A metric name with its sorted tags.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A metric name with its sorted tags. Its hash is computed once, when the key is built (once per series per
+/// stream, thanks to the series dictionary), so the merge path's maps hash a number, not strings; equality tries
+/// the pointers first.
+#[derive(Debug, Clone)]
 pub(crate) struct SeriesKey {
     /// Metric name.
     pub(crate) metric: Arc<str>,
     /// Tags sorted by key, keys unique.
     pub(crate) tags: Arc<[(Arc<str>, Arc<str>)]>,
+    hash: u64,
+}
+
+/// The seed of series-key hashes: random per process, so hostile names cannot be chosen to collide.
+fn key_hasher() -> &'static foldhash::quality::FixedState {
+    static SEED: std::sync::OnceLock<foldhash::quality::FixedState> = std::sync::OnceLock::new();
+    SEED.get_or_init(|| {
+        use std::hash::BuildHasher;
+        foldhash::quality::FixedState::with_seed(
+            foldhash::quality::RandomState::default().hash_one(0u8),
+        )
+    })
+}
+
+impl SeriesKey {
+    /// The key of `metric` with `tags` (already sorted, keys unique).
+    pub(crate) fn new(metric: Arc<str>, tags: Arc<[(Arc<str>, Arc<str>)]>) -> Self {
+        use std::hash::BuildHasher;
+        let hash = key_hasher().hash_one((&*metric, &*tags));
+        Self { metric, tags, hash }
+    }
+}
+
+impl PartialEq for SeriesKey {
+    fn eq(&self, other: &Self) -> bool {
+        let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
+        self.hash == other.hash
+            && same(&self.metric, &other.metric)
+            && (Arc::ptr_eq(&self.tags, &other.tags) || self.tags == other.tags)
+    }
+}
+
+impl Eq for SeriesKey {}
+
+impl std::hash::Hash for SeriesKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for SeriesKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SeriesKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.metric, &self.tags).cmp(&(&other.metric, &other.tags))
+    }
 }
 
 /// One series' value from one instance for one second, validated.

@@ -377,10 +377,7 @@ mod tests {
             agent: Default::default(),
             t,
             series: vec![(
-                SeriesKey {
-                    metric: "requests".into(),
-                    tags: Arc::new([]),
-                },
+                SeriesKey::new("requests".into(), Arc::new([])),
                 SeriesValue::Counter(value),
             )],
         }
@@ -561,10 +558,7 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), settings);
         let mut second = counter(&a, 10, 1.0);
         second.series.push((
-            SeriesKey {
-                metric: "other".into(),
-                tags: Arc::new([]),
-            },
+            SeriesKey::new("other".into(), Arc::new([])),
             SeriesValue::Counter(1.0),
         ));
         assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use strobe_agent::statsd::MetricType;
-use strobe_agent::{ShipperConfig, Window, WindowLimits, run_shipper_on};
+use strobe_agent::{ShipperConfig, ShipperTally, Window, WindowLimits, run_shipper_on};
 use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::{mpsc, watch};
@@ -74,6 +74,12 @@ impl Pool {
                 .map_or(0, |b| b.sample(rng));
             errors.value = Some(pb::series::Value::Counter(drawn as f64));
         }
+        // Every other counter differs per instance and second too.
+        for s in series.iter_mut().filter(|s| !s.tags.is_empty()) {
+            if let Some(pb::series::Value::Counter(v)) = &mut s.value {
+                *v = (*v * rng.random_range(0.5..1.5)).round();
+            }
+        }
         series
     }
 
@@ -102,22 +108,77 @@ fn one_second(
         ..*behavior
     };
     simulate_second(&mut window, &scaled, rng);
+    // The rest looks like a service's own instrumentation: a few metrics per route and status class.
     for i in 0..extra_counters {
-        let name = format!("load.counter.{i}");
+        let (metric, tags) = extra_series(i, COUNTER_METRICS);
+        let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
         window.record_values(
-            &name,
-            &[],
+            metric,
+            &tags,
             MetricType::Counter,
-            std::iter::once(rng.random_range(0.0..100.0)),
+            std::iter::once(rng.random_range(0.0..100.0_f64).round()),
             1.0,
         );
     }
     for i in 0..extra_histograms {
-        let name = format!("load.histogram.{i}");
-        let values: Vec<f64> = (0..8).map(|_| rng.random_range(1.0..500.0)).collect();
-        window.record_values(&name, &[], MetricType::Histogram, values.into_iter(), 1.0);
+        let (metric, tags) = extra_series(i, HISTOGRAM_METRICS);
+        let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let median = 5.0 + 40.0 * (i % 7) as f64;
+        let values: Vec<f64> = (0..100)
+            .map(|_| median * rng.random_range(-1.0_f64..1.0).exp())
+            .collect();
+        window.record_values(
+            metric,
+            &tags,
+            MetricType::Histogram,
+            values.into_iter(),
+            1.0,
+        );
     }
     window.close().0.series
+}
+
+/// Counter metrics beside the request/error ones, crossed with routes and status classes.
+const COUNTER_METRICS: &[&str] = &[
+    "http.server.requests",
+    "cache.hits",
+    "cache.misses",
+    "db.queries",
+    "queue.published",
+];
+/// Histogram metrics beside the latency one, crossed with routes.
+const HISTOGRAM_METRICS: &[&str] = &["http.server.duration", "db.query.duration"];
+/// Routes of the simulated services.
+const ROUTES: [&str; 10] = [
+    "/pay",
+    "/cart",
+    "/search",
+    "/login",
+    "/items",
+    "/items/{id}",
+    "/orders",
+    "/orders/{id}",
+    "/health",
+    "/recommend",
+];
+/// Status classes.
+const STATUS: [&str; 2] = ["2xx", "5xx"];
+
+/// The `i`-th extra series of a kind: a metric, a route and a status class.
+fn extra_series(
+    i: usize,
+    metrics: &'static [&'static str],
+) -> (&'static str, [(&'static str, String); 2]) {
+    let metric = metrics[(i / (ROUTES.len() * STATUS.len())) % metrics.len()];
+    let route = ROUTES[i % ROUTES.len()];
+    let status = STATUS[(i / ROUTES.len()) % STATUS.len()];
+    let generation = i / (ROUTES.len() * STATUS.len() * metrics.len());
+    let route = if generation == 0 {
+        route.to_owned()
+    } else {
+        format!("{route}/{generation}")
+    };
+    (metric, [("route", route), ("status", status.to_owned())])
 }
 
 /// The shape of the load.
@@ -178,6 +239,8 @@ pub struct LoadStats {
     pub sent: AtomicU64,
     /// Snapshots the generator could not hand over (a shipper's queue was full).
     pub dropped: AtomicU64,
+    /// What the aggregator answered: acknowledged, refused whole, series dropped.
+    pub shippers: Arc<ShipperTally>,
 }
 
 /// Service name for index `i`.
@@ -218,6 +281,7 @@ impl Fleet {
             1,
         ));
         let stats = Arc::new(LoadStats::default());
+        let tally = stats.shippers.clone();
         let (stop, stop_rx) = watch::channel(false);
         let (deploys, deploy_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
@@ -228,8 +292,9 @@ impl Fleet {
             let (tx, rx) = mpsc::channel(8);
             let channel = channels[n % channels.len()].clone();
             let config = shipper.clone();
+            let tally = tally.clone();
             tasks.spawn(async move {
-                run_shipper_on(id, config, rx, channel).await;
+                run_shipper_on(id, config, rx, channel, tally).await;
             });
             tx
         };
@@ -411,7 +476,8 @@ pub struct LoadPlan {
     pub duration: Option<Duration>,
 }
 
-/// Runs a plan until its duration passes or `shutdown` completes; prints progress every five seconds.
+/// Runs a plan until its duration passes or `shutdown` completes; prints, every second, what was sent, acknowledged
+/// and refused in that second.
 pub async fn run_loadgen(
     plan: LoadPlan,
     shutdown: impl std::future::Future<Output = ()>,
@@ -426,7 +492,8 @@ pub async fn run_loadgen(
     let mut deploy = plan
         .deploy_after
         .map(|after| (started + after, plan.deploy.clone()));
-    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    let mut last = [0u64; 5];
     tokio::pin!(shutdown);
     loop {
         let deploy_at = deploy.as_ref().map(|(at, _)| *at);
@@ -441,11 +508,20 @@ pub async fn run_loadgen(
                 }
             }
             _ = progress.tick() => {
+                let stats = &fleet.stats;
+                let now = [
+                    stats.sent.load(Ordering::Relaxed),
+                    stats.shippers.acknowledged.load(Ordering::Relaxed),
+                    stats.shippers.refused_snapshots.load(Ordering::Relaxed),
+                    stats.shippers.refused_series.load(Ordering::Relaxed),
+                    stats.dropped.load(Ordering::Relaxed),
+                ];
+                let d: Vec<u64> = now.iter().zip(&last).map(|(n, l)| n - l).collect();
                 println!(
-                    "strobe loadgen sent={} dropped={}",
-                    fleet.stats.sent.load(Ordering::Relaxed),
-                    fleet.stats.dropped.load(Ordering::Relaxed)
+                    "strobe loadgen second={} sent={} acked={} refused_snapshots={} refused_series={} generator_dropped={} (totals: sent={} acked={})",
+                    clock::unix_second(), d[0], d[1], d[2], d[3], d[4], now[0], now[1]
                 );
+                last = now;
             }
         }
     }
