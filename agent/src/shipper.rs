@@ -324,7 +324,11 @@ async fn ship_once(
 /// Opens a connection to the aggregator at `target`.
 pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
     let endpoint = match Endpoint::from_shared(target.to_owned()) {
-        Ok(e) => e.connect_timeout(config.connect_timeout).tcp_nodelay(true),
+        Ok(e) => e
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .initial_connection_window_size(32 * 1024 * 1024)
+            .initial_stream_window_size(4 * 1024 * 1024),
         Err(error) => {
             warn!(message = "Invalid aggregator address.", address = %target, %error);
             return None;

@@ -55,6 +55,11 @@ use crate::pipeline::shard::Shards;
 use crate::pipeline::windows::WindowSettings;
 use crate::publish::Hub;
 
+/// HTTP/2 flow-control window of one agent connection (all its streams together), in bytes.
+const GRPC_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// HTTP/2 flow-control window of one agent stream, in bytes.
+const GRPC_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
 /// How long connections may take to close after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -109,6 +114,7 @@ impl Aggregator {
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
         let hub = Arc::new(Hub::new(
             history,
+            config.limits.max_history_bytes_per_service,
             config.limits.subscriber_buffer_frames,
             config.metrics.clone(),
         ));
@@ -212,8 +218,12 @@ impl Aggregator {
             // An error means the sender is gone, which only happens once shutdown was asked for.
             rx.wait_for(|stop| *stop).await.ok();
         };
+        // Thousands of agent streams share a few HTTP/2 connections when they come through a proxy or a load
+        // generator: windows sized so one second's burst is not throttled by flow-control round trips.
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
+            .initial_stream_window_size(GRPC_STREAM_WINDOW)
             .add_service(grpc_service)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),

@@ -30,6 +30,8 @@ pub struct Limits {
     pub max_series_per_stream: usize,
     /// Most distinct series one service may have in one second (all instances together).
     pub max_series_per_service: usize,
+    /// Bytes of backfill kept per service (full frames; the overview separately), on top of the `history` time.
+    pub max_history_bytes_per_service: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so).
     pub subscriber_buffer_frames: usize,
     /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
@@ -51,6 +53,7 @@ impl Default for Limits {
             max_future_skew: Duration::from_secs(5),
             max_series_per_stream: 100_000,
             max_series_per_service: 50_000,
+            max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,
             max_queued_bytes: 256 * 1024 * 1024,

@@ -52,10 +52,16 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    /// A hub keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
-    pub(crate) fn new(history_seconds: i64, buffer_frames: usize, metrics: MainMetrics) -> Self {
+    /// A hub keeping `history_seconds` (and at most `history_bytes` per service and kind) of frames per service;
+    /// subscribers may lag `buffer_frames` frames.
+    pub(crate) fn new(
+        history_seconds: i64,
+        history_bytes: usize,
+        buffer_frames: usize,
+        metrics: MainMetrics,
+    ) -> Self {
         Self {
-            stream: LiveStream::new(history_seconds, buffer_frames),
+            stream: LiveStream::new(history_seconds, history_bytes, buffer_frames),
             status: StatusRegistry::new(history_seconds),
             events: EventStates::default(),
             metrics,
@@ -188,7 +194,7 @@ mod tests {
 
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
-        let hub = Hub::new(600, 64, MainMetrics::default());
+        let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
         let (mut live, backfill) = hub.subscribe(|_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
@@ -212,7 +218,7 @@ mod tests {
     /// needs. If it did, the publish below could not finish and the filter would give up waiting.
     #[test]
     fn a_slow_backfill_does_not_hold_up_publishing() {
-        let hub = Arc::new(Hub::new(600, 64, MainMetrics::default()));
+        let hub = Arc::new(Hub::new(600, usize::MAX, 64, MainMetrics::default()));
         hub.publish_second(sealed(10, false));
         hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
         let (done_tx, done_rx) = mpsc::channel();

@@ -16,7 +16,11 @@ use super::frame::Frame;
 #[derive(Default)]
 struct ServiceHistory {
     seconds: VecDeque<Frame>,
+    /// Bytes of JSON in `seconds`.
+    seconds_bytes: usize,
     overview: VecDeque<Frame>,
+    /// Bytes of JSON in `overview`.
+    overview_bytes: usize,
 }
 
 /// Broadcast plus per-service history.
@@ -24,16 +28,20 @@ pub(crate) struct LiveStream {
     live: broadcast::Sender<Frame>,
     history: RwLock<HashMap<Arc<str>, Arc<Mutex<ServiceHistory>>>>,
     history_seconds: i64,
+    /// Most bytes of frames kept per service and kind (full seconds, overview), whichever of time and bytes binds
+    /// first: a service with 50,000 series would otherwise keep gigabytes.
+    history_bytes: usize,
 }
 
 impl LiveStream {
     /// A stream keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
-    pub(crate) fn new(history_seconds: i64, buffer_frames: usize) -> Self {
+    pub(crate) fn new(history_seconds: i64, history_bytes: usize, buffer_frames: usize) -> Self {
         let (live, _) = broadcast::channel(buffer_frames.max(16));
         Self {
             live,
             history: RwLock::new(HashMap::new()),
             history_seconds,
+            history_bytes,
         }
     }
 
@@ -59,12 +67,20 @@ impl LiveStream {
         {
             let history = self.service_history(&second.service);
             let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
-            keep(&mut history.seconds, second.clone(), self.history_seconds);
+            let history = &mut *history;
+            let bounds = (self.history_seconds, self.history_bytes);
+            keep(
+                &mut history.seconds,
+                &mut history.seconds_bytes,
+                second.clone(),
+                bounds,
+            );
             if let Some(overview) = &overview {
                 keep(
                     &mut history.overview,
+                    &mut history.overview_bytes,
                     overview.clone(),
-                    self.history_seconds,
+                    bounds,
                 );
             }
         }
@@ -110,19 +126,71 @@ impl LiveStream {
     }
 }
 
-/// Inserts a frame in second order (replacing a frame of the same second) and drops what is older than the history.
-fn keep(frames: &mut VecDeque<Frame>, frame: Frame, history_seconds: i64) {
+/// Inserts a frame in second order (replacing a frame of the same second), then drops the oldest frames while the
+/// history is longer than `seconds` or larger than `bytes` (the newest frame always stays).
+fn keep(
+    frames: &mut VecDeque<Frame>,
+    size: &mut usize,
+    frame: Frame,
+    (seconds, bytes): (i64, usize),
+) {
+    *size += frame.json.len();
     if let Some(slot) = frames.iter_mut().rev().find(|f| f.t == frame.t) {
+        *size -= slot.json.len();
         *slot = frame;
     } else {
         let at = frames.partition_point(|f| f.t < frame.t);
         frames.insert(at, frame);
     }
     let newest = frames.back().map_or(0, |f| f.t);
-    while frames
-        .front()
-        .is_some_and(|f| f.t <= newest.saturating_sub(history_seconds))
+    while frames.len() > 1
+        && frames
+            .front()
+            .is_some_and(|f| f.t <= newest.saturating_sub(seconds) || *size > bytes)
     {
-        frames.pop_front();
+        if let Some(old) = frames.pop_front() {
+            *size -= old.json.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::frame::FrameKind;
+
+    fn frame(t: i64, bytes: usize) -> Frame {
+        Frame {
+            kind: FrameKind::Second,
+            service: "svc".into(),
+            t,
+            correction: false,
+            json: "x".repeat(bytes).into(),
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_by_time_and_by_bytes_whichever_binds_first() {
+        let (mut frames, mut size) = (VecDeque::new(), 0);
+        for t in 0..10 {
+            keep(&mut frames, &mut size, frame(t, 100), (5, 10_000));
+        }
+        assert_eq!(
+            frames.iter().map(|f| f.t).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9]
+        );
+        assert_eq!(size, 500);
+        keep(&mut frames, &mut size, frame(10, 350), (5, 700));
+        assert_eq!(frames.iter().map(|f| f.t).collect::<Vec<_>>(), [7, 8, 9, 10]);
+        assert_eq!(size, 650);
+        keep(&mut frames, &mut size, frame(9, 50), (5, 700));
+        assert_eq!(size, 600, "a correction replaces its second's bytes");
+        keep(&mut frames, &mut size, frame(11, 5_000), (5, 700));
+        assert_eq!(
+            frames.len(),
+            1,
+            "the newest frame stays even when it alone is over the bound"
+        );
+        assert_eq!(size, 5_000);
     }
 }
