@@ -76,6 +76,8 @@ struct ReplayBuffer {
     dropped_unreported: u64,
     /// Where acknowledgements and refusals are also counted live, if anyone watches.
     tally: Option<Arc<ShipperTally>>,
+    /// Once the input has closed (shutdown), when to stop waiting for acknowledgements, connected or not.
+    give_up_at: Option<tokio::time::Instant>,
 }
 
 impl ReplayBuffer {
@@ -141,30 +143,47 @@ async fn ship(
         capacity: config.max_buffered_seconds,
         dropped_unreported: 0,
         tally,
+        give_up_at: None,
     };
     let mut target = config.aggregator.clone();
     let mut failures: u32 = 0;
     let mut input_open = true;
     loop {
-        if !input_open && buffer.snapshots.is_empty() {
-            return report;
+        if !input_open {
+            if buffer.snapshots.is_empty() {
+                return report;
+            }
+            let give_up_at = *buffer
+                .give_up_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
+            if tokio::time::Instant::now() >= give_up_at {
+                return give_up(buffer, report);
+            }
         }
         let channel = shared
             .as_ref()
             .filter(|_| target == config.aggregator)
             .cloned();
-        let outcome = ship_once(
-            &identity,
-            &config,
-            &target,
-            channel,
-            &mut snapshots,
-            &mut buffer,
-            &mut report,
-        )
-        .await;
+        // On shutdown, even a connection attempt does not outlast the drain timeout.
+        let deadline = buffer.give_up_at;
+        let outcome = tokio::select! {
+            outcome = ship_once(
+                &identity,
+                &config,
+                &target,
+                channel,
+                &mut snapshots,
+                &mut buffer,
+                &mut report,
+            ) => Some(outcome),
+            _ = sleep_until_opt(deadline) => None,
+        };
+        let Some(outcome) = outcome else {
+            return give_up(buffer, report);
+        };
         match outcome {
-            Session::InputClosed => return report,
+            Session::InputClosed if buffer.snapshots.is_empty() => return report,
+            Session::InputClosed => return give_up(buffer, report),
             Session::Redirected(address) => {
                 info!(message = "Redirected.", service = %identity.service, %address);
                 target = address;
@@ -182,19 +201,40 @@ async fn ship(
         debug!(message = "Reconnecting.", aggregator = %target, delay_ms = delay.as_millis() as u64);
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
-        // Keep folding seconds into the buffer while away.
+        // Keep folding seconds into the buffer while away; on shutdown, wait no longer than the drain timeout.
         loop {
+            let give_up = buffer.give_up_at;
             tokio::select! {
                 _ = &mut sleep => break,
                 next = snapshots.recv(), if input_open => match next {
                     Some(s) => buffer.push(s, &mut report),
-                    None => input_open = false,
+                    None => {
+                        input_open = false;
+                        buffer.give_up_at = Some(tokio::time::Instant::now() + config.drain_timeout);
+                    }
                 },
+                _ = sleep_until_opt(give_up), if !input_open => break,
             }
         }
-        if !input_open && buffer.snapshots.is_empty() {
-            return report;
-        }
+    }
+}
+
+/// Shutdown with seconds nobody acknowledged: they are lost, and said so.
+fn give_up(buffer: ReplayBuffer, mut report: ShipperReport) -> ShipperReport {
+    let lost = buffer.snapshots.len() as u64;
+    warn!(
+        message = "Stopping with unacknowledged seconds; they are lost.",
+        unacknowledged = lost,
+        oldest = buffer.snapshots.front().map(|s| s.second),
+    );
+    report.dropped += lost;
+    report
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -274,9 +314,10 @@ async fn ship_once(
                     if buffer.snapshots.is_empty() {
                         return Session::InputClosed;
                     }
-                    drain_deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + config.drain_timeout);
+                    let give_up_at = *buffer
+                        .give_up_at
+                        .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
+                    drain_deadline.as_mut().reset(give_up_at);
                 }
             },
             message = inbound.message() => match message {
@@ -313,10 +354,8 @@ async fn ship_once(
                     return Session::Lost { connected: true };
                 }
             },
-            _ = &mut drain_deadline, if !input_open => {
-                warn!(message = "Gave up waiting for acknowledgements on shutdown.", unacknowledged = buffer.snapshots.len());
-                return Session::InputClosed;
-            }
+            // What is still unacknowledged is reported lost by the caller.
+            _ = &mut drain_deadline, if !input_open => return Session::InputClosed,
         }
     }
 }
@@ -521,6 +560,7 @@ mod tests {
             capacity: 3,
             dropped_unreported: 0,
             tally: None,
+            give_up_at: None,
         };
         for s in 1..=5 {
             buffer.push(snap(s), &mut report);

@@ -28,6 +28,8 @@ pub(crate) enum DropReason {
     AgentTokens,
     /// A second further in the future than `max_future_skew`.
     MaxFutureSkew,
+    /// A second older than `max_snapshot_age`.
+    MaxSnapshotAge,
     /// Series past `max_series_per_snapshot`.
     MaxSeriesPerSnapshot,
     /// Tags past `max_tags_per_series`.
@@ -54,6 +56,7 @@ impl DropReason {
             DropReason::MaxNameBytes => "max_name_bytes",
             DropReason::AgentTokens => "agent_tokens",
             DropReason::MaxFutureSkew => "max_future_skew",
+            DropReason::MaxSnapshotAge => "max_snapshot_age",
             DropReason::MaxSeriesPerSnapshot => "max_series_per_snapshot",
             DropReason::MaxTagsPerSeries => "max_tags_per_series",
             DropReason::MissingValue => "value",
@@ -129,6 +132,8 @@ pub(crate) struct Health {
     pub(crate) webhook_retries: Counter,
     /// Alert events the manager could not take (it stopped).
     pub(crate) alert_events_lost: Counter,
+    /// Service transitions that panicked (the service's state was dropped; the shard went on).
+    pub(crate) service_panics: Counter,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
@@ -178,6 +183,10 @@ impl Health {
         let alert_events_lost = counter(
             "alert_events_lost",
             "Alert lifecycle events the alert manager could not take because it had stopped.",
+        );
+        let service_panics = counter(
+            "service_panics",
+            "Service transitions that panicked; the service's open seconds were dropped, its shard went on.",
         );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
@@ -231,6 +240,7 @@ impl Health {
             webhook_gave_up,
             webhook_retries,
             alert_events_lost,
+            service_panics,
             dropped,
         }
     }

@@ -85,6 +85,9 @@ pub enum AggregatorError {
     /// The rules file could not be loaded at start-up.
     #[error(transparent)]
     Rules(#[from] StoreError),
+    /// A task that must run until shutdown stopped (it panicked).
+    #[error("an internal task stopped: {0}")]
+    TaskEnded(String),
     /// The webhook client could not be built (TLS roots, for example).
     #[error("webhook client: {0}")]
     Webhooks(#[from] reqwest::Error),
@@ -209,7 +212,7 @@ impl Aggregator {
             grpc = %self.grpc_addr(), http = %self.http_addr(), shards = shard_count,
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tasks.spawn(async move {
+        let stopper = tokio::spawn(async move {
             shutdown.await;
             // Every receiver is a server below; if they are all gone there is nobody left to stop.
             stop_tx.send(true).ok();
@@ -246,7 +249,19 @@ impl Aggregator {
                 info!(message = "Connections still open after the shutdown grace; closing them.");
                 Ok(())
             }
+            // Shards, the alert manager, delivery and the rules watcher run until shutdown; one that ends before
+            // (a panic outside any service's transition) leaves the aggregator unable to do its job: stop, and say
+            // so with a non-zero exit, so the supervisor restarts it.
+            Some(ended) = tasks.join_next() => {
+                let why = match ended {
+                    Ok(()) => "it returned".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                tracing::error!(message = "An internal task stopped; shutting down.", reason = %why);
+                Err(AggregatorError::TaskEnded(why))
+            }
         };
+        stopper.abort();
         streams.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, streams.wait())
             .await

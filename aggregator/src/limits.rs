@@ -28,6 +28,9 @@ pub struct Limits {
     pub max_future_skew: Duration,
     /// Most series one agent stream may name in its series dictionary.
     pub max_series_per_stream: usize,
+    /// How old a snapshot's second may be (an agent replays at most this much after an outage; older is refused).
+    #[serde(with = "humantime_serde")]
+    pub max_snapshot_age: Duration,
     /// Most distinct series one service may have in one second (all instances together).
     pub max_series_per_service: usize,
     /// Bytes of backfill kept per service (full frames; the overview separately), on top of the `history` time.
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_histogram_scale: 1_000_000,
             max_future_skew: Duration::from_secs(5),
             max_series_per_stream: 100_000,
+            max_snapshot_age: Duration::from_secs(600),
             max_series_per_service: 50_000,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,

@@ -272,3 +272,21 @@ async fn bad_input_is_refused_with_a_reason_and_the_rest_survives() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_aggregator_is_down_stops_within_its_drain_timeout_on_sigterm() {
+    // An aggregator that took a few seconds and then went away: the agent holds unacknowledged seconds and
+    // keeps failing to reconnect.
+    let aggregator = aggregator(&[]).await;
+    let mut agent = agent(&aggregator, "orphan", "v1", "z1", "orphan-1").await;
+    wait_for_instances(aggregator.addr("http"), "orphan", 1).await;
+    drop(aggregator);
+    send_statsd(agent.addr("statsd"), &["ticks:1|c".to_owned()]).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The default drain timeout is 2 s; a few more for the process to exit. Before, it ran until killed.
+    let status = agent.terminate(Duration::from_secs(8)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent exited cleanly after SIGTERM: {status:?}"
+    );
+}

@@ -20,6 +20,17 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, if it did.
+    pub(crate) async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self._child.id().expect("still running").to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
+        assert!(sent.is_ok_and(|s| s.success()), "SIGTERM sent");
+        tokio::time::timeout(within, self._child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("wait"))
+    }
+
     pub(crate) fn addr(&self, key: &str) -> SocketAddr {
         self.addrs
             .iter()

@@ -23,6 +23,16 @@ pub(crate) enum Refusal {
     /// The token is not one of the configured agent tokens.
     #[error("unknown agent token")]
     BadToken,
+    /// The snapshot's second is older than `max_snapshot_age`: nothing that old can still be merged or replayed.
+    #[error("second {second} is {behind}s in the past (max_snapshot_age {limit}s)")]
+    PastSecond {
+        /// The snapshot's second.
+        second: i64,
+        /// How far behind the aggregator's clock.
+        behind: i64,
+        /// The configured limit in seconds.
+        limit: u64,
+    },
     /// The snapshot's second is further in the future than `max_future_skew` allows.
     #[error("second {second} is {ahead}s in the future (max_future_skew {limit}s)")]
     FutureSecond {
@@ -43,6 +53,7 @@ impl Refusal {
             Refusal::BadIdentity(_) => DropReason::MaxNameBytes,
             Refusal::BadToken => DropReason::AgentTokens,
             Refusal::FutureSecond { .. } => DropReason::MaxFutureSkew,
+            Refusal::PastSecond { .. } => DropReason::MaxSnapshotAge,
         }
     }
 }
@@ -207,6 +218,15 @@ pub(crate) fn validate_snapshot(
             second: snapshot.second,
             ahead,
             limit,
+        });
+    }
+    let oldest = limits.max_snapshot_age.as_secs();
+    if ahead < -i64::try_from(oldest).unwrap_or(i64::MAX) {
+        dictionary.learn(&snapshot.series, limits);
+        return Err(Refusal::PastSecond {
+            second: snapshot.second,
+            behind: ahead.saturating_neg(),
+            limit: oldest,
         });
     }
     let agent = snapshot
@@ -614,8 +634,20 @@ mod tests {
             0,
         );
         assert!(refused.is_err());
+        // So do those of a second refused as too old.
+        let ancient = validate_snapshot(
+            snapshot(-1_000_000, vec![named(2, "err", 1.0)]),
+            &instance(),
+            &mut dictionary,
+            &limits,
+            11,
+        );
+        assert_eq!(
+            ancient.map(|_| ()).map_err(|r| r.reason()),
+            Err(DropReason::MaxSnapshotAge)
+        );
         let v = validate_snapshot(
-            snapshot(11, vec![by_id(1, 2.0), by_id(7, 3.0), named(2, "err", 4.0)]),
+            snapshot(11, vec![by_id(1, 2.0), by_id(7, 3.0), by_id(2, 4.0)]),
             &instance(),
             &mut dictionary,
             &limits,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use strobe_proto::clock;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::budget::Reservation;
 use super::service::{ServiceContext, ServiceState};
@@ -67,6 +67,25 @@ impl Shards {
     }
 }
 
+/// Runs one service's transition, containing a panic to that service: the caller drops the service's state (its
+/// open seconds are lost; the next snapshot starts it afresh), which is logged and counted, and the shard, with
+/// every other service it owns, goes on. Returns whether the transition completed.
+fn contain(service: &str, context: &ServiceContext, transition: impl FnOnce()) -> bool {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(transition)) {
+        Ok(()) => true,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            context.health.service_panics.inc();
+            error!(message = "Service state dropped after a panic; its open seconds are lost.", service, panic = %what);
+            false
+        }
+    }
+}
+
 async fn run_shard(
     index: usize,
     mut commands: mpsc::Receiver<ShardCommand>,
@@ -87,19 +106,34 @@ async fn run_shard(
                 arrivals.record(snapshot.t, now);
                 let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
                 context.health.arrival_delay.observe(millis_as_seconds(now.saturating_sub(end_ms)));
+                let service = snapshot.instance.service.clone();
                 let state = services
-                    .entry(snapshot.instance.service.clone())
-                    .or_insert_with_key(|service| ServiceState::new(service.clone(), context.settings));
-                state.apply(snapshot, now, &context);
+                    .entry(service.clone())
+                    .or_insert_with(|| ServiceState::new(service.clone(), context.settings));
+                let ok = contain(&service, &context, || {
+                    state.apply(snapshot, now, &context);
+                    // A snapshot may complete its second: seal at once rather than at the next tick.
+                    state.seal_ready(now, &arrivals, &context);
+                });
                 drop(reservation);
-                // A snapshot may complete its second: seal at once rather than at the next tick.
-                state.seal_ready(now, &arrivals, &context);
+                if !ok {
+                    services.remove(&service);
+                }
             }
             _ = tick.tick() => {
                 let now = clock::unix_millis();
-                for state in services.values_mut() {
-                    state.publish_corrections(now, &context);
-                    state.seal_ready(now, &arrivals, &context);
+                let mut failed = Vec::new();
+                for (service, state) in services.iter_mut() {
+                    let ok = contain(service, &context, || {
+                        state.publish_corrections(now, &context);
+                        state.seal_ready(now, &arrivals, &context);
+                    });
+                    if !ok {
+                        failed.push(service.clone());
+                    }
+                }
+                for service in failed {
+                    services.remove(&service);
                 }
                 let second = now.div_euclid(1000);
                 arrivals.forget_before(second - context.settings.late_window_secs - 1);
@@ -116,5 +150,49 @@ async fn run_shard(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerting::alerts::{Alerts, RecordSink};
+    use crate::alerting::event::AlertRecord;
+    use crate::alerting::rules::RulesStore;
+    use crate::health::Health;
+    use crate::pipeline::windows::WindowSettings;
+    use crate::publish::Hub;
+
+    struct Discard;
+
+    impl RecordSink for Discard {
+        fn publish_alert(&self, _: &AlertRecord) {}
+    }
+
+    #[tokio::test]
+    async fn a_panicking_transition_is_contained_and_counted() {
+        let mut tasks = tokio::task::JoinSet::new();
+        let health = Arc::new(Health::default());
+        let (sink, _notes) = mpsc::unbounded_channel();
+        let rules = RulesStore::open(None).expect("no file");
+        let context = ServiceContext {
+            hub: Arc::new(Hub::new(600, usize::MAX, 64, Default::default())),
+            health: health.clone(),
+            settings: WindowSettings {
+                grace_ms: 250,
+                grace_quiet_ms: 50,
+                grace_max_ms: 1000,
+                late_window_secs: 10,
+                max_cells: 100,
+            },
+            rules: rules.clone(),
+            alerts: Alerts::spawn(rules, Arc::new(Discard), sink, health.clone(), &mut tasks),
+            canary: Default::default(),
+            metrics: Default::default(),
+            correction_interval_ms: 250,
+        };
+        assert!(contain("fine", &context, || {}));
+        assert!(!contain("broken", &context, || panic!("a bug")));
+        assert!(health.render(0).contains("strobe_service_panics_total 1"));
     }
 }

@@ -229,7 +229,7 @@ impl ServiceWindows {
     pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
-            let end = (t + 1) * 1000;
+            let end = t.saturating_add(1).saturating_mul(1000);
             let complete = !self.expected.is_empty()
                 && self
                     .expected

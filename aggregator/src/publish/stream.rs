@@ -181,7 +181,10 @@ mod tests {
         );
         assert_eq!(size, 500);
         keep(&mut frames, &mut size, frame(10, 350), (5, 700));
-        assert_eq!(frames.iter().map(|f| f.t).collect::<Vec<_>>(), [7, 8, 9, 10]);
+        assert_eq!(
+            frames.iter().map(|f| f.t).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
         assert_eq!(size, 650);
         keep(&mut frames, &mut size, frame(9, 50), (5, 700));
         assert_eq!(size, 600, "a correction replaces its second's bytes");

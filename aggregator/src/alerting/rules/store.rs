@@ -80,7 +80,8 @@ impl RulesStore {
     /// line and reason, and the old rules stay.
     pub(crate) async fn watch(self: Arc<Self>) {
         let Some(path) = self.path.clone() else {
-            return;
+            // Nothing to watch; stay, like every task the aggregator runs until shutdown.
+            return std::future::pending().await;
         };
         let mut interval = tokio::time::interval(RELOAD_INTERVAL);
         let mut rejected: Option<String> = None;
