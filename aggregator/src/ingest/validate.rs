@@ -338,6 +338,21 @@ mod tests {
     use hdrhistogram::Histogram;
     use hdrhistogram::serialization::{Serializer, V2Serializer};
 
+    /// Validates `snapshot` as the first of a new stream.
+    fn validate_fresh(
+        snapshot: pb::Snapshot,
+        limits: &Limits,
+        now: i64,
+    ) -> Result<Validated, Refusal> {
+        validate_snapshot(
+            snapshot,
+            &instance(),
+            &mut StreamDictionary::default(),
+            limits,
+            now,
+        )
+    }
+
     fn instance() -> Arc<Instance> {
         Arc::new(Instance {
             service: "svc".into(),
@@ -465,14 +480,7 @@ mod tests {
                 series: vec![s],
                 stats: None,
             };
-            let v = validate_snapshot(
-                snapshot,
-                &instance(),
-                &mut StreamDictionary::default(),
-                &limits,
-                100,
-            )
-            .unwrap();
+            let v = validate_fresh(snapshot, &limits, 100).unwrap();
             match expected {
                 None => {
                     assert_eq!(v.second.series.len(), 1, "{name}");
@@ -499,14 +507,7 @@ mod tests {
                 .collect(),
             stats: None,
         };
-        let v = validate_snapshot(
-            snapshot,
-            &instance(),
-            &mut StreamDictionary::default(),
-            &limits,
-            5,
-        )
-        .unwrap();
+        let v = validate_fresh(snapshot, &limits, 5).unwrap();
         assert_eq!(v.second.series.len(), 3);
         assert_eq!(v.dropped, vec![(SeriesProblem::TooManySeries, 7)]);
     }
@@ -519,29 +520,13 @@ mod tests {
             series: vec![],
             stats: None,
         };
-        assert!(
-            validate_snapshot(
-                ok,
-                &instance(),
-                &mut StreamDictionary::default(),
-                &limits,
-                100
-            )
-            .is_ok()
-        );
+        assert!(validate_fresh(ok, &limits, 100).is_ok());
         let far = pb::Snapshot {
             second: 1_000_000,
             series: vec![],
             stats: None,
         };
-        let err = validate_snapshot(
-            far,
-            &instance(),
-            &mut StreamDictionary::default(),
-            &limits,
-            100,
-        )
-        .unwrap_err();
+        let err = validate_fresh(far, &limits, 100).unwrap_err();
         assert_eq!(err.reason(), DropReason::MaxFutureSkew);
     }
 
