@@ -207,10 +207,15 @@ async fn ship(
             tokio::select! {
                 _ = &mut sleep => break,
                 next = snapshots.recv(), if input_open => match next {
-                    Some(s) => buffer.push(s, &mut report),
+                    Some(mut s) => {
+                        fit_to_limit(&mut s, config.max_message_bytes);
+                        buffer.push(s, &mut report);
+                    }
                     None => {
                         input_open = false;
-                        buffer.give_up_at = Some(tokio::time::Instant::now() + config.drain_timeout);
+                        buffer
+                            .give_up_at
+                            .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
                     }
                 },
                 _ = sleep_until_opt(give_up), if !input_open => break,

@@ -35,7 +35,8 @@ pub struct AggregatorConfig {
     /// How long a sealed second still accepts late snapshots (as corrections).
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
-    /// Late snapshots of one sealed second are gathered and published as one correction at most this often.
+    /// Late snapshots of one sealed second are gathered and published as one correction at most this often (at
+    /// most 900 ms; larger values are capped).
     #[serde(with = "humantime_serde")]
     pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means one per core.

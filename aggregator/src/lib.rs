@@ -60,6 +60,10 @@ const GRPC_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// HTTP/2 flow-control window of one agent stream, in bytes.
 const GRPC_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
+/// Corrections wait at most this long: a sealed second is kept one second past `late_window`, so a correction
+/// gathered just before the seal that drops its second is still published.
+const MAX_CORRECTION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(900);
+
 /// How long connections may take to close after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -182,8 +186,13 @@ impl Aggregator {
             alerts: alerts.clone(),
             canary: self.config.canary.clone(),
             metrics: self.config.metrics.clone(),
-            correction_interval_ms: i64::try_from(self.config.correction_interval.as_millis())
-                .unwrap_or(i64::MAX),
+            correction_interval_ms: i64::try_from(
+                self.config
+                    .correction_interval
+                    .min(MAX_CORRECTION_INTERVAL)
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX),
         });
         let shard_count = self.config.shard_count();
         let shards = Shards::spawn(shard_count, context, &mut tasks);

@@ -127,6 +127,8 @@ async fn serve_stream(
             clock::unix_second(),
         ) {
             Err(refusal) => {
+                // Nothing of it is queued: give its bytes back before waiting on the agent to read the answer.
+                drop(reservation);
                 health.count_dropped(refusal.reason(), 1);
                 let rejection = pb::Rejection {
                     second,
@@ -143,6 +145,11 @@ async fn serve_stream(
                 .await?;
             }
             Ok(validated) => {
+                // Queued first, so the reservation travels with it and is not held while the agent reads answers.
+                shard
+                    .send(ShardCommand::Snapshot(validated.second, reservation))
+                    .await
+                    .map_err(|_| Status::unavailable("aggregator is shutting down"))?;
                 for (problem, n) in &validated.dropped {
                     health.count_dropped(problem.reason(), u64::from(*n));
                     let rejection = pb::Rejection {
@@ -159,10 +166,6 @@ async fn serve_stream(
                     )
                     .await?;
                 }
-                shard
-                    .send(ShardCommand::Snapshot(validated.second, reservation))
-                    .await
-                    .map_err(|_| Status::unavailable("aggregator is shutting down"))?;
             }
         }
         // A refused second is acknowledged too: sending it again would be refused again.

@@ -184,7 +184,7 @@ impl StreamDictionary {
                 .ok_or(SeriesProblem::UnknownSeriesId);
         }
         let key = series_key(series, limits)?;
-        if id != 0 && id < limits.max_series_per_stream {
+        if id != 0 && id <= limits.max_series_per_stream {
             if self.keys.len() <= id {
                 self.keys.resize(id + 1, None);
             }

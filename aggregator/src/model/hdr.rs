@@ -377,7 +377,7 @@ impl HdrAccumulator {
         let wanted = ((quantile * self.total as f64).ceil() as u64).max(1);
         let mut seen = 0u64;
         for (i, count) in self.counts.iter().enumerate() {
-            seen += count;
+            seen = seen.saturating_add(*count);
             if seen >= wanted {
                 let value = Layout::FIXED.value_at(i).unwrap_or(u64::MAX);
                 return if quantile == 0.0 {
@@ -404,7 +404,7 @@ impl HdrAccumulator {
                 continue;
             }
             let value = fixed.value_at(i).unwrap_or(u64::MAX);
-            seen += count;
+            seen = seen.saturating_add(*count);
             while next < wanted.len() && seen >= wanted[next] {
                 found[next] = fixed.highest_equivalent(value);
                 next += 1;

@@ -86,6 +86,21 @@ fn contain(service: &str, context: &ServiceContext, transition: impl FnOnce()) -
     }
 }
 
+/// Forgets a service whose transition panicked, ending what it had going (alerts resolve, a bad candidate rolls
+/// back) as if it had gone away; that too is contained.
+fn drop_service(
+    services: &mut HashMap<Arc<str>, ServiceState>,
+    service: &Arc<str>,
+    now_ms: i64,
+    context: &ServiceContext,
+) {
+    if let Some(state) = services.remove(service) {
+        contain(service, context, || {
+            state.evict(service, now_ms.div_euclid(1000), now_ms, context)
+        });
+    }
+}
+
 async fn run_shard(
     index: usize,
     mut commands: mpsc::Receiver<ShardCommand>,
@@ -117,7 +132,7 @@ async fn run_shard(
                 });
                 drop(reservation);
                 if !ok {
-                    services.remove(&service);
+                    drop_service(&mut services, &service, now, &context);
                 }
             }
             _ = tick.tick() => {
@@ -133,7 +148,7 @@ async fn run_shard(
                     }
                 }
                 for service in failed {
-                    services.remove(&service);
+                    drop_service(&mut services, &service, now, &context);
                 }
                 let second = now.div_euclid(1000);
                 arrivals.forget_before(second - context.settings.late_window_secs - 1);

@@ -253,7 +253,9 @@ impl ServiceWindows {
             self.recent.insert(t, second);
         }
         if let Some(last) = self.last_sealed {
-            let oldest_kept = last - self.settings.late_window_secs;
+            // One second more than late data is accepted for, so a correction gathered just before a seal is
+            // still there to publish (corrections wait at most `correction_interval`, under a second).
+            let oldest_kept = last - self.settings.late_window_secs - 1;
             while self
                 .recent
                 .first_key_value()
@@ -282,12 +284,14 @@ fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usiz
             }
             continue;
         }
-        // The first contribution of this series to this leaf: it must agree with the other leaves.
+        // The first contribution of this series to this leaf: within the cell limit, and agreeing with the other
+        // leaves (a refused contribution neither fixes the series' kind nor costs memory).
         let kind = Kind::of(&value);
-        if *second.kinds.entry(key.clone()).or_insert(kind) != kind || second.cells >= max_cells {
+        if second.cells >= max_cells || second.kinds.get(&key).is_some_and(|k| *k != kind) {
             dropped += 1;
             continue;
         }
+        second.kinds.entry(key.clone()).or_insert(kind);
         second.cells += 1;
         leaf.insert(key, Cell::new(&value));
     }
