@@ -155,70 +155,68 @@ impl Health {
             registry.register(name, help, c.clone());
             c
         };
-        let snapshots_accepted = counter("snapshots_accepted", "Snapshots merged into a second.");
+        let snapshots_accepted = counter("snapshots_accepted", "Snapshots merged into a second");
         let snapshots_duplicate = counter(
             "snapshots_duplicate",
-            "Replayed snapshots ignored as already merged.",
+            "Replayed snapshots ignored as already merged",
         );
-        let snapshots_too_late = counter(
-            "snapshots_too_late",
-            "Snapshots older than the late window.",
-        );
-        let seconds_sealed = counter("seconds_sealed", "Service-seconds sealed and published.");
-        let corrections = counter("corrections", "Corrections published for sealed seconds.");
+        let snapshots_too_late =
+            counter("snapshots_too_late", "Snapshots older than the late window");
+        let seconds_sealed = counter("seconds_sealed", "Service-seconds sealed and published");
+        let corrections = counter("corrections", "Corrections published for sealed seconds");
         let websocket_frames_dropped = counter(
             "websocket_frames_dropped",
-            "Frames not delivered to lagging websocket clients.",
+            "Frames not delivered to lagging websocket clients",
         );
-        let webhook_delivered = counter("webhook_delivered", "Webhook notifications delivered.");
+        let webhook_delivered = counter("webhook_delivered", "Webhook notifications delivered");
         let webhook_refused = counter(
             "webhook_refused",
-            "Webhook notifications refused by the target (4xx).",
+            "Webhook notifications refused by the target (4xx)",
         );
         let webhook_gave_up = counter(
             "webhook_gave_up",
-            "Webhook notifications still failing at the deadline.",
+            "Webhook notifications still failing at the deadline",
         );
-        let webhook_retries = counter("webhook_retries", "Webhook delivery retries.");
+        let webhook_retries = counter("webhook_retries", "Webhook delivery retries");
         let alert_events_lost = counter(
             "alert_events_lost",
-            "Alert lifecycle events the alert manager could not take because it had stopped.",
+            "Alert lifecycle events the alert manager could not take because it had stopped",
         );
         let service_panics = counter(
             "service_panics",
-            "Service transitions that panicked; the service's open seconds were dropped, its shard went on.",
+            "Service transitions that panicked; the service's open seconds were dropped, its shard went on",
         );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
             g
         };
-        let agent_streams = gauge("agent_streams", "Agent streams open now.");
-        let websocket_clients = gauge("websocket_clients", "Websocket clients connected now.");
-        let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now.");
+        let agent_streams = gauge("agent_streams", "Agent streams open now");
+        let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
+        let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
         let seal_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
             "seal_delay_seconds",
-            "From the end of a service-second to its sealing.",
+            "From the end of a service-second to its sealing",
             seal_delay.clone(),
         );
         let arrival_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
             "snapshot_arrival_delay_seconds",
-            "From the end of a second to a snapshot of it reaching its shard.",
+            "From the end of a second to a snapshot of it reaching its shard",
             arrival_delay.clone(),
         );
         let dropped = Family::<DropLabels, Counter>::default();
         registry.register(
             "dropped",
-            "Messages refused or series dropped, by the limit hit.",
+            "Messages refused or series dropped, by the limit hit",
             dropped.clone(),
         );
         let agents = Family::<AgentLabels, Counter>::default();
         registry.register(
             "agent_reported",
             "What agents count about their own inputs (lines received, malformed, series over their limits, \
-             snapshots dropped from a full buffer, values clamped), summed per service over merged snapshots.",
+             snapshots dropped from a full buffer, values clamped), summed per service over merged snapshots",
             agents.clone(),
         );
         Self {
