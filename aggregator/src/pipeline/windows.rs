@@ -61,7 +61,8 @@ impl Kind {
 #[derive(Debug, Default)]
 pub(crate) struct OpenSecond {
     reporters: FastMap<Arc<str>, Arc<Instance>>,
-    leaves: FastMap<Leaf, FastMap<SeriesKey, Cell>>,
+    /// Each leaf's cells, with the number of the snapshot (within this second) that last touched each.
+    leaves: FastMap<Leaf, FastMap<SeriesKey, (u32, Cell)>>,
     kinds: FastMap<SeriesKey, Kind>,
     cells: usize,
 }
@@ -84,7 +85,7 @@ impl OpenSecond {
     pub(crate) fn splits(&self) -> Splits {
         let mut splits = Splits::default();
         for ((version, zone), cells) in &self.leaves {
-            for (key, cell) in cells {
+            for (key, (_, cell)) in cells {
                 let mut targets = vec![Split::All, Split::Version(version.clone())];
                 if let Some(zone) = zone {
                     targets.push(Split::Zone(zone.clone()));
@@ -269,18 +270,24 @@ impl ServiceWindows {
 }
 
 /// Merges a snapshot into its instance's leaf; returns how many series were dropped (a kind or scale that differs
-/// from the series' first contribution this second, or a new cell past `max_cells`).
+/// from the series' first contribution this second, a series the snapshot already carried, or a new cell past
+/// `max_cells`).
 fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usize) -> u32 {
     let instance = snapshot.instance;
+    // This snapshot's number within the second: each instance reports a second once.
+    let this = u32::try_from(second.reporters.len()).unwrap_or(u32::MAX);
     let leaf = second
         .leaves
         .entry((instance.version.clone(), instance.zone.clone()))
         .or_default();
     let mut dropped = 0;
     for (key, value) in snapshot.series {
-        if let Some(cell) = leaf.get_mut(&key) {
-            if cell.merge(&value).is_err() {
+        if let Some((last, cell)) = leaf.get_mut(&key) {
+            // The same series twice in one snapshot (named and by id, say) counts once.
+            if *last == this || cell.merge(&value).is_err() {
                 dropped += 1;
+            } else {
+                *last = this;
             }
             continue;
         }
@@ -293,7 +300,7 @@ fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usiz
         }
         second.kinds.entry(key.clone()).or_insert(kind);
         second.cells += 1;
-        leaf.insert(key, Cell::new(&value));
+        leaf.insert(key, (this, Cell::new(&value)));
     }
     second.reporters.insert(instance.id.clone(), instance);
     dropped
@@ -550,6 +557,21 @@ mod tests {
         }
         w.seal_ready_seconds(31_000, &Arrivals::default());
         assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
+    }
+
+    #[test]
+    fn a_series_repeated_in_one_snapshot_counts_once() {
+        let a = instance("a", "v1", None);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut twice = counter(&a, 10, 2.0);
+        twice.series.push(twice.series[0].clone());
+        assert!(matches!(w.apply(twice), Applied::Merged { dropped: 1 }));
+        assert!(matches!(
+            w.apply(counter(&instance("b", "v1", None), 10, 3.0)),
+            Applied::Merged { dropped: 0 }
+        ));
+        let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
+        assert_eq!(sum_of(&sealed[0], None, None), (5.0, 2));
     }
 
     #[test]
