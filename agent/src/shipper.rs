@@ -81,6 +81,13 @@ struct ReplayBuffer {
 }
 
 impl ReplayBuffer {
+    /// When shutdown stops waiting for acknowledgements: set once, `drain` after the input first closed.
+    fn give_up_at(&mut self, drain: Duration) -> tokio::time::Instant {
+        *self
+            .give_up_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + drain)
+    }
+
     fn push(&mut self, snapshot: pb::Snapshot, report: &mut ShipperReport) {
         if self.snapshots.len() >= self.capacity.max(1) {
             self.snapshots.pop_front();
@@ -153,10 +160,7 @@ async fn ship(
             if buffer.snapshots.is_empty() {
                 return report;
             }
-            let give_up_at = *buffer
-                .give_up_at
-                .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
-            if tokio::time::Instant::now() >= give_up_at {
+            if tokio::time::Instant::now() >= buffer.give_up_at(config.drain_timeout) {
                 return give_up(buffer, report);
             }
         }
@@ -213,9 +217,7 @@ async fn ship(
                     }
                     None => {
                         input_open = false;
-                        buffer
-                            .give_up_at
-                            .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
+                        buffer.give_up_at(config.drain_timeout);
                     }
                 },
                 _ = sleep_until_opt(give_up), if !input_open => break,
@@ -319,10 +321,9 @@ async fn ship_once(
                     if buffer.snapshots.is_empty() {
                         return Session::InputClosed;
                     }
-                    let give_up_at = *buffer
-                        .give_up_at
-                        .get_or_insert_with(|| tokio::time::Instant::now() + config.drain_timeout);
-                    drain_deadline.as_mut().reset(give_up_at);
+                    drain_deadline
+                        .as_mut()
+                        .reset(buffer.give_up_at(config.drain_timeout));
                 }
             },
             message = inbound.message() => match message {
@@ -339,8 +340,12 @@ async fn ship_once(
                     }
                     Some(pb::aggregator_message::Body::Rejection(r)) => {
                         if let Some(tally) = tally {
-                            let counter = if r.whole_snapshot { &tally.refused_snapshots } else { &tally.refused_series };
-                            counter.fetch_add(if r.whole_snapshot { 1 } else { u64::from(r.series_dropped) }, std::sync::atomic::Ordering::Relaxed);
+                            let (counter, n) = if r.whole_snapshot {
+                                (&tally.refused_snapshots, 1)
+                            } else {
+                                (&tally.refused_series, u64::from(r.series_dropped))
+                            };
+                            counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         }
                         warn!(
                             message = "Aggregator rejected data.",
@@ -371,8 +376,8 @@ pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
         Ok(e) => e
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
-            .initial_connection_window_size(32 * 1024 * 1024)
-            .initial_stream_window_size(4 * 1024 * 1024),
+            .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
+            .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW),
         Err(error) => {
             warn!(message = "Invalid aggregator address.", address = %target, %error);
             return None;

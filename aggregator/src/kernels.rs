@@ -37,13 +37,6 @@ impl Sender {
 #[derive(Debug, Clone)]
 pub struct Validated(InstanceSecond);
 
-impl Validated {
-    /// Series kept.
-    pub fn series(&self) -> usize {
-        self.0.series.len()
-    }
-}
-
 /// Validates one snapshot as ingest does, against the default limits, at `now_second`.
 pub fn validate(snapshot: pb::Snapshot, sender: &Sender, now_second: i64) -> Option<Validated> {
     validate_snapshot(
@@ -60,15 +53,27 @@ pub fn validate(snapshot: pb::Snapshot, sender: &Sender, now_second: i64) -> Opt
 /// Merges every snapshot into one service's windows and seals everything; returns the series of the sealed
 /// seconds (overall and split).
 pub fn merge_and_seal(service: &str, settings: WindowSettings, snapshots: Vec<Validated>) -> usize {
+    seal_all(service, settings, snapshots)
+        .iter()
+        .map(|s| s.series.len())
+        .sum()
+}
+
+/// Merges every snapshot into one service's windows and seals every second they cover.
+fn seal_all(
+    service: &str,
+    settings: WindowSettings,
+    snapshots: Vec<Validated>,
+) -> Vec<SealedSecond> {
     let mut windows = ServiceWindows::new(service.into(), settings);
     for snapshot in snapshots {
         windows.apply(snapshot.0);
     }
     windows
         .seal_ready(i64::MAX / 2, &Arrivals::default())
-        .iter()
-        .map(|s| s.second.series.len())
-        .sum()
+        .into_iter()
+        .map(|s| s.second)
+        .collect()
 }
 
 /// HdrHistogram V2 encodings checked as ingest checks them (header, then every varint, no allocation).

@@ -55,11 +55,6 @@ use crate::pipeline::shard::Shards;
 use crate::pipeline::windows::WindowSettings;
 use crate::publish::Hub;
 
-/// HTTP/2 flow-control window of one agent connection (all its streams together), in bytes.
-const GRPC_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// HTTP/2 flow-control window of one agent stream, in bytes.
-const GRPC_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-
 /// Corrections wait at most this long: a sealed second is kept one second past `late_window`, so a correction
 /// gathered just before the seal that drops its second is still published.
 const MAX_CORRECTION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(900);
@@ -234,8 +229,8 @@ impl Aggregator {
         // generator: windows sized so one second's burst is not throttled by flow-control round trips.
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
-            .initial_stream_window_size(GRPC_STREAM_WINDOW)
+            .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
+            .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW)
             .add_service(grpc_service)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),

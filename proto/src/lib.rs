@@ -1,6 +1,7 @@
 //! Strobe's wire format: the `strobe.v1` protobuf messages and the tonic client and server for the
 //! agent-to-aggregator stream, generated from `strobe.proto` at build time. Hand-written beside them: the
-//! HdrHistogram V2 cookie both ends check, and [`clock`], the wall-clock second arithmetic both ends share.
+//! HdrHistogram V2 cookie both ends check, the HTTP/2 window sizes both ends set, and [`clock`], the wall-clock
+//! second arithmetic both ends share.
 
 #![allow(unreachable_pub, clippy::all)]
 
@@ -21,6 +22,13 @@ pub const HDR_V2_COOKIE: u32 = 0x1c84_9313;
 pub fn is_hdr_v2_cookie(cookie: u32) -> bool {
     cookie & !0xf0 == 0x1c84_9303
 }
+
+/// HTTP/2 flow-control window of one agent connection (all its streams together), in bytes, on both ends:
+/// thousands of streams may share a connection, and one second's burst should not wait on window updates.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of one agent stream, in bytes, on both ends.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Wall-clock second alignment, shared by both ends of the wire: a snapshot covers `[t, t + 1)` in unix seconds.
 pub mod clock {

@@ -69,39 +69,30 @@ impl ServiceState {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let applied = self.windows.apply(snapshot);
-        if matches!(applied, Applied::Merged { .. } | Applied::Correction { .. }) {
-            // Counted once per merged snapshot, so a replay does not count an agent's numbers twice.
-            health.count_agent(&service, &agent);
-        }
-        match applied {
-            Applied::Merged { dropped } => {
+        let dropped = match applied {
+            Applied::Merged { dropped } | Applied::Correction { dropped, .. } => {
+                // Counted once per merged snapshot, so a replay does not count an agent's numbers twice.
+                health.count_agent(&service, &agent);
                 health.snapshots_accepted.inc();
-                if dropped > 0 {
-                    health.count_dropped(
-                        DropReason::SeriesConflictOrServiceLimit,
-                        u64::from(dropped),
-                    );
-                }
+                dropped
             }
             Applied::Duplicate => {
                 health.snapshots_duplicate.inc();
+                0
             }
             Applied::TooLate => {
                 health.snapshots_too_late.inc();
+                0
             }
-            Applied::Correction { t, dropped } => {
-                health.snapshots_accepted.inc();
-                if dropped > 0 {
-                    health.count_dropped(
-                        DropReason::SeriesConflictOrServiceLimit,
-                        u64::from(dropped),
-                    );
-                }
-                if let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t) {
-                    due.insert(now_ms.saturating_add(context.correction_interval_ms));
-                    health.corrections.inc();
-                }
-            }
+        };
+        if dropped > 0 {
+            health.count_dropped(DropReason::SeriesConflictOrServiceLimit, u64::from(dropped));
+        }
+        if let Applied::Correction { t, .. } = applied
+            && let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t)
+        {
+            due.insert(now_ms.saturating_add(context.correction_interval_ms));
+            health.corrections.inc();
         }
     }
 

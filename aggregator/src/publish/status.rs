@@ -66,15 +66,7 @@ impl StatusRegistry {
     /// Each version's first second, as known now.
     pub(crate) fn first_seen(&self, service: &str) -> BTreeMap<Arc<str>, i64> {
         let services = self.services.read().unwrap_or_else(|e| e.into_inner());
-        services
-            .get(service)
-            .map(|s| {
-                s.versions
-                    .iter()
-                    .map(|(v, st)| (v.clone(), st.first_seen))
-                    .collect()
-            })
-            .unwrap_or_default()
+        services.get(service).map(first_seen).unwrap_or_default()
     }
 
     /// Updates the service's status with a live sealed second; returns each version's first second.
@@ -121,11 +113,7 @@ impl StatusRegistry {
         }
         let horizon = sealed.t.saturating_sub(self.version_memory_seconds);
         status.versions.retain(|_, v| v.last_seen > horizon);
-        status
-            .versions
-            .iter()
-            .map(|(v, st)| (v.clone(), st.first_seen))
-            .collect()
+        first_seen(status)
     }
 
     /// Every service's status.
@@ -139,4 +127,13 @@ impl StatusRegistry {
         let services = self.services.read().unwrap_or_else(|e| e.into_inner());
         services.get(name).cloned()
     }
+}
+
+/// Each version's first second.
+fn first_seen(status: &ServiceStatus) -> BTreeMap<Arc<str>, i64> {
+    status
+        .versions
+        .iter()
+        .map(|(v, st)| (v.clone(), st.first_seen))
+        .collect()
 }

@@ -425,7 +425,7 @@ async fn main() -> Result<()> {
 
     report(&seen.lock().unwrap(), &results, &aa_services, &args, &fleet);
     println!("\naggregator (from /metrics):");
-    let metrics = scrape_metrics(http).await?;
+    let metrics = strobe_benches::scrape_metrics(http).await?;
     for line in metrics.lines().filter(|l| {
         l.starts_with("strobe_seal_delay_seconds")
             || l.starts_with("strobe_snapshot_arrival_delay_seconds")
@@ -440,22 +440,6 @@ async fn main() -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
-}
-
-/// The aggregator's `/metrics` page, read over plain HTTP/1.0.
-async fn scrape_metrics(http: SocketAddr) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: strobe\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .context("no body in the /metrics response")?;
-    Ok(body)
 }
 
 fn report(

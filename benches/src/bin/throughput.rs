@@ -127,13 +127,7 @@ fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 }
 
 async fn seal_delay_buckets(http: &str) -> Result<Vec<(f64, f64)>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: strobe\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
+    let text = strobe_benches::scrape_metrics(http.parse()?).await?;
     let mut buckets = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("strobe_seal_delay_seconds_bucket{le=\"") else {
