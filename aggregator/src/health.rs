@@ -46,6 +46,8 @@ pub(crate) enum DropReason {
     SeriesConflictOrServiceLimit,
     /// A series sent by a dictionary id its stream never named (or could not name: `max_series_per_stream`).
     SeriesDictionary,
+    /// A new series of a service that already has `max_series_per_service` (its cardinality limit).
+    MaxSeriesPerService,
 }
 
 impl DropReason {
@@ -65,6 +67,7 @@ impl DropReason {
             DropReason::MaxHistogramValue => "max_histogram_value",
             DropReason::SeriesConflictOrServiceLimit => "series_conflict_or_max_series_per_service",
             DropReason::SeriesDictionary => "series_dictionary",
+            DropReason::MaxSeriesPerService => "max_series_per_service",
         }
     }
 }

@@ -7,9 +7,10 @@ use strobe_proto as pb;
 
 use crate::alerting::rules::config::parse_rules;
 use crate::alerting::rules::{Evaluator, RuleSet};
-use crate::ingest::validate::validate_snapshot;
+use crate::ingest::validate::{StreamDictionary, validate_snapshot};
 use crate::limits::Limits;
 use crate::model::hdr::{CheckedV2, HdrAccumulator};
+use crate::model::table::{SeriesTable, SeriesTables};
 use crate::model::{Instance, InstanceSecond, MainMetrics, SealedSecond};
 use crate::pipeline::windows::{Arrivals, ServiceWindows};
 use crate::publish::Hub;
@@ -18,18 +19,24 @@ pub use crate::pipeline::windows::WindowSettings;
 
 /// Who sent a snapshot, as ingest knows it after the hello.
 #[derive(Debug, Clone)]
-pub struct Sender(Arc<Instance>);
+pub struct Sender(Arc<Instance>, Arc<SeriesTable>);
 
 impl Sender {
-    /// An instance of `service` running `version` in `zone`.
+    /// An instance of `service` running `version` in `zone`; the senders of one service share its series table.
     pub fn new(service: &str, id: &str, version: &str, zone: Option<&str>) -> Self {
-        Self(Arc::new(Instance {
-            service: service.into(),
+        static TABLES: std::sync::OnceLock<SeriesTables> = std::sync::OnceLock::new();
+        let service: Arc<str> = service.into();
+        let table = TABLES
+            .get_or_init(|| SeriesTables::new(Limits::default().max_series_per_service))
+            .of(&service);
+        let instance = Instance {
+            service,
             id: id.into(),
             version: version.into(),
             zone: zone.map(Into::into),
             deployer: None,
-        }))
+        };
+        Self(Arc::new(instance), table)
     }
 }
 
@@ -42,7 +49,7 @@ pub fn validate(snapshot: pb::Snapshot, sender: &Sender, now_second: i64) -> Opt
     validate_snapshot(
         snapshot,
         &sender.0,
-        &mut Default::default(),
+        &mut StreamDictionary::new(sender.1.clone()),
         &Limits::default(),
         now_second,
     )

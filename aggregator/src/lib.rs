@@ -201,6 +201,9 @@ impl Aggregator {
                 self.config.limits.max_queued_bytes,
                 self.config.limits.max_queued_bytes_per_stream,
             ),
+            tables: Arc::new(model::table::SeriesTables::new(
+                self.config.limits.max_series_per_service,
+            )),
         };
         let max_message = self.config.limits.max_message_bytes;
         let grpc_service = strobe_proto::ingest_server::IngestServer::new(ingest)

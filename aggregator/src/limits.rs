@@ -31,7 +31,8 @@ pub struct Limits {
     /// How old a snapshot's second may be (an agent replays at most this much after an outage; older is refused).
     #[serde(with = "humantime_serde")]
     pub max_snapshot_age: Duration,
-    /// Most distinct series one service may have in one second (all instances together).
+    /// Most distinct series one service may have (all instances together, for as long as any of its streams or
+    /// recent seconds lives): its cardinality limit. New series past it are dropped and counted.
     pub max_series_per_service: usize,
     /// Bytes of backfill kept per service (full frames; the overview separately), on top of the `history` time.
     pub max_history_bytes_per_service: usize,

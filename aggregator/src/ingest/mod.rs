@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::health::Health;
 use crate::limits::Limits;
 use crate::model::Instance;
+use crate::model::table::SeriesTables;
 use crate::pipeline::budget::{QueueBudget, StreamBudget};
 use crate::pipeline::shard::{ShardCommand, Shards};
 use validate::{Refusal, StreamDictionary, validate_hello, validate_snapshot};
@@ -37,6 +38,8 @@ pub(crate) struct IngestService {
     pub(crate) streams: TaskTracker,
     /// Bytes queued for the shards, per stream and in all.
     pub(crate) budget: QueueBudget,
+    /// Each service's series table, shared by its streams.
+    pub(crate) tables: Arc<SeriesTables>,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
@@ -72,14 +75,17 @@ impl pb::ingest_server::Ingest for IngestService {
         };
         info!(message = "Agent connected.", service = %instance.service, instance = %instance.id, version = %instance.version);
         let (tx, rx) = mpsc::channel(64);
-        let shard = self.shards.for_service(&instance.service);
-        let budget = self.budget.stream();
+        let mut stream = AgentStream {
+            shard: self.shards.for_service(&instance.service),
+            budget: self.budget.stream(),
+            dictionary: StreamDictionary::new(self.tables.of(&instance.service)),
+        };
         let limits = self.limits.clone();
         let health = self.health.clone();
         self.streams.spawn(async move {
             health.agent_streams.inc();
             let result =
-                serve_stream(inbound, &instance, shard, &limits, &health, budget, &tx).await;
+                serve_stream(inbound, &instance, &mut stream, &limits, &health, &tx).await;
             health.agent_streams.dec();
             if let Err(status) = result {
                 debug!(message = "Agent stream ended with an error.", instance = %instance.id, error = %status.message());
@@ -93,17 +99,22 @@ impl pb::ingest_server::Ingest for IngestService {
     }
 }
 
+/// What one agent stream holds on this side: where its snapshots go, its share of the queue, its dictionary.
+struct AgentStream {
+    shard: mpsc::Sender<ShardCommand>,
+    budget: StreamBudget,
+    dictionary: StreamDictionary,
+}
+
 async fn serve_stream(
     mut inbound: Streaming<pb::AgentMessage>,
     instance: &Arc<Instance>,
-    shard: mpsc::Sender<ShardCommand>,
+    stream: &mut AgentStream,
     limits: &Limits,
     health: &Health,
-    budget: StreamBudget,
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
 ) -> Result<(), Status> {
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
-    let mut dictionary = StreamDictionary::default();
     while let Some(message) = inbound.message().await? {
         let snapshot = match message.body {
             Some(pb::agent_message::Body::Snapshot(s)) => s,
@@ -115,14 +126,15 @@ async fn serve_stream(
         let second = snapshot.second;
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
-        let reservation = budget
+        let reservation = stream
+            .budget
             .reserve(snapshot.encoded_len())
             .await
             .ok_or_else(|| Status::unavailable("aggregator is shutting down"))?;
         match validate_snapshot(
             snapshot,
             instance,
-            &mut dictionary,
+            &mut stream.dictionary,
             limits,
             clock::unix_second(),
         ) {
@@ -146,7 +158,8 @@ async fn serve_stream(
             }
             Ok(validated) => {
                 // Queued first, so the reservation travels with it and is not held while the agent reads answers.
-                shard
+                stream
+                    .shard
                     .send(ShardCommand::Snapshot(validated.second, reservation))
                     .await
                     .map_err(|_| Status::unavailable("aggregator is shutting down"))?;

@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::health::DropReason;
 use crate::limits::Limits;
 use crate::model::hdr::{CheckedV2, V2Error};
+use crate::model::table::{SeriesId, SeriesTable};
 use crate::model::{AgentCounts, Instance, InstanceSecond, SeriesKey, SeriesValue};
 
 /// Why a whole hello or snapshot was refused.
@@ -85,6 +86,9 @@ pub(crate) enum SeriesProblem {
     /// Declares more precision or range than `max_histogram_sigfig` / `max_histogram_value`, or a bad scale.
     #[error("histogram range, precision or scale beyond the limits")]
     HistogramOutOfRange,
+    /// A new series of a service that has `max_series_per_service` already.
+    #[error("the service has max_series_per_service series already")]
+    ServiceFull,
 }
 
 impl SeriesProblem {
@@ -99,6 +103,7 @@ impl SeriesProblem {
             SeriesProblem::BadHistogram => DropReason::HdrV2Encoding,
             SeriesProblem::HistogramOutOfRange => DropReason::MaxHistogramValue,
             SeriesProblem::UnknownSeriesId => DropReason::SeriesDictionary,
+            SeriesProblem::ServiceFull => DropReason::MaxSeriesPerService,
         }
     }
 }
@@ -160,37 +165,44 @@ pub(crate) fn validate_hello(
     })
 }
 
-/// One stream's series dictionary (see `strobe.proto`): the series its agent named with an id, indexed by id.
-/// Lives with its stream; ids at or past `max_series_per_stream` are not remembered (agents number from 1).
-#[derive(Debug, Default)]
+/// One stream's series dictionary (see `strobe.proto`): what each id its agent named stands for in the service's
+/// series table. Lives with its stream; ids past `max_series_per_stream` are not remembered (agents number from 1).
+#[derive(Debug)]
 pub(crate) struct StreamDictionary {
-    keys: Vec<Option<SeriesKey>>,
+    table: Arc<SeriesTable>,
+    ids: Vec<Option<SeriesId>>,
 }
 
 impl StreamDictionary {
-    /// The series `series` stands for: named in full (and then remembered under its id, if it has one and there
-    /// is room), or its id alone.
-    fn resolve(
-        &mut self,
-        series: &pb::Series,
-        limits: &Limits,
-    ) -> Result<SeriesKey, SeriesProblem> {
+    /// A stream's empty dictionary over its service's table.
+    pub(crate) fn new(table: Arc<SeriesTable>) -> Self {
+        Self {
+            table,
+            ids: Vec::new(),
+        }
+    }
+
+    /// The series `series` stands for: named in full (interned, and remembered under its id if it has one and
+    /// there is room), or its id alone.
+    fn resolve(&mut self, series: &pb::Series, limits: &Limits) -> Result<SeriesId, SeriesProblem> {
         let id = series.id as usize;
         if series.name.is_empty() && series.tags.is_empty() && id != 0 {
             return self
-                .keys
+                .ids
                 .get(id)
-                .and_then(Option::clone)
+                .copied()
+                .flatten()
                 .ok_or(SeriesProblem::UnknownSeriesId);
         }
         let key = series_key(series, limits)?;
+        let interned = self.table.intern(key).ok_or(SeriesProblem::ServiceFull)?;
         if id != 0 && id <= limits.max_series_per_stream {
-            if self.keys.len() <= id {
-                self.keys.resize(id + 1, None);
+            if self.ids.len() <= id {
+                self.ids.resize(id + 1, None);
             }
-            self.keys[id] = Some(key.clone());
+            self.ids[id] = Some(interned);
         }
-        Ok(key)
+        Ok(interned)
     }
 
     /// Remembers the names a refused snapshot defined, so the seconds after it can refer to them.
@@ -261,6 +273,7 @@ pub(crate) fn validate_snapshot(
             instance: instance.clone(),
             t: snapshot.second,
             series,
+            table: dictionary.table.clone(),
             agent,
         },
         dropped,
@@ -271,7 +284,7 @@ fn validate_series(
     series: pb::Series,
     dictionary: &mut StreamDictionary,
     limits: &Limits,
-) -> Result<(SeriesKey, SeriesValue), SeriesProblem> {
+) -> Result<(SeriesId, SeriesValue), SeriesProblem> {
     let key = dictionary.resolve(&series, limits)?;
     let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
         pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
@@ -344,13 +357,11 @@ mod tests {
         limits: &Limits,
         now: i64,
     ) -> Result<Validated, Refusal> {
-        validate_snapshot(
-            snapshot,
-            &instance(),
-            &mut StreamDictionary::default(),
-            limits,
-            now,
-        )
+        validate_snapshot(snapshot, &instance(), &mut fresh_dictionary(), limits, now)
+    }
+
+    fn fresh_dictionary() -> StreamDictionary {
+        StreamDictionary::new(Arc::new(SeriesTable::new(1_000)))
     }
 
     fn instance() -> Arc<Instance> {
@@ -589,7 +600,7 @@ mod tests {
     #[test]
     fn the_series_dictionary_names_once_refers_after_and_survives_a_refused_second() {
         let limits = Limits::default();
-        let mut dictionary = StreamDictionary::default();
+        let mut dictionary = fresh_dictionary();
         let named = |id: u32, name: &str, v: f64| pb::Series {
             id,
             name: name.into(),
@@ -639,23 +650,58 @@ mod tests {
             11,
         )
         .unwrap();
-        let names: Vec<(&str, usize)> = v
+        let keys = v.second.table.keys();
+        let names: Vec<(String, usize)> = v
             .second
             .series
             .iter()
-            .map(|(k, _)| (&*k.metric, k.tags.len()))
+            .map(|(id, _)| (keys.get(*id).metric.to_string(), keys.get(*id).tags.len()))
             .collect();
-        assert_eq!(names, [("req", 1), ("err", 1)]);
+        assert_eq!(names, [("req".to_owned(), 1), ("err".to_owned(), 1)]);
         assert_eq!(v.dropped, vec![(SeriesProblem::UnknownSeriesId, 1)]);
         // Another stream knows none of it.
         let other = validate_snapshot(
             snapshot(11, vec![by_id(1, 2.0)]),
             &instance(),
-            &mut StreamDictionary::default(),
+            &mut fresh_dictionary(),
             &limits,
             11,
         )
         .unwrap();
         assert!(other.second.series.is_empty());
+    }
+
+    #[test]
+    fn a_service_past_its_series_limit_refuses_new_series_and_keeps_the_known_ones() {
+        let limits = Limits::default();
+        let table = Arc::new(SeriesTable::new(2));
+        let counter = |name: &str| pb::Series {
+            id: 0,
+            name: name.into(),
+            tags: vec![],
+            value: Some(pb::series::Value::Counter(1.0)),
+        };
+        let snapshot = pb::Snapshot {
+            second: 5,
+            series: vec![counter("a"), counter("b"), counter("c")],
+            stats: None,
+        };
+        let mut first = StreamDictionary::new(table.clone());
+        let v = validate_snapshot(snapshot, &instance(), &mut first, &limits, 5).unwrap();
+        assert_eq!(v.second.series.len(), 2);
+        assert_eq!(v.dropped, vec![(SeriesProblem::ServiceFull, 1)]);
+        // Another stream of the service shares the table: the known series still pass.
+        let snapshot = pb::Snapshot {
+            second: 5,
+            series: vec![counter("b"), counter("d")],
+            stats: None,
+        };
+        let mut second = StreamDictionary::new(table);
+        let v = validate_snapshot(snapshot, &instance(), &mut second, &limits, 5).unwrap();
+        assert_eq!(v.second.series.len(), 1);
+        assert_eq!(
+            v.dropped.first().map(|(p, _)| p.reason()),
+            Some(DropReason::MaxSeriesPerService)
+        );
     }
 }

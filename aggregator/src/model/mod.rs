@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod hdr;
+pub(crate) mod table;
 
 use hdr::CheckedV2;
 
@@ -23,8 +24,8 @@ pub(crate) enum Split {
 }
 
 /// A metric name with its sorted tags. Its hash is computed once, when the key is built (once per series per
-/// stream, thanks to the series dictionary), so the merge path's maps hash a number, not strings; equality tries
-/// the pointers first.
+/// stream, thanks to the series dictionary, and then interned in the service's [`table::SeriesTable`]); equality
+/// tries the pointers first.
 #[derive(Debug, Clone)]
 pub(crate) struct SeriesKey {
     /// Metric name.
@@ -121,8 +122,10 @@ pub(crate) struct InstanceSecond {
     pub(crate) instance: Arc<Instance>,
     /// Start of the second, unix seconds.
     pub(crate) t: i64,
-    /// The series that passed validation.
-    pub(crate) series: Vec<(SeriesKey, SeriesValue)>,
+    /// The series that passed validation, by their number in `table`.
+    pub(crate) series: Vec<(table::SeriesId, SeriesValue)>,
+    /// The service's series table the ids are from.
+    pub(crate) table: Arc<table::SeriesTable>,
     /// What the agent counted about its own inputs during this second.
     pub(crate) agent: AgentCounts,
 }

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::model::table::{SeriesId, SeriesTable};
 use crate::model::{
     Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, SeriesValue, Split,
 };
@@ -62,9 +63,11 @@ impl Kind {
 pub(crate) struct OpenSecond {
     reporters: FastMap<Arc<str>, Arc<Instance>>,
     /// Each leaf's cells, with the number of the snapshot (within this second) that last touched each.
-    leaves: FastMap<Leaf, FastMap<SeriesKey, (u32, Cell)>>,
-    kinds: FastMap<SeriesKey, Kind>,
+    leaves: FastMap<Leaf, FastMap<SeriesId, (u32, Cell)>>,
+    kinds: FastMap<SeriesId, Kind>,
     cells: usize,
+    /// The service's series table, which the ids are numbers in (one per service while any second holds it).
+    table: Option<Arc<SeriesTable>>,
 }
 
 /// A second's merged cells by split (overall, per version, per zone), derived from its leaves.
@@ -84,19 +87,26 @@ impl OpenSecond {
     /// Every split of every series, derived from the leaves.
     pub(crate) fn splits(&self) -> Splits {
         let mut splits = Splits::default();
-        for ((version, zone), cells) in &self.leaves {
-            for (key, (_, cell)) in cells {
-                let mut targets = vec![Split::All, Split::Version(version.clone())];
-                if let Some(zone) = zone {
-                    targets.push(Split::Zone(zone.clone()));
-                }
-                for split in targets {
-                    match splits.entry((split, key.clone())) {
-                        std::collections::hash_map::Entry::Occupied(mut e) => {
-                            e.get_mut().absorb(cell)
-                        }
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(cell.clone());
+        let Some(table) = &self.table else {
+            return splits;
+        };
+        let keys = table.keys();
+        {
+            for ((version, zone), cells) in &self.leaves {
+                for (id, (_, cell)) in cells {
+                    let key = keys.get(*id);
+                    let mut targets = vec![Split::All, Split::Version(version.clone())];
+                    if let Some(zone) = zone {
+                        targets.push(Split::Zone(zone.clone()));
+                    }
+                    for split in targets {
+                        match splits.entry((split, key.clone())) {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                e.get_mut().absorb(cell)
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(cell.clone());
+                            }
                         }
                     }
                 }
@@ -274,6 +284,7 @@ impl ServiceWindows {
 /// `max_cells`).
 fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usize) -> u32 {
     let instance = snapshot.instance;
+    second.table.get_or_insert(snapshot.table);
     // This snapshot's number within the second: each instance reports a second once.
     let this = u32::try_from(second.reporters.len()).unwrap_or(u32::MAX);
     let leaf = second
@@ -298,7 +309,7 @@ fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usiz
             dropped += 1;
             continue;
         }
-        second.kinds.entry(key.clone()).or_insert(kind);
+        second.kinds.entry(key).or_insert(kind);
         second.cells += 1;
         leaf.insert(key, (this, Cell::new(&value)));
     }
@@ -382,15 +393,27 @@ mod tests {
         })
     }
 
+    /// The tests' one series table (one service).
+    fn table() -> Arc<SeriesTable> {
+        static TABLE: std::sync::OnceLock<Arc<SeriesTable>> = std::sync::OnceLock::new();
+        TABLE
+            .get_or_init(|| Arc::new(SeriesTable::new(1_000)))
+            .clone()
+    }
+
+    fn id(name: &str) -> SeriesId {
+        table()
+            .intern(SeriesKey::new(name.into(), Arc::new([])))
+            .expect("room")
+    }
+
     fn counter(inst: &Arc<Instance>, t: i64, value: f64) -> InstanceSecond {
         InstanceSecond {
             instance: inst.clone(),
             agent: Default::default(),
             t,
-            series: vec![(
-                SeriesKey::new("requests".into(), Arc::new([])),
-                SeriesValue::Counter(value),
-            )],
+            series: vec![(id("requests"), SeriesValue::Counter(value))],
+            table: table(),
         }
     }
 
@@ -583,10 +606,7 @@ mod tests {
         };
         let mut w = ServiceWindows::new("svc".into(), settings);
         let mut second = counter(&a, 10, 1.0);
-        second.series.push((
-            SeriesKey::new("other".into(), Arc::new([])),
-            SeriesValue::Counter(1.0),
-        ));
+        second.series.push((id("other"), SeriesValue::Counter(1.0)));
         assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sealed[0].series.len(), 2);

@@ -1,0 +1,149 @@
+//! A service's series, numbered. Ingest interns each series a stream names once (per stream, thanks to the series
+//! dictionary on the wire), so everything between a stream and a sealed second handles a `SeriesId`: hashing and
+//! comparing a number, never strings, and no reference counts touched per series per second.
+//!
+//! A table is append-only and lives as long as anything holds it: the streams of its service and the service's
+//! open and recent seconds. While it lives, an id means one series. It is bounded: past `capacity` series, new ones
+//! are refused (the service's cardinality limit), and the refusal is the caller's to count.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+
+use super::SeriesKey;
+
+/// A series' number within its service's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SeriesId(u32);
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+#[derive(Debug, Default)]
+struct Entries {
+    ids: FastMap<SeriesKey, SeriesId>,
+    keys: Vec<SeriesKey>,
+}
+
+/// One service's series table.
+#[derive(Debug)]
+pub(crate) struct SeriesTable {
+    entries: RwLock<Entries>,
+    capacity: usize,
+}
+
+impl SeriesTable {
+    /// An empty table that takes at most `capacity` series.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            entries: RwLock::new(Entries::default()),
+            capacity: capacity.min(u32::MAX as usize),
+        }
+    }
+
+    /// The id of `key`, numbered now if it is new; `None` when the table is full.
+    pub(crate) fn intern(&self, key: SeriesKey) -> Option<SeriesId> {
+        if let Some(id) = self.read().ids.get(&key) {
+            return Some(*id);
+        }
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = entries.ids.get(&key) {
+            return Some(*id);
+        }
+        if entries.keys.len() >= self.capacity {
+            return None;
+        }
+        let id = SeriesId(u32::try_from(entries.keys.len()).ok()?);
+        entries.keys.push(key.clone());
+        entries.ids.insert(key, id);
+        Some(id)
+    }
+
+    /// How many series the table holds.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.read().keys.len()
+    }
+
+    /// The keys, for looking up many ids under one lock (hold it briefly: interning waits for it).
+    pub(crate) fn keys(&self) -> Keys<'_> {
+        Keys(self.read())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A table's keys under its read lock.
+pub(crate) struct Keys<'a>(std::sync::RwLockReadGuard<'a, Entries>);
+
+impl Keys<'_> {
+    /// The series `id` stands for. Ids come only from this table, which never shrinks.
+    pub(crate) fn get(&self, id: SeriesId) -> &SeriesKey {
+        &self.0.keys[id.0 as usize]
+    }
+}
+
+/// Every live service's table, by service name. Streams look theirs up once, at the hello; a table nobody holds
+/// any more is gone, and the next stream of its service starts a new one.
+#[derive(Debug)]
+pub(crate) struct SeriesTables {
+    tables: Mutex<HashMap<Arc<str>, Weak<SeriesTable>>>,
+    capacity: usize,
+}
+
+impl SeriesTables {
+    /// Tables of at most `capacity` series each.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            tables: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// `service`'s table, started if nobody holds one.
+    pub(crate) fn of(&self, service: &Arc<str>) -> Arc<SeriesTable> {
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(table) = tables.get(service).and_then(Weak::upgrade) {
+            return table;
+        }
+        // Forget dead entries now and then, so services that came and went do not accumulate.
+        if tables.len() >= 64 && tables.len().is_power_of_two() {
+            tables.retain(|_, t| t.strong_count() > 0);
+        }
+        let table = Arc::new(SeriesTable::new(self.capacity));
+        tables.insert(service.clone(), Arc::downgrade(&table));
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> SeriesKey {
+        SeriesKey::new(name.into(), Arc::from(Vec::new()))
+    }
+
+    #[test]
+    fn the_same_series_gets_the_same_id_and_a_full_table_refuses_new_ones() {
+        let table = SeriesTable::new(2);
+        let a = table.intern(key("a")).expect("room");
+        let b = table.intern(key("b")).expect("room");
+        assert_ne!(a, b);
+        assert_eq!(table.intern(key("a")), Some(a));
+        assert_eq!(table.intern(key("c")), None);
+        assert_eq!(table.len(), 2);
+        assert_eq!(&*table.keys().get(b).metric, "b");
+    }
+
+    #[test]
+    fn a_service_keeps_its_table_while_held_and_starts_anew_after() {
+        let tables = SeriesTables::new(10);
+        let service: Arc<str> = "svc".into();
+        let first = tables.of(&service);
+        first.intern(key("a"));
+        assert!(Arc::ptr_eq(&first, &tables.of(&service)));
+        drop(first);
+        assert_eq!(tables.of(&service).len(), 0);
+    }
+}
