@@ -12,7 +12,7 @@ const COLORS = ["#4ea1ff", "#ff6b6b", "#f7c948", "#3ddc97", "#c77dff", "#ff9f43"
 const state = {
   services: new Map(),   // name -> { points: [{t, versions}], tile }
   alerts: new Map(),     // id -> record
-  deploys: new Map(),    // service -> newest canary verdict
+  deploys: new Map(),    // service -> Map(candidate -> newest canary verdict)
   selected: null,        // service in the detail view
   series: new Map(),     // key -> { metric, tags, kind, bySplit: Map(splitKey -> Map(t -> summary)) }
   newest: 0,
@@ -72,7 +72,13 @@ function onFrame(frame) {
     case "overview": onOverview(frame); break;
     case "second": onSecond(frame); break;
     case "alert": onAlert(frame.alert); break;
-    case "deploy": state.deploys.set(frame.deploy.service, frame.deploy); state.dirty = true; break;
+    case "deploy": {
+      const d = frame.deploy;
+      if (!state.deploys.has(d.service)) state.deploys.set(d.service, new Map());
+      state.deploys.get(d.service).set(d.candidate, d);
+      state.dirty = true;
+      break;
+    }
     case "lagged": {
       const el = $("lagged");
       el.textContent = `dropped ${frame.dropped} frames (this page fell behind)`;
@@ -145,8 +151,8 @@ function alertsOf(service) {
 
 function versionHealth(service, v, alerts) {
   const mine = alerts.filter((a) => (a.labels && a.labels.version) === v.version);
-  const verdict = state.deploys.get(service);
-  if (verdict && verdict.candidate === v.version && verdict.state === "bad") return "bad";
+  const verdict = (state.deploys.get(service) || new Map()).get(v.version);
+  if (verdict && verdict.state === "bad") return "bad";
   if (mine.some((a) => a.state === "firing")) return "bad";
   if (v.error_ratio !== null && v.error_ratio > ERROR_BAD) return "bad";
   if (mine.some((a) => a.state === "acknowledged" || a.state === "pending")) return "warn";
@@ -246,14 +252,21 @@ function updateTile(name, svc, health, force) {
     }).join("");
     if (box._html !== html) { box.innerHTML = html; box._html = html; }
   } else if (box._html) { box.innerHTML = ""; box._html = ""; }
-  setText(el.querySelector(".verdict"), verdictText(state.deploys.get(name), versions.length));
-  el.querySelector(".verdict").className = "verdict " + ((state.deploys.get(name) || {}).state || "");
+  const shown = shownVerdict(name);
+  setText(el.querySelector(".verdict"), verdictText(shown, versions.length));
+  el.querySelector(".verdict").className = "verdict " + ((shown || {}).state || "");
   drawSpark(el.querySelector("canvas"), svc.points, latest.t);
+}
+
+// The verdict a tile shows: a bad candidate first, else the newest candidate's.
+function shownVerdict(service) {
+  const all = [...(state.deploys.get(service) || new Map()).values()];
+  return all.find((v) => v.state === "bad") || all.sort((a, b) => b.since - a.since)[0];
 }
 
 function verdictText(v, versions) {
   if (!v || (versions < 2 && !["promoted", "rolled_back"].includes(v.state))) return "";
-  const head = `canary ${v.candidate} vs ${v.baseline}: ${v.state.replace("_", " ")}`;
+  const head = `canary ${v.candidate} vs ${v.baseline}: ${v.state.replaceAll("_", " ")}`;
   const r = v.reason;
   if (!r) return head;
   const show = (x) => r.metric === "error_ratio" ? pct(x) : fmt(x) + " ms";

@@ -57,7 +57,18 @@ async fn a_bad_candidate_gets_a_bad_verdict_and_pages_the_owner_and_the_deployer
             receiver.addr
         ),
     );
-    let aggregator = aggregator(&["--rules", rules.to_str().unwrap()]).await;
+    // The fleet starts with the aggregator: the canary fits its noise model on the 3 s before the deploy.
+    let config = write(
+        "bad-canary.toml",
+        "[aggregator.canary]\nmin_history = \"2s\"\n",
+    );
+    let aggregator = aggregator(&[
+        "--rules",
+        rules.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await;
     let http = aggregator.addr("http");
     let _load = loadgen(
         &aggregator,
@@ -125,7 +136,10 @@ async fn a_bad_candidate_gets_a_bad_verdict_and_pages_the_owner_and_the_deployer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identical_candidate_is_healthy_then_promoted() {
-    let config = write("promote.toml", "[aggregator.canary]\nsettle = \"2s\"\n");
+    let config = write(
+        "promote.toml",
+        "[aggregator.canary]\nsettle = \"2s\"\nmin_history = \"2s\"\n",
+    );
     let aggregator = spawn(&[
         "aggregator",
         "--grpc-addr",
@@ -149,13 +163,13 @@ async fn an_identical_candidate_is_healthy_then_promoted() {
             "--retire",
             "12",
             "--retire-after",
-            "8s",
+            "30s",
         ],
     )
     .await;
     // Poll the verdict, keeping each state it passes through.
     let mut states: Vec<String> = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while states.last().map(String::as_str) != Some("promoted") {
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -146,7 +146,7 @@ impl ServiceState {
         for event in self.evaluator.on_service_gone(service, now_ms) {
             context.alerts.event(event);
         }
-        if let Some(ended) = self.canary.on_service_gone(t) {
+        for ended in self.canary.on_service_gone(t) {
             context.hub.publish_deploy(&ended);
             if let Some(event) = canary_alert(&ended, &context.rules.current(), now_ms) {
                 context.alerts.event(event);

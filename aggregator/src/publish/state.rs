@@ -6,6 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use super::frame::Frame;
 use crate::alerting::canary::Verdict;
+
+/// Candidates of one service whose verdicts are kept (a service deploys often; the newest matter).
+const MAX_CANDIDATES_PER_SERVICE: usize = 4;
+
+/// A service and one of its candidate versions.
+type Candidate = (Arc<str>, Arc<str>);
 use crate::alerting::event::{AlertRecord, AlertState};
 
 /// Most alert states kept for backfill.
@@ -16,8 +22,8 @@ const MAX_ALERT_FRAMES: usize = 1000;
 pub(crate) struct EventStates {
     /// The newest frame of each alert, by id.
     alerts: Mutex<BTreeMap<String, Frame>>,
-    /// The newest canary verdict of each service, and its frame.
-    deploys: Mutex<BTreeMap<Arc<str>, (Verdict, Frame)>>,
+    /// The newest canary verdict on each (service, candidate), and its frame.
+    deploys: Mutex<BTreeMap<Candidate, (Verdict, Frame)>>,
 }
 
 impl EventStates {
@@ -35,15 +41,29 @@ impl EventStates {
         }
     }
 
-    /// Keeps a service's newest verdict.
+    /// Keeps the newest verdict on each candidate (the newest `MAX_CANDIDATES_PER_SERVICE` of a service).
     pub(crate) fn deploy(&self, verdict: &Verdict, frame: &Frame) {
-        self.deploys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(verdict.service.clone(), (verdict.clone(), frame.clone()));
+        let mut deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
+        let service = verdict.service.clone();
+        deploys.insert(
+            (service.clone(), verdict.candidate.clone()),
+            (verdict.clone(), frame.clone()),
+        );
+        let mine = || {
+            deploys
+                .range((service.clone(), Arc::from(""))..)
+                .take_while(|((s, _), _)| *s == service)
+        };
+        if mine().count() > MAX_CANDIDATES_PER_SERVICE
+            && let Some(oldest) = mine()
+                .min_by_key(|(_, (v, _))| v.since)
+                .map(|(key, _)| key.clone())
+        {
+            deploys.remove(&oldest);
+        }
     }
 
-    /// The newest verdict of every service that had one.
+    /// The newest verdict on every candidate that had one.
     pub(crate) fn verdicts(&self) -> Vec<Verdict> {
         let deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
         deploys.values().map(|(v, _)| v.clone()).collect()

@@ -132,6 +132,15 @@ pub async fn run_demo(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
+    // The fleet starts with its aggregator, so by the deploy the baseline has only that long of history: the
+    // canary is told to fit its noise model on it (a long-running aggregator has minutes).
+    let canary = &mut config.aggregator.canary;
+    canary.min_history = canary.min_history.min(
+        config
+            .bad_deploy_after
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_secs(3)),
+    );
     if config.aggregator.rules.is_none() {
         let receiver = start_receiver().await.map_err(|source| DemoError::Setup {
             what: "the webhook receiver",

@@ -1,14 +1,20 @@
-//! Automatic canary analysis: whenever a service reports more than one version, the newest (the candidate) is
-//! compared every second with the version it replaces (the baseline: most instance-seconds so far), on error ratio
-//! and on p50 and p99 latency, with tests that stay valid when looked at every second. No rule needs writing.
-//! Pure: the pipeline feeds it each sealed second's per-version numbers ([`inputs`]); [`alert`] words what a
-//! verdict change means for people.
+//! Automatic canary analysis: whenever a service reports a version newer than the one serving most of its traffic
+//! (the baseline), that candidate is compared with it every second on error ratio, p50 and p99 latency, with tests
+//! that stay valid when looked at every second on traffic whose requests move together ([`stats`]). No rule needs
+//! writing. Pure: the pipeline feeds it each sealed second's per-version numbers ([`inputs`]); [`alert`] words what
+//! a verdict change means for people.
+//!
+//! Versions are ordered by the second they were first seen (then by natural order, so `v9` < `v10`). The baseline
+//! is the version serving the most requests, kept while it still serves at least `min_baseline_share` of them.
+//! Every present version first seen after the baseline is a candidate with its own comparison, so a third version
+//! neither restarts nor relabels the second one's.
 
 pub(crate) mod alert;
 pub(crate) mod inputs;
 pub(crate) mod stats;
 pub(crate) mod verdict;
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +23,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use inputs::VersionSecond;
-use stats::{compare_proportions, count_above};
+use stats::{NoiseModel, Test, log_quantile_sampling_variance, normal_quantile, shock_variance};
 pub(crate) use verdict::{Evidence, Verdict, VerdictState};
 
 /// Thresholds of the canary analysis.
@@ -26,26 +32,38 @@ pub(crate) use verdict::{Evidence, Verdict, VerdictState};
 pub struct CanarySettings {
     /// Whether to run it at all.
     pub enabled: bool,
-    /// False-alarm probability per deployment and check, however often it looks.
+    /// False-alarm probability per comparison, all checks together, however often it looks.
     pub alpha: f64,
     /// Requests each side needs before the error ratio is judged.
     pub min_requests: u64,
     /// Latency samples each side needs before latency is judged.
     pub min_latency_samples: u64,
-    /// The candidate's error ratio must be at least this many times the baseline's to be bad...
+    /// Candidate instance-seconds before any verdict.
+    pub min_candidate_instance_seconds: u64,
+    /// The candidate is bad only if its error ratio is credibly more than this many times the baseline's...
     pub min_error_ratio_factor: f64,
-    /// ...and at least this much higher in absolute terms (0.005 = half a percentage point).
+    /// ...and more than this much higher in absolute terms (0.005 = half a percentage point): at the baseline's
+    /// ratio both floors are one ratio, and the higher one is tested.
     pub min_error_ratio_increase: f64,
-    /// The candidate's p50 must be at least this many times the baseline's to be bad.
+    /// Bad only if the candidate's p50 is credibly more than this many times the baseline's.
     pub min_p50_factor: f64,
-    /// The candidate's p99 must be at least this many times the baseline's to be bad.
+    /// Bad only if the candidate's p99 is credibly more than this many times the baseline's.
     pub min_p99_factor: f64,
-    /// Once this much data is there, only the newest window counts.
+    /// The baseline must serve at least this share of the service's requests (else another version takes over).
+    pub min_baseline_share: f64,
+    /// How much of a version's own history its noise model is fitted on.
     #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// A version gone this long ends the comparison (promoted or rolled back).
+    pub history: Duration,
+    /// Least history for a fit; with less, shocks are assumed as large and lasting as production shows them.
+    #[serde(with = "humantime_serde")]
+    pub min_history: Duration,
+    /// A version gone this long ends its comparison (promoted or rolled back).
     #[serde(with = "humantime_serde")]
     pub settle: Duration,
+    /// A candidate convicted as bad must be gone this long to count as rolled back (a crash-looping candidate
+    /// comes and goes, and stays convicted meanwhile).
+    #[serde(with = "humantime_serde")]
+    pub bad_settle: Duration,
 }
 
 impl Default for CanarySettings {
@@ -55,29 +73,199 @@ impl Default for CanarySettings {
             alpha: 0.001,
             min_requests: 100,
             min_latency_samples: 100,
+            min_candidate_instance_seconds: 3,
             min_error_ratio_factor: 2.0,
             min_error_ratio_increase: 0.005,
             min_p50_factor: 1.25,
             min_p99_factor: 1.3,
-            window: Duration::from_secs(120),
+            min_baseline_share: 0.1,
+            history: Duration::from_secs(600),
+            min_history: Duration::from_secs(120),
             settle: Duration::from_secs(10),
+            bad_settle: Duration::from_secs(120),
         }
     }
 }
 
-#[derive(Debug, Default)]
+/// Spread of the mixing distribution, in log ratio: the tests are most sensitive to effects around 1.6x beyond
+/// the floor. Fixed, as the guarantee needs.
+const TAU: f64 = 0.5;
+
+/// Seconds of a comparison kept for corrections (late data replaces what was counted for them).
+const CORRECTABLE_SECONDS: usize = 16;
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// What the canary remembers of one second of one version, for fitting its noise model.
+#[derive(Debug, Clone, Copy)]
+struct HistorySecond {
+    instances: u32,
+    requests: f64,
+    errors: f64,
+    /// Log p50 and its sampling variance, when the second had enough latency samples.
+    log_p50: Option<(f64, f64)>,
+}
+
+#[derive(Debug)]
 struct VersionTrack {
     first_seen: i64,
     last_seen: i64,
-    instance_seconds: u64,
+    /// Requests in the newest second it reported.
+    requests_now: f64,
+    history: VecDeque<HistorySecond>,
+    /// Its latency over the last half `history` (`.1`) and the half before (`.0`), and when `.1` began.
+    latency: (Option<Histogram<u64>>, Option<Histogram<u64>>, i64),
 }
 
+impl VersionTrack {
+    /// Remembers a second it reported (after any comparison used the history before it).
+    fn remember(&mut self, t: i64, second: &VersionSecond, history: i64) {
+        self.history.push_back(HistorySecond::of(second));
+        while self.history.len() > usize::try_from(history).unwrap_or(usize::MAX) {
+            self.history.pop_front();
+        }
+        let (previous, current, since) = &mut self.latency;
+        if t - *since >= (history / 2).max(1) {
+            *previous = current.take();
+            *since = t;
+        }
+        if let Some((h, _)) = &second.latency {
+            add_histogram(current, h);
+        }
+    }
+
+    /// Everything it reported over its history, as the start of a comparison's baseline.
+    fn prior(&self) -> Side {
+        let mut side = Side::new();
+        for h in &self.history {
+            side.requests += h.requests;
+            side.errors += h.errors;
+            side.seconds += 1.0;
+            side.instance_seconds += f64::from(h.instances);
+        }
+        for block in [&self.latency.0, &self.latency.1].into_iter().flatten() {
+            add_histogram(&mut side.latency, block);
+        }
+        side
+    }
+}
+
+/// Adds `h` into `sum` (started as an auto-resizing copy).
+fn add_histogram(sum: &mut Option<Histogram<u64>>, h: &Histogram<u64>) {
+    match sum {
+        Some(sum) => {
+            if sum.add(h).is_err() {
+                tracing::warn!(message = "Canary left a latency histogram out of its sum.");
+            }
+        }
+        None => {
+            let mut copy = h.clone();
+            copy.auto(true);
+            *sum = Some(copy);
+        }
+    }
+}
+
+/// Latency samples a second needs for its p50 to enter a noise model.
+const MIN_SECOND_SAMPLES: u64 = 20;
+
+/// Spread of log latency around the median, from a histogram's p10 and p90 (normal: 2.563 sigma apart).
+fn body_spread(h: &Histogram<u64>) -> f64 {
+    let (lo, hi) = (
+        h.value_at_quantile(0.1).max(1),
+        h.value_at_quantile(0.9).max(1),
+    );
+    ((hi as f64).ln() - (lo as f64).ln()) / (2.0 * normal_quantile(0.9))
+}
+
+/// Spread of log latency in the tail, from p90 and p99.
+fn tail_spread(h: &Histogram<u64>) -> f64 {
+    let (lo, hi) = (
+        h.value_at_quantile(0.9).max(1),
+        h.value_at_quantile(0.99).max(1),
+    );
+    ((hi as f64).ln() - (lo as f64).ln()) / (normal_quantile(0.99) - normal_quantile(0.9))
+}
+
+impl HistorySecond {
+    fn of(second: &VersionSecond) -> Self {
+        let log_p50 = second
+            .latency
+            .as_ref()
+            .filter(|(h, _)| h.len() >= MIN_SECOND_SAMPLES)
+            .map(|(h, _)| {
+                let p50 = h.value_at_quantile(0.5).max(1) as f64;
+                let var =
+                    log_quantile_sampling_variance(0.5, body_spread(h).max(0.01), h.len() as f64);
+                (p50.ln(), var)
+            });
+        HistorySecond {
+            instances: second.instances,
+            requests: second.requests,
+            errors: second.errors,
+            log_p50,
+        }
+    }
+}
+
+/// The noise models a comparison uses, fitted once from the baseline's history when it starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Models {
+    errors: NoiseModel,
+    latency: NoiseModel,
+}
+
+impl Models {
+    /// Fits from `history` (oldest first): errors on the relative error rate, latency on log p50 (a latency shock
+    /// multiplies every request of its second, so p99 moves with it). Too little history: the cautious model.
+    fn fit(history: &VecDeque<HistorySecond>, min_seconds: usize) -> Self {
+        let instances = if history.is_empty() {
+            1.0
+        } else {
+            history.iter().map(|h| f64::from(h.instances)).sum::<f64>() / history.len() as f64
+        };
+        let (requests, errors) = history
+            .iter()
+            .fold((0.0, 0.0), |(r, e), h| (r + h.requests, e + h.errors));
+        let errors_model = if errors > 0.0 && requests > 0.0 {
+            let rate = errors / requests;
+            let relative: Vec<(f64, f64)> = history
+                .iter()
+                .filter(|h| h.requests > 0.0)
+                .map(|h| (h.errors / (h.requests * rate), 1.0 / (h.requests * rate)))
+                .collect();
+            NoiseModel::fit(&relative, instances, min_seconds)
+        } else if history.len() >= min_seconds {
+            // No errors at all yet: nothing to fit shocks on; sampling variance carries the test.
+            Some(NoiseModel {
+                shock_variance: 0.0,
+                persistence: 0.0,
+                instances,
+            })
+        } else {
+            None
+        };
+        let latency: Vec<(f64, f64)> = history.iter().filter_map(|h| h.log_p50).collect();
+        Models {
+            errors: errors_model.unwrap_or(NoiseModel::CAUTIOUS),
+            latency: NoiseModel::fit(&latency, instances, min_seconds)
+                .unwrap_or(NoiseModel::CAUTIOUS),
+        }
+    }
+}
+
+/// One side of a comparison: everything it reported since the comparison began.
 #[derive(Debug)]
 struct Side {
     requests: f64,
     errors: f64,
     latency: Option<Histogram<u64>>,
     scale: u32,
+    /// Seconds it reported in.
+    seconds: f64,
+    instance_seconds: f64,
 }
 
 impl Side {
@@ -87,62 +275,48 @@ impl Side {
             errors: 0.0,
             latency: None,
             scale: 1,
+            seconds: 0.0,
+            instance_seconds: 0.0,
         }
     }
 
-    /// Adds a second. Returns false when its histogram could not be added (the sum no longer matches the window).
-    #[must_use]
-    fn add(&mut self, second: &VersionSecond) -> bool {
-        self.requests += second.requests;
-        self.errors += second.errors;
-        let Some((h, scale)) = &second.latency else {
-            return true;
-        };
-        self.scale = *scale;
-        match &mut self.latency {
-            Some(sum) => sum.add(h).is_ok(),
-            None => {
-                let mut sum = h.clone();
-                sum.auto(true);
-                self.latency = Some(sum);
-                true
-            }
+    /// Mean instances over the seconds it reported in.
+    fn instances(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.instance_seconds / self.seconds
+        } else {
+            1.0
         }
     }
 
-    /// Subtracts a second added before. Returns false when its histogram could not be subtracted.
-    #[must_use]
-    fn subtract(&mut self, second: &VersionSecond) -> bool {
-        self.requests -= second.requests;
-        self.errors -= second.errors;
-        match (&mut self.latency, &second.latency) {
-            (Some(sum), Some((h, _))) => sum.subtract(h).is_ok(),
-            _ => true,
-        }
-    }
-
-    /// The sum of `seconds`, built afresh: the way back to a consistent side after an add or subtract failed.
-    fn rebuilt<'a>(seconds: impl Iterator<Item = &'a VersionSecond>) -> Self {
-        let mut side = Side::new();
-        for second in seconds {
-            if !side.add(second) {
-                // A histogram that cannot join a fresh auto-resizing sum is left out of the latency check.
-                tracing::warn!(message = "Canary left a latency histogram out of its sum.");
-            }
-        }
-        side
-    }
-}
-
-impl Deployment {
-    /// Rebuilds both sides from the window when incremental updates failed.
-    fn repair(&mut self, consistent: bool) {
-        if consistent {
+    fn add(&mut self, second: &VersionSecond) {
+        if second.instances == 0 {
             return;
         }
-        tracing::debug!(message = "Canary sums rebuilt from the window.", candidate = %self.candidate);
-        self.candidate_side = Side::rebuilt(self.window.iter().map(|(_, c, _)| c));
-        self.baseline_side = Side::rebuilt(self.window.iter().map(|(_, _, b)| b));
+        self.requests += second.requests;
+        self.errors += second.errors;
+        self.seconds += 1.0;
+        self.instance_seconds += f64::from(second.instances);
+        if let Some((h, scale)) = &second.latency {
+            self.scale = *scale;
+            add_histogram(&mut self.latency, h);
+        }
+    }
+
+    /// Takes back a second added before (a correction replaces it).
+    fn subtract(&mut self, second: &VersionSecond) {
+        if second.instances == 0 {
+            return;
+        }
+        self.requests -= second.requests;
+        self.errors -= second.errors;
+        self.seconds -= 1.0;
+        self.instance_seconds -= f64::from(second.instances);
+        if let (Some(sum), Some((h, _))) = (&mut self.latency, &second.latency)
+            && sum.subtract(h).is_err()
+        {
+            tracing::warn!(message = "Canary could not take a corrected second out of its sum.");
+        }
     }
 }
 
@@ -150,67 +324,162 @@ impl Deployment {
 struct Deployment {
     candidate: Arc<str>,
     baseline: Arc<str>,
-    window: VecDeque<(i64, VersionSecond, VersionSecond)>,
+    models: Models,
     candidate_side: Side,
+    /// The baseline's seconds since the comparison began.
     baseline_side: Side,
+    /// The same plus the baseline's history before the comparison (what the tests compare with).
+    baseline_total: Side,
+    /// Whether the noise models were fitted on enough history (else they are the cautious ones, refitted once
+    /// the baseline has enough).
+    fitted: bool,
+    /// The newest seconds as counted, for corrections.
+    recent: VecDeque<(i64, VersionSecond, VersionSecond)>,
     verdict: Verdict,
+}
+
+impl Deployment {
+    fn feed(&mut self, t: i64, c: VersionSecond, b: VersionSecond) {
+        self.candidate_side.add(&c);
+        self.baseline_side.add(&b);
+        self.baseline_total.add(&b);
+        self.recent.push_back((t, c, b));
+        while self.recent.len() > CORRECTABLE_SECONDS {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Judges the evidence so far; returns the verdict if its state changed.
+    fn judge(&mut self, t: i64, s: &CanarySettings) -> Option<Verdict> {
+        let verdict = &mut self.verdict;
+        verdict.t = t;
+        if verdict.state == VerdictState::Bad {
+            return None;
+        }
+        let before = verdict.state;
+        if self.candidate_side.instance_seconds < s.min_candidate_instance_seconds as f64 {
+            return None;
+        }
+        let checks = checks(
+            &self.candidate_side,
+            &self.baseline_total,
+            &self.baseline_side,
+            &self.models,
+            s,
+        );
+        // Errors always; latency too once either side has reported any.
+        let has_latency =
+            self.candidate_side.latency.is_some() || self.baseline_side.latency.is_some();
+        let expected = if has_latency { 3 } else { 1 };
+        if let Some(reason) = checks.iter().find(|e| e.bad) {
+            verdict.state = VerdictState::Bad;
+            verdict.reason = Some(reason.clone());
+        } else if checks.len() == expected && checks.iter().all(|e| e.ruled_out) {
+            verdict.state = VerdictState::Healthy;
+        } else {
+            verdict.state = VerdictState::InsufficientTraffic;
+        }
+        verdict.checks = checks;
+        (verdict.state != before).then(|| verdict.clone())
+    }
 }
 
 /// One service's canary state, owned by its shard.
 #[derive(Debug, Default)]
 pub(crate) struct Canary {
     versions: BTreeMap<Arc<str>, VersionTrack>,
-    deployment: Option<Deployment>,
+    baseline: Option<Arc<str>>,
+    /// Running comparisons, by candidate.
+    deployments: BTreeMap<Arc<str>, Deployment>,
+}
+
+/// Orders versions by when they were first seen, then naturally (`v9` before `v10`).
+fn version_order(a: (&Arc<str>, i64), b: (&Arc<str>, i64)) -> Ordering {
+    a.1.cmp(&b.1).then_with(|| natural_cmp(a.0, b.0))
+}
+
+/// Compares strings with their digit runs as numbers.
+fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a, b);
+    loop {
+        match (a.chars().next(), b.chars().next()) {
+            (None, None) => return Ordering::Equal,
+            (None, _) => return Ordering::Less,
+            (_, None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.len() - a.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                let db = b.len() - b.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                let (na, nb) = (
+                    a[..da].trim_start_matches('0'),
+                    b[..db].trim_start_matches('0'),
+                );
+                let order = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (a, b) = (&a[da..], &b[db..]);
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(&y);
+                }
+                (a, b) = (&a[x.len_utf8()..], &b[y.len_utf8()..]);
+            }
+        }
+    }
 }
 
 impl Canary {
     #[cfg(test)]
-    /// The current verdict, if a comparison is running.
-    pub(crate) fn verdict(&self) -> Option<&Verdict> {
-        self.deployment.as_ref().map(|d| &d.verdict)
+    /// The current verdict on `candidate`, if a comparison is running.
+    pub(crate) fn verdict(&self, candidate: &str) -> Option<&Verdict> {
+        self.deployments.get(candidate).map(|d| &d.verdict)
     }
 
     /// The service stopped reporting altogether. A candidate convicted as bad counts as rolled back (nothing of it
     /// serves any more), so its alert resolves; any other comparison just ends. No second is judged.
-    pub(crate) fn on_service_gone(&mut self, t: i64) -> Option<Verdict> {
+    pub(crate) fn on_service_gone(&mut self, t: i64) -> Vec<Verdict> {
         self.versions.clear();
-        let deployment = self.deployment.take()?;
-        (deployment.verdict.state == VerdictState::Bad).then_some(Verdict {
-            state: VerdictState::RolledBack,
-            t,
-            ..deployment.verdict
-        })
+        self.baseline = None;
+        std::mem::take(&mut self.deployments)
+            .into_values()
+            .filter(|d| d.verdict.state == VerdictState::Bad)
+            .map(|d| Verdict {
+                state: VerdictState::RolledBack,
+                t,
+                ..d.verdict
+            })
+            .collect()
     }
 
-    /// Late snapshots changed an already observed second: its numbers replace what the comparison counted for it.
+    /// Late snapshots changed an already observed second: its numbers replace what the comparisons counted for it.
     /// The next sealed second is judged with them.
-    pub(crate) fn correct(&mut self, t: i64, mut seconds: BTreeMap<Arc<str>, VersionSecond>) {
-        let Some(d) = &mut self.deployment else {
-            return;
-        };
-        let Some((_, c, b)) = d.window.iter_mut().find(|(second, _, _)| *second == t) else {
-            return;
-        };
-        let new_c = seconds.remove(&d.candidate).unwrap_or_default();
-        let new_b = seconds.remove(&d.baseline).unwrap_or_default();
-        let consistent = d.candidate_side.subtract(c)
-            & d.candidate_side.add(&new_c)
-            & d.baseline_side.subtract(b)
-            & d.baseline_side.add(&new_b);
-        *c = new_c;
-        *b = new_b;
-        d.repair(consistent);
+    pub(crate) fn correct(&mut self, t: i64, seconds: BTreeMap<Arc<str>, VersionSecond>) {
+        for d in self.deployments.values_mut() {
+            let Some((_, c, b)) = d.recent.iter_mut().find(|(second, _, _)| *second == t) else {
+                continue;
+            };
+            let new_c = seconds.get(&d.candidate).cloned().unwrap_or_default();
+            let new_b = seconds.get(&d.baseline).cloned().unwrap_or_default();
+            d.candidate_side.subtract(c);
+            d.candidate_side.add(&new_c);
+            d.baseline_side.subtract(b);
+            d.baseline_side.add(&new_b);
+            d.baseline_total.subtract(b);
+            d.baseline_total.add(&new_b);
+            *c = new_c;
+            *b = new_b;
+        }
     }
 
-    /// Feeds one sealed second; returns the verdicts that changed (a finished deployment's last one first).
+    /// Feeds one sealed second; returns the verdicts that changed (ended comparisons first).
     pub(crate) fn observe(
         &mut self,
         service: &Arc<str>,
         t: i64,
-        mut seconds: BTreeMap<Arc<str>, VersionSecond>,
+        seconds: BTreeMap<Arc<str>, VersionSecond>,
         settings: &CanarySettings,
     ) -> Vec<Verdict> {
-        let mut changes = Vec::new();
         for (version, second) in &seconds {
             if second.instances == 0 {
                 continue;
@@ -218,186 +487,295 @@ impl Canary {
             let track = self
                 .versions
                 .entry(version.clone())
-                .or_insert(VersionTrack {
+                .or_insert_with(|| VersionTrack {
                     first_seen: t,
-                    ..VersionTrack::default()
+                    last_seen: t,
+                    requests_now: 0.0,
+                    history: VecDeque::new(),
+                    latency: (None, None, t),
                 });
             track.last_seen = t;
-            track.instance_seconds += u64::from(second.instances);
+            track.requests_now = second.requests;
         }
-        let settle = i64::try_from(settings.settle.as_secs()).unwrap_or(i64::MAX);
-        self.versions
-            .retain(|_, v| t - v.last_seen <= settle.max(1) * 6);
-        let present: Vec<(&Arc<str>, &VersionTrack)> = self
-            .versions
-            .iter()
-            .filter(|(_, v)| t - v.last_seen < settle.max(1))
-            .collect();
-
-        // Who is compared with whom: the newest version against the biggest of the others.
-        let pair = if present.len() >= 2 {
-            let candidate = present
-                .iter()
-                .max_by_key(|(v, track)| (track.first_seen, (*v).clone()))
-                .map(|(v, _)| (*v).clone());
-            let baseline = present
-                .iter()
-                .filter(|(v, _)| Some(*v) != candidate.as_ref())
-                .max_by_key(|(v, track)| (track.instance_seconds, (*v).clone()))
-                .map(|(v, _)| (*v).clone());
-            candidate.zip(baseline)
-        } else {
-            None
-        };
-
-        // End a deployment whose pair changed or vanished.
-        if let Some(d) = &self.deployment {
-            let same = pair
-                .as_ref()
-                .is_some_and(|(c, b)| *c == d.candidate && *b == d.baseline);
-            if !same {
-                let Some(mut ended) = self.deployment.take().map(|d| d.verdict) else {
-                    return changes;
-                };
-                let candidate_here = present.iter().any(|(v, _)| **v == ended.candidate);
-                let baseline_here = present.iter().any(|(v, _)| **v == ended.baseline);
-                ended.state = match (candidate_here, baseline_here) {
-                    (true, false) => VerdictState::Promoted,
-                    (false, true) => VerdictState::RolledBack,
-                    // Replaced by a newer candidate, or everything went: the comparison simply ends.
-                    _ if ended.state == VerdictState::Bad => VerdictState::RolledBack,
-                    _ => ended.state,
-                };
-                ended.t = t;
-                changes.push(ended);
+        let changes = self.compare(service, t, &seconds, settings);
+        // Remembered after the comparisons, so a new one's baseline history ends before its first second.
+        let history = secs(settings.history).max(2);
+        for (version, second) in &seconds {
+            if let Some(track) = self.versions.get_mut(version)
+                && second.instances > 0
+            {
+                track.remember(t, second, history);
             }
-        }
-        let Some((candidate, baseline)) = pair else {
-            return changes;
-        };
-        let deployer = seconds.get(&candidate).and_then(|s| s.deployer.clone());
-        let since = self.versions.get(&candidate).map_or(t, |v| v.first_seen);
-        let deployment = self.deployment.get_or_insert_with(|| Deployment {
-            candidate: candidate.clone(),
-            baseline: baseline.clone(),
-            window: VecDeque::new(),
-            candidate_side: Side::new(),
-            baseline_side: Side::new(),
-            verdict: Verdict {
-                service: service.clone(),
-                candidate: candidate.clone(),
-                baseline: baseline.clone(),
-                state: VerdictState::Collecting,
-                since,
-                t,
-                reason: None,
-                checks: Vec::new(),
-                deployer: deployer.clone(),
-            },
-        });
-        let c = seconds.remove(&candidate).unwrap_or_default();
-        let b = seconds.remove(&baseline).unwrap_or_default();
-        let mut consistent = deployment.candidate_side.add(&c) & deployment.baseline_side.add(&b);
-        deployment.window.push_back((t, c, b));
-        let window = i64::try_from(settings.window.as_secs()).unwrap_or(i64::MAX);
-        while deployment
-            .window
-            .front()
-            .is_some_and(|(old, _, _)| *old <= t - window)
-        {
-            if let Some((_, c, b)) = deployment.window.pop_front() {
-                consistent &=
-                    deployment.candidate_side.subtract(&c) & deployment.baseline_side.subtract(&b);
-            }
-        }
-        deployment.repair(consistent);
-        let checks = judge(
-            &deployment.candidate_side,
-            &deployment.baseline_side,
-            settings,
-        );
-        let before = deployment.verdict.state;
-        let verdict = &mut deployment.verdict;
-        verdict.t = t;
-        verdict.deployer = verdict.deployer.clone().or(deployer);
-        if verdict.state != VerdictState::Bad {
-            if let Some(reason) = checks.iter().find(|e| e.bad) {
-                verdict.state = VerdictState::Bad;
-                verdict.reason = Some(reason.clone());
-            } else if !checks.is_empty() {
-                verdict.state = VerdictState::Healthy;
-            }
-        }
-        verdict.checks = checks;
-        if verdict.state != before {
-            changes.push(verdict.clone());
         }
         changes
     }
-}
 
-/// Runs every check that has enough data.
-fn judge(candidate: &Side, baseline: &Side, s: &CanarySettings) -> Vec<Evidence> {
-    let mut checks = Vec::new();
-    let min_requests = s.min_requests as f64;
-    if candidate.requests >= min_requests && baseline.requests >= min_requests {
-        let p_b = baseline.errors / baseline.requests;
-        let tau = (2.0 * p_b).max(s.min_error_ratio_increase).max(0.005);
-        if let Some(c) = compare_proportions(
-            candidate.errors,
-            candidate.requests,
-            baseline.errors,
-            baseline.requests,
-            tau,
-        ) {
-            let big_enough = c.candidate >= c.baseline * s.min_error_ratio_factor
-                && c.candidate - c.baseline >= s.min_error_ratio_increase;
-            checks.push(Evidence {
-                metric: "error_ratio",
-                candidate: c.candidate,
-                baseline: c.baseline,
-                z: c.z,
-                likelihood_ratio: c.likelihood_ratio,
-                candidate_samples: candidate.requests.round() as u64,
-                baseline_samples: baseline.requests.round() as u64,
-                bad: big_enough && c.candidate_worse(s.alpha),
-            });
+    /// Picks the baseline and the candidates, ends the comparisons that are over and feeds the others.
+    fn compare(
+        &mut self,
+        service: &Arc<str>,
+        t: i64,
+        seconds: &BTreeMap<Arc<str>, VersionSecond>,
+        settings: &CanarySettings,
+    ) -> Vec<Verdict> {
+        let settle = secs(settings.settle).max(1);
+        let bad_settle = secs(settings.bad_settle).max(settle);
+        let keep = bad_settle.saturating_mul(2);
+        let deployments = &self.deployments;
+        self.versions.retain(|v, track| {
+            t - track.last_seen <= keep
+                || deployments
+                    .values()
+                    .any(|d| d.candidate == *v || d.baseline == *v)
+        });
+        let present = |track: &VersionTrack| t - track.last_seen < settle;
+
+        // The baseline: kept while present and serving its share, else the version serving the most now.
+        let total: f64 = self
+            .versions
+            .values()
+            .filter(|v| v.last_seen == t)
+            .map(|v| v.requests_now)
+            .sum();
+        let serving = |track: &VersionTrack| {
+            present(track)
+                && (total <= 0.0 || track.requests_now >= settings.min_baseline_share * total)
+        };
+        let keeps = self
+            .baseline
+            .as_ref()
+            .and_then(|b| self.versions.get(b))
+            .is_some_and(serving);
+        if !keeps {
+            self.baseline = self
+                .versions
+                .iter()
+                .filter(|(_, v)| present(v))
+                .max_by(|a, b| {
+                    a.1.requests_now
+                        .total_cmp(&b.1.requests_now)
+                        .then_with(|| version_order((b.0, b.1.first_seen), (a.0, a.1.first_seen)))
+                })
+                .map(|(v, _)| v.clone());
+        }
+
+        let mut changes = Vec::new();
+        self.end_comparisons(t, settle, bad_settle, &mut changes);
+
+        let Some(baseline) = self.baseline.clone() else {
+            return changes;
+        };
+        let Some(base_track) = self.versions.get(&baseline) else {
+            return changes;
+        };
+        let base_first = base_track.first_seen;
+        let mut candidates: Vec<(&Arc<str>, &VersionTrack)> = self
+            .versions
+            .iter()
+            .filter(|(v, track)| {
+                **v != baseline
+                    && present(track)
+                    && version_order((v, track.first_seen), (&baseline, base_first))
+                        == Ordering::Greater
+            })
+            .collect();
+        candidates.sort_by(|a, b| version_order((a.0, a.1.first_seen), (b.0, b.1.first_seen)));
+        let candidates: Vec<(Arc<str>, i64)> = candidates
+            .into_iter()
+            .map(|(v, track)| (v.clone(), track.first_seen))
+            .collect();
+        let min_history = usize::try_from(settings.min_history.as_secs()).unwrap_or(usize::MAX);
+        let b = seconds.get(&baseline).cloned().unwrap_or_default();
+        for (candidate, first_seen) in candidates {
+            let c = seconds.get(&candidate).cloned().unwrap_or_default();
+            let deployment = self
+                .deployments
+                .entry(candidate.clone())
+                .or_insert_with(|| {
+                    let history = &base_track.history;
+                    Deployment {
+                        candidate: candidate.clone(),
+                        baseline: baseline.clone(),
+                        models: Models::fit(history, min_history),
+                        candidate_side: Side::new(),
+                        baseline_side: Side::new(),
+                        baseline_total: base_track.prior(),
+                        fitted: history.len() >= min_history,
+                        recent: VecDeque::new(),
+                        verdict: Verdict {
+                            service: service.clone(),
+                            candidate: candidate.clone(),
+                            baseline: baseline.clone(),
+                            state: VerdictState::Collecting,
+                            since: first_seen,
+                            t,
+                            reason: None,
+                            checks: Vec::new(),
+                            deployer: None,
+                        },
+                    }
+                });
+            if deployment.baseline != baseline {
+                // A convicted candidate whose baseline changed keeps its verdict until it is gone.
+                continue;
+            }
+            if !deployment.fitted && base_track.history.len() >= min_history {
+                // Started without enough history: the cautious models give way to fitted ones once the baseline's
+                // own seconds (which do not depend on the candidate) are enough.
+                deployment.models = Models::fit(&base_track.history, min_history);
+                deployment.fitted = true;
+            }
+            deployment.verdict.deployer =
+                deployment.verdict.deployer.clone().or(c.deployer.clone());
+            deployment.feed(t, c, b.clone());
+            changes.extend(deployment.judge(t, settings));
+        }
+        changes
+    }
+
+    /// Ends the comparisons whose candidate became the baseline (promoted), is gone (rolled back: at once unless
+    /// convicted, after `bad_settle` if convicted), or whose baseline was replaced by another version (ended as
+    /// they stand, unless convicted).
+    fn end_comparisons(
+        &mut self,
+        t: i64,
+        settle: i64,
+        bad_settle: i64,
+        changes: &mut Vec<Verdict>,
+    ) {
+        let versions = &self.versions;
+        let baseline = self.baseline.clone();
+        let gone_for = |v: &Arc<str>| {
+            versions
+                .get(v)
+                .map_or(i64::MAX, |track| t - track.last_seen)
+        };
+        let ended: Vec<Arc<str>> = self
+            .deployments
+            .values()
+            .filter(|d| {
+                let bad = d.verdict.state == VerdictState::Bad;
+                let promoted = baseline.as_ref() == Some(&d.candidate);
+                let gone = gone_for(&d.candidate) >= if bad { bad_settle } else { settle };
+                let rebased = baseline.as_ref() != Some(&d.baseline) && !bad;
+                promoted || gone || rebased
+            })
+            .map(|d| d.candidate.clone())
+            .collect();
+        for candidate in ended {
+            let Some(d) = self.deployments.remove(&candidate) else {
+                continue;
+            };
+            let mut verdict = d.verdict;
+            verdict.state = if baseline.as_ref() == Some(&candidate) {
+                VerdictState::Promoted
+            } else if gone_for(&candidate) >= settle {
+                VerdictState::RolledBack
+            } else {
+                verdict.state
+            };
+            verdict.t = t;
+            changes.push(verdict);
         }
     }
-    if let (Some(hc), Some(hb)) = (&candidate.latency, &baseline.latency)
+}
+
+/// Every check with enough data, each with its test against its floor. `b` is the baseline with its history
+/// (what the tests compare with: it knows the baseline's level precisely), `b_now` the baseline's seconds since the
+/// comparison began: a candidate is bad only if it is also worse than the floor against those (a point estimate, so
+/// a service-wide shock that hits both versions during the deploy does not convict the candidate).
+fn checks(c: &Side, b: &Side, b_now: &Side, models: &Models, s: &CanarySettings) -> Vec<Evidence> {
+    let alpha = s.alpha / 3.0;
+    let mut out = Vec::new();
+    let min_requests = s.min_requests as f64;
+    if c.requests >= min_requests && b.requests >= min_requests {
+        let now_ratio = |side: &Side| (side.errors.max(0.0) + 0.5) / (side.requests + 1.0);
+        let concurrent = b_now.requests < min_requests || {
+            let (r_c, r_now) = (now_ratio(c), now_ratio(b_now));
+            r_c >= s.min_error_ratio_factor * r_now && r_c - r_now >= s.min_error_ratio_increase
+        };
+        // Log error ratio, with half an error added to each side so that none is zero.
+        let (x_c, x_b) = (c.errors.max(0.0) + 0.5, b.errors.max(0.0) + 0.5);
+        let (r_c, r_b) = (x_c / (c.requests + 1.0), x_b / (b.requests + 1.0));
+        let sampling = 1.0 / x_c + 1.0 / x_b;
+        let shocks = shock_variance(&models.errors, c.seconds, c.instances())
+            + shock_variance(&models.errors, b.seconds, b.instances());
+        // One floor for both: "more than `factor` times the baseline's ratio" and "more than `increase` above
+        // it" are one ratio, whichever is higher, at the baseline's (precisely known) ratio.
+        let factor = s
+            .min_error_ratio_factor
+            .max(1.0 + s.min_error_ratio_increase / r_b)
+            .max(1.0);
+        let ratio = Test {
+            estimate: (r_c / r_b).ln(),
+            variance: sampling + shocks,
+            floor: factor.ln(),
+            tau: TAU,
+        };
+        out.push(Evidence {
+            metric: "error_ratio",
+            candidate: c.errors / c.requests,
+            baseline: b.errors / b.requests,
+            z: ratio.z(),
+            likelihood_ratio: ratio.likelihood_ratio(),
+            candidate_samples: c.requests.round() as u64,
+            baseline_samples: b.requests.round() as u64,
+            bad: ratio.rejects(alpha) && concurrent,
+            ruled_out: ratio.upper_bound(alpha) < ratio.floor,
+        });
+    }
+    if let (Some(hc), Some(hb)) = (&c.latency, &b.latency)
         && hc.len() >= s.min_latency_samples
         && hb.len() >= s.min_latency_samples
     {
-        let scale = f64::from(baseline.scale.max(1));
+        let scale = f64::from(b.scale.max(1));
         for (metric, q, factor) in [
             ("p50", 0.5, s.min_p50_factor),
             ("p99", 0.99, s.min_p99_factor),
         ] {
-            // Share of each side slower than the baseline's quantile: about 1 - q for the baseline; a candidate
-            // whose quantile is higher has a larger share. A quantile test on the bucket counts, no resampling.
-            let threshold = hb.value_at_quantile(q);
-            let (n_c, n_b) = (hc.len() as f64, hb.len() as f64);
-            let x_c = count_above(hc, threshold) as f64;
-            let x_b = count_above(hb, threshold) as f64;
-            let tau = (1.0 - q).clamp(0.01, 0.2);
-            let Some(c) = compare_proportions(x_c, n_c, x_b, n_b, tau) else {
-                continue;
+            let (q_c, q_b) = (
+                hc.value_at_quantile(q).max(1) as f64,
+                hb.value_at_quantile(q).max(1) as f64,
+            );
+            let concurrent = b_now
+                .latency
+                .as_ref()
+                .filter(|h| h.len() >= s.min_latency_samples)
+                .is_none_or(|h| q_c >= factor * h.value_at_quantile(q).max(1) as f64);
+            let spread = |h: &Histogram<u64>| {
+                if q < 0.9 {
+                    body_spread(h)
+                } else {
+                    tail_spread(h)
+                }
+                .max(0.02)
             };
-            let cand_q = hc.value_at_quantile(q) as f64 / scale;
-            let base_q = threshold as f64 / scale;
-            checks.push(Evidence {
+            let sampling = log_quantile_sampling_variance(q, spread(hc), hc.len() as f64)
+                + log_quantile_sampling_variance(q, spread(hb), hb.len() as f64);
+            // Histogram buckets are 1% wide: each quantile is known to within one.
+            let resolution = 2.0 * 0.01f64.powi(2);
+            let shocks = shock_variance(&models.latency, c.seconds, c.instances())
+                + shock_variance(&models.latency, b.seconds, b.instances());
+            let test = Test {
+                estimate: (q_c / q_b).ln(),
+                variance: sampling + resolution + shocks,
+                floor: factor.max(1.0).ln(),
+                tau: TAU,
+            };
+            out.push(Evidence {
                 metric,
-                candidate: cand_q,
-                baseline: base_q,
-                z: c.z,
-                likelihood_ratio: c.likelihood_ratio,
+                candidate: q_c / scale,
+                baseline: q_b / scale,
+                z: test.z(),
+                likelihood_ratio: test.likelihood_ratio(),
                 candidate_samples: hc.len(),
                 baseline_samples: hb.len(),
-                bad: cand_q >= base_q * factor && c.candidate_worse(s.alpha),
+                bad: test.rejects(alpha) && concurrent,
+                ruled_out: test.upper_bound(alpha) < test.floor,
             });
         }
     }
-    checks
+    out
 }
 
 #[cfg(test)]
@@ -405,97 +783,125 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
-    use rand_distr::{Binomial, Distribution, LogNormal};
+    use rand_distr::{Binomial, Distribution, LogNormal, Normal, Poisson};
 
-    fn latency_second(values: &[u64]) -> VersionSecond {
-        let mut h = Histogram::<u64>::new(2).unwrap();
-        for v in values {
-            h.record(*v).unwrap();
-        }
-        VersionSecond {
-            instances: 1,
-            requests: values.len() as f64,
-            errors: 0.0,
-            latency: Some((h, 1000)),
-            deployer: None,
-        }
+    /// How requests of one instance-second move together (a test's copy of the simulator's traffic shapes).
+    #[derive(Clone, Copy)]
+    struct Shocks {
+        latency_sigma: f64,
+        error_cv: f64,
+        /// AR(1) time constant in seconds; 0 = fresh every second.
+        persistence_secs: f64,
     }
 
-    #[test]
-    fn a_side_that_cannot_subtract_says_so_and_is_rebuilt_from_its_seconds() {
-        let small = latency_second(&[1_000]);
-        let big = latency_second(&[1_000, 2_000, 3_000]);
-        let mut side = Side::new();
-        assert!(side.add(&small));
-        assert!(
-            !side.subtract(&big),
-            "more counts out than in must be refused"
-        );
-        let rebuilt = Side::rebuilt([&small, &big].into_iter());
-        assert_eq!(rebuilt.requests, 4.0);
-        assert_eq!(rebuilt.latency.as_ref().map(Histogram::len), Some(4));
-    }
+    const INDEPENDENT: Shocks = Shocks {
+        latency_sigma: 0.0,
+        error_cv: 0.0,
+        persistence_secs: 0.0,
+    };
+    const SHOCKED: Shocks = Shocks {
+        latency_sigma: 0.2,
+        error_cv: 0.5,
+        persistence_secs: 0.0,
+    };
+    const PERSISTENT: Shocks = Shocks {
+        persistence_secs: 30.0,
+        ..SHOCKED
+    };
 
+    #[derive(Clone, Copy)]
     struct Traffic {
-        rps: u64,
+        /// Requests per second on the whole side.
+        rps: f64,
         error_ratio: f64,
         median_ms: f64,
         sigma: f64,
     }
 
     const BASE: Traffic = Traffic {
-        rps: 400,
-        error_ratio: 0.01,
+        rps: 250.0,
+        error_ratio: 0.005,
         median_ms: 20.0,
         sigma: 0.5,
     };
 
-    fn second(rng: &mut SmallRng, traffic: &Traffic, instances: u32) -> VersionSecond {
-        let errors = Binomial::new(traffic.rps, traffic.error_ratio)
-            .unwrap()
-            .sample(rng);
-        let mut h = Histogram::<u64>::new(2).unwrap();
-        let latency = LogNormal::new(traffic.median_ms.ln(), traffic.sigma).unwrap();
-        for _ in 0..traffic.rps {
-            h.record((latency.sample(rng) * 1000.0) as u64).unwrap();
+    /// One version's instances, each with its own shock process.
+    struct Fleet {
+        traffic: Traffic,
+        shocks: Shocks,
+        /// Per instance: the latency and error shocks' standard normal states.
+        states: Vec<(f64, f64)>,
+    }
+
+    impl Fleet {
+        fn new(traffic: Traffic, shocks: Shocks, instances: usize) -> Self {
+            Self {
+                traffic,
+                shocks,
+                states: vec![(0.0, 0.0); instances],
+            }
         }
-        VersionSecond {
-            instances,
-            requests: traffic.rps as f64,
-            errors: errors as f64,
-            latency: Some((h, 1000)),
-            deployer: None,
+
+        fn second(&mut self, rng: &mut SmallRng) -> VersionSecond {
+            let phi = if self.shocks.persistence_secs > 0.0 {
+                (-1.0 / self.shocks.persistence_secs).exp()
+            } else {
+                0.0
+            };
+            let fresh = Normal::new(0.0, (1.0 - phi * phi).sqrt()).unwrap();
+            let err_sigma = (1.0 + self.shocks.error_cv.powi(2)).ln().sqrt();
+            let per_instance = self.traffic.rps / self.states.len() as f64;
+            let mut h = Histogram::<u64>::new(2).unwrap();
+            let (mut requests, mut errors) = (0u64, 0u64);
+            for (z_lat, z_err) in &mut self.states {
+                *z_lat = phi * *z_lat + fresh.sample(rng);
+                *z_err = phi * *z_err + fresh.sample(rng);
+                let n = Poisson::new(per_instance).map_or(0.0, |p| p.sample(rng)) as u64;
+                let p = (self.traffic.error_ratio
+                    * (err_sigma * *z_err - err_sigma * err_sigma / 2.0).exp())
+                .clamp(0.0, 1.0);
+                errors += Binomial::new(n, p).unwrap().sample(rng);
+                requests += n;
+                let median = self.traffic.median_ms * (self.shocks.latency_sigma * *z_lat).exp();
+                let latency = LogNormal::new(median.ln(), self.traffic.sigma).unwrap();
+                for _ in 0..n {
+                    h.record((latency.sample(rng) * 1000.0) as u64 + 1).unwrap();
+                }
+            }
+            VersionSecond {
+                instances: u32::try_from(self.states.len()).unwrap(),
+                requests: requests as f64,
+                errors: errors as f64,
+                latency: (requests > 0).then_some((h, 1000)),
+                deployer: None,
+            }
         }
     }
 
-    /// Runs baseline-only for 30 s, then baseline and candidate for `seconds`; returns every verdict change with
-    /// the number of seconds since the candidate's first second.
-    fn run(seed: u64, candidate: &Traffic, seconds: i64) -> Vec<(i64, Verdict)> {
+    /// Runs the baseline alone for `warmup` seconds, then baseline and candidate for `seconds`; returns every
+    /// verdict change with the seconds since the candidate's first.
+    fn run(
+        seed: u64,
+        candidate: Traffic,
+        shocks: Shocks,
+        warmup: i64,
+        seconds: i64,
+    ) -> Vec<(i64, Verdict)> {
         let mut rng = SmallRng::seed_from_u64(seed);
         let settings = CanarySettings::default();
         let service: Arc<str> = "svc".into();
         let mut canary = Canary::default();
+        let mut baseline = Fleet::new(BASE, shocks, 4);
+        let mut canary_fleet = Fleet::new(candidate, shocks, 1);
         let mut changes = Vec::new();
-        for t in 0..30 {
-            let seconds = BTreeMap::from([(Arc::from("v1"), second(&mut rng, &BASE, 8))]);
-            changes.extend(
-                canary
-                    .observe(&service, t, seconds, &settings)
-                    .into_iter()
-                    .map(|v| (t, v)),
-            );
-        }
-        for t in 30..30 + seconds {
-            let seconds = BTreeMap::from([
-                (Arc::from("v1"), second(&mut rng, &BASE, 8)),
-                (Arc::from("v2"), second(&mut rng, candidate, 1)),
-            ]);
-            changes.extend(
-                canary
-                    .observe(&service, t, seconds, &settings)
-                    .into_iter()
-                    .map(|v| (t - 30, v)),
-            );
+        for t in 0..warmup + seconds {
+            let mut versions = BTreeMap::from([(Arc::from("v1"), baseline.second(&mut rng))]);
+            if t >= warmup {
+                versions.insert(Arc::from("v2"), canary_fleet.second(&mut rng));
+            }
+            for v in canary.observe(&service, t, versions, &settings) {
+                changes.push((t - warmup, v));
+            }
         }
         changes
     }
@@ -507,14 +913,17 @@ mod tests {
             .map(|(after, v)| (*after, v.reason.as_ref().map_or("", |r| r.metric)))
     }
 
-    #[test]
-    fn bad_candidates_are_caught_within_seconds() {
-        let five_x_errors = Traffic {
-            error_ratio: 0.05,
+    fn with_p99_factor(factor: f64) -> Traffic {
+        Traffic {
+            sigma: BASE.sigma + factor.ln() / normal_quantile(0.99),
             ..BASE
-        };
-        let two_x_p99 = Traffic {
-            sigma: 0.5 + 2f64.ln() / 2.326,
+        }
+    }
+
+    #[test]
+    fn bad_candidates_are_caught_within_seconds_on_independent_requests() {
+        let five_x_errors = Traffic {
+            error_ratio: BASE.error_ratio * 5.0,
             ..BASE
         };
         let slow_median = Traffic {
@@ -523,16 +932,16 @@ mod tests {
         };
         for (traffic, metric) in [
             (five_x_errors, "error_ratio"),
-            (two_x_p99, "p99"),
+            (with_p99_factor(2.0), "p99"),
             (slow_median, "p50"),
         ] {
-            for seed in 0..5 {
-                let changes = run(seed, &traffic, 20);
+            for seed in 0..4 {
+                let changes = run(seed, traffic, INDEPENDENT, 150, 30);
                 let (after, why) = first_bad(&changes)
                     .unwrap_or_else(|| panic!("{metric} seed {seed}: {changes:?}"));
-                assert!(after <= 3, "{metric} seed {seed}: bad only after {after} s");
+                assert!(after <= 5, "{metric} seed {seed}: bad only after {after} s");
                 assert!(
-                    why == metric || metric == "p99",
+                    why == metric || metric != "error_ratio",
                     "{metric} seed {seed}: flagged for {why}"
                 );
             }
@@ -540,17 +949,222 @@ mod tests {
     }
 
     #[test]
-    fn identical_candidates_are_healthy_for_ten_minutes() {
-        for seed in 0..10 {
-            let changes = run(100 + seed, &BASE, 600);
-            assert_eq!(first_bad(&changes), None, "seed {seed}");
-            assert!(
-                changes
-                    .iter()
-                    .any(|(_, v)| v.state == VerdictState::Healthy),
-                "seed {seed}"
+    fn bad_candidates_are_still_caught_on_shocked_traffic() {
+        let five_x_errors = Traffic {
+            error_ratio: BASE.error_ratio * 5.0,
+            ..BASE
+        };
+        for traffic in [five_x_errors, with_p99_factor(2.0)] {
+            for seed in 0..3 {
+                let changes = run(10 + seed, traffic, SHOCKED, 150, 120);
+                let (after, _) = first_bad(&changes).unwrap_or_else(|| panic!("seed {seed}"));
+                assert!(after <= 30, "seed {seed}: bad only after {after} s");
+            }
+        }
+    }
+
+    /// The traffic that paged a third of healthy deploys before: shocks shared by the requests of a second,
+    /// lasting about 30 s. Identical versions for 30 minutes, then the candidate is credibly healthy.
+    #[test]
+    fn identical_versions_on_persistent_shocks_are_never_convicted() {
+        for (seed, shocks) in [
+            (100, PERSISTENT),
+            (101, PERSISTENT),
+            (102, SHOCKED),
+            (103, SHOCKED),
+        ] {
+            let changes = run(seed, BASE, shocks, 300, 1800);
+            assert_eq!(first_bad(&changes), None, "seed {seed}: {changes:?}");
+        }
+        let changes = run(104, BASE, INDEPENDENT, 300, 600);
+        assert_eq!(first_bad(&changes), None);
+        assert_eq!(
+            changes.last().map(|(_, v)| v.state),
+            Some(VerdictState::Healthy),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_thin_candidate_is_insufficient_traffic_not_healthy() {
+        let thin = Traffic { rps: 2.0, ..BASE };
+        let mut rng = SmallRng::seed_from_u64(5);
+        let settings = CanarySettings::default();
+        let service: Arc<str> = "svc".into();
+        let mut canary = Canary::default();
+        let mut baseline = Fleet::new(BASE, INDEPENDENT, 4);
+        let mut candidate = Fleet::new(thin, INDEPENDENT, 1);
+        let mut states = Vec::new();
+        for t in 0..200 {
+            let mut versions = BTreeMap::from([(Arc::from("v1"), baseline.second(&mut rng))]);
+            if t >= 150 {
+                versions.insert(Arc::from("v2"), candidate.second(&mut rng));
+            }
+            states.extend(
+                canary
+                    .observe(&service, t, versions, &settings)
+                    .into_iter()
+                    .map(|v| v.state),
             );
         }
+        assert_eq!(
+            canary.verdict("v2").map(|v| v.state),
+            Some(VerdictState::InsufficientTraffic),
+            "{states:?}"
+        );
+        assert!(!states.contains(&VerdictState::Healthy));
+    }
+
+    /// Feeds seconds in which each listed version reports `BASE` traffic (or `bad` for the ones marked bad).
+    struct Feeder {
+        rng: SmallRng,
+        canary: Canary,
+        states: Vec<(String, VerdictState)>,
+        settings: CanarySettings,
+    }
+
+    impl Feeder {
+        fn new() -> Self {
+            Self {
+                rng: SmallRng::seed_from_u64(1),
+                canary: Canary::default(),
+                states: Vec::new(),
+                settings: CanarySettings::default(),
+            }
+        }
+
+        fn feed(&mut self, t: std::ops::Range<i64>, versions: &[(&str, f64, bool)]) {
+            let service: Arc<str> = "svc".into();
+            for t in t {
+                let seconds = versions
+                    .iter()
+                    .map(|(v, rps, bad)| {
+                        let traffic = Traffic {
+                            rps: *rps,
+                            error_ratio: if *bad { 0.2 } else { BASE.error_ratio },
+                            ..BASE
+                        };
+                        (
+                            Arc::from(*v),
+                            Fleet::new(traffic, INDEPENDENT, 2).second(&mut self.rng),
+                        )
+                    })
+                    .collect();
+                for v in self.canary.observe(&service, t, seconds, &self.settings) {
+                    self.states.push((v.candidate.to_string(), v.state));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn promotion_and_rollback_end_the_comparison() {
+        let mut f = Feeder::new();
+        f.feed(0..5, &[("v1", 500.0, false)]);
+        f.feed(5..400, &[("v1", 500.0, false), ("v2", 300.0, false)]);
+        // v2 takes most of the traffic, then v1 is gone: promoted.
+        f.feed(400..420, &[("v1", 100.0, false), ("v2", 700.0, false)]);
+        f.feed(420..440, &[("v2", 800.0, false)]);
+        // Then v3 comes and goes again: rolled back.
+        f.feed(440..450, &[("v2", 800.0, false), ("v3", 100.0, false)]);
+        f.feed(450..470, &[("v2", 800.0, false)]);
+        let v2: Vec<VerdictState> = f
+            .states
+            .iter()
+            .filter(|(c, _)| c == "v2")
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            v2.first(),
+            Some(&VerdictState::InsufficientTraffic),
+            "{:?}",
+            f.states
+        );
+        assert!(v2.contains(&VerdictState::Healthy), "{:?}", f.states);
+        assert_eq!(v2.last(), Some(&VerdictState::Promoted), "{:?}", f.states);
+        assert_eq!(
+            f.states.iter().rfind(|(c, _)| c == "v3").map(|(_, s)| *s),
+            Some(VerdictState::RolledBack),
+            "{:?}",
+            f.states
+        );
+        assert!(f.canary.verdict("v2").is_none() && f.canary.verdict("v3").is_none());
+    }
+
+    #[test]
+    fn a_third_version_gets_its_own_comparison_and_a_bad_second_stays_bad() {
+        let mut f = Feeder::new();
+        f.feed(0..200, &[("v1", 800.0, false)]);
+        f.feed(200..230, &[("v1", 800.0, false), ("v2", 200.0, true)]);
+        assert_eq!(
+            f.canary.verdict("v2").map(|v| v.state),
+            Some(VerdictState::Bad)
+        );
+        // v3 arrives while the bad v2 still serves: v2 is neither rolled back nor restarted.
+        f.feed(
+            230..260,
+            &[
+                ("v1", 800.0, false),
+                ("v2", 200.0, true),
+                ("v3", 200.0, false),
+            ],
+        );
+        assert_eq!(
+            f.canary.verdict("v2").map(|v| v.state),
+            Some(VerdictState::Bad)
+        );
+        let v3 = f.canary.verdict("v3").expect("v3 compared");
+        assert_eq!(&*v3.baseline, "v1");
+        assert_ne!(v3.state, VerdictState::Bad);
+        assert!(
+            !f.states
+                .iter()
+                .any(|(c, s)| c == "v2" && *s == VerdictState::RolledBack)
+        );
+    }
+
+    #[test]
+    fn a_crash_looping_bad_candidate_stays_convicted() {
+        let mut f = Feeder::new();
+        f.feed(0..200, &[("v1", 800.0, false)]);
+        f.feed(200..220, &[("v1", 800.0, false), ("v2", 200.0, true)]);
+        // Up 5 s, down 20 s, five times.
+        for cycle in 0..5 {
+            let start = 220 + cycle * 25;
+            f.feed(start..start + 20, &[("v1", 800.0, false)]);
+            f.feed(
+                start + 20..start + 25,
+                &[("v1", 800.0, false), ("v2", 200.0, true)],
+            );
+        }
+        let v2: Vec<VerdictState> = f
+            .states
+            .iter()
+            .filter(|(c, _)| c == "v2")
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(v2.last(), Some(&VerdictState::Bad), "{:?}", f.states);
+        assert!(!v2.contains(&VerdictState::RolledBack), "{:?}", f.states);
+        // Gone for good: rolled back after bad_settle.
+        f.feed(345..500, &[("v1", 800.0, false)]);
+        assert_eq!(
+            f.states.last().map(|(c, s)| (c.as_str(), *s)),
+            Some(("v2", VerdictState::RolledBack))
+        );
+    }
+
+    #[test]
+    fn versions_are_ordered_by_first_seen_then_naturally() {
+        assert_eq!(natural_cmp("v9", "v10"), Ordering::Less);
+        assert_eq!(natural_cmp("v1.10.0", "v1.9.3"), Ordering::Greater);
+        assert_eq!(natural_cmp("abc", "abd"), Ordering::Less);
+        assert_eq!(natural_cmp("v010", "v10"), Ordering::Equal);
+        let (v9, v10): (Arc<str>, Arc<str>) = ("v9".into(), "v10".into());
+        assert_eq!(version_order((&v10, 5), (&v9, 6)), Ordering::Less);
+        // v9 and v10 first seen together with v9 the bigger: v10 is the candidate.
+        let mut f = Feeder::new();
+        f.feed(0..30, &[("v9", 800.0, false), ("v10", 200.0, false)]);
+        assert!(f.canary.verdict("v10").is_some() && f.canary.verdict("v9").is_none());
     }
 
     #[test]
@@ -559,87 +1173,67 @@ mod tests {
         let service: Arc<str> = "svc".into();
         let mut rng = SmallRng::seed_from_u64(3);
         let mut canary = Canary::default();
+        let mut base = Fleet::new(BASE, INDEPENDENT, 4);
         for t in 0..3 {
-            let seconds = BTreeMap::from([(Arc::from("v1"), second(&mut rng, &BASE, 8))]);
+            let seconds = BTreeMap::from([(Arc::from("v1"), base.second(&mut rng))]);
             canary.observe(&service, t, seconds, &settings);
         }
-        // Second 3 sealed with only part of the candidate (one of its instances was late)...
         let partial = VersionSecond {
             requests: 100.0,
             errors: 1.0,
-            ..second(&mut rng, &BASE, 1)
+            ..Fleet::new(BASE, INDEPENDENT, 1).second(&mut rng)
         };
-        let base = second(&mut rng, &BASE, 8);
-        let sealed = BTreeMap::from([(Arc::from("v1"), base.clone()), (Arc::from("v2"), partial)]);
-        canary.observe(&service, 3, sealed, &settings);
-        // ...then the late instance's data arrived.
+        let b = base.second(&mut rng);
+        canary.observe(
+            &service,
+            3,
+            BTreeMap::from([(Arc::from("v1"), b.clone()), (Arc::from("v2"), partial)]),
+            &settings,
+        );
         let whole = VersionSecond {
             requests: 400.0,
             errors: 4.0,
-            ..second(&mut rng, &BASE, 2)
+            ..Fleet::new(BASE, INDEPENDENT, 2).second(&mut rng)
         };
-        let latency_samples = whole.latency.as_ref().map(|(h, _)| h.len());
+        let samples = whole.latency.as_ref().map(|(h, _)| h.len());
         canary.correct(
             3,
-            BTreeMap::from([(Arc::from("v1"), base), (Arc::from("v2"), whole)]),
+            BTreeMap::from([(Arc::from("v1"), b), (Arc::from("v2"), whole)]),
         );
-        let d = canary.deployment.as_ref().unwrap();
-        assert_eq!(d.candidate_side.requests, 400.0);
-        assert_eq!(d.candidate_side.errors, 4.0);
+        let d = &canary.deployments["v2"];
+        assert_eq!(
+            (d.candidate_side.requests, d.candidate_side.errors),
+            (400.0, 4.0)
+        );
+        assert_eq!(d.candidate_side.instance_seconds, 2.0);
         assert_eq!(
             d.candidate_side.latency.as_ref().map(Histogram::len),
-            latency_samples
+            samples
         );
-        assert_eq!(d.window.back().map(|(_, c, _)| c.requests), Some(400.0));
         // A correction for a second the comparison never counted changes nothing.
         canary.correct(1, BTreeMap::new());
-        assert_eq!(
-            canary.deployment.as_ref().unwrap().candidate_side.requests,
-            400.0
-        );
+        assert_eq!(canary.deployments["v2"].candidate_side.requests, 400.0);
     }
 
     #[test]
-    fn promotion_and_rollback_end_the_comparison() {
-        let settings = CanarySettings::default();
-        let service: Arc<str> = "svc".into();
-        let mut rng = SmallRng::seed_from_u64(1);
-        let mut canary = Canary::default();
-        let mut states = Vec::new();
-        let mut feed = |canary: &mut Canary, t: i64, versions: &[&str]| {
-            let seconds = versions
-                .iter()
-                .map(|v| (Arc::from(*v), second(&mut rng, &BASE, 2)))
-                .collect();
-            for v in canary.observe(&service, t, seconds, &settings) {
-                states.push((v.candidate.to_string(), v.state));
-            }
-        };
-        for t in 0..5 {
-            feed(&mut canary, t, &["v1"]);
-        }
-        for t in 5..15 {
-            feed(&mut canary, t, &["v1", "v2"]);
-        }
-        for t in 15..40 {
-            feed(&mut canary, t, &["v2"]);
-        }
-        // Then v3 comes and goes again: rolled back.
-        for t in 40..50 {
-            feed(&mut canary, t, &["v2", "v3"]);
-        }
-        for t in 50..70 {
-            feed(&mut canary, t, &["v2"]);
-        }
+    fn a_fitted_model_sees_persistent_shocks_in_the_baselines_history() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let mut fleet = Fleet::new(BASE, PERSISTENT, 4);
+        let history: VecDeque<HistorySecond> = (0..600)
+            .map(|_| HistorySecond::of(&fleet.second(&mut rng)))
+            .collect();
+        let models = Models::fit(&history, 120);
+        assert!(models.latency.persistence > 0.8, "{models:?}");
+        assert!(models.latency.shock_variance > 0.002, "{models:?}");
+        let mut calm = Fleet::new(BASE, INDEPENDENT, 4);
+        let history: VecDeque<HistorySecond> = (0..600)
+            .map(|_| HistorySecond::of(&calm.second(&mut rng)))
+            .collect();
+        let models = Models::fit(&history, 120);
+        assert_eq!(models.latency.shock_variance, 0.0, "{models:?}");
         assert_eq!(
-            states,
-            vec![
-                ("v2".into(), VerdictState::Healthy),
-                ("v2".into(), VerdictState::Promoted),
-                ("v3".into(), VerdictState::Healthy),
-                ("v3".into(), VerdictState::RolledBack),
-            ]
+            Models::fit(&VecDeque::new(), 120).latency,
+            NoiseModel::CAUTIOUS
         );
-        assert!(canary.verdict().is_none());
     }
 }

@@ -9,9 +9,11 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum VerdictState {
-    /// Not enough data yet.
+    /// Fewer candidate instance-seconds than a verdict needs.
     Collecting,
-    /// Enough data, and nothing significantly worse.
+    /// Nothing is credibly worse than its floor, but the evidence cannot rule that out yet either.
+    InsufficientTraffic,
+    /// Every check rules out its floor: the candidate is credibly no worse than the floors allow.
     Healthy,
     /// Significantly worse: see the evidence.
     Bad,
@@ -30,9 +32,9 @@ pub(crate) struct Evidence {
     pub(crate) candidate: f64,
     /// Baseline value.
     pub(crate) baseline: f64,
-    /// z statistic of the underlying proportions.
+    /// Standard errors the estimate is above its floor.
     pub(crate) z: f64,
-    /// mSPRT likelihood ratio; bad needs `>= 1/alpha`.
+    /// Mixture likelihood ratio against the floor; bad needs `>= 3 / alpha` (alpha is split over the checks).
     pub(crate) likelihood_ratio: f64,
     /// Candidate samples (requests or latency values).
     pub(crate) candidate_samples: u64,
@@ -40,6 +42,8 @@ pub(crate) struct Evidence {
     pub(crate) baseline_samples: u64,
     /// Whether this check says bad.
     pub(crate) bad: bool,
+    /// Whether the check's always-valid upper bound is under its floor (the candidate is credibly fine on it).
+    pub(crate) ruled_out: bool,
 }
 
 /// The canary's verdict on one candidate.
