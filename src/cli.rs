@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use strobe_agent::AgentConfig;
 use strobe_aggregator::AggregatorConfig;
+use strobe_sim::traffic::Shape;
 
 /// Strobe: per-second metrics for continuous delivery.
 #[derive(Debug, Parser)]
@@ -104,6 +105,20 @@ pub(crate) struct LoadgenArgs {
     /// `deployer` label of the new instances.
     #[arg(long)]
     pub(crate) deployer: Option<String>,
+    /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
+    #[arg(long, default_value = "independent", value_parser = traffic_shape)]
+    pub(crate) traffic: Shape,
+}
+
+/// A traffic shape by name.
+pub(crate) fn traffic_shape(name: &str) -> Result<Shape, String> {
+    Shape::named(name).ok_or_else(|| {
+        let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name).collect();
+        format!(
+            "unknown traffic shape {name:?}; one of {}",
+            names.join(", ")
+        )
+    })
 }
 
 /// `strobe aggregator` flags.
@@ -186,6 +201,9 @@ pub(crate) struct DemoArgs {
     /// When the bad deploy starts, e.g. `30s`.
     #[arg(long, env = "STROBE_BAD_DEPLOY_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) bad_deploy_after: Duration,
+    /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
+    #[arg(long, default_value = "independent", value_parser = traffic_shape)]
+    pub(crate) traffic: Shape,
 }
 
 impl LoadgenArgs {
@@ -218,6 +236,7 @@ impl LoadgenArgs {
                 histograms: self.histograms.max(1),
                 connections: self.connections,
                 behavior: healthy,
+                traffic: self.traffic,
             },
             deploy_after: self.deploy_after,
             deploy: Deploy {

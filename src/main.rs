@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> Result<()> {
             let config = strobe_sim::demo::DemoConfig {
                 aggregator,
                 bad_deploy_after: args.bad_deploy_after,
+                traffic: args.traffic,
             };
             let after = args.bad_deploy_after;
             strobe_sim::demo::run_demo(

@@ -40,6 +40,13 @@ pub struct ShipperConfig {
     pub drain_timeout: Duration,
     /// Most series one stream's dictionary names (then sent by id alone); series past it are always sent named.
     pub max_dictionary_series: usize,
+    /// How often an HTTP/2 ping checks the connection, even when idle...
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// ...and how long its answer may take before the connection counts as dead (a half-open connection is then
+    /// noticed within the sum of the two, and the agent reconnects and replays).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ShipperConfig {
@@ -54,6 +61,8 @@ impl Default for ShipperConfig {
             connect_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(2),
             max_dictionary_series: 100_000,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -375,6 +384,9 @@ pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
     let endpoint = match Endpoint::from_shared(target.to_owned()) {
         Ok(e) => e
             .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(config.keepalive_interval)
+            .keep_alive_timeout(config.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
             .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW),

@@ -32,7 +32,7 @@ pub struct AggregatorConfig {
     /// How long sealed seconds are kept for backfill.
     #[serde(with = "humantime_serde")]
     pub history: Duration,
-    /// How long a sealed second still accepts late snapshots (as corrections).
+    /// How long after it was sealed a second still accepts late snapshots (as corrections), however old it is.
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
     /// Late snapshots of one sealed second are gathered and published as one correction at most this often (at

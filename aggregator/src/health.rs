@@ -133,6 +133,8 @@ pub(crate) struct Health {
     pub(crate) webhook_gave_up: Counter,
     /// Webhook retries.
     pub(crate) webhook_retries: Counter,
+    /// Webhook notifications dropped because their target's queue was full.
+    pub(crate) webhook_dropped: Counter,
     /// Alert events the manager could not take (it stopped).
     pub(crate) alert_events_lost: Counter,
     /// Service transitions that panicked (the service's state was dropped; the shard went on).
@@ -181,6 +183,10 @@ impl Health {
             "Webhook notifications still failing at the deadline",
         );
         let webhook_retries = counter("webhook_retries", "Webhook delivery retries");
+        let webhook_dropped = counter(
+            "webhook_dropped",
+            "Webhook notifications dropped because their target's queue held max_queued_per_target",
+        );
         let alert_events_lost = counter(
             "alert_events_lost",
             "Alert lifecycle events the alert manager could not take because it had stopped",
@@ -239,6 +245,7 @@ impl Health {
             webhook_delivered,
             webhook_refused,
             webhook_gave_up,
+            webhook_dropped,
             webhook_retries,
             alert_events_lost,
             service_panics,

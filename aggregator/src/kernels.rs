@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use strobe_proto as pb;
 
+use crate::alerting::canary::{Canary, CanarySettings, VerdictState, VersionSecond};
 use crate::alerting::rules::config::parse_rules;
 use crate::alerting::rules::{Evaluator, RuleSet};
 use crate::ingest::validate::{StreamDictionary, validate_snapshot};
@@ -202,5 +203,73 @@ impl FanOut {
             }
         }
         received
+    }
+}
+
+/// One version's numbers in one second, as the canary receives them from a sealed second.
+#[derive(Debug, Clone)]
+pub struct VersionInput {
+    /// Instances that reported.
+    pub instances: u32,
+    /// Requests.
+    pub requests: f64,
+    /// Failed requests.
+    pub errors: f64,
+    /// The merged latency histogram, in recorded units, with how many recorded units make a millisecond.
+    pub latency: Option<(hdrhistogram::Histogram<u64>, u32)>,
+}
+
+/// A verdict change as the benchmarks read it: candidate, state (as the API names it), and the check that made it
+/// bad.
+pub type VerdictChange = (String, &'static str, Option<&'static str>);
+
+/// One service's canary, fed second by second as a shard feeds it.
+#[derive(Debug)]
+pub struct CanaryRun {
+    canary: Canary,
+    settings: CanarySettings,
+    service: Arc<str>,
+}
+
+impl CanaryRun {
+    /// A canary with `settings`.
+    pub fn new(settings: CanarySettings) -> Self {
+        Self {
+            canary: Canary::default(),
+            settings,
+            service: "svc".into(),
+        }
+    }
+
+    /// Feeds second `t` (each version's numbers); returns the verdicts that changed.
+    pub fn observe(&mut self, t: i64, versions: Vec<(String, VersionInput)>) -> Vec<VerdictChange> {
+        let seconds = versions
+            .into_iter()
+            .map(|(version, v)| {
+                let second = VersionSecond {
+                    instances: v.instances,
+                    requests: v.requests,
+                    errors: v.errors,
+                    latency: v.latency,
+                    deployer: None,
+                };
+                (Arc::from(version), second)
+            })
+            .collect();
+        self.canary
+            .observe(&self.service, t, seconds, &self.settings)
+            .into_iter()
+            .map(|v| {
+                let state = match v.state {
+                    VerdictState::Collecting => "collecting",
+                    VerdictState::InsufficientTraffic => "insufficient_traffic",
+                    VerdictState::Healthy => "healthy",
+                    VerdictState::Bad => "bad",
+                    VerdictState::Promoted => "promoted",
+                    VerdictState::RolledBack => "rolled_back",
+                };
+                (v.candidate.to_string(), state, v.reason.map(|r| r.metric))
+            })
+            .collect()
     }
 }

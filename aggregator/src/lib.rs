@@ -62,6 +62,9 @@ const MAX_CORRECTION_INTERVAL: std::time::Duration = std::time::Duration::from_m
 /// How long connections may take to close after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How often the hub forgets frames and services past the history.
+const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why the aggregator could not start or stopped.
 #[derive(Debug, Error)]
 pub enum AggregatorError {
@@ -173,6 +176,15 @@ impl Aggregator {
             &mut tasks,
         );
         tasks.spawn(self.rules.clone().watch());
+        let hub = self.hub.clone();
+        tasks.spawn(async move {
+            // Services that went away leave the hub once their history has passed.
+            let mut every = tokio::time::interval(PRUNE_INTERVAL);
+            loop {
+                every.tick().await;
+                hub.prune(strobe_proto::clock::unix_second());
+            }
+        });
         let context = Arc::new(ServiceContext {
             hub: self.hub.clone(),
             health: self.health.clone(),
@@ -230,8 +242,11 @@ impl Aggregator {
         };
         // Thousands of agent streams share a few HTTP/2 connections when they come through a proxy or a load
         // generator: windows sized so one second's burst is not throttled by flow-control round trips.
+        let keepalive = self.config.limits.agent_keepalive;
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
             .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
             .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW)
             .add_service(grpc_service)

@@ -57,7 +57,12 @@ fn statsd(c: &mut Criterion) {
 fn instance_snapshot(seed: u64, second: i64) -> pb::Snapshot {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut window = Window::new(second, WindowLimits::default());
-    simulate_second(&mut window, &Behavior::HEALTHY, &mut rng);
+    simulate_second(
+        &mut window,
+        &Behavior::HEALTHY,
+        strobe_sim::traffic::SecondShock::NONE,
+        &mut rng,
+    );
     window.close().0
 }
 

@@ -188,6 +188,76 @@ async fn no_second_is_lost_while_the_aggregator_restarts() {
     );
 }
 
+/// The aggregator is down for 30 s, three times `late_window`, while three agents of one service keep counting;
+/// they reconnect at different moments (each on its own backoff) and replay. Every second of the outage is then
+/// counted exactly once for every agent: the first replay gets the old seconds sealed, and the others merge into
+/// them as corrections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_loses_nothing_when_agents_reconnect_at_different_moments() {
+    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grpc = format!("127.0.0.1:{grpc_port}");
+    let first = aggregator_on(&grpc).await;
+    let mut agents = Vec::new();
+    for n in 0..3 {
+        agents.push(agent(&first, "outage", "v1", "z1", &format!("outage-{n}")).await);
+    }
+    wait_for_instances(first.addr("http"), "outage", 3).await;
+    let statsd: Vec<std::net::SocketAddr> = agents.iter().map(|a| a.addr("statsd")).collect();
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_round_robin(&statsd, 2.0, &mut sent).await;
+    drop(first);
+    let down_from = unix_now().floor() as i64 + 1;
+    send_round_robin(&statsd, 30.0, &mut sent).await;
+    let down_until = unix_now().floor() as i64 - 1;
+    let second = aggregator_on(&grpc).await;
+    let http = second.addr("http");
+    let mut ws = subscribe(http, &["outage"]).await;
+    send_round_robin(&statsd, 2.0, &mut sent).await;
+    // Live frames and corrections: the newest frame of each second is what counts.
+    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
+    // (On a timeout, the last line printed says which seconds were not counted exactly.)
+    next_frame(&mut ws, Duration::from_secs(40), |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+            got.insert(t, s["sum"].as_f64().unwrap());
+        }
+        let missing: Vec<(i64, Option<f64>, u32)> = (down_from..=down_until)
+            .filter(|t| got.get(t).copied() != sent.get(t).map(|n| f64::from(*n)))
+            .map(|t| (t, got.get(&t).copied(), sent[&t]))
+            .collect();
+        eprintln!("not yet counted exactly (second, counted, sent): {missing:?}");
+        missing.is_empty().then_some(())
+    })
+    .await;
+    let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
+    assert!(
+        metrics.contains("strobe_snapshots_too_late_total 0"),
+        "{metrics}"
+    );
+}
+
+/// Sends one increment every 50 ms for `secs`, to each agent in turn, away from second boundaries.
+async fn send_round_robin(
+    statsd: &[std::net::SocketAddr],
+    secs: f64,
+    sent: &mut BTreeMap<i64, u32>,
+) {
+    let until = unix_now() + secs;
+    let mut n = 0;
+    while unix_now() < until {
+        let now = unix_now();
+        if (0.1..0.9).contains(&now.fract()) {
+            send_statsd(statsd[n % statsd.len()], &["ticks:1|c".to_owned()]).await;
+            *sent.entry(now.floor() as i64).or_default() += 1;
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Sends one increment every 50 ms for `secs`, away from second boundaries so each lands in a known second.
 async fn send_for(statsd: std::net::SocketAddr, secs: f64, sent: &mut BTreeMap<i64, u32>) {
     let until = unix_now() + secs;

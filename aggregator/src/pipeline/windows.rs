@@ -3,8 +3,10 @@
 //! A second is sealed as soon as every instance that reported the previous sealed second has reported it.
 //! Otherwise it waits `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the
 //! shard less than `grace_quiet` ago: a burst of thousands is still being decoded), and never longer than
-//! `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second still within
-//! `late_window` is merged and yields a correction; older ones are refused.
+//! `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second is merged and yields a
+//! correction for `late_window` after the second was sealed (wall clock: replays after an outage are old seconds,
+//! sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older than `late_window` before
+//! the newest seal, is refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -169,8 +171,11 @@ pub(crate) struct ServiceWindows {
     service: Arc<str>,
     settings: WindowSettings,
     open: BTreeMap<i64, OpenSecond>,
-    recent: BTreeMap<i64, OpenSecond>,
+    /// Sealed seconds still taking late snapshots, with when (wall clock, ms) each was sealed.
+    recent: BTreeMap<i64, (OpenSecond, i64)>,
     last_sealed: Option<i64>,
+    /// When the newest seal happened (wall clock, ms).
+    last_seal_ms: i64,
     expected: HashSet<Arc<str>>,
 }
 
@@ -183,6 +188,7 @@ impl ServiceWindows {
             open: BTreeMap::new(),
             recent: BTreeMap::new(),
             last_sealed: None,
+            last_seal_ms: 0,
             expected: HashSet::new(),
         }
     }
@@ -202,7 +208,7 @@ impl ServiceWindows {
     pub(crate) fn corrected(&self, t: i64) -> Option<Sealed> {
         self.recent
             .get(&t)
-            .map(|second| summarize(&self.service, t, second, true))
+            .map(|(second, _)| summarize(&self.service, t, second, true))
     }
 
     /// Merges one instance's second.
@@ -211,10 +217,18 @@ impl ServiceWindows {
         if let Some(last) = self.last_sealed
             && t <= last
         {
-            if t <= last - self.settings.late_window_secs {
+            // A sealed second takes late snapshots for `late_window` after it was sealed (wall clock), however old
+            // it is: after an outage, agents replay minutes of seconds, and the first to reconnect gets them sealed
+            // while the others are still on their way.
+            let known = self.recent.contains_key(&t);
+            if !known && t <= last - self.settings.late_window_secs {
                 return Applied::TooLate;
             }
-            let second = self.recent.entry(t).or_default();
+            let sealed_at = self.last_seal_ms;
+            let (second, _) = self
+                .recent
+                .entry(t)
+                .or_insert_with(|| (OpenSecond::default(), sealed_at));
             if second.reporters.contains_key(&snapshot.instance.id) {
                 return Applied::Duplicate;
             }
@@ -260,21 +274,19 @@ impl ServiceWindows {
             };
             self.expected = second.reporters.keys().cloned().collect();
             self.last_sealed = Some(t);
+            self.last_seal_ms = now_ms;
             sealed.push(summarize(&self.service, t, &second, false));
-            self.recent.insert(t, second);
+            self.recent.insert(t, (second, now_ms));
         }
-        if let Some(last) = self.last_sealed {
-            // One second more than late data is accepted for, so a correction gathered just before a seal is
-            // still there to publish (corrections wait at most `correction_interval`, under a second).
-            let oldest_kept = last - self.settings.late_window_secs - 1;
-            while self
-                .recent
-                .first_key_value()
-                .is_some_and(|(&t, _)| t <= oldest_kept)
-            {
-                self.recent.pop_first();
-            }
-        }
+        // One second more than late data is accepted for, so a correction gathered just before a seal is still there
+        // to publish (corrections wait at most `correction_interval`, under a second).
+        let keep_ms = self
+            .settings
+            .late_window_secs
+            .saturating_add(1)
+            .saturating_mul(1000);
+        self.recent
+            .retain(|_, (_, sealed_at)| now_ms < sealed_at.saturating_add(keep_ms));
         sealed
     }
 }
@@ -579,7 +591,41 @@ mod tests {
             w.apply(counter(&a, t, 1.0));
         }
         w.seal_ready_seconds(31_000, &Arrivals::default());
+        w.seal_ready_seconds(42_000, &Arrivals::default());
         assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
+    }
+
+    #[test]
+    fn replays_after_an_outage_merge_into_the_seconds_the_first_replay_sealed() {
+        let (a, b, c) = (
+            instance("a", "v1", None),
+            instance("b", "v1", None),
+            instance("c", "v1", None),
+        );
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        // The aggregator is back at 100 s (wall clock); a replays the 40 seconds it buffered, which seal at once.
+        for t in 60..100 {
+            w.apply(counter(&a, t, 1.0));
+        }
+        assert_eq!(
+            w.seal_ready_seconds(100_300, &Arrivals::default()).len(),
+            40
+        );
+        // b reconnects 8 s later and replays the same seconds, 40 to 48 s old: each one merges.
+        for t in 60..100 {
+            assert!(
+                matches!(w.apply(counter(&b, t, 2.0)), Applied::Correction { .. }),
+                "second {t}"
+            );
+        }
+        w.seal_ready_seconds(108_300, &Arrivals::default());
+        assert_eq!(
+            sum_of(&w.corrected_second(60).unwrap(), None, None),
+            (3.0, 2)
+        );
+        // Past late_window (and the extra second) after their seal, they are gone: c is too late.
+        w.seal_ready_seconds(111_400, &Arrivals::default());
+        assert!(matches!(w.apply(counter(&c, 61, 1.0)), Applied::TooLate));
     }
 
     #[test]

@@ -114,6 +114,15 @@ impl Hub {
         self.stream.broadcast(frame);
     }
 
+    /// Forgets what is older than the history as of second `now`: frames, then services that sealed nothing in it
+    /// (their status and verdicts). Alert states are bounded on their own and resolve through the alert manager.
+    pub(crate) fn prune(&self, now: i64) {
+        self.stream.prune(now);
+        self.status.prune(now);
+        self.events
+            .prune_deploys(|service| self.status.get(service).is_some());
+    }
+
     /// The newest canary verdict of every service that had one.
     pub(crate) fn deploys(&self) -> Vec<Verdict> {
         self.events.verdicts()
@@ -212,6 +221,20 @@ mod tests {
             kinds.push(f.kind);
         }
         assert_eq!(kinds.len(), 6);
+    }
+
+    #[test]
+    fn a_service_that_went_away_is_forgotten_once_its_history_has_passed() {
+        let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
+        hub.publish_second(sealed(1_000, false));
+        hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
+        hub.prune(1_500);
+        assert_eq!(hub.services().len(), 1);
+        assert!(!hub.backfill(|_| true).is_empty());
+        hub.prune(1_600);
+        assert!(hub.services().is_empty());
+        assert!(hub.deploys().is_empty());
+        assert!(hub.backfill(|_| true).is_empty());
     }
 
     /// A backfill that takes its time (here: its filter waits until a shard has published) holds no lock a publish

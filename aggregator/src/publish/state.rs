@@ -63,6 +63,12 @@ impl EventStates {
         }
     }
 
+    /// Forgets the verdicts of services `live` says are gone.
+    pub(crate) fn prune_deploys(&self, live: impl Fn(&str) -> bool) {
+        let mut deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
+        deploys.retain(|(service, _), _| live(service));
+    }
+
     /// The newest verdict on every candidate that had one.
     pub(crate) fn verdicts(&self) -> Vec<Verdict> {
         let deploys = self.deploys.lock().unwrap_or_else(|e| e.into_inner());

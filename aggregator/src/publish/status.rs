@@ -122,6 +122,13 @@ impl StatusRegistry {
         services.values().cloned().collect()
     }
 
+    /// Forgets services that sealed nothing in the last `version_memory_seconds` before second `now`.
+    pub(crate) fn prune(&self, now: i64) {
+        let horizon = now.saturating_sub(self.version_memory_seconds);
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        services.retain(|_, status| status.last_second > horizon);
+    }
+
     /// One service's status.
     pub(crate) fn get(&self, name: &str) -> Option<ServiceStatus> {
         let services = self.services.read().unwrap_or_else(|e| e.into_inner());

@@ -124,6 +124,28 @@ impl LiveStream {
     pub(crate) fn subscriber_count(&self) -> usize {
         self.live.receiver_count()
     }
+
+    /// Drops frames older than the history as of second `now`, and the services left with none: a service that
+    /// went away leaves nothing behind once its history has passed.
+    pub(crate) fn prune(&self, now: i64) {
+        let horizon = now.saturating_sub(self.history_seconds);
+        let mut services = self.history.write().unwrap_or_else(|e| e.into_inner());
+        services.retain(|_, history| {
+            let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
+            let history = &mut *history;
+            for (frames, size) in [
+                (&mut history.seconds, &mut history.seconds_bytes),
+                (&mut history.overview, &mut history.overview_bytes),
+            ] {
+                while frames.front().is_some_and(|f| f.t <= horizon) {
+                    if let Some(old) = frames.pop_front() {
+                        *size -= old.json.len();
+                    }
+                }
+            }
+            !(history.seconds.is_empty() && history.overview.is_empty())
+        });
+    }
 }
 
 /// Inserts a frame in second order (replacing a frame of the same second), then drops the oldest frames while the

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tracing::info;
 
 use crate::sim::{Behavior, SimInstance, identity, run_instance};
+use crate::traffic::{ServiceShocks, Shape};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct DemoConfig {
     pub aggregator: AggregatorConfig,
     /// When the bad version of `checkout` starts rolling out.
     pub bad_deploy_after: Duration,
+    /// How the fleet's requests move together.
+    pub traffic: Shape,
 }
 
 /// The bad version's behaviour: 16x the errors, and a p99 about six times the healthy one (same traffic).
@@ -43,15 +46,17 @@ fn service_behavior(service: &str) -> Behavior {
 const SERVICES: [(&str, &str); 3] = [("checkout", "v41"), ("search", "v7"), ("payments", "v3")];
 const ZONES: [&str; 2] = ["eu-1", "eu-2"];
 
-/// The healthy fleet: three services, four instances each, over two zones.
-pub fn healthy_fleet() -> Vec<SimInstance> {
+/// The healthy fleet: three services, four instances each, over two zones, with traffic of `shape`.
+pub fn healthy_fleet(shape: Shape) -> Vec<SimInstance> {
     let mut fleet = Vec::new();
-    for (service, version) in SERVICES {
+    for (seed, (service, version)) in SERVICES.into_iter().enumerate() {
+        let shared = ServiceShocks::new(seed as u64);
         for n in 1..=4 {
             let zone = ZONES[n % 2];
             fleet.push(SimInstance {
                 identity: identity(service, version, zone, &format!("{service}-{n}")),
                 behavior: service_behavior(service),
+                traffic: (shape, shared.clone()),
             });
         }
     }
@@ -176,7 +181,11 @@ pub async fn run_demo(
     let mut fleet = JoinSet::new();
     // One retire switch per instance; every sender lives as long as the deploy task, so no stop fires by a drop.
     let mut retire = Vec::new();
-    for (seed, instance) in healthy_fleet().into_iter().enumerate() {
+    let shape = config.traffic;
+    let fleet_instances = healthy_fleet(shape);
+    // The new version shares checkout's service-wide shocks.
+    let checkout_shocks = fleet_instances[0].traffic.1.clone();
+    for (seed, instance) in fleet_instances.into_iter().enumerate() {
         let (retire_tx, retire_rx) = watch::channel(false);
         retire.push((instance.identity.instance.clone(), retire_tx));
         let stop = merge_stops(stop_rx.clone(), retire_rx);
@@ -192,6 +201,7 @@ pub async fn run_demo(
             let instance = SimInstance {
                 identity: identity("checkout", "v42", ZONES[n % 2], &format!("checkout-{n}")),
                 behavior: bad(service_behavior("checkout")),
+                traffic: (shape, checkout_shocks.clone()),
             };
             new.spawn(run_instance(
                 instance,

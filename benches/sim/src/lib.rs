@@ -10,3 +10,4 @@
 pub mod demo;
 pub mod loadgen;
 pub mod sim;
+pub mod traffic;

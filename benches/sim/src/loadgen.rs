@@ -22,16 +22,21 @@ use tracing::info;
 use rand_distr::{Binomial, Distribution};
 
 use crate::sim::{Behavior, identity, metrics, simulate_second};
+use crate::traffic::{InstanceShocks, SecondShock, ServiceShocks, Shape};
 
 /// Prebuilt seconds per behaviour.
 const POOL_SECONDS: usize = 256;
 
-/// Prebuilt seconds for one behaviour.
+/// Prebuilt seconds for one behaviour. Under a shape with latency shocks each second is built with its own latency
+/// multiplier (drawn from the shape's spread, in ascending order), so an instance-second picks the second whose
+/// multiplier matches its shock.
 pub struct Pool {
     behavior: Behavior,
     extra_counters: usize,
     extra_histograms: usize,
     seconds: Vec<Vec<pb::Series>>,
+    /// Each second's latency multiplier, ascending.
+    multipliers: Vec<f64>,
 }
 
 impl Pool {
@@ -39,28 +44,60 @@ impl Pool {
     /// `extra_histograms` histograms.
     pub fn build(
         behavior: Behavior,
+        shape: Shape,
         extra_counters: usize,
         extra_histograms: usize,
         size: usize,
         seed: u64,
     ) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
-        let seconds = (0..size.max(1))
-            .map(|_| one_second(&behavior, 1.0, extra_counters, extra_histograms, &mut rng))
+        let spread = (shape.latency_sigma.powi(2) + shape.instance_sigma.powi(2)).sqrt();
+        let mut multipliers: Vec<f64> = (0..size.max(1))
+            .map(|_| (spread * rng.sample::<f64, _>(rand_distr::StandardNormal)).exp())
+            .collect();
+        multipliers.sort_by(f64::total_cmp);
+        let seconds = multipliers
+            .iter()
+            .map(|m| {
+                let shock = SecondShock {
+                    latency: *m,
+                    errors: 1.0,
+                };
+                one_second(
+                    &behavior,
+                    1.0,
+                    shock,
+                    extra_counters,
+                    extra_histograms,
+                    &mut rng,
+                )
+            })
             .collect();
         Self {
             behavior,
             extra_counters,
             extra_histograms,
             seconds,
+            multipliers,
         }
+    }
+
+    /// The index of a prebuilt second whose latency multiplier is about `latency` (`n` picks among neighbours, so
+    /// that instances with the same shock do not send the same second).
+    fn index_for(&self, latency: f64, n: usize) -> usize {
+        let len = self.seconds.len();
+        if latency == 1.0 && self.multipliers.iter().all(|m| *m == 1.0) {
+            return n % len;
+        }
+        let at = self.multipliers.partition_point(|m| *m < latency);
+        (at + n % 5).saturating_sub(2).min(len - 1)
     }
 
     /// A prebuilt second, with the error count drawn afresh: reusing a fixed sample of error counts would give
     /// two "identical" versions really different error ratios. (Latency histograms are reused; the pool is large
     /// enough that its quantiles sit within a few percent of the behaviour's.)
-    fn pick(&self, n: usize, rng: &mut SmallRng) -> Vec<pb::Series> {
-        let mut series = self.seconds[n % self.seconds.len()].clone();
+    fn pick(&self, n: usize, shock: SecondShock, rng: &mut SmallRng) -> Vec<pb::Series> {
+        let mut series = self.seconds[self.index_for(shock.latency, n)].clone();
         let requests = series
             .iter()
             .find(|s| s.name == metrics::REQUESTS)
@@ -70,8 +107,8 @@ impl Pool {
             })
             .unwrap_or(0.0);
         if let Some(errors) = series.iter_mut().find(|s| s.name == metrics::ERRORS) {
-            let drawn = Binomial::new(requests as u64, self.behavior.error_ratio.clamp(0.0, 1.0))
-                .map_or(0, |b| b.sample(rng));
+            let ratio = (self.behavior.error_ratio * shock.errors).clamp(0.0, 1.0);
+            let drawn = Binomial::new(requests as u64, ratio).map_or(0, |b| b.sample(rng));
             errors.value = Some(pb::series::Value::Counter(drawn as f64));
         }
         // Every other counter differs per instance and second too.
@@ -84,10 +121,11 @@ impl Pool {
     }
 
     /// A fresh second with only `share` of the traffic (an instance that started partway through the second).
-    fn partial(&self, share: f64, rng: &mut SmallRng) -> Vec<pb::Series> {
+    fn partial(&self, share: f64, shock: SecondShock, rng: &mut SmallRng) -> Vec<pb::Series> {
         one_second(
             &self.behavior,
             share,
+            shock,
             self.extra_counters,
             self.extra_histograms,
             rng,
@@ -98,6 +136,7 @@ impl Pool {
 fn one_second(
     behavior: &Behavior,
     share: f64,
+    shock: SecondShock,
     extra_counters: usize,
     extra_histograms: usize,
     rng: &mut SmallRng,
@@ -107,7 +146,7 @@ fn one_second(
         rps: behavior.rps * share,
         ..*behavior
     };
-    simulate_second(&mut window, &scaled, rng);
+    simulate_second(&mut window, &scaled, shock, rng);
     // The rest looks like a service's own instrumentation: a few metrics per route and status class.
     for i in 0..extra_counters {
         let (metric, tags) = extra_series(i, COUNTER_METRICS);
@@ -198,6 +237,8 @@ pub struct LoadSpec {
     pub connections: usize,
     /// Healthy traffic per instance.
     pub behavior: Behavior,
+    /// How the requests of an instance-second move together.
+    pub traffic: Shape,
 }
 
 /// A staged deploy: new instances of a new version of one service, from a given instant.
@@ -230,6 +271,8 @@ struct Instance {
     starts_at: f64,
     /// Unix second from which it no longer reports.
     stops_from: i64,
+    /// What its requests share each second.
+    shocks: InstanceShocks,
 }
 
 /// Counters of a running fleet.
@@ -275,6 +318,7 @@ impl Fleet {
         let extra_histograms = spec.histograms.saturating_sub(1);
         let healthy = Arc::new(Pool::build(
             spec.behavior,
+            spec.traffic,
             extra_counters,
             extra_histograms,
             POOL_SECONDS,
@@ -287,6 +331,10 @@ impl Fleet {
         let mut tasks = JoinSet::new();
         let mut instances = Vec::with_capacity(spec.agents);
         let services = spec.services.max(1);
+        let service_shocks: Vec<ServiceShocks> = (0..services)
+            .map(|s| ServiceShocks::new(s as u64))
+            .collect();
+        let mut shock_rng = SmallRng::seed_from_u64(3);
         let connections = channels.len();
         let spawn_shipper = move |tasks: &mut JoinSet<()>, n: usize, id: pb::Identity| {
             let (tx, rx) = mpsc::channel(8);
@@ -312,6 +360,11 @@ impl Fleet {
                 pool: healthy.clone(),
                 starts_at: 0.0,
                 stops_from: i64::MAX,
+                shocks: InstanceShocks::new(
+                    spec.traffic,
+                    service_shocks[service].clone(),
+                    &mut shock_rng,
+                ),
             });
         }
         info!(
@@ -325,6 +378,7 @@ impl Fleet {
             stats: stats.clone(),
             spawn: Box::new(move |tasks, n, id| spawn_shipper(tasks, n, id)),
             extra: (extra_counters, extra_histograms),
+            traffic: (spec.traffic, service_shocks),
         };
         let mut shippers = JoinSet::new();
         std::mem::swap(&mut shippers, &mut tasks);
@@ -357,6 +411,8 @@ struct Generator {
     stats: Arc<LoadStats>,
     spawn: SpawnShipper,
     extra: (usize, usize),
+    /// The traffic shape, and each service's shared shocks.
+    traffic: (Shape, Vec<ServiceShocks>),
 }
 
 impl Generator {
@@ -389,6 +445,7 @@ impl Generator {
     fn add_deploy(&mut self, deploy: Deploy, shippers: &mut JoinSet<()>) {
         let pool = Arc::new(Pool::build(
             deploy.behavior,
+            self.traffic.0,
             self.extra.0,
             self.extra.1,
             POOL_SECONDS,
@@ -416,12 +473,19 @@ impl Generator {
                 id.labels.insert("deployer".into(), d.clone());
             }
             let tx = (self.spawn)(shippers, n, id);
+            let (shape, services) = &self.traffic;
+            let shared = services
+                .get(deploy.service)
+                .cloned()
+                .unwrap_or_else(|| ServiceShocks::new(deploy.service as u64));
+            let mut rng = SmallRng::seed_from_u64(n as u64);
             self.instances.push(Instance {
                 service: deploy.service,
                 tx,
                 pool: pool.clone(),
                 starts_at: deploy.at,
                 stops_from: i64::MAX,
+                shocks: InstanceShocks::new(*shape, shared, &mut rng),
             });
         }
     }
@@ -432,15 +496,18 @@ impl Generator {
         let mut order: Vec<usize> = (0..self.instances.len()).collect();
         order.shuffle(rng);
         for n in order {
-            let instance = &self.instances[n];
+            let instance = &mut self.instances[n];
             let start_second = instance.starts_at.floor() as i64;
             if t < start_second || t >= instance.stops_from {
                 continue;
             }
+            let shock = instance.shocks.second(t, rng);
             let series = if t == start_second && instance.starts_at > 0.0 {
-                instance.pool.partial(1.0 - instance.starts_at.fract(), rng)
+                instance
+                    .pool
+                    .partial(1.0 - instance.starts_at.fract(), shock, rng)
             } else {
-                instance.pool.pick(n.wrapping_add(t as usize), rng)
+                instance.pool.pick(n.wrapping_add(t as usize), shock, rng)
             };
             let snapshot = pb::Snapshot {
                 second: t,

@@ -10,6 +10,8 @@ use strobe_agent::statsd::MetricType;
 use strobe_agent::{ShipperConfig, Window, WindowLimits, run_shipper};
 use strobe_proto as pb;
 use strobe_proto::clock;
+
+use crate::traffic::{InstanceShocks, SecondShock, ServiceShocks, Shape};
 use tokio::sync::{mpsc, watch};
 
 /// How one simulated instance behaves.
@@ -42,6 +44,8 @@ pub struct SimInstance {
     pub identity: pb::Identity,
     /// Traffic it produces.
     pub behavior: Behavior,
+    /// How its requests move together, and its service's shared shocks.
+    pub traffic: (Shape, ServiceShocks),
 }
 
 /// Metric names the simulation writes, the defaults the dashboard and canary read.
@@ -54,12 +58,17 @@ pub mod metrics {
     pub const LATENCY: &str = "request.latency";
 }
 
-/// Generates one second of an instance's traffic into a window.
-pub fn simulate_second(window: &mut Window, behavior: &Behavior, rng: &mut impl Rng) {
+/// Generates one second of an instance's traffic into a window; `shock` is what its requests share this second.
+pub fn simulate_second(
+    window: &mut Window,
+    behavior: &Behavior,
+    shock: SecondShock,
+    rng: &mut impl Rng,
+) {
     let noise = Normal::new(0.0, behavior.rps.sqrt().max(1.0)).map_or(0.0, |n| n.sample(rng));
     let requests = (behavior.rps + noise).round().max(0.0) as u64;
-    let errors =
-        Binomial::new(requests, behavior.error_ratio.clamp(0.0, 1.0)).map_or(0, |b| b.sample(rng));
+    let error_ratio = (behavior.error_ratio * shock.errors).clamp(0.0, 1.0);
+    let errors = Binomial::new(requests, error_ratio).map_or(0, |b| b.sample(rng));
     window.record_values(
         metrics::REQUESTS,
         &[],
@@ -74,7 +83,8 @@ pub fn simulate_second(window: &mut Window, behavior: &Behavior, rng: &mut impl 
         std::iter::once(errors as f64),
         1.0,
     );
-    if let Ok(latency) = LogNormal::new(behavior.latency_median_ms.ln(), behavior.latency_sigma) {
+    let median = behavior.latency_median_ms * shock.latency;
+    if let Ok(latency) = LogNormal::new(median.ln(), behavior.latency_sigma) {
         let samples: Vec<f64> = (0..requests).map(|_| latency.sample(rng)).collect();
         window.record_values(
             metrics::LATENCY,
@@ -97,6 +107,8 @@ pub async fn run_instance(
     let (tx, rx) = mpsc::channel(16);
     let shipping = tokio::spawn(run_shipper(instance.identity.clone(), shipper, rx));
     let mut rng = SmallRng::seed_from_u64(seed);
+    let (shape, service) = instance.traffic.clone();
+    let mut shocks = InstanceShocks::new(shape, service, &mut rng);
     loop {
         let boundary = tokio::time::sleep(clock::until_next_second() + Duration::from_millis(1));
         tokio::select! {
@@ -105,7 +117,8 @@ pub async fn run_instance(
         }
         let second = clock::unix_second() - 1;
         let mut window = Window::new(second, WindowLimits::default());
-        simulate_second(&mut window, &instance.behavior, &mut rng);
+        let shock = shocks.second(second, &mut rng);
+        simulate_second(&mut window, &instance.behavior, shock, &mut rng);
         let (snapshot, _) = window.close();
         if tx.send(snapshot).await.is_err() {
             break;
@@ -140,7 +153,7 @@ mod tests {
             latency_median_ms: 50.0,
             latency_sigma: 0.5,
         };
-        simulate_second(&mut window, &behavior, &mut rng);
+        simulate_second(&mut window, &behavior, SecondShock::NONE, &mut rng);
         let (snap, _) = window.close();
         let counter = |name: &str| match snap
             .series

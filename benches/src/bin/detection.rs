@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use strobe_aggregator::{Aggregator, AggregatorConfig};
 use strobe_sim::loadgen::{Deploy, Fleet, LoadSpec, service_name};
 use strobe_sim::sim::Behavior;
+use strobe_sim::traffic::Shape;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The same allocator as the `strobe` binary, so the aggregator here costs what it costs there.
@@ -49,6 +50,13 @@ struct Args {
     /// HTTP/2 connections the fleet uses.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
+    #[arg(long, default_value = "independent", value_parser = |s: &str| Shape::named(s).ok_or("unknown traffic shape"))]
+    traffic: Shape,
+    /// How long the fleet runs before the first deploy: the canary fits its noise model on the baseline's history
+    /// (`min_history`, two minutes by default), as it would on a long-running aggregator.
+    #[arg(long, default_value = "130s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
 }
 
 const HEALTHY: Behavior = Behavior {
@@ -348,6 +356,7 @@ async fn main() -> Result<()> {
         histograms: 1,
         connections: args.connections,
         behavior: healthy,
+        traffic: args.traffic,
     };
     // The fleet stands for thousands of other machines: it gets a runtime of its own, so its ten thousand shipper
     // tasks compete with the aggregator for the CPU (as other processes would) and not in the aggregator's task
@@ -362,10 +371,15 @@ async fn main() -> Result<()> {
         .await?
         .context("starting the fleet")?;
     println!(
-        "fleet: {} instances over {} services, {} req/s each; deploys of {} instances; warming up",
-        args.agents, args.services, args.rps, args.candidates
+        "fleet: {} instances over {} services, {} req/s each; deploys of {} instances; traffic {}; warming up {} s",
+        args.agents,
+        args.services,
+        args.rps,
+        args.candidates,
+        args.traffic,
+        args.warmup.as_secs()
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(args.warmup).await;
     let run_started = std::time::Instant::now();
 
     // Identical candidates on the last services, for the whole run.

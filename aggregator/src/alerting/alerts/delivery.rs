@@ -31,9 +31,11 @@ pub struct DeliverySettings {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    /// Give up on a notification this long after its first attempt.
+    /// Give up on a notification this long after it was queued (time spent behind others counts).
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Most notifications waiting for one target; more are dropped and counted (`strobe_webhook_dropped_total`).
+    pub max_queued_per_target: usize,
 }
 
 impl Default for DeliverySettings {
@@ -43,6 +45,7 @@ impl Default for DeliverySettings {
             retry_min: Duration::from_millis(250),
             retry_max: Duration::from_secs(30),
             deadline: Duration::from_secs(600),
+            max_queued_per_target: 1000,
         }
     }
 }
@@ -88,13 +91,20 @@ pub(crate) fn retry_delay(retry: u32, settings: &DeliverySettings, jitter: f64) 
     Duration::from_secs_f64(base * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
 }
 
-/// Runs `attempt` until it delivers, is refused, or the deadline would pass before the next try.
-pub(crate) async fn with_retries<F, Fut>(settings: &DeliverySettings, mut attempt: F) -> Outcome
+/// Runs `attempt` until it delivers, is refused, or `deadline` would pass before the next try (or has passed
+/// already: then not at all).
+pub(crate) async fn with_retries<F, Fut>(
+    settings: &DeliverySettings,
+    deadline: tokio::time::Instant,
+    mut attempt: F,
+) -> Outcome
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Attempt>,
 {
-    let deadline = tokio::time::Instant::now() + settings.deadline;
+    if tokio::time::Instant::now() >= deadline {
+        return Outcome::GaveUp(0, "the deadline passed while it was queued".into());
+    }
     let mut tries = 0;
     loop {
         tries += 1;
@@ -115,9 +125,12 @@ where
 /// Per-target queues and their workers. The workers are owned here: dropping the deliverer stops them.
 pub(crate) struct Deliverer {
     sender: Arc<Sender>,
-    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Notification>>>,
+    queues: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
     workers: Mutex<JoinSet<()>>,
 }
+
+/// A notification and the deadline it was queued with.
+type Queued = (tokio::time::Instant, Notification);
 
 /// What every target's worker shares: the HTTP client, the retry schedule, the counters.
 struct Sender {
@@ -154,7 +167,7 @@ impl Deliverer {
         let url = notification.step.webhook.clone();
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = queues.entry(url.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(self.sender.settings.max_queued_per_target.max(1));
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             // Workers only end by failing (a panic); say so rather than lose it.
             while let Some(ended) = workers.try_join_next() {
@@ -162,29 +175,33 @@ impl Deliverer {
                     error!(message = "Webhook worker failed.", %error);
                 }
             }
-            workers.spawn(self.sender.clone().target_worker(url, rx));
+            workers.spawn(self.sender.clone().target_worker(url.clone(), rx));
             tx
         });
-        if let Err(error) = queue.send(notification) {
-            warn!(message = "Webhook queue closed.", %error);
+        let deadline = tokio::time::Instant::now() + self.sender.settings.deadline;
+        match queue.try_send((deadline, notification)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full((_, n))) => {
+                self.sender.health.webhook_dropped.inc();
+                warn!(message = "Webhook queue full; notification dropped.", %url, alert = %n.record.id, transition = n.transition.as_str());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                warn!(message = "Webhook queue closed.", %url);
+            }
         }
     }
 }
 
 impl Sender {
-    async fn target_worker(
-        self: Arc<Self>,
-        url: String,
-        mut queue: mpsc::UnboundedReceiver<Notification>,
-    ) {
-        while let Some(n) = queue.recv().await {
+    async fn target_worker(self: Arc<Self>, url: String, mut queue: mpsc::Receiver<Queued>) {
+        while let Some((deadline, n)) = queue.recv().await {
             let body = payload::body(&n.record, n.transition, &n.step).to_string();
             let signature = n
                 .step
                 .secret
                 .as_deref()
                 .map(|s| payload::sign(s, body.as_bytes()));
-            let outcome = with_retries(&self.settings, |attempt| {
+            let outcome = with_retries(&self.settings, deadline, |attempt| {
                 if attempt > 1 {
                     self.health.webhook_retries.inc();
                 }
@@ -373,7 +390,7 @@ mod tests {
         // Fails three times, then succeeds: three sleeps, each within [half, all] of 100, 200, 400 ms.
         let start = tokio::time::Instant::now();
         let calls = AtomicU32::new(0);
-        let outcome = with_retries(&s, |_| {
+        let outcome = with_retries(&s, tokio::time::Instant::now() + s.deadline, |_| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n < 3 {
@@ -393,7 +410,9 @@ mod tests {
 
         // Always failing: gives up before the deadline passes.
         let start = tokio::time::Instant::now();
-        let outcome = with_retries(&s, |_| async { Attempt::Retry("timeout".into()) }).await;
+        let deadline = tokio::time::Instant::now() + s.deadline;
+        let outcome =
+            with_retries(&s, deadline, |_| async { Attempt::Retry("timeout".into()) }).await;
         let Outcome::GaveUp(tries, _) = outcome else {
             panic!("{outcome:?}")
         };
@@ -402,7 +421,20 @@ mod tests {
 
         // Refused: one attempt, no wait.
         let start = tokio::time::Instant::now();
-        let outcome = with_retries(&s, |_| async { Attempt::Refused("HTTP 400".into()) }).await;
+        let deadline = tokio::time::Instant::now() + s.deadline;
+        let outcome = with_retries(&s, deadline, |_| async {
+            Attempt::Refused("HTTP 400".into())
+        })
+        .await;
+        assert!(matches!(outcome, Outcome::Refused(1, _)));
+        // A notification whose deadline passed while it waited behind others is not tried at all.
+        let expired = tokio::time::Instant::now() - Duration::from_secs(1);
+        let outcome = with_retries(&s, expired, |_| async { Attempt::Delivered }).await;
+        assert!(matches!(outcome, Outcome::GaveUp(0, _)));
+        let outcome = with_retries(&s, deadline, |_| async {
+            Attempt::Refused("HTTP 400".into())
+        })
+        .await;
         assert_eq!(outcome, Outcome::Refused(1, "HTTP 400".into()));
         assert_eq!(start.elapsed(), Duration::ZERO);
     }

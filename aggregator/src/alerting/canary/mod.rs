@@ -70,7 +70,7 @@ impl Default for CanarySettings {
     fn default() -> Self {
         Self {
             enabled: true,
-            alpha: 0.001,
+            alpha: 0.01,
             min_requests: 100,
             min_latency_samples: 100,
             min_candidate_instance_seconds: 3,

@@ -43,39 +43,66 @@ impl NoiseModel {
 
     /// Fits the model to a side's per-second values of a statistic, each with its own sampling variance (`values`
     /// oldest first, consecutive seconds). `None` with fewer than `min_seconds` values.
+    ///
+    /// Shocks are looked for at three time scales: single seconds, and means over 10 and 30 seconds. A shock too
+    /// small to see under one second's sampling noise can still dominate over minutes if it persists (an error
+    /// probability that wanders on a side with a handful of errors a second); means over longer batches show it.
+    /// At each scale, what the values vary beyond sampling counts only when it is clearly more than an estimate's
+    /// own noise (a spurious shock fitted on independent traffic would cost every test its power).
     pub(crate) fn fit(values: &[(f64, f64)], instances: f64, min_seconds: usize) -> Option<Self> {
         if values.len() < min_seconds.max(3) {
             return None;
         }
         let n = values.len() as f64;
         let mean = values.iter().map(|(v, _)| v).sum::<f64>() / n;
-        let total = values.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        let sampling = values.iter().map(|(_, s)| s).sum::<f64>() / n;
         let lag1 = values
             .windows(2)
             .map(|w| (w[0].0 - mean) * (w[1].0 - mean))
             .sum::<f64>()
             / (n - 1.0);
-        // Shocks count only when the values vary clearly more than sampling alone makes them (three standard errors
-        // of a variance estimate): a spurious shock fitted on independent traffic would cost every test its power.
-        let excess = total - sampling;
-        let shock = if excess > 3.0 * (2.0 / (n - 1.0)).sqrt() * sampling {
-            excess
-        } else {
-            0.0
+        let per_second = excess_at_scale(values, 1, 3.0);
+        // The lag-1 covariance is the shocks' alone (sampling noise is fresh every second): phi = cov / shock. Shocks
+        // seen only over longer batches are persistent by that very fact: assume production's persistence.
+        let persistence = match per_second {
+            Some(shock) if shock > 0.0 => (lag1 / shock).clamp(0.0, 0.995),
+            _ => NoiseModel::CAUTIOUS.persistence,
         };
-        // The lag-1 covariance is the shocks' alone (sampling noise is fresh every second): phi = cov / shock.
-        let persistence = if shock > 0.0 {
-            (lag1 / shock).clamp(0.0, 0.995)
-        } else {
-            0.0
-        };
+        let mut shock = per_second.unwrap_or(0.0);
+        for batch in [10, 30] {
+            if let Some(excess) = excess_at_scale(values, batch, 3.0) {
+                shock = shock.max(excess / ar1_mean_variance(batch as f64, persistence));
+            }
+        }
         Some(NoiseModel {
             shock_variance: shock,
-            persistence,
+            persistence: if shock > 0.0 { persistence } else { 0.0 },
             instances: instances.max(1.0),
         })
     }
+}
+
+/// How much more the means of consecutive `batch`-second runs of `values` vary than sampling makes them, if that is
+/// more than `sigmas` standard errors of the variance estimate (and there are at least four batches).
+fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f64> {
+    let means: Vec<(f64, f64)> = values
+        .chunks_exact(batch)
+        .map(|chunk| {
+            let k = chunk.len() as f64;
+            (
+                chunk.iter().map(|(v, _)| v).sum::<f64>() / k,
+                chunk.iter().map(|(_, s)| s).sum::<f64>() / (k * k),
+            )
+        })
+        .collect();
+    if means.len() < 4 {
+        return None;
+    }
+    let m = means.len() as f64;
+    let mean = means.iter().map(|(v, _)| v).sum::<f64>() / m;
+    let total = means.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>() / (m - 1.0);
+    let sampling = means.iter().map(|(_, s)| s).sum::<f64>() / m;
+    let excess = total - sampling;
+    (excess > sigmas * (2.0 / (m - 1.0)).sqrt() * sampling).then_some(excess)
 }
 
 /// Variance of the mean of `n` consecutive values of a unit-variance AR(1) process with coefficient `phi`.
