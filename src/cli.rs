@@ -72,6 +72,9 @@ pub(crate) struct LoadgenArgs {
     /// Services the instances are spread over (`svc-000`...).
     #[arg(long, default_value_t = 10)]
     pub(crate) services: usize,
+    /// Service sizes by Zipf's law (a few large services, a long tail) instead of equal.
+    #[arg(long)]
+    pub(crate) zipf: bool,
     /// HTTP/2 connections the streams share.
     #[arg(long, default_value_t = 16)]
     pub(crate) connections: usize,
@@ -232,6 +235,7 @@ impl LoadgenArgs {
                 aggregator: self.aggregator,
                 agents: self.agents,
                 services: self.services,
+                zipf: self.zipf,
                 series: self.series.max(3),
                 histograms: self.histograms.max(1),
                 connections: self.connections,

@@ -229,6 +229,9 @@ pub struct LoadSpec {
     pub agents: usize,
     /// Services they are spread over (`svc-000`, `svc-001`, ...).
     pub services: usize,
+    /// Whether service sizes follow Zipf's law (the k-th largest has 1/k of the largest's instances: at 10,000
+    /// over 100 services, about 1,900, a median near 40 and a tail of 20), instead of equal sizes.
+    pub zipf: bool,
     /// Series per instance and second, the request/error/latency three included.
     pub series: usize,
     /// How many of those are histograms (the latency one included).
@@ -284,6 +287,42 @@ pub struct LoadStats {
     pub dropped: AtomicU64,
     /// What the aggregator answered: acknowledged, refused whole, series dropped.
     pub shippers: Arc<ShipperTally>,
+}
+
+/// Which service each of `agents` instances belongs to: round robin, or Zipf-sized (service `k` gets a share
+/// proportional to `1 / (k + 1)`, every service at least one instance while there are enough).
+pub fn assign_services(agents: usize, services: usize, zipf: bool) -> Vec<usize> {
+    let services = services.max(1);
+    if !zipf {
+        return (0..agents).map(|n| n % services).collect();
+    }
+    let weights: Vec<f64> = (0..services).map(|k| 1.0 / (k + 1) as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let mut sizes: Vec<usize> = weights
+        .iter()
+        .map(|w| {
+            ((w / total * agents as f64).floor() as usize).max(usize::from(agents >= services))
+        })
+        .collect();
+    // Rounding leaves a few over or under: the largest services absorb them.
+    let mut assigned: usize = sizes.iter().sum();
+    let mut k = 0;
+    while assigned < agents {
+        sizes[k % services] += 1;
+        assigned += 1;
+        k += 1;
+    }
+    while assigned > agents {
+        if let Some(big) = sizes.iter_mut().max() {
+            *big -= 1;
+        }
+        assigned -= 1;
+    }
+    sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(service, n)| std::iter::repeat_n(service, *n))
+        .collect()
 }
 
 /// Service name for index `i`.
@@ -346,8 +385,8 @@ impl Fleet {
             });
             tx
         };
-        for n in 0..spec.agents {
-            let service = n % services;
+        let assignment = assign_services(spec.agents, services, spec.zipf);
+        for (n, &service) in assignment.iter().enumerate() {
             let id = identity(
                 &service_name(service),
                 "v1",
@@ -600,5 +639,26 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_sizes_have_a_few_large_services_and_a_long_tail() {
+        let assignment = assign_services(10_000, 100, true);
+        assert_eq!(assignment.len(), 10_000);
+        let mut sizes = vec![0usize; 100];
+        for s in &assignment {
+            sizes[*s] += 1;
+        }
+        sizes.sort_unstable();
+        assert!(sizes[99] > 1_500 && sizes[99] < 2_200, "{sizes:?}");
+        assert!(sizes[50] > 25 && sizes[50] < 60, "{sizes:?}");
+        assert!(sizes[0] >= 1, "{sizes:?}");
+        let even = assign_services(10, 3, false);
+        assert_eq!(even, vec![0, 1, 2, 0, 1, 2, 0, 1, 2, 0]);
     }
 }

@@ -352,6 +352,7 @@ async fn main() -> Result<()> {
         aggregator: format!("http://{grpc}"),
         agents: args.agents,
         services: args.services,
+        zipf: false,
         series: 3,
         histograms: 1,
         connections: args.connections,

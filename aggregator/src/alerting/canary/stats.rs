@@ -41,6 +41,13 @@ impl NoiseModel {
         instances: 1.0,
     };
 
+    /// The same for a relative error rate: an error probability whose coefficient of variation is 1 (the upper
+    /// end of what production shows), lasting about 30 s.
+    pub(crate) const CAUTIOUS_ERRORS: NoiseModel = NoiseModel {
+        shock_variance: 1.0,
+        ..NoiseModel::CAUTIOUS
+    };
+
     /// Fits the model to a side's per-second values of a statistic, each with its own sampling variance (`values`
     /// oldest first, consecutive seconds). `None` with fewer than `min_seconds` values.
     ///
@@ -48,7 +55,8 @@ impl NoiseModel {
     /// small to see under one second's sampling noise can still dominate over minutes if it persists (an error
     /// probability that wanders on a side with a handful of errors a second); means over longer batches show it.
     /// At each scale, what the values vary beyond sampling counts only when it is clearly more than an estimate's
-    /// own noise (a spurious shock fitted on independent traffic would cost every test its power).
+    /// own noise: three standard errors for single seconds, four for batches (a spurious shock fitted on independent
+    /// traffic would cost a comparison its power, and batch estimates are fewer and noisier).
     pub(crate) fn fit(values: &[(f64, f64)], instances: f64, min_seconds: usize) -> Option<Self> {
         if values.len() < min_seconds.max(3) {
             return None;
@@ -69,7 +77,7 @@ impl NoiseModel {
         };
         let mut shock = per_second.unwrap_or(0.0);
         for batch in [10, 30] {
-            if let Some(excess) = excess_at_scale(values, batch, 3.0) {
+            if let Some(excess) = excess_at_scale(values, batch, 4.0) {
                 shock = shock.max(excess / ar1_mean_variance(batch as f64, persistence));
             }
         }
@@ -359,6 +367,45 @@ mod tests {
                     variance: 0.25 / n,
                     floor: 0.2,
                     tau: 0.7,
+                };
+                if test.rejects(alpha) {
+                    alarms += 1;
+                    break;
+                }
+            }
+        }
+        assert!(alarms <= 15, "{alarms} false alarms in {trials} trials");
+    }
+
+    /// The level under persistent shocks, which are not the Brownian motion the mixture is built on: the true
+    /// ratio sits at the floor, the per-second values carry AR(1) shocks (30 s) and sampling noise, the variance is
+    /// the model's, and the test looks every second for 30 minutes.
+    #[test]
+    fn looking_every_second_keeps_the_level_under_persistent_shocks() {
+        let mut rng = SmallRng::seed_from_u64(43);
+        let (alpha, trials, seconds) = (0.01, 1000, 1800);
+        let phi = (-1.0f64 / 30.0).exp();
+        let (shock, sampling): (f64, f64) = (0.04, 0.01);
+        let fresh = Normal::new(0.0, (shock * (1.0 - phi * phi)).sqrt()).unwrap();
+        let noise = Normal::new(0.0, sampling.sqrt()).unwrap();
+        let mut alarms = 0;
+        for _ in 0..trials {
+            let mut z: f64 = rng.sample::<f64, _>(rand_distr::StandardNormal) * shock.sqrt();
+            let mut sum = 0.0;
+            for n in 1..=seconds {
+                sum += z + noise.sample(&mut rng);
+                z = phi * z + fresh.sample(&mut rng);
+                let n = f64::from(n);
+                let model = NoiseModel {
+                    shock_variance: shock,
+                    persistence: phi,
+                    instances: 1.0,
+                };
+                let test = Test {
+                    estimate: 0.2 + sum / n,
+                    variance: sampling / n + shock_variance(&model, n, 1.0),
+                    floor: 0.2,
+                    tau: 0.5,
                 };
                 if test.rejects(alpha) {
                     alarms += 1;
