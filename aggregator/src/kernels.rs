@@ -139,15 +139,10 @@ impl SealedBench {
         settings: WindowSettings,
         snapshots: Vec<Validated>,
     ) -> Option<Self> {
-        let mut windows = ServiceWindows::new(service.into(), settings);
-        for snapshot in snapshots {
-            windows.apply(snapshot.0);
-        }
-        windows
-            .seal_ready(i64::MAX / 2, &Arrivals::default())
+        seal_all(service, settings, snapshots)
             .into_iter()
             .next()
-            .map(|s| Self(s.second))
+            .map(Self)
     }
 
     /// Merged series in the second (every split).

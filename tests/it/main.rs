@@ -140,12 +140,7 @@ async fn two_agents_merge_into_one_second_with_true_percentiles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_second_is_lost_while_the_aggregator_restarts() {
-    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let grpc = format!("127.0.0.1:{grpc_port}");
+    let grpc = free_local_addr();
     let first = aggregator_on(&grpc).await;
     let agent = agent(&first, "replay", "v1", "z1", "replay-1").await;
     wait_for_instances(first.addr("http"), "replay", 1).await;
@@ -194,12 +189,7 @@ async fn no_second_is_lost_while_the_aggregator_restarts() {
 /// them as corrections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_loses_nothing_when_agents_reconnect_at_different_moments() {
-    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let grpc = format!("127.0.0.1:{grpc_port}");
+    let grpc = free_local_addr();
     let first = aggregator_on(&grpc).await;
     let mut agents = Vec::new();
     for n in 0..3 {
@@ -269,6 +259,16 @@ async fn send_for(statsd: std::net::SocketAddr, secs: f64, sent: &mut BTreeMap<i
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A loopback address with a port free now, for an aggregator that must come back on the same one.
+fn free_local_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
 }
 
 async fn aggregator_on(grpc: &str) -> Process {
