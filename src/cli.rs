@@ -190,6 +190,9 @@ pub(crate) struct AgentArgs {
     /// Token sent to the aggregator.
     #[arg(long, env = "STROBE_TOKEN")]
     pub(crate) token: Option<String>,
+    /// Pretend this machine's clock is off by this many ms (for testing how the agent follows the aggregator's).
+    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
+    pub(crate) simulate_clock_skew_ms: i64,
 }
 
 /// `strobe demo` flags.
@@ -343,6 +346,9 @@ impl AgentArgs {
         }
         if self.token.is_some() {
             config.shipper.token = self.token;
+        }
+        if self.simulate_clock_skew_ms != 0 {
+            config.shipper.clock = strobe_agent::AgentClock::with_skew(self.simulate_clock_skew_ms);
         }
         config
     }

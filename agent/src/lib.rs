@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use strobe_proto as pb;
-use strobe_proto::clock;
 use thiserror::Error;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -26,6 +25,7 @@ use tracing::info;
 
 pub use shipper::{ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_on};
 pub use statsd::ParseLimits;
+pub use strobe_proto::clock::AgentClock;
 pub use window::{Folder, Window, WindowLimits};
 
 /// Everything the agent needs to run.
@@ -191,12 +191,14 @@ async fn fold_loop(
     tx: mpsc::Sender<pb::Snapshot>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut folder = Folder::new(clock::unix_second(), config.window_limits());
+    // Windows close on the aggregator's clock as the shipper learns it (this machine's until then).
+    let clock = &config.shipper.clock;
+    let mut folder = Folder::new(clock.unix_second(), config.window_limits());
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
     tokio::pin!(shutdown);
     // A hair past the boundary, so the roll sees the new second.
     let boundary =
-        tokio::time::sleep(clock::until_next_second() + std::time::Duration::from_millis(1));
+        tokio::time::sleep(clock.until_next_second() + std::time::Duration::from_millis(1));
     tokio::pin!(boundary);
     loop {
         tokio::select! {
@@ -209,7 +211,7 @@ async fn fold_loop(
                         continue;
                     }
                 };
-                ship(&tx, folder.roll(clock::unix_second())).await;
+                ship(&tx, folder.roll(clock.unix_second())).await;
                 let window = folder.open();
                 statsd::parse_packet(&packet[..len], &config.parse_limits, |line| match line {
                     Ok(line) => window.record(&line),
@@ -217,9 +219,9 @@ async fn fold_loop(
                 });
             }
             _ = &mut boundary => {
-                ship(&tx, folder.roll(clock::unix_second())).await;
+                ship(&tx, folder.roll(clock.unix_second())).await;
                 boundary.as_mut().reset(
-                    tokio::time::Instant::now() + clock::until_next_second() + std::time::Duration::from_millis(1),
+                    tokio::time::Instant::now() + clock.until_next_second() + std::time::Duration::from_millis(1),
                 );
             }
             _ = &mut shutdown => {

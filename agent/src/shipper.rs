@@ -9,6 +9,7 @@ use prost::Message as _;
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use strobe_proto as pb;
+use strobe_proto::clock::AgentClock;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -47,6 +48,9 @@ pub struct ShipperConfig {
     /// noticed within the sum of the two, and the agent reconnects and replays).
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// The clock the agent's windows follow: its own, corrected by what the aggregator's acks say about theirs.
+    #[serde(skip)]
+    pub clock: AgentClock,
 }
 
 impl Default for ShipperConfig {
@@ -63,6 +67,7 @@ impl Default for ShipperConfig {
             max_dictionary_series: 100_000,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
+            clock: AgentClock::default(),
         }
     }
 }
@@ -338,6 +343,12 @@ async fn ship_once(
             message = inbound.message() => match message {
                 Ok(Some(message)) => match message.body {
                     Some(pb::aggregator_message::Body::Ack(ack)) => {
+                        if let Some(offset) = config.clock.observe_aggregator(ack.aggregator_unix_ms) {
+                            warn!(
+                                message = "This machine's clock differs from the aggregator's; windows now follow the aggregator's.",
+                                offset_ms = offset
+                            );
+                        }
                         let acked = buffer.ack(ack.second);
                         report.acknowledged += acked;
                         if let Some(tally) = tally {

@@ -55,4 +55,122 @@ pub mod clock {
             .unwrap_or(0);
         Duration::from_nanos(u64::from(1_000_000_000 - nanos))
     }
+
+    /// A clock that is this machine's plus an offset learnt from the aggregator (shared: the shipper sets it, the
+    /// window loop reads it). A fixed `skew` can be added to the local reading, to test an agent whose clock is off.
+    #[derive(Debug, Clone, Default)]
+    pub struct AgentClock {
+        offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+        /// The newest offsets the aggregator's acks showed.
+        samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
+        skew_ms: i64,
+    }
+
+    /// An offset smaller than this is left alone (network delay and jitter are in every sample).
+    pub const CLOCK_TOLERANCE_MS: i64 = 250;
+
+    impl AgentClock {
+        /// A clock whose local reading is off by `skew_ms` (0 for a real agent).
+        pub fn with_skew(skew_ms: i64) -> Self {
+            Self {
+                skew_ms,
+                ..Self::default()
+            }
+        }
+
+        /// The local reading, ms since the epoch (the machine's clock plus any test skew).
+        pub fn local_millis(&self) -> i64 {
+            unix_millis().saturating_add(self.skew_ms)
+        }
+
+        /// The aggregator's time as this agent knows it, ms since the epoch.
+        pub fn millis(&self) -> i64 {
+            self.local_millis()
+                .saturating_add(self.offset_ms.load(std::sync::atomic::Ordering::Relaxed))
+        }
+
+        /// The second that contains now, on the aggregator's clock.
+        pub fn unix_second(&self) -> i64 {
+            self.millis().div_euclid(1000)
+        }
+
+        /// How long until the next second begins, on the aggregator's clock.
+        pub fn until_next_second(&self) -> Duration {
+            let into = u64::try_from(self.millis().rem_euclid(1000)).unwrap_or(0);
+            Duration::from_millis(1000 - into)
+        }
+
+        /// The offset applied now, ms.
+        pub fn offset_ms(&self) -> i64 {
+            self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
+        /// Sets the offset (the aggregator's time minus the local reading), ms.
+        pub fn set_offset_ms(&self, offset: i64) {
+            self.offset_ms
+                .store(offset, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Takes the aggregator's clock reading from an ack just received. When the median of the last five
+        /// readings' offsets differs from the applied one by more than [`CLOCK_TOLERANCE_MS`], it becomes the
+        /// applied one, and is returned.
+        pub fn observe_aggregator(&self, aggregator_ms: i64) -> Option<i64> {
+            if aggregator_ms <= 0 {
+                return None;
+            }
+            let sample = aggregator_ms.saturating_sub(self.local_millis());
+            let mut samples = self
+                .samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            samples.push_back(sample);
+            while samples.len() > 5 {
+                samples.pop_front();
+            }
+            if samples.len() < 3 {
+                return None;
+            }
+            let mut sorted: Vec<i64> = samples.iter().copied().collect();
+            sorted.sort_unstable();
+            let median = sorted[sorted.len() / 2];
+            let applied = self.offset_ms();
+            ((median - applied).abs() > CLOCK_TOLERANCE_MS
+                && !(median.abs() <= CLOCK_TOLERANCE_MS && applied == 0))
+                .then(|| {
+                    let offset = if median.abs() <= CLOCK_TOLERANCE_MS {
+                        0
+                    } else {
+                        median
+                    };
+                    self.set_offset_ms(offset);
+                    offset
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock::AgentClock;
+
+    #[test]
+    fn an_agent_clock_follows_the_aggregator_once_it_is_clearly_off() {
+        let clock = AgentClock::with_skew(3_000);
+        let aggregator = || super::clock::unix_millis();
+        assert_eq!(clock.observe_aggregator(aggregator()), None);
+        assert_eq!(clock.observe_aggregator(aggregator()), None);
+        let offset = clock.observe_aggregator(aggregator()).expect("corrected");
+        assert!((offset + 3_000).abs() < 100, "{offset}");
+        assert!((clock.millis() - aggregator()).abs() < 100);
+        // In step now: nothing changes, and small disagreements are left alone.
+        for _ in 0..5 {
+            assert_eq!(clock.observe_aggregator(aggregator() + 50), None);
+        }
+        let fine = AgentClock::default();
+        for _ in 0..5 {
+            assert_eq!(fine.observe_aggregator(aggregator() - 100), None);
+        }
+        assert_eq!(fine.offset_ms(), 0);
+        assert_eq!(fine.observe_aggregator(0), None);
+    }
 }

@@ -229,6 +229,48 @@ async fn a_long_outage_loses_nothing_when_agents_reconnect_at_different_moments(
     );
 }
 
+/// An agent whose clock is 3 s ahead learns the aggregator's time from its acks and closes its windows on it: once
+/// it has, what it counts lands in the seconds it was sent in (by the aggregator's clock), exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    let agent = spawn(&[
+        "agent",
+        "--service",
+        "skewed",
+        "--version",
+        "v1",
+        "--instance",
+        "skewed-1",
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+        "--simulate-clock-skew-ms",
+        "3000",
+    ])
+    .await;
+    // A few acks (one a second) teach it the offset.
+    wait_for_instances(http, "skewed", 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut ws = subscribe(http, &["skewed"]).await;
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_for(agent.addr("statsd"), 3.0, &mut sent).await;
+    let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
+    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+            got.insert(t, s["sum"].as_f64().unwrap());
+        }
+        (first..=last)
+            .all(|t| got.get(&t).copied() == sent.get(&t).map(|n| f64::from(*n)))
+            .then_some(())
+    })
+    .await;
+}
+
 /// Sends one increment every 50 ms for `secs`, to each agent in turn, away from second boundaries.
 async fn send_round_robin(
     statsd: &[std::net::SocketAddr],

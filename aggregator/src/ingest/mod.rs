@@ -184,7 +184,10 @@ async fn serve_stream(
         // A refused second is acknowledged too: sending it again would be refused again.
         send(
             tx,
-            reply(pb::aggregator_message::Body::Ack(pb::Ack { second })),
+            reply(pb::aggregator_message::Body::Ack(pb::Ack {
+                second,
+                aggregator_unix_ms: clock::unix_millis(),
+            })),
         )
         .await?;
     }
