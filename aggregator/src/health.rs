@@ -48,6 +48,8 @@ pub(crate) enum DropReason {
     SeriesDictionary,
     /// A new series of a service that already has `max_series_per_service` (its cardinality limit).
     MaxSeriesPerService,
+    /// A series whose merge would have taken its service's merged state past `max_decoded_bytes_per_service`.
+    MaxDecodedBytesPerService,
 }
 
 impl DropReason {
@@ -68,6 +70,7 @@ impl DropReason {
             DropReason::SeriesConflictOrServiceLimit => "series_conflict_or_max_series_per_service",
             DropReason::SeriesDictionary => "series_dictionary",
             DropReason::MaxSeriesPerService => "max_series_per_service",
+            DropReason::MaxDecodedBytesPerService => "max_decoded_bytes_per_service",
         }
     }
 }

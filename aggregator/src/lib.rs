@@ -156,6 +156,7 @@ impl Aggregator {
             grace_max_ms: i64::try_from(self.config.grace_max.as_millis()).unwrap_or(i64::MAX),
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
             max_cells: self.config.limits.max_series_per_service.saturating_mul(3),
+            max_bytes: self.config.limits.max_decoded_bytes_per_service,
         };
         // Long-lived tasks (shards, alert manager, delivery, rules watcher) live in `tasks`; per-connection ones
         // (agent streams) in `streams`.

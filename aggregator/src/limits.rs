@@ -31,6 +31,10 @@ pub struct Limits {
     /// How old a snapshot's second may be (an agent replays at most this much after an outage; older is refused).
     #[serde(with = "humantime_serde")]
     pub max_snapshot_age: Duration,
+    /// Most bytes of merged state (cells and histogram counts) one service may hold in its open and recent seconds,
+    /// checked before allocating: a histogram reaching to the largest values, sent for thousands of series and
+    /// seconds, would otherwise take gigabytes. Past it, series are dropped and counted.
+    pub max_decoded_bytes_per_service: usize,
     /// How often the aggregator pings each agent connection (HTTP/2); one that does not answer within as long again
     /// is closed, so a vanished agent's streams end and free their queue share.
     #[serde(with = "humantime_serde")]
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_snapshot_age: Duration::from_secs(600),
             max_series_per_service: 50_000,
             agent_keepalive: Duration::from_secs(10),
+            max_decoded_bytes_per_service: 1 << 30,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,

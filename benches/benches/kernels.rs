@@ -100,6 +100,7 @@ fn aggregator(c: &mut Criterion) {
             grace_max_ms: 1000,
             late_window_secs: 10,
             max_cells: 150_000,
+            max_bytes: usize::MAX,
         };
         b.iter_batched(
             || validated.clone(),
@@ -172,6 +173,7 @@ fn second_of_100k_series(c: &mut Criterion) {
         grace_max_ms: 1000,
         late_window_secs: 10,
         max_cells: 1_000_000,
+        max_bytes: usize::MAX,
     };
     let histograms = encodings(20, 100);
     let validated: Vec<_> = (0..1000)

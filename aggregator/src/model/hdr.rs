@@ -318,6 +318,19 @@ impl HdrAccumulator {
         }
     }
 
+    /// Bytes adding `v2` would allocate (its counts grow to the highest index `v2` reaches).
+    pub(crate) fn growth(&self, v2: &CheckedV2) -> usize {
+        let fixed = Layout::FIXED;
+        let top = if v2.layout == fixed {
+            v2.max_index
+        } else {
+            v2.layout
+                .value_at(v2.max_index)
+                .map_or(0, |value| fixed.index_of(value))
+        };
+        (top + 1).saturating_sub(self.counts.len()) * std::mem::size_of::<u64>()
+    }
+
     /// Adds a checked encoding's counts.
     pub(crate) fn add_v2(&mut self, v2: &CheckedV2) {
         let payload = &v2.bytes[HEADER..];

@@ -73,6 +73,23 @@ impl Cell {
         }
     }
 
+    /// Bytes a new cell for `value` takes.
+    pub(crate) fn cost(value: &SeriesValue) -> usize {
+        let counts = match value {
+            SeriesValue::Histogram { v2, .. } => HdrAccumulator::default().growth(v2),
+            _ => 0,
+        };
+        std::mem::size_of::<Cell>() + counts
+    }
+
+    /// Bytes merging `value` would allocate (a histogram's counts growing).
+    pub(crate) fn growth(&self, value: &SeriesValue) -> usize {
+        match (self, value) {
+            (Cell::Histogram { acc, .. }, SeriesValue::Histogram { v2, .. }) => acc.growth(v2),
+            _ => 0,
+        }
+    }
+
     /// Adds one instance's value.
     pub(crate) fn merge(&mut self, value: &SeriesValue) -> Result<(), MergeError> {
         match (self, value) {

@@ -69,24 +69,38 @@ impl ServiceState {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let applied = self.windows.apply(snapshot);
-        let dropped = match applied {
-            Applied::Merged { dropped } | Applied::Correction { dropped, .. } => {
+        let (dropped, over_budget) = match applied {
+            Applied::Merged {
+                dropped,
+                over_budget,
+            }
+            | Applied::Correction {
+                dropped,
+                over_budget,
+                ..
+            } => {
                 // Counted once per merged snapshot, so a replay does not count an agent's numbers twice.
                 health.count_agent(&service, &agent);
                 health.snapshots_accepted.inc();
-                dropped
+                (dropped, over_budget)
             }
             Applied::Duplicate => {
                 health.snapshots_duplicate.inc();
-                0
+                (0, 0)
             }
             Applied::TooLate => {
                 health.snapshots_too_late.inc();
-                0
+                (0, 0)
             }
         };
         if dropped > 0 {
             health.count_dropped(DropReason::SeriesConflictOrServiceLimit, u64::from(dropped));
+        }
+        if over_budget > 0 {
+            health.count_dropped(
+                DropReason::MaxDecodedBytesPerService,
+                u64::from(over_budget),
+            );
         }
         if let Applied::Correction { t, .. } = applied
             && let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t)

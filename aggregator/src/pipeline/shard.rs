@@ -199,6 +199,7 @@ mod tests {
                 grace_max_ms: 1000,
                 late_window_secs: 10,
                 max_cells: 100,
+                max_bytes: usize::MAX,
             },
             rules: rules.clone(),
             alerts: Alerts::spawn(rules, Arc::new(Discard), sink, health.clone(), &mut tasks),

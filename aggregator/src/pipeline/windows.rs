@@ -30,6 +30,9 @@ pub struct WindowSettings {
     pub late_window_secs: i64,
     /// Most cells (series times splits) in one second of one service.
     pub max_cells: usize,
+    /// Most bytes of merged state one service may hold, its open and recent seconds together; what would
+    /// allocate past it is dropped.
+    pub max_bytes: usize,
 }
 
 /// The hash maps of the merge path: foldhash, randomly seeded per process (SipHash's cost showed in profiles;
@@ -68,6 +71,8 @@ pub(crate) struct OpenSecond {
     leaves: FastMap<Leaf, FastMap<SeriesId, (u32, Cell)>>,
     kinds: FastMap<SeriesId, Kind>,
     cells: usize,
+    /// Bytes its cells take (as counted against the service's `max_bytes`).
+    bytes: usize,
     /// The service's series table, which the ids are numbers in (one per service while any second holds it).
     table: Option<Arc<SeriesTable>>,
 }
@@ -150,6 +155,8 @@ pub(crate) enum Applied {
     Merged {
         /// Series dropped: kind or scale conflicts, or the service's cell limit.
         dropped: u32,
+        /// Series dropped because merging them would have taken the service past `max_bytes`.
+        over_budget: u32,
     },
     /// This instance already reported this second; nothing changed.
     Duplicate,
@@ -160,6 +167,8 @@ pub(crate) enum Applied {
         t: i64,
         /// Series dropped, as for [`Applied::Merged`].
         dropped: u32,
+        /// As for [`Applied::Merged`].
+        over_budget: u32,
     },
     /// Older than the late window; refused.
     TooLate,
@@ -176,6 +185,8 @@ pub(crate) struct ServiceWindows {
     last_sealed: Option<i64>,
     /// When the newest seal happened (wall clock, ms).
     last_seal_ms: i64,
+    /// Bytes the open and recent seconds' cells take.
+    bytes: usize,
     expected: HashSet<Arc<str>>,
 }
 
@@ -189,6 +200,7 @@ impl ServiceWindows {
             recent: BTreeMap::new(),
             last_sealed: None,
             last_seal_ms: 0,
+            bytes: 0,
             expected: HashSet::new(),
         }
     }
@@ -233,20 +245,32 @@ impl ServiceWindows {
                 return Applied::Duplicate;
             }
             let id = snapshot.instance.id.clone();
-            let dropped = merge_into(second, snapshot, self.settings.max_cells);
+            let available = self.settings.max_bytes.saturating_sub(self.bytes);
+            let (dropped, over_budget, used) =
+                merge_into(second, snapshot, self.settings.max_cells, available);
+            self.bytes += used;
             if t == last {
                 // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
                 // be left out (and only corrected) second after second.
                 self.expected.insert(id);
             }
-            return Applied::Correction { t, dropped };
+            return Applied::Correction {
+                t,
+                dropped,
+                over_budget,
+            };
         }
         let second = self.open.entry(t).or_default();
         if second.reporters.contains_key(&snapshot.instance.id) {
             return Applied::Duplicate;
         }
+        let available = self.settings.max_bytes.saturating_sub(self.bytes);
+        let (dropped, over_budget, used) =
+            merge_into(second, snapshot, self.settings.max_cells, available);
+        self.bytes += used;
         Applied::Merged {
-            dropped: merge_into(second, snapshot, self.settings.max_cells),
+            dropped,
+            over_budget,
         }
     }
 
@@ -285,16 +309,27 @@ impl ServiceWindows {
             .late_window_secs
             .saturating_add(1)
             .saturating_mul(1000);
-        self.recent
-            .retain(|_, (_, sealed_at)| now_ms < sealed_at.saturating_add(keep_ms));
+        let bytes = &mut self.bytes;
+        self.recent.retain(|_, (second, sealed_at)| {
+            let keep = now_ms < sealed_at.saturating_add(keep_ms);
+            if !keep {
+                *bytes = bytes.saturating_sub(second.bytes);
+            }
+            keep
+        });
         sealed
     }
 }
 
-/// Merges a snapshot into its instance's leaf; returns how many series were dropped (a kind or scale that differs
-/// from the series' first contribution this second, a series the snapshot already carried, or a new cell past
-/// `max_cells`).
-fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usize) -> u32 {
+/// Merges a snapshot into its instance's leaf, allocating at most `available` bytes; returns how many series were
+/// dropped (a kind or scale that differs from the series' first contribution this second, a series the snapshot
+/// already carried, or a new cell past `max_cells`), how many were dropped for want of bytes, and the bytes used.
+fn merge_into(
+    second: &mut OpenSecond,
+    snapshot: InstanceSecond,
+    max_cells: usize,
+    available: usize,
+) -> (u32, u32, usize) {
     let instance = snapshot.instance;
     second.table.get_or_insert(snapshot.table);
     // This snapshot's number within the second: each instance reports a second once.
@@ -303,14 +338,25 @@ fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usiz
         .leaves
         .entry((instance.version.clone(), instance.zone.clone()))
         .or_default();
-    let mut dropped = 0;
+    let (mut dropped, mut over_budget, mut used) = (0, 0, 0usize);
     for (key, value) in snapshot.series {
         if let Some((last, cell)) = leaf.get_mut(&key) {
             // The same series twice in one snapshot (named and by id, say) counts once.
-            if *last == this || cell.merge(&value).is_err() {
+            if *last == this {
+                dropped += 1;
+                continue;
+            }
+            // Checked before allocating: a histogram reaching further than the budget allows is refused.
+            let growth = cell.growth(&value);
+            if used + growth > available {
+                over_budget += 1;
+                continue;
+            }
+            if cell.merge(&value).is_err() {
                 dropped += 1;
             } else {
                 *last = this;
+                used += growth;
             }
             continue;
         }
@@ -321,12 +367,19 @@ fn merge_into(second: &mut OpenSecond, snapshot: InstanceSecond, max_cells: usiz
             dropped += 1;
             continue;
         }
+        let cost = Cell::cost(&value);
+        if used + cost > available {
+            over_budget += 1;
+            continue;
+        }
         second.kinds.entry(key).or_insert(kind);
         second.cells += 1;
+        used += cost;
         leaf.insert(key, (this, Cell::new(&value)));
     }
     second.reporters.insert(instance.id.clone(), instance);
-    dropped
+    second.bytes += used;
+    (dropped, over_budget, used)
 }
 
 fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> Sealed {
@@ -393,6 +446,7 @@ mod tests {
         grace_max_ms: 1000,
         late_window_secs: 10,
         max_cells: 1000,
+        max_bytes: usize::MAX,
     };
 
     fn instance(id: &str, version: &str, zone: Option<&str>) -> Arc<Instance> {
@@ -570,7 +624,7 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         assert!(matches!(
             w.apply(counter(&a, 10, 1.0)),
-            Applied::Merged { dropped: 0 }
+            Applied::Merged { dropped: 0, .. }
         ));
         assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
         let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
@@ -634,13 +688,68 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let mut twice = counter(&a, 10, 2.0);
         twice.series.push(twice.series[0].clone());
-        assert!(matches!(w.apply(twice), Applied::Merged { dropped: 1 }));
+        assert!(matches!(w.apply(twice), Applied::Merged { dropped: 1, .. }));
         assert!(matches!(
             w.apply(counter(&instance("b", "v1", None), 10, 3.0)),
-            Applied::Merged { dropped: 0 }
+            Applied::Merged { dropped: 0, .. }
         ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (5.0, 2));
+    }
+
+    /// A histogram reaching to the largest values costs its counts up to there; a service's merged state stops
+    /// growing at `max_bytes` (checked before allocating), and gets its room back when the seconds leave.
+    #[test]
+    fn the_byte_budget_refuses_what_would_allocate_past_it_and_frees_with_the_seconds() {
+        use crate::model::hdr::CheckedV2;
+        use hdrhistogram::serialization::{Serializer, V2Serializer};
+        let mut h = hdrhistogram::Histogram::<u64>::new(2).unwrap();
+        h.record(1 << 40).unwrap();
+        let mut bytes = Vec::new();
+        V2Serializer::new().serialize(&h, &mut bytes).unwrap();
+        let v2 = CheckedV2::check(bytes.into(), 3, u64::MAX).unwrap();
+        let far = SeriesValue::Histogram { v2, scale: 1 };
+        let cost = Cell::cost(&far);
+        let settings = WindowSettings {
+            max_bytes: cost * 2 + 10,
+            ..SETTINGS
+        };
+        let mut w = ServiceWindows::new("svc".into(), settings);
+        let snapshot = |inst: &Arc<Instance>, t: i64, names: &[&str]| InstanceSecond {
+            instance: inst.clone(),
+            agent: Default::default(),
+            t,
+            series: names.iter().map(|n| (id(n), far.clone())).collect(),
+            table: table(),
+        };
+        let a = instance("a", "v1", None);
+        assert!(matches!(
+            w.apply(snapshot(&a, 10, &["far-1", "far-2", "far-3"])),
+            Applied::Merged {
+                dropped: 0,
+                over_budget: 1
+            }
+        ));
+        // Another instance adding to the cells that exist allocates nothing more.
+        let b = instance("b", "v1", None);
+        assert!(matches!(
+            w.apply(snapshot(&b, 10, &["far-1", "far-2"])),
+            Applied::Merged {
+                dropped: 0,
+                over_budget: 0
+            }
+        ));
+        // Full: a new second gets nothing until the old ones go.
+        assert!(matches!(
+            w.apply(snapshot(&a, 11, &["far-1"])),
+            Applied::Merged { over_budget: 1, .. }
+        ));
+        w.seal_ready_seconds(12_300, &Arrivals::default());
+        w.seal_ready_seconds(30_000, &Arrivals::default());
+        assert!(matches!(
+            w.apply(snapshot(&a, 40, &["far-1"])),
+            Applied::Merged { over_budget: 0, .. }
+        ));
     }
 
     #[test]
@@ -653,7 +762,10 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), settings);
         let mut second = counter(&a, 10, 1.0);
         second.series.push((id("other"), SeriesValue::Counter(1.0)));
-        assert!(matches!(w.apply(second), Applied::Merged { dropped: 1 }));
+        assert!(matches!(
+            w.apply(second),
+            Applied::Merged { dropped: 1, .. }
+        ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sealed[0].series.len(), 2);
     }

@@ -147,6 +147,7 @@ const SETTINGS: WindowSettings = WindowSettings {
     grace_max_ms: 1000,
     late_window_secs: 10,
     max_cells: 150_000,
+    max_bytes: 1 << 30,
 };
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
