@@ -67,7 +67,7 @@ impl Default for Limits {
             max_snapshot_age: Duration::from_secs(600),
             max_series_per_service: 50_000,
             agent_keepalive: Duration::from_secs(10),
-            max_decoded_bytes_per_service: 1 << 30,
+            max_decoded_bytes_per_service: 256 << 20,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,

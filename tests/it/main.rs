@@ -271,6 +271,135 @@ async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     .await;
 }
 
+/// One hostile gRPC client: thousands of histograms reaching to the largest value allowed, second after second,
+/// then seconds far in the past and future and random bytes as histograms. The aggregator's memory grows by at most
+/// 512 MiB (its per-service budget holds), and a service streaming at the same time keeps every count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_client_is_contained_and_costs_others_nothing() {
+    use hdrhistogram::serialization::{Serializer, V2Serializer};
+    use strobe_proto as pb;
+
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let calm = agent(&aggregator, "calm", "v1", "z1", "calm-1").await;
+    wait_for_instances(http, "calm", 1).await;
+    let mut ws = subscribe(http, &["calm"]).await;
+    let before = aggregator.rss_bytes();
+
+    let mut far = hdrhistogram::Histogram::<u64>::new(2).unwrap();
+    far.record(1 << 52).unwrap();
+    let mut far_bytes = Vec::new();
+    V2Serializer::new().serialize(&far, &mut far_bytes).unwrap();
+    let histogram = |bytes: Vec<u8>| {
+        Some(pb::series::Value::Histogram(pb::Histogram {
+            hdr_v2: bytes.into(),
+            scale: 1,
+            ..Default::default()
+        }))
+    };
+    let series = |n: usize, bytes: &[u8]| -> Vec<pb::Series> {
+        (0..n)
+            .map(|i| pb::Series {
+                id: 0,
+                name: format!("h{i}"),
+                tags: vec![],
+                value: histogram(bytes.to_vec()),
+            })
+            .collect()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    let mut client =
+        pb::ingest_client::IngestClient::connect(format!("http://{}", aggregator.addr("grpc")))
+            .await
+            .unwrap();
+    let hostile = tokio::spawn(async move {
+        let mut answers = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Ok(Some(_)) = answers.message().await {}
+    });
+    let send = |body| {
+        let tx = tx.clone();
+        async move { tx.send(pb::AgentMessage { body: Some(body) }).await.is_ok() }
+    };
+    assert!(
+        send(pb::agent_message::Body::Hello(pb::Hello {
+            identity: Some(pb::Identity {
+                service: "evil".into(),
+                version: "v1".into(),
+                zone: String::new(),
+                instance: "evil-1".into(),
+                labels: Default::default(),
+            }),
+            token: String::new(),
+        }))
+        .await
+    );
+    let now = unix_now().floor() as i64;
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    let counting = send_for(calm.addr("statsd"), 4.0, &mut sent);
+    let attacking = async {
+        for s in 0..60 {
+            let snapshot = pb::Snapshot {
+                second: now - 1 - s,
+                series: series(5_000, &far_bytes),
+                stats: None,
+            };
+            send(pb::agent_message::Body::Snapshot(snapshot)).await;
+        }
+        for second in [-(1i64 << 60), 0, now - 365 * 86_400, now + 365 * 86_400] {
+            let snapshot = pb::Snapshot {
+                second,
+                series: series(10, &far_bytes),
+                stats: None,
+            };
+            send(pb::agent_message::Body::Snapshot(snapshot)).await;
+        }
+        let junk: Vec<u8> = (0..64u8).map(|b| b.wrapping_mul(37)).collect();
+        let snapshot = pb::Snapshot {
+            second: now,
+            series: series(1_000, &junk),
+            stats: None,
+        };
+        send(pb::agent_message::Body::Snapshot(snapshot)).await;
+    };
+    tokio::join!(counting, attacking);
+    let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
+    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series_of(f, "ticks")) {
+            got.insert(t, s);
+        }
+        (first..=last)
+            .all(|t| got.get(&t).copied() == sent.get(&t).map(|n| f64::from(*n)))
+            .then_some(())
+    })
+    .await;
+    let grown = aggregator.rss_bytes().saturating_sub(before);
+    assert!(grown <= 512 << 20, "RSS grew by {} MiB", grown >> 20);
+    let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
+    for limit in [
+        "max_decoded_bytes_per_service",
+        "max_snapshot_age",
+        "max_future_skew",
+        "hdr_v2_encoding",
+    ] {
+        assert!(
+            metrics.contains(&format!("strobe_dropped_total{{limit=\"{limit}\"}}")),
+            "{limit} not counted: {metrics}"
+        );
+    }
+    drop(tx);
+    hostile.abort();
+}
+
+/// The overall sum of a counter in a second frame.
+fn series_of(frame: &Value, metric: &str) -> Option<f64> {
+    series(frame, metric, None, None).and_then(|s| s["sum"].as_f64())
+}
+
 /// Sends one increment every 50 ms for `secs`, to each agent in turn, away from second boundaries.
 async fn send_round_robin(
     statsd: &[std::net::SocketAddr],

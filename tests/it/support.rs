@@ -20,6 +20,18 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// Resident memory of the process now, bytes (from `/proc`).
+    pub(crate) fn rss_bytes(&self) -> u64 {
+        let pid = self._child.id().expect("still running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
     /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, if it did.
     pub(crate) async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let pid = self._child.id().expect("still running").to_string();
