@@ -226,6 +226,16 @@ impl Aggregator {
             health: self.health.clone(),
             rules: self.rules.clone(),
             alerts,
+            limits: publish::http::WebsocketLimits {
+                max_websocket_message_bytes: self.config.limits.max_websocket_message_bytes,
+                max_subscribed_services: self.config.limits.max_subscribed_services,
+                max_websocket_clients: self.config.limits.max_websocket_clients,
+                max_websocket_clients_per_address: self
+                    .config
+                    .limits
+                    .max_websocket_clients_per_address,
+            },
+            websocket_clients: Default::default(),
         }));
         info!(
             message = "Aggregator listening.",
@@ -255,7 +265,11 @@ impl Aggregator {
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),
             );
-        let http = axum::serve(self.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        let http = axum::serve(
+            self.http,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
         let servers = async {
             let (grpc, http) =
                 tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });

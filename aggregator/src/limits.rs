@@ -35,6 +35,14 @@ pub struct Limits {
     /// checked before allocating: a histogram reaching to the largest values, sent for thousands of series and
     /// seconds, would otherwise take gigabytes. Past it, series are dropped and counted.
     pub max_decoded_bytes_per_service: usize,
+    /// Largest message a websocket client may send (subscriptions are small); larger ones close its connection.
+    pub max_websocket_message_bytes: usize,
+    /// Most services one websocket subscription may name.
+    pub max_subscribed_services: usize,
+    /// Most websocket clients at once, in all...
+    pub max_websocket_clients: usize,
+    /// ...and from one IP address; more are answered 503.
+    pub max_websocket_clients_per_address: usize,
     /// How often the aggregator pings each agent connection (HTTP/2); one that does not answer within as long again
     /// is closed, so a vanished agent's streams end and free their queue share.
     #[serde(with = "humantime_serde")]
@@ -67,6 +75,10 @@ impl Default for Limits {
             max_snapshot_age: Duration::from_secs(600),
             max_series_per_service: 50_000,
             agent_keepalive: Duration::from_secs(10),
+            max_websocket_message_bytes: 64 * 1024,
+            max_subscribed_services: 1_000,
+            max_websocket_clients: 10_000,
+            max_websocket_clients_per_address: 256,
             max_decoded_bytes_per_service: 256 << 20,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,

@@ -17,11 +17,7 @@ async fn verdict(http: std::net::SocketAddr, service: &str) -> Option<Value> {
 }
 
 fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("strobe-it-canary-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+    write_temp(name, text)
 }
 
 async fn loadgen(aggregator: &Process, extra: &[&str]) -> Process {

@@ -377,20 +377,21 @@ async fn a_hostile_client_is_contained_and_costs_others_nothing() {
             .then_some(())
     })
     .await;
+    // Every kind of refusal counted (the hostile stream is read in order, after its histograms).
+    eventually(Duration::from_secs(30), "every refusal counted", || async {
+        let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
+        [
+            "max_decoded_bytes_per_service",
+            "max_snapshot_age",
+            "max_future_skew",
+            "hdr_v2_encoding",
+        ]
+        .iter()
+        .all(|limit| metrics.contains(&format!("strobe_dropped_total{{limit=\"{limit}\"}}")))
+    })
+    .await;
     let grown = aggregator.rss_bytes().saturating_sub(before);
     assert!(grown <= 512 << 20, "RSS grew by {} MiB", grown >> 20);
-    let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
-    for limit in [
-        "max_decoded_bytes_per_service",
-        "max_snapshot_age",
-        "max_future_skew",
-        "hdr_v2_encoding",
-    ] {
-        assert!(
-            metrics.contains(&format!("strobe_dropped_total{{limit=\"{limit}\"}}")),
-            "{limit} not counted: {metrics}"
-        );
-    }
     drop(tx);
     hostile.abort();
 }
@@ -398,6 +399,82 @@ async fn a_hostile_client_is_contained_and_costs_others_nothing() {
 /// The overall sum of a counter in a second frame.
 fn series_of(frame: &Value, metric: &str) -> Option<f64> {
     series(frame, metric, None, None).and_then(|s| s["sum"].as_f64())
+}
+
+/// Websocket clients are bounded: per address (a third client from the same address is answered 503 while two
+/// are connected, and gets in once one leaves), and in what they may send (an oversized message ends the connection;
+/// a subscription naming too many services is answered with an error and changes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_are_bounded_per_address_and_in_what_they_send() {
+    use futures_util::{SinkExt, StreamExt};
+    let config = write_temp(
+        "ws-limits.toml",
+        "[aggregator.limits]\nmax_websocket_clients_per_address = 2\nmax_websocket_message_bytes = 1024\n\
+         max_subscribed_services = 3\n",
+    );
+    let aggregator = aggregator(&["--config", config.to_str().unwrap()]).await;
+    let http = aggregator.addr("http");
+    let url = format!("ws://{http}/api/v1/stream");
+    let mut first = subscribe(http, &["a"]).await;
+    let second = subscribe(http, &["a"]).await;
+    let refused = tokio_tungstenite::connect_async(&url).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!(
+            "a third client got in: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    drop(second);
+    // The slot comes back once the server notices the close.
+    let mut third = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await {
+            third = Some(ws);
+            break;
+        }
+    }
+    assert!(third.is_some(), "the freed slot was never given back");
+    // Too many services: an error frame.
+    let many = serde_json::json!({ "subscribe": { "services": ["a", "b", "c", "d"] } }).to_string();
+    first
+        .send(tokio_tungstenite::tungstenite::Message::Text(many.into()))
+        .await
+        .unwrap();
+    let error = next_frame(&mut first, Duration::from_secs(5), |f| {
+        (f["type"] == "error").then(|| f["error"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    assert!(error.contains("max_subscribed_services"), "{error}");
+    // Oversized: the connection ends.
+    let big = format!(
+        "{{\"subscribe\":{{\"services\":[\"{}\"]}}}}",
+        "x".repeat(4096)
+    );
+    first
+        .send(tokio_tungstenite::tungstenite::Message::Text(big.into()))
+        .await
+        .ok();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match first.next().await {
+                None
+                | Some(Err(_))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => {
+                    return;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "an oversized message did not end the connection"
+    );
 }
 
 /// Sends one increment every 50 ms for `secs`, to each agent in turn, away from second boundaries.

@@ -242,3 +242,12 @@ pub(crate) fn unix_now() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
+
+/// Writes `text` to a file named `name` in this test run's temporary folder; its path.
+pub(crate) fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("strobe-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -32,6 +32,65 @@ pub(crate) struct AppState {
     pub(crate) rules: Arc<RulesStore>,
     /// The alert manager.
     pub(crate) alerts: Alerts,
+    /// The websocket's input bounds.
+    pub(crate) limits: WebsocketLimits,
+    /// Websocket clients connected now, by address.
+    pub(crate) websocket_clients:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// What a websocket client may send and how many may connect (from the aggregator's limits).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WebsocketLimits {
+    /// Largest message a client may send.
+    pub(crate) max_websocket_message_bytes: usize,
+    /// Most services one subscription may name.
+    pub(crate) max_subscribed_services: usize,
+    /// Most clients at once...
+    pub(crate) max_websocket_clients: usize,
+    /// ...and from one IP address.
+    pub(crate) max_websocket_clients_per_address: usize,
+}
+
+/// A websocket client's place in the per-address count, given back when it goes.
+struct ClientSlot<'a> {
+    state: &'a AppState,
+    address: std::net::IpAddr,
+}
+
+impl<'a> ClientSlot<'a> {
+    /// Takes a place for a client from `address`, if there is room in all and for the address.
+    fn take(state: &'a AppState, address: std::net::IpAddr) -> Option<Self> {
+        let mut clients = state
+            .websocket_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let total: usize = clients.values().sum();
+        let mine = clients.entry(address).or_default();
+        if total >= state.limits.max_websocket_clients
+            || *mine >= state.limits.max_websocket_clients_per_address
+        {
+            return None;
+        }
+        *mine += 1;
+        Some(Self { state, address })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut clients = self
+            .state
+            .websocket_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = clients.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                clients.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// The router for the aggregator's HTTP port.
@@ -236,9 +295,18 @@ const FIRST_SUBSCRIBE_WAIT: Duration = Duration::from_millis(300);
 
 async fn stream(
     State(state): State<Arc<AppState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Query(q): Query<StreamQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    if ClientSlot::take(&state, peer.ip()).is_none() {
+        tracing::warn!(message = "Websocket client refused: too many clients.", address = %peer.ip());
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many websocket clients (max_websocket_clients, max_websocket_clients_per_address)",
+        )
+            .into_response();
+    }
     let from_query = (q.services.is_some() || q.overview.is_some()).then(|| Subscription {
         services: q
             .services
@@ -249,11 +317,19 @@ async fn stream(
             .collect(),
         overview: q.overview.unwrap_or(false),
     });
-    upgrade.on_upgrade(move |socket| async move {
-        state.health.websocket_clients.inc();
-        serve_socket(socket, &state, from_query).await;
-        state.health.websocket_clients.dec();
-    })
+    let max_message = state.limits.max_websocket_message_bytes;
+    upgrade
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |socket| async move {
+            // Held for the connection's life; checked above, taken again here so a refused upgrade holds nothing.
+            let Some(_slot) = ClientSlot::take(&state, peer.ip()) else {
+                return;
+            };
+            state.health.websocket_clients.inc();
+            serve_socket(socket, &state, from_query).await;
+            state.health.websocket_clients.dec();
+        })
 }
 
 async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Subscription>) {
@@ -261,14 +337,16 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
     let mut subscription = match from_query {
         Some(s) => s,
         None => match tokio::time::timeout(FIRST_SUBSCRIBE_WAIT, inbound.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => match parse_client_message(&text) {
-                Ok(s) => s,
-                Err(error) => {
-                    // The client is told why its subscription was not understood; if it already left, nothing is lost.
-                    out.send(error_frame(&error)).await.ok();
-                    Subscription::default()
+            Ok(Some(Ok(Message::Text(text)))) => {
+                match parse_client_message(&text, state.limits.max_subscribed_services) {
+                    Ok(s) => s,
+                    Err(error) => {
+                        // The client is told why its subscription was not understood; if it already left, nothing is lost.
+                        out.send(error_frame(&error)).await.ok();
+                        Subscription::default()
+                    }
                 }
-            },
+            }
             Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return,
             _ => Subscription::default(),
         },
@@ -308,7 +386,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                 Err(RecvError::Closed) => return,
             },
             message = inbound.next() => match message {
-                Some(Ok(Message::Text(text))) => match parse_client_message(&text) {
+                Some(Ok(Message::Text(text))) => match parse_client_message(&text, state.limits.max_subscribed_services) {
                     Ok(next) => {
                         // Backfill only what the old subscription did not already cover.
                         let old = subscription.clone();
@@ -332,10 +410,16 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
     }
 }
 
-fn parse_client_message(text: &str) -> Result<Subscription, String> {
-    serde_json::from_str::<ClientMessage>(text)
+fn parse_client_message(text: &str, max_services: usize) -> Result<Subscription, String> {
+    let subscription = serde_json::from_str::<ClientMessage>(text)
         .map(|m| m.subscribe)
-        .map_err(|e| format!("bad client message: {e}"))
+        .map_err(|e| format!("bad client message: {e}"))?;
+    if subscription.services.len() > max_services {
+        return Err(format!(
+            "a subscription names at most {max_services} services (max_subscribed_services)"
+        ));
+    }
+    Ok(subscription)
 }
 
 fn error_frame(error: &str) -> Message {
