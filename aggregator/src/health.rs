@@ -142,6 +142,8 @@ pub(crate) struct Health {
     pub(crate) alert_events_lost: Counter,
     /// Service transitions that panicked (the service's state was dropped; the shard went on).
     pub(crate) service_panics: Counter,
+    /// Shards restarted after a panic outside any service.
+    pub(crate) shard_restarts: Counter,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
@@ -193,6 +195,10 @@ impl Health {
         let alert_events_lost = counter(
             "alert_events_lost",
             "Alert lifecycle events the alert manager could not take because it had stopped",
+        );
+        let shard_restarts = counter(
+            "shard_restarts",
+            "Shards restarted after a panic outside any service's transition; their services' open seconds were lost",
         );
         let service_panics = counter(
             "service_panics",
@@ -252,6 +258,7 @@ impl Health {
             webhook_retries,
             alert_events_lost,
             service_panics,
+            shard_restarts,
             dropped,
         }
     }

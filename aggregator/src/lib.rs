@@ -286,9 +286,9 @@ impl Aggregator {
                 info!(message = "Connections still open after the shutdown grace; closing them.");
                 Ok(())
             }
-            // Shards, the alert manager, delivery and the rules watcher run until shutdown; one that ends before
-            // (a panic outside any service's transition) leaves the aggregator unable to do its job: stop, and say
-            // so with a non-zero exit, so the supervisor restarts it.
+            // Shards (restarted by their supervisor after a panic), the alert manager, delivery, the rules watcher
+            // and the hub's pruning run until shutdown; one that ends before leaves the aggregator unable to do its
+            // job: stop, and say so with a non-zero exit, so the process supervisor restarts it.
             Some(ended) = tasks.join_next() => {
                 let why = match ended {
                     Ok(()) => "it returned".to_owned(),

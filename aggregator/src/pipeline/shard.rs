@@ -32,6 +32,9 @@ const QUEUE: usize = 8192;
 pub(crate) enum ShardCommand {
     /// Merge one instance's second; its queue reservation is released once it is merged.
     Snapshot(InstanceSecond, Reservation),
+    /// Panic outside any service's transition (tests of the supervisor only).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Handles to the running shards.
@@ -52,7 +55,7 @@ impl Shards {
         for index in 0..count.max(1) {
             let (tx, rx) = mpsc::channel(QUEUE);
             senders.push(tx);
-            tasks.spawn(run_shard(index, rx, context.clone()));
+            tasks.spawn(supervise(index, rx, context.clone()));
         }
         Self {
             senders: senders.into(),
@@ -101,9 +104,33 @@ fn drop_service(
     }
 }
 
-async fn run_shard(
+/// Runs a shard, and runs it again if it panics outside any service's transition (which `contain` catches): the
+/// services it held lose their open seconds (logged, counted as `strobe_shard_restarts_total`), the queue and every
+/// other shard go on. Returns when the shard's queue closes (shutdown).
+async fn supervise(
     index: usize,
     mut commands: mpsc::Receiver<ShardCommand>,
+    context: Arc<ServiceContext>,
+) {
+    use futures_util::FutureExt;
+    loop {
+        let run = std::panic::AssertUnwindSafe(run_shard(index, &mut commands, context.clone()));
+        match run.catch_unwind().await {
+            Ok(()) => return,
+            Err(_) => {
+                context.health.shard_restarts.inc();
+                error!(
+                    message = "Shard panicked outside any service; restarted, its services' open seconds are lost.",
+                    shard = index
+                );
+            }
+        }
+    }
+}
+
+async fn run_shard(
+    index: usize,
+    commands: &mut mpsc::Receiver<ShardCommand>,
     context: Arc<ServiceContext>,
 ) {
     let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
@@ -113,9 +140,14 @@ async fn run_shard(
     loop {
         tokio::select! {
             command = commands.recv() => {
-                let Some(ShardCommand::Snapshot(snapshot, reservation)) = command else {
-                    debug!(message = "Shard stopping.", shard = index);
-                    return;
+                let (snapshot, reservation) = match command {
+                    Some(ShardCommand::Snapshot(snapshot, reservation)) => (snapshot, reservation),
+                    #[cfg(test)]
+                    Some(ShardCommand::Panic) => panic!("a bug outside any service"),
+                    None => {
+                        debug!(message = "Shard stopping.", shard = index);
+                        return;
+                    }
                 };
                 let now = clock::unix_millis();
                 arrivals.record(snapshot.t, now);
@@ -210,5 +242,21 @@ mod tests {
         assert!(contain("fine", &context, || {}));
         assert!(!contain("broken", &context, || panic!("a bug")));
         assert!(health.render(0).contains("strobe_service_panics_total 1"));
+
+        // A panic outside any service: the supervisor restarts the shard, which keeps serving its queue.
+        let (tx, rx) = mpsc::channel(4);
+        let shard = tokio::spawn(supervise(0, rx, Arc::new(context)));
+        tx.send(ShardCommand::Panic).await.unwrap();
+        tx.send(ShardCommand::Panic).await.unwrap();
+        for _ in 0..100 {
+            if health.render(0).contains("strobe_shard_restarts_total 2") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(health.render(0).contains("strobe_shard_restarts_total 2"));
+        assert!(!shard.is_finished(), "the supervisor gave up");
+        drop(tx);
+        shard.await.expect("ends cleanly when its queue closes");
     }
 }
