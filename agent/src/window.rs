@@ -270,10 +270,11 @@ impl Folder {
         &mut self.open
     }
 
-    /// If `now_second` is past the open window, closes it and opens `now_second`. Seconds in between that saw no
-    /// call (the process was paused) are not invented.
+    /// If `now_second` is not the open window's, closes it and opens `now_second`. Seconds in between that saw no
+    /// call (the process was paused) are not invented. A clock stepped back (the agent learnt the aggregator's)
+    /// closes the open window too, rather than piling the seconds until the clock catches up into one.
     pub fn roll(&mut self, now_second: i64) -> Option<(pb::Snapshot, WindowStats)> {
-        if now_second <= self.open.second {
+        if now_second == self.open.second {
             return None;
         }
         let closed = std::mem::replace(&mut self.open, Window::new(now_second, self.limits));
@@ -399,13 +400,14 @@ mod tests {
             (10, None),
             (11, Some(10)),
             (14, Some(11)),
-            (13, None),
+            // A clock stepped back (to the aggregator's): the open second closes rather than collecting the next ones.
+            (13, Some(14)),
         ];
         let mut folder = Folder::new(10, WindowLimits::default());
         for (now, expected) in table {
             let closed = folder.roll(now).map(|(s, _)| s.second);
             assert_eq!(closed, expected, "roll at {now}");
         }
-        assert_eq!(folder.open().second(), 14);
+        assert_eq!(folder.open().second(), 13);
     }
 }

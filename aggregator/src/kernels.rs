@@ -75,7 +75,7 @@ fn seal_all(
 ) -> Vec<SealedSecond> {
     let mut windows = ServiceWindows::new(service.into(), settings);
     for snapshot in snapshots {
-        windows.apply(snapshot.0);
+        windows.apply(snapshot.0, 0);
     }
     windows
         .seal_ready(i64::MAX / 2, &Arrivals::default())

@@ -285,6 +285,7 @@ fn validate_series(
     dictionary: &mut StreamDictionary,
     limits: &Limits,
 ) -> Result<(SeriesId, SeriesValue), SeriesProblem> {
+    // Named first even if its value is refused: the agent refers to it by number from now on.
     let key = dictionary.resolve(&series, limits)?;
     let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
         pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),

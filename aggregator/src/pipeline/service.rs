@@ -68,7 +68,7 @@ impl ServiceState {
     ) {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
-        let applied = self.windows.apply(snapshot);
+        let applied = self.windows.apply(snapshot, now_ms);
         let (dropped, over_budget) = match applied {
             Applied::Merged {
                 dropped,

@@ -113,8 +113,16 @@ async fn supervise(
     context: Arc<ServiceContext>,
 ) {
     use futures_util::FutureExt;
+    // Owned here, so that after a panic each service is evicted properly: what it had firing resolves, its canary
+    // comparisons end.
+    let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
     loop {
-        let run = std::panic::AssertUnwindSafe(run_shard(index, &mut commands, context.clone()));
+        let run = std::panic::AssertUnwindSafe(run_shard(
+            index,
+            &mut commands,
+            &mut services,
+            context.clone(),
+        ));
         match run.catch_unwind().await {
             Ok(()) => return,
             Err(_) => {
@@ -123,6 +131,11 @@ async fn supervise(
                     message = "Shard panicked outside any service; restarted, its services' open seconds are lost.",
                     shard = index
                 );
+                let now = clock::unix_millis();
+                let names: Vec<Arc<str>> = services.keys().cloned().collect();
+                for name in names {
+                    drop_service(&mut services, &name, now, &context);
+                }
             }
         }
     }
@@ -131,9 +144,9 @@ async fn supervise(
 async fn run_shard(
     index: usize,
     commands: &mut mpsc::Receiver<ShardCommand>,
+    services: &mut HashMap<Arc<str>, ServiceState>,
     context: Arc<ServiceContext>,
 ) {
-    let mut services: HashMap<Arc<str>, ServiceState> = HashMap::new();
     let mut arrivals = Arrivals::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +177,7 @@ async fn run_shard(
                 });
                 drop(reservation);
                 if !ok {
-                    drop_service(&mut services, &service, now, &context);
+                    drop_service(services, &service, now, &context);
                 }
             }
             _ = tick.tick() => {
@@ -180,7 +193,7 @@ async fn run_shard(
                     }
                 }
                 for service in failed {
-                    drop_service(&mut services, &service, now, &context);
+                    drop_service(services, &service, now, &context);
                 }
                 let second = now.div_euclid(1000);
                 arrivals.forget_before(second - context.settings.late_window_secs - 1);
@@ -192,7 +205,8 @@ async fn run_shard(
                     .collect();
                 for name in idle {
                     if let Some(state) = services.remove(&name) {
-                        state.evict(&name, horizon, now, &context);
+                        // Contained like every other transition: a bug here costs this service, not the shard.
+                        contain(&name, &context, || state.evict(&name, horizon, now, &context));
                     }
                 }
             }

@@ -223,8 +223,8 @@ impl ServiceWindows {
             .map(|(second, _)| summarize(&self.service, t, second, true))
     }
 
-    /// Merges one instance's second.
-    pub(crate) fn apply(&mut self, snapshot: InstanceSecond) -> Applied {
+    /// Merges one instance's second, arrived at `now_ms`.
+    pub(crate) fn apply(&mut self, snapshot: InstanceSecond, now_ms: i64) -> Applied {
         let t = snapshot.t;
         if let Some(last) = self.last_sealed
             && t <= last
@@ -232,11 +232,16 @@ impl ServiceWindows {
             // A sealed second takes late snapshots for `late_window` after it was sealed (wall clock), however old
             // it is: after an outage, agents replay minutes of seconds, and the first to reconnect gets them sealed
             // while the others are still on their way.
-            let known = self.recent.contains_key(&t);
-            if !known && t <= last - self.settings.late_window_secs {
+            let late_ms = self.settings.late_window_secs.saturating_mul(1000);
+            let open_for_late = match self.recent.get(&t) {
+                Some((_, sealed_at)) => now_ms < sealed_at.saturating_add(late_ms),
+                None => t > last - self.settings.late_window_secs,
+            };
+            if !open_for_late {
                 return Applied::TooLate;
             }
-            let sealed_at = self.last_seal_ms;
+            // A second never seen (no snapshot before its seal) counts as sealed now: kept as long as any.
+            let sealed_at = now_ms.max(self.last_seal_ms);
             let (second, _) = self
                 .recent
                 .entry(t)
@@ -427,6 +432,12 @@ mod tests {
     use super::*;
 
     impl ServiceWindows {
+        /// Applies as if arrived right after the newest seal.
+        fn apply_now(&mut self, snapshot: InstanceSecond) -> Applied {
+            let now = self.last_seal_ms;
+            self.apply(snapshot, now)
+        }
+
         fn seal_ready_seconds(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<SealedSecond> {
             self.seal_ready(now_ms, arrivals)
                 .into_iter()
@@ -501,9 +512,9 @@ mod tests {
         let b = instance("b", "v2", Some("z1"));
         let c = instance("c", "v2", None);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
-        w.apply(counter(&a, 10, 1.0));
-        w.apply(counter(&b, 10, 2.0));
-        w.apply(counter(&c, 10, 4.0));
+        w.apply_now(counter(&a, 10, 1.0));
+        w.apply_now(counter(&b, 10, 2.0));
+        w.apply_now(counter(&c, 10, 4.0));
         let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
         assert_eq!(sealed.len(), 1);
         let table = [
@@ -529,25 +540,25 @@ mod tests {
         let b = instance("b", "v1", None);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         // Second 10: nobody is expected yet, so it waits for the grace.
-        w.apply(counter(&a, 10, 1.0));
-        w.apply(counter(&b, 10, 1.0));
+        w.apply_now(counter(&a, 10, 1.0));
+        w.apply_now(counter(&b, 10, 1.0));
         assert!(
             w.seal_ready_seconds(11_100, &Arrivals::default())
                 .is_empty()
         );
         assert_eq!(w.seal_ready_seconds(11_250, &Arrivals::default()).len(), 1);
         // Second 11: both expected; sealed the moment the second arrives.
-        w.apply(counter(&a, 11, 1.0));
+        w.apply_now(counter(&a, 11, 1.0));
         assert!(
             w.seal_ready_seconds(12_001, &Arrivals::default())
                 .is_empty()
         );
-        w.apply(counter(&b, 11, 1.0));
+        w.apply_now(counter(&b, 11, 1.0));
         let sealed = w.seal_ready_seconds(12_002, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [11]);
         // Second 12: b is gone; 13 is complete early but waits for 12, then both go in order.
-        w.apply(counter(&a, 12, 1.0));
-        w.apply(counter(&a, 13, 1.0));
+        w.apply_now(counter(&a, 12, 1.0));
+        w.apply_now(counter(&a, 13, 1.0));
         assert!(
             w.seal_ready_seconds(13_100, &Arrivals::default())
                 .is_empty()
@@ -565,24 +576,24 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let mut arrivals = Arrivals::default();
         for i in [&a, &b] {
-            w.apply(counter(i, 10, 1.0));
+            w.apply_now(counter(i, 10, 1.0));
         }
         w.seal_ready_seconds(11_250, &arrivals);
         // Second 11: a reports; the shard is still receiving second 11 (for other services) at 12_240.
-        w.apply(counter(&a, 11, 1.0));
+        w.apply_now(counter(&a, 11, 1.0));
         arrivals.record(11, 12_240);
         assert!(
             w.seal_ready_seconds(12_260, &arrivals).is_empty(),
             "still arriving"
         );
-        w.apply(counter(&c, 11, 1.0));
+        w.apply_now(counter(&c, 11, 1.0));
         arrivals.record(11, 12_280);
         assert!(w.seal_ready_seconds(12_320, &arrivals).is_empty());
         // Quiet for 50 ms: sealed without b.
         let sealed = w.seal_ready_seconds(12_330, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
         // Second 12 keeps streaming in forever: sealed at the latest grace_max after it ends.
-        w.apply(counter(&a, 12, 1.0));
+        w.apply_now(counter(&a, 12, 1.0));
         arrivals.record(12, 13_990);
         assert!(w.seal_ready_seconds(13_995, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
@@ -596,23 +607,23 @@ mod tests {
         let a = instance("a", "v1", None);
         let b = instance("b", "v1", None);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
-        w.apply(counter(&a, 10, 1.0));
-        w.apply(counter(&b, 10, 1.0));
+        w.apply_now(counter(&a, 10, 1.0));
+        w.apply_now(counter(&b, 10, 1.0));
         w.seal_ready_seconds(11_250, &Arrivals::default());
         // b is late for 11: 11 seals at its grace without b, and b's data becomes a correction.
-        w.apply(counter(&a, 11, 1.0));
+        w.apply_now(counter(&a, 11, 1.0));
         assert_eq!(w.seal_ready_seconds(12_250, &Arrivals::default()).len(), 1);
         assert!(matches!(
-            w.apply(counter(&b, 11, 1.0)),
+            w.apply_now(counter(&b, 11, 1.0)),
             Applied::Correction { t: _, .. }
         ));
         // 12 is not complete with a alone: b is expected again.
-        w.apply(counter(&a, 12, 1.0));
+        w.apply_now(counter(&a, 12, 1.0));
         assert!(
             w.seal_ready_seconds(13_010, &Arrivals::default())
                 .is_empty()
         );
-        w.apply(counter(&b, 12, 1.0));
+        w.apply_now(counter(&b, 12, 1.0));
         let sealed = w.seal_ready_seconds(13_020, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
     }
@@ -623,30 +634,42 @@ mod tests {
         let b = instance("b", "v1", None);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         assert!(matches!(
-            w.apply(counter(&a, 10, 1.0)),
+            w.apply_now(counter(&a, 10, 1.0)),
             Applied::Merged { dropped: 0, .. }
         ));
-        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
+        assert!(matches!(
+            w.apply_now(counter(&a, 10, 1.0)),
+            Applied::Duplicate
+        ));
         let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));
         // b was late: its second-10 data corrects the sealed second.
         assert!(matches!(
-            w.apply(counter(&b, 10, 5.0)),
+            w.apply_now(counter(&b, 10, 5.0)),
             Applied::Correction { t: 10, .. }
         ));
         let corrected = w.corrected_second(10).unwrap();
         assert!(corrected.correction);
         assert_eq!(sum_of(&corrected, None, None), (6.0, 2));
         // Replays of either, before or after sealing, change nothing.
-        assert!(matches!(w.apply(counter(&a, 10, 1.0)), Applied::Duplicate));
-        assert!(matches!(w.apply(counter(&b, 10, 5.0)), Applied::Duplicate));
+        assert!(matches!(
+            w.apply_now(counter(&a, 10, 1.0)),
+            Applied::Duplicate
+        ));
+        assert!(matches!(
+            w.apply_now(counter(&b, 10, 5.0)),
+            Applied::Duplicate
+        ));
         // Far past the late window: refused.
         for t in 11..30 {
-            w.apply(counter(&a, t, 1.0));
+            w.apply_now(counter(&a, t, 1.0));
         }
         w.seal_ready_seconds(31_000, &Arrivals::default());
         w.seal_ready_seconds(42_000, &Arrivals::default());
-        assert!(matches!(w.apply(counter(&b, 12, 1.0)), Applied::TooLate));
+        assert!(matches!(
+            w.apply_now(counter(&b, 12, 1.0)),
+            Applied::TooLate
+        ));
     }
 
     #[test]
@@ -659,7 +682,7 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         // The aggregator is back at 100 s (wall clock); a replays the 40 seconds it buffered, which seal at once.
         for t in 60..100 {
-            w.apply(counter(&a, t, 1.0));
+            w.apply_now(counter(&a, t, 1.0));
         }
         assert_eq!(
             w.seal_ready_seconds(100_300, &Arrivals::default()).len(),
@@ -668,7 +691,7 @@ mod tests {
         // b reconnects 8 s later and replays the same seconds, 40 to 48 s old: each one merges.
         for t in 60..100 {
             assert!(
-                matches!(w.apply(counter(&b, t, 2.0)), Applied::Correction { .. }),
+                matches!(w.apply_now(counter(&b, t, 2.0)), Applied::Correction { .. }),
                 "second {t}"
             );
         }
@@ -677,9 +700,18 @@ mod tests {
             sum_of(&w.corrected_second(60).unwrap(), None, None),
             (3.0, 2)
         );
-        // Past late_window (and the extra second) after their seal, they are gone: c is too late.
+        // Past late_window after their seal, a second takes no more (it is kept one second longer only so that a
+        // correction gathered just before is still published).
+        assert!(matches!(
+            w.apply(counter(&c, 62, 1.0), 110_500),
+            Applied::TooLate
+        ));
+        // Past late_window and the extra second, they are gone: c is too late.
         w.seal_ready_seconds(111_400, &Arrivals::default());
-        assert!(matches!(w.apply(counter(&c, 61, 1.0)), Applied::TooLate));
+        assert!(matches!(
+            w.apply_now(counter(&c, 61, 1.0)),
+            Applied::TooLate
+        ));
     }
 
     #[test]
@@ -688,9 +720,12 @@ mod tests {
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let mut twice = counter(&a, 10, 2.0);
         twice.series.push(twice.series[0].clone());
-        assert!(matches!(w.apply(twice), Applied::Merged { dropped: 1, .. }));
         assert!(matches!(
-            w.apply(counter(&instance("b", "v1", None), 10, 3.0)),
+            w.apply_now(twice),
+            Applied::Merged { dropped: 1, .. }
+        ));
+        assert!(matches!(
+            w.apply_now(counter(&instance("b", "v1", None), 10, 3.0)),
             Applied::Merged { dropped: 0, .. }
         ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
@@ -724,7 +759,7 @@ mod tests {
         };
         let a = instance("a", "v1", None);
         assert!(matches!(
-            w.apply(snapshot(&a, 10, &["far-1", "far-2", "far-3"])),
+            w.apply_now(snapshot(&a, 10, &["far-1", "far-2", "far-3"])),
             Applied::Merged {
                 dropped: 0,
                 over_budget: 1
@@ -733,7 +768,7 @@ mod tests {
         // Another instance adding to the cells that exist allocates nothing more.
         let b = instance("b", "v1", None);
         assert!(matches!(
-            w.apply(snapshot(&b, 10, &["far-1", "far-2"])),
+            w.apply_now(snapshot(&b, 10, &["far-1", "far-2"])),
             Applied::Merged {
                 dropped: 0,
                 over_budget: 0
@@ -741,13 +776,13 @@ mod tests {
         ));
         // Full: a new second gets nothing until the old ones go.
         assert!(matches!(
-            w.apply(snapshot(&a, 11, &["far-1"])),
+            w.apply_now(snapshot(&a, 11, &["far-1"])),
             Applied::Merged { over_budget: 1, .. }
         ));
         w.seal_ready_seconds(12_300, &Arrivals::default());
         w.seal_ready_seconds(30_000, &Arrivals::default());
         assert!(matches!(
-            w.apply(snapshot(&a, 40, &["far-1"])),
+            w.apply_now(snapshot(&a, 40, &["far-1"])),
             Applied::Merged { over_budget: 0, .. }
         ));
     }
@@ -763,7 +798,7 @@ mod tests {
         let mut second = counter(&a, 10, 1.0);
         second.series.push((id("other"), SeriesValue::Counter(1.0)));
         assert!(matches!(
-            w.apply(second),
+            w.apply_now(second),
             Applied::Merged { dropped: 1, .. }
         ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());

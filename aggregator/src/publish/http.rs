@@ -66,13 +66,14 @@ impl<'a> ClientSlot<'a> {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let total: usize = clients.values().sum();
-        let mine = clients.entry(address).or_default();
+        let mine = clients.get(&address).copied().unwrap_or(0);
         if total >= state.limits.max_websocket_clients
-            || *mine >= state.limits.max_websocket_clients_per_address
+            || mine >= state.limits.max_websocket_clients_per_address
         {
+            // Nothing is recorded for a refused client: refusals cannot grow the map.
             return None;
         }
-        *mine += 1;
+        *clients.entry(address).or_default() += 1;
         Some(Self { state, address })
     }
 }
