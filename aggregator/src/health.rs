@@ -190,7 +190,7 @@ impl Health {
         let webhook_retries = counter("webhook_retries", "Webhook delivery retries");
         let webhook_dropped = counter(
             "webhook_dropped",
-            "Webhook notifications dropped because their target's queue held max_queued_per_target",
+            "Webhook notifications dropped (the oldest) because their target's queue held max_queued_per_target",
         );
         let alert_events_lost = counter(
             "alert_events_lost",

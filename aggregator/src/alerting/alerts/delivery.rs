@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -34,7 +33,8 @@ pub struct DeliverySettings {
     /// Give up on a notification this long after it was queued (time spent behind others counts).
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
-    /// Most notifications waiting for one target; more are dropped and counted (`strobe_webhook_dropped_total`).
+    /// Most notifications waiting for one target; past it the oldest is dropped and counted
+    /// (`strobe_webhook_dropped_total`).
     pub max_queued_per_target: usize,
 }
 
@@ -125,12 +125,50 @@ where
 /// Per-target queues and their workers. The workers are owned here: dropping the deliverer stops them.
 pub(crate) struct Deliverer {
     sender: Arc<Sender>,
-    queues: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
+    queues: Mutex<HashMap<String, Arc<TargetQueue>>>,
     workers: Mutex<JoinSet<()>>,
 }
 
 /// A notification and the deadline it was queued with.
 type Queued = (tokio::time::Instant, Notification);
+
+/// One target's waiting notifications, oldest first, at most `max_queued_per_target`: when full, the oldest is
+/// dropped (and counted), so a target that comes back gets the newest state of things, `resolved` included.
+#[derive(Default)]
+struct TargetQueue {
+    items: Mutex<std::collections::VecDeque<Queued>>,
+    ready: tokio::sync::Notify,
+}
+
+impl TargetQueue {
+    /// Queues `item`; returns the one dropped to make room, if any.
+    fn push(&self, item: Queued, max: usize) -> Option<Queued> {
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = (items.len() >= max.max(1))
+            .then(|| items.pop_front())
+            .flatten();
+        items.push_back(item);
+        drop(items);
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// The oldest notification, waiting for one if there is none.
+    async fn pop(&self) -> Queued {
+        loop {
+            if let Some(item) = self
+                .items
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
+                return item;
+            }
+            // A push between the check and here leaves a permit, so this does not miss it.
+            self.ready.notified().await;
+        }
+    }
+}
 
 /// What every target's worker shares: the HTTP client, the retry schedule, the counters.
 struct Sender {
@@ -167,7 +205,7 @@ impl Deliverer {
         let url = notification.step.webhook.clone();
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let queue = queues.entry(url.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(self.sender.settings.max_queued_per_target.max(1));
+            let queue = Arc::new(TargetQueue::default());
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             // Workers only end by failing (a panic); say so rather than lose it.
             while let Some(ended) = workers.try_join_next() {
@@ -175,26 +213,26 @@ impl Deliverer {
                     error!(message = "Webhook worker failed.", %error);
                 }
             }
-            workers.spawn(self.sender.clone().target_worker(url.clone(), rx));
-            tx
+            workers.spawn(
+                self.sender
+                    .clone()
+                    .target_worker(url.clone(), queue.clone()),
+            );
+            queue
         });
         let deadline = tokio::time::Instant::now() + self.sender.settings.deadline;
-        match queue.try_send((deadline, notification)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full((_, n))) => {
-                self.sender.health.webhook_dropped.inc();
-                warn!(message = "Webhook queue full; notification dropped.", %url, alert = %n.record.id, transition = n.transition.as_str());
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                warn!(message = "Webhook queue closed.", %url);
-            }
+        let max = self.sender.settings.max_queued_per_target;
+        if let Some((_, n)) = queue.push((deadline, notification), max) {
+            self.sender.health.webhook_dropped.inc();
+            warn!(message = "Webhook queue full; its oldest notification dropped.", %url, alert = %n.record.id, transition = n.transition.as_str());
         }
     }
 }
 
 impl Sender {
-    async fn target_worker(self: Arc<Self>, url: String, mut queue: mpsc::Receiver<Queued>) {
-        while let Some((deadline, n)) = queue.recv().await {
+    async fn target_worker(self: Arc<Self>, url: String, queue: Arc<TargetQueue>) {
+        loop {
+            let (deadline, n) = queue.pop().await;
             let body = payload::body(&n.record, n.transition, &n.step).to_string();
             let signature = n
                 .step
@@ -270,6 +308,47 @@ fn classify(status: reqwest::StatusCode) -> Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_target_queue_drops_its_oldest_and_hands_out_the_rest_in_order() {
+        let queue = TargetQueue::default();
+        let at = tokio::time::Instant::now();
+        let notification = |id: &str, transition| Notification {
+            record: crate::alerting::alerts::manager::tests_support::record(id),
+            transition,
+            step: crate::alerting::escalation::Step {
+                after: Duration::ZERO,
+                webhook: "http://127.0.0.1:9/x".into(),
+                format: crate::alerting::escalation::Format::Json,
+                secret: None,
+                routing_key: None,
+            },
+        };
+        assert!(
+            queue
+                .push((at, notification("a", NotifyTransition::Firing)), 2)
+                .is_none()
+        );
+        assert!(
+            queue
+                .push((at, notification("b", NotifyTransition::Firing)), 2)
+                .is_none()
+        );
+        // Full: the oldest makes room, so a `resolved` behind a dead target is never the one lost.
+        let dropped = queue.push((at, notification("a", NotifyTransition::Resolved)), 2);
+        assert_eq!(dropped.map(|(_, n)| n.record.id), Some("a".to_owned()));
+        let order: Vec<(String, &str)> = [queue.pop().await, queue.pop().await]
+            .into_iter()
+            .map(|(_, n)| (n.record.id, n.transition.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [("b".to_owned(), "firing"), ("a".to_owned(), "resolved")]
+        );
+        // Empty: a pop waits for the next push.
+        let later = tokio::time::timeout(Duration::from_millis(50), queue.pop()).await;
+        assert!(later.is_err());
+    }
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]
