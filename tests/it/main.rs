@@ -207,20 +207,12 @@ async fn a_long_outage_loses_nothing_when_agents_reconnect_at_different_moments(
     let http = second.addr("http");
     let mut ws = subscribe(http, &["outage"]).await;
     send_round_robin(&statsd, 2.0, &mut sent).await;
-    // Live frames and corrections: the newest frame of each second is what counts.
-    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
-    // (On a timeout, the last line printed says which seconds were not counted exactly.)
-    next_frame(&mut ws, Duration::from_secs(40), |f| {
-        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
-            got.insert(t, s["sum"].as_f64().unwrap());
-        }
-        let missing: Vec<(i64, Option<f64>, u32)> = (down_from..=down_until)
-            .filter(|t| got.get(t).copied() != sent.get(t).map(|n| f64::from(*n)))
-            .map(|t| (t, got.get(&t).copied(), sent[&t]))
-            .collect();
-        eprintln!("not yet counted exactly (second, counted, sent): {missing:?}");
-        missing.is_empty().then_some(())
-    })
+    counted_exactly(
+        &mut ws,
+        Duration::from_secs(40),
+        down_from..=down_until,
+        &sent,
+    )
     .await;
     let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
     assert!(
@@ -259,16 +251,7 @@ async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
     send_for(agent.addr("statsd"), 3.0, &mut sent).await;
     let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
-    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
-    next_frame(&mut ws, Duration::from_secs(20), |f| {
-        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
-            got.insert(t, s["sum"].as_f64().unwrap());
-        }
-        (first..=last)
-            .all(|t| got.get(&t).copied() == sent.get(&t).map(|n| f64::from(*n)))
-            .then_some(())
-    })
-    .await;
+    counted_exactly(&mut ws, Duration::from_secs(20), first..=last, &sent).await;
 }
 
 /// One hostile gRPC client: thousands of histograms reaching to the largest value allowed, second after second,
@@ -367,16 +350,7 @@ async fn a_hostile_client_is_contained_and_costs_others_nothing() {
     };
     tokio::join!(counting, attacking);
     let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
-    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
-    next_frame(&mut ws, Duration::from_secs(20), |f| {
-        if let (Some(t), Some(s)) = (f["t"].as_i64(), series_of(f, "ticks")) {
-            got.insert(t, s);
-        }
-        (first..=last)
-            .all(|t| got.get(&t).copied() == sent.get(&t).map(|n| f64::from(*n)))
-            .then_some(())
-    })
-    .await;
+    counted_exactly(&mut ws, Duration::from_secs(20), first..=last, &sent).await;
     // Every kind of refusal counted (the hostile stream is read in order, after its histograms).
     eventually(Duration::from_secs(30), "every refusal counted", || async {
         let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
@@ -396,9 +370,31 @@ async fn a_hostile_client_is_contained_and_costs_others_nothing() {
     hostile.abort();
 }
 
-/// The overall sum of a counter in a second frame.
-fn series_of(frame: &Value, metric: &str) -> Option<f64> {
-    series(frame, metric, None, None).and_then(|s| s["sum"].as_f64())
+/// Reads frames until every second in `seconds` has counted exactly what `sent` says of the `ticks` counter (the
+/// newest frame of a second, live or correction, is what counts). On a timeout, the last line printed says which
+/// seconds were not counted exactly.
+async fn counted_exactly(
+    ws: &mut Ws,
+    within: Duration,
+    seconds: std::ops::RangeInclusive<i64>,
+    sent: &BTreeMap<i64, u32>,
+) {
+    let mut got: BTreeMap<i64, f64> = BTreeMap::new();
+    next_frame(ws, within, |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+            got.insert(t, s["sum"].as_f64().unwrap());
+        }
+        let missing: Vec<(i64, Option<f64>, Option<u32>)> = seconds
+            .clone()
+            .filter(|t| got.get(t).copied() != sent.get(t).map(|n| f64::from(*n)))
+            .map(|t| (t, got.get(&t).copied(), sent.get(&t).copied()))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!("not yet counted exactly (second, counted, sent): {missing:?}");
+        }
+        missing.is_empty().then_some(())
+    })
+    .await;
 }
 
 /// Websocket clients are bounded: per address (a third client from the same address is answered 503 while two

@@ -691,7 +691,10 @@ mod tests {
         // b reconnects 8 s later and replays the same seconds, 40 to 48 s old: each one merges.
         for t in 60..100 {
             assert!(
-                matches!(w.apply_now(counter(&b, t, 2.0)), Applied::Correction { .. }),
+                matches!(
+                    w.apply(counter(&b, t, 2.0), 108_300),
+                    Applied::Correction { .. }
+                ),
                 "second {t}"
             );
         }

@@ -53,14 +53,14 @@ pub(crate) struct WebsocketLimits {
 }
 
 /// A websocket client's place in the per-address count, given back when it goes.
-struct ClientSlot<'a> {
-    state: &'a AppState,
+struct ClientSlot {
+    state: Arc<AppState>,
     address: std::net::IpAddr,
 }
 
-impl<'a> ClientSlot<'a> {
+impl ClientSlot {
     /// Takes a place for a client from `address`, if there is room in all and for the address.
-    fn take(state: &'a AppState, address: std::net::IpAddr) -> Option<Self> {
+    fn take(state: &Arc<AppState>, address: std::net::IpAddr) -> Option<Self> {
         let mut clients = state
             .websocket_clients
             .lock()
@@ -74,11 +74,14 @@ impl<'a> ClientSlot<'a> {
             return None;
         }
         *clients.entry(address).or_default() += 1;
-        Some(Self { state, address })
+        Some(Self {
+            state: state.clone(),
+            address,
+        })
     }
 }
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut clients = self
             .state
@@ -300,14 +303,15 @@ async fn stream(
     Query(q): Query<StreamQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if ClientSlot::take(&state, peer.ip()).is_none() {
+    // Taken before the upgrade (a refusal is a plain 503) and held for the connection's life.
+    let Some(slot) = ClientSlot::take(&state, peer.ip()) else {
         tracing::warn!(message = "Websocket client refused: too many clients.", address = %peer.ip());
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "too many websocket clients (max_websocket_clients, max_websocket_clients_per_address)",
         )
             .into_response();
-    }
+    };
     let from_query = (q.services.is_some() || q.overview.is_some()).then(|| Subscription {
         services: q
             .services
@@ -323,10 +327,7 @@ async fn stream(
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
-            // Held for the connection's life; checked above, taken again here so a refused upgrade holds nothing.
-            let Some(_slot) = ClientSlot::take(&state, peer.ip()) else {
-                return;
-            };
+            let _slot = slot;
             state.health.websocket_clients.inc();
             serve_socket(socket, &state, from_query).await;
             state.health.websocket_clients.dec();

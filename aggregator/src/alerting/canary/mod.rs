@@ -897,6 +897,17 @@ mod tests {
         warmup: i64,
         seconds: i64,
     ) -> Vec<(i64, Verdict)> {
+        run_canary(seed, candidate, shocks, warmup, seconds).0
+    }
+
+    /// As [`run`], also returning the canary as it stands at the end.
+    fn run_canary(
+        seed: u64,
+        candidate: Traffic,
+        shocks: Shocks,
+        warmup: i64,
+        seconds: i64,
+    ) -> (Vec<(i64, Verdict)>, Canary) {
         let mut rng = SmallRng::seed_from_u64(seed);
         let settings = CanarySettings::default();
         let service: Arc<str> = "svc".into();
@@ -913,7 +924,7 @@ mod tests {
                 changes.push((t - warmup, v));
             }
         }
-        changes
+        (changes, canary)
     }
 
     fn first_bad(changes: &[(i64, Verdict)]) -> Option<(i64, &'static str)> {
@@ -999,25 +1010,8 @@ mod tests {
     #[test]
     fn a_thin_candidate_is_insufficient_traffic_not_healthy() {
         let thin = Traffic { rps: 2.0, ..BASE };
-        let mut rng = SmallRng::seed_from_u64(5);
-        let settings = CanarySettings::default();
-        let service: Arc<str> = "svc".into();
-        let mut canary = Canary::default();
-        let mut baseline = Fleet::new(BASE, INDEPENDENT, 4);
-        let mut candidate = Fleet::new(thin, INDEPENDENT, 1);
-        let mut states = Vec::new();
-        for t in 0..200 {
-            let mut versions = BTreeMap::from([(Arc::from("v1"), baseline.second(&mut rng))]);
-            if t >= 150 {
-                versions.insert(Arc::from("v2"), candidate.second(&mut rng));
-            }
-            states.extend(
-                canary
-                    .observe(&service, t, versions, &settings)
-                    .into_iter()
-                    .map(|v| v.state),
-            );
-        }
+        let (changes, canary) = run_canary(5, thin, INDEPENDENT, 150, 50);
+        let states: Vec<VerdictState> = changes.iter().map(|(_, v)| v.state).collect();
         assert_eq!(
             canary.verdict("v2").map(|v| v.state),
             Some(VerdictState::InsufficientTraffic),
