@@ -154,6 +154,10 @@ pub(crate) struct AggregatorArgs {
     /// Rules file (TOML); reloaded when it changes.
     #[arg(long, env = "STROBE_RULES")]
     pub(crate) rules: Option<PathBuf>,
+    /// Directory for alert state (firing alerts, acknowledgements, notification log) kept across restarts.
+    /// Default: `<rules file>.state` beside the rules file.
+    #[arg(long, env = "STROBE_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
     /// Token an agent must present (repeatable; comma-separated in the environment).
     #[arg(
         long = "agent-token",
@@ -319,6 +323,16 @@ impl AggregatorArgs {
         }
         if self.rules.is_some() {
             config.rules = self.rules;
+        }
+        if self.state_dir.is_some() {
+            config.state_dir = self.state_dir;
+        }
+        if config.state_dir.is_none()
+            && let Some(rules) = &config.rules
+        {
+            let mut name = rules.file_name().unwrap_or_default().to_owned();
+            name.push(".state");
+            config.state_dir = Some(rules.with_file_name(name));
         }
         if !self.agent_tokens.is_empty() {
             config.agent_tokens = self.agent_tokens;

@@ -45,6 +45,13 @@ pub struct AggregatorConfig {
     pub agent_tokens: Vec<String>,
     /// The rules file (TOML), reloaded when it changes.
     pub rules: Option<PathBuf>,
+    /// Where alert state (firing alerts, acknowledgements, the notification log) is kept across restarts; none
+    /// keeps it in memory only. `strobe aggregator` defaults it to `<rules file>.state` beside the rules file.
+    pub state_dir: Option<PathBuf>,
+    /// After a restart, how long a restored firing alert waits (on top of its rule's `for`) to be seen breaching
+    /// again before it is resolved.
+    #[serde(with = "humantime_serde")]
+    pub alert_restore_grace: Duration,
     /// Webhook timeouts and retries.
     pub webhooks: DeliverySettings,
     /// The request, error and latency metrics the overview and the canary read.
@@ -69,6 +76,8 @@ impl Default for AggregatorConfig {
             shards: 0,
             agent_tokens: Vec::new(),
             rules: None,
+            state_dir: None,
+            alert_restore_grace: Duration::from_secs(120),
             webhooks: DeliverySettings::default(),
             metrics: MainMetrics::default(),
             canary: CanarySettings::default(),

@@ -140,6 +140,8 @@ pub(crate) struct Health {
     pub(crate) webhook_dropped: Counter,
     /// Alert events the manager could not take (it stopped).
     pub(crate) alert_events_lost: Counter,
+    /// Alert state saves that failed (the state file is behind until the next one succeeds).
+    pub(crate) alert_state_save_failures: Counter,
     /// Service transitions that panicked (the service's state was dropped; the shard went on).
     pub(crate) service_panics: Counter,
     /// Shards restarted after a panic outside any service.
@@ -195,6 +197,10 @@ impl Health {
         let alert_events_lost = counter(
             "alert_events_lost",
             "Alert lifecycle events the alert manager could not take because it had stopped",
+        );
+        let alert_state_save_failures = counter(
+            "alert_state_save_failures",
+            "Writes of the alert state file that failed; until one succeeds, a restart restores older state",
         );
         let shard_restarts = counter(
             "shard_restarts",
@@ -257,6 +263,7 @@ impl Health {
             webhook_dropped,
             webhook_retries,
             alert_events_lost,
+            alert_state_save_failures,
             service_panics,
             shard_restarts,
             dropped,

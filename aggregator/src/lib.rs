@@ -40,13 +40,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use alerting::alerts::StateError;
 pub use alerting::alerts::delivery::DeliverySettings;
 pub use alerting::canary::CanarySettings;
 pub use config::AggregatorConfig;
 pub use limits::Limits;
 pub use model::MainMetrics;
 
-use crate::alerting::alerts::{Alerts, Deliverer, Notification};
+use crate::alerting::alerts::state::StateFile;
+use crate::alerting::alerts::{Alerts, Deliverer, Notification, Persistence};
 use crate::alerting::rules::{RulesStore, StoreError};
 use crate::health::Health;
 use crate::pipeline::budget::QueueBudget;
@@ -90,6 +92,9 @@ pub enum AggregatorError {
     /// A task that must run until shutdown stopped (it panicked).
     #[error("an internal task stopped: {0}")]
     TaskEnded(String),
+    /// The alert state directory could not be created.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The webhook client could not be built (TLS roots, for example).
     #[error("webhook client: {0}")]
     Webhooks(#[from] reqwest::Error),
@@ -169,11 +174,22 @@ impl Aggregator {
                 deliverer.enqueue(notification);
             }
         });
+        let persistence = match &self.config.state_dir {
+            Some(dir) => Some(Persistence {
+                file: StateFile::open(dir)?,
+                restore_grace: self.config.alert_restore_grace,
+            }),
+            None => {
+                info!(message = "No state directory: alert state is kept in memory only.");
+                None
+            }
+        };
         let alerts = Alerts::spawn(
             self.rules.clone(),
             self.hub.clone(),
             sink,
             self.health.clone(),
+            persistence,
             &mut tasks,
         );
         tasks.spawn(self.rules.clone().watch());

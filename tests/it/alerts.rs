@@ -237,3 +237,227 @@ async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
     );
     assert!(std::fs::read_to_string(&path).unwrap().contains("7.0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_firing_across_a_restart_keeps_its_id_and_acknowledgement_and_is_not_paged_again()
+{
+    let receiver = Receiver::start(0).await;
+    let dir = std::env::temp_dir().join(format!("strobe-it-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules_path = dir.join("rules.toml");
+    std::fs::write(&rules_path, rules(receiver.addr)).unwrap();
+    // No --state-dir: the default keeps state beside the rules file.
+    let state_dir = dir.join("rules.toml.state");
+    std::fs::remove_dir_all(&state_dir).ok();
+    let grpc = free_local_addr();
+    let args = [
+        "aggregator",
+        "--grpc-addr",
+        &grpc,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--rules",
+        rules_path.to_str().unwrap(),
+    ];
+    let aggregator = spawn(&args).await;
+    let http = aggregator.addr("http");
+    let pay = agent(&aggregator, "pay", "v1", "z1", "pay-1").await;
+    let cart = agent(&aggregator, "cart", "v1", "z1", "cart-1").await;
+    let stop_pay = feed_errors(pay.addr("statsd"));
+    let stop_cart = feed_errors(cart.addr("statsd"));
+
+    eventually(Duration::from_secs(20), "both alerts to fire", || async {
+        let firing = |a: Option<Value>| a.is_some_and(|a| a["state"] == "firing");
+        firing(alert_of(http, "pay-errors").await) && firing(alert_of(http, "cart-errors").await)
+    })
+    .await;
+    let id_of = |a: Option<Value>| a.unwrap()["id"].as_str().unwrap().to_owned();
+    let pay_id = id_of(alert_of(http, "pay-errors").await);
+    let cart_id = id_of(alert_of(http, "cart-errors").await);
+    let (status, acked) = http_json(
+        http,
+        "POST",
+        &format!("/api/v1/alerts/{cart_id}/ack"),
+        "{\"by\":\"tester\"}",
+    )
+    .await;
+    assert_eq!(status, 200, "{acked}");
+    // Pay escalates to the lead 3 s after it fired; then the aggregator dies (SIGKILL, no goodbye).
+    eventually(
+        Duration::from_secs(15),
+        "escalation to the lead",
+        || async {
+            receiver.count("lead", &pay_id, "firing") == 1
+                && receiver.count("dev", &cart_id, "acknowledged") == 1
+        },
+    )
+    .await;
+    drop(aggregator);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let aggregator = spawn(&args).await;
+    let http = aggregator.addr("http");
+
+    // Still breaching after the restart: the same alerts, the same acknowledgement.
+    eventually(
+        Duration::from_secs(20),
+        "alerts restored and confirmed",
+        || async {
+            let pay = alert_of(http, "pay-errors").await;
+            let cart = alert_of(http, "cart-errors").await;
+            pay.is_some_and(|a| a["id"] == pay_id.as_str() && a["state"] == "firing")
+                && cart.is_some_and(|a| {
+                    a["id"] == cart_id.as_str()
+                        && a["state"] == "acknowledged"
+                        && a["acknowledged_by"] == "tester"
+                })
+        },
+    )
+    .await;
+    // Keep breaching well past `for` and the lead's 3 s, so a second page would show.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let doc = get_json(http, "/api/v1/alerts").await;
+    let listed = doc["alerts"].as_array().unwrap();
+    assert_eq!(
+        listed.len(),
+        2,
+        "no second alert for the same breach: {doc}"
+    );
+    let _ = stop_pay.send(true);
+    let _ = stop_cart.send(true);
+    eventually(Duration::from_secs(15), "resolution notices", || async {
+        receiver.count("dev", &pay_id, "resolved") == 1
+            && receiver.count("lead", &pay_id, "resolved") == 1
+            && receiver.count("dev", &cart_id, "resolved") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let told: Vec<(String, String, String)> = receiver
+        .received()
+        .into_iter()
+        .map(|r| (r.path, r.alert_id, r.transition))
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("dev", &pay_id, "firing"),
+        ("lead", &pay_id, "firing"),
+        ("dev", &pay_id, "resolved"),
+        ("lead", &pay_id, "resolved"),
+        ("dev", &cart_id, "firing"),
+        ("dev", &cart_id, "acknowledged"),
+        ("dev", &cart_id, "resolved"),
+    ]
+    .iter()
+    .map(|(p, id, t)| (p.to_string(), id.to_string(), t.to_string()))
+    .collect();
+    let mut sorted = told.clone();
+    sorted.sort();
+    let mut expected_sorted = expected;
+    expected_sorted.sort();
+    assert_eq!(
+        sorted, expected_sorted,
+        "each transition exactly once to each target told, across the restart"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_down_for_a_minute_gets_every_notification_once_in_order_when_it_returns()
+ {
+    // The receiver's address is reserved but nothing listens there for the first minute.
+    let receiver_addr = free_local_addr();
+    let dir = std::env::temp_dir().join(format!("strobe-it-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules_path = dir.join("rules.toml");
+    std::fs::write(&rules_path, rules(receiver_addr.parse().unwrap())).unwrap();
+    let aggregator = aggregator(&[
+        "--rules",
+        rules_path.to_str().unwrap(),
+        "--state-dir",
+        dir.join("state").to_str().unwrap(),
+    ])
+    .await;
+    let http = aggregator.addr("http");
+    let pay = agent(&aggregator, "pay", "v1", "z1", "pay-1").await;
+    let down_since = std::time::Instant::now();
+
+    // While it is down: pay fires, escalates, is acknowledged and resolves; then fires, is acknowledged at once
+    // (before the lead's turn) and resolves again.
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        let stop = feed_errors(pay.addr("statsd"));
+        eventually(Duration::from_secs(20), "pay to fire", || async {
+            alert_of(http, "pay-errors")
+                .await
+                .is_some_and(|a| a["state"] == "firing")
+        })
+        .await;
+        let id = alert_of(http, "pay-errors").await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if round == 0 {
+            // Past the lead's 3 s.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let (status, _) = http_json(
+            http,
+            "POST",
+            &format!("/api/v1/alerts/{id}/ack"),
+            "{\"by\":\"tester\"}",
+        )
+        .await;
+        assert_eq!(status, 200);
+        let _ = stop.send(true);
+        eventually(Duration::from_secs(15), "pay to resolve", || async {
+            alert_of(http, "pay-errors")
+                .await
+                .is_some_and(|a| a["state"] == "resolved" && a["id"] == id.as_str())
+        })
+        .await;
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "a new breach is a new alert");
+    let remaining = Duration::from_secs(60).saturating_sub(down_since.elapsed());
+    tokio::time::sleep(remaining).await;
+    let receiver = Receiver::start_on(&receiver_addr, 0).await;
+    let back = std::time::Instant::now();
+    eventually(Duration::from_secs(15), "every notification", || async {
+        receiver.received().len() >= 9
+    })
+    .await;
+    let took = back.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let told: Vec<(String, String, String)> = receiver
+        .received()
+        .into_iter()
+        .map(|r| (r.path, r.alert_id, r.transition))
+        .collect();
+    let of = |path: &str| -> Vec<(String, String)> {
+        told.iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, id, t)| (id.clone(), t.clone()))
+            .collect()
+    };
+    let pair = |id: &String, t: &str| (id.clone(), t.to_owned());
+    assert_eq!(
+        of("dev"),
+        vec![
+            pair(&ids[0], "firing"),
+            pair(&ids[0], "acknowledged"),
+            pair(&ids[0], "resolved"),
+            pair(&ids[1], "firing"),
+            pair(&ids[1], "acknowledged"),
+            pair(&ids[1], "resolved"),
+        ],
+        "each once, oldest first"
+    );
+    assert_eq!(
+        of("lead"),
+        vec![
+            pair(&ids[0], "firing"),
+            pair(&ids[0], "acknowledged"),
+            pair(&ids[0], "resolved"),
+        ]
+    );
+    eprintln!("receiver back: all 9 notifications within {took:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -505,16 +505,6 @@ async fn send_for(statsd: std::net::SocketAddr, secs: f64, sent: &mut BTreeMap<i
     }
 }
 
-/// A loopback address with a port free now, for an aggregator that must come back on the same one.
-fn free_local_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 async fn aggregator_on(grpc: &str) -> Process {
     spawn(&[
         "aggregator",

@@ -40,12 +40,17 @@ pub(crate) struct Receiver {
 
 impl Receiver {
     pub(crate) async fn start(fail_dev_first: u32) -> Self {
+        Self::start_on("127.0.0.1:0", fail_dev_first).await
+    }
+
+    /// A receiver on `addr` (a port reserved earlier, so webhooks can be sent to it before it is up).
+    pub(crate) async fn start_on(addr: &str, fail_dev_first: u32) -> Self {
         let inner = Arc::new(Inner::default());
         inner.fail_dev.store(fail_dev_first, Ordering::SeqCst);
         let app = Router::new()
             .route("/{path}", post(receive))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { addr, inner }

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// An alert's state as people see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum AlertState {
     /// Breaching, not yet for the rule's `for`.
@@ -25,7 +25,7 @@ pub(crate) enum AlertState {
 }
 
 /// Which transition a notification announces; each reaches each target at most once per alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum NotifyTransition {
     /// The alert fired (or escalated to this target).
@@ -47,15 +47,25 @@ impl NotifyTransition {
     }
 }
 
+/// Where an alert comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AlertKind {
+    /// A threshold rule.
+    Rule,
+    /// The automatic new-version-versus-old comparison.
+    Canary,
+}
+
 /// One alert.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AlertRecord {
     /// Stable id.
     pub(crate) id: String,
     /// Rule name, or `canary`.
     pub(crate) rule: Arc<str>,
     /// `rule` or `canary`.
-    pub(crate) kind: &'static str,
+    pub(crate) kind: AlertKind,
     /// Service.
     pub(crate) service: Arc<str>,
     /// Version, zone, tags of the group.
@@ -135,13 +145,25 @@ pub(crate) struct AlertEvent {
     pub(crate) hint: Option<String>,
 }
 
-/// A stable alert id from what identifies one breach.
+/// What identifies an alert across breaches and restarts: its rule, service and labels (hex).
+pub(crate) fn alert_key(rule: &str, service: &str, labels: &BTreeMap<String, String>) -> String {
+    hex::encode(&key_hash(rule, service, labels).finalize()[..8])
+}
+
+/// A stable alert id from what identifies one breach: the key and the breach's first second. After a restart the
+/// alert manager keeps the id it persisted for a breach still going on (matched by [`alert_key`]).
 pub(crate) fn alert_id(
     rule: &str,
     service: &str,
     labels: &BTreeMap<String, String>,
     since: i64,
 ) -> String {
+    let mut h = key_hash(rule, service, labels);
+    h.update(since.to_be_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
+fn key_hash(rule: &str, service: &str, labels: &BTreeMap<String, String>) -> Sha256 {
     let mut h = Sha256::new();
     for part in [rule, service] {
         h.update(part.as_bytes());
@@ -153,6 +175,5 @@ pub(crate) fn alert_id(
         h.update(v.as_bytes());
         h.update([0]);
     }
-    h.update(since.to_be_bytes());
-    hex::encode(&h.finalize()[..8])
+    h
 }

@@ -43,7 +43,7 @@ impl Default for DeliverySettings {
         Self {
             timeout: Duration::from_secs(5),
             retry_min: Duration::from_millis(250),
-            retry_max: Duration::from_secs(30),
+            retry_max: Duration::from_secs(5),
             deadline: Duration::from_secs(600),
             max_queued_per_target: 1000,
         }
@@ -59,6 +59,27 @@ pub(crate) struct Notification {
     pub(crate) transition: NotifyTransition,
     /// The target.
     pub(crate) step: Step,
+    /// Told once delivery is finished with it (delivered, refused, given up or dropped).
+    pub(crate) on_settled: Option<OnSettled>,
+}
+
+/// A callback run once when delivery is finished with a notification, so the notification log can tell queued from
+/// done.
+#[derive(Clone)]
+pub(crate) struct OnSettled(pub(crate) Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnSettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnSettled")
+    }
+}
+
+impl Notification {
+    fn settled(&self) {
+        if let Some(hook) = &self.on_settled {
+            (hook.0)();
+        }
+    }
 }
 
 /// The result of one attempt.
@@ -225,6 +246,7 @@ impl Deliverer {
         if let Some((_, n)) = queue.push((deadline, notification), max) {
             self.sender.health.webhook_dropped.inc();
             warn!(message = "Webhook queue full; its oldest notification dropped.", %url, alert = %n.record.id, transition = n.transition.as_str());
+            n.settled();
         }
     }
 }
@@ -261,6 +283,7 @@ impl Sender {
                     warn!(message = "Webhook delivery failed until the deadline.", %url, %alert, transition, attempts, %error);
                 }
             }
+            n.settled();
         }
     }
 
@@ -323,6 +346,7 @@ mod tests {
                 secret: None,
                 routing_key: None,
             },
+            on_settled: None,
         };
         assert!(
             queue
@@ -441,6 +465,7 @@ mod tests {
                 record: record.clone(),
                 transition: NotifyTransition::Firing,
                 step: step(path),
+                on_settled: None,
             });
         }
         for _ in 0..50 {

@@ -1,6 +1,12 @@
 //! The alert manager: one task owning every alert record. It takes lifecycle events from the shards and
 //! acknowledgements from the API, walks each firing alert up its owner's escalation chain, and hands
 //! notifications to delivery. Each (alert, transition, step) is notified at most once.
+//!
+//! With a state file, every change that matters after a restart (firing, acknowledged, escalated, resolved, what
+//! delivery finished) is written before the next command is taken, and an acknowledgement is on disk before it is
+//! answered. After a restart, an alert that was firing keeps its id and acknowledgement and resumes its escalation
+//! where it stopped; the breach still going on finds it by rule, service and labels. One that no rule confirms
+//! within the restore grace (plus the rule's `for`) is resolved, and everyone told is told.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -9,11 +15,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::delivery::Notification;
+use super::delivery::{Notification, OnSettled};
+use super::state::{SavedAlert, StateFile};
 use crate::alerting::escalation::Owner;
-use crate::alerting::event::{AlertEvent, EventKind};
+use crate::alerting::event::{AlertEvent, AlertKind, EventKind, alert_key};
 use crate::alerting::event::{AlertRecord, AlertState, NotifyTransition};
 use crate::alerting::rules::RulesStore;
 use crate::health::Health;
@@ -44,12 +51,27 @@ enum Command {
     List {
         reply: oneshot::Sender<Vec<AlertRecord>>,
     },
+    /// Delivery is finished with one notification.
+    Settled {
+        id: String,
+        transition: NotifyTransition,
+        step: usize,
+    },
 }
 
 /// Where the manager sends every alert record that changed (the publishing side implements it). Must not block.
 pub(crate) trait RecordSink: Send + Sync {
     /// An alert's new state.
     fn publish_alert(&self, record: &AlertRecord);
+}
+
+/// Persistence of the manager: where, and how long a restored alert waits to be confirmed.
+pub(crate) struct Persistence {
+    /// The state file.
+    pub(crate) file: StateFile,
+    /// How long after a restart a firing alert waits for its rule (on top of the rule's `for`) before it is
+    /// resolved as no longer breaching.
+    pub(crate) restore_grace: Duration,
 }
 
 /// A handle to the alert manager; cheap to clone, never blocks the caller.
@@ -60,21 +82,28 @@ pub(crate) struct Alerts {
 }
 
 impl Alerts {
-    /// Starts the manager in `tasks`. Notifications go to `sink`; changed records to `records`.
+    /// Starts the manager in `tasks`, restoring what `persistence` saved. Notifications go to `sink`; changed
+    /// records to `records`.
     pub(crate) fn spawn(
         rules: Arc<RulesStore>,
         records: Arc<dyn RecordSink>,
         sink: mpsc::UnboundedSender<Notification>,
         health: Arc<Health>,
+        persistence: Option<Persistence>,
         tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let manager = Manager {
+        let mut manager = Manager {
             rules,
             records,
             sink,
             entries: BTreeMap::new(),
+            commands: tx.downgrade(),
+            persistence,
+            dirty: false,
+            health: health.clone(),
         };
+        manager.restore();
         tasks.spawn(manager.run(rx));
         Self { tx, health }
     }
@@ -90,7 +119,8 @@ impl Alerts {
         }
     }
 
-    /// Acknowledges a firing alert: escalation stops, and everyone told so far is told.
+    /// Acknowledges a firing alert: escalation stops, and everyone told so far is told. With a state file, the
+    /// acknowledgement is on disk when this returns.
     pub(crate) async fn ack(&self, id: &str, by: &str) -> Result<AlertRecord, AckError> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Ack {
@@ -118,12 +148,17 @@ impl Alerts {
 
 struct Entry {
     record: AlertRecord,
+    /// Rule, service and labels ([`alert_key`]).
+    key: String,
     chain: Option<Arc<Owner>>,
     fired_at: Option<Instant>,
     next_step: usize,
     told: Vec<usize>,
     sent: HashSet<(NotifyTransition, usize)>,
+    settled: HashSet<(NotifyTransition, usize)>,
     ended_at: Option<Instant>,
+    /// Restored from disk and not yet seen breaching again: resolved at this instant unless an event comes.
+    confirm_by: Option<Instant>,
 }
 
 impl Entry {
@@ -131,12 +166,38 @@ impl Entry {
     fn new(event: &AlertEvent) -> Self {
         Self {
             record: new_record(event),
+            key: alert_key(&event.rule, &event.service, &event.labels),
             chain: None,
             fired_at: None,
             next_step: 0,
             told: Vec::new(),
             sent: HashSet::new(),
+            settled: HashSet::new(),
             ended_at: None,
+            confirm_by: None,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(
+            self.record.state,
+            AlertState::Pending | AlertState::Firing | AlertState::Acknowledged
+        )
+    }
+
+    fn saved(&self) -> SavedAlert {
+        let sorted = |set: &HashSet<(NotifyTransition, usize)>| {
+            let mut v: Vec<_> = set.iter().copied().collect();
+            v.sort_by_key(|(t, step)| (*step, t.as_str()));
+            v
+        };
+        SavedAlert {
+            record: self.record.clone(),
+            key: self.key.clone(),
+            next_step: self.next_step,
+            told: self.told.clone(),
+            queued: sorted(&self.sent),
+            settled: sorted(&self.settled),
         }
     }
 }
@@ -146,6 +207,12 @@ struct Manager {
     records: Arc<dyn RecordSink>,
     sink: mpsc::UnboundedSender<Notification>,
     entries: BTreeMap<String, Entry>,
+    /// The manager's own queue, for delivery to report settled notifications (weak: it does not keep it open).
+    commands: mpsc::WeakUnboundedSender<Command>,
+    persistence: Option<Persistence>,
+    /// Something worth persisting changed since the last save.
+    dirty: bool,
+    health: Arc<Health>,
 }
 
 impl Manager {
@@ -157,54 +224,186 @@ impl Manager {
                     None => return,
                     Some(Command::Event(event)) => self.on_event(event),
                     Some(Command::Ack { id, by, reply }) => {
+                        let answer = self.on_ack(&id, &by);
+                        self.save();
                         // The asker may have gone (a closed HTTP request); the ack stands either way.
-                        reply.send(self.on_ack(&id, &by)).ok();
+                        reply.send(answer).ok();
                     }
                     Some(Command::List { reply }) => {
                         let mut all: Vec<AlertRecord> = self.entries.values().map(|e| e.record.clone()).collect();
                         all.sort_by(|a, b| b.since.cmp(&a.since).then_with(|| a.id.cmp(&b.id)));
                         reply.send(all).ok(); // nobody waiting any more is fine
                     }
+                    Some(Command::Settled { id, transition, step }) => {
+                        if let Some(entry) = self.entries.get_mut(&id) {
+                            self.dirty |= entry.settled.insert((transition, step));
+                        }
+                    }
                 },
                 _ = sleep_until_opt(due) => {}
             }
             self.escalate_due();
+            self.resolve_unconfirmed();
             self.prune();
+            self.save();
+        }
+    }
+
+    /// Loads the state file: firing and acknowledged alerts wait for their rule to confirm them, notifications
+    /// queued but not finished go out again, escalation resumes where it stopped.
+    fn restore(&mut self) {
+        let Some(persistence) = &self.persistence else {
+            return;
+        };
+        let saved = match persistence.file.load() {
+            Ok(saved) => saved,
+            Err(failure) => {
+                error!(message = "Alert state unreadable; starting without it.", error = %failure);
+                match persistence.file.set_aside() {
+                    Ok(aside) => {
+                        warn!(message = "Unreadable alert state kept aside.", path = %aside.display())
+                    }
+                    Err(error) => {
+                        error!(message = "Unreadable alert state could not be set aside.", %error)
+                    }
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let now_ms = strobe_proto::clock::unix_millis();
+        let ago = |ms: i64| {
+            now.checked_sub(Duration::from_millis(
+                u64::try_from(now_ms - ms).unwrap_or(0),
+            ))
+            .unwrap_or(now)
+        };
+        let grace = persistence.restore_grace;
+        let rules = self.rules.current();
+        let (mut open, mut requeued) = (0, 0);
+        for saved in saved {
+            let record = saved.record;
+            let ended_at = match record.state {
+                // Pending alerts start again from their rule; nobody was told.
+                AlertState::Pending | AlertState::Cleared => continue,
+                AlertState::Resolved => Some(ago(record.resolved_at_ms.unwrap_or(now_ms))),
+                AlertState::Firing | AlertState::Acknowledged => None,
+            };
+            let rule_for = rules
+                .rules
+                .iter()
+                .find(|r| *r.name == *record.rule)
+                .map_or(0, |r| u64::from(r.for_secs));
+            let mut entry = Entry {
+                chain: self.chain_of(&record.owners, &record.id),
+                fired_at: record.fired_at_ms.map(ago),
+                key: saved.key,
+                next_step: saved.next_step,
+                told: saved.told,
+                sent: saved.queued.into_iter().collect(),
+                settled: saved.settled.into_iter().collect(),
+                ended_at,
+                confirm_by: ended_at
+                    .is_none()
+                    .then(|| now + grace + Duration::from_secs(rule_for)),
+                record,
+            };
+            let unsettled: Vec<_> = entry.sent.difference(&entry.settled).copied().collect();
+            for (transition, step) in unsettled {
+                entry.sent.remove(&(transition, step));
+                notify(&self.sink, &self.commands, &mut entry, transition, step);
+                requeued += 1;
+            }
+            if entry.is_open() {
+                open += 1;
+                self.records.publish_alert(&entry.record);
+            }
+            self.entries.insert(entry.record.id.clone(), entry);
+        }
+        info!(
+            message = "Alert state restored.", path = %persistence.file.path().display(),
+            alerts = self.entries.len(), firing = open, notifications_queued_again = requeued,
+        );
+    }
+
+    /// Writes the state file if something changed; a failure is logged and counted, and retried at the next
+    /// change (alerting goes on without it).
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let Some(persistence) = &self.persistence else {
+            self.dirty = false;
+            return;
+        };
+        let saved = self.entries.values().map(Entry::saved).collect();
+        match persistence.file.save(saved) {
+            Ok(()) => self.dirty = false,
+            Err(error) => {
+                self.health.alert_state_save_failures.inc();
+                error!(message = "Alert state not saved.", %error);
+            }
         }
     }
 
     fn next_due(&self) -> Option<Instant> {
-        self.entries
+        let escalations = self
+            .entries
             .values()
             .filter(|e| e.record.state == AlertState::Firing)
             .filter_map(|e| {
                 let step = e.chain.as_ref()?.escalation.get(e.next_step)?;
                 Some(e.fired_at? + step.after)
-            })
-            .min()
+            });
+        let confirmations = self.entries.values().filter_map(|e| e.confirm_by);
+        escalations.chain(confirmations).min()
+    }
+
+    /// The id an event belongs to: its own, or that of the open alert with the same rule, service and labels (an
+    /// alert restored after a restart, which keeps the id it was paged with).
+    fn route(&self, event: &AlertEvent) -> String {
+        if self.entries.contains_key(&event.id) {
+            return event.id.clone();
+        }
+        let key = alert_key(&event.rule, &event.service, &event.labels);
+        self.entries
+            .iter()
+            .find(|(_, e)| e.key == key && e.is_open())
+            .map_or_else(|| event.id.clone(), |(id, _)| id.clone())
     }
 
     fn on_event(&mut self, event: AlertEvent) {
+        let id = self.route(&event);
+        if let Some(entry) = self.entries.get_mut(&id)
+            && entry.confirm_by.take().is_some()
+        {
+            info!(message = "Restored alert confirmed by its rule.", alert = %id, rule = %event.rule);
+        }
         match event.kind {
             EventKind::Pending => {
-                let entry = self
-                    .entries
-                    .entry(event.id.clone())
-                    .or_insert_with(|| Entry::new(&event));
+                let entry = self.entries.entry(id).or_insert_with(|| Entry::new(&event));
                 self.records.publish_alert(&entry.record);
             }
             EventKind::Cleared => {
-                if let Some(mut entry) = self.entries.remove(&event.id) {
-                    entry.record.state = AlertState::Cleared;
-                    entry.record.value = event.value;
-                    self.records.publish_alert(&entry.record);
+                let Some(entry) = self.entries.get(&id) else {
+                    return;
+                };
+                if entry.record.state == AlertState::Pending {
+                    if let Some(mut entry) = self.entries.remove(&id) {
+                        entry.record.state = AlertState::Cleared;
+                        entry.record.value = event.value;
+                        self.records.publish_alert(&entry.record);
+                    }
+                } else {
+                    // A restored alert whose breach, seen again, stopped before the rule's `for`: it is over.
+                    self.resolve(&id, event.value, event.at_ms);
                 }
             }
             EventKind::Firing => {
-                let chain = self.chain_of(&event);
+                let chain = self.chain_of(&event.owners, &event.id);
                 let entry = self
                     .entries
-                    .entry(event.id.clone())
+                    .entry(id.clone())
                     .or_insert_with(|| Entry::new(&event));
                 if entry.record.state != AlertState::Pending {
                     return;
@@ -216,48 +415,75 @@ impl Manager {
                 entry.record.detected_after_ms = Some(event.at_ms - event.since * 1000);
                 entry.chain = chain;
                 entry.fired_at = Some(Instant::now());
+                self.dirty = true;
                 info!(
-                    message = "Alert firing.", alert = %event.id, rule = %event.rule, service = %event.service,
+                    message = "Alert firing.", alert = %id, rule = %event.rule, service = %event.service,
                     detected_after_ms = event.at_ms - event.since * 1000,
                 );
                 self.records.publish_alert(&entry.record);
                 // Steps due at once go out in escalate_due, right after this event.
             }
-            EventKind::Resolved => {
-                let Some(entry) = self.entries.get_mut(&event.id) else {
-                    return;
-                };
-                if !matches!(
-                    entry.record.state,
-                    AlertState::Firing | AlertState::Acknowledged
-                ) {
-                    return;
-                }
-                entry.record.state = AlertState::Resolved;
-                entry.record.resolved_at_ms = Some(event.at_ms);
-                if event.value.is_some() {
-                    entry.record.value = event.value;
-                }
-                entry.ended_at = Some(Instant::now());
-                info!(message = "Alert resolved.", alert = %event.id, rule = %event.rule, service = %event.service);
-                self.records.publish_alert(&entry.record);
-                let told = entry.told.clone();
-                for step in told {
-                    notify(&self.sink, entry, NotifyTransition::Resolved, step);
-                }
-            }
+            EventKind::Resolved => self.resolve(&id, event.value, event.at_ms),
         }
     }
 
-    /// The escalation chain of an event's owners: one owner's chain, or several merged in order of `after`.
-    fn chain_of(&self, event: &AlertEvent) -> Option<Arc<Owner>> {
+    /// Ends a firing or acknowledged alert and tells everyone who was told it fired.
+    fn resolve(&mut self, id: &str, value: Option<f64>, at_ms: i64) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        if !matches!(
+            entry.record.state,
+            AlertState::Firing | AlertState::Acknowledged
+        ) {
+            return;
+        }
+        entry.record.state = AlertState::Resolved;
+        entry.record.resolved_at_ms = Some(at_ms);
+        if value.is_some() {
+            entry.record.value = value;
+        }
+        entry.ended_at = Some(Instant::now());
+        entry.confirm_by = None;
+        self.dirty = true;
+        info!(message = "Alert resolved.", alert = %id, rule = %entry.record.rule, service = %entry.record.service);
+        self.records.publish_alert(&entry.record);
+        let told = entry.told.clone();
+        for step in told {
+            notify(
+                &self.sink,
+                &self.commands,
+                entry,
+                NotifyTransition::Resolved,
+                step,
+            );
+        }
+    }
+
+    /// Resolves restored alerts that no rule confirmed in time: their breach ended while the aggregator was down.
+    fn resolve_unconfirmed(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.confirm_by.is_some_and(|at| at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            info!(message = "Restored alert not seen breaching again; resolving it.", alert = %id);
+            self.resolve(&id, None, strobe_proto::clock::unix_millis());
+        }
+    }
+
+    /// The escalation chain of an alert's owners: one owner's chain, or several merged in order of `after`.
+    fn chain_of(&self, owners: &[String], id: &str) -> Option<Arc<Owner>> {
         let rules = self.rules.current();
         let mut chains = Vec::new();
-        for name in &event.owners {
+        for name in owners {
             match rules.owners.get(name) {
                 Some(owner) => chains.push(owner.clone()),
                 None => {
-                    warn!(message = "Alert owner has no escalation chain.", owner = %name, alert = %event.id)
+                    warn!(message = "Alert owner has no escalation chain.", owner = %name, alert = %id)
                 }
             }
         }
@@ -294,11 +520,18 @@ impl Manager {
         entry.record.state = AlertState::Acknowledged;
         entry.record.acknowledged_by = Some(by.to_owned());
         entry.record.acknowledged_at_ms = Some(strobe_proto::clock::unix_millis());
+        self.dirty = true;
         info!(message = "Alert acknowledged.", alert = %id, by = %by);
         self.records.publish_alert(&entry.record);
         let told = entry.told.clone();
         for step in told {
-            notify(&self.sink, entry, NotifyTransition::Acknowledged, step);
+            notify(
+                &self.sink,
+                &self.commands,
+                entry,
+                NotifyTransition::Acknowledged,
+                step,
+            );
         }
         Ok(entry.record.clone())
     }
@@ -320,13 +553,21 @@ impl Manager {
                 entry.next_step += 1;
                 entry.told.push(index);
                 entry.record.notified.push(step.webhook.clone());
-                notify(&self.sink, entry, NotifyTransition::Firing, index);
+                self.dirty = true;
+                notify(
+                    &self.sink,
+                    &self.commands,
+                    entry,
+                    NotifyTransition::Firing,
+                    index,
+                );
             }
         }
     }
 
     fn prune(&mut self) {
         let now = Instant::now();
+        let before = self.entries.len();
         self.entries.retain(|_, e| {
             e.ended_at
                 .is_none_or(|ended| now.duration_since(ended) < RESOLVED_RETENTION)
@@ -343,11 +584,13 @@ impl Manager {
                 None => break,
             };
         }
+        self.dirty |= self.entries.len() != before;
     }
 }
 
 fn notify(
     sink: &mpsc::UnboundedSender<Notification>,
+    commands: &mpsc::WeakUnboundedSender<Command>,
     entry: &mut Entry,
     transition: NotifyTransition,
     step: usize,
@@ -358,10 +601,24 @@ fn notify(
     if !entry.sent.insert((transition, step)) {
         return;
     }
+    let (commands, id) = (commands.clone(), entry.record.id.clone());
+    let on_settled = OnSettled(Arc::new(move || {
+        if let Some(commands) = commands.upgrade() {
+            // The manager is gone only at shutdown; the state file then keeps it as queued, sent again next start.
+            commands
+                .send(Command::Settled {
+                    id: id.clone(),
+                    transition,
+                    step,
+                })
+                .ok();
+        }
+    }));
     let notification = Notification {
         record: entry.record.clone(),
         transition,
         step: target.clone(),
+        on_settled: Some(on_settled),
     };
     if sink.send(notification).is_err() {
         // Delivery stops only at shutdown; the notification is not sent, and says so.
@@ -374,9 +631,9 @@ fn new_record(event: &AlertEvent) -> AlertRecord {
         id: event.id.clone(),
         rule: event.rule.clone(),
         kind: if event.evidence.is_some() {
-            "canary"
+            AlertKind::Canary
         } else {
-            "rule"
+            AlertKind::Rule
         },
         service: event.service.clone(),
         labels: event.labels.clone(),
@@ -414,7 +671,7 @@ pub(crate) mod tests_support {
         AlertRecord {
             id: id.into(),
             rule: "r".into(),
-            kind: "rule",
+            kind: AlertKind::Rule,
             service: "svc".into(),
             labels: BTreeMap::new(),
             summary: "m sum above 1".into(),
@@ -482,6 +739,12 @@ escalation = [
     }
 
     fn setup() -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
+        setup_with(None)
+    }
+
+    fn setup_with(
+        persistence: Option<Persistence>,
+    ) -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
         let dir = std::env::temp_dir().join(format!("strobe-manager-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("rules-{}.toml", rand::random::<u64>()));
@@ -490,7 +753,14 @@ escalation = [
         let (sink, notes) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let health = Arc::new(Health::default());
-        let alerts = Alerts::spawn(store, Arc::new(Discard), sink, health, &mut tasks);
+        let alerts = Alerts::spawn(
+            store,
+            Arc::new(Discard),
+            sink,
+            health,
+            persistence,
+            &mut tasks,
+        );
         (alerts, notes, tasks)
     }
 
@@ -602,5 +872,138 @@ escalation = [
         settle().await;
         assert!(drain(&mut notes).is_empty());
         assert!(alerts.list().await.is_empty());
+    }
+
+    fn persistence(dir: &std::path::Path) -> Persistence {
+        Persistence {
+            file: StateFile::open(dir).unwrap(),
+            restore_grace: Duration::from_secs(60),
+        }
+    }
+
+    /// Takes every notification, marking those for `settle` as delivered (the way delivery reports back).
+    async fn take(
+        rx: &mut mpsc::UnboundedReceiver<Notification>,
+        settle: &[&str],
+    ) -> Vec<(String, &'static str, String)> {
+        let mut out = Vec::new();
+        while let Ok(n) = rx.try_recv() {
+            let target = n.step.webhook.rsplit('/').next().unwrap().to_owned();
+            if settle.contains(&n.transition.as_str()) {
+                (n.on_settled.as_ref().unwrap().0)();
+            }
+            out.push((n.record.id.clone(), n.transition.as_str(), target));
+        }
+        settled().await;
+        out
+    }
+
+    async fn settled() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_a_firing_alert_keeps_its_id_and_acknowledgement_and_is_not_paged_again()
+     {
+        let dir = std::env::temp_dir().join(format!(
+            "strobe-restore-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        {
+            let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
+            alerts.event(event("a", EventKind::Pending));
+            alerts.event(event("a", EventKind::Firing));
+            settled().await;
+            assert_eq!(
+                take(&mut notes, &["firing"]).await,
+                vec![("a".into(), "firing", "dev".into())]
+            );
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            alerts.ack("a", "alice").await.unwrap();
+            settled().await;
+            // Delivery never finishes with the acknowledgement before the "crash".
+            assert_eq!(
+                take(&mut notes, &[]).await,
+                vec![("a".into(), "acknowledged", "dev".into())]
+            );
+            tasks.abort_all();
+        }
+        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &["acknowledged"]).await,
+            vec![("a".into(), "acknowledged", "dev".into())],
+            "what delivery had not finished goes out again, and only that"
+        );
+        let listed = alerts.list().await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].state, AlertState::Acknowledged);
+        assert_eq!(listed[0].acknowledged_by.as_deref(), Some("alice"));
+        // The breach, still going on, is seen again under the id its new first second gives it.
+        let mut again = event("a-after-restart", EventKind::Pending);
+        again.since = 500;
+        alerts.event(again.clone());
+        again.kind = EventKind::Firing;
+        alerts.event(again.clone());
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        settled().await;
+        assert!(
+            take(&mut notes, &[]).await.is_empty(),
+            "not paged again, no escalation, not resolved while breaching"
+        );
+        let listed = alerts.list().await;
+        assert_eq!((listed.len(), listed[0].id.as_str()), (1, "a"));
+        again.kind = EventKind::Resolved;
+        alerts.event(again);
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &[]).await,
+            vec![("a".into(), "resolved", "dev".into())]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_escalation_resumes_and_an_alert_no_rule_confirms_is_resolved() {
+        let dir = std::env::temp_dir().join(format!(
+            "strobe-unconfirmed-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        {
+            let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
+            let mut firing = event("b", EventKind::Firing);
+            firing.at_ms = strobe_proto::clock::unix_millis();
+            alerts.event(firing);
+            settled().await;
+            assert_eq!(take(&mut notes, &["firing"]).await.len(), 1);
+            tasks.abort_all();
+        }
+        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        settled().await;
+        let repeated = take(&mut notes, &[]).await;
+        assert!(repeated.is_empty(), "dev is not paged twice: {repeated:?}");
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &["firing"]).await,
+            vec![("b".into(), "firing", "lead".into())],
+            "the next step is due 30 s after it fired"
+        );
+        // No rule reports it again within the grace: it is over, and both targets told are told.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &[]).await,
+            vec![
+                ("b".into(), "resolved", "dev".into()),
+                ("b".into(), "resolved", "lead".into())
+            ]
+        );
+        assert_eq!(alerts.list().await[0].state, AlertState::Resolved);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -4,6 +4,8 @@
 pub(crate) mod delivery;
 pub(crate) mod manager;
 pub(crate) mod payload;
+pub(crate) mod state;
 
 pub(crate) use delivery::{Deliverer, DeliverySettings, Notification};
-pub(crate) use manager::{AckError, Alerts, RecordSink};
+pub(crate) use manager::{AckError, Alerts, Persistence, RecordSink};
+pub use state::StateError;

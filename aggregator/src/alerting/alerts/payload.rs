@@ -166,13 +166,14 @@ pub(crate) fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alerting::event::AlertKind;
     use crate::alerting::event::AlertState;
 
     fn record() -> AlertRecord {
         AlertRecord {
             id: "abc".into(),
             rule: "checkout-p99".into(),
-            kind: "rule",
+            kind: AlertKind::Rule,
             service: "checkout".into(),
             labels: [("version".to_owned(), "v42".to_owned())].into(),
             summary: "request.latency p99 above 250".into(),
