@@ -194,6 +194,15 @@ async fn fold_loop(
     // Windows close on the aggregator's clock as the shipper learns it (this machine's until then).
     let clock = &config.shipper.clock;
     let mut folder = Folder::new(clock.unix_second(), config.window_limits());
+    // The clock offset the open window was stamped with: when the offset moves, the open window moves with it
+    // (before it rolls), so its contents land in their second on the corrected clock.
+    let mut stamped_with = clock.offset_ms();
+    let mut roll = |folder: &mut Folder| {
+        let now = clock.offset_ms();
+        let moved = now - std::mem::replace(&mut stamped_with, now);
+        folder.restamp((moved as f64 / 1000.0).round() as i64);
+        folder.roll(clock.unix_second())
+    };
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
     tokio::pin!(shutdown);
     // A hair past the boundary, so the roll sees the new second.
@@ -211,7 +220,7 @@ async fn fold_loop(
                         continue;
                     }
                 };
-                ship(&tx, folder.roll(clock.unix_second())).await;
+                ship(&tx, roll(&mut folder)).await;
                 let window = folder.open();
                 statsd::parse_packet(&packet[..len], &config.parse_limits, |line| match line {
                     Ok(line) => window.record(&line),
@@ -219,7 +228,7 @@ async fn fold_loop(
                 });
             }
             _ = &mut boundary => {
-                ship(&tx, folder.roll(clock.unix_second())).await;
+                ship(&tx, roll(&mut folder)).await;
                 boundary.as_mut().reset(
                     tokio::time::Instant::now() + clock.until_next_second() + std::time::Duration::from_millis(1),
                 );

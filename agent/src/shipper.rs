@@ -81,6 +81,8 @@ pub struct ShipperReport {
     pub dropped: u64,
     /// Connections made.
     pub connections: u64,
+    /// Snapshots the aggregator refused for what they hold (dropped; not acknowledged).
+    pub refused: u64,
 }
 
 /// Unacknowledged snapshots, oldest first.
@@ -92,6 +94,9 @@ struct ReplayBuffer {
     tally: Option<Arc<ShipperTally>>,
     /// Once the input has closed (shutdown), when to stop waiting for acknowledgements, connected or not.
     give_up_at: Option<tokio::time::Instant>,
+    /// Seconds refused for now (ahead of the aggregator's clock): kept, never dropped by a cumulative ack, and moved
+    /// to the aggregator's clock and sent again once this agent corrects its own.
+    held: std::collections::BTreeSet<i64>,
 }
 
 impl ReplayBuffer {
@@ -104,18 +109,49 @@ impl ReplayBuffer {
 
     fn push(&mut self, snapshot: pb::Snapshot, report: &mut ShipperReport) {
         if self.snapshots.len() >= self.capacity.max(1) {
-            self.snapshots.pop_front();
+            if let Some(oldest) = self.snapshots.pop_front() {
+                self.held.remove(&oldest.second);
+            }
             self.dropped_unreported += 1;
             report.dropped += 1;
         }
         self.snapshots.push_back(snapshot);
     }
 
-    /// Drops everything up to and including `second`; returns how many.
+    /// Drops everything up to and including `second`, but for held seconds; returns how many.
     fn ack(&mut self, second: i64) -> u64 {
         let before = self.snapshots.len();
-        self.snapshots.retain(|s| s.second > second);
+        let held = &self.held;
+        self.snapshots
+            .retain(|s| s.second > second || held.contains(&s.second));
         (before - self.snapshots.len()) as u64
+    }
+
+    /// Drops one refused second (refused for what it holds: sending it again would not help); whether it was there.
+    fn refused(&mut self, second: i64) -> bool {
+        let before = self.snapshots.len();
+        self.snapshots.retain(|s| s.second != second);
+        self.held.remove(&second);
+        before != self.snapshots.len()
+    }
+
+    /// The clock's applied offset moved by `shift_ms`: held seconds were stamped on the old clock, so they move
+    /// to the new one (and are sent again). Returns how many moved.
+    fn restamp_held(&mut self, shift_ms: i64) -> usize {
+        let shift = (shift_ms as f64 / 1000.0).round() as i64;
+        if shift == 0 || self.held.is_empty() {
+            return 0;
+        }
+        let held = std::mem::take(&mut self.held);
+        let mut moved = 0;
+        for snapshot in &mut self.snapshots {
+            if held.contains(&snapshot.second) {
+                snapshot.second = snapshot.second.saturating_add(shift);
+                moved += 1;
+            }
+        }
+        self.snapshots.make_contiguous().sort_by_key(|s| s.second);
+        moved
     }
 }
 
@@ -165,6 +201,7 @@ async fn ship(
         dropped_unreported: 0,
         tally,
         give_up_at: None,
+        held: Default::default(),
     };
     let mut target = config.aggregator.clone();
     let mut failures: u32 = 0;
@@ -205,6 +242,10 @@ async fn ship(
             Session::Redirected(address) => {
                 info!(message = "Redirected.", service = %identity.service, %address);
                 target = address;
+                failures = 0;
+                continue;
+            }
+            Session::Resend => {
                 failures = 0;
                 continue;
             }
@@ -262,7 +303,11 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 enum Session {
     InputClosed,
     Redirected(String),
-    Lost { connected: bool },
+    /// Held seconds moved to the aggregator's clock: reconnect at once and send the buffer again.
+    Resend,
+    Lost {
+        connected: bool,
+    },
 }
 
 async fn ship_once(
@@ -343,11 +388,8 @@ async fn ship_once(
             message = inbound.message() => match message {
                 Ok(Some(message)) => match message.body {
                     Some(pb::aggregator_message::Body::Ack(ack)) => {
-                        if let Some(offset) = config.clock.observe_aggregator(ack.aggregator_unix_ms) {
-                            warn!(
-                                message = "This machine's clock differs from the aggregator's; windows now follow the aggregator's.",
-                                offset_ms = offset
-                            );
+                        if follow_clock(config, buffer, ack.aggregator_unix_ms) {
+                            return Session::Resend;
                         }
                         let acked = buffer.ack(ack.second);
                         report.acknowledged += acked;
@@ -359,6 +401,17 @@ async fn ship_once(
                         }
                     }
                     Some(pb::aggregator_message::Body::Rejection(r)) => {
+                        warn!(
+                            message = "Aggregator rejected data.",
+                            second = r.second, limit = %r.limit, reason = %r.message,
+                            series_dropped = r.series_dropped, whole_snapshot = r.whole_snapshot,
+                            kept_to_send_again = r.whole_snapshot && r.retry,
+                        );
+                        if r.whole_snapshot && r.retry {
+                            buffer.held.insert(r.second);
+                        } else if r.whole_snapshot && buffer.refused(r.second) {
+                            report.refused += 1;
+                        }
                         if let Some(tally) = tally {
                             let (counter, n) = if r.whole_snapshot {
                                 (&tally.refused_snapshots, 1)
@@ -367,11 +420,12 @@ async fn ship_once(
                             };
                             counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         }
-                        warn!(
-                            message = "Aggregator rejected data.",
-                            second = r.second, limit = %r.limit, reason = %r.message,
-                            series_dropped = r.series_dropped, whole_snapshot = r.whole_snapshot,
-                        );
+                        if follow_clock(config, buffer, r.aggregator_unix_ms) {
+                            return Session::Resend;
+                        }
+                        if !input_open && buffer.snapshots.is_empty() {
+                            return Session::InputClosed;
+                        }
                     }
                     Some(pb::aggregator_message::Body::Redirect(r)) => {
                         return Session::Redirected(r.address);
@@ -388,6 +442,27 @@ async fn ship_once(
             _ = &mut drain_deadline, if !input_open => return Session::InputClosed,
         }
     }
+}
+
+/// Takes the aggregator's clock reading from an answer. When the agent's applied offset changes, held seconds move
+/// to the new clock; returns whether any did (they must be sent again).
+fn follow_clock(config: &ShipperConfig, buffer: &mut ReplayBuffer, aggregator_ms: i64) -> bool {
+    let before = config.clock.offset_ms();
+    let Some(offset) = config.clock.observe_aggregator(aggregator_ms) else {
+        return false;
+    };
+    warn!(
+        message = "This machine's clock differs from the aggregator's; windows now follow the aggregator's.",
+        offset_ms = offset
+    );
+    let moved = buffer.restamp_held(offset - before);
+    if moved > 0 {
+        info!(
+            message = "Seconds refused as ahead of the aggregator moved to its clock; sending them again.",
+            seconds = moved
+        );
+    }
+    moved > 0
 }
 
 /// Opens a connection to the aggregator at `target`.
@@ -596,6 +671,7 @@ mod tests {
             dropped_unreported: 0,
             tally: None,
             give_up_at: None,
+            held: Default::default(),
         };
         for s in 1..=5 {
             buffer.push(snap(s), &mut report);
@@ -605,6 +681,42 @@ mod tests {
         assert_eq!(kept, [3, 4, 5]);
         assert_eq!(buffer.ack(4), 2);
         assert_eq!(buffer.snapshots.front().map(|s| s.second), Some(5));
+    }
+
+    #[test]
+    fn held_seconds_survive_acks_move_with_the_clock_and_refused_ones_go() {
+        let mut report = ShipperReport::default();
+        let mut buffer = ReplayBuffer {
+            snapshots: VecDeque::new(),
+            capacity: 100,
+            dropped_unreported: 0,
+            tally: None,
+            give_up_at: None,
+            held: Default::default(),
+        };
+        for s in [110, 111, 112, 113] {
+            buffer.push(snap(s), &mut report);
+        }
+        // 110 and 111 are refused for now (ahead), 112 for good.
+        buffer.held.extend([110, 111]);
+        assert!(buffer.refused(112));
+        assert!(!buffer.refused(112), "only once");
+        assert_eq!(
+            buffer.ack(200),
+            1,
+            "a cumulative ack passes over held seconds"
+        );
+        // The clock turns out 10.2 s ahead: held seconds move back 10 and are kept to be sent again.
+        assert_eq!(buffer.restamp_held(-10_200), 2);
+        let kept: Vec<i64> = buffer.snapshots.iter().map(|s| s.second).collect();
+        assert_eq!(kept, [100, 101]);
+        assert!(buffer.held.is_empty());
+        assert_eq!(
+            buffer.restamp_held(-10_000),
+            0,
+            "nothing held, nothing moves"
+        );
+        assert_eq!(buffer.ack(101), 2);
     }
 
     #[test]

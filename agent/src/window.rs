@@ -273,6 +273,12 @@ impl Folder {
     /// If `now_second` is not the open window's, closes it and opens `now_second`. Seconds in between that saw no
     /// call (the process was paused) are not invented. A clock stepped back (the agent learnt the aggregator's)
     /// closes the open window too, rather than piling the seconds until the clock catches up into one.
+    /// Moves the open window by `seconds` (the clock it was opened on turned out to be off by that much), so what it
+    /// holds lands in the second it happened in and merges with what the corrected clock adds to that second.
+    pub fn restamp(&mut self, seconds: i64) {
+        self.open.second = self.open.second.saturating_add(seconds);
+    }
+
     pub fn roll(&mut self, now_second: i64) -> Option<(pb::Snapshot, WindowStats)> {
         if now_second == self.open.second {
             return None;

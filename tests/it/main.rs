@@ -254,6 +254,43 @@ async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     counted_exactly(&mut ws, Duration::from_secs(20), first..=last, &sent).await;
 }
 
+/// Ten seconds ahead is past `max_future_skew` (5 s): its first seconds are refused for now, not acknowledged, kept
+/// by the agent, and sent again on the aggregator's clock once the agent has learnt it; every count lands in the
+/// second it was sent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_far_ahead_has_its_refused_seconds_kept_and_counted_in_the_right_seconds() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    let mut ws = subscribe(http, &["far-ahead"]).await;
+    let agent = spawn(&[
+        "agent",
+        "--service",
+        "far-ahead",
+        "--version",
+        "v1",
+        "--instance",
+        "far-ahead-1",
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+        "--simulate-clock-skew-ms",
+        "10000",
+    ])
+    .await;
+    // From the first second on, before the agent knows its clock is off.
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_for(agent.addr("statsd"), 6.0, &mut sent).await;
+    let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
+    counted_exactly(&mut ws, Duration::from_secs(30), first..=last, &sent).await;
+    let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
+    assert!(
+        metrics.contains("strobe_dropped_total{limit=\"max_future_skew\"}"),
+        "the refusals are counted: {metrics}"
+    );
+}
+
 /// One hostile gRPC client: thousands of histograms reaching to the largest value allowed, second after second,
 /// then seconds far in the past and future and random bytes as histograms. The aggregator's memory grows by at most
 /// 512 MiB (its per-service budget holds), and a service streaming at the same time keeps every count.

@@ -149,12 +149,16 @@ async fn serve_stream(
                     message: refusal.to_string(),
                     series_dropped: 0,
                     whole_snapshot: true,
+                    retry: refusal.is_for_now(),
+                    aggregator_unix_ms: clock::unix_millis(),
                 };
+                // Refused is never acknowledged: the agent drops it (or keeps it, with `retry`) on this answer.
                 send(
                     tx,
                     reply(pb::aggregator_message::Body::Rejection(rejection)),
                 )
                 .await?;
+                continue;
             }
             Ok(validated) => {
                 // Queued first, so the reservation travels with it and is not held while the agent reads answers.
@@ -172,6 +176,8 @@ async fn serve_stream(
                         message: problem.to_string(),
                         series_dropped: *n,
                         whole_snapshot: false,
+                        retry: false,
+                        aggregator_unix_ms: clock::unix_millis(),
                     };
                     send(
                         tx,
@@ -181,7 +187,7 @@ async fn serve_stream(
                 }
             }
         }
-        // A refused second is acknowledged too: sending it again would be refused again.
+        // Queued to its shard: held, so acknowledged (series dropped from it were answered above).
         send(
             tx,
             reply(pb::aggregator_message::Body::Ack(pb::Ack {

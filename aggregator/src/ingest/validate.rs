@@ -48,6 +48,12 @@ pub(crate) enum Refusal {
 
 impl Refusal {
     /// The configured limit this refusal names, for the wire and for counters.
+    /// Refused for now, not for what the snapshot holds: its second is ahead of this clock, which an agent fixes by
+    /// following the aggregator's clock and sending it again.
+    pub(crate) fn is_for_now(&self) -> bool {
+        matches!(self, Refusal::FutureSecond { .. })
+    }
+
     pub(crate) fn reason(&self) -> DropReason {
         match self {
             Refusal::MissingIdentity(_) => DropReason::Identity,
