@@ -183,37 +183,65 @@ async fn no_second_is_lost_while_the_aggregator_restarts() {
     );
 }
 
-/// The aggregator is down for 30 s, three times `late_window`, while three agents of one service keep counting;
-/// they reconnect at different moments (each on its own backoff) and replay. Every second of the outage is then
-/// counted exactly once for every agent: the first replay gets the old seconds sealed, and the others merge into
-/// them as corrections.
+/// The aggregator is killed (SIGKILL) and stays down 30 s, three times `late_window`, while eight agents of two
+/// services keep counting; it comes back on the same ports, the agents reconnect at different moments (each on its
+/// own backoff) and replay. Every second of the outage is then counted exactly once for every agent: the first
+/// replay gets the old seconds sealed, and the others merge into them as corrections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_loses_nothing_when_agents_reconnect_at_different_moments() {
+    outage_loses_nothing("outage-30s", Duration::from_secs(30)).await;
+}
+
+/// The same with the aggregator down for three minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_minute_outage_loses_nothing() {
+    outage_loses_nothing("outage-3m", Duration::from_secs(180)).await;
+}
+
+/// Eight agents (four per service), the aggregator killed and down for `outage`, then every second fully inside
+/// the outage counted exactly once per service (nothing lost, nothing twice), and nothing refused as too late.
+async fn outage_loses_nothing(name: &str, outage: Duration) {
     let grpc = free_local_addr();
     let first = aggregator_on(&grpc).await;
+    let services = [format!("{name}-a"), format!("{name}-b")];
     let mut agents = Vec::new();
-    for n in 0..3 {
-        agents.push(agent(&first, "outage", "v1", "z1", &format!("outage-{n}")).await);
+    for service in &services {
+        for n in 0..4 {
+            agents.push(agent(&first, service, "v1", "z1", &format!("{service}-{n}")).await);
+        }
     }
-    wait_for_instances(first.addr("http"), "outage", 3).await;
-    let statsd: Vec<std::net::SocketAddr> = agents.iter().map(|a| a.addr("statsd")).collect();
-    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
-    send_round_robin(&statsd, 2.0, &mut sent).await;
-    drop(first);
+    for service in &services {
+        wait_for_instances(first.addr("http"), service, 4).await;
+    }
+    let statsd: Vec<Vec<std::net::SocketAddr>> = agents
+        .chunks(4)
+        .map(|c| c.iter().map(|a| a.addr("statsd")).collect())
+        .collect();
+    let (mut sent_a, mut sent_b) = (BTreeMap::new(), BTreeMap::new());
+    let both = |secs: f64, a: &mut BTreeMap<i64, u32>, b: &mut BTreeMap<i64, u32>| {
+        let (sa, sb) = (statsd[0].clone(), statsd[1].clone());
+        let (mut ma, mut mb) = (std::mem::take(a), std::mem::take(b));
+        async move {
+            tokio::join!(
+                send_round_robin(&sa, secs, &mut ma),
+                send_round_robin(&sb, secs, &mut mb)
+            );
+            (ma, mb)
+        }
+    };
+    (sent_a, sent_b) = both(2.0, &mut sent_a, &mut sent_b).await;
+    drop(first); // SIGKILL
     let down_from = unix_now().floor() as i64 + 1;
-    send_round_robin(&statsd, 30.0, &mut sent).await;
+    (sent_a, sent_b) = both(outage.as_secs_f64(), &mut sent_a, &mut sent_b).await;
     let down_until = unix_now().floor() as i64 - 1;
     let second = aggregator_on(&grpc).await;
     let http = second.addr("http");
-    let mut ws = subscribe(http, &["outage"]).await;
-    send_round_robin(&statsd, 2.0, &mut sent).await;
-    counted_exactly(
-        &mut ws,
-        Duration::from_secs(40),
-        down_from..=down_until,
-        &sent,
-    )
-    .await;
+    let mut ws_a = subscribe(http, &[&services[0]]).await;
+    let mut ws_b = subscribe(http, &[&services[1]]).await;
+    (sent_a, sent_b) = both(2.0, &mut sent_a, &mut sent_b).await;
+    let within = Duration::from_secs(40) + outage / 4;
+    counted_exactly(&mut ws_a, within, down_from..=down_until, &sent_a).await;
+    counted_exactly(&mut ws_b, within, down_from..=down_until, &sent_b).await;
     let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
     assert!(
         metrics.contains("strobe_snapshots_too_late_total 0"),

@@ -144,9 +144,9 @@ impl ServiceState {
         }
     }
 
-    /// Whether the service sealed nothing since `horizon` and has nothing open.
-    pub(crate) fn is_idle(&self, horizon: i64) -> bool {
-        self.windows.is_idle(horizon)
+    /// Whether nothing arrived or sealed for `idle_ms` before `now_ms` and nothing is open.
+    pub(crate) fn is_idle(&self, now_ms: i64, idle_ms: i64) -> bool {
+        self.windows.is_idle(now_ms, idle_ms)
     }
 
     /// The service went away: whatever fires resolves, a bad candidate counts as rolled back. Nothing is sealed.

@@ -22,7 +22,7 @@ use crate::model::InstanceSecond;
 
 /// How often a shard checks for seconds to seal.
 const TICK: Duration = Duration::from_millis(10);
-/// A service with nothing sealed for this long is forgotten by its shard.
+/// A service to which nothing arrived and in which nothing sealed for this long (wall clock) is forgotten by its shard.
 const IDLE_SECONDS: i64 = 120;
 /// Snapshots queued per shard before ingest waits.
 const QUEUE: usize = 8192;
@@ -200,7 +200,7 @@ async fn run_shard(
                 let horizon = second - IDLE_SECONDS;
                 let idle: Vec<Arc<str>> = services
                     .iter()
-                    .filter(|(_, s)| s.is_idle(horizon))
+                    .filter(|(_, s)| s.is_idle(now, IDLE_SECONDS * 1000))
                     .map(|(name, _)| name.clone())
                     .collect();
                 for name in idle {

@@ -185,6 +185,8 @@ pub(crate) struct ServiceWindows {
     last_sealed: Option<i64>,
     /// When the newest seal happened (wall clock, ms).
     last_seal_ms: i64,
+    /// Wall clock of the newest snapshot applied, milliseconds.
+    last_arrival_ms: i64,
     /// Bytes the open and recent seconds' cells take.
     bytes: usize,
     expected: HashSet<Arc<str>>,
@@ -200,6 +202,7 @@ impl ServiceWindows {
             recent: BTreeMap::new(),
             last_sealed: None,
             last_seal_ms: 0,
+            last_arrival_ms: 0,
             bytes: 0,
             expected: HashSet::new(),
         }
@@ -211,9 +214,11 @@ impl ServiceWindows {
         self.last_sealed
     }
 
-    /// Whether the service has nothing open and has sealed nothing since `before_second`.
-    pub(crate) fn is_idle(&self, before_second: i64) -> bool {
-        self.open.is_empty() && self.last_sealed.is_none_or(|t| t < before_second)
+    /// Whether the service has nothing open and nothing arrived or sealed in the `idle_ms` before `now_ms` (wall
+    /// clock: a service replaying minutes-old seconds after an outage is busy, however old its seconds are).
+    pub(crate) fn is_idle(&self, now_ms: i64, idle_ms: i64) -> bool {
+        self.open.is_empty()
+            && now_ms.saturating_sub(self.last_seal_ms.max(self.last_arrival_ms)) >= idle_ms
     }
 
     /// A sealed second's current content, as a correction; `None` once it left the late window.
@@ -226,6 +231,7 @@ impl ServiceWindows {
     /// Merges one instance's second, arrived at `now_ms`.
     pub(crate) fn apply(&mut self, snapshot: InstanceSecond, now_ms: i64) -> Applied {
         let t = snapshot.t;
+        self.last_arrival_ms = self.last_arrival_ms.max(now_ms);
         if let Some(last) = self.last_sealed
             && t <= last
         {
