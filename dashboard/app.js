@@ -34,9 +34,53 @@ function subscription() {
   return { subscribe: { overview: true, services: state.selected ? [state.selected] : [] } };
 }
 
+// ---------- access ----------
+// When the aggregator asks for a token, the page asks once and keeps it for this browser tab (sessionStorage).
+// It travels as `Authorization: Bearer` on requests and, on the websocket (where browsers cannot set headers), as
+// a `strobe.token.<hex>` subprotocol value beside `strobe`: never in a URL.
+
+const TOKEN_KEY = "strobe-token";
+const token = () => sessionStorage.getItem(TOKEN_KEY);
+const authHeaders = (extra = {}) => token() ? { ...extra, authorization: `Bearer ${token()}` } : extra;
+const hex = (text) => Array.from(new TextEncoder().encode(text), (b) => b.toString(16).padStart(2, "0")).join("");
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  if (response.status === 401) askForToken(token() ? "That token was not accepted." : "This aggregator needs a token.");
+  return response;
+}
+
+function askForToken(message) {
+  const form = $("token-form");
+  $("token-message").textContent = message;
+  form.hidden = false;
+  setConn("down", "token needed");
+  $("token-input").focus();
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const value = $("token-input").value.trim();
+  if (!value) return;
+  sessionStorage.setItem(TOKEN_KEY, value);
+  $("token-form").hidden = true;
+  start();
+});
+
+/// Checks access, then loads alerts and opens the stream.
+async function start() {
+  let response;
+  try { response = await api("/api/v1/services"); } catch (e) { setTimeout(start, 2000); return; }
+  if (response.status === 401) return;  // the token form is up
+  if (response.status === 403) { setConn("down", "this token may not read"); return; }
+  loadAlerts();
+  connect();
+}
+
 function connect() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${proto}://${location.host}/api/v1/stream`);
+  const protocols = token() ? ["strobe", "strobe.token." + hex(token())] : ["strobe"];
+  const ws = new WebSocket(`${proto}://${location.host}/api/v1/stream`, protocols);
   state.ws = ws;
   ws.onopen = () => {
     state.retryMs = 500;
@@ -57,7 +101,8 @@ function connect() {
     const banner = $("banner");
     banner.textContent = "Live stream lost: the numbers below are frozen. Reconnecting…";
     banner.hidden = false;
-    setTimeout(connect, wait);
+    // A refused handshake looks like any lost connection: ask the API whether the token still holds.
+    setTimeout(start, wait);
   };
 }
 
@@ -356,11 +401,12 @@ async function acknowledge(id, button) {
   button.disabled = true;
   button.textContent = "acknowledging…";
   try {
-    const response = await fetch(`/api/v1/alerts/${encodeURIComponent(id)}/ack`, {
+    const response = await api(`/api/v1/alerts/${encodeURIComponent(id)}/ack`, {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ by: "dashboard" }),
     });
     const body = await response.json();
     if (response.ok) onAlert(body.alert);
+    else if (response.status === 403) { button.textContent = "this token may not acknowledge"; }
     else { button.textContent = body.error || "failed"; }
   } catch (e) {
     button.textContent = "failed: " + e.message;
@@ -369,7 +415,7 @@ async function acknowledge(id, button) {
 
 async function loadAlerts() {
   try {
-    const response = await fetch("/api/v1/alerts");
+    const response = await api("/api/v1/alerts");
     const body = await response.json();
     for (const a of body.alerts) if (!state.alerts.has(a.id)) onAlert(a);
   } catch (e) { /* the stream will bring them */ }
@@ -558,6 +604,5 @@ $("split-stat").addEventListener("change", () => { state.detailDirty = true; });
 $("filter").addEventListener("input", (e) => { state.filter = e.target.value.trim(); state.dirty = true; });
 document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.selected) closeDetail(); });
 setInterval(tick, 1000);
-loadAlerts();
-connect();
+start();
 requestAnimationFrame(frame);

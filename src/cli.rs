@@ -165,6 +165,59 @@ pub(crate) struct AggregatorArgs {
         value_delimiter = ','
     )]
     pub(crate) agent_tokens: Vec<String>,
+    /// File of agent tokens, one per line (`#` comments), so they stay out of `ps`.
+    #[arg(long = "agent-token-file", env = "STROBE_AGENT_TOKEN_FILE")]
+    pub(crate) agent_token_files: Vec<PathBuf>,
+    /// Token that may read (dashboard, websocket, every GET): `[NAME:]SECRET` (repeatable).
+    #[arg(long = "read-token", env = "STROBE_READ_TOKEN", value_delimiter = ',')]
+    pub(crate) read_tokens: Vec<String>,
+    /// File of read tokens, one per line.
+    #[arg(long = "read-token-file", env = "STROBE_READ_TOKEN_FILE")]
+    pub(crate) read_token_files: Vec<PathBuf>,
+    /// Token that may change rules and acknowledge alerts (and read): `[NAME:]SECRET` (repeatable).
+    #[arg(
+        long = "admin-token",
+        env = "STROBE_ADMIN_TOKEN",
+        value_delimiter = ','
+    )]
+    pub(crate) admin_tokens: Vec<String>,
+    /// File of admin tokens, one per line.
+    #[arg(long = "admin-token-file", env = "STROBE_ADMIN_TOKEN_FILE")]
+    pub(crate) admin_token_files: Vec<PathBuf>,
+    /// Serve the HTTP API without tokens on a non-loopback address.
+    #[arg(long, env = "STROBE_INSECURE_NO_AUTH")]
+    pub(crate) insecure_no_auth: bool,
+    /// A browser origin besides the aggregator's own allowed to open the websocket and send changes (repeatable),
+    /// e.g. `https://ops.example.com`.
+    #[arg(
+        long = "allowed-origin",
+        env = "STROBE_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_origins: Vec<String>,
+    /// Hosts webhooks may point at (repeatable): names, `*.suffix`, IP addresses or CIDR blocks.
+    #[arg(
+        long = "webhook-allow",
+        env = "STROBE_WEBHOOK_ALLOW",
+        value_delimiter = ','
+    )]
+    pub(crate) webhook_allow: Vec<String>,
+}
+
+/// Tokens from files: one per line, blank lines and `#` comments skipped.
+fn tokens_from_files(files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading token file {}", file.display()))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    Ok(tokens)
 }
 
 /// `strobe agent` flags.
@@ -295,8 +348,8 @@ impl FileConfig {
 }
 
 impl AggregatorArgs {
-    /// Flags over the file's values.
-    pub(crate) fn apply(self, mut config: AggregatorConfig) -> AggregatorConfig {
+    /// Flags over the file's values; token files are read here.
+    pub(crate) fn apply(self, mut config: AggregatorConfig) -> Result<AggregatorConfig> {
         if let Some(v) = self.grpc_addr {
             config.grpc_addr = v;
         }
@@ -338,6 +391,28 @@ impl AggregatorArgs {
             config.agent_tokens = self.agent_tokens;
         }
         config
+            .agent_tokens
+            .extend(tokens_from_files(&self.agent_token_files)?);
+        if !self.read_tokens.is_empty() {
+            config.read_tokens = self.read_tokens;
+        }
+        config
+            .read_tokens
+            .extend(tokens_from_files(&self.read_token_files)?);
+        if !self.admin_tokens.is_empty() {
+            config.admin_tokens = self.admin_tokens;
+        }
+        config
+            .admin_tokens
+            .extend(tokens_from_files(&self.admin_token_files)?);
+        config.insecure_no_auth |= self.insecure_no_auth;
+        if !self.allowed_origins.is_empty() {
+            config.allowed_origins = self.allowed_origins;
+        }
+        if !self.webhook_allow.is_empty() {
+            config.webhook_allow = self.webhook_allow;
+        }
+        Ok(config)
     }
 }
 
@@ -399,7 +474,7 @@ mod tests {
         let Command::Aggregator(args) = cli.command else {
             panic!()
         };
-        let config = args.apply(file.aggregator);
+        let config = args.apply(file.aggregator).unwrap();
         assert_eq!(config.grace, Duration::from_millis(100));
         assert_eq!(config.grace_max, Duration::from_secs(2));
         assert_eq!(config.grace_quiet, Duration::from_millis(20));

@@ -47,7 +47,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Aggregator(args) => {
             let aggregator =
-                strobe_aggregator::Aggregator::bind(args.apply(file.aggregator)).await?;
+                strobe_aggregator::Aggregator::bind(args.apply(file.aggregator)?).await?;
             // One machine-readable line on stdout, so scripts and tests can find ports chosen with :0.
             println!(
                 "strobe aggregator grpc={} http={}",

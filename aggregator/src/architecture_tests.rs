@@ -9,17 +9,19 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("limits", &[]),
+    ("auth", &[]),
     ("health", &["model"]),
     ("alerting", &["model", "health"]),
-    ("publish", &["model", "health", "alerting"]),
+    ("publish", &["model", "health", "alerting", "auth"]),
     ("pipeline", &["model", "health", "alerting", "publish"]),
-    ("ingest", &["model", "health", "limits", "pipeline"]),
+    ("ingest", &["model", "health", "limits", "auth", "pipeline"]),
 ];
 
 /// Modules that do no I/O and use no async runtime: time and data come in as arguments.
 const PURE: &[&str] = &[
     "model",
     "limits",
+    "auth",
     "ingest::validate",
     "pipeline::windows",
     "pipeline::merge",
@@ -40,6 +42,7 @@ const PURE: &[&str] = &[
 const LEAVES: &[&str] = &[
     "model",
     "limits",
+    "auth",
     "alerting::event",
     "alerting::escalation",
     "alerting::canary::verdict",

@@ -41,8 +41,21 @@ pub struct AggregatorConfig {
     pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means one per core.
     pub shards: usize,
-    /// Tokens agents must present; empty means no check.
+    /// Tokens agents must present, `[NAME:]SECRET[=SERVICE,GLOB*...]` (bound to those services); empty means no
+    /// check.
     pub agent_tokens: Vec<String>,
+    /// Tokens that may read (dashboard, websocket, every GET), `[NAME:]SECRET`.
+    pub read_tokens: Vec<String>,
+    /// Tokens that may change rules and acknowledge alerts (and read), `[NAME:]SECRET`.
+    pub admin_tokens: Vec<String>,
+    /// Serve the HTTP API without tokens on a non-loopback address (refused otherwise).
+    pub insecure_no_auth: bool,
+    /// Browser origins besides the aggregator's own that may open the websocket and send changes, such as
+    /// `https://ops.example.com`.
+    pub allowed_origins: Vec<String>,
+    /// Hosts webhooks may point at (names, `*.suffix`, IP addresses, CIDR blocks); empty allows any host but the
+    /// ones always refused (cloud metadata, link-local).
+    pub webhook_allow: Vec<String>,
     /// The rules file (TOML), reloaded when it changes.
     pub rules: Option<PathBuf>,
     /// Where alert state (firing alerts, acknowledgements, the notification log) is kept across restarts; none
@@ -75,6 +88,11 @@ impl Default for AggregatorConfig {
             correction_interval: Duration::from_millis(250),
             shards: 0,
             agent_tokens: Vec::new(),
+            read_tokens: Vec::new(),
+            admin_tokens: Vec::new(),
+            insecure_no_auth: false,
+            allowed_origins: Vec::new(),
+            webhook_allow: Vec::new(),
             rules: None,
             state_dir: None,
             alert_restore_grace: Duration::from_secs(120),

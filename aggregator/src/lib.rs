@@ -20,6 +20,7 @@
 pub(crate) mod alerting;
 #[cfg(test)]
 mod architecture_tests;
+pub mod auth;
 pub mod config;
 pub(crate) mod health;
 pub(crate) mod ingest;
@@ -92,6 +93,16 @@ pub enum AggregatorError {
     /// A task that must run until shutdown stopped (it panicked).
     #[error("an internal task stopped: {0}")]
     TaskEnded(String),
+    /// A token specification is malformed.
+    #[error("token: {0}")]
+    Token(#[from] auth::TokenError),
+    /// The HTTP API would be reachable from other machines with no token.
+    #[error(
+        "HTTP on {0} is reachable from other machines and no --read-token or --admin-token is set: anyone could \
+         read every stream, change the rules and silence alerts. Set tokens, bind to loopback, or pass \
+         --insecure-no-auth to accept that"
+    )]
+    InsecureHttp(SocketAddr),
     /// The alert state directory could not be created.
     #[error(transparent)]
     State(#[from] StateError),
@@ -114,11 +125,30 @@ pub struct Aggregator {
     hub: Arc<Hub>,
     health: Arc<Health>,
     rules: Arc<RulesStore>,
+    tokens: Arc<auth::Tokens>,
 }
 
 impl Aggregator {
     /// Binds both listeners.
     pub async fn bind(config: AggregatorConfig) -> Result<Self, AggregatorError> {
+        let tokens = auth::Tokens::new(
+            &config.read_tokens,
+            &config.admin_tokens,
+            &config.agent_tokens,
+        )?;
+        if !tokens.http_required() {
+            if !config.http_addr.ip().is_loopback() && !config.insecure_no_auth {
+                return Err(AggregatorError::InsecureHttp(config.http_addr));
+            }
+            warn!(
+                message = "HTTP API has no tokens: anyone who reaches it can read every stream, change the rules and acknowledge alerts.",
+                http = %config.http_addr,
+                loopback_only = config.http_addr.ip().is_loopback(),
+            );
+        }
+        if !tokens.agent_required() {
+            warn!(message = "No agent token: anyone who reaches the gRPC port can send data.", grpc = %config.grpc_addr);
+        }
         let grpc = listen("gRPC", config.grpc_addr).await?;
         let http = listen("HTTP", config.http_addr).await?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
@@ -128,7 +158,10 @@ impl Aggregator {
             config.limits.subscriber_buffer_frames,
             config.metrics.clone(),
         ));
-        let rules = RulesStore::open(config.rules.clone())?;
+        let rules = RulesStore::open_with(
+            config.rules.clone(),
+            alerting::rules::WebhookPolicy::new(config.webhook_allow.clone()),
+        )?;
         Ok(Self {
             config,
             grpc,
@@ -136,6 +169,7 @@ impl Aggregator {
             hub,
             health: Arc::new(Health::default()),
             rules,
+            tokens: Arc::new(tokens),
         })
     }
 
@@ -223,7 +257,7 @@ impl Aggregator {
         let ingest = ingest::IngestService {
             shards,
             limits: self.config.limits.clone(),
-            agent_tokens: self.config.agent_tokens.clone().into(),
+            agent_tokens: self.tokens.clone(),
             health: self.health.clone(),
             streams: streams.clone(),
             budget: QueueBudget::new(
@@ -252,6 +286,9 @@ impl Aggregator {
                     .max_websocket_clients_per_address,
             },
             websocket_clients: Default::default(),
+            tokens: self.tokens.clone(),
+            allowed_origins: self.config.allowed_origins.clone(),
+            any_host: self.config.insecure_no_auth,
         }));
         info!(
             message = "Aggregator listening.",

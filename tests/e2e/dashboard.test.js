@@ -125,3 +125,55 @@ test("the dashboard shows every service live, turns the bad version red and ackn
     await stop(demo);
   }
 });
+
+test("with tokens the dashboard asks for one, says when it is wrong, and a read token cannot change anything", { timeout: 120000 }, async () => {
+  fs.mkdirSync(artifacts, { recursive: true });
+  const aggregator = spawn(bin, [
+    "aggregator", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+    "--read-token", "viewer:read-secret", "--admin-token", "ops:admin-secret",
+  ], { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, STROBE_LOG: "warn" } });
+  const url = await new Promise((resolve, reject) => {
+    const lines = readline.createInterface({ input: aggregator.stdout });
+    lines.on("line", (line) => {
+      const m = line.match(/http=(\S+)/);
+      if (m) resolve(`http://${m[1]}/`);
+    });
+    aggregator.on("exit", (code) => reject(new Error(`strobe aggregator exited with ${code}`)));
+    setTimeout(() => reject(new Error("strobe aggregator did not print its addresses")), 30000);
+  });
+  let browser;
+  try {
+    // Without a token the API refuses; the page's own files do not.
+    assert.equal((await fetch(new URL("/api/v1/alerts", url))).status, 401);
+    browser = await chromium.launch({ executablePath: chromiumPath, args: CHROMIUM_FLAGS });
+    const page = await browser.newPage({ viewport: { width: 1200, height: 600 } });
+    await page.goto(url);
+    await page.waitForSelector("#token-form:not([hidden])", { timeout: 10000 });
+    assert.match(await page.textContent("#token-message"), /needs a token/);
+
+    await page.fill("#token-input", "not-the-token");
+    await page.click("#token-form button[type=submit]");
+    await page.waitForFunction(() => /not accepted/.test(document.querySelector("#token-message").textContent)
+      && !document.querySelector("#token-form").hidden, null, { timeout: 10000 });
+    await page.screenshot({ path: path.join(artifacts, "dashboard-token-refused.png") });
+
+    await page.fill("#token-input", "read-secret");
+    await page.click("#token-form button[type=submit]");
+    // The websocket opens with the token as a subprotocol value: the page goes live.
+    await page.waitForFunction(() => /live/.test(document.querySelector("#conn").textContent), null, { timeout: 10000 });
+    assert.equal(await page.isHidden("#token-form"), true);
+
+    // A read token may not change rules or acknowledge, even from the page itself.
+    const statuses = await page.evaluate(async () => {
+      const auth = { authorization: "Bearer " + sessionStorage.getItem("strobe-token") };
+      const put = await fetch("/api/v1/rules", { method: "PUT", headers: { ...auth, "content-type": "application/toml" }, body: "" });
+      const ack = await fetch("/api/v1/alerts/x/ack", { method: "POST", headers: { ...auth, "content-type": "application/json" }, body: "{}" });
+      const read = await fetch("/api/v1/alerts", { headers: auth });
+      return [put.status, ack.status, read.status];
+    });
+    assert.deepEqual(statuses, [403, 403, 200]);
+  } finally {
+    if (browser) await browser.close();
+    await stop(aggregator);
+  }
+});

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::receiver::{Receiver, signature_valid};
+use crate::receiver::{Receiver, readme_snippet_accepts, signature_valid};
 use crate::support::*;
 
 const SECRET: &str = "topsecret";
@@ -149,10 +149,65 @@ async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_eve
         "acknowledged: no escalation"
     );
 
+    // No secret leaves: not the signing secret, not a webhook URL (the path of many is a secret), in no API
+    // answer, no frame, no target's payload.
+    let urls = [
+        format!("{}/dev", receiver.addr),
+        format!("{}/lead", receiver.addr),
+    ];
+    let leaks = |what: &str, text: &str| {
+        assert!(!text.contains(SECRET), "{what} holds the secret: {text}");
+        for url in &urls {
+            assert!(!text.contains(url.as_str()), "{what} holds {url}: {text}");
+        }
+    };
+    for path in ["/api/v1/rules", "/api/v1/alerts"] {
+        let (_, body) = crate::support::http(http, "GET", path, "").await;
+        leaks(path, &body);
+    }
+    leaks("the firing frame", &firing.to_string());
+    for r in receiver.received() {
+        leaks("a payload", &String::from_utf8_lossy(&r.raw));
+    }
+    let rules_doc = get_json(http, "/api/v1/rules").await;
+    assert!(
+        rules_doc["source"]
+            .as_str()
+            .unwrap()
+            .contains("secret = \"(redacted)\""),
+        "{rules_doc}"
+    );
+    // The README's verification snippet, on a real delivery: accepted when fresh, refused as a replay an hour
+    // later, refused with the body changed.
+    let sample = &receiver.received()[0];
+    let (ts, header) = (sample.timestamp.unwrap(), sample.signature.clone().unwrap());
+    assert!(readme_snippet_accepts(
+        SECRET,
+        ts,
+        &sample.raw,
+        &header,
+        ts + 5
+    ));
+    assert!(!readme_snippet_accepts(
+        SECRET,
+        ts,
+        &sample.raw,
+        &header,
+        ts + 3600
+    ));
+    let mut tampered = sample.raw.to_vec();
+    tampered[0] ^= 1;
+    assert!(!readme_snippet_accepts(
+        SECRET,
+        ts,
+        &tampered,
+        &header,
+        ts + 5
+    ));
     for r in receiver.received() {
         let signature = r.signature.as_deref().expect("signed");
         assert!(
-            signature_valid(SECRET, &r.raw, signature),
+            signature_valid(SECRET, r.timestamp.expect("timestamped"), &r.raw, signature),
             "bad signature on {} {}",
             r.path,
             r.transition

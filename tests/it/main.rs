@@ -3,6 +3,7 @@
 mod alerts;
 mod canary;
 mod receiver;
+mod security;
 mod support;
 
 use std::collections::BTreeMap;

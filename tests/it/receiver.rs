@@ -20,6 +20,7 @@ pub(crate) struct Received {
     pub(crate) alert_id: String,
     pub(crate) transition: String,
     pub(crate) signature: Option<String>,
+    pub(crate) timestamp: Option<i64>,
     pub(crate) raw: Bytes,
     pub(crate) body: Value,
 }
@@ -98,6 +99,7 @@ async fn receive(
         alert_id: header("x-strobe-alert-id").unwrap_or_default(),
         transition: header("x-strobe-transition").unwrap_or_default(),
         signature: header("x-strobe-signature"),
+        timestamp: header("x-strobe-timestamp").and_then(|t| t.parse().ok()),
         body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
         raw,
     };
@@ -105,9 +107,69 @@ async fn receive(
     StatusCode::OK
 }
 
-/// Checks `sha256=<hex>` against HMAC-SHA256(secret, body), computed here independently of Strobe.
-pub(crate) fn signature_valid(secret: &str, body: &[u8], signature: &str) -> bool {
+/// Checks the header's `sha256=<hex>` values against HMAC-SHA256(secret, timestamp + "." + body), computed here
+/// independently of Strobe.
+pub(crate) fn signature_valid(secret: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.").as_bytes());
     mac.update(body);
-    signature == format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    header.split(',').any(|s| s.trim() == expected)
+}
+
+/// Runs the README's signature check (the Python snippet between the `signature-snippet` markers) on a delivery,
+/// as a receiver would, at unix time `now`.
+pub(crate) fn readme_snippet_accepts(
+    secret: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+    now: i64,
+) -> bool {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let snippet = readme
+        .split("<!-- signature-snippet -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- /signature-snippet -->").next())
+        .expect("the snippet's markers in the README");
+    let code = snippet
+        .trim()
+        .trim_start_matches("```python")
+        .trim_end_matches("```");
+    let driver = format!(
+        "{code}\nimport sys\nsecret, timestamp, header, now = sys.argv[1:5]\nbody = sys.stdin.buffer.read()\n\
+         print(strobe_signature_ok(secret.encode(), timestamp, body, header, now=float(now)))\n"
+    );
+    let path = std::env::temp_dir().join(format!(
+        "strobe-verify-{}-{}.py",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::write(&path, driver).unwrap();
+    let mut child = std::process::Command::new("python3")
+        .arg(&path)
+        .args([secret, &timestamp.to_string(), header, &now.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test installs it)");
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let output = child.wait_with_output().unwrap();
+    std::fs::remove_file(&path).ok();
+    let answer = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        answer == "True" || answer == "False",
+        "the snippet ran: {answer:?} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    answer == "True"
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

@@ -173,20 +173,54 @@ pub(crate) async fn next_frame<T>(
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection; returns the status and the body.
+/// One HTTP/1.1 request over a fresh connection; returns the status and the body. Changes are sent as the API
+/// asks: rules (PUT) as TOML, everything else as JSON.
 pub(crate) async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let content_type = match method {
+        "PUT" => "application/toml",
+        _ => "application/json",
+    };
+    let (status, _, body) =
+        http_with(addr, method, path, body, &[("Content-Type", content_type)]).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request with extra headers; returns the status, the response headers (lowercased names) and the
+/// body.
+pub(crate) async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let host = if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        String::new()
+    } else {
+        format!("Host: {addr}\r\n")
+    };
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\n{host}{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    (status, body.to_owned())
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let response_headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, response_headers, body.to_owned())
 }
 
 /// Sends a request and parses the JSON answer (`null` when it is not JSON).

@@ -23,13 +23,16 @@ pub(crate) struct Step {
     /// Time after firing at which this step is notified, unless acknowledged.
     #[serde(with = "humantime_serde")]
     pub(crate) after: Duration,
-    /// Where to POST.
+    /// Where to POST. Shown (API, logs) only as scheme and host: the path and query of many webhook URLs (Slack's,
+    /// for one) are themselves the secret.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub(crate) webhook: String,
     /// Body format.
     pub(crate) format: Format,
-    /// HMAC-SHA256 key for the `X-Strobe-Signature` header.
+    /// HMAC-SHA256 keys for the `X-Strobe-Signature` header: the current one first, and during a rotation the
+    /// previous one (each signs; a receiver accepts either).
     #[serde(skip)]
-    pub(crate) secret: Option<String>,
+    pub(crate) secrets: Vec<String>,
     /// PagerDuty routing key.
     #[serde(skip)]
     pub(crate) routing_key: Option<String>,
@@ -42,4 +45,44 @@ pub(crate) struct Owner {
     pub(crate) name: String,
     /// Steps in order of `after`.
     pub(crate) escalation: Vec<Step>,
+}
+
+/// A URL as it may be shown: scheme and host (and port), the rest elided; user info never.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(redacted)".to_owned();
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}/…")
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &str,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_shown_as_scheme_and_host_only() {
+        for (url, shown) in [
+            (
+                "https://hooks.slack.com/services/T0/B0/secretpart",
+                "https://hooks.slack.com/…",
+            ),
+            (
+                "http://user:pw@10.0.0.1:9000/x?token=y",
+                "http://10.0.0.1:9000/…",
+            ),
+            ("http://host", "http://host/…"),
+            ("not a url", "(redacted)"),
+        ] {
+            assert_eq!(super::redacted_url(url), shown);
+        }
+    }
 }

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::Tokens;
 use crate::health::Health;
 use crate::limits::Limits;
 use crate::model::Instance;
@@ -31,7 +32,7 @@ pub(crate) struct IngestService {
     /// Input bounds.
     pub(crate) limits: Limits,
     /// Accepted agent tokens (empty: no check).
-    pub(crate) agent_tokens: Arc<[String]>,
+    pub(crate) agent_tokens: Arc<Tokens>,
     /// Counters.
     pub(crate) health: Arc<Health>,
     /// Owns every stream's task, so shutdown can wait for them.
@@ -69,6 +70,9 @@ impl pb::ingest_server::Ingest for IngestService {
                 warn!(message = "Hello refused.", error = %refusal);
                 return Err(match refusal {
                     Refusal::BadToken => Status::unauthenticated(refusal.to_string()),
+                    Refusal::TokenNotForService(_) => {
+                        Status::permission_denied(refusal.to_string())
+                    }
                     _ => Status::invalid_argument(refusal.to_string()),
                 });
             }

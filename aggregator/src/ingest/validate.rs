@@ -6,6 +6,7 @@ use std::sync::Arc;
 use strobe_proto as pb;
 use thiserror::Error;
 
+use crate::auth::{Denied, Tokens};
 use crate::health::DropReason;
 use crate::limits::Limits;
 use crate::model::hdr::{CheckedV2, V2Error};
@@ -24,6 +25,9 @@ pub(crate) enum Refusal {
     /// The token is not one of the configured agent tokens.
     #[error("unknown agent token")]
     BadToken,
+    /// The token is known but bound to other services.
+    #[error("this agent token may not stream for service {0:?}")]
+    TokenNotForService(String),
     /// The snapshot's second is older than `max_snapshot_age`: nothing that old can still be merged or replayed.
     #[error("second {second} is {behind}s in the past (max_snapshot_age {limit}s)")]
     PastSecond {
@@ -58,7 +62,7 @@ impl Refusal {
         match self {
             Refusal::MissingIdentity(_) => DropReason::Identity,
             Refusal::BadIdentity(_) => DropReason::MaxNameBytes,
-            Refusal::BadToken => DropReason::AgentTokens,
+            Refusal::BadToken | Refusal::TokenNotForService(_) => DropReason::AgentTokens,
             Refusal::FutureSecond { .. } => DropReason::MaxFutureSkew,
             Refusal::PastSecond { .. } => DropReason::MaxSnapshotAge,
         }
@@ -133,15 +137,19 @@ fn check_text(value: &str, limits: &Limits) -> bool {
 pub(crate) fn validate_hello(
     hello: &pb::Hello,
     limits: &Limits,
-    tokens: &[String],
+    tokens: &Tokens,
 ) -> Result<Instance, Refusal> {
-    if !tokens.is_empty() && !tokens.iter().any(|t| t == &hello.token) {
-        return Err(Refusal::BadToken);
-    }
     let identity = hello
         .identity
         .as_ref()
         .ok_or(Refusal::MissingIdentity("identity"))?;
+    match tokens.authorize_agent(&hello.token, &identity.service) {
+        Ok(_) => {}
+        Err(Denied::Unauthenticated) => return Err(Refusal::BadToken),
+        Err(Denied::Forbidden) => {
+            return Err(Refusal::TokenNotForService(identity.service.clone()));
+        }
+    }
     let required = [
         ("service", &identity.service),
         ("version", &identity.version),
@@ -561,10 +569,17 @@ mod tests {
             }),
             token: token.into(),
         };
-        let tokens = vec!["secret".to_owned()];
-        let table: Vec<(pb::Hello, &[String], Option<Refusal>)> = vec![
-            (hello("s", "v", "i", ""), &[], None),
+        let tokens = Tokens::new(&[], &[], &["secret".to_owned(), "bound=t*".to_owned()]).unwrap();
+        let none = Tokens::default();
+        let table: Vec<(pb::Hello, &Tokens, Option<Refusal>)> = vec![
+            (hello("s", "v", "i", ""), &none, None),
             (hello("s", "v", "i", "secret"), &tokens, None),
+            (hello("t1", "v", "i", "bound"), &tokens, None),
+            (
+                hello("s", "v", "i", "bound"),
+                &tokens,
+                Some(Refusal::TokenNotForService("s".into())),
+            ),
             (
                 hello("s", "v", "i", "wrong"),
                 &tokens,
@@ -572,22 +587,22 @@ mod tests {
             ),
             (
                 hello("", "v", "i", ""),
-                &[],
+                &none,
                 Some(Refusal::MissingIdentity("service")),
             ),
             (
                 hello("s", "", "i", ""),
-                &[],
+                &none,
                 Some(Refusal::MissingIdentity("version")),
             ),
             (
                 hello("s", "v", "", ""),
-                &[],
+                &none,
                 Some(Refusal::MissingIdentity("instance")),
             ),
             (
                 hello("s\n", "v", "i", ""),
-                &[],
+                &none,
                 Some(Refusal::BadIdentity("service")),
             ),
             (
@@ -595,7 +610,7 @@ mod tests {
                     identity: None,
                     token: String::new(),
                 },
-                &[],
+                &none,
                 Some(Refusal::MissingIdentity("identity")),
             ),
         ];

@@ -18,7 +18,9 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::alerting::alerts::{AckError, Alerts};
+use crate::alerting::rules::config::redacted_source;
 use crate::alerting::rules::{RuleSet, RulesStore, StoreError};
+use crate::auth::{Denied, Role, Tokens, is_loopback_host, origin_allowed};
 use crate::health::Health;
 use crate::publish::{Delivered, Frame, FrameKind, Hub};
 
@@ -37,6 +39,134 @@ pub(crate) struct AppState {
     /// Websocket clients connected now, by address.
     pub(crate) websocket_clients:
         std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Who may read and who may change things.
+    pub(crate) tokens: Arc<Tokens>,
+    /// Browser origins besides our own allowed to open the websocket and send changes.
+    pub(crate) allowed_origins: Vec<String>,
+    /// Without tokens, answer requests for any host name (`--insecure-no-auth`), not only loopback names.
+    pub(crate) any_host: bool,
+}
+
+/// Who made a request: the name of the token it presented (none when the aggregator asks for no tokens).
+#[derive(Debug, Clone)]
+pub(crate) struct Principal(pub(crate) Option<String>);
+
+/// The websocket subprotocol the dashboard speaks; a token travels beside it as `strobe.token.<hex>`, the one
+/// place a browser can put a secret on a websocket handshake without putting it in the URL.
+const WS_PROTOCOL: &str = "strobe";
+const WS_TOKEN_PREFIX: &str = "strobe.token.";
+
+/// The bearer token of a request: `Authorization: Bearer T`, or on a websocket handshake a
+/// `Sec-WebSocket-Protocol` value `strobe.token.<hex of T>`.
+fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    if let Some(value) = headers.get(header::AUTHORIZATION)
+        && let Ok(value) = value.to_str()
+        && let Some(token) = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+    {
+        return Some(token.trim().to_owned());
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix(WS_TOKEN_PREFIX))
+        .find_map(|hex_token| {
+            hex::decode(hex_token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        })
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    let mut response = (status, Json(json!({ "error": message }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"strobe\""),
+        );
+    }
+    response
+}
+
+/// The gate in front of the API, the websocket and `/metrics` (the dashboard's files and `/healthz` hold no data
+/// and stay open): the right token for the method (GET: read; anything else: admin), and for anything a browser
+/// could be tricked into sending cross-site (changes, the websocket) an `Origin` that is ours or allowed and, for
+/// changes, a JSON or TOML body (which a plain HTML form cannot send). Without tokens, only requests addressed to a
+/// loopback name are answered (a page on a name that resolves to 127.0.0.1 gets nothing).
+async fn guard(
+    State(state): State<Arc<AppState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" || strobe_dashboard::ASSETS.iter().any(|a| a.path == path) {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    if !state.tokens.http_required() && !state.any_host && !host.is_some_and(is_loopback_host) {
+        return refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            "without tokens this aggregator answers only requests to a loopback address",
+        );
+    }
+    let method = request.method().clone();
+    let need = if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        Role::Read
+    } else {
+        Role::Admin
+    };
+    let principal = match state
+        .tokens
+        .authorize(presented_token(headers).as_deref(), need)
+    {
+        Ok(name) => name,
+        Err(Denied::Unauthenticated) => {
+            return refuse(StatusCode::UNAUTHORIZED, "a valid token is required");
+        }
+        Err(Denied::Forbidden) => {
+            return refuse(StatusCode::FORBIDDEN, "this token may only read");
+        }
+    };
+    let is_upgrade = headers.contains_key(header::UPGRADE);
+    if (need == Role::Admin || is_upgrade)
+        && let Some(origin) = headers.get(header::ORIGIN)
+    {
+        let origin = origin.to_str().unwrap_or("");
+        if !origin_allowed(origin, host, &state.allowed_origins) {
+            tracing::warn!(message = "Cross-origin request refused.", %origin, %path);
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "cross-origin request refused (see --allowed-origin)",
+            );
+        }
+    }
+    if need == Role::Admin {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if !matches!(
+            essence.as_str(),
+            "application/json" | "application/toml" | "text/toml"
+        ) {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "changes need Content-Type application/json (acknowledgements) or application/toml (rules)",
+            );
+        }
+    }
+    request.extensions_mut().insert(Principal(principal));
+    next.run(request).await
 }
 
 /// What a websocket client may send and how many may connect (from the aggregator's limits).
@@ -116,6 +246,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/deploys", get(list_deploys))
         .route("/api/v1/alerts/{id}/ack", post(ack_alert))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
@@ -172,7 +303,8 @@ async fn series(State(state): State<Arc<AppState>>, Query(q): Query<SeriesQuery>
 fn rules_json(rules: &RuleSet) -> serde_json::Value {
     let mut owners: Vec<_> = rules.owners.values().collect();
     owners.sort_by(|a, b| a.name.cmp(&b.name));
-    json!({ "rules": rules.rules, "owners": owners, "source": rules.source })
+    // Secrets never leave: owners serialise their webhooks as scheme and host, the source is redacted.
+    json!({ "rules": rules.rules, "owners": owners, "source": redacted_source(&rules.source) })
 }
 
 async fn get_rules(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -215,6 +347,7 @@ struct AckBody {
 async fn ack_alert(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    axum::Extension(principal): axum::Extension<Principal>,
     body: String,
 ) -> Response {
     let ack: AckBody = if body.trim().is_empty() {
@@ -231,7 +364,12 @@ async fn ack_alert(
             }
         }
     };
-    let by = ack.by.unwrap_or_else(|| "anonymous".to_owned());
+    // With tokens, the token's name is who acknowledged (a name in the body is kept beside it).
+    let by = match (principal.0, ack.by) {
+        (Some(token), Some(by)) if by != token => format!("{by} (token {token})"),
+        (Some(token), _) => token,
+        (None, by) => by.unwrap_or_else(|| "anonymous".to_owned()),
+    };
     match state.alerts.ack(&id, &by).await {
         Ok(record) => Json(json!({ "alert": record })).into_response(),
         Err(error @ AckError::NotFound(_)) => (
@@ -324,6 +462,7 @@ async fn stream(
     });
     let max_message = state.limits.max_websocket_message_bytes;
     upgrade
+        .protocols([WS_PROTOCOL])
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use super::payload::{self, SIGNATURE_HEADER};
-use crate::alerting::escalation::Step;
+use super::payload::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::alerting::escalation::{Step, redacted_url};
 use crate::alerting::event::{AlertRecord, NotifyTransition};
+use crate::alerting::rules::config::forbidden_host;
 use crate::health::Health;
 
 /// Timeouts and retry schedule of webhook delivery.
@@ -191,6 +192,38 @@ impl TargetQueue {
     }
 }
 
+/// Resolves webhook host names as the system does, but never to an address that rules could not name either
+/// (link-local, where cloud metadata lives; unspecified): a name pointed at 169.254.169.254 gets nowhere.
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<std::net::SocketAddr> = found
+                .into_iter()
+                .filter(|a| {
+                    let host = match a.ip() {
+                        std::net::IpAddr::V4(ip) => url::Host::<&str>::Ipv4(ip),
+                        std::net::IpAddr::V6(ip) => url::Host::<&str>::Ipv6(ip),
+                    };
+                    forbidden_host(&host).is_none()
+                })
+                .collect();
+            if allowed.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to addresses webhooks may not reach (link-local, metadata, unspecified)"
+                )
+                .into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// What every target's worker shares: the HTTP client, the retry schedule, the counters.
 struct Sender {
     client: reqwest::Client,
@@ -206,6 +239,9 @@ impl Deliverer {
         health: Arc<Health>,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
+            // A redirect could lead anywhere, past the rules' checks: a webhook gets one URL.
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver))
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .user_agent(concat!("strobe/", env!("CARGO_PKG_VERSION")))
@@ -245,7 +281,7 @@ impl Deliverer {
         let max = self.sender.settings.max_queued_per_target;
         if let Some((_, n)) = queue.push((deadline, notification), max) {
             self.sender.health.webhook_dropped.inc();
-            warn!(message = "Webhook queue full; its oldest notification dropped.", %url, alert = %n.record.id, transition = n.transition.as_str());
+            warn!(message = "Webhook queue full; its oldest notification dropped.", url = %redacted_url(&url), alert = %n.record.id, transition = n.transition.as_str());
             n.settled();
         }
     }
@@ -256,19 +292,16 @@ impl Sender {
         loop {
             let (deadline, n) = queue.pop().await;
             let body = payload::body(&n.record, n.transition, &n.step).to_string();
-            let signature = n
-                .step
-                .secret
-                .as_deref()
-                .map(|s| payload::sign(s, body.as_bytes()));
             let outcome = with_retries(&self.settings, deadline, |attempt| {
                 if attempt > 1 {
                     self.health.webhook_retries.inc();
                 }
-                self.attempt(&url, &n, &body, signature.as_deref())
+                self.attempt(&url, &n, &body)
             })
             .await;
             let (alert, transition) = (&n.record.id, n.transition.as_str());
+            // Logs name the target by scheme and host: a webhook URL's path is often its secret.
+            let url = redacted_url(&url);
             match outcome {
                 Outcome::Delivered(attempts) => {
                     self.health.webhook_delivered.inc();
@@ -287,13 +320,10 @@ impl Sender {
         }
     }
 
-    async fn attempt(
-        &self,
-        url: &str,
-        n: &Notification,
-        body: &str,
-        signature: Option<&str>,
-    ) -> Attempt {
+    /// One POST, signed afresh (the signed timestamp is the attempt's, so a late retry is not taken for a replay).
+    async fn attempt(&self, url: &str, n: &Notification, body: &str) -> Attempt {
+        let timestamp = strobe_proto::clock::unix_second();
+        let signature = payload::signature_header(&n.step.secrets, timestamp, body.as_bytes());
         let mut request = self
             .client
             .post(url)
@@ -306,11 +336,14 @@ impl Sender {
             )
             .body(body.to_owned());
         if let Some(signature) = signature {
-            request = request.header(SIGNATURE_HEADER, signature);
+            request = request
+                .header(SIGNATURE_HEADER, signature)
+                .header(TIMESTAMP_HEADER, timestamp.to_string());
         }
         match request.send().await {
             Ok(response) => classify(response.status()),
-            Err(error) => Attempt::Retry(error.to_string()),
+            // Without the URL: its path may be a secret.
+            Err(error) => Attempt::Retry(error.without_url().to_string()),
         }
     }
 }
@@ -343,7 +376,7 @@ mod tests {
                 after: Duration::ZERO,
                 webhook: "http://127.0.0.1:9/x".into(),
                 format: crate::alerting::escalation::Format::Json,
-                secret: None,
+                secrets: vec![],
                 routing_key: None,
             },
             on_settled: None,
@@ -456,7 +489,7 @@ mod tests {
             after: Duration::ZERO,
             webhook: format!("http://{addr}/{path}"),
             format: crate::alerting::escalation::Format::Json,
-            secret: None,
+            secrets: vec![],
             routing_key: None,
         };
         let start = tokio::time::Instant::now();

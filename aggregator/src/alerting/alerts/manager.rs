@@ -552,7 +552,11 @@ impl Manager {
                 let index = entry.next_step;
                 entry.next_step += 1;
                 entry.told.push(index);
-                entry.record.notified.push(step.webhook.clone());
+                // Named by owner and step, never by URL (a webhook URL can be a secret).
+                entry
+                    .record
+                    .notified
+                    .push(format!("{} step {}", chain.name, index + 1));
                 self.dirty = true;
                 notify(
                     &self.sink,

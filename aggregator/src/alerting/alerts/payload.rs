@@ -10,8 +10,11 @@ use sha2::Sha256;
 use crate::alerting::escalation::{Format, Step};
 use crate::alerting::event::{AlertRecord, NotifyTransition};
 
-/// The signature header, `sha256=<hex>` of HMAC-SHA256(secret, body).
+/// The signature header: `sha256=<hex>` of HMAC-SHA256(secret, timestamp + "." + body), one per active secret,
+/// comma-separated (two during a rotation).
 pub(crate) const SIGNATURE_HEADER: &str = "x-strobe-signature";
+/// The timestamp header: unix seconds when the request was signed; receivers refuse old ones (replays).
+pub(crate) const TIMESTAMP_HEADER: &str = "x-strobe-timestamp";
 
 fn rfc3339(ms: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
@@ -138,29 +141,47 @@ fn pagerduty_body(record: &AlertRecord, transition: NotifyTransition, routing_ke
     body
 }
 
-/// `sha256=<hex>` of HMAC-SHA256 over the body with the secret.
-pub(crate) fn sign(secret: &str, body: &[u8]) -> String {
+/// `sha256=<hex>` of HMAC-SHA256(secret, timestamp + "." + body): the timestamp is signed with the body, so a
+/// captured request cannot be replayed later with a fresh timestamp.
+pub(crate) fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     // HMAC takes keys of any length, so construction cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The signature header's value for every active secret; none without secrets.
+pub(crate) fn signature_header(secrets: &[String], timestamp: i64, body: &[u8]) -> Option<String> {
+    (!secrets.is_empty()).then(|| {
+        secrets
+            .iter()
+            .map(|secret| sign(secret, timestamp, body))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
+
 #[cfg(test)]
-/// Whether `signature` is the right one for `body` (constant-time comparison).
-pub(crate) fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
-    let Some(hex_sig) = signature.strip_prefix("sha256=") else {
-        return false;
-    };
-    let Ok(expected) = hex::decode(hex_sig) else {
-        return false;
-    };
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()) else {
-        return false;
-    };
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+/// Whether one of the signatures in `header` is right for `body` at `timestamp` (constant-time comparison).
+pub(crate) fn verify(secret: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
+    header.split(',').any(|signature| {
+        let Some(hex_sig) = signature.trim().strip_prefix("sha256=") else {
+            return false;
+        };
+        let Ok(expected) = hex::decode(hex_sig) else {
+            return false;
+        };
+        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()) else {
+            return false;
+        };
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        mac.verify_slice(&expected).is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -198,7 +219,7 @@ mod tests {
             after: Duration::ZERO,
             webhook: "http://x/".into(),
             format,
-            secret: None,
+            secrets: vec![],
             routing_key: Some("key".into()),
         }
     }
@@ -233,12 +254,18 @@ mod tests {
     }
 
     #[test]
-    fn signatures_verify_and_tampering_fails() {
-        let sig = sign("secret", b"{\"a\":1}");
+    fn signatures_cover_the_timestamp_verify_with_either_secret_and_tampering_fails() {
+        let body = b"{\"a\":1}";
+        let sig = sign("secret", 1000, body);
         assert!(sig.starts_with("sha256="));
-        assert!(verify("secret", b"{\"a\":1}", &sig));
-        assert!(!verify("secret", b"{\"a\":2}", &sig));
-        assert!(!verify("other", b"{\"a\":1}", &sig));
-        assert!(!verify("secret", b"{\"a\":1}", "sha256=zz"));
+        assert!(verify("secret", 1000, body, &sig));
+        assert!(!verify("secret", 1001, body, &sig), "another timestamp");
+        assert!(!verify("secret", 1000, b"{\"a\":2}", &sig));
+        assert!(!verify("other", 1000, body, &sig));
+        assert!(!verify("secret", 1000, body, "sha256=zz"));
+        let rotating = signature_header(&["new".into(), "old".into()], 1000, body).unwrap();
+        assert!(verify("new", 1000, body, &rotating));
+        assert!(verify("old", 1000, body, &rotating));
+        assert!(signature_header(&[], 1000, body).is_none());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::alerting::escalation::{Format, Owner, Step};
+use crate::alerting::escalation::{Format, Owner, Step, redacted_url};
 
 /// Which number of a series a rule watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -211,6 +211,9 @@ struct RawStep {
     #[serde(default = "default_format")]
     format: Format,
     secret: Option<String>,
+    /// Several signing secrets at once (a rotation: the new one first).
+    #[serde(default)]
+    secrets: Vec<String>,
     routing_key: Option<String>,
 }
 
@@ -229,8 +232,141 @@ fn whole_seconds(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
-/// Parses and validates a rules file.
+/// Why a webhook host is refused whatever the allow list says: the places a request from inside a network must
+/// never be aimed at by whoever can edit the rules (cloud metadata services, link-local addresses, "this host").
+pub(crate) fn forbidden_host(host: &url::Host<&str>) -> Option<&'static str> {
+    match host {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            matches!(
+                name.as_str(),
+                "metadata.google.internal"
+                    | "metadata"
+                    | "instance-data"
+                    | "metadata.azure.internal"
+            )
+            .then_some("a cloud metadata service")
+        }
+        url::Host::Ipv4(ip) => (ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast())
+            .then_some(
+                "a link-local, unspecified or broadcast address (cloud metadata lives there)",
+            ),
+        url::Host::Ipv6(ip) => {
+            let mapped = ip.to_ipv4_mapped();
+            (ip.is_unicast_link_local()
+                || ip.is_unspecified()
+                || mapped.is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
+                || ip.segments()[..4] == [0xfd00, 0x0ec2, 0, 0])
+            .then_some("a link-local or unspecified address, or a cloud metadata service")
+        }
+    }
+}
+
+/// Where webhooks may point, besides the hosts that are always refused: nothing more when the list is empty,
+/// else only hosts named in it (exact names, `*.suffix`, IP addresses or CIDR blocks such as `10.0.0.0/8`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WebhookPolicy {
+    allow: Vec<String>,
+}
+
+impl WebhookPolicy {
+    /// A policy from the `--webhook-allow` entries.
+    pub(crate) fn new(allow: Vec<String>) -> Self {
+        Self { allow }
+    }
+
+    fn allows(&self, url: &url::Url) -> bool {
+        if self.allow.is_empty() {
+            return true;
+        }
+        let Some(host) = url.host() else {
+            return false;
+        };
+        self.allow
+            .iter()
+            .any(|entry| match (&host, entry.split_once('/')) {
+                (url::Host::Domain(name), _) => match entry.strip_prefix("*.") {
+                    Some(suffix) => name
+                        .to_ascii_lowercase()
+                        .ends_with(&format!(".{}", suffix.to_ascii_lowercase())),
+                    None => name.eq_ignore_ascii_case(entry),
+                },
+                (url::Host::Ipv4(ip), Some((net, bits))) => {
+                    match (net.parse::<core::net::Ipv4Addr>(), bits.parse::<u32>()) {
+                        (Ok(net), Ok(bits)) if bits <= 32 => {
+                            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                            u32::from(*ip) & mask == u32::from(net) & mask
+                        }
+                        _ => false,
+                    }
+                }
+                (url::Host::Ipv6(ip), Some((net, bits))) => {
+                    match (net.parse::<core::net::Ipv6Addr>(), bits.parse::<u32>()) {
+                        (Ok(net), Ok(bits)) if bits <= 128 => {
+                            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                            u128::from(*ip) & mask == u128::from(net) & mask
+                        }
+                        _ => false,
+                    }
+                }
+                (url::Host::Ipv4(ip), None) => {
+                    entry.parse::<core::net::Ipv4Addr>().is_ok_and(|e| e == *ip)
+                }
+                (url::Host::Ipv6(ip), None) => entry
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<core::net::Ipv6Addr>()
+                    .is_ok_and(|e| e == *ip),
+            })
+    }
+}
+
+/// The rules file as it may be shown: re-serialised (comments dropped) with every `secret`, `secrets` and
+/// `routing_key` replaced by `(redacted)` and every `webhook` cut to scheme and host.
+pub(crate) fn redacted_source(source: &str) -> String {
+    fn walk(value: &mut toml::Value) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table.iter_mut() {
+                    match (key.as_str(), &mut *value) {
+                        ("secret" | "routing_key", _) => {
+                            *value = toml::Value::String("(redacted)".into())
+                        }
+                        ("secrets", toml::Value::Array(items)) => {
+                            for item in items {
+                                *item = toml::Value::String("(redacted)".into());
+                            }
+                        }
+                        ("webhook", toml::Value::String(url)) => *url = redacted_url(url),
+                        _ => walk(value),
+                    }
+                }
+            }
+            toml::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    match source.parse::<toml::Table>() {
+        Ok(table) => {
+            let mut value = toml::Value::Table(table);
+            walk(&mut value);
+            toml::to_string(&value).unwrap_or_default()
+        }
+        // Rules in force always parse; anything else shows nothing rather than risk a secret.
+        Err(_) => String::new(),
+    }
+}
+
+/// Parses and validates a rules file, with no webhook allow list.
 pub(crate) fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
+    parse_rules_with(source, &WebhookPolicy::default())
+}
+
+/// Parses and validates a rules file; webhooks must pass `policy`.
+pub(crate) fn parse_rules_with(
+    source: &str,
+    policy: &WebhookPolicy,
+) -> Result<RuleSet, RulesError> {
     let raw: RawFile = toml::from_str(source).map_err(|e| RulesError {
         line: e.span().map_or(1, |s| line_of(source, s.start)),
         reason: e.message().to_owned(),
@@ -256,13 +392,25 @@ pub(crate) fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(fail(format!(
                     "webhook {:?} must be http or https",
-                    step.webhook
+                    redacted_url(&step.webhook)
+                )));
+            }
+            if let Some(reason) = url.host().and_then(|host| forbidden_host(&host)) {
+                return Err(fail(format!(
+                    "webhook {:?} is refused: {reason}",
+                    redacted_url(&step.webhook)
+                )));
+            }
+            if !policy.allows(&url) {
+                return Err(fail(format!(
+                    "webhook {:?} is not in the webhook allow list (--webhook-allow)",
+                    redacted_url(&step.webhook)
                 )));
             }
             if step.format == Format::Pagerduty && step.routing_key.is_none() {
                 return Err(fail(format!(
                     "pagerduty step {:?} needs a routing_key",
-                    step.webhook
+                    redacted_url(&step.webhook)
                 )));
             }
             if steps
@@ -278,7 +426,7 @@ pub(crate) fn parse_rules(source: &str) -> Result<RuleSet, RulesError> {
                 after: step.after,
                 webhook: step.webhook,
                 format: step.format,
-                secret: step.secret,
+                secrets: step.secret.into_iter().chain(step.secrets).collect(),
                 routing_key: step.routing_key,
             });
         }
@@ -443,7 +591,7 @@ escalation = [
         let owner = &set.owners["checkout-oncall"];
         assert_eq!(owner.escalation.len(), 2);
         assert_eq!(owner.escalation[1].after, Duration::from_secs(60));
-        assert_eq!(owner.escalation[0].secret.as_deref(), Some("s3cret"));
+        assert_eq!(owner.escalation[0].secrets, vec!["s3cret".to_owned()]);
         assert_eq!(set.service_owner("checkout"), Some("checkout-oncall"));
         assert_eq!(
             set.service_owner("anything"),
@@ -455,6 +603,64 @@ escalation = [
         ))
         .unwrap();
         assert_eq!(listed.service_owner("search"), Some("checkout-oncall"));
+    }
+
+    #[test]
+    fn webhooks_at_metadata_or_link_local_addresses_are_refused_and_the_allow_list_holds() {
+        let owner = |url: &str| {
+            format!(
+                "\n\n[[owners]]\nname = \"o\"\nescalation = [{{ after = \"0s\", webhook = \"{url}\" }}]\n"
+            )
+        };
+        for url in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "http://[fe80::1]/x",
+            "http://[fd00:ec2::254]/x",
+            "http://0.0.0.0:80/x",
+            "http://[::ffff:169.254.169.254]/x",
+        ] {
+            let error = parse_rules(&owner(url)).unwrap_err();
+            assert_eq!(error.line, 3, "{url}: {error}");
+            assert!(error.reason.contains("refused"), "{url}: {error}");
+        }
+        assert!(parse_rules(&owner("https://hooks.slack.com/services/x")).is_ok());
+        let policy = WebhookPolicy::new(vec![
+            "*.example.com".into(),
+            "10.0.0.0/8".into(),
+            "pager.internal".into(),
+        ]);
+        for (url, allowed) in [
+            ("https://hooks.example.com/x", true),
+            ("https://example.com.evil.net/x", false),
+            ("http://10.1.2.3:9000/x", true),
+            ("http://11.1.2.3/x", false),
+            ("http://pager.internal/x", true),
+            ("http://127.0.0.1/x", false),
+        ] {
+            let result = parse_rules_with(&owner(url), &policy);
+            assert_eq!(result.is_ok(), allowed, "{url}: {:?}", result.err());
+        }
+    }
+
+    #[test]
+    fn the_source_shown_has_no_secret() {
+        let shown = redacted_source(&format!(
+            "{GOOD}\n[[owners]]\nname = \"pd\"\nescalation = [{{ after = \"0s\", webhook = \"https://events.pagerduty.com/v2/enqueue\", format = \"pagerduty\", routing_key = \"rk-123\", secrets = [\"new1\", \"old1\"] }}]\n"
+        ));
+        for secret in [
+            "s3cret",
+            "rk-123",
+            "new1",
+            "old1",
+            "/dev",
+            "/lead",
+            "/v2/enqueue",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("http://127.0.0.1:9000/…"), "{shown}");
+        assert!(shown.contains("routing_key = \"(redacted)\""), "{shown}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::model::SealedSecond;
 use crate::alerting::event::{AlertEvent, EventKind, alert_id};
 #[cfg(test)]
 use config::parse_rules;
-pub(crate) use config::{Rule, RuleSet};
+pub(crate) use config::{Rule, RuleSet, WebhookPolicy};
 use eval::{Group, Tracker, Transition};
 pub(crate) use store::{RulesStore, StoreError};
 

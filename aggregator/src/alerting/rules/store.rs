@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::{error, info};
 
-use super::config::{RuleSet, RulesError, parse_rules};
+use super::config::{RuleSet, RulesError, WebhookPolicy, parse_rules_with};
 
 /// How often the rules file is checked for changes.
 pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -31,24 +31,35 @@ pub enum StoreError {
 pub(crate) struct RulesStore {
     current: RwLock<Arc<RuleSet>>,
     path: Option<PathBuf>,
+    policy: WebhookPolicy,
 }
 
 impl RulesStore {
-    /// Loads `path` (when given); a bad file is an error at start-up.
+    /// Loads `path` (when given) with no webhook allow list; a bad file is an error at start-up.
+    #[cfg(test)]
     pub(crate) fn open(path: Option<PathBuf>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(path, WebhookPolicy::default())
+    }
+
+    /// Loads `path` (when given); every version of the rules must pass `policy`. A bad file is an error at start-up.
+    pub(crate) fn open_with(
+        path: Option<PathBuf>,
+        policy: WebhookPolicy,
+    ) -> Result<Arc<Self>, StoreError> {
         let rules = match &path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| StoreError::Io {
                     path: p.clone(),
                     source,
                 })?;
-                parse_rules(&text)?
+                parse_rules_with(&text, &policy)?
             }
             None => RuleSet::default(),
         };
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(rules)),
             path,
+            policy,
         }))
     }
 
@@ -62,7 +73,7 @@ impl RulesStore {
 
     /// Validates and applies new rules; writes them to the file (atomically) when there is one.
     pub(crate) fn replace(&self, source: &str) -> Result<Arc<RuleSet>, StoreError> {
-        let rules = Arc::new(parse_rules(source)?);
+        let rules = Arc::new(parse_rules_with(source, &self.policy)?);
         if let Some(path) = &self.path {
             let tmp = path.with_extension("toml.tmp");
             std::fs::write(&tmp, source)
@@ -105,7 +116,7 @@ impl RulesStore {
             if text == self.current().source || rejected.as_deref() == Some(text.as_str()) {
                 continue;
             }
-            match parse_rules(&text) {
+            match parse_rules_with(&text, &self.policy) {
                 Ok(rules) => {
                     info!(message = "Rules reloaded.", path = %path.display(), rules = rules.rules.len());
                     *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
