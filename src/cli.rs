@@ -158,28 +158,22 @@ pub(crate) struct AggregatorArgs {
     /// Default: `<rules file>.state` beside the rules file.
     #[arg(long, env = "STROBE_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
-    /// Token an agent must present (repeatable; comma-separated in the environment).
-    #[arg(
-        long = "agent-token",
-        env = "STROBE_AGENT_TOKEN",
-        value_delimiter = ','
-    )]
+    /// Token an agent must present, `[NAME:]SECRET[=SERVICE,GLOB*...]` (repeat the flag for more; more than one in
+    /// the environment: use a token file).
+    // No value delimiter: a token's service list has commas of its own (`T=checkout,search`).
+    #[arg(long = "agent-token", env = "STROBE_AGENT_TOKEN")]
     pub(crate) agent_tokens: Vec<String>,
     /// File of agent tokens, one per line (`#` comments), so they stay out of `ps`.
     #[arg(long = "agent-token-file", env = "STROBE_AGENT_TOKEN_FILE")]
     pub(crate) agent_token_files: Vec<PathBuf>,
     /// Token that may read (dashboard, websocket, every GET): `[NAME:]SECRET` (repeatable).
-    #[arg(long = "read-token", env = "STROBE_READ_TOKEN", value_delimiter = ',')]
+    #[arg(long = "read-token", env = "STROBE_READ_TOKEN")]
     pub(crate) read_tokens: Vec<String>,
     /// File of read tokens, one per line.
     #[arg(long = "read-token-file", env = "STROBE_READ_TOKEN_FILE")]
     pub(crate) read_token_files: Vec<PathBuf>,
     /// Token that may change rules and acknowledge alerts (and read): `[NAME:]SECRET` (repeatable).
-    #[arg(
-        long = "admin-token",
-        env = "STROBE_ADMIN_TOKEN",
-        value_delimiter = ','
-    )]
+    #[arg(long = "admin-token", env = "STROBE_ADMIN_TOKEN")]
     pub(crate) admin_tokens: Vec<String>,
     /// File of admin tokens, one per line.
     #[arg(long = "admin-token-file", env = "STROBE_ADMIN_TOKEN_FILE")]

@@ -16,15 +16,39 @@ pub enum Role {
     Admin,
 }
 
-/// Why a token specification is refused.
+/// The shortest secret taken: anything shorter is guessable.
+pub const MIN_SECRET_BYTES: usize = 8;
+
+/// Why a token specification is refused. Never says the token (or what looked like its name: it may be a
+/// secret with a `:` in it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// Nothing left once the name and services are taken off.
     #[error("empty token")]
     Empty,
-    /// A name with characters other than letters, digits, `-`, `_` and `.`.
-    #[error("token name {0:?}: only letters, digits, '-', '_' and '.'")]
-    BadName(String),
+    /// A secret shorter than [`MIN_SECRET_BYTES`].
+    #[error("token secret shorter than {MIN_SECRET_BYTES} bytes")]
+    Short,
+    /// A name (before a `:`) with characters other than letters, digits, `-`, `_` and `.`.
+    #[error("token name (before its ':') may hold only letters, digits, '-', '_' and '.'")]
+    BadName,
+}
+
+/// Splits `NAME:REST` when what comes before the first `:` is a valid name; otherwise the whole is unnamed.
+fn split_name<'a>(spec: &'a str, default_name: &str) -> Result<(String, &'a str), TokenError> {
+    match spec.split_once(':') {
+        Some((name, rest)) => {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(TokenError::BadName);
+            }
+            Ok((name.to_owned(), rest))
+        }
+        None => Ok((default_name.to_owned(), spec)),
+    }
 }
 
 /// One configured token: its name, the digest of its secret, and (agent tokens) the services it may stream for.
@@ -36,24 +60,11 @@ pub struct Token {
 }
 
 impl Token {
-    /// Parses `[NAME:]SECRET[=SERVICE,SERVICE...]`. Services are names or globs with `*` (`check*`); none means
-    /// any. A secret may end in `=` padding (`abc==` is a secret with no services). Unnamed tokens are called
-    /// `default_name`.
-    pub fn parse(spec: &str, default_name: &str) -> Result<Self, TokenError> {
-        let spec = spec.trim();
-        let (name, rest) = match spec.split_once(':') {
-            Some((name, rest)) => {
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    return Err(TokenError::BadName(name.to_owned()));
-                }
-                (name.to_owned(), rest)
-            }
-            None => (default_name.to_owned(), spec),
-        };
+    /// Parses an agent token, `[NAME:]SECRET[=SERVICE,SERVICE...]`. Services are names or globs with `*`
+    /// (`check*`); none means any. A secret may end in `=` padding (`abc==` is a secret with no services).
+    /// Unnamed tokens are called `default_name`.
+    pub fn parse_agent(spec: &str, default_name: &str) -> Result<Self, TokenError> {
+        let (name, rest) = split_name(spec.trim(), default_name)?;
         let (secret, services) = match rest.rsplit_once('=') {
             Some((secret, services)) if !services.is_empty() && !secret.is_empty() => (
                 secret,
@@ -66,8 +77,21 @@ impl Token {
             ),
             _ => (rest, Vec::new()),
         };
+        Self::with_secret(name, secret, services)
+    }
+
+    /// Parses a read or admin token, `[NAME:]SECRET`: everything after the name is the secret, `=` included.
+    pub fn parse(spec: &str, default_name: &str) -> Result<Self, TokenError> {
+        let (name, secret) = split_name(spec.trim(), default_name)?;
+        Self::with_secret(name, secret, Vec::new())
+    }
+
+    fn with_secret(name: String, secret: &str, services: Vec<String>) -> Result<Self, TokenError> {
         if secret.is_empty() {
             return Err(TokenError::Empty);
+        }
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(TokenError::Short);
         }
         Ok(Self {
             name,
@@ -138,17 +162,18 @@ pub struct Tokens {
 impl Tokens {
     /// Tokens from their specifications (see [`Token::parse`]); unnamed ones are called `read-1`, `admin-2`...
     pub fn new(read: &[String], admin: &[String], agent: &[String]) -> Result<Self, TokenError> {
-        let parse = |specs: &[String], kind: &str| {
-            specs
-                .iter()
-                .enumerate()
-                .map(|(i, spec)| Token::parse(spec, &format!("{kind}-{}", i + 1)))
-                .collect::<Result<Vec<_>, _>>()
-        };
+        let parse =
+            |specs: &[String], kind: &str, parser: fn(&str, &str) -> Result<Token, TokenError>| {
+                specs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, spec)| parser(spec, &format!("{kind}-{}", i + 1)))
+                    .collect::<Result<Vec<_>, _>>()
+            };
         Ok(Self {
-            read: parse(read, "read")?,
-            admin: parse(admin, "admin")?,
-            agent: parse(agent, "agent")?,
+            read: parse(read, "read", Token::parse)?,
+            admin: parse(admin, "admin", Token::parse)?,
+            agent: parse(agent, "agent", Token::parse_agent)?,
         })
     }
 
@@ -169,7 +194,7 @@ impl Tokens {
             return Ok(None);
         }
         let presented = digest(presented.ok_or(Denied::Unauthenticated)?);
-        // Every token is compared, so the time taken does not say which list (if any) holds it.
+        // Digests are compared, so the time taken says nothing about how much of a secret was right.
         let admin = self.admin.iter().find(|t| t.matches(&presented));
         let read = self.read.iter().find(|t| t.matches(&presented));
         match (admin, read, need) {
@@ -243,12 +268,15 @@ mod tests {
 
     fn tokens() -> Tokens {
         Tokens::new(
-            &["viewer:r3ad".into()],
-            &["ops:adm1n".into(), "rotated".into()],
+            &["viewer:r3ad-r3ad".into()],
             &[
-                "a9ent=checkout,search".into(),
-                "fleet:pad==".into(),
-                "glob:g=check*".into(),
+                "ops:adm1n-adm1n".into(),
+                "rotated-secret=with=equals".into(),
+            ],
+            &[
+                "a9ent-a9ent=checkout,search".into(),
+                "fleet:padded-secret==".into(),
+                "glob:glob-glob=check*".into(),
             ],
         )
         .unwrap()
@@ -258,23 +286,23 @@ mod tests {
     fn roles_are_checked_and_named() {
         let t = tokens();
         assert_eq!(
-            t.authorize(Some("r3ad"), Role::Read),
+            t.authorize(Some("r3ad-r3ad"), Role::Read),
             Ok(Some("viewer".into()))
         );
         assert_eq!(
-            t.authorize(Some("r3ad"), Role::Admin),
+            t.authorize(Some("r3ad-r3ad"), Role::Admin),
             Err(Denied::Forbidden)
         );
         assert_eq!(
-            t.authorize(Some("adm1n"), Role::Admin),
+            t.authorize(Some("adm1n-adm1n"), Role::Admin),
             Ok(Some("ops".into()))
         );
         assert_eq!(
-            t.authorize(Some("adm1n"), Role::Read),
+            t.authorize(Some("adm1n-adm1n"), Role::Read),
             Ok(Some("ops".into()))
         );
         assert_eq!(
-            t.authorize(Some("rotated"), Role::Admin),
+            t.authorize(Some("rotated-secret=with=equals"), Role::Admin),
             Ok(Some("admin-2".into()))
         );
         assert_eq!(
@@ -283,7 +311,7 @@ mod tests {
         );
         assert_eq!(t.authorize(None, Role::Read), Err(Denied::Unauthenticated));
         assert_eq!(
-            t.authorize(Some("a9ent"), Role::Read),
+            t.authorize(Some("a9ent-a9ent"), Role::Read),
             Err(Denied::Unauthenticated),
             "an agent token reads nothing"
         );
@@ -295,22 +323,25 @@ mod tests {
     fn agent_tokens_are_bound_to_services() {
         let t = tokens();
         assert_eq!(
-            t.authorize_agent("a9ent", "search"),
+            t.authorize_agent("a9ent-a9ent", "search"),
             Ok(Some("agent-1".into()))
         );
         assert_eq!(
-            t.authorize_agent("a9ent", "payments"),
+            t.authorize_agent("a9ent-a9ent", "payments"),
             Err(Denied::Forbidden)
         );
         assert_eq!(
-            t.authorize_agent("pad==", "anything"),
+            t.authorize_agent("padded-secret==", "anything"),
             Ok(Some("fleet".into()))
         );
         assert_eq!(
-            t.authorize_agent("g", "checkout-eu"),
+            t.authorize_agent("glob-glob", "checkout-eu"),
             Ok(Some("glob".into()))
         );
-        assert_eq!(t.authorize_agent("g", "search"), Err(Denied::Forbidden));
+        assert_eq!(
+            t.authorize_agent("glob-glob", "search"),
+            Err(Denied::Forbidden)
+        );
         assert_eq!(
             t.authorize_agent("wrong", "search"),
             Err(Denied::Unauthenticated)
@@ -319,13 +350,31 @@ mod tests {
     }
 
     #[test]
+    fn read_and_admin_secrets_keep_their_equals_signs() {
+        let t = tokens();
+        assert_eq!(
+            t.authorize(Some("rotated-secret=with=equals"), Role::Admin),
+            Ok(Some("admin-2".into()))
+        );
+        assert_eq!(
+            t.authorize(Some("rotated-secret"), Role::Admin),
+            Err(Denied::Unauthenticated)
+        );
+    }
+
+    #[test]
     fn bad_specifications_are_refused() {
         assert_eq!(Token::parse("", "x").unwrap_err(), TokenError::Empty);
         assert_eq!(Token::parse("name:", "x").unwrap_err(), TokenError::Empty);
-        assert!(matches!(
-            Token::parse("bad name:s", "x"),
-            Err(TokenError::BadName(_))
-        ));
+        assert_eq!(Token::parse("short", "x").unwrap_err(), TokenError::Short);
+        assert_eq!(
+            Token::parse("bad name:long-enough-secret", "x").unwrap_err(),
+            TokenError::BadName
+        );
+        assert!(
+            !TokenError::BadName.to_string().contains("bad name"),
+            "the error never repeats what may be a secret"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::alerting::alerts::DeliverySettings;
 use crate::alerting::canary::CanarySettings;
 use crate::limits::Limits;
 use crate::model::MainMetrics;
+use crate::tls::TlsSettings;
 
 /// Everything the aggregator needs to run. Deserialises from the `[aggregator]` table of the TOML config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +74,8 @@ pub struct AggregatorConfig {
     pub canary: CanarySettings,
     /// Input bounds.
     pub limits: Limits,
+    /// TLS for both ports (none: plain TCP).
+    pub tls: TlsSettings,
 }
 
 impl Default for AggregatorConfig {
@@ -100,6 +103,7 @@ impl Default for AggregatorConfig {
             metrics: MainMetrics::default(),
             canary: CanarySettings::default(),
             limits: Limits::default(),
+            tls: TlsSettings::default(),
         }
     }
 }

@@ -29,14 +29,17 @@ pub mod limits;
 pub(crate) mod model;
 pub(crate) mod pipeline;
 pub(crate) mod publish;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::future::IntoFuture as _;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -103,6 +106,9 @@ pub enum AggregatorError {
          --insecure-no-auth to accept that"
     )]
     InsecureHttp(SocketAddr),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The alert state directory could not be created.
     #[error(transparent)]
     State(#[from] StateError),
@@ -126,6 +132,7 @@ pub struct Aggregator {
     health: Arc<Health>,
     rules: Arc<RulesStore>,
     tokens: Arc<auth::Tokens>,
+    tls: Option<tls::ServerTls>,
 }
 
 impl Aggregator {
@@ -149,6 +156,7 @@ impl Aggregator {
         if !tokens.agent_required() {
             warn!(message = "No agent token: anyone who reaches the gRPC port can send data.", grpc = %config.grpc_addr);
         }
+        let tls = tls::ServerTls::new(&config.tls)?;
         let grpc = listen("gRPC", config.grpc_addr).await?;
         let http = listen("HTTP", config.http_addr).await?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
@@ -160,7 +168,11 @@ impl Aggregator {
         ));
         let rules = RulesStore::open_with(
             config.rules.clone(),
-            alerting::rules::WebhookPolicy::new(config.webhook_allow.clone()),
+            alerting::rules::WebhookPolicy::new(
+                config.webhook_allow.clone(),
+                // Anyone who reaches the port may change the rules: keep their webhooks out of the network.
+                config.insecure_no_auth && config.admin_tokens.is_empty(),
+            ),
         )?;
         Ok(Self {
             config,
@@ -170,6 +182,7 @@ impl Aggregator {
             health: Arc::new(Health::default()),
             rules,
             tokens: Arc::new(tokens),
+            tls,
         })
     }
 
@@ -307,22 +320,50 @@ impl Aggregator {
         // Thousands of agent streams share a few HTTP/2 connections when they come through a proxy or a load
         // generator: windows sized so one second's burst is not throttled by flow-control round trips.
         let keepalive = self.config.limits.agent_keepalive;
-        let grpc = tonic::transport::Server::builder()
+        let grpc_router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive))
             .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
             .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW)
-            .add_service(grpc_service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.grpc),
-                stopped(stop_rx.clone()),
-            );
-        let http = axum::serve(
-            self.http,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+            .add_service(grpc_service);
+        let make_app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        type Served<E> = std::pin::Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+        let (grpc, http): (Served<tonic::transport::Error>, Served<std::io::Error>) = match self.tls
+        {
+            Some(server_tls) => {
+                tasks.spawn(server_tls.cert.clone().watch());
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_tls(
+                    self.grpc,
+                    server_tls.grpc,
+                ))
+                .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
+                let listener = tls::TlsListener::new(self.http, server_tls.http)
+                    .map_err(AggregatorError::Http)?;
+                (
+                    Box::pin(
+                        grpc_router
+                            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+                    ),
+                    Box::pin(
+                        axum::serve(axum::serve::ListenerExt::tap_io(listener, |_| {}), make_app)
+                            .with_graceful_shutdown(stopped(stop_rx.clone()))
+                            .into_future(),
+                    ),
+                )
+            }
+            None => (
+                Box::pin(grpc_router.serve_with_incoming_shutdown(
+                    TcpListenerStream::new(self.grpc),
+                    stopped(stop_rx.clone()),
+                )),
+                Box::pin(
+                    axum::serve(self.http, make_app)
+                        .with_graceful_shutdown(stopped(stop_rx.clone()))
+                        .into_future(),
+                ),
+            ),
+        };
         let servers = async {
             let (grpc, http) =
                 tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });

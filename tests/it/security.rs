@@ -47,7 +47,7 @@ async fn every_endpoint_wants_the_right_role_and_agents_their_service_token() {
         "--admin-token",
         &format!("ops:{ADMIN}"),
         "--agent-token",
-        "bound:agent-alpha=alpha",
+        "bound:agent-alpha=alpha,alpha-two",
         "--agent-token",
         "fleet:agent-any",
     ])
@@ -221,6 +221,7 @@ async fn every_endpoint_wants_the_right_role_and_agents_their_service_token() {
         }
     };
     let _alpha = agent("alpha", "agent-alpha").await;
+    let _alpha_two = agent("alpha-two", "agent-alpha").await;
     let _beta = agent("beta", "agent-alpha").await;
     let _gamma = agent("gamma", "wrong").await;
     let _delta = agent("delta", "agent-any").await;
@@ -237,7 +238,7 @@ async fn every_endpoint_wants_the_right_role_and_agents_their_service_token() {
     };
     eventually(Duration::from_secs(20), "alpha and delta in", || async {
         let body = services().await;
-        body.contains("\"alpha\"") && body.contains("\"delta\"")
+        body.contains("\"alpha\"") && body.contains("\"alpha-two\"") && body.contains("\"delta\"")
     })
     .await;
     let (status, _, _) = http_with(http, "GET", "/api/v1/series?service=alpha", "", &[]).await;
@@ -292,8 +293,24 @@ async fn without_tokens_the_api_stays_on_loopback_and_answers_only_loopback_name
     // On loopback it runs, but a request addressed to another name (DNS rebinding) gets nothing.
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
-    let (status, _, _) = http_with(http, "GET", "/api/v1/alerts", "", &[]).await;
+    let (status, headers, _) = http_with(http, "GET", "/api/v1/alerts", "", &[]).await;
     assert_eq!(status, 200);
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-frame-options" && v == "DENY"),
+        "{headers:?}"
+    );
+    // Through a reverse proxy on loopback the world would look local: without tokens, proxied requests are refused.
+    let (status, _, _) = http_with(
+        http,
+        "GET",
+        "/api/v1/alerts",
+        "",
+        &[("X-Forwarded-For", "203.0.113.9")],
+    )
+    .await;
+    assert_eq!(status, 403);
     let (status, _, _) = http_with(
         http,
         "GET",

@@ -47,16 +47,17 @@ pub(crate) struct Owner {
     pub(crate) escalation: Vec<Step>,
 }
 
-/// A URL as it may be shown: scheme and host (and port), the rest elided; user info never.
+/// A URL as it may be shown: scheme and host (and port), the rest elided; user info never. Read the way the
+/// HTTP client reads it (`url`), so odd forms (backslashes, say) cannot smuggle the path into what is shown.
 pub(crate) fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(redacted)".to_owned();
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    format!("{scheme}://{host}/…")
+    match url::Url::parse(url) {
+        Ok(parsed) => match (parsed.host_str(), parsed.port()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}/…", parsed.scheme()),
+            (Some(host), None) => format!("{}://{host}/…", parsed.scheme()),
+            (None, _) => "(redacted)".to_owned(),
+        },
+        Err(_) => "(redacted)".to_owned(),
+    }
 }
 
 fn serialize_redacted_url<S: serde::Serializer>(
@@ -80,6 +81,10 @@ mod tests {
                 "http://10.0.0.1:9000/…",
             ),
             ("http://host", "http://host/…"),
+            (
+                "https://hooks.slack.com\\services\\T0\\B0\\SECRET",
+                "https://hooks.slack.com/…",
+            ),
             ("not a url", "(redacted)"),
         ] {
             assert_eq!(super::redacted_url(url), shown);

@@ -569,14 +569,19 @@ mod tests {
             }),
             token: token.into(),
         };
-        let tokens = Tokens::new(&[], &[], &["secret".to_owned(), "bound=t*".to_owned()]).unwrap();
+        let tokens = Tokens::new(
+            &[],
+            &[],
+            &["secret-secret".to_owned(), "bound-bound=t*".to_owned()],
+        )
+        .unwrap();
         let none = Tokens::default();
         let table: Vec<(pb::Hello, &Tokens, Option<Refusal>)> = vec![
             (hello("s", "v", "i", ""), &none, None),
-            (hello("s", "v", "i", "secret"), &tokens, None),
-            (hello("t1", "v", "i", "bound"), &tokens, None),
+            (hello("s", "v", "i", "secret-secret"), &tokens, None),
+            (hello("t1", "v", "i", "bound-bound"), &tokens, None),
             (
-                hello("s", "v", "i", "bound"),
+                hello("s", "v", "i", "bound-bound"),
                 &tokens,
                 Some(Refusal::TokenNotForService("s".into())),
             ),

@@ -107,11 +107,24 @@ async fn guard(
     }
     let headers = request.headers();
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    if !state.tokens.http_required() && !state.any_host && !host.is_some_and(is_loopback_host) {
-        return refuse(
-            StatusCode::MISDIRECTED_REQUEST,
-            "without tokens this aggregator answers only requests to a loopback address",
-        );
+    if !state.tokens.http_required() && !state.any_host {
+        if !host.is_some_and(is_loopback_host) {
+            return refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                "without tokens this aggregator answers only requests to a loopback address",
+            );
+        }
+        // A reverse proxy on loopback would make the whole world look local: without tokens, proxied requests
+        // are refused (a proxy rewrites Host, but it says where the request came from).
+        if ["forwarded", "x-forwarded-for", "x-real-ip"]
+            .iter()
+            .any(|h| headers.contains_key(*h))
+        {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "without tokens this aggregator refuses proxied requests: set --read-token and --admin-token",
+            );
+        }
     }
     let method = request.method().clone();
     let need = if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
@@ -247,6 +260,21 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/deploys", get(list_deploys))
         .route("/api/v1/alerts/{id}/ack", post(ack_alert))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        // Never framed: a page that framed the dashboard could trick a click on Acknowledge.
+        .layer(axum::middleware::map_response(
+            |mut response: Response| async move {
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::X_FRAME_OPTIONS,
+                    header::HeaderValue::from_static("DENY"),
+                );
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    header::HeaderValue::from_static("frame-ancestors 'none'"),
+                );
+                response
+            },
+        ))
         .with_state(state)
 }
 

@@ -241,6 +241,8 @@ impl Deliverer {
         let client = reqwest::Client::builder()
             // A redirect could lead anywhere, past the rules' checks: a webhook gets one URL.
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would resolve names itself, past the guarded resolver.
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver))
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)

@@ -282,7 +282,13 @@ impl Manager {
         let rules = self.rules.current();
         let (mut open, mut requeued) = (0, 0);
         for saved in saved {
-            let record = saved.record;
+            let mut record = saved.record;
+            // State written by older versions named targets by URL: never show one.
+            for target in &mut record.notified {
+                if target.contains("://") {
+                    *target = crate::alerting::escalation::redacted_url(target);
+                }
+            }
             let ended_at = match record.state {
                 // Pending alerts start again from their rule; nobody was told.
                 AlertState::Pending | AlertState::Cleared => continue,

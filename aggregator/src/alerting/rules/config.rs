@@ -244,20 +244,58 @@ pub(crate) fn forbidden_host(host: &url::Host<&str>) -> Option<&'static str> {
                     | "metadata"
                     | "instance-data"
                     | "metadata.azure.internal"
+                    | "metadata.tencentyun.com"
             )
             .then_some("a cloud metadata service")
         }
-        url::Host::Ipv4(ip) => (ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast())
-            .then_some(
-                "a link-local, unspecified or broadcast address (cloud metadata lives there)",
-            ),
+        url::Host::Ipv4(ip) => forbidden_v4(*ip),
         url::Host::Ipv6(ip) => {
-            let mapped = ip.to_ipv4_mapped();
+            // IPv4 inside IPv6 (mapped, compatible, NAT64) is judged as the IPv4 address it stands for.
+            let segments = ip.segments();
+            let nat64 = (segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]).then(|| {
+                core::net::Ipv4Addr::from(u32::from(segments[6]) << 16 | u32::from(segments[7]))
+            });
+            if let Some(v4) = ip.to_ipv4().or(nat64) {
+                return forbidden_v4(v4);
+            }
             (ip.is_unicast_link_local()
                 || ip.is_unspecified()
-                || mapped.is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
-                || ip.segments()[..4] == [0xfd00, 0x0ec2, 0, 0])
+                || segments[..4] == [0xfd00, 0x0ec2, 0, 0])
             .then_some("a link-local or unspecified address, or a cloud metadata service")
+        }
+    }
+}
+
+/// An IPv4 address webhooks may never reach: link-local (169.254/16, where most cloud metadata lives), the
+/// unspecified and broadcast addresses, and the metadata addresses outside link-local (Alibaba 100.100.100.200,
+/// Oracle 192.0.0.192, Azure's WireServer 168.63.129.16).
+fn forbidden_v4(ip: core::net::Ipv4Addr) -> Option<&'static str> {
+    if ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast() {
+        return Some("a link-local, unspecified or broadcast address (cloud metadata lives there)");
+    }
+    matches!(
+        ip.octets(),
+        [100, 100, 100, 200] | [192, 0, 0, 192] | [168, 63, 129, 16]
+    )
+    .then_some("a cloud metadata service")
+}
+
+/// Whether a host is loopback, private (RFC 1918, unique local IPv6) or a bare machine name: inside the network.
+/// Refused for webhooks when nobody needs a token to change the rules (`--insecure-no-auth`) and no allow list says
+/// otherwise.
+fn internal_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost") || !name.contains('.')
+        }
+        url::Host::Ipv4(ip) => ip.is_loopback() || ip.is_private(),
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback()
+                || ip.is_unique_local()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private())
         }
     }
 }
@@ -267,21 +305,27 @@ pub(crate) fn forbidden_host(host: &url::Host<&str>) -> Option<&'static str> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct WebhookPolicy {
     allow: Vec<String>,
+    /// Refuse hosts inside the network (loopback, private) unless allowed by name: set when nobody needs a token
+    /// to change the rules.
+    refuse_internal: bool,
 }
 
 impl WebhookPolicy {
-    /// A policy from the `--webhook-allow` entries.
-    pub(crate) fn new(allow: Vec<String>) -> Self {
-        Self { allow }
+    /// A policy from the `--webhook-allow` entries; `refuse_internal` when rules can be changed without a token.
+    pub(crate) fn new(allow: Vec<String>, refuse_internal: bool) -> Self {
+        Self {
+            allow,
+            refuse_internal,
+        }
     }
 
     fn allows(&self, url: &url::Url) -> bool {
-        if self.allow.is_empty() {
-            return true;
-        }
         let Some(host) = url.host() else {
             return false;
         };
+        if self.allow.is_empty() {
+            return !(self.refuse_internal && internal_host(&host));
+        }
         self.allow
             .iter()
             .any(|entry| match (&host, entry.split_once('/')) {
@@ -388,7 +432,7 @@ pub(crate) fn parse_rules_with(
         let mut steps = Vec::with_capacity(raw.escalation.len());
         for step in raw.escalation {
             let url = url::Url::parse(&step.webhook)
-                .map_err(|e| fail(format!("webhook {:?} is not a URL: {e}", step.webhook)))?;
+                .map_err(|e| fail(format!("a webhook is not a URL: {e}")))?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(fail(format!(
                     "webhook {:?} must be http or https",
@@ -619,17 +663,25 @@ escalation = [
             "http://[fd00:ec2::254]/x",
             "http://0.0.0.0:80/x",
             "http://[::ffff:169.254.169.254]/x",
+            "http://[::a9fe:a9fe]/x",
+            "http://[64:ff9b::a9fe:a9fe]/x",
+            "http://100.100.100.200/latest/",
+            "http://168.63.129.16/x",
+            "http://2852039166/latest/",
         ] {
             let error = parse_rules(&owner(url)).unwrap_err();
             assert_eq!(error.line, 3, "{url}: {error}");
             assert!(error.reason.contains("refused"), "{url}: {error}");
         }
         assert!(parse_rules(&owner("https://hooks.slack.com/services/x")).is_ok());
-        let policy = WebhookPolicy::new(vec![
-            "*.example.com".into(),
-            "10.0.0.0/8".into(),
-            "pager.internal".into(),
-        ]);
+        let policy = WebhookPolicy::new(
+            vec![
+                "*.example.com".into(),
+                "10.0.0.0/8".into(),
+                "pager.internal".into(),
+            ],
+            true,
+        );
         for (url, allowed) in [
             ("https://hooks.example.com/x", true),
             ("https://example.com.evil.net/x", false),
@@ -639,6 +691,18 @@ escalation = [
             ("http://127.0.0.1/x", false),
         ] {
             let result = parse_rules_with(&owner(url), &policy);
+            assert_eq!(result.is_ok(), allowed, "{url}: {:?}", result.err());
+        }
+        // With nobody needing a token to change rules, the inside of the network is off limits too.
+        let open = WebhookPolicy::new(vec![], true);
+        for (url, allowed) in [
+            ("http://127.0.0.1:9000/x", false),
+            ("http://10.0.0.7/x", false),
+            ("http://localhost/x", false),
+            ("http://pager/x", false),
+            ("https://hooks.slack.com/x", true),
+        ] {
+            let result = parse_rules_with(&owner(url), &open);
             assert_eq!(result.is_ok(), allowed, "{url}: {:?}", result.err());
         }
     }

@@ -76,7 +76,13 @@ impl RulesStore {
         let rules = Arc::new(parse_rules_with(source, &self.policy)?);
         if let Some(path) = &self.path {
             let tmp = path.with_extension("toml.tmp");
+            // The file holds webhook secrets: the new one keeps the old one's permissions (0600 stays 0600).
+            let permissions = std::fs::metadata(path).map(|m| m.permissions()).ok();
             std::fs::write(&tmp, source)
+                .and_then(|()| match permissions {
+                    Some(permissions) => std::fs::set_permissions(&tmp, permissions),
+                    None => Ok(()),
+                })
                 .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(|source| StoreError::Io {
                     path: path.clone(),
