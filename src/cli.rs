@@ -196,6 +196,15 @@ pub(crate) struct AggregatorArgs {
         value_delimiter = ','
     )]
     pub(crate) webhook_allow: Vec<String>,
+    /// Serve both ports over TLS with this certificate chain (PEM; reloaded when it changes)...
+    #[arg(long, env = "STROBE_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// ...and this key (PEM).
+    #[arg(long, env = "STROBE_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Ask agents for client certificates from this CA (PEM): mutual TLS.
+    #[arg(long, env = "STROBE_TLS_CLIENT_CA")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
 }
 
 /// Tokens from files: one per line, blank lines and `#` comments skipped.
@@ -241,6 +250,15 @@ pub(crate) struct AgentArgs {
     /// Token sent to the aggregator.
     #[arg(long, env = "STROBE_TOKEN")]
     pub(crate) token: Option<String>,
+    /// CA certificate (PEM) to trust for an `https://` aggregator (default: the public web roots).
+    #[arg(long, env = "STROBE_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for an aggregator that asks for one (mTLS)...
+    #[arg(long = "tls-cert", env = "STROBE_AGENT_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// ...and its key (PEM).
+    #[arg(long = "tls-key", env = "STROBE_AGENT_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
     /// Pretend this machine's clock is off by this many ms (for testing how the agent follows the aggregator's).
     #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
     pub(crate) simulate_clock_skew_ms: i64,
@@ -406,6 +424,15 @@ impl AggregatorArgs {
         if !self.webhook_allow.is_empty() {
             config.webhook_allow = self.webhook_allow;
         }
+        if self.tls_cert.is_some() {
+            config.tls.cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            config.tls.key = self.tls_key;
+        }
+        if self.tls_client_ca.is_some() {
+            config.tls.client_ca = self.tls_client_ca;
+        }
         Ok(config)
     }
 }
@@ -429,6 +456,15 @@ impl AgentArgs {
         }
         if self.token.is_some() {
             config.shipper.token = self.token;
+        }
+        if self.ca_cert.is_some() {
+            config.shipper.ca_cert = self.ca_cert;
+        }
+        if self.tls_cert.is_some() {
+            config.shipper.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            config.shipper.tls_key = self.tls_key;
         }
         if self.simulate_clock_skew_ms != 0 {
             config.shipper.clock = strobe_agent::AgentClock::with_skew(self.simulate_clock_skew_ms);

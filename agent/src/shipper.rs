@@ -48,6 +48,12 @@ pub struct ShipperConfig {
     /// noticed within the sum of the two, and the agent reconnects and replays).
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// For an `https://` aggregator: CA certificates (PEM) to trust instead of the public web roots.
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for aggregators that ask for one (mTLS)...
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// ...and its key (PEM).
+    pub tls_key: Option<std::path::PathBuf>,
     /// The clock the agent's windows follow: its own, corrected by what the aggregator's acks say about theirs.
     #[serde(skip)]
     pub clock: AgentClock,
@@ -67,6 +73,9 @@ impl Default for ShipperConfig {
             max_dictionary_series: 100_000,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
+            ca_cert: None,
+            tls_cert: None,
+            tls_key: None,
             clock: AgentClock::default(),
         }
     }
@@ -481,6 +490,19 @@ pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
             return None;
         }
     };
+    let endpoint = if target.starts_with("https://") {
+        // Read at every connection, so renewed certificates are picked up on the next reconnect.
+        match client_tls(config).and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()))
+        {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                warn!(message = "TLS to the aggregator not set up.", address = %target, %error);
+                return None;
+            }
+        }
+    } else {
+        endpoint
+    };
     match endpoint.connect().await {
         Ok(c) => Some(c),
         Err(error) => {
@@ -488,6 +510,29 @@ pub async fn connect(config: &ShipperConfig, target: &str) -> Option<Channel> {
             None
         }
     }
+}
+
+/// TLS towards the aggregator: its CA (or the public web roots), and a client certificate when configured.
+fn client_tls(config: &ShipperConfig) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match &config.ca_cert {
+        Some(path) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(path)?)),
+        None => tls.with_webpki_roots(),
+    };
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => return Err("a client certificate needs both tls_cert and tls_key".into()),
+    }
+    Ok(tls)
 }
 
 fn snapshot_message(snapshot: pb::Snapshot) -> pb::AgentMessage {

@@ -35,7 +35,8 @@ pub struct TlsSettings {
     pub cert: Option<PathBuf>,
     /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
-    /// CA certificates (PEM) that agents' client certificates must chain to; none: no client certificates asked.
+    /// CA certificates (PEM) that agents' client certificates must chain to (gRPC port only); none: no client
+    /// certificates asked.
     pub client_ca: Option<PathBuf>,
 }
 
@@ -167,10 +168,13 @@ impl ServerTls {
             key,
             current: RwLock::new(Arc::new(certified)),
         });
-        let config = |alpn: &[&[u8]]| -> Result<TlsAcceptor, TlsError> {
+        // Client certificates are asked of agents (the gRPC port) only: browsers and API clients use tokens.
+        let config = |alpn: &[&[u8]],
+                      client_ca: Option<&PathBuf>|
+         -> Result<TlsAcceptor, TlsError> {
             let builder = rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()?;
-            let builder = match &settings.client_ca {
+            let builder = match client_ca {
                 Some(path) => {
                     let mut roots = rustls::RootCertStore::empty();
                     for cert in read_certs(path)? {
@@ -189,8 +193,8 @@ impl ServerTls {
             Ok(TlsAcceptor::from(Arc::new(config)))
         };
         Ok(Some(Self {
-            grpc: config(&[b"h2"])?,
-            http: config(&[b"http/1.1"])?,
+            grpc: config(&[b"h2"], settings.client_ca.as_ref())?,
+            http: config(&[b"http/1.1"], None)?,
             cert: resolver.clone(),
         }))
     }

@@ -126,27 +126,35 @@ test("the dashboard shows every service live, turns the bad version red and ackn
   }
 });
 
-test("with tokens the dashboard asks for one, says when it is wrong, and a read token cannot change anything", { timeout: 120000 }, async () => {
+test("over HTTPS with tokens the dashboard asks for one, says when it is wrong, and a read token cannot change anything", { timeout: 120000 }, async () => {
   fs.mkdirSync(artifacts, { recursive: true });
+  // A throwaway certificate for 127.0.0.1 (the browser is told to accept it).
+  const tlsDir = fs.mkdtempSync(path.join(require("node:os").tmpdir(), "strobe-e2e-tls-"));
+  const [cert, key] = [path.join(tlsDir, "cert.pem"), path.join(tlsDir, "key.pem")];
+  require("node:child_process").execFileSync("openssl", [
+    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+  ], { stdio: "ignore" });
   const aggregator = spawn(bin, [
     "aggregator", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
     "--read-token", "viewer:read-secret", "--admin-token", "ops:admin-secret",
+    "--tls-cert", cert, "--tls-key", key,
   ], { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, STROBE_LOG: "warn" } });
   const url = await new Promise((resolve, reject) => {
     const lines = readline.createInterface({ input: aggregator.stdout });
     lines.on("line", (line) => {
       const m = line.match(/http=(\S+)/);
-      if (m) resolve(`http://${m[1]}/`);
+      if (m) resolve(`https://${m[1]}/`);
     });
     aggregator.on("exit", (code) => reject(new Error(`strobe aggregator exited with ${code}`)));
     setTimeout(() => reject(new Error("strobe aggregator did not print its addresses")), 30000);
   });
   let browser;
   try {
-    // Without a token the API refuses; the page's own files do not.
-    assert.equal((await fetch(new URL("/api/v1/alerts", url))).status, 401);
-    browser = await chromium.launch({ executablePath: chromiumPath, args: CHROMIUM_FLAGS });
-    const page = await browser.newPage({ viewport: { width: 1200, height: 600 } });
+    browser = await chromium.launch({ executablePath: chromiumPath, args: [...CHROMIUM_FLAGS, "--ignore-certificate-errors"] });
+    const page = await browser.newPage({ viewport: { width: 1200, height: 600 }, ignoreHTTPSErrors: true });
+    // Without a token the API refuses (over HTTPS); the page's own files do not.
+    assert.equal(await page.request.get(new URL("/api/v1/alerts", url).href).then((r) => r.status()), 401);
     await page.goto(url);
     await page.waitForSelector("#token-form:not([hidden])", { timeout: 10000 });
     assert.match(await page.textContent("#token-message"), /needs a token/);
@@ -159,7 +167,7 @@ test("with tokens the dashboard asks for one, says when it is wrong, and a read 
 
     await page.fill("#token-input", "read-secret");
     await page.click("#token-form button[type=submit]");
-    // The websocket opens with the token as a subprotocol value: the page goes live.
+    // The websocket (WSS) opens with the token as a subprotocol value: the page goes live.
     await page.waitForFunction(() => /live/.test(document.querySelector("#conn").textContent), null, { timeout: 10000 });
     assert.equal(await page.isHidden("#token-form"), true);
 
@@ -172,8 +180,10 @@ test("with tokens the dashboard asks for one, says when it is wrong, and a read 
       return [put.status, ack.status, read.status];
     });
     assert.deepEqual(statuses, [403, 403, 200]);
+    assert.equal(new URL(page.url()).protocol, "https:");
   } finally {
     if (browser) await browser.close();
     await stop(aggregator);
+    fs.rmSync(tlsDir, { recursive: true, force: true });
   }
 });

@@ -5,6 +5,7 @@ mod canary;
 mod receiver;
 mod security;
 mod support;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
