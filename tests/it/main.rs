@@ -215,6 +215,27 @@ async fn outage_loses_nothing(name: &str, outage: Duration) {
     for service in &services {
         wait_for_instances(first.addr("http"), service, 4).await;
     }
+    // What the first aggregator counted (and published) before it died.
+    let before: Vec<std::sync::Arc<std::sync::Mutex<BTreeMap<i64, f64>>>> = {
+        let mut maps = Vec::new();
+        for service in &services {
+            let map = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+            let mut ws = subscribe(first.addr("http"), &[service]).await;
+            let into = map.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) =
+                    futures_util::StreamExt::next(&mut ws).await
+                {
+                    let f: Value = serde_json::from_str(&text).unwrap();
+                    if let (Some(t), Some(s)) = (f["t"].as_i64(), series(&f, "ticks", None, None)) {
+                        into.lock().unwrap().insert(t, s["sum"].as_f64().unwrap());
+                    }
+                }
+            });
+            maps.push(map);
+        }
+        maps
+    };
     let statsd: Vec<Vec<std::net::SocketAddr>> = agents
         .chunks(4)
         .map(|c| c.iter().map(|a| a.addr("statsd")).collect())
@@ -244,6 +265,42 @@ async fn outage_loses_nothing(name: &str, outage: Duration) {
     let within = Duration::from_secs(40) + outage / 4;
     counted_exactly(&mut ws_a, within, down_from..=down_until, &sent_a).await;
     counted_exactly(&mut ws_b, within, down_from..=down_until, &sent_b).await;
+    // And every second sent, the ones around the kill included: each counted in full by one aggregator or the
+    // other (what the first had acknowledged it had counted and published; what it had not, the agents replayed
+    // to the second), never more than sent by either.
+    for ((service, sent), before) in [(&services[0], &sent_a), (&services[1], &sent_b)]
+        .into_iter()
+        .zip(&before)
+    {
+        let before = before.lock().unwrap().clone();
+        let mut after: BTreeMap<i64, f64> = BTreeMap::new();
+        // A fresh subscription: its backfill holds every second the new aggregator has, as corrected.
+        let mut ws = subscribe(http, &[service]).await;
+        next_frame(&mut ws, within, |f| {
+            if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+                after.insert(t, s["sum"].as_f64().unwrap());
+            }
+            let mut missing = Vec::new();
+            for (t, n) in sent {
+                let n = f64::from(*n);
+                let (old, new) = (before.get(t).copied(), after.get(t).copied());
+                assert!(
+                    old.unwrap_or(0.0) <= n && new.unwrap_or(0.0) <= n,
+                    "second {t} counted more than sent: {old:?} / {new:?} of {n}"
+                );
+                if old != Some(n) && new != Some(n) {
+                    missing.push((*t, old, new, n));
+                }
+            }
+            if !missing.is_empty() {
+                eprintln!(
+                    "not yet counted in full by either (second, first, second, sent): {missing:?}"
+                );
+            }
+            missing.is_empty().then_some(())
+        })
+        .await;
+    }
     let (_, metrics) = support::http(http, "GET", "/metrics", "").await;
     assert!(
         metrics.contains("strobe_snapshots_too_late_total 0"),

@@ -119,7 +119,27 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
 ) -> Result<(), Status> {
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
-    while let Some(message) = inbound.message().await? {
+    // The shard says here which of this stream's seconds are counted (sealed, or merged into a sealed second);
+    // only those are acknowledged, so an aggregator that dies before a seal loses nothing the agent let go of.
+    let (acker, mut counted) = mpsc::unbounded_channel::<i64>();
+    let mut waiting: u64 = 0;
+    let ack = |t: i64| {
+        reply(pb::aggregator_message::Body::Ack(pb::Ack {
+            second: t,
+            aggregator_unix_ms: clock::unix_millis(),
+        }))
+    };
+    loop {
+        let message = tokio::select! {
+            // The sender is held right here, so this channel never closes while the loop runs.
+            Some(t) = counted.recv() => {
+                waiting = waiting.saturating_sub(1);
+                send(tx, ack(t)).await?;
+                continue;
+            }
+            message = inbound.message() => message?,
+        };
+        let Some(message) = message else { break };
         let snapshot = match message.body {
             Some(pb::agent_message::Body::Snapshot(s)) => s,
             Some(pb::agent_message::Body::Hello(_)) => {
@@ -168,9 +188,14 @@ async fn serve_stream(
                 // Queued first, so the reservation travels with it and is not held while the agent reads answers.
                 stream
                     .shard
-                    .send(ShardCommand::Snapshot(validated.second, reservation))
+                    .send(ShardCommand::Snapshot(
+                        validated.second,
+                        reservation,
+                        acker.clone(),
+                    ))
                     .await
                     .map_err(|_| Status::unavailable("aggregator is shutting down"))?;
+                waiting += 1;
                 for (problem, n) in &validated.dropped {
                     health.count_dropped(problem.reason(), u64::from(*n));
                     let rejection = pb::Rejection {
@@ -191,18 +216,23 @@ async fn serve_stream(
                 }
             }
         }
-        // Queued to its shard: held, so acknowledged (series dropped from it were answered above).
-        send(
-            tx,
-            reply(pb::aggregator_message::Body::Ack(pb::Ack {
-                second,
-                aggregator_unix_ms: clock::unix_millis(),
-            })),
-        )
-        .await?;
+    }
+    // The agent has sent its last (it is shutting down): answer what gets counted, for as long as a second can
+    // take to seal.
+    while waiting > 0 {
+        match tokio::time::timeout(LAST_ACKS_WAIT, counted.recv()).await {
+            Ok(Some(t)) => {
+                waiting -= 1;
+                send(tx, ack(t)).await?;
+            }
+            _ => break,
+        }
     }
     Ok(())
 }
+
+/// After an agent's last snapshot, how long its stream stays to acknowledge what is still being sealed.
+const LAST_ACKS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn send(
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,

@@ -2,7 +2,7 @@
 //! (rules and canary judge it, then it is published), a late second's correction published, the service evicted.
 //! The shard only decides when each happens.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use strobe_proto::clock;
@@ -47,7 +47,13 @@ pub(crate) struct ServiceState {
     /// Corrected seconds not yet published, with when each is due: the late snapshots of one second that arrive
     /// within `correction_interval` become one correction.
     corrections: BTreeMap<i64, i64>,
+    /// Each instance's stream, told every second of it that is counted (sealed, or merged into a sealed second):
+    /// only then does the agent get its ack, so a crash before the seal loses nothing the agent let go of.
+    ackers: HashMap<Arc<str>, Acker>,
 }
+
+/// Where a stream hears which of its seconds are counted.
+pub(crate) type Acker = tokio::sync::mpsc::UnboundedSender<i64>;
 
 impl ServiceState {
     pub(crate) fn new(service: Arc<str>, settings: WindowSettings) -> Self {
@@ -56,6 +62,7 @@ impl ServiceState {
             evaluator: Evaluator::default(),
             canary: Canary::default(),
             corrections: BTreeMap::new(),
+            ackers: HashMap::new(),
         }
     }
 
@@ -63,12 +70,21 @@ impl ServiceState {
     pub(crate) fn apply(
         &mut self,
         snapshot: InstanceSecond,
+        acker: Acker,
         now_ms: i64,
         context: &ServiceContext,
     ) {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
+        let t = snapshot.t;
+        self.ackers
+            .insert(snapshot.instance.id.clone(), acker.clone());
         let applied = self.windows.apply(snapshot, now_ms);
+        if !matches!(applied, Applied::Merged { .. }) {
+            // Merged into a sealed second (a correction), already counted (a duplicate), or never to be counted
+            // (too late: sending it again would not help): answered now. An open second waits for its seal.
+            acker.send(t).ok(); // a stream that went away needs no answer
+        }
         let (dropped, over_budget) = match applied {
             Applied::Merged {
                 dropped,
@@ -172,6 +188,14 @@ impl ServiceState {
     /// manager without waiting.
     fn on_sealed(&mut self, merged: Sealed, context: &ServiceContext) {
         let now = clock::unix_millis();
+        // Counted: every instance in it may let go of this second. Streams that ended leave.
+        for instance in &merged.second.instances {
+            if let Some(acker) = self.ackers.get(&instance.id)
+                && acker.send(merged.second.t).is_err()
+            {
+                self.ackers.remove(&instance.id);
+            }
+        }
         let rules = context.rules.current();
         for event in self.evaluator.on_sealed(&rules, &merged.second, now) {
             context.alerts.event(event);

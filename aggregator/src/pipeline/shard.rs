@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error};
 
 use super::budget::Reservation;
-use super::service::{ServiceContext, ServiceState};
+use super::service::{Acker, ServiceContext, ServiceState};
 use super::windows::Arrivals;
 use crate::health::millis_as_seconds;
 use crate::model::InstanceSecond;
@@ -30,8 +30,9 @@ const QUEUE: usize = 8192;
 /// Work for a shard.
 #[derive(Debug)]
 pub(crate) enum ShardCommand {
-    /// Merge one instance's second; its queue reservation is released once it is merged.
-    Snapshot(InstanceSecond, Reservation),
+    /// Merge one instance's second; its queue reservation is released once it is merged; the acker hears when it
+    /// is counted.
+    Snapshot(InstanceSecond, Reservation, Acker),
     /// Panic outside any service's transition (tests of the supervisor only).
     #[cfg(test)]
     Panic,
@@ -153,8 +154,8 @@ async fn run_shard(
     loop {
         tokio::select! {
             command = commands.recv() => {
-                let (snapshot, reservation) = match command {
-                    Some(ShardCommand::Snapshot(snapshot, reservation)) => (snapshot, reservation),
+                let (snapshot, reservation, acker) = match command {
+                    Some(ShardCommand::Snapshot(snapshot, reservation, acker)) => (snapshot, reservation, acker),
                     #[cfg(test)]
                     Some(ShardCommand::Panic) => panic!("a bug outside any service"),
                     None => {
@@ -171,7 +172,7 @@ async fn run_shard(
                     .entry(service.clone())
                     .or_insert_with(|| ServiceState::new(service.clone(), context.settings));
                 let ok = contain(&service, &context, || {
-                    state.apply(snapshot, now, &context);
+                    state.apply(snapshot, acker, now, &context);
                     // A snapshot may complete its second: seal at once rather than at the next tick.
                     state.seal_ready(now, &arrivals, &context);
                 });
