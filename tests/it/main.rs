@@ -718,3 +718,98 @@ async fn an_agent_whose_aggregator_is_down_stops_within_its_drain_timeout_on_sig
         "the agent exited cleanly after SIGTERM: {status:?}"
     );
 }
+
+/// A TCP proxy that can turn every connection open now into a black hole (bytes taken, none passed on, nothing
+/// closed: a half-open connection, as a dead NAT entry or a frozen peer leaves it), while new connections pass.
+struct Blackhole {
+    addr: std::net::SocketAddr,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Blackhole {
+    async fn start(to: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let current = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let born = current.load(Ordering::SeqCst);
+                let current = current.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pump = move |mut from: tokio::net::tcp::OwnedReadHalf,
+                                mut to: tokio::net::tcp::OwnedWriteHalf,
+                                current: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buf).await else { return };
+                            if n == 0 {
+                                return;
+                            }
+                            if current.load(Ordering::SeqCst) != born {
+                                continue; // swallowed: the peer never hears of it
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let up = pump(cr, sw, current.clone());
+                    let down = pump(sr, cw, current);
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self { addr, generation }
+    }
+
+    /// Every connection open now goes silent; later ones pass.
+    fn swallow_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The agent's connection goes half-open (nothing passes, nothing closes): its HTTP/2 keepalive notices within
+/// seconds, it reconnects and replays, and every count lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_noticed_and_nothing_is_lost() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let proxy = Blackhole::start(aggregator.addr("grpc")).await;
+    let agent = spawn(&[
+        "agent",
+        "--service",
+        "half-open",
+        "--version",
+        "v1",
+        "--instance",
+        "half-open-1",
+        "--aggregator",
+        &format!("http://{}", proxy.addr),
+        "--statsd-addr",
+        "127.0.0.1:0",
+    ])
+    .await;
+    wait_for_instances(http, "half-open", 1).await;
+    let mut ws = subscribe(http, &["half-open"]).await;
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_for(agent.addr("statsd"), 2.0, &mut sent).await;
+    proxy.swallow_open_connections();
+    let silent_at = std::time::Instant::now();
+    send_for(agent.addr("statsd"), 6.0, &mut sent).await;
+    let (first, last) = (*sent.keys().next().unwrap(), *sent.keys().last().unwrap());
+    // keepalive_interval + keepalive_timeout (5 s + 5 s) to notice, a backoff to reconnect, then the replay.
+    counted_exactly(&mut ws, Duration::from_secs(30), first..=last, &sent).await;
+    eprintln!(
+        "every count in after the connection went silent: {:?}",
+        silent_at.elapsed()
+    );
+}

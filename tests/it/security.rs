@@ -258,6 +258,45 @@ async fn every_endpoint_wants_the_right_role_and_agents_their_service_token() {
         !body.contains("\"beta\"") && !body.contains("\"gamma\""),
         "{body}"
     );
+    // An acknowledgement records the admin token's name (and the name the body gives, beside it).
+    let statsd = _alpha.addr("statsd");
+    let alert_id = || async {
+        let (_, _, body) = http_with(
+            http,
+            "GET",
+            "/api/v1/alerts",
+            "",
+            &[("Authorization", &read)],
+        )
+        .await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        doc["alerts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["state"] == "firing"))
+            .and_then(|a| a["id"].as_str().map(str::to_owned))
+    };
+    let mut firing = None;
+    for _ in 0..100 {
+        send_statsd(statsd, &["errors:20|c".to_owned()]).await;
+        firing = alert_id().await;
+        if firing.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = firing.expect("the errors rule fires");
+    let (status, _, body) = http_with(
+        http,
+        "POST",
+        &format!("/api/v1/alerts/{id}/ack"),
+        "{\"by\":\"alice\"}",
+        &[("Authorization", &admin), json],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let acked: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(acked["alert"]["acknowledged_by"], "alice (token ops)");
+
     let (_, _, metrics) = http_with(http, "GET", "/metrics", "", &[("Authorization", &read)]).await;
     let refused: u64 = metrics
         .lines()
