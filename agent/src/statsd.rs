@@ -54,9 +54,6 @@ pub enum ParseError {
     /// A value is NaN or infinite.
     #[error("value is NaN or infinite")]
     NonFinite,
-    /// A histogram, timer or distribution value is negative.
-    #[error("negative value for a histogram")]
-    NegativeHistogramValue,
     /// The type is not one of `c`, `g`, `ms`, `h`, `d`.
     #[error("unsupported metric type")]
     UnsupportedType,
@@ -163,7 +160,7 @@ pub fn parse_line<'a>(line: &'a str, limits: &ParseLimits) -> Result<Line<'a>, P
         Some("d") => MetricType::Distribution,
         Some(_) => return Err(ParseError::UnsupportedType),
     };
-    check_values(values, kind)?;
+    check_values(values)?;
     let mut sample_rate = 1.0;
     let mut tags = Vec::new();
     for field in fields {
@@ -211,20 +208,23 @@ fn check_name(name: &str, limits: &ParseLimits) -> Result<(), ParseError> {
     Ok(())
 }
 
-fn check_values(values: &str, kind: MetricType) -> Result<(), ParseError> {
-    if values.is_empty() {
-        return Err(ParseError::BadValue);
-    }
-    for raw in values.split(':') {
+/// Every value must be a finite number; empty ones in a packed line (`name:1::2|h`) are skipped, as Datadog's agent
+/// skips them, but a line must hold at least one. Negative values are fine for every type: counters go down
+/// (decrements), and histograms record them signed (see `window`).
+fn check_values(values: &str) -> Result<(), ParseError> {
+    let mut any = false;
+    for raw in values.split(':').filter(|v| !v.is_empty()) {
         let value = raw.parse::<f64>().map_err(|_| ParseError::BadValue)?;
         if !value.is_finite() {
             return Err(ParseError::NonFinite);
         }
-        if kind.is_histogram() && value < 0.0 {
-            return Err(ParseError::NegativeHistogramValue);
-        }
+        any = true;
     }
-    Ok(())
+    if any {
+        Ok(())
+    } else {
+        Err(ParseError::BadValue)
+    }
 }
 
 fn parse_tags<'a>(
@@ -236,6 +236,11 @@ fn parse_tags<'a>(
         let (key, value) = tag.split_once(':').unwrap_or((tag, ""));
         if key.is_empty() {
             return Err(ParseError::EmptyTagKey);
+        }
+        // `host:` names the series' host in Datadog (empty: no host), not a dimension; here the agent's instance
+        // is the host, so it is dropped rather than multiplying series.
+        if key == "host" {
+            continue;
         }
         if key.len() > limits.max_part_bytes || value.len() > limits.max_part_bytes {
             return Err(ParseError::TooLongPart);
@@ -372,6 +377,27 @@ mod tests {
     }
 
     #[test]
+    fn lines_datadogs_agent_accepts_are_read_as_it_reads_them() {
+        let limits = ParseLimits::default();
+        let packed = parse_line("x:1::2|h", &limits).unwrap();
+        assert_eq!(
+            packed.values().collect::<Vec<_>>(),
+            vec![1.0, 2.0],
+            "empty values skipped"
+        );
+        let decrement = parse_line("jobs.queued:-1|c", &limits).unwrap();
+        assert_eq!(decrement.values().collect::<Vec<_>>(), vec![-1.0]);
+        let negative = parse_line("temp.delta:-5|h", &limits).unwrap();
+        assert_eq!(negative.values().collect::<Vec<_>>(), vec![-5.0]);
+        let hosted = parse_line("req:1|c|#host:web-1,route:/a,host:", &limits).unwrap();
+        assert_eq!(
+            hosted.tags,
+            vec![("route", "/a")],
+            "host: is the series' host, not a dimension"
+        );
+    }
+
+    #[test]
     fn malformed_lines_are_refused_with_a_reason() {
         let long_name = format!("{}:1|c", "n".repeat(201));
         let many_tags = format!(
@@ -392,13 +418,11 @@ mod tests {
             ("a\tb:1|c", ParseError::BadName),
             ("x:|c", ParseError::BadValue),
             ("x:abc|c", ParseError::BadValue),
-            ("x:1::2|ms", ParseError::BadValue),
+            ("x::|ms", ParseError::BadValue),
             ("x:0x10|c", ParseError::BadValue),
             ("x:NaN|g", ParseError::NonFinite),
             ("x:inf|ms", ParseError::NonFinite),
             ("x:-infinity|c", ParseError::NonFinite),
-            ("x:-1|ms", ParseError::NegativeHistogramValue),
-            ("x:-0.5|d", ParseError::NegativeHistogramValue),
             ("x:1|s", ParseError::UnsupportedType),
             ("x:1|", ParseError::UnsupportedType),
             ("x:1|C", ParseError::UnsupportedType),

@@ -170,9 +170,14 @@ impl Window {
             }
             Accumulator::Histogram { hist, .. } => {
                 let count = weight.round().max(1.0) as u64;
+                let mut negatives: Vec<f64> = Vec::new();
                 for v in values {
-                    if !v.is_finite() || v < 0.0 {
+                    if !v.is_finite() {
                         self.stats.lines_malformed += 1;
+                        continue;
+                    }
+                    if v < 0.0 {
+                        negatives.push(-v);
                         continue;
                     }
                     let clamped = if v > self.limits.max_histogram_value {
@@ -187,6 +192,16 @@ impl Window {
                     if hist.record_n(recorded, count).is_err() {
                         self.stats.lines_malformed += 1;
                     }
+                }
+                if !negatives.is_empty() {
+                    // HDR histograms hold magnitudes: negative values go, as their magnitude, to the same series
+                    // tagged `sign:negative` (a signed pair, as a temperature delta needs), one line still.
+                    let mut signed: Vec<(&str, &str)> =
+                        tags.iter().copied().filter(|(k, _)| *k != "sign").collect();
+                    signed.push(("sign", "negative"));
+                    signed.sort_by(|a, b| a.0.cmp(b.0));
+                    self.record_values(name, &signed, kind, negatives.into_iter(), sample_rate);
+                    self.stats.lines_received -= 1;
                 }
             }
         }
@@ -382,6 +397,54 @@ mod tests {
             find(&snap, "a").value,
             Some(pb::series::Value::Counter(2.0))
         );
+    }
+
+    #[test]
+    fn decrements_sum_and_negative_histogram_values_go_to_a_signed_sibling() {
+        let mut w = Window::new(1, WindowLimits::default());
+        feed(
+            &mut w,
+            &[
+                "jobs.queued:5|c",
+                "jobs.queued:-1|c",
+                "jobs.queued:-1|c",
+                "temp.delta:-5:3:-2|h|#room:a",
+            ],
+        );
+        let (snap, stats) = w.close();
+        assert_eq!(
+            find(&snap, "jobs.queued").value,
+            Some(pb::series::Value::Counter(3.0))
+        );
+        let histogram_of = |sign: Option<&str>| {
+            let series = snap
+                .series
+                .iter()
+                .find(|s| {
+                    s.name == "temp.delta"
+                        && s.tags
+                            .iter()
+                            .find(|t| t.key == "sign")
+                            .map(|t| t.value.as_str())
+                            == sign
+                })
+                .expect("the series");
+            assert!(
+                series
+                    .tags
+                    .iter()
+                    .any(|t| t.key == "room" && t.value == "a")
+            );
+            let Some(pb::series::Value::Histogram(h)) = &series.value else {
+                panic!("not a histogram")
+            };
+            decode(h)
+        };
+        let (positive, negative) = (histogram_of(None), histogram_of(Some("negative")));
+        assert_eq!((positive.len(), negative.len()), (1, 2));
+        assert!(negative.equivalent(negative.max(), 5_000), "magnitudes");
+        assert_eq!(stats.lines_received, 4, "one line, however it splits");
+        assert_eq!(stats.lines_malformed, 0);
     }
 
     #[test]

@@ -813,3 +813,59 @@ async fn a_half_open_connection_is_noticed_and_nothing_is_lost() {
         silent_at.elapsed()
     );
 }
+
+/// DogStatsD as Datadog's agent reads it, end to end: a decrement lowers a counter, a negative histogram value
+/// lands in the series' `sign:negative` sibling, empty values in a packed line are skipped, `host:` is no dimension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dogstatsd_decrements_negative_values_packed_lines_and_host_tags_are_read_as_datadog_reads_them()
+ {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let agent = agent(&aggregator, "dd", "v1", "z1", "dd-1").await;
+    let mut ws = subscribe(http, &["dd"]).await;
+    // Mid-second, so every line falls in one known second.
+    let t = wait_for_start_of_second().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<String> = [
+        "jobs.queued:5|c",
+        "jobs.queued:-2|c",
+        "temp.delta:-5|h|#room:a",
+        "temp.delta:3|h|#room:a",
+        "packed:1::2|h",
+        "req:1|c|#host:web-1,route:/a",
+    ]
+    .iter()
+    .map(|l| l.to_string())
+    .collect();
+    send_statsd(agent.addr("statsd"), &lines).await;
+    let frame = next_frame(&mut ws, Duration::from_secs(15), |f| {
+        (f["t"].as_i64() == Some(t) && series(f, "jobs.queued", None, None).is_some())
+            .then(|| f.clone())
+    })
+    .await;
+    let all = |metric: &str| -> Vec<Value> {
+        frame["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["metric"] == metric && s["version"].is_null() && s["zone"].is_null())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        series(&frame, "jobs.queued", None, None).unwrap()["sum"],
+        3.0
+    );
+    let temp = all("temp.delta");
+    assert_eq!(temp.len(), 2, "{temp:?}");
+    for s in &temp {
+        assert_eq!(s["count"], 1, "{s}");
+        assert_eq!(s["tags"]["room"], "a");
+    }
+    assert!(temp.iter().any(|s| s["tags"]["sign"] == "negative"));
+    assert_eq!(all("packed")[0]["count"], 2);
+    let req = &all("req")[0];
+    assert_eq!(req["sum"], 1.0);
+    assert!(req["tags"].get("host").is_none(), "{req}");
+    assert_eq!(req["tags"]["route"], "/a");
+}

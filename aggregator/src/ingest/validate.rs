@@ -84,8 +84,8 @@ pub(crate) enum SeriesProblem {
     /// No value.
     #[error("series without a value")]
     MissingValue,
-    /// NaN or infinite counter or gauge, or a negative counter delta.
-    #[error("counter or gauge is NaN, infinite or a negative counter")]
+    /// NaN or infinite counter or gauge (a negative counter delta is fine: a decrement).
+    #[error("counter or gauge is NaN or infinite")]
     BadNumber,
     /// Not an uncompressed HdrHistogram V2 encoding, or undecodable.
     #[error("histogram is not an uncompressed HdrHistogram V2 encoding")]
@@ -302,7 +302,8 @@ fn validate_series(
     // Named first even if its value is refused: the agent refers to it by number from now on.
     let key = dictionary.resolve(&series, limits)?;
     let value = match series.value.ok_or(SeriesProblem::MissingValue)? {
-        pb::series::Value::Counter(v) if v.is_finite() && v >= 0.0 => SeriesValue::Counter(v),
+        // Counters may go down: DogStatsD decrements (`jobs.queued:-1|c`) are summed like any other delta.
+        pb::series::Value::Counter(v) if v.is_finite() => SeriesValue::Counter(v),
         pb::series::Value::Gauge(v) if v.is_finite() => SeriesValue::Gauge(v),
         pb::series::Value::Counter(_) | pb::series::Value::Gauge(_) => {
             return Err(SeriesProblem::BadNumber);
@@ -446,10 +447,7 @@ mod tests {
                 series("inf", pb::series::Value::Counter(f64::INFINITY)),
                 Some(SeriesProblem::BadNumber),
             ),
-            (
-                series("neg", pb::series::Value::Counter(-1.0)),
-                Some(SeriesProblem::BadNumber),
-            ),
+            (series("decrement", pb::series::Value::Counter(-1.0)), None),
             (
                 pb::Series {
                     id: 0,
