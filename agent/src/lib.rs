@@ -47,7 +47,6 @@ pub struct AgentConfig {
     /// Largest UDP packet read, in bytes.
     pub max_packet_bytes: usize,
     /// Line parser bounds.
-    #[serde(skip)]
     pub parse_limits: ParseLimits,
     /// Most series in one second.
     pub max_series_per_second: usize,

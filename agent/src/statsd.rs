@@ -74,8 +74,9 @@ pub enum ParseError {
     NotAMetric,
 }
 
-/// Bounds applied while parsing.
-#[derive(Debug, Clone, Copy)]
+/// Bounds applied while parsing (the agent's `[agent.parse_limits]`); a line past one is refused and counted.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ParseLimits {
     /// Longest line accepted, in bytes.
     pub max_line_bytes: usize,
