@@ -250,6 +250,9 @@ pub(crate) struct AgentArgs {
     /// Token sent to the aggregator.
     #[arg(long, env = "STROBE_TOKEN")]
     pub(crate) token: Option<String>,
+    /// A Prometheus page to scrape every second (repeatable), e.g. `http://127.0.0.1:9100/metrics`.
+    #[arg(long = "scrape", env = "STROBE_SCRAPE", value_delimiter = ',')]
+    pub(crate) scrape: Vec<String>,
     /// CA certificate (PEM) to trust for an `https://` aggregator (default: the public web roots).
     #[arg(long, env = "STROBE_CA_CERT")]
     pub(crate) ca_cert: Option<PathBuf>,
@@ -456,6 +459,9 @@ impl AgentArgs {
         }
         if self.token.is_some() {
             config.shipper.token = self.token;
+        }
+        if !self.scrape.is_empty() {
+            config.scrape = self.scrape;
         }
         if self.ca_cert.is_some() {
             config.shipper.ca_cert = self.ca_cert;

@@ -9,6 +9,7 @@
 //!
 //! Inputs record, the window folds, the shipper exports: the three never share a lock.
 
+pub mod scrape;
 pub mod shipper;
 pub mod statsd;
 pub mod window;
@@ -48,6 +49,11 @@ pub struct AgentConfig {
     pub max_packet_bytes: usize,
     /// Line parser bounds.
     pub parse_limits: ParseLimits,
+    /// Prometheus pages (`http://127.0.0.1:9100/metrics`) scraped every second.
+    pub scrape: Vec<String>,
+    /// How long one scrape may take.
+    #[serde(with = "humantime_serde")]
+    pub scrape_timeout: std::time::Duration,
     /// Most series in one second.
     pub max_series_per_second: usize,
     /// Largest histogram value in the metric's unit.
@@ -68,6 +74,8 @@ impl Default for AgentConfig {
             statsd_addr: SocketAddr::from(([127, 0, 0, 1], 8125)),
             max_packet_bytes: 65_535,
             parse_limits: ParseLimits::default(),
+            scrape: Vec::new(),
+            scrape_timeout: std::time::Duration::from_millis(800),
             max_series_per_second: window.max_series,
             max_histogram_value: window.max_histogram_value,
             shipper: ShipperConfig::default(),
@@ -203,6 +211,17 @@ async fn fold_loop(
         folder.roll(clock.unix_second())
     };
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
+    // Prometheus pages, scraped in their own tasks; their samples are folded here like packets.
+    let (scraped_tx, mut scraped) = mpsc::channel::<Vec<scrape::Scraped>>(16);
+    let mut scrapers = tokio::task::JoinSet::new();
+    for url in &config.scrape {
+        scrapers.spawn(scrape::scrape_loop(
+            url.clone(),
+            config.scrape_timeout,
+            scraped_tx.clone(),
+        ));
+    }
+    drop(scraped_tx);
     tokio::pin!(shutdown);
     // A hair past the boundary, so the roll sees the new second.
     let boundary =
@@ -225,6 +244,19 @@ async fn fold_loop(
                     Ok(line) => window.record(&line),
                     Err(_) => window.count_malformed(),
                 });
+            }
+            Some(samples) = scraped.recv() => {
+                ship(&tx, roll(&mut folder)).await;
+                let window = folder.open();
+                for sample in &samples {
+                    let tags: Vec<(&str, &str)> =
+                        sample.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    for (value, count) in &sample.values {
+                        // A count of n is a sample rate of 1/n: the window weighs by the rate.
+                        let rate = 1.0 / (*count).max(1) as f64;
+                        window.record_values(&sample.name, &tags, sample.kind, std::iter::once(*value), rate);
+                    }
+                }
             }
             _ = &mut boundary => {
                 ship(&tx, roll(&mut folder)).await;

@@ -869,3 +869,93 @@ async fn dogstatsd_decrements_negative_values_packed_lines_and_host_tags_are_rea
     assert!(req["tags"].get("host").is_none(), "{req}");
     assert_eq!(req["tags"]["route"], "/a");
 }
+
+/// A real HTTP server exposing Prometheus text (a counter that resets once, a classic histogram), scraped by the
+/// agent every second: each second carries the counter's delta and the histogram's new observations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_page_is_scraped_into_per_second_deltas_with_resets_and_histograms() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let scrapes = std::sync::Arc::new(AtomicU32::new(0));
+    let served = scrapes.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let served = served.clone();
+            async move {
+                // Each scrape: 10 more requests, 2 fast and 1 slower observations. The 6th scrape sees a restarted
+                // process: the counter at 3, the buckets from zero.
+                let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                let (requests, k) = if n >= 6 { (3 + 10 * (n - 6), n - 5) } else { (10 * n, n) };
+                format!(
+                    "# TYPE http_requests_total counter\nhttp_requests_total{{route=\"/a\"}} {requests}\n\
+                     # TYPE req_duration_seconds histogram\n\
+                     req_duration_seconds_bucket{{le=\"0.1\"}} {}\nreq_duration_seconds_bucket{{le=\"0.5\"}} {}\n\
+                     req_duration_seconds_bucket{{le=\"+Inf\"}} {}\nreq_duration_seconds_sum 1\n\
+                     req_duration_seconds_count {}\n",
+                    2 * k,
+                    3 * k,
+                    3 * k,
+                    3 * k
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page = format!("http://{}/metrics", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    let mut ws = subscribe(http, &["scraped"]).await;
+    let _agent = spawn(&[
+        "agent",
+        "--service",
+        "scraped",
+        "--version",
+        "v1",
+        "--instance",
+        "scraped-1",
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+        "--scrape",
+        &page,
+    ])
+    .await;
+    let mut seconds: BTreeMap<i64, (f64, u64, f64)> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(30), |f| {
+        if let (Some(t), Some(requests), Some(latency)) = (
+            f["t"].as_i64(),
+            series(f, "http_requests_total", None, None),
+            series(f, "req_duration_seconds", None, None),
+        ) {
+            seconds.insert(
+                t,
+                (
+                    requests["sum"].as_f64().unwrap(),
+                    latency["count"].as_u64().unwrap(),
+                    latency["max"].as_f64().unwrap(),
+                ),
+            );
+        }
+        (seconds.len() >= 8).then_some(())
+    })
+    .await;
+    let deltas: Vec<f64> = seconds.values().map(|(d, _, _)| *d).collect();
+    assert_eq!(
+        deltas.iter().filter(|d| **d == 3.0).count(),
+        1,
+        "one second sees the reset: {seconds:?}"
+    );
+    assert!(
+        deltas.iter().all(|d| *d == 10.0 || *d == 3.0),
+        "{seconds:?}"
+    );
+    for (t, (_, count, max)) in &seconds {
+        assert_eq!(*count, 3, "second {t}: {seconds:?}");
+        // The slower observation is in (100 ms, 500 ms]: recorded at the bucket's middle, 300 ms.
+        assert!((*max - 300.0).abs() <= 3.0, "second {t}: {seconds:?}");
+    }
+}

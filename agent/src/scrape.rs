@@ -1,0 +1,348 @@
+//! Prometheus scrape: a local `/metrics` page (text exposition, which OpenMetrics text also parses as) read every
+//! second and turned into what a second of DogStatsD would have said:
+//!
+//! - counters become the delta since the previous scrape (a value lower than the last one is a reset: the delta is
+//!   the new value); the first scrape of a series only sets its baseline;
+//! - gauges and untyped samples pass through as gauges;
+//! - classic histograms become HDR histograms from their bucket deltas: the `n` observations that fell between two
+//!   bounds are recorded at the middle of that bucket (the `+Inf` bucket at the highest finite bound), so a
+//!   quantile is exact to within its bucket, which is what Prometheus' `histogram_quantile` promises too;
+//!   histograms whose name ends in `_seconds` are recorded in milliseconds (a timer), so sub-millisecond buckets
+//!   keep their resolution;
+//! - summaries become one gauge per quantile (tag `quantile`); the `_sum` and `_count` of histograms and summaries
+//!   (and untyped `_total`s) are counters, as deltas; OpenMetrics `_created` samples are skipped.
+//!
+//! Scrapes run half a second off the second boundary, so each lands in one second's window.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::statsd::MetricType;
+
+/// One sample for the open window, as the fold loop records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scraped {
+    /// Metric name.
+    pub name: String,
+    /// Tags sorted by key, keys unique.
+    pub tags: Vec<(String, String)>,
+    /// How to fold it.
+    pub kind: MetricType,
+    /// Values, each with how many times it was observed.
+    pub values: Vec<(f64, u64)>,
+}
+
+/// A series' identity across scrapes.
+type Key = (String, Vec<(String, String)>);
+
+/// What a scraper remembers between scrapes: counters' last values and histograms' last cumulative buckets.
+#[derive(Debug, Default)]
+pub struct ScrapeState {
+    counters: HashMap<Key, f64>,
+    histograms: HashMap<Key, Vec<(f64, f64)>>,
+}
+
+fn tags_of(labels: &prometheus_parse::Labels, skip: &str) -> Vec<(String, String)> {
+    let mut tags: Vec<(String, String)> = labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != skip)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    tags.sort();
+    tags.dedup_by(|a, b| a.0 == b.0);
+    tags
+}
+
+impl ScrapeState {
+    /// Turns one scrape's text into samples for the open second.
+    pub fn fold(&mut self, text: &str) -> Result<Vec<Scraped>, std::io::Error> {
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let mut out = Vec::new();
+        for sample in scrape.samples {
+            match sample.value {
+                Value::Counter(v) => {
+                    let tags = tags_of(&sample.labels, "");
+                    if let Some(delta) = self.counter_delta(&sample.metric, &tags, v) {
+                        out.push(Scraped {
+                            name: sample.metric,
+                            tags,
+                            kind: MetricType::Counter,
+                            values: vec![(delta, 1)],
+                        });
+                    }
+                }
+                // `_sum` and `_count` of histograms and summaries (and untyped `_total`s) are cumulative: deltas.
+                Value::Untyped(v)
+                    if ["_sum", "_count", "_total"]
+                        .iter()
+                        .any(|suffix| sample.metric.ends_with(suffix)) =>
+                {
+                    let tags = tags_of(&sample.labels, "");
+                    if let Some(delta) = self.counter_delta(&sample.metric, &tags, v) {
+                        out.push(Scraped {
+                            name: sample.metric,
+                            tags,
+                            kind: MetricType::Counter,
+                            values: vec![(delta, 1)],
+                        });
+                    }
+                }
+                // OpenMetrics' creation timestamps are no measurement.
+                Value::Untyped(_) if sample.metric.ends_with("_created") => {}
+                Value::Gauge(v) | Value::Untyped(v) => {
+                    if v.is_finite() {
+                        out.push(Scraped {
+                            name: sample.metric,
+                            tags: tags_of(&sample.labels, ""),
+                            kind: MetricType::Gauge,
+                            values: vec![(v, 1)],
+                        });
+                    }
+                }
+                Value::Summary(quantiles) => {
+                    let tags = tags_of(&sample.labels, "quantile");
+                    for q in quantiles {
+                        if !q.count.is_finite() {
+                            continue;
+                        }
+                        let mut tags = tags.clone();
+                        tags.push(("quantile".to_owned(), q.quantile.to_string()));
+                        tags.sort();
+                        out.push(Scraped {
+                            name: sample.metric.clone(),
+                            tags,
+                            kind: MetricType::Gauge,
+                            values: vec![(q.count, 1)],
+                        });
+                    }
+                }
+                Value::Histogram(buckets) => {
+                    let tags = tags_of(&sample.labels, "le");
+                    let mut cumulative: Vec<(f64, f64)> =
+                        buckets.iter().map(|b| (b.less_than, b.count)).collect();
+                    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let key = (sample.metric.clone(), tags.clone());
+                    let previous = self.histograms.insert(key, cumulative.clone());
+                    let Some(previous) = previous else {
+                        continue; // the first scrape sets the baseline
+                    };
+                    let timer = sample.metric.ends_with("_seconds");
+                    let values = bucket_deltas(&previous, &cumulative, timer);
+                    if !values.is_empty() {
+                        out.push(Scraped {
+                            name: sample.metric,
+                            tags,
+                            kind: if timer {
+                                MetricType::Timer
+                            } else {
+                                MetricType::Histogram
+                            },
+                            values,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn counter_delta(&mut self, name: &str, tags: &[(String, String)], value: f64) -> Option<f64> {
+        if !value.is_finite() {
+            return None;
+        }
+        let previous = self
+            .counters
+            .insert((name.to_owned(), tags.to_vec()), value)?;
+        // Lower than before: the process restarted and counts from zero again.
+        Some(if value < previous {
+            value
+        } else {
+            value - previous
+        })
+    }
+}
+
+/// The observations between two scrapes of a cumulative histogram, as (value, count): each bucket's new count at
+/// its middle. A total lower than before is a reset: the new buckets are the delta.
+fn bucket_deltas(
+    previous: &[(f64, f64)],
+    now: &[(f64, f64)],
+    milliseconds: bool,
+) -> Vec<(f64, u64)> {
+    let total = |b: &[(f64, f64)]| b.last().map_or(0.0, |(_, c)| *c);
+    let reset = total(now) < total(previous);
+    let before = |le: f64| -> f64 {
+        if reset {
+            return 0.0;
+        }
+        previous
+            .iter()
+            .find(|(bound, _)| *bound == le)
+            .map_or(0.0, |(_, c)| *c)
+    };
+    let scale = if milliseconds { 1000.0 } else { 1.0 };
+    let mut out = Vec::new();
+    let (mut lower, mut below_now, mut below_then) = (0.0_f64, 0.0_f64, 0.0_f64);
+    for &(le, count) in now {
+        let then = before(le);
+        let new = (count - below_now) - (then - below_then);
+        if new >= 0.5 {
+            let at = if le.is_finite() {
+                (lower + le) / 2.0
+            } else {
+                lower
+            };
+            out.push((at * scale, new.round() as u64));
+        }
+        below_now = count;
+        below_then = then;
+        if le.is_finite() {
+            lower = le;
+        }
+    }
+    out
+}
+
+/// Scrapes `url` every second, half a second off the boundary, and hands the samples to `out`. A failed scrape is
+/// logged (once per run of failures) and tried again the next second.
+pub async fn scrape_loop(url: String, timeout: Duration, out: mpsc::Sender<Vec<Scraped>>) {
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("strobe-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(message = "Scrape client not built; not scraping.", %url, %error);
+            return;
+        }
+    };
+    let mut state = ScrapeState::default();
+    let mut failing = false;
+    loop {
+        let wait = strobe_proto::clock::until_next_second() + Duration::from_millis(500);
+        tokio::time::sleep(wait).await;
+        let text = match client
+            .get(&url)
+            .header("accept", "text/plain;version=0.0.4")
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+        {
+            Ok(response) => response.text().await,
+            Err(error) => Err(error),
+        };
+        match text
+            .map_err(|e| e.to_string())
+            .and_then(|t| state.fold(&t).map_err(|e| e.to_string()))
+        {
+            Ok(samples) => {
+                failing = false;
+                if out.send(samples).await.is_err() {
+                    return; // the agent is stopping
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    warn!(message = "Scrape failed; trying again every second.", %url, %error);
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "# TYPE http_requests_total counter
+http_requests_total{route=\"/a\",code=\"200\"} VALUE
+# TYPE queue_depth gauge
+queue_depth 7
+# TYPE req_duration_seconds histogram
+req_duration_seconds_bucket{le=\"0.1\"} B1
+req_duration_seconds_bucket{le=\"0.5\"} B2
+req_duration_seconds_bucket{le=\"+Inf\"} B3
+req_duration_seconds_sum 1
+req_duration_seconds_count B3
+";
+
+    fn page(counter: u32, buckets: [u32; 3]) -> String {
+        PAGE.replace("VALUE", &counter.to_string())
+            .replace("B1", &buckets[0].to_string())
+            .replace("B2", &buckets[1].to_string())
+            .replace("B3", &buckets[2].to_string())
+    }
+
+    fn find<'a>(samples: &'a [Scraped], name: &str) -> Option<&'a Scraped> {
+        samples.iter().find(|s| s.name == name)
+    }
+
+    #[test]
+    fn counters_become_deltas_with_resets_and_histograms_come_from_bucket_deltas() {
+        let mut state = ScrapeState::default();
+        let first = state.fold(&page(100, [1, 2, 3])).unwrap();
+        assert!(
+            find(&first, "http_requests_total").is_none(),
+            "a baseline only"
+        );
+        assert!(find(&first, "req_duration_seconds").is_none());
+        assert_eq!(find(&first, "queue_depth").unwrap().values, vec![(7.0, 1)]);
+
+        let second = state.fold(&page(130, [5, 7, 9])).unwrap();
+        let requests = find(&second, "http_requests_total").unwrap();
+        assert_eq!(requests.values, vec![(30.0, 1)]);
+        assert_eq!(
+            requests.tags,
+            vec![("code".into(), "200".into()), ("route".into(), "/a".into())]
+        );
+        let latency = find(&second, "req_duration_seconds").unwrap();
+        assert_eq!(latency.kind, MetricType::Timer);
+        // 4 new below 0.1 s (at 50 ms), 1 new in (0.1, 0.5] (at 300 ms), 1 new above 0.5 s (at 500 ms).
+        assert_eq!(latency.values, vec![(50.0, 4), (300.0, 1), (500.0, 1)]);
+
+        // The process restarted: counters and buckets start again from zero.
+        let third = state.fold(&page(4, [1, 1, 2])).unwrap();
+        assert_eq!(
+            find(&third, "http_requests_total").unwrap().values,
+            vec![(4.0, 1)]
+        );
+        assert_eq!(
+            find(&third, "req_duration_seconds").unwrap().values,
+            vec![(50.0, 1), (500.0, 1)]
+        );
+    }
+
+    #[test]
+    fn summaries_are_gauges_per_quantile_and_garbage_is_an_error_not_a_panic() {
+        let mut state = ScrapeState::default();
+        let text = "# TYPE rpc summary\nrpc{quantile=\"0.5\"} 0.2\nrpc{quantile=\"0.99\"} 0.9\nrpc_sum 10\nrpc_count 40\n";
+        let samples = state.fold(text).unwrap();
+        let quantiles: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == "rpc")
+            .map(|s| (s.tags.clone(), s.values.clone()))
+            .collect();
+        assert_eq!(quantiles.len(), 2, "{samples:?}");
+        assert!(find(&samples, "rpc_count").is_none(), "a baseline first");
+        let later = state
+            .fold("# TYPE rpc summary\nrpc{quantile=\"0.5\"} 0.2\nrpc_sum 12\nrpc_count 45\n")
+            .unwrap();
+        assert_eq!(find(&later, "rpc_count").unwrap().values, vec![(5.0, 1)]);
+        assert_eq!(find(&later, "rpc_count").unwrap().kind, MetricType::Counter);
+        assert_eq!(find(&later, "rpc_sum").unwrap().values, vec![(2.0, 1)]);
+        assert!(quantiles.iter().all(|(tags, _)| tags[0].0 == "quantile"));
+        for junk in [
+            "\u{0}\u{1}",
+            "x{",
+            "# TYPE y histogram\ny_bucket{le=\"abc\"} 1\n",
+        ] {
+            let _ = state.fold(junk);
+        }
+    }
+}
