@@ -207,8 +207,11 @@ async fn fold_loop(
     let mut roll = |folder: &mut Folder| {
         let now = clock.offset_ms();
         let moved = now - std::mem::replace(&mut stamped_with, now);
-        folder.restamp((moved as f64 / 1000.0).round() as i64);
-        folder.roll(clock.unix_second())
+        folder.restamp(
+            (moved as f64 / 1000.0).round() as i64,
+            clock.accepted_up_to(),
+        );
+        folder.roll(clock.unix_second(), clock.accepted_up_to())
     };
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
     // Prometheus pages, scraped in their own tasks; their samples are folded here like packets.

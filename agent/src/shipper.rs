@@ -397,6 +397,7 @@ async fn ship_once(
             message = inbound.message() => match message {
                 Ok(Some(message)) => match message.body {
                     Some(pb::aggregator_message::Body::Ack(ack)) => {
+                        config.clock.note_accepted(ack.second);
                         if follow_clock(config, buffer, ack.aggregator_unix_ms) {
                             return Session::Resend;
                         }

@@ -269,6 +269,8 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct Folder {
     open: Window,
     limits: WindowLimits,
+    /// The newest second closed.
+    last_closed: Option<i64>,
 }
 
 impl Folder {
@@ -277,6 +279,7 @@ impl Folder {
         Self {
             open: Window::new(second, limits),
             limits,
+            last_closed: None,
         }
     }
 
@@ -289,16 +292,33 @@ impl Folder {
     /// call (the process was paused) are not invented. A clock stepped back (the agent learnt the aggregator's)
     /// closes the open window too, rather than piling the seconds until the clock catches up into one.
     /// Moves the open window by `seconds` (the clock it was opened on turned out to be off by that much), so what it
-    /// holds lands in the second it happened in and merges with what the corrected clock adds to that second.
-    pub fn restamp(&mut self, seconds: i64) {
-        self.open.second = self.open.second.saturating_add(seconds);
+    /// holds lands in the second it happened in and merges with what the corrected clock adds to that second; but
+    /// never onto a second the aggregator already took (`accepted_up_to`): the window then stays just after it and
+    /// gathers until the clock passes it, late but not lost. Seconds closed but not taken (refused for now) are
+    /// moved by the shipper as much, and so is the record of them.
+    pub fn restamp(&mut self, seconds: i64, accepted_up_to: Option<i64>) {
+        let mut second = self.open.second.saturating_add(seconds);
+        if let Some(accepted) = accepted_up_to {
+            second = second.max(accepted.saturating_add(1));
+        }
+        self.last_closed = self.last_closed.map(|c| c.saturating_add(seconds));
+        self.open.second = second;
     }
 
-    pub fn roll(&mut self, now_second: i64) -> Option<(pb::Snapshot, WindowStats)> {
-        if now_second == self.open.second {
+    /// Closes the open window when the clock has moved to another second and opens the one for `now_second`, but
+    /// never a window for a second already closed or taken (a clock stepped back that far keeps the open window
+    /// until it catches up: a second is sent once).
+    pub fn roll(
+        &mut self,
+        now_second: i64,
+        accepted_up_to: Option<i64>,
+    ) -> Option<(pb::Snapshot, WindowStats)> {
+        let floor = self.last_closed.max(accepted_up_to);
+        if now_second == self.open.second || floor.is_some_and(|f| now_second <= f) {
             return None;
         }
         let closed = std::mem::replace(&mut self.open, Window::new(now_second, self.limits));
+        self.last_closed = Some(closed.second);
         Some(closed.close())
     }
 }
@@ -474,9 +494,39 @@ mod tests {
         ];
         let mut folder = Folder::new(10, WindowLimits::default());
         for (now, expected) in table {
-            let closed = folder.roll(now).map(|(s, _)| s.second);
+            let closed = folder.roll(now, None).map(|(s, _)| s.second);
             assert_eq!(closed, expected, "roll at {now}");
         }
         assert_eq!(folder.open().second(), 13);
+        // Stepped back onto seconds already closed: nothing new is opened for them.
+        assert_eq!(folder.roll(11, None).map(|(s, _)| s.second), None);
+        assert_eq!(folder.open().second(), 13);
+        assert_eq!(folder.roll(15, None).map(|(s, _)| s.second), Some(13));
+    }
+
+    #[test]
+    fn a_corrected_clock_never_stamps_a_second_the_aggregator_took() {
+        let mut folder = Folder::new(110, WindowLimits::default());
+        folder.roll(111, None);
+        folder.roll(112, None);
+        // The clock was 2 s ahead and 110 and 111 were taken: the open window stays after them...
+        folder.restamp(-2, Some(111));
+        assert_eq!(folder.open().second(), 112);
+        // ...and gathers until the corrected clock passes it.
+        assert!(folder.roll(110, Some(111)).is_none());
+        assert!(folder.roll(111, Some(111)).is_none());
+        assert_eq!(
+            folder.roll(113, Some(111)).map(|(s, _)| s.second),
+            Some(112)
+        );
+
+        // 10 s ahead and nothing taken (all refused for now, the shipper moves them by as much): the window moves
+        // back and rolls on the corrected clock at once.
+        let mut folder = Folder::new(110, WindowLimits::default());
+        folder.roll(111, None);
+        folder.roll(112, None);
+        folder.restamp(-10, None);
+        assert_eq!(folder.open().second(), 102);
+        assert_eq!(folder.roll(103, None).map(|(s, _)| s.second), Some(102));
     }
 }

@@ -225,6 +225,9 @@ impl Aggregator {
             Some(dir) => Some(Persistence {
                 file: StateFile::open(dir)?,
                 restore_grace: self.config.alert_restore_grace,
+                canary_restore_grace: self.config.alert_restore_grace
+                    + self.config.canary.min_history
+                    + self.config.canary.settle,
             }),
             None => {
                 info!(message = "No state directory: alert state is kept in memory only.");

@@ -64,6 +64,9 @@ pub mod clock {
         /// The newest offsets the aggregator's acks showed.
         samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
         skew_ms: i64,
+        /// The newest second of this agent the aggregator acknowledged (taken where it was stamped: a correction
+        /// of the clock must not stamp a new second onto it).
+        accepted_up_to: std::sync::Arc<std::sync::atomic::AtomicI64>,
     }
 
     /// An offset smaller than this is left alone (network delay and jitter are in every sample).
@@ -98,6 +101,20 @@ pub mod clock {
         pub fn until_next_second(&self) -> Duration {
             let into = u64::try_from(self.millis().rem_euclid(1000)).unwrap_or(0);
             Duration::from_millis(1000 - into)
+        }
+
+        /// Notes that the aggregator acknowledged this agent's seconds up to `second`.
+        pub fn note_accepted(&self, second: i64) {
+            self.accepted_up_to
+                .fetch_max(second, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// The newest second of this agent the aggregator acknowledged, if any.
+        pub fn accepted_up_to(&self) -> Option<i64> {
+            let second = self
+                .accepted_up_to
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (second != 0).then_some(second)
         }
 
         /// The offset applied now, ms.

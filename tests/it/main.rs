@@ -959,3 +959,43 @@ async fn a_prometheus_page_is_scraped_into_per_second_deltas_with_resets_and_his
         assert!((*max - 300.0).abs() <= 3.0, "second {t}: {seconds:?}");
     }
 }
+
+/// An agent 2 s ahead (inside `max_future_skew`) counts from its first second: its first seconds are taken where its
+/// clock stamped them, then it corrects its clock, and the window it moves back must not land on a second already
+/// taken. Nothing is lost: the total over all seconds is what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_slightly_ahead_loses_nothing_while_it_corrects_its_clock() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let target = format!("http://{}", aggregator.addr("grpc"));
+    let mut ws = subscribe(http, &["slightly-ahead"]).await;
+    let agent = spawn(&[
+        "agent",
+        "--service",
+        "slightly-ahead",
+        "--version",
+        "v1",
+        "--instance",
+        "slightly-ahead-1",
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+        "--simulate-clock-skew-ms",
+        "2000",
+    ])
+    .await;
+    let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
+    send_for(agent.addr("statsd"), 8.0, &mut sent).await;
+    let total: u32 = sent.values().sum();
+    let mut counted: BTreeMap<i64, f64> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        if let (Some(t), Some(s)) = (f["t"].as_i64(), series(f, "ticks", None, None)) {
+            counted.insert(t, s["sum"].as_f64().unwrap());
+        }
+        let sum: f64 = counted.values().sum();
+        assert!(sum <= f64::from(total), "more than sent: {counted:?} vs {sent:?}");
+        (sum == f64::from(total)).then_some(())
+    })
+    .await;
+}

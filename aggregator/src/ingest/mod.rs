@@ -22,6 +22,7 @@ use crate::limits::Limits;
 use crate::model::Instance;
 use crate::model::table::SeriesTables;
 use crate::pipeline::budget::{QueueBudget, StreamBudget};
+use crate::pipeline::service::STATE_LOST;
 use crate::pipeline::shard::{ShardCommand, Shards};
 use validate::{Refusal, StreamDictionary, validate_hello, validate_snapshot};
 
@@ -133,6 +134,11 @@ async fn serve_stream(
         let message = tokio::select! {
             // The sender is held right here, so this channel never closes while the loop runs.
             Some(t) = counted.recv() => {
+                if t == STATE_LOST {
+                    return Err(Status::unavailable(
+                        "this service's state was lost here; reconnect and send again what is unacknowledged",
+                    ));
+                }
                 waiting = waiting.saturating_sub(1);
                 send(tx, ack(t)).await?;
                 continue;
@@ -221,7 +227,7 @@ async fn serve_stream(
     // take to seal.
     while waiting > 0 {
         match tokio::time::timeout(LAST_ACKS_WAIT, counted.recv()).await {
-            Ok(Some(t)) => {
+            Ok(Some(t)) if t != STATE_LOST => {
                 waiting -= 1;
                 send(tx, ack(t)).await?;
             }

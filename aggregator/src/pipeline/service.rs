@@ -55,6 +55,19 @@ pub(crate) struct ServiceState {
 /// Where a stream hears which of its seconds are counted.
 pub(crate) type Acker = tokio::sync::mpsc::UnboundedSender<i64>;
 
+/// Sent to a stream's acker when the service's state is gone (a panic, a shard restart, eviction, shutdown): what
+/// it sent and was not yet counted is lost here, so the stream must end and the agent reconnect and replay, rather
+/// than let a later ack drop those seconds from its buffer.
+pub(crate) const STATE_LOST: i64 = i64::MIN;
+
+impl Drop for ServiceState {
+    fn drop(&mut self) {
+        for acker in self.ackers.values() {
+            acker.send(STATE_LOST).ok();
+        }
+    }
+}
+
 impl ServiceState {
     pub(crate) fn new(service: Arc<str>, settings: WindowSettings) -> Self {
         Self {
@@ -80,9 +93,13 @@ impl ServiceState {
         self.ackers
             .insert(snapshot.instance.id.clone(), acker.clone());
         let applied = self.windows.apply(snapshot, now_ms);
-        if !matches!(applied, Applied::Merged { .. }) {
-            // Merged into a sealed second (a correction), already counted (a duplicate), or never to be counted
-            // (too late: sending it again would not help): answered now. An open second waits for its seal.
+        if matches!(
+            applied,
+            Applied::Correction { .. } | Applied::Duplicate { sealed: true } | Applied::TooLate
+        ) {
+            // Merged into a sealed second (a correction), already counted (a duplicate of a sealed second), or never
+            // to be counted (too late: sending it again would not help): answered now. An open second (a
+            // duplicate of one included) waits for its seal.
             acker.send(t).ok(); // a stream that went away needs no answer
         }
         let (dropped, over_budget) = match applied {
@@ -100,7 +117,7 @@ impl ServiceState {
                 health.snapshots_accepted.inc();
                 (dropped, over_budget)
             }
-            Applied::Duplicate => {
+            Applied::Duplicate { .. } => {
                 health.snapshots_duplicate.inc();
                 (0, 0)
             }
@@ -190,12 +207,11 @@ impl ServiceState {
         let now = clock::unix_millis();
         // Counted: every instance in it may let go of this second. Streams that ended leave.
         for instance in &merged.second.instances {
-            if let Some(acker) = self.ackers.get(&instance.id)
-                && acker.send(merged.second.t).is_err()
-            {
-                self.ackers.remove(&instance.id);
+            if let Some(acker) = self.ackers.get(&instance.id) {
+                acker.send(merged.second.t).ok();
             }
         }
+        self.ackers.retain(|_, acker| !acker.is_closed());
         let rules = context.rules.current();
         for event in self.evaluator.on_sealed(&rules, &merged.second, now) {
             context.alerts.event(event);

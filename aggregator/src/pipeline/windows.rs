@@ -159,7 +159,10 @@ pub(crate) enum Applied {
         over_budget: u32,
     },
     /// This instance already reported this second; nothing changed.
-    Duplicate,
+    Duplicate {
+        /// Whether its second is sealed (counted); a duplicate of an open second is counted only at its seal.
+        sealed: bool,
+    },
     /// Merged into this already sealed second; [`ServiceWindows::corrected`] summarizes its new content (once per
     /// batch of late snapshots, not once per snapshot).
     Correction {
@@ -253,7 +256,7 @@ impl ServiceWindows {
                 .entry(t)
                 .or_insert_with(|| (OpenSecond::default(), sealed_at));
             if second.reporters.contains_key(&snapshot.instance.id) {
-                return Applied::Duplicate;
+                return Applied::Duplicate { sealed: true };
             }
             let id = snapshot.instance.id.clone();
             let available = self.settings.max_bytes.saturating_sub(self.bytes);
@@ -273,7 +276,7 @@ impl ServiceWindows {
         }
         let second = self.open.entry(t).or_default();
         if second.reporters.contains_key(&snapshot.instance.id) {
-            return Applied::Duplicate;
+            return Applied::Duplicate { sealed: false };
         }
         let available = self.settings.max_bytes.saturating_sub(self.bytes);
         let (dropped, over_budget, used) =
@@ -645,7 +648,7 @@ mod tests {
         ));
         assert!(matches!(
             w.apply_now(counter(&a, 10, 1.0)),
-            Applied::Duplicate
+            Applied::Duplicate { .. }
         ));
         let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (1.0, 1));
@@ -660,11 +663,11 @@ mod tests {
         // Replays of either, before or after sealing, change nothing.
         assert!(matches!(
             w.apply_now(counter(&a, 10, 1.0)),
-            Applied::Duplicate
+            Applied::Duplicate { .. }
         ));
         assert!(matches!(
             w.apply_now(counter(&b, 10, 5.0)),
-            Applied::Duplicate
+            Applied::Duplicate { .. }
         ));
         // Far past the late window: refused.
         for t in 11..30 {

@@ -72,6 +72,9 @@ pub(crate) struct Persistence {
     /// How long after a restart a firing alert waits for its rule (on top of the rule's `for`) before it is
     /// resolved as no longer breaching.
     pub(crate) restore_grace: Duration,
+    /// The same for canary alerts: the canary starts from no history after a restart and needs longer to convict
+    /// again.
+    pub(crate) canary_restore_grace: Duration,
 }
 
 /// A handle to the alert manager; cheap to clone, never blocks the caller.
@@ -278,7 +281,7 @@ impl Manager {
             ))
             .unwrap_or(now)
         };
-        let grace = persistence.restore_grace;
+        let (grace, canary_grace) = (persistence.restore_grace, persistence.canary_restore_grace);
         let rules = self.rules.current();
         let (mut open, mut requeued) = (0, 0);
         for saved in saved {
@@ -309,12 +312,15 @@ impl Manager {
                 sent: saved.queued.into_iter().collect(),
                 settled: saved.settled.into_iter().collect(),
                 ended_at,
-                confirm_by: ended_at
-                    .is_none()
-                    .then(|| now + grace + Duration::from_secs(rule_for)),
+                confirm_by: ended_at.is_none().then(|| match record.kind {
+                    AlertKind::Canary => now + canary_grace,
+                    AlertKind::Rule => now + grace + Duration::from_secs(rule_for),
+                }),
                 record,
             };
-            let unsettled: Vec<_> = entry.sent.difference(&entry.settled).copied().collect();
+            // Again in the order they were first queued for each target: firing, then acknowledged, then resolved.
+            let mut unsettled: Vec<_> = entry.sent.difference(&entry.settled).copied().collect();
+            unsettled.sort_by_key(|(transition, step)| (*step, transition_rank(*transition)));
             for (transition, step) in unsettled {
                 entry.sent.remove(&(transition, step));
                 notify(&self.sink, &self.commands, &mut entry, transition, step);
@@ -372,9 +378,17 @@ impl Manager {
             return event.id.clone();
         }
         let key = alert_key(&event.rule, &event.service, &event.labels);
+        // Only a firing or acknowledged alert (restored ones are never pending): a stale pending entry must not
+        // swallow a new breach.
         self.entries
             .iter()
-            .find(|(_, e)| e.key == key && e.is_open())
+            .find(|(_, e)| {
+                e.key == key
+                    && matches!(
+                        e.record.state,
+                        AlertState::Firing | AlertState::Acknowledged
+                    )
+            })
             .map_or_else(|| event.id.clone(), |(id, _)| id.clone())
     }
 
@@ -578,9 +592,14 @@ impl Manager {
     fn prune(&mut self) {
         let now = Instant::now();
         let before = self.entries.len();
+        // A pending alert whose rule went away without clearing it (its service gone, a panic) is forgotten after
+        // the retention too.
+        let stale_pending = strobe_proto::clock::unix_second()
+            .saturating_sub(i64::try_from(RESOLVED_RETENTION.as_secs()).unwrap_or(i64::MAX));
         self.entries.retain(|_, e| {
             e.ended_at
                 .is_none_or(|ended| now.duration_since(ended) < RESOLVED_RETENTION)
+                && !(e.record.state == AlertState::Pending && e.record.since < stale_pending)
         });
         while self.entries.len() > MAX_RECORDS {
             let oldest = self
@@ -633,6 +652,15 @@ fn notify(
     if sink.send(notification).is_err() {
         // Delivery stops only at shutdown; the notification is not sent, and says so.
         warn!(message = "Delivery stopped; notification not sent.", alert = %entry.record.id, transition = transition.as_str());
+    }
+}
+
+/// The order in which one target hears of one alert.
+fn transition_rank(transition: NotifyTransition) -> u8 {
+    match transition {
+        NotifyTransition::Firing => 0,
+        NotifyTransition::Acknowledged => 1,
+        NotifyTransition::Resolved => 2,
     }
 }
 
@@ -888,6 +916,7 @@ escalation = [
         Persistence {
             file: StateFile::open(dir).unwrap(),
             restore_grace: Duration::from_secs(60),
+            canary_restore_grace: Duration::from_secs(300),
         }
     }
 
