@@ -994,7 +994,10 @@ async fn an_agent_slightly_ahead_loses_nothing_while_it_corrects_its_clock() {
             counted.insert(t, s["sum"].as_f64().unwrap());
         }
         let sum: f64 = counted.values().sum();
-        assert!(sum <= f64::from(total), "more than sent: {counted:?} vs {sent:?}");
+        assert!(
+            sum <= f64::from(total),
+            "more than sent: {counted:?} vs {sent:?}"
+        );
         (sum == f64::from(total)).then_some(())
     })
     .await;
