@@ -652,7 +652,7 @@ async fn bad_input_is_refused_with_a_reason_and_the_rest_survives() {
         "good:1|c",
         "nan:NaN|g",
         "inf:inf|ms",
-        "neg:-1|ms",
+        "neg:--1|ms",
         "rate:1|c|@7",
         ":1|c",
         "x:1|s",
