@@ -9,6 +9,7 @@
 //!
 //! Inputs record, the window folds, the shipper exports: the three never share a lock.
 
+pub mod facade;
 pub mod scrape;
 pub mod shipper;
 pub mod statsd;
@@ -16,6 +17,7 @@ pub mod window;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strobe_proto as pb;
@@ -146,6 +148,8 @@ pub enum AgentError {
 pub struct Agent {
     config: AgentConfig,
     socket: UdpSocket,
+    /// In-process series (the `metrics` facade), folded in at every second.
+    registry: Option<Arc<facade::Registry>>,
 }
 
 impl Agent {
@@ -163,7 +167,11 @@ impl Agent {
                 addr: config.statsd_addr,
                 source,
             })?;
-        Ok(Self { config, socket })
+        Ok(Self {
+            config,
+            socket,
+            registry: None,
+        })
     }
 
     /// The address DogStatsD packets go to.
@@ -181,7 +189,14 @@ impl Agent {
         );
         let (tx, rx) = mpsc::channel(16);
         let shipper = tokio::spawn(run_shipper(identity, self.config.shipper.clone(), rx));
-        fold_loop(&self.socket, &self.config, tx, shutdown).await;
+        fold_loop(
+            &self.socket,
+            &self.config,
+            self.registry.as_deref(),
+            tx,
+            shutdown,
+        )
+        .await;
         match shipper.await {
             Ok(report) => report,
             Err(error) => {
@@ -195,6 +210,7 @@ impl Agent {
 async fn fold_loop(
     socket: &UdpSocket,
     config: &AgentConfig,
+    registry: Option<&facade::Registry>,
     tx: mpsc::Sender<pb::Snapshot>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -262,12 +278,19 @@ async fn fold_loop(
                 }
             }
             _ = &mut boundary => {
+                // What the service recorded in process belongs to the second that is closing.
+                if let Some(registry) = registry {
+                    registry.drain_into(folder.open());
+                }
                 ship(&tx, roll(&mut folder)).await;
                 boundary.as_mut().reset(
                     tokio::time::Instant::now() + clock.until_next_second() + std::time::Duration::from_millis(1),
                 );
             }
             _ = &mut shutdown => {
+                if let Some(registry) = registry {
+                    registry.drain_into(folder.open());
+                }
                 let open = std::mem::replace(folder.open(), Window::new(0, config.window_limits()));
                 ship(&tx, Some(open.close())).await;
                 return;
@@ -289,4 +312,50 @@ async fn ship(
             second = lost.0.second
         );
     }
+}
+
+/// Why the in-process agent could not start.
+#[derive(Debug, Error)]
+pub enum InstallError {
+    /// The agent could not be bound.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Another `metrics` recorder is installed already.
+    #[error("a metrics recorder is installed already")]
+    RecorderInstalled,
+}
+
+/// An agent running inside the service, fed by the `metrics` facade.
+pub struct InProcessAgent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<ShipperReport>,
+}
+
+impl InProcessAgent {
+    /// Closes the open second, waits for its acknowledgement (at most the drain timeout) and stops.
+    pub async fn shutdown(mut self) -> ShipperReport {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok(); // the agent may have stopped already
+        }
+        (&mut self.task).await.unwrap_or_default()
+    }
+}
+
+/// Makes Strobe the global `metrics` recorder of this process and runs the agent in it (on the current tokio
+/// runtime): `metrics::counter!`, `gauge!` and `histogram!` reach the aggregator every second, no sidecar needed.
+/// DogStatsD on `config.statsd_addr` and scrapes keep working beside it.
+pub async fn install(config: AgentConfig) -> Result<InProcessAgent, InstallError> {
+    let registry = Arc::new(facade::Registry::default());
+    let mut agent = Agent::bind(config).await?;
+    metrics::set_global_recorder(facade::StrobeRecorder::new(registry.clone()))
+        .map_err(|_| InstallError::RecorderInstalled)?;
+    agent.registry = Some(registry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        stopped.await.ok();
+    }));
+    Ok(InProcessAgent {
+        stop: Some(stop),
+        task,
+    })
 }

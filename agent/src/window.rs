@@ -100,6 +100,12 @@ impl Window {
         self.stats.lines_malformed += 1;
     }
 
+    /// Counts series values dropped before they reached the window (an in-process histogram past its per-second
+    /// bound).
+    pub fn count_over_limit(&mut self, n: u64) {
+        self.stats.series_over_limit += n;
+    }
+
     /// Folds one parsed line into the window.
     pub fn record(&mut self, line: &Line<'_>) {
         self.record_values(

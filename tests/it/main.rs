@@ -1002,3 +1002,82 @@ async fn an_agent_slightly_ahead_loses_nothing_while_it_corrects_its_clock() {
     })
     .await;
 }
+
+/// The `examples/metrics_facade.rs` program (a Rust service instrumented with the `metrics` crate, its agent in
+/// process) reaches the aggregator: every request it counted and every latency it recorded, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_service_using_the_metrics_facade_is_counted_exactly() {
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let mut ws = subscribe(http, &["facade-example"]).await;
+    let example = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join("examples").join("metrics_facade"))
+        .expect("the target directory");
+    let output = tokio::process::Command::new(&example)
+        .args([
+            format!("http://{}", aggregator.addr("grpc")),
+            "4".to_owned(),
+        ])
+        .env("STROBE_LOG", "warn")
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} runs (cargo test builds examples): {e}",
+                example.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> f64 {
+        stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stdout}"))
+    };
+    let (requests, latencies) = (field("requests"), field("latencies"));
+    assert!(requests > 100.0, "{stdout}");
+    let mut per_second: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        let Some(t) = f["t"].as_i64() else {
+            return None;
+        };
+        let overall = |metric: &str, field: &str| -> f64 {
+            f["series"]
+                .as_array()
+                .map(|all| {
+                    all.iter()
+                        .filter(|s| {
+                            s["metric"] == metric && s["version"].is_null() && s["zone"].is_null()
+                        })
+                        .filter_map(|s| s[field].as_f64())
+                        .sum()
+                })
+                .unwrap_or(0.0)
+        };
+        per_second.insert(
+            t,
+            (
+                overall("http.requests", "sum"),
+                overall("http.latency_ms", "count"),
+            ),
+        );
+        let (r, l) = per_second
+            .values()
+            .fold((0.0, 0.0), |(r, l), (a, b)| (r + a, l + b));
+        assert!(
+            r <= requests && l <= latencies,
+            "more than recorded: {per_second:?} {stdout}"
+        );
+        (r == requests && l == latencies).then_some(())
+    })
+    .await;
+}
