@@ -1047,9 +1047,7 @@ async fn a_rust_service_using_the_metrics_facade_is_counted_exactly() {
     assert!(requests > 100.0, "{stdout}");
     let mut per_second: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     next_frame(&mut ws, Duration::from_secs(20), |f| {
-        let Some(t) = f["t"].as_i64() else {
-            return None;
-        };
+        let t = f["t"].as_i64()?;
         let overall = |metric: &str, field: &str| -> f64 {
             f["series"]
                 .as_array()
