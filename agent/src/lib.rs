@@ -223,10 +223,10 @@ async fn fold_loop(
     let mut roll = |folder: &mut Folder| {
         let now = clock.offset_ms();
         let moved = now - std::mem::replace(&mut stamped_with, now);
-        folder.restamp(
-            (moved as f64 / 1000.0).round() as i64,
-            clock.accepted_up_to(),
-        );
+        let shift = (moved as f64 / 1000.0).round() as i64;
+        if shift != 0 {
+            folder.restamp(shift, clock.accepted_up_to(), clock.take_held());
+        }
         folder.roll(clock.unix_second(), clock.accepted_up_to())
     };
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
@@ -237,6 +237,7 @@ async fn fold_loop(
         scrapers.spawn(scrape::scrape_loop(
             url.clone(),
             config.scrape_timeout,
+            clock.clone(),
             scraped_tx.clone(),
         ));
     }

@@ -209,7 +209,12 @@ fn bucket_deltas(
 
 /// Scrapes `url` every second, half a second off the boundary, and hands the samples to `out`. A failed scrape is
 /// logged (once per run of failures) and tried again the next second.
-pub async fn scrape_loop(url: String, timeout: Duration, out: mpsc::Sender<Vec<Scraped>>) {
+pub async fn scrape_loop(
+    url: String,
+    timeout: Duration,
+    clock: strobe_proto::clock::AgentClock,
+    out: mpsc::Sender<Vec<Scraped>>,
+) {
     let client = match reqwest::Client::builder()
         .timeout(timeout)
         .user_agent(concat!("strobe-agent/", env!("CARGO_PKG_VERSION")))
@@ -224,7 +229,8 @@ pub async fn scrape_loop(url: String, timeout: Duration, out: mpsc::Sender<Vec<S
     let mut state = ScrapeState::default();
     let mut failing = false;
     loop {
-        let wait = strobe_proto::clock::until_next_second() + Duration::from_millis(500);
+        // Half a second off the boundary of the windows' clock (the aggregator's, once the agent follows it).
+        let wait = clock.until_next_second() + Duration::from_millis(500);
         tokio::time::sleep(wait).await;
         let text = match client
             .get(&url)

@@ -419,6 +419,7 @@ async fn ship_once(
                         );
                         if r.whole_snapshot && r.retry {
                             buffer.held.insert(r.second);
+                            config.clock.note_held();
                         } else if r.whole_snapshot && buffer.refused(r.second) {
                             report.refused += 1;
                         }

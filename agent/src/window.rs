@@ -299,15 +299,25 @@ impl Folder {
     /// closes the open window too, rather than piling the seconds until the clock catches up into one.
     /// Moves the open window by `seconds` (the clock it was opened on turned out to be off by that much), so what it
     /// holds lands in the second it happened in and merges with what the corrected clock adds to that second; but
-    /// never onto a second the aggregator already took (`accepted_up_to`): the window then stays just after it and
-    /// gathers until the clock passes it, late but not lost. Seconds closed but not taken (refused for now) are
-    /// moved by the shipper as much, and so is the record of them.
-    pub fn restamp(&mut self, seconds: i64, accepted_up_to: Option<i64>) {
+    /// never onto a second already sent: the window then stays just after it and gathers until the clock passes
+    /// it, late but not lost. When the seconds closed so far were refused for now (`closed_were_refused`: the
+    /// shipper moves those by as much), the record of them moves too, and only seconds the aggregator took
+    /// (`accepted_up_to`) bound the move.
+    pub fn restamp(
+        &mut self,
+        seconds: i64,
+        accepted_up_to: Option<i64>,
+        closed_were_refused: bool,
+    ) {
         let mut second = self.open.second.saturating_add(seconds);
+        if closed_were_refused {
+            self.last_closed = self.last_closed.map(|c| c.saturating_add(seconds));
+        } else if let Some(closed) = self.last_closed {
+            second = second.max(closed.saturating_add(1));
+        }
         if let Some(accepted) = accepted_up_to {
             second = second.max(accepted.saturating_add(1));
         }
-        self.last_closed = self.last_closed.map(|c| c.saturating_add(seconds));
         self.open.second = second;
     }
 
@@ -515,8 +525,8 @@ mod tests {
         let mut folder = Folder::new(110, WindowLimits::default());
         folder.roll(111, None);
         folder.roll(112, None);
-        // The clock was 2 s ahead and 110 and 111 were taken: the open window stays after them...
-        folder.restamp(-2, Some(111));
+        // The clock was 2 s ahead; 110 was taken, 111 sent and not yet acknowledged: the window stays after both...
+        folder.restamp(-2, Some(110), false);
         assert_eq!(folder.open().second(), 112);
         // ...and gathers until the corrected clock passes it.
         assert!(folder.roll(110, Some(111)).is_none());
@@ -531,7 +541,7 @@ mod tests {
         let mut folder = Folder::new(110, WindowLimits::default());
         folder.roll(111, None);
         folder.roll(112, None);
-        folder.restamp(-10, None);
+        folder.restamp(-10, None, true);
         assert_eq!(folder.open().second(), 102);
         assert_eq!(folder.roll(103, None).map(|(s, _)| s.second), Some(102));
     }

@@ -339,9 +339,10 @@ impl Aggregator {
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_tls(
                     self.grpc,
                     server_tls.grpc,
+                    &mut tasks,
                 ))
                 .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
-                let listener = tls::TlsListener::new(self.http, server_tls.http)
+                let listener = tls::TlsListener::new(self.http, server_tls.http, &mut tasks)
                     .map_err(AggregatorError::Http)?;
                 (
                     Box::pin(

@@ -51,7 +51,7 @@ impl TlsSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// Only one of certificate and key was given.
-    #[error("TLS needs both --tls-cert and --tls-key")]
+    #[error("TLS needs both --tls-cert and --tls-key (--tls-client-ca needs them too)")]
     Incomplete,
     /// A PEM file could not be read or holds nothing usable.
     #[error("{path}: {reason}")]
@@ -158,7 +158,8 @@ impl ServerTls {
     /// Loads the files; `None` when TLS is not configured.
     pub(crate) fn new(settings: &TlsSettings) -> Result<Option<Self>, TlsError> {
         let (cert, key) = match (&settings.cert, &settings.key) {
-            (None, None) => return Ok(None),
+            (None, None) if settings.client_ca.is_none() => return Ok(None),
+            (None, None) => return Err(TlsError::Incomplete),
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             _ => return Err(TlsError::Incomplete),
         };
@@ -205,9 +206,12 @@ impl ServerTls {
 pub(crate) fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(async move {
+    // The accept loop is owned by `tasks` (stopped at shutdown); each handshake task ends by itself within
+    // HANDSHAKE_TIMEOUT.
+    tasks.spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -247,11 +251,15 @@ pub(crate) struct TlsListener {
 }
 
 impl TlsListener {
-    /// Serves TLS on `listener`.
-    pub(crate) fn new(listener: TcpListener, acceptor: TlsAcceptor) -> io::Result<Self> {
+    /// Serves TLS on `listener`; the accept loop runs in `tasks`.
+    pub(crate) fn new(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            accepted: accept_tls(listener, acceptor),
+            accepted: accept_tls(listener, acceptor, tasks),
             local,
         })
     }

@@ -67,6 +67,9 @@ pub mod clock {
         /// The newest second of this agent the aggregator acknowledged (taken where it was stamped: a correction
         /// of the clock must not stamp a new second onto it).
         accepted_up_to: std::sync::Arc<std::sync::atomic::AtomicI64>,
+        /// Set when the aggregator refused a second of this agent for now (ahead of its clock): the shipper moves
+        /// such seconds itself when the clock is corrected, so the window loop may move its record of them too.
+        held: std::sync::Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// An offset smaller than this is left alone (network delay and jitter are in every sample).
@@ -107,6 +110,16 @@ pub mod clock {
         pub fn note_accepted(&self, second: i64) {
             self.accepted_up_to
                 .fetch_max(second, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Notes that the aggregator refused a second of this agent for now.
+        pub fn note_held(&self) {
+            self.held.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Whether seconds were refused for now since the last call (and forgets it).
+        pub fn take_held(&self) -> bool {
+            self.held.swap(false, std::sync::atomic::Ordering::Relaxed)
         }
 
         /// The newest second of this agent the aggregator acknowledged, if any.

@@ -47,6 +47,8 @@ pub(crate) struct ServiceState {
     /// Corrected seconds not yet published, with when each is due: the late snapshots of one second that arrive
     /// within `correction_interval` become one correction.
     corrections: BTreeMap<i64, i64>,
+    /// Streams whose late snapshots were merged into a sealed second, told when its correction is published.
+    correction_ackers: BTreeMap<i64, Vec<Acker>>,
     /// Each instance's stream, told every second of it that is counted (sealed, or merged into a sealed second):
     /// only then does the agent get its ack, so a crash before the seal loses nothing the agent let go of.
     ackers: HashMap<Arc<str>, Acker>,
@@ -62,7 +64,11 @@ pub(crate) const STATE_LOST: i64 = i64::MIN;
 
 impl Drop for ServiceState {
     fn drop(&mut self) {
-        for acker in self.ackers.values() {
+        for acker in self
+            .ackers
+            .values()
+            .chain(self.correction_ackers.values().flatten())
+        {
             acker.send(STATE_LOST).ok();
         }
     }
@@ -75,6 +81,7 @@ impl ServiceState {
             evaluator: Evaluator::default(),
             canary: Canary::default(),
             corrections: BTreeMap::new(),
+            correction_ackers: BTreeMap::new(),
             ackers: HashMap::new(),
         }
     }
@@ -93,14 +100,16 @@ impl ServiceState {
         self.ackers
             .insert(snapshot.instance.id.clone(), acker.clone());
         let applied = self.windows.apply(snapshot, now_ms);
-        if matches!(
-            applied,
-            Applied::Correction { .. } | Applied::Duplicate { sealed: true } | Applied::TooLate
-        ) {
-            // Merged into a sealed second (a correction), already counted (a duplicate of a sealed second), or never
-            // to be counted (too late: sending it again would not help): answered now. An open second (a
-            // duplicate of one included) waits for its seal.
-            acker.send(t).ok(); // a stream that went away needs no answer
+        match applied {
+            // Already counted (a duplicate of a sealed second), or never to be counted (too late: sending it again
+            // would not help, it is counted in `strobe_snapshots_too_late_total`): answered now.
+            Applied::Duplicate { sealed: true } | Applied::TooLate => {
+                acker.send(t).ok(); // a stream that went away needs no answer
+            }
+            // Merged into a sealed second: answered when the correction is published.
+            Applied::Correction { .. } => self.correction_ackers.entry(t).or_default().push(acker),
+            // An open second (a duplicate of one included) waits for its seal.
+            _ => {}
         }
         let (dropped, over_budget) = match applied {
             Applied::Merged {
@@ -167,6 +176,10 @@ impl ServiceState {
         for t in due {
             self.corrections.remove(&t);
             let Some(corrected) = self.windows.corrected(t) else {
+                // It left the late window first: nothing more can be done with it; sending it again would not help.
+                for acker in self.correction_ackers.remove(&t).unwrap_or_default() {
+                    acker.send(t).ok();
+                }
                 continue;
             };
             if context.canary.enabled {
@@ -174,6 +187,9 @@ impl ServiceState {
                 self.canary.correct(t, versions);
             }
             context.hub.publish_second(corrected.second);
+            for acker in self.correction_ackers.remove(&t).unwrap_or_default() {
+                acker.send(t).ok();
+            }
         }
     }
 
@@ -205,13 +221,12 @@ impl ServiceState {
     /// manager without waiting.
     fn on_sealed(&mut self, merged: Sealed, context: &ServiceContext) {
         let now = clock::unix_millis();
-        // Counted: every instance in it may let go of this second. Streams that ended leave.
-        for instance in &merged.second.instances {
-            if let Some(acker) = self.ackers.get(&instance.id) {
-                acker.send(merged.second.t).ok();
-            }
-        }
-        self.ackers.retain(|_, acker| !acker.is_closed());
+        let reporters: Vec<Arc<str>> = merged
+            .second
+            .instances
+            .iter()
+            .map(|i| i.id.clone())
+            .collect();
         let rules = context.rules.current();
         for event in self.evaluator.on_sealed(&rules, &merged.second, now) {
             context.alerts.event(event);
@@ -233,7 +248,15 @@ impl ServiceState {
         let delay = now.saturating_sub(sealed.t.saturating_add(1).saturating_mul(1000));
         context.health.seconds_sealed.inc();
         context.health.seal_delay.observe(millis_as_seconds(delay));
+        let t = sealed.t;
         context.hub.publish_second(sealed);
+        // Counted and published: every instance in it may let go of this second. Streams that ended leave.
+        for id in &reporters {
+            if let Some(acker) = self.ackers.get(id) {
+                acker.send(t).ok();
+            }
+        }
+        self.ackers.retain(|_, acker| !acker.is_closed());
     }
 }
 
