@@ -63,34 +63,33 @@ impl ScrapeState {
         let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
         let mut out = Vec::new();
         for sample in scrape.samples {
-            match sample.value {
-                Value::Counter(v) => {
-                    let tags = tags_of(&sample.labels, "");
-                    if let Some(delta) = self.counter_delta(&sample.metric, &tags, v) {
-                        out.push(Scraped {
-                            name: sample.metric,
-                            tags,
-                            kind: MetricType::Counter,
-                            values: vec![(delta, 1)],
-                        });
-                    }
-                }
-                // `_sum` and `_count` of histograms and summaries (and untyped `_total`s) are cumulative: deltas.
+            // Counters, and the `_sum` and `_count` of histograms and summaries (and untyped `_total`s), are
+            // cumulative: they become deltas.
+            let cumulative = match sample.value {
+                Value::Counter(v) => Some(v),
                 Value::Untyped(v)
                     if ["_sum", "_count", "_total"]
                         .iter()
                         .any(|suffix| sample.metric.ends_with(suffix)) =>
                 {
-                    let tags = tags_of(&sample.labels, "");
-                    if let Some(delta) = self.counter_delta(&sample.metric, &tags, v) {
-                        out.push(Scraped {
-                            name: sample.metric,
-                            tags,
-                            kind: MetricType::Counter,
-                            values: vec![(delta, 1)],
-                        });
-                    }
+                    Some(v)
                 }
+                _ => None,
+            };
+            if let Some(v) = cumulative {
+                let tags = tags_of(&sample.labels, "");
+                if let Some(delta) = self.counter_delta(&sample.metric, &tags, v) {
+                    out.push(Scraped {
+                        name: sample.metric,
+                        tags,
+                        kind: MetricType::Counter,
+                        values: vec![(delta, 1)],
+                    });
+                }
+                continue;
+            }
+            match sample.value {
+                Value::Counter(_) => {}
                 // OpenMetrics' creation timestamps are no measurement.
                 Value::Untyped(_) if sample.metric.ends_with("_created") => {}
                 Value::Gauge(v) | Value::Untyped(v) => {

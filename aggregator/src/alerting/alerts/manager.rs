@@ -468,16 +468,12 @@ impl Manager {
         self.dirty = true;
         info!(message = "Alert resolved.", alert = %id, rule = %entry.record.rule, service = %entry.record.service);
         self.records.publish_alert(&entry.record);
-        let told = entry.told.clone();
-        for step in told {
-            notify(
-                &self.sink,
-                &self.commands,
-                entry,
-                NotifyTransition::Resolved,
-                step,
-            );
-        }
+        tell_everyone_told(
+            &self.sink,
+            &self.commands,
+            entry,
+            NotifyTransition::Resolved,
+        );
     }
 
     /// Resolves restored alerts that no rule confirmed in time: their breach ended while the aggregator was down.
@@ -543,16 +539,12 @@ impl Manager {
         self.dirty = true;
         info!(message = "Alert acknowledged.", alert = %id, by = %by);
         self.records.publish_alert(&entry.record);
-        let told = entry.told.clone();
-        for step in told {
-            notify(
-                &self.sink,
-                &self.commands,
-                entry,
-                NotifyTransition::Acknowledged,
-                step,
-            );
-        }
+        tell_everyone_told(
+            &self.sink,
+            &self.commands,
+            entry,
+            NotifyTransition::Acknowledged,
+        );
         Ok(entry.record.clone())
     }
 
@@ -614,6 +606,18 @@ impl Manager {
             };
         }
         self.dirty |= self.entries.len() != before;
+    }
+}
+
+/// Tells every escalation step that was told the alert fired about `transition`.
+fn tell_everyone_told(
+    sink: &mpsc::UnboundedSender<Notification>,
+    commands: &mpsc::WeakUnboundedSender<Command>,
+    entry: &mut Entry,
+    transition: NotifyTransition,
+) {
+    for step in entry.told.clone() {
+        notify(sink, commands, entry, transition, step);
     }
 }
 
