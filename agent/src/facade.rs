@@ -119,6 +119,18 @@ fn name_and_tags(key: &Key) -> (String, Vec<(String, String)>) {
 }
 
 impl Registry {
+    /// The handle of `key`'s cell, created by `new` when the key is new; `None` when the key is registered as
+    /// another kind (that handle then records nothing, as DogStatsD refuses a kind conflict).
+    fn register<H>(
+        &self,
+        key: &Key,
+        new: impl FnOnce() -> Cell,
+        handle: impl FnOnce(&Cell) -> Option<H>,
+    ) -> Option<H> {
+        let mut cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
+        handle(cells.entry(key.clone()).or_insert_with(new))
+    }
+
     /// Folds what every series gathered since the last call into `window` (the second about to close).
     pub fn drain_into(&self, window: &mut Window) {
         let cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,49 +203,41 @@ impl Recorder for StrobeRecorder {
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        let mut cells = self
-            .registry
-            .cells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match cells
-            .entry(key.clone())
-            .or_insert_with(|| Cell::Counter(Arc::default()))
-        {
-            Cell::Counter(c) => Counter::from_arc(c.clone()),
-            // The same name registered as another kind: this handle records nothing (as DogStatsD refuses a kind
-            // conflict).
-            _ => Counter::noop(),
-        }
+        self.registry
+            .register(
+                key,
+                || Cell::Counter(Arc::default()),
+                |cell| match cell {
+                    Cell::Counter(c) => Some(Counter::from_arc(c.clone())),
+                    _ => None,
+                },
+            )
+            .unwrap_or_else(Counter::noop)
     }
 
     fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        let mut cells = self
-            .registry
-            .cells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match cells
-            .entry(key.clone())
-            .or_insert_with(|| Cell::Gauge(Arc::default()))
-        {
-            Cell::Gauge(g) => Gauge::from_arc(g.clone()),
-            _ => Gauge::noop(),
-        }
+        self.registry
+            .register(
+                key,
+                || Cell::Gauge(Arc::default()),
+                |cell| match cell {
+                    Cell::Gauge(g) => Some(Gauge::from_arc(g.clone())),
+                    _ => None,
+                },
+            )
+            .unwrap_or_else(Gauge::noop)
     }
 
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        let mut cells = self
-            .registry
-            .cells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match cells
-            .entry(key.clone())
-            .or_insert_with(|| Cell::Histogram(Arc::default()))
-        {
-            Cell::Histogram(h) => Histogram::from_arc(h.clone()),
-            _ => Histogram::noop(),
-        }
+        self.registry
+            .register(
+                key,
+                || Cell::Histogram(Arc::default()),
+                |cell| match cell {
+                    Cell::Histogram(h) => Some(Histogram::from_arc(h.clone())),
+                    _ => None,
+                },
+            )
+            .unwrap_or_else(Histogram::noop)
     }
 }

@@ -324,7 +324,7 @@ req_duration_seconds_count B3
     }
 
     #[test]
-    fn summaries_are_gauges_per_quantile_and_garbage_is_an_error_not_a_panic() {
+    fn summaries_are_gauges_per_quantile_and_garbage_does_not_panic() {
         let mut state = ScrapeState::default();
         let text = "# TYPE rpc summary\nrpc{quantile=\"0.5\"} 0.2\nrpc{quantile=\"0.99\"} 0.9\nrpc_sum 10\nrpc_count 40\n";
         let samples = state.fold(text).unwrap();

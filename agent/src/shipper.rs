@@ -109,6 +109,18 @@ struct ReplayBuffer {
 }
 
 impl ReplayBuffer {
+    /// An empty buffer of at most `capacity` seconds.
+    fn new(capacity: usize, tally: Option<Arc<ShipperTally>>) -> Self {
+        Self {
+            snapshots: VecDeque::new(),
+            capacity,
+            dropped_unreported: 0,
+            tally,
+            give_up_at: None,
+            held: Default::default(),
+        }
+    }
+
     /// When shutdown stops waiting for acknowledgements: set once, `drain` after the input first closed.
     fn give_up_at(&mut self, drain: Duration) -> tokio::time::Instant {
         *self
@@ -204,14 +216,7 @@ async fn ship(
     tally: Option<Arc<ShipperTally>>,
 ) -> ShipperReport {
     let mut report = ShipperReport::default();
-    let mut buffer = ReplayBuffer {
-        snapshots: VecDeque::new(),
-        capacity: config.max_buffered_seconds,
-        dropped_unreported: 0,
-        tally,
-        give_up_at: None,
-        held: Default::default(),
-    };
+    let mut buffer = ReplayBuffer::new(config.max_buffered_seconds, tally);
     let mut target = config.aggregator.clone();
     let mut failures: u32 = 0;
     let mut input_open = true;
@@ -712,14 +717,7 @@ mod tests {
     #[test]
     fn replay_buffer_drops_oldest_and_acks_cumulatively() {
         let mut report = ShipperReport::default();
-        let mut buffer = ReplayBuffer {
-            snapshots: VecDeque::new(),
-            capacity: 3,
-            dropped_unreported: 0,
-            tally: None,
-            give_up_at: None,
-            held: Default::default(),
-        };
+        let mut buffer = ReplayBuffer::new(3, None);
         for s in 1..=5 {
             buffer.push(snap(s), &mut report);
         }
@@ -733,14 +731,7 @@ mod tests {
     #[test]
     fn held_seconds_survive_acks_move_with_the_clock_and_refused_ones_go() {
         let mut report = ShipperReport::default();
-        let mut buffer = ReplayBuffer {
-            snapshots: VecDeque::new(),
-            capacity: 100,
-            dropped_unreported: 0,
-            tally: None,
-            give_up_at: None,
-            held: Default::default(),
-        };
+        let mut buffer = ReplayBuffer::new(100, None);
         for s in [110, 111, 112, 113] {
             buffer.push(snap(s), &mut report);
         }

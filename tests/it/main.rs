@@ -315,22 +315,7 @@ async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
-    let agent = spawn(&[
-        "agent",
-        "--service",
-        "skewed",
-        "--version",
-        "v1",
-        "--instance",
-        "skewed-1",
-        "--aggregator",
-        &target,
-        "--statsd-addr",
-        "127.0.0.1:0",
-        "--simulate-clock-skew-ms",
-        "3000",
-    ])
-    .await;
+    let agent = agent_to(&target, "skewed", &["--simulate-clock-skew-ms", "3000"]).await;
     // A few acks (one a second) teach it the offset.
     wait_for_instances(http, "skewed", 1).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -350,22 +335,7 @@ async fn an_agent_far_ahead_has_its_refused_seconds_kept_and_counted_in_the_righ
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
     let mut ws = subscribe(http, &["far-ahead"]).await;
-    let agent = spawn(&[
-        "agent",
-        "--service",
-        "far-ahead",
-        "--version",
-        "v1",
-        "--instance",
-        "far-ahead-1",
-        "--aggregator",
-        &target,
-        "--statsd-addr",
-        "127.0.0.1:0",
-        "--simulate-clock-skew-ms",
-        "10000",
-    ])
-    .await;
+    let agent = agent_to(&target, "far-ahead", &["--simulate-clock-skew-ms", "10000"]).await;
     // From the first second on, before the agent knows its clock is off.
     let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
     send_for(agent.addr("statsd"), 6.0, &mut sent).await;
@@ -784,20 +754,7 @@ async fn a_half_open_connection_is_noticed_and_nothing_is_lost() {
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
     let proxy = Blackhole::start(aggregator.addr("grpc")).await;
-    let agent = spawn(&[
-        "agent",
-        "--service",
-        "half-open",
-        "--version",
-        "v1",
-        "--instance",
-        "half-open-1",
-        "--aggregator",
-        &format!("http://{}", proxy.addr),
-        "--statsd-addr",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let agent = agent_to(&format!("http://{}", proxy.addr), "half-open", &[]).await;
     wait_for_instances(http, "half-open", 1).await;
     let mut ws = subscribe(http, &["half-open"]).await;
     let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
@@ -908,22 +865,7 @@ async fn a_prometheus_page_is_scraped_into_per_second_deltas_with_resets_and_his
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
     let mut ws = subscribe(http, &["scraped"]).await;
-    let _agent = spawn(&[
-        "agent",
-        "--service",
-        "scraped",
-        "--version",
-        "v1",
-        "--instance",
-        "scraped-1",
-        "--aggregator",
-        &target,
-        "--statsd-addr",
-        "127.0.0.1:0",
-        "--scrape",
-        &page,
-    ])
-    .await;
+    let _agent = agent_to(&target, "scraped", &["--scrape", &page]).await;
     let mut seconds: BTreeMap<i64, (f64, u64, f64)> = BTreeMap::new();
     next_frame(&mut ws, Duration::from_secs(30), |f| {
         if let (Some(t), Some(requests), Some(latency)) = (
@@ -969,21 +911,11 @@ async fn an_agent_slightly_ahead_loses_nothing_while_it_corrects_its_clock() {
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
     let mut ws = subscribe(http, &["slightly-ahead"]).await;
-    let agent = spawn(&[
-        "agent",
-        "--service",
-        "slightly-ahead",
-        "--version",
-        "v1",
-        "--instance",
-        "slightly-ahead-1",
-        "--aggregator",
+    let agent = agent_to(
         &target,
-        "--statsd-addr",
-        "127.0.0.1:0",
-        "--simulate-clock-skew-ms",
-        "2000",
-    ])
+        "slightly-ahead",
+        &["--simulate-clock-skew-ms", "2000"],
+    )
     .await;
     let mut sent: BTreeMap<i64, u32> = BTreeMap::new();
     send_for(agent.addr("statsd"), 8.0, &mut sent).await;

@@ -201,24 +201,7 @@ async fn every_endpoint_wants_the_right_role_and_agents_their_service_token() {
     let target = format!("http://{}", aggregator.addr("grpc"));
     let agent = |service: &'static str, token: &'static str| {
         let target = target.clone();
-        async move {
-            spawn(&[
-                "agent",
-                "--service",
-                service,
-                "--version",
-                "v1",
-                "--instance",
-                &format!("{service}-1"),
-                "--aggregator",
-                &target,
-                "--statsd-addr",
-                "127.0.0.1:0",
-                "--token",
-                token,
-            ])
-            .await
-        }
+        async move { agent_to(&target, service, &["--token", token]).await }
     };
     let _alpha = agent("alpha", "agent-alpha").await;
     let _alpha_two = agent("alpha-two", "agent-alpha").await;

@@ -122,6 +122,27 @@ pub(crate) async fn agent(
     .await
 }
 
+/// An agent of `service` (version `v1`, instance `<service>-1`) streaming to `target` (`http://host:port`), with
+/// `extra` flags.
+pub(crate) async fn agent_to(target: &str, service: &str, extra: &[&str]) -> Process {
+    let instance = format!("{service}-1");
+    let mut args = vec![
+        "agent",
+        "--service",
+        service,
+        "--version",
+        "v1",
+        "--instance",
+        &instance,
+        "--aggregator",
+        target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args).await
+}
+
 /// Sends DogStatsD lines to `to`, packed into packets of at most ~1400 bytes.
 pub(crate) async fn send_statsd(to: SocketAddr, lines: &[String]) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();

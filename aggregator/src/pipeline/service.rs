@@ -97,8 +97,15 @@ impl ServiceState {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let t = snapshot.t;
-        self.ackers
-            .insert(snapshot.instance.id.clone(), acker.clone());
+        // Once per stream, not per snapshot: the same stream's acker is already there.
+        if !self
+            .ackers
+            .get(&snapshot.instance.id)
+            .is_some_and(|known| known.same_channel(&acker))
+        {
+            self.ackers
+                .insert(snapshot.instance.id.clone(), acker.clone());
+        }
         let applied = self.windows.apply(snapshot, now_ms);
         match applied {
             // Already counted (a duplicate of a sealed second), or never to be counted (too late: sending it again
