@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         version: "v1".to_owned(),
         instance: "facade-1".to_owned(),
         statsd_addr: "127.0.0.1:0".parse()?,
+        metrics_addr: None, // the service's own page would serve its health
         ..Default::default()
     };
     config.shipper.aggregator = aggregator;

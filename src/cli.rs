@@ -253,6 +253,15 @@ pub(crate) struct AgentArgs {
     /// A Prometheus page to scrape every second (repeatable), e.g. `http://127.0.0.1:9100/metrics`.
     #[arg(long = "scrape", env = "STROBE_SCRAPE", value_delimiter = ',')]
     pub(crate) scrape: Vec<String>,
+    /// Where to serve the agent's own `/metrics`, or `none` [default: 127.0.0.1:9102].
+    #[arg(long, env = "STROBE_METRICS_ADDR", value_parser = optional_addr)]
+    pub(crate) metrics_addr: Option<OptionalAddr>,
+    /// Receive OTLP metrics over gRPC here, e.g. `127.0.0.1:4317` [default: off].
+    #[arg(long, env = "STROBE_OTLP_ADDR")]
+    pub(crate) otlp_addr: Option<SocketAddr>,
+    /// Receive OTLP metrics over HTTP/protobuf (`POST /v1/metrics`) here, e.g. `127.0.0.1:4318` [default: off].
+    #[arg(long, env = "STROBE_OTLP_HTTP_ADDR")]
+    pub(crate) otlp_http_addr: Option<SocketAddr>,
     /// CA certificate (PEM) to trust for an `https://` aggregator (default: the public web roots).
     #[arg(long, env = "STROBE_CA_CERT")]
     pub(crate) ca_cert: Option<PathBuf>,
@@ -331,6 +340,19 @@ impl LoadgenArgs {
             duration: self.duration,
         }
     }
+}
+
+/// A socket address, or `none` for "do not listen".
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OptionalAddr(pub(crate) Option<SocketAddr>);
+
+fn optional_addr(raw: &str) -> Result<OptionalAddr, String> {
+    if raw.eq_ignore_ascii_case("none") || raw.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddr(None));
+    }
+    raw.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|e| format!("{e}: expected HOST:PORT or `none`"))
 }
 
 fn parse_label(raw: &str) -> Result<(String, String), String> {
@@ -462,6 +484,15 @@ impl AgentArgs {
         }
         if !self.scrape.is_empty() {
             config.scrape = self.scrape;
+        }
+        if let Some(OptionalAddr(addr)) = self.metrics_addr {
+            config.metrics_addr = addr;
+        }
+        if self.otlp_addr.is_some() {
+            config.otlp_grpc_addr = self.otlp_addr;
+        }
+        if self.otlp_http_addr.is_some() {
+            config.otlp_http_addr = self.otlp_http_addr;
         }
         if self.ca_cert.is_some() {
             config.shipper.ca_cert = self.ca_cert;

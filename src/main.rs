@@ -58,7 +58,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Agent(args) => {
             let agent = strobe_agent::Agent::bind(args.apply(file.agent)).await?;
-            println!("strobe agent statsd={}", agent.statsd_addr());
+            let addresses: Vec<String> = agent
+                .addresses()
+                .iter()
+                .map(|(name, addr)| format!("{name}={addr}"))
+                .collect();
+            println!("strobe agent {}", addresses.join(" "));
             let report = agent.run(shutdown_signal()).await;
             tracing::info!(
                 message = "Agent stopped.",

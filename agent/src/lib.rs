@@ -4,12 +4,17 @@
 //! # Layout
 //! - [`statsd`]: the DogStatsD line parser (pure).
 //! - [`window`]: one-second windows: counters, last gauges, HDR histograms (pure).
+//! - [`scrape`]: Prometheus pages read every second; [`otlp`]: the OpenTelemetry exporter's pushes; [`facade`]: the
+//!   Rust `metrics` facade in process. Each turns its input into samples the fold loop records like DogStatsD lines.
 //! - [`shipper`]: the gRPC stream to the aggregator, with replay of unacknowledged seconds and jittered backoff.
-//! - [`Agent`]: binds the DogStatsD UDP socket and runs the fold loop and the shipper.
+//! - [`health`]: the agent's own counters on `/metrics`.
+//! - [`Agent`]: binds the sockets and runs the fold loop, the inputs' servers and the shipper.
 //!
 //! Inputs record, the window folds, the shipper exports: the three never share a lock.
 
 pub mod facade;
+pub mod health;
+pub mod otlp;
 pub mod scrape;
 pub mod shipper;
 pub mod statsd;
@@ -26,7 +31,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::info;
 
-pub use shipper::{ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_on};
+pub use shipper::{
+    ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_counted, run_shipper_on,
+};
 pub use statsd::ParseLimits;
 pub use strobe_proto::clock::AgentClock;
 pub use window::{Folder, Window, WindowLimits};
@@ -49,6 +56,8 @@ pub struct AgentConfig {
     pub statsd_addr: SocketAddr,
     /// Largest UDP packet read, in bytes.
     pub max_packet_bytes: usize,
+    /// Kernel receive buffer asked for the DogStatsD socket, in bytes (0: the system default).
+    pub statsd_receive_buffer_bytes: usize,
     /// Line parser bounds.
     pub parse_limits: ParseLimits,
     /// Prometheus pages (`http://127.0.0.1:9100/metrics`) scraped every second.
@@ -56,6 +65,17 @@ pub struct AgentConfig {
     /// How long one scrape may take.
     #[serde(with = "humantime_serde")]
     pub scrape_timeout: std::time::Duration,
+    /// Where the agent's own `/metrics` is served (`None`, `"none"` in TOML: not served).
+    #[serde(with = "addr_or_none")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// OTLP/gRPC metrics receiver (`None`: off).
+    pub otlp_grpc_addr: Option<SocketAddr>,
+    /// OTLP/HTTP metrics receiver, protobuf at `/v1/metrics` (`None`: off).
+    pub otlp_http_addr: Option<SocketAddr>,
+    /// Largest OTLP export request, in bytes.
+    pub otlp_max_request_bytes: usize,
+    /// Most cumulative OTLP series remembered between exports (to difference them).
+    pub otlp_max_series: usize,
     /// Most series in one second.
     pub max_series_per_second: usize,
     /// Largest histogram value in the metric's unit.
@@ -75,9 +95,15 @@ impl Default for AgentConfig {
             labels: Default::default(),
             statsd_addr: SocketAddr::from(([127, 0, 0, 1], 8125)),
             max_packet_bytes: 65_535,
+            statsd_receive_buffer_bytes: 8 << 20,
             parse_limits: ParseLimits::default(),
             scrape: Vec::new(),
             scrape_timeout: std::time::Duration::from_millis(800),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9102))),
+            otlp_grpc_addr: None,
+            otlp_http_addr: None,
+            otlp_max_request_bytes: 4 << 20,
+            otlp_max_series: 100_000,
             max_series_per_second: window.max_series,
             max_histogram_value: window.max_histogram_value,
             shipper: ShipperConfig::default(),
@@ -110,6 +136,33 @@ impl AgentConfig {
     }
 }
 
+/// An optional address written as `"HOST:PORT"` or `"none"`.
+mod addr_or_none {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        addr: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let raw = String::deserialize(d)?;
+        if raw.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `host-pid`, the default instance id.
 pub fn default_instance_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -134,9 +187,11 @@ pub enum AgentError {
     /// The version is empty.
     #[error("the version must not be empty")]
     MissingVersion,
-    /// The DogStatsD socket could not be bound.
-    #[error("cannot bind DogStatsD on {addr}: {source}")]
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
+        /// Which listener: `DogStatsD`, `/metrics`, `OTLP/gRPC`, `OTLP/HTTP`.
+        what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
         /// The OS error.
@@ -144,10 +199,56 @@ pub enum AgentError {
     },
 }
 
+/// Binds the DogStatsD socket with a receive buffer of `buffer_bytes`, so that a burst of packets waits in the kernel
+/// instead of being dropped while the fold loop is busy (Linux caps it at `net.core.rmem_max`; the size obtained is
+/// logged).
+fn bind_statsd(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if buffer_bytes > 0 {
+        if let Err(error) = socket.set_recv_buffer_size(buffer_bytes) {
+            tracing::warn!(message = "Could not size the DogStatsD receive buffer.", %error, asked = buffer_bytes);
+        }
+        let got = socket.recv_buffer_size().unwrap_or(0);
+        // Linux reports twice what it grants (the other half is its bookkeeping).
+        if got < buffer_bytes {
+            tracing::warn!(
+                message = "The DogStatsD receive buffer is smaller than asked; raise net.core.rmem_max to avoid drops in bursts.",
+                asked = buffer_bytes,
+                got,
+            );
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// The TCP listeners an agent serves besides DogStatsD.
+#[derive(Default)]
+struct Listeners {
+    metrics: Option<tokio::net::TcpListener>,
+    otlp_grpc: Option<tokio::net::TcpListener>,
+    otlp_http: Option<tokio::net::TcpListener>,
+}
+
+async fn bind_tcp(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, AgentError> {
+    let Some(addr) = addr else { return Ok(None) };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| AgentError::Bind { what, addr, source })
+}
+
 /// A bound agent, ready to run.
 pub struct Agent {
     config: AgentConfig,
     socket: UdpSocket,
+    listeners: Listeners,
+    health: Arc<health::AgentHealth>,
     /// In-process series (the `metrics` facade), folded in at every second.
     registry: Option<Arc<facade::Registry>>,
 }
@@ -161,15 +262,25 @@ impl Agent {
         if config.version.trim().is_empty() {
             return Err(AgentError::MissingVersion);
         }
-        let socket = UdpSocket::bind(config.statsd_addr)
-            .await
-            .map_err(|source| AgentError::Bind {
+        let socket = bind_statsd(config.statsd_addr, config.statsd_receive_buffer_bytes).map_err(
+            |source| AgentError::Bind {
+                what: "DogStatsD",
                 addr: config.statsd_addr,
                 source,
-            })?;
+            },
+        )?;
+        let listeners = Listeners {
+            metrics: bind_tcp("/metrics", config.metrics_addr).await?,
+            otlp_grpc: bind_tcp("OTLP/gRPC", config.otlp_grpc_addr).await?,
+            otlp_http: bind_tcp("OTLP/HTTP", config.otlp_http_addr).await?,
+        };
+        let health = Arc::new(health::AgentHealth::new());
+        health.watch_statsd_socket(&socket);
         Ok(Self {
             config,
             socket,
+            listeners,
+            health,
             registry: None,
         })
     }
@@ -179,24 +290,87 @@ impl Agent {
         self.socket.local_addr().unwrap_or(self.config.statsd_addr)
     }
 
+    /// Every bound address as `name=addr` (`statsd`, `metrics`, `otlp`, `otlp_http`), for the startup line.
+    pub fn addresses(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut out = vec![("statsd", self.statsd_addr())];
+        for (name, listener) in [
+            ("metrics", &self.listeners.metrics),
+            ("otlp", &self.listeners.otlp_grpc),
+            ("otlp_http", &self.listeners.otlp_http),
+        ] {
+            if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+                out.push((name, addr));
+            }
+        }
+        out
+    }
+
+    /// The agent's own counters (what `/metrics` serves).
+    pub fn health(&self) -> Arc<health::AgentHealth> {
+        self.health.clone()
+    }
+
     /// Folds and ships until `shutdown` completes, then closes the open second and drains what is unacknowledged.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShipperReport {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> ShipperReport {
         let identity = self.config.identity();
         info!(
             message = "Agent running.",
             service = %identity.service, version = %identity.version, instance = %identity.instance,
-            statsd = %self.statsd_addr(), aggregator = %self.config.shipper.aggregator,
+            listening = ?self.addresses(), aggregator = %self.config.shipper.aggregator,
         );
         let (tx, rx) = mpsc::channel(16);
-        let shipper = tokio::spawn(run_shipper(identity, self.config.shipper.clone(), rx));
+        let shipper = tokio::spawn(run_shipper_counted(
+            identity,
+            self.config.shipper.clone(),
+            rx,
+            self.health.tally(),
+        ));
+        // Samples from the scrapers and the OTLP receiver, folded by the loop like packets.
+        let (samples_tx, samples_rx) = mpsc::channel::<Vec<scrape::Scraped>>(64);
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some(listener) = self.listeners.metrics.take() {
+            servers.spawn(health::serve(listener, self.health.clone()));
+        }
+        if self.listeners.otlp_grpc.is_some() || self.listeners.otlp_http.is_some() {
+            let receiver = otlp::OtlpReceiver::new(
+                otlp::OtlpState::new(unix_nanos_now(), self.config.otlp_max_series),
+                samples_tx.clone(),
+                self.health.clone(),
+            );
+            let limit = self.config.otlp_max_request_bytes;
+            if let Some(listener) = self.listeners.otlp_grpc.take() {
+                let service = receiver.clone().grpc(limit);
+                servers.spawn(async move {
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    if let Err(error) = tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming(incoming)
+                        .await
+                    {
+                        tracing::warn!(message = "The OTLP/gRPC receiver stopped.", %error);
+                    }
+                });
+            }
+            if let Some(listener) = self.listeners.otlp_http.take() {
+                let app = receiver.http(limit);
+                servers.spawn(async move {
+                    if let Err(error) = axum::serve(listener, app).await {
+                        tracing::warn!(message = "The OTLP/HTTP receiver stopped.", %error);
+                    }
+                });
+            }
+        }
         fold_loop(
             &self.socket,
             &self.config,
             self.registry.as_deref(),
+            &self.health,
+            (samples_tx, samples_rx),
             tx,
             shutdown,
         )
         .await;
+        servers.abort_all();
         match shipper.await {
             Ok(report) => report,
             Err(error) => {
@@ -207,10 +381,23 @@ impl Agent {
     }
 }
 
+fn unix_nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+type SampleChannel = (
+    mpsc::Sender<Vec<scrape::Scraped>>,
+    mpsc::Receiver<Vec<scrape::Scraped>>,
+);
+
 async fn fold_loop(
     socket: &UdpSocket,
     config: &AgentConfig,
     registry: Option<&facade::Registry>,
+    health: &Arc<health::AgentHealth>,
+    (samples_tx, mut samples): SampleChannel,
     tx: mpsc::Sender<pb::Snapshot>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -231,17 +418,17 @@ async fn fold_loop(
     };
     let mut packet = vec![0u8; config.max_packet_bytes.max(512)];
     // Prometheus pages, scraped in their own tasks; their samples are folded here like packets.
-    let (scraped_tx, mut scraped) = mpsc::channel::<Vec<scrape::Scraped>>(16);
     let mut scrapers = tokio::task::JoinSet::new();
     for url in &config.scrape {
         scrapers.spawn(scrape::scrape_loop(
             url.clone(),
             config.scrape_timeout,
             clock.clone(),
-            scraped_tx.clone(),
+            samples_tx.clone(),
+            health.clone(),
         ));
     }
-    drop(scraped_tx);
+    drop(samples_tx);
     tokio::pin!(shutdown);
     // A hair past the boundary, so the roll sees the new second.
     let boundary =
@@ -258,15 +445,23 @@ async fn fold_loop(
                         continue;
                     }
                 };
-                ship(&tx, roll(&mut folder)).await;
+                ship(&tx, health, roll(&mut folder)).await;
                 let window = folder.open();
-                statsd::parse_packet(&packet[..len], &config.parse_limits, |line| match line {
-                    Ok(line) => window.record(&line),
-                    Err(_) => window.count_malformed(),
+                let mut lines = 0;
+                statsd::parse_packet(&packet[..len], &config.parse_limits, |line| {
+                    lines += 1;
+                    match line {
+                        Ok(line) => window.record(&line),
+                        Err(error) => {
+                            window.count_malformed();
+                            health.count_malformed(error.reason());
+                        }
+                    }
                 });
+                health.count_lines("statsd", lines);
             }
-            Some(samples) = scraped.recv() => {
-                ship(&tx, roll(&mut folder)).await;
+            Some(samples) = samples.recv() => {
+                ship(&tx, health, roll(&mut folder)).await;
                 let window = folder.open();
                 for sample in &samples {
                     let tags: Vec<(&str, &str)> =
@@ -283,7 +478,7 @@ async fn fold_loop(
                 if let Some(registry) = registry {
                     registry.drain_into(folder.open());
                 }
-                ship(&tx, roll(&mut folder)).await;
+                ship(&tx, health, roll(&mut folder)).await;
                 boundary.as_mut().reset(
                     tokio::time::Instant::now() + clock.until_next_second() + std::time::Duration::from_millis(1),
                 );
@@ -293,7 +488,7 @@ async fn fold_loop(
                     registry.drain_into(folder.open());
                 }
                 let open = std::mem::replace(folder.open(), Window::new(0, config.window_limits()));
-                ship(&tx, Some(open.close())).await;
+                ship(&tx, health, Some(open.close())).await;
                 return;
             }
         }
@@ -302,11 +497,14 @@ async fn fold_loop(
 
 async fn ship(
     tx: &mpsc::Sender<pb::Snapshot>,
+    health: &health::AgentHealth,
     closed: Option<(pb::Snapshot, window::WindowStats)>,
 ) {
-    if let Some((snapshot, _)) = closed
-        && let Err(lost) = tx.send(snapshot).await
-    {
+    let Some((snapshot, stats)) = closed else {
+        return;
+    };
+    health.count_closed(&stats);
+    if let Err(lost) = tx.send(snapshot).await {
         // The shipper stops only when this sender is dropped, so this means it failed: say which second is lost.
         tracing::error!(
             message = "Shipper stopped; snapshot not sent.",
@@ -344,7 +542,8 @@ impl InProcessAgent {
 
 /// Makes Strobe the global `metrics` recorder of this process and runs the agent in it (on the current tokio
 /// runtime): `metrics::counter!`, `gauge!` and `histogram!` reach the aggregator every second, no sidecar needed.
-/// DogStatsD on `config.statsd_addr` and scrapes keep working beside it.
+/// DogStatsD on `config.statsd_addr`, scrapes and OTLP keep working beside it; the agent's own `/metrics` is served
+/// on `config.metrics_addr` as for a sidecar (set it to `None` when the service serves its own page).
 pub async fn install(config: AgentConfig) -> Result<InProcessAgent, InstallError> {
     let registry = Arc::new(facade::Registry::default());
     let mut agent = Agent::bind(config).await?;

@@ -213,6 +213,7 @@ pub async fn scrape_loop(
     timeout: Duration,
     clock: strobe_proto::clock::AgentClock,
     out: mpsc::Sender<Vec<Scraped>>,
+    health: std::sync::Arc<crate::health::AgentHealth>,
 ) {
     let client = match reqwest::Client::builder()
         .timeout(timeout)
@@ -247,11 +248,14 @@ pub async fn scrape_loop(
         {
             Ok(samples) => {
                 failing = false;
+                health.count_scrape(&url, true);
+                health.count_lines("scrape", samples.len() as u64);
                 if out.send(samples).await.is_err() {
                     return; // the agent is stopping
                 }
             }
             Err(error) => {
+                health.count_scrape(&url, false);
                 if !failing {
                     warn!(message = "Scrape failed; trying again every second.", %url, %error);
                 }

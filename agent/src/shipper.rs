@@ -101,6 +101,8 @@ struct ReplayBuffer {
     dropped_unreported: u64,
     /// Where acknowledgements and refusals are also counted live, if anyone watches.
     tally: Option<Arc<ShipperTally>>,
+    /// The length last added to the tally's `buffered`.
+    reported_len: u64,
     /// Once the input has closed (shutdown), when to stop waiting for acknowledgements, connected or not.
     give_up_at: Option<tokio::time::Instant>,
     /// Seconds refused for now (ahead of the aggregator's clock): kept, never dropped by a cumulative ack, and moved
@@ -116,6 +118,7 @@ impl ReplayBuffer {
             capacity,
             dropped_unreported: 0,
             tally,
+            reported_len: 0,
             give_up_at: None,
             held: Default::default(),
         }
@@ -135,8 +138,28 @@ impl ReplayBuffer {
             }
             self.dropped_unreported += 1;
             report.dropped += 1;
+            if let Some(tally) = &self.tally {
+                tally
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         self.snapshots.push_back(snapshot);
+        self.sync_tally();
+    }
+
+    /// Brings the tally's `buffered` to this buffer's length (shippers sharing a tally add up).
+    fn sync_tally(&mut self) {
+        let now = self.snapshots.len() as u64;
+        let before = std::mem::replace(&mut self.reported_len, now);
+        if let Some(tally) = &self.tally {
+            use std::sync::atomic::Ordering::Relaxed;
+            if now >= before {
+                tally.buffered.fetch_add(now - before, Relaxed);
+            } else {
+                tally.buffered.fetch_sub(before - now, Relaxed);
+            }
+        }
     }
 
     /// Drops everything up to and including `second`, but for held seconds; returns how many.
@@ -145,6 +168,7 @@ impl ReplayBuffer {
         let held = &self.held;
         self.snapshots
             .retain(|s| s.second > second || held.contains(&s.second));
+        self.sync_tally();
         (before - self.snapshots.len()) as u64
     }
 
@@ -153,6 +177,7 @@ impl ReplayBuffer {
         let before = self.snapshots.len();
         self.snapshots.retain(|s| s.second != second);
         self.held.remove(&second);
+        self.sync_tally();
         before != self.snapshots.len()
     }
 
@@ -176,6 +201,14 @@ impl ReplayBuffer {
     }
 }
 
+impl Drop for ReplayBuffer {
+    fn drop(&mut self) {
+        // What is still here is given up on (and counted as dropped by the caller): no longer waiting.
+        self.snapshots.clear();
+        self.sync_tally();
+    }
+}
+
 /// Live counters shared by any number of shippers (a load generator reports them every second).
 #[derive(Debug, Default)]
 pub struct ShipperTally {
@@ -185,6 +218,36 @@ pub struct ShipperTally {
     pub refused_snapshots: std::sync::atomic::AtomicU64,
     /// Series the aggregator dropped from snapshots it took.
     pub refused_series: std::sync::atomic::AtomicU64,
+    /// Snapshots dropped unsent: the oldest, when the replay buffer was full.
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// Snapshots waiting for their acknowledgement now.
+    pub buffered: std::sync::atomic::AtomicU64,
+    /// Streams connected to an aggregator now.
+    pub connected: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a stream as connected while it lives.
+struct ConnectedGuard<'a>(Option<&'a ShipperTally>);
+
+impl<'a> ConnectedGuard<'a> {
+    fn new(tally: Option<&'a ShipperTally>) -> Self {
+        if let Some(tally) = tally {
+            tally
+                .connected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Self(tally)
+    }
+}
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(tally) = self.0 {
+            tally
+                .connected
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Runs until `snapshots` closes and the buffer is drained (or the drain timeout passes).
@@ -194,6 +257,16 @@ pub async fn run_shipper(
     snapshots: mpsc::Receiver<pb::Snapshot>,
 ) -> ShipperReport {
     ship(identity, config, snapshots, None, None).await
+}
+
+/// Like [`run_shipper`], counting live into `tally` (the agent's `/metrics` reads it).
+pub async fn run_shipper_counted(
+    identity: pb::Identity,
+    config: ShipperConfig,
+    snapshots: mpsc::Receiver<pb::Snapshot>,
+    tally: Arc<ShipperTally>,
+) -> ShipperReport {
+    ship(identity, config, snapshots, None, Some(tally)).await
 }
 
 /// Like [`run_shipper`], but multiplexes its stream over an existing HTTP/2 channel (load generators run
@@ -304,6 +377,11 @@ fn give_up(buffer: ReplayBuffer, mut report: ShipperReport) -> ShipperReport {
         oldest = buffer.snapshots.front().map(|s| s.second),
     );
     report.dropped += lost;
+    if let Some(tally) = &buffer.tally {
+        tally
+            .dropped
+            .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+    }
     report
 }
 
@@ -371,6 +449,7 @@ async fn ship_once(
         }
     };
     report.connections += 1;
+    let _connected = ConnectedGuard::new(tally);
     info!(message = "Connected to aggregator.", address = %target, replaying = buffer.snapshots.len());
     let mut input_open = true;
     let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));

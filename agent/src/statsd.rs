@@ -74,6 +74,29 @@ pub enum ParseError {
     NotAMetric,
 }
 
+impl ParseError {
+    /// The reason as a label value (`too_long`, `bad_value`, ...), as the agent's `/metrics` counts it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::TooLong => "too_long",
+            Self::NotUtf8 => "not_utf8",
+            Self::MissingValue => "missing_value",
+            Self::MissingType => "missing_type",
+            Self::EmptyName => "empty_name",
+            Self::BadName => "bad_name",
+            Self::BadValue => "bad_value",
+            Self::NonFinite => "non_finite",
+            Self::UnsupportedType => "unsupported_type",
+            Self::BadSampleRate => "bad_sample_rate",
+            Self::EmptyTagKey => "empty_tag_key",
+            Self::TooManyTags => "too_many_tags",
+            Self::TooLongPart => "too_long_part",
+            Self::NotAMetric => "not_a_metric",
+        }
+    }
+}
+
 /// Bounds applied while parsing (the agent's `[agent.parse_limits]`); a line past one is refused and counted.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

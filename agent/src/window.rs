@@ -45,6 +45,10 @@ pub struct WindowStats {
     pub series_over_limit: u64,
     /// Histogram values clamped to `max_histogram_value`.
     pub values_clamped: u64,
+    /// Of `lines_malformed`: lines whose type conflicts with the series' first type this second.
+    pub type_conflicts: u64,
+    /// Of `lines_malformed`: NaN or infinite histogram values (from inputs that do not parse text).
+    pub non_finite: u64,
 }
 
 enum Accumulator {
@@ -164,6 +168,7 @@ impl Window {
         };
         if entry.kind != kind && !(entry.kind.is_histogram() && kind.is_histogram()) {
             self.stats.lines_malformed += 1;
+            self.stats.type_conflicts += 1;
             return;
         }
         let weight = 1.0 / sample_rate;
@@ -180,6 +185,7 @@ impl Window {
                 for v in values {
                     if !v.is_finite() {
                         self.stats.lines_malformed += 1;
+                        self.stats.non_finite += 1;
                         continue;
                     }
                     if v < 0.0 {

@@ -2,6 +2,7 @@
 
 mod alerts;
 mod canary;
+mod ecosystem;
 mod receiver;
 mod security;
 mod support;

@@ -118,6 +118,8 @@ pub(crate) async fn agent(
         &target,
         "--statsd-addr",
         "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
     ])
     .await
 }
@@ -137,6 +139,8 @@ pub(crate) async fn agent_to(target: &str, service: &str, extra: &[&str]) -> Pro
         "--aggregator",
         target,
         "--statsd-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);

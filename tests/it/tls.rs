@@ -135,6 +135,8 @@ async fn agents_stream_over_mtls_the_api_and_websocket_answer_over_tls_and_certi
                 target,
                 "--statsd-addr".into(),
                 "127.0.0.1:0".into(),
+                "--metrics-addr".into(),
+                "127.0.0.1:0".into(),
                 "--ca-cert".into(),
                 ca,
             ];
