@@ -148,6 +148,16 @@ pub(crate) struct AggregatorArgs {
     /// How much history to keep for backfill, e.g. `10m`.
     #[arg(long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
     pub(crate) history: Option<Duration>,
+    /// How long after its seal a second still takes late snapshots (as corrections), e.g. `10s`.
+    #[arg(long, env = "STROBE_LATE_WINDOW", value_parser = humantime::parse_duration)]
+    pub(crate) late_window: Option<Duration>,
+    /// Export every sealed second to this Prometheus remote write endpoint, e.g.
+    /// `http://prometheus:9090/api/v1/write`.
+    #[arg(long, env = "STROBE_REMOTE_WRITE")]
+    pub(crate) remote_write: Option<String>,
+    /// One exported sample per series per this step, e.g. `10s` [default: 1s].
+    #[arg(long, env = "STROBE_REMOTE_WRITE_STEP", value_parser = humantime::parse_duration)]
+    pub(crate) remote_write_step: Option<Duration>,
     /// Shards (0: one per core).
     #[arg(long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
@@ -407,6 +417,15 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.correction_interval {
             config.correction_interval = v;
+        }
+        if let Some(v) = self.late_window {
+            config.late_window = v;
+        }
+        if self.remote_write.is_some() {
+            config.remote_write.url = self.remote_write;
+        }
+        if let Some(v) = self.remote_write_step {
+            config.remote_write.step = v;
         }
         if let Some(v) = self.shards {
             config.shards = v;

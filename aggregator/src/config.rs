@@ -76,6 +76,8 @@ pub struct AggregatorConfig {
     pub limits: Limits,
     /// TLS for both ports (none: plain TCP).
     pub tls: TlsSettings,
+    /// Export of every sealed second to Prometheus-compatible storage (off unless `url` is set).
+    pub remote_write: crate::RemoteWriteSettings,
 }
 
 impl Default for AggregatorConfig {
@@ -104,6 +106,7 @@ impl Default for AggregatorConfig {
             canary: CanarySettings::default(),
             limits: Limits::default(),
             tls: TlsSettings::default(),
+            remote_write: Default::default(),
         }
     }
 }

@@ -146,6 +146,16 @@ pub(crate) struct Health {
     pub(crate) service_panics: Counter,
     /// Shards restarted after a panic outside any service.
     pub(crate) shard_restarts: Counter,
+    /// Remote write samples taken by the storage.
+    pub(crate) remote_write_sent: Counter,
+    /// Remote write samples the storage refused (4xx other than 429).
+    pub(crate) remote_write_failed: Counter,
+    /// Remote write samples dropped because pending held max_pending_samples.
+    pub(crate) remote_write_dropped: Counter,
+    /// Remote write requests retried.
+    pub(crate) remote_write_retries: Counter,
+    /// Remote write samples waiting (for their second to be final, or for the storage).
+    pub(crate) remote_write_pending: Gauge,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
@@ -210,6 +220,22 @@ impl Health {
             "service_panics",
             "Service transitions that panicked; the service's open seconds were dropped, its shard went on",
         );
+        let remote_write_sent = counter(
+            "remote_write_samples_sent",
+            "Samples the remote write storage took",
+        );
+        let remote_write_failed = counter(
+            "remote_write_samples_refused",
+            "Samples the remote write storage refused (4xx other than 429); not sent again",
+        );
+        let remote_write_dropped = counter(
+            "remote_write_samples_dropped",
+            "Samples dropped (the oldest seconds) because max_pending_samples were waiting",
+        );
+        let remote_write_retries = counter(
+            "remote_write_retries",
+            "Remote write requests retried after a network error, 5xx or 429",
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -218,6 +244,10 @@ impl Health {
         let agent_streams = gauge("agent_streams", "Agent streams open now");
         let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
+        let remote_write_pending = gauge(
+            "remote_write_pending_samples",
+            "Samples waiting for their second to be final or for the storage",
+        );
         let seal_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
             "seal_delay_seconds",
@@ -246,6 +276,11 @@ impl Health {
         Self {
             registry,
             agents,
+            remote_write_sent,
+            remote_write_failed,
+            remote_write_dropped,
+            remote_write_retries,
+            remote_write_pending,
             agent_streams,
             snapshots_accepted,
             snapshots_duplicate,

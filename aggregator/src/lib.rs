@@ -50,6 +50,7 @@ pub use alerting::canary::CanarySettings;
 pub use config::AggregatorConfig;
 pub use limits::Limits;
 pub use model::MainMetrics;
+pub use publish::remote_write::{RemoteWriteError, RemoteWriteSettings};
 
 use crate::alerting::alerts::state::StateFile;
 use crate::alerting::alerts::{Alerts, Deliverer, Notification, Persistence};
@@ -87,6 +88,9 @@ pub enum AggregatorError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The remote write settings are wrong.
+    #[error(transparent)]
+    RemoteWrite(#[from] publish::remote_write::RemoteWriteError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
@@ -130,6 +134,7 @@ pub struct Aggregator {
     http: TcpListener,
     hub: Arc<Hub>,
     health: Arc<Health>,
+    export: Option<Arc<publish::remote_write::RemoteWrite>>,
     rules: Arc<RulesStore>,
     tokens: Arc<auth::Tokens>,
     tls: Option<tls::ServerTls>,
@@ -160,12 +165,22 @@ impl Aggregator {
         let grpc = listen("gRPC", config.grpc_addr).await?;
         let http = listen("HTTP", config.http_addr).await?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
-        let hub = Arc::new(Hub::new(
-            history,
-            config.limits.max_history_bytes_per_service,
-            config.limits.subscriber_buffer_frames,
-            config.metrics.clone(),
-        ));
+        let health = Arc::new(Health::default());
+        // A second is final (no correction can come) once its grace and late window have passed.
+        let export = publish::remote_write::RemoteWrite::new(
+            config.remote_write.clone(),
+            config.grace_max + config.late_window,
+            health.clone(),
+        )?;
+        let hub = Arc::new(
+            Hub::new(
+                history,
+                config.limits.max_history_bytes_per_service,
+                config.limits.subscriber_buffer_frames,
+                config.metrics.clone(),
+            )
+            .with_export(export.clone()),
+        );
         let rules = RulesStore::open_with(
             config.rules.clone(),
             alerting::rules::WebhookPolicy::new(
@@ -179,7 +194,8 @@ impl Aggregator {
             grpc,
             http,
             hub,
-            health: Arc::new(Health::default()),
+            health,
+            export,
             rules,
             tokens: Arc::new(tokens),
             tls,
@@ -243,6 +259,9 @@ impl Aggregator {
             &mut tasks,
         );
         tasks.spawn(self.rules.clone().watch());
+        if let Some(export) = self.export.clone() {
+            tasks.spawn(export.run());
+        }
         let hub = self.hub.clone();
         tasks.spawn(async move {
             // Services that went away leave the hub once their history has passed.

@@ -3,6 +3,7 @@
 mod alerts;
 mod canary;
 mod ecosystem;
+mod export;
 mod receiver;
 mod security;
 mod support;

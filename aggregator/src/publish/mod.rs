@@ -14,9 +14,12 @@
 pub(crate) mod frame;
 pub(crate) mod http;
 pub(crate) mod overview;
+pub(crate) mod remote_write;
 mod state;
 mod status;
 mod stream;
+
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -49,6 +52,8 @@ pub(crate) struct Hub {
     status: StatusRegistry,
     events: EventStates,
     metrics: MainMetrics,
+    /// Long-term export, when configured.
+    export: Option<Arc<remote_write::RemoteWrite>>,
 }
 
 impl Hub {
@@ -65,11 +70,21 @@ impl Hub {
             status: StatusRegistry::new(history_seconds),
             events: EventStates::default(),
             metrics,
+            export: None,
         }
+    }
+
+    /// Also hands every sealed second (and correction) to `export`.
+    pub(crate) fn with_export(mut self, export: Option<Arc<remote_write::RemoteWrite>>) -> Self {
+        self.export = export;
+        self
     }
 
     /// Serialises, stores and broadcasts one sealed second and its overview.
     pub(crate) fn publish_second(&self, sealed: SealedSecond) {
+        if let Some(export) = &self.export {
+            export.offer(&sealed);
+        }
         let body = SecondFrame {
             kind: "second",
             t: sealed.t,
