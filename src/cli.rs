@@ -17,10 +17,10 @@ use strobe_sim::traffic::Shape;
 #[command(name = "strobe", version, about)]
 pub(crate) struct Cli {
     /// TOML file with `[aggregator]` and `[agent]` tables; flags and environment override it.
-    #[arg(long, env = "STROBE_CONFIG", global = true)]
+    #[arg(long, env = "STROBE_CONFIG", global = true, help_heading = "Global")]
     pub(crate) config: Option<PathBuf>,
     /// Log filter, in `RUST_LOG` syntax (default `info`; `warn` for the demo, whose terminal shows webhooks).
-    #[arg(long, env = "STROBE_LOG", global = true)]
+    #[arg(long, env = "STROBE_LOG", global = true, help_heading = "Global")]
     pub(crate) log: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -29,9 +29,15 @@ pub(crate) struct Cli {
 /// What to run.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run an aggregator.
+    /// Run an aggregator: takes agents' seconds, merges them, alerts, serves the dashboard.
+    #[command(
+        after_help = "Example:\n  strobe aggregator --http-addr 0.0.0.0:7080 --grpc-addr 0.0.0.0:7070 \\\n    --rules rules.toml --agent-token-file agent.tokens --read-token-file read.tokens\n\nEvery flag is also an environment variable (shown); the [aggregator] table of --config holds these and more (see strobe.example.toml)."
+    )]
     Aggregator(AggregatorArgs),
-    /// Run an agent next to a service.
+    /// Run an agent next to a service: DogStatsD, Prometheus scrapes, OTLP in; one snapshot a second out.
+    #[command(
+        after_help = "Example:\n  strobe agent --service checkout --version v42 --zone eu-1 \\\n    --aggregator http://aggregator:7070 --otlp-addr 127.0.0.1:4317 --scrape http://127.0.0.1:8080/metrics\n\nEvery flag is also an environment variable (shown); the [agent] table of --config holds these and more (see strobe.example.toml)."
+    )]
     Agent(AgentArgs),
     /// Run an aggregator and a simulated fleet with a staged bad deploy, and serve the dashboard.
     Demo(DemoArgs),
@@ -127,73 +133,98 @@ pub(crate) fn traffic_shape(name: &str) -> Result<Shape, String> {
 /// `strobe aggregator` flags.
 #[derive(Debug, Args)]
 pub(crate) struct AggregatorArgs {
-    /// gRPC address agents connect to.
-    #[arg(long, env = "STROBE_GRPC_ADDR")]
+    /// gRPC address agents connect to [default: 127.0.0.1:7070].
+    #[arg(help_heading = "Listening", long, env = "STROBE_GRPC_ADDR")]
     pub(crate) grpc_addr: Option<SocketAddr>,
-    /// HTTP address for the dashboard, API and websocket.
-    #[arg(long, env = "STROBE_HTTP_ADDR")]
+    /// HTTP address for the dashboard, API and websocket [default: 127.0.0.1:7080].
+    #[arg(help_heading = "Listening", long, env = "STROBE_HTTP_ADDR")]
     pub(crate) http_addr: Option<SocketAddr>,
     /// How long a second stays open for late instances, e.g. `250ms`.
-    #[arg(long, env = "STROBE_GRACE", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE", value_parser = humantime::parse_duration)]
     pub(crate) grace: Option<Duration>,
     /// Past the grace, a second stays open while its snapshots still arrive this often, e.g. `50ms`.
-    #[arg(long, env = "STROBE_GRACE_QUIET", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUIET", value_parser = humantime::parse_duration)]
     pub(crate) grace_quiet: Option<Duration>,
     /// The longest a second stays open after it ends, e.g. `1s`.
-    #[arg(long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
     pub(crate) grace_max: Option<Duration>,
     /// Late snapshots of one sealed second become one correction at most this often, e.g. `250ms`.
-    #[arg(long, env = "STROBE_CORRECTION_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_CORRECTION_INTERVAL", value_parser = humantime::parse_duration)]
     pub(crate) correction_interval: Option<Duration>,
     /// How much history to keep for backfill, e.g. `10m`.
-    #[arg(long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_HISTORY", value_parser = humantime::parse_duration)]
     pub(crate) history: Option<Duration>,
     /// How long after its seal a second still takes late snapshots (as corrections), e.g. `10s`.
-    #[arg(long, env = "STROBE_LATE_WINDOW", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_LATE_WINDOW", value_parser = humantime::parse_duration)]
     pub(crate) late_window: Option<Duration>,
     /// Export every sealed second to this Prometheus remote write endpoint, e.g.
     /// `http://prometheus:9090/api/v1/write`.
-    #[arg(long, env = "STROBE_REMOTE_WRITE")]
+    #[arg(help_heading = "Export", long, env = "STROBE_REMOTE_WRITE")]
     pub(crate) remote_write: Option<String>,
     /// One exported sample per series per this step, e.g. `10s` [default: 1s].
-    #[arg(long, env = "STROBE_REMOTE_WRITE_STEP", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Export", long, env = "STROBE_REMOTE_WRITE_STEP", value_parser = humantime::parse_duration)]
     pub(crate) remote_write_step: Option<Duration>,
     /// Shards (0: one per core).
-    #[arg(long, env = "STROBE_SHARDS")]
+    #[arg(help_heading = "Seconds", long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
     /// Rules file (TOML); reloaded when it changes.
-    #[arg(long, env = "STROBE_RULES")]
+    #[arg(help_heading = "Alerts", long, env = "STROBE_RULES")]
     pub(crate) rules: Option<PathBuf>,
     /// Directory for alert state (firing alerts, acknowledgements, notification log) kept across restarts.
     /// Default: `<rules file>.state` beside the rules file.
-    #[arg(long, env = "STROBE_STATE_DIR")]
+    #[arg(help_heading = "Alerts", long, env = "STROBE_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     /// Token an agent must present, `[NAME:]SECRET[=SERVICE,GLOB*...]` (repeat the flag for more; more than one in
     /// the environment: use a token file).
     // No value delimiter: a token's service list has commas of its own (`T=checkout,search`).
-    #[arg(long = "agent-token", env = "STROBE_AGENT_TOKEN")]
+    #[arg(
+        help_heading = "Access",
+        long = "agent-token",
+        env = "STROBE_AGENT_TOKEN"
+    )]
     pub(crate) agent_tokens: Vec<String>,
     /// File of agent tokens, one per line (`#` comments), so they stay out of `ps`.
-    #[arg(long = "agent-token-file", env = "STROBE_AGENT_TOKEN_FILE")]
+    #[arg(
+        help_heading = "Access",
+        long = "agent-token-file",
+        env = "STROBE_AGENT_TOKEN_FILE"
+    )]
     pub(crate) agent_token_files: Vec<PathBuf>,
     /// Token that may read (dashboard, websocket, every GET): `[NAME:]SECRET` (repeatable).
-    #[arg(long = "read-token", env = "STROBE_READ_TOKEN")]
+    #[arg(
+        help_heading = "Access",
+        long = "read-token",
+        env = "STROBE_READ_TOKEN"
+    )]
     pub(crate) read_tokens: Vec<String>,
     /// File of read tokens, one per line.
-    #[arg(long = "read-token-file", env = "STROBE_READ_TOKEN_FILE")]
+    #[arg(
+        help_heading = "Access",
+        long = "read-token-file",
+        env = "STROBE_READ_TOKEN_FILE"
+    )]
     pub(crate) read_token_files: Vec<PathBuf>,
     /// Token that may change rules and acknowledge alerts (and read): `[NAME:]SECRET` (repeatable).
-    #[arg(long = "admin-token", env = "STROBE_ADMIN_TOKEN")]
+    #[arg(
+        help_heading = "Access",
+        long = "admin-token",
+        env = "STROBE_ADMIN_TOKEN"
+    )]
     pub(crate) admin_tokens: Vec<String>,
     /// File of admin tokens, one per line.
-    #[arg(long = "admin-token-file", env = "STROBE_ADMIN_TOKEN_FILE")]
+    #[arg(
+        help_heading = "Access",
+        long = "admin-token-file",
+        env = "STROBE_ADMIN_TOKEN_FILE"
+    )]
     pub(crate) admin_token_files: Vec<PathBuf>,
     /// Serve the HTTP API without tokens on a non-loopback address.
-    #[arg(long, env = "STROBE_INSECURE_NO_AUTH")]
+    #[arg(help_heading = "Access", long, env = "STROBE_INSECURE_NO_AUTH")]
     pub(crate) insecure_no_auth: bool,
     /// A browser origin besides the aggregator's own allowed to open the websocket and send changes (repeatable),
     /// e.g. `https://ops.example.com`.
     #[arg(
+        help_heading = "Access",
         long = "allowed-origin",
         env = "STROBE_ALLOWED_ORIGIN",
         value_delimiter = ','
@@ -201,19 +232,20 @@ pub(crate) struct AggregatorArgs {
     pub(crate) allowed_origins: Vec<String>,
     /// Hosts webhooks may point at (repeatable): names, `*.suffix`, IP addresses or CIDR blocks.
     #[arg(
+        help_heading = "Alerts",
         long = "webhook-allow",
         env = "STROBE_WEBHOOK_ALLOW",
         value_delimiter = ','
     )]
     pub(crate) webhook_allow: Vec<String>,
-    /// Serve both ports over TLS with this certificate chain (PEM; reloaded when it changes)...
-    #[arg(long, env = "STROBE_TLS_CERT")]
+    /// Serve both ports over TLS with this certificate chain (PEM; reloaded when it changes), with --tls-key.
+    #[arg(help_heading = "TLS", long, env = "STROBE_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,
-    /// ...and this key (PEM).
-    #[arg(long, env = "STROBE_TLS_KEY")]
+    /// The certificate's key (PEM).
+    #[arg(help_heading = "TLS", long, env = "STROBE_TLS_KEY")]
     pub(crate) tls_key: Option<PathBuf>,
     /// Ask agents for client certificates from this CA (PEM): mutual TLS.
-    #[arg(long, env = "STROBE_TLS_CLIENT_CA")]
+    #[arg(help_heading = "TLS", long, env = "STROBE_TLS_CLIENT_CA")]
     pub(crate) tls_client_ca: Option<PathBuf>,
 }
 
@@ -237,52 +269,71 @@ fn tokens_from_files(files: &[PathBuf]) -> Result<Vec<String>> {
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
     /// Service name.
-    #[arg(long, env = "STROBE_SERVICE")]
+    #[arg(help_heading = "Identity", long, env = "STROBE_SERVICE")]
     pub(crate) service: Option<String>,
     /// Version: deploy id, image tag or git sha.
-    #[arg(long, env = "STROBE_VERSION")]
+    #[arg(help_heading = "Identity", long, env = "STROBE_VERSION")]
     pub(crate) version: Option<String>,
     /// Zone the instance runs in.
-    #[arg(long, env = "STROBE_ZONE")]
+    #[arg(help_heading = "Identity", long, env = "STROBE_ZONE")]
     pub(crate) zone: Option<String>,
     /// Instance id (default: host-pid).
-    #[arg(long, env = "STROBE_INSTANCE")]
+    #[arg(help_heading = "Identity", long, env = "STROBE_INSTANCE")]
     pub(crate) instance: Option<String>,
     /// Extra identity label `key=value` (repeatable), e.g. `deployer=alice`.
-    #[arg(long = "label", env = "STROBE_LABEL", value_delimiter = ',', value_parser = parse_label)]
+    #[arg(help_heading = "Identity", long = "label", env = "STROBE_LABEL", value_delimiter = ',', value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
-    /// The aggregator's gRPC address.
-    #[arg(long, env = "STROBE_AGGREGATOR")]
+    /// The aggregator's gRPC address, `http://` or `https://` [default: http://127.0.0.1:7070].
+    #[arg(help_heading = "Aggregator", long, env = "STROBE_AGGREGATOR")]
     pub(crate) aggregator: Option<String>,
-    /// UDP address for DogStatsD.
-    #[arg(long, env = "STROBE_STATSD_ADDR")]
+    /// UDP address for DogStatsD [default: 127.0.0.1:8125].
+    #[arg(help_heading = "Inputs", long, env = "STROBE_STATSD_ADDR")]
     pub(crate) statsd_addr: Option<SocketAddr>,
     /// Token sent to the aggregator.
-    #[arg(long, env = "STROBE_TOKEN")]
+    #[arg(help_heading = "Aggregator", long, env = "STROBE_TOKEN")]
     pub(crate) token: Option<String>,
     /// A Prometheus page to scrape every second (repeatable), e.g. `http://127.0.0.1:9100/metrics`.
-    #[arg(long = "scrape", env = "STROBE_SCRAPE", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Inputs",
+        long = "scrape",
+        env = "STROBE_SCRAPE",
+        value_delimiter = ','
+    )]
     pub(crate) scrape: Vec<String>,
     /// Where to serve the agent's own `/metrics`, or `none` [default: 127.0.0.1:9102].
-    #[arg(long, env = "STROBE_METRICS_ADDR", value_parser = optional_addr)]
+    #[arg(help_heading = "Agent health", long, env = "STROBE_METRICS_ADDR", value_parser = optional_addr)]
     pub(crate) metrics_addr: Option<OptionalAddr>,
     /// Receive OTLP metrics over gRPC here, e.g. `127.0.0.1:4317` [default: off].
-    #[arg(long, env = "STROBE_OTLP_ADDR")]
+    #[arg(help_heading = "Inputs", long, env = "STROBE_OTLP_ADDR")]
     pub(crate) otlp_addr: Option<SocketAddr>,
     /// Receive OTLP metrics over HTTP/protobuf (`POST /v1/metrics`) here, e.g. `127.0.0.1:4318` [default: off].
-    #[arg(long, env = "STROBE_OTLP_HTTP_ADDR")]
+    #[arg(help_heading = "Inputs", long, env = "STROBE_OTLP_HTTP_ADDR")]
     pub(crate) otlp_http_addr: Option<SocketAddr>,
     /// CA certificate (PEM) to trust for an `https://` aggregator (default: the public web roots).
-    #[arg(long, env = "STROBE_CA_CERT")]
+    #[arg(help_heading = "Aggregator", long, env = "STROBE_CA_CERT")]
     pub(crate) ca_cert: Option<PathBuf>,
-    /// Client certificate (PEM) for an aggregator that asks for one (mTLS)...
-    #[arg(long = "tls-cert", env = "STROBE_AGENT_TLS_CERT")]
+    /// Client certificate (PEM) for an aggregator that asks for one (mutual TLS), with --tls-key.
+    #[arg(
+        help_heading = "Aggregator",
+        long = "tls-cert",
+        env = "STROBE_AGENT_TLS_CERT"
+    )]
     pub(crate) tls_cert: Option<PathBuf>,
-    /// ...and its key (PEM).
-    #[arg(long = "tls-key", env = "STROBE_AGENT_TLS_KEY")]
+    /// The client certificate's key (PEM).
+    #[arg(
+        help_heading = "Aggregator",
+        long = "tls-key",
+        env = "STROBE_AGENT_TLS_KEY"
+    )]
     pub(crate) tls_key: Option<PathBuf>,
     /// Pretend this machine's clock is off by this many ms (for testing how the agent follows the aggregator's).
-    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(
+        help_heading = "Agent health",
+        long,
+        hide = true,
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub(crate) simulate_clock_skew_ms: i64,
 }
 

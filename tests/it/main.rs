@@ -2,6 +2,7 @@
 
 mod alerts;
 mod canary;
+mod deploy;
 mod ecosystem;
 mod export;
 mod receiver;

@@ -56,9 +56,15 @@ impl Process {
 
 /// Runs `strobe <args>` and waits for its address line.
 pub(crate) async fn spawn(args: &[&str]) -> Process {
+    spawn_with_env(args, &[]).await
+}
+
+/// Runs `strobe <args>` with `env` set and waits for its address line.
+pub(crate) async fn spawn_with_env(args: &[&str], env: &[(String, String)]) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_strobe"))
         .args(args)
         .env("STROBE_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
