@@ -11,7 +11,7 @@
 //!   first and last buckets are bounded by the point's `min` and `max` when it has them (else 0 and the highest
 //!   bound). Cumulative histograms are differenced per bucket as sums are.
 //! - `ExponentialHistogram`: each bucket's observations at the bucket's geometric middle (relative error at most
-//!   `2^(2^-scale) ^ 0.5 - 1`, 2.2% at scale 3, under HDR's 1% from scale 5 up), the zero bucket at 0, negative
+//!   `2^(2^-scale) ^ 0.5 - 1`: 4.4% at scale 3, 1.1% at scale 5, under HDR's 1% from scale 6 up), the zero bucket at 0, negative
 //!   buckets as the `sign:negative` sibling like every negative histogram value.
 //! - `Summary`: one gauge per quantile (tag `quantile`); its count and sum as cumulative counters `<name>.count`
 //!   and `<name>.sum`.

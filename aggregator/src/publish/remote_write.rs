@@ -138,7 +138,7 @@ fn label_name(raw: &str) -> String {
 }
 
 /// Every point of one sealed second.
-fn points(sealed: &SealedSecond) -> Vec<Point> {
+fn points(sealed: &SealedSecond, interner: &mut Interner) -> Vec<Point> {
     let mut out = Vec::new();
     for series in &sealed.series {
         let mut base: Vec<(String, String)> =
@@ -168,7 +168,7 @@ fn points(sealed: &SealedSecond) -> Vec<Point> {
             labels[1..].sort();
             labels.dedup_by(|a, b| a.0 == b.0);
             out.push(Point {
-                labels: labels.into(),
+                labels: interner.intern(labels),
                 value,
                 combine,
             });
@@ -273,9 +273,33 @@ struct Sample {
     timestamp: i64,
 }
 
+/// One shared copy of each label set, so the seconds waiting to be final cost a pointer per sample, not a copy of
+/// its labels.
+#[derive(Default)]
+struct Interner {
+    sets: std::collections::HashSet<Labels>,
+}
+
+impl Interner {
+    fn intern(&mut self, labels: Vec<(String, String)>) -> Labels {
+        if let Some(shared) = self.sets.get(labels.as_slice()) {
+            return shared.clone();
+        }
+        let shared: Labels = labels.into();
+        self.sets.insert(shared.clone());
+        shared
+    }
+
+    /// Forgets label sets no waiting sample holds.
+    fn prune(&mut self) {
+        self.sets.retain(|labels| Arc::strong_count(labels) > 1);
+    }
+}
+
 /// Seconds waiting to be final, by (second, service).
 #[derive(Default)]
 struct Pending {
+    interner: Interner,
     seconds: BTreeMap<(i64, Arc<str>), Vec<Point>>,
     samples: usize,
 }
@@ -339,10 +363,10 @@ impl RemoteWrite {
 
     /// Takes one sealed second (a correction replaces what its second held).
     pub(crate) fn offer(&self, sealed: &SealedSecond) {
-        let points = points(sealed);
         let Ok(mut pending) = self.pending.lock() else {
             return;
         };
+        let points = points(sealed, &mut pending.interner);
         let added = points.len();
         if let Some(replaced) = pending
             .seconds
@@ -386,13 +410,19 @@ impl RemoteWrite {
         }
         self.health.remote_write_pending.set(pending.samples as i64);
         drop(pending);
-        steps
-            .into_iter()
+        let steps: Vec<(i64, Vec<Vec<Point>>)> = steps.into_iter().collect();
+        let combined = steps
+            .iter()
             .map(|(start, seconds)| {
                 let refs: Vec<&[Point]> = seconds.iter().map(Vec::as_slice).collect();
-                (start, combine_step(&refs, step))
+                (*start, combine_step(&refs, step))
             })
-            .collect()
+            .collect();
+        drop(steps);
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.interner.prune();
+        }
+        combined
     }
 
     /// Sends final steps until the task is dropped.
@@ -556,7 +586,10 @@ mod tests {
         assert_eq!(label_name("http.route"), "http_route");
         assert_eq!(label_name("version"), "tag_version");
         assert_eq!(label_name("__name__"), "tag___name__");
-        let points = points(&sealed(10, vec![counter(Some("v2"), 5.0)]));
+        let points = points(
+            &sealed(10, vec![counter(Some("v2"), 5.0)]),
+            &mut Interner::default(),
+        );
         let p = find(&points, "request_count_rate", None).unwrap();
         let labels: Vec<(&str, &str)> = p
             .labels
@@ -600,7 +633,10 @@ mod tests {
             metric: "queue".into(),
             ..counter(None, 0.0)
         };
-        let points = points(&sealed(10, vec![histogram, gauge]));
+        let points = points(
+            &sealed(10, vec![histogram, gauge]),
+            &mut Interner::default(),
+        );
         assert_eq!(
             find(&points, "request_latency", Some(("quantile", "0.99")))
                 .unwrap()
