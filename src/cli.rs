@@ -33,7 +33,7 @@ pub(crate) enum Command {
     #[command(
         after_help = "Example:\n  strobe aggregator --http-addr 0.0.0.0:7080 --grpc-addr 0.0.0.0:7070 \\\n    --rules rules.toml --agent-token-file agent.tokens --read-token-file read.tokens\n\nEvery flag is also an environment variable (shown); the [aggregator] table of --config holds these and more (see strobe.example.toml)."
     )]
-    Aggregator(AggregatorArgs),
+    Aggregator(Box<AggregatorArgs>),
     /// Run an agent next to a service: DogStatsD, Prometheus scrapes, OTLP in; one snapshot a second out.
     #[command(
         after_help = "Example:\n  strobe agent --service checkout --version v42 --zone eu-1 \\\n    --aggregator http://aggregator:7070 --otlp-addr 127.0.0.1:4317 --scrape http://127.0.0.1:8080/metrics\n\nEvery flag is also an environment variable (shown); the [agent] table of --config holds these and more (see strobe.example.toml)."
@@ -164,6 +164,29 @@ pub(crate) struct AggregatorArgs {
     /// One exported sample per series per this step, e.g. `10s` [default: 1s].
     #[arg(help_heading = "Export", long, env = "STROBE_REMOTE_WRITE_STEP", value_parser = humantime::parse_duration)]
     pub(crate) remote_write_step: Option<Duration>,
+    /// An etcd endpoint of the cluster to join (repeatable), e.g. `http://127.0.0.1:2379` [default: run alone].
+    #[arg(
+        help_heading = "Cluster",
+        long = "etcd",
+        env = "STROBE_ETCD",
+        value_delimiter = ','
+    )]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd [default: /strobe/].
+    #[arg(help_heading = "Cluster", long, env = "STROBE_ETCD_PREFIX")]
+    pub(crate) etcd_prefix: Option<String>,
+    /// How long a node that stops answering stays a member, e.g. `2s` [default: 2s].
+    #[arg(help_heading = "Cluster", long, env = "STROBE_ETCD_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub(crate) etcd_lease_ttl: Option<Duration>,
+    /// This node's id in the cluster [default: host-pid].
+    #[arg(help_heading = "Cluster", long, env = "STROBE_NODE_ID")]
+    pub(crate) node_id: Option<String>,
+    /// The gRPC address agents are redirected to, `HOST:PORT` or a URL [default: the bound address].
+    #[arg(help_heading = "Cluster", long, env = "STROBE_ADVERTISE_GRPC")]
+    pub(crate) advertise_grpc: Option<String>,
+    /// The HTTP address other nodes read this node's stream from [default: the bound address].
+    #[arg(help_heading = "Cluster", long, env = "STROBE_ADVERTISE_HTTP")]
+    pub(crate) advertise_http: Option<String>,
     /// Shards (0: one per core).
     #[arg(help_heading = "Seconds", long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
@@ -352,6 +375,10 @@ pub(crate) struct DemoArgs {
     /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
     #[arg(long, default_value = "independent", value_parser = traffic_shape)]
     pub(crate) traffic: Shape,
+    /// Aggregator nodes: more than 1 runs a local etcd and a cluster (node 1 here, the others as child processes
+    /// that can be killed to watch failover).
+    #[arg(long, env = "STROBE_DEMO_NODES", default_value_t = 1)]
+    pub(crate) nodes: usize,
 }
 
 impl LoadgenArgs {
@@ -474,6 +501,24 @@ impl AggregatorArgs {
         }
         if self.remote_write.is_some() {
             config.remote_write.url = self.remote_write;
+        }
+        if !self.etcd.is_empty() {
+            config.cluster.etcd = self.etcd;
+        }
+        if let Some(v) = self.etcd_prefix {
+            config.cluster.prefix = v;
+        }
+        if let Some(v) = self.etcd_lease_ttl {
+            config.cluster.lease_ttl = v;
+        }
+        if self.node_id.is_some() {
+            config.cluster.node_id = self.node_id;
+        }
+        if self.advertise_grpc.is_some() {
+            config.cluster.advertise_grpc = self.advertise_grpc;
+        }
+        if self.advertise_http.is_some() {
+            config.cluster.advertise_http = self.advertise_http;
         }
         if let Some(v) = self.remote_write_step {
             config.remote_write.step = v;

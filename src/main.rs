@@ -1,6 +1,7 @@
 //! The `strobe` binary: parses the command line and runs the library that does the work.
 
 mod cli;
+mod demo_cluster;
 
 use std::process::ExitCode;
 
@@ -75,11 +76,19 @@ async fn run(cli: Cli) -> Result<()> {
             let mut aggregator = file.aggregator;
             aggregator.http_addr = args.http_addr;
             aggregator.grpc_addr = args.grpc_addr;
-            let config = strobe_sim::demo::DemoConfig {
+            let mut cluster = None;
+            if args.nodes > 1 {
+                cluster = Some(demo_cluster::DemoCluster::start(&mut aggregator).await?);
+            }
+            let mut config = strobe_sim::demo::DemoConfig {
                 aggregator,
                 bad_deploy_after: args.bad_deploy_after,
                 traffic: args.traffic,
             };
+            strobe_sim::demo::prepare_rules(&mut config).await?;
+            if let Some(cluster) = &mut cluster {
+                cluster.spawn_nodes(args.nodes, &config.aggregator).await?;
+            }
             let after = args.bad_deploy_after;
             strobe_sim::demo::run_demo(
                 config,

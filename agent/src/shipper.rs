@@ -19,7 +19,8 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShipperConfig {
-    /// The aggregator's gRPC address, `http://host:port`.
+    /// The aggregator's gRPC address, `http://host:port`; several nodes of a cluster comma-separated (any of them
+    /// redirects to the owner; the next is tried when one cannot be reached).
     pub aggregator: String,
     /// Token sent in the hello, when the aggregator requires one.
     pub token: Option<String>,
@@ -290,7 +291,21 @@ async fn ship(
 ) -> ShipperReport {
     let mut report = ShipperReport::default();
     let mut buffer = ReplayBuffer::new(config.max_buffered_seconds, tally);
-    let mut target = config.aggregator.clone();
+    // `aggregator` may name several nodes of a cluster, comma-separated: any of them redirects to the owner.
+    let seeds: Vec<String> = config
+        .aggregator
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let seeds = if seeds.is_empty() {
+        vec![config.aggregator.clone()]
+    } else {
+        seeds
+    };
+    let mut seed = 0;
+    let mut target = seeds[0].clone();
     let mut failures: u32 = 0;
     let mut input_open = true;
     loop {
@@ -302,10 +317,7 @@ async fn ship(
                 return give_up(buffer, report);
             }
         }
-        let channel = shared
-            .as_ref()
-            .filter(|_| target == config.aggregator)
-            .cloned();
+        let channel = shared.as_ref().filter(|_| target == seeds[0]).cloned();
         // On shutdown, even a connection attempt does not outlast the drain timeout.
         let deadline = buffer.give_up_at;
         let outcome = tokio::select! {
@@ -339,6 +351,13 @@ async fn ship(
             Session::Lost { connected } => {
                 if connected {
                     failures = 0;
+                } else if !seeds.contains(&target) {
+                    // An owner it was redirected to cannot be reached (it died, say): ask a seed again, which
+                    // knows the owner now.
+                    target = seeds[seed].clone();
+                } else if seeds.len() > 1 {
+                    seed = (seed + 1) % seeds.len();
+                    target = seeds[seed].clone();
                 }
                 failures = failures.saturating_add(1);
             }

@@ -14,8 +14,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("health", &["model"]),
     ("alerting", &["model", "health"]),
     ("publish", &["model", "health", "alerting", "auth"]),
-    ("pipeline", &["model", "health", "alerting", "publish"]),
-    ("ingest", &["model", "health", "limits", "auth", "pipeline"]),
+    ("cluster", &["model", "health", "alerting", "publish"]),
+    (
+        "pipeline",
+        &["model", "health", "alerting", "publish", "cluster"],
+    ),
+    (
+        "ingest",
+        &[
+            "model", "health", "limits", "auth", "pipeline", "cluster", "alerting",
+        ],
+    ),
 ];
 
 /// Modules that do no I/O and use no async runtime: time and data come in as arguments.
@@ -37,6 +46,7 @@ const PURE: &[&str] = &[
     "alerting::canary::alert",
     "alerting::alerts::payload",
     "publish::overview",
+    "cluster::rendezvous",
 ];
 
 /// Leaf modules: they import nothing of the crate.

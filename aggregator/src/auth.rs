@@ -35,6 +35,14 @@ pub enum TokenError {
 }
 
 /// Splits `NAME:REST` when what comes before the first `:` is a valid name; otherwise the whole is unnamed.
+/// The secret of a read or admin token spec, `[NAME:]SECRET`: what a node of a cluster presents to the others.
+pub fn secret_of(spec: &str) -> Option<String> {
+    split_name(spec.trim(), "")
+        .ok()
+        .map(|(_, secret)| secret.to_owned())
+        .filter(|s| !s.is_empty())
+}
+
 fn split_name<'a>(spec: &'a str, default_name: &str) -> Result<(String, &'a str), TokenError> {
     match spec.split_once(':') {
         Some((name, rest)) => {

@@ -78,6 +78,8 @@ pub struct AggregatorConfig {
     pub tls: TlsSettings,
     /// Export of every sealed second to Prometheus-compatible storage (off unless `url` is set).
     pub remote_write: crate::RemoteWriteSettings,
+    /// Several nodes as one, on etcd (off unless `etcd` names an endpoint).
+    pub cluster: crate::ClusterSettings,
 }
 
 impl Default for AggregatorConfig {
@@ -107,6 +109,7 @@ impl Default for AggregatorConfig {
             limits: Limits::default(),
             tls: TlsSettings::default(),
             remote_write: Default::default(),
+            cluster: Default::default(),
         }
     }
 }

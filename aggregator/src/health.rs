@@ -146,6 +146,16 @@ pub(crate) struct Health {
     pub(crate) service_panics: Counter,
     /// Shards restarted after a panic outside any service.
     pub(crate) shard_restarts: Counter,
+    /// Hellos answered with a redirect to the service's owner.
+    pub(crate) cluster_redirects: Counter,
+    /// Hellos refused because membership is unknown (etcd unreachable) and the service is not here.
+    pub(crate) cluster_refused: Counter,
+    /// Services given to another node after a membership change.
+    pub(crate) cluster_services_moved: Counter,
+    /// Live members in this node's view.
+    pub(crate) cluster_members: Gauge,
+    /// 1 while etcd answers.
+    pub(crate) cluster_etcd_up: Gauge,
     /// Remote write samples taken by the storage.
     pub(crate) remote_write_sent: Counter,
     /// Remote write samples the storage refused (4xx other than 429).
@@ -236,6 +246,18 @@ impl Health {
             "remote_write_retries",
             "Remote write requests retried after a network error, 5xx or 429",
         );
+        let cluster_redirects = counter(
+            "cluster_redirects",
+            "Agent hellos answered with a redirect to the service's owner",
+        );
+        let cluster_refused = counter(
+            "cluster_refused",
+            "Agent hellos refused while cluster membership (etcd) was unreachable, for services not already here",
+        );
+        let cluster_services_moved = counter(
+            "cluster_services_moved",
+            "Services given to another node after a membership change",
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -244,6 +266,14 @@ impl Health {
         let agent_streams = gauge("agent_streams", "Agent streams open now");
         let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
+        let cluster_members = gauge(
+            "cluster_members",
+            "Live cluster members in this node's view",
+        );
+        let cluster_etcd_up = gauge(
+            "cluster_etcd_up",
+            "1 while etcd answers; 0 while it does not (this node then takes no new services)",
+        );
         let remote_write_pending = gauge(
             "remote_write_pending_samples",
             "Samples waiting for their second to be final or for the storage",
@@ -276,6 +306,11 @@ impl Health {
         Self {
             registry,
             agents,
+            cluster_redirects,
+            cluster_refused,
+            cluster_services_moved,
+            cluster_members,
+            cluster_etcd_up,
             remote_write_sent,
             remote_write_failed,
             remote_write_dropped,

@@ -21,6 +21,7 @@ pub(crate) mod alerting;
 #[cfg(test)]
 mod architecture_tests;
 pub mod auth;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod health;
 pub(crate) mod ingest;
@@ -47,6 +48,7 @@ use tracing::{info, warn};
 pub use alerting::alerts::StateError;
 pub use alerting::alerts::delivery::DeliverySettings;
 pub use alerting::canary::CanarySettings;
+pub use cluster::{ClusterError, ClusterSettings};
 pub use config::AggregatorConfig;
 pub use limits::Limits;
 pub use model::MainMetrics;
@@ -88,6 +90,9 @@ pub enum AggregatorError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The cluster settings are wrong.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// The remote write settings are wrong.
     #[error(transparent)]
     RemoteWrite(#[from] publish::remote_write::RemoteWriteError),
@@ -135,6 +140,7 @@ pub struct Aggregator {
     hub: Arc<Hub>,
     health: Arc<Health>,
     export: Option<Arc<publish::remote_write::RemoteWrite>>,
+    cluster: Option<Arc<cluster::Cluster>>,
     rules: Arc<RulesStore>,
     tokens: Arc<auth::Tokens>,
     tls: Option<tls::ServerTls>,
@@ -189,6 +195,20 @@ impl Aggregator {
                 config.insecure_no_auth && config.admin_tokens.is_empty(),
             ),
         )?;
+        // A node presents one of the cluster's read (or admin) tokens to the others, which share the token config.
+        let peer_token = config
+            .read_tokens
+            .iter()
+            .chain(&config.admin_tokens)
+            .find_map(|spec| auth::secret_of(spec));
+        let cluster = cluster::Cluster::new(
+            &config.cluster,
+            grpc.local_addr().unwrap_or(config.grpc_addr),
+            http.local_addr().unwrap_or(config.http_addr),
+            tls.is_some(),
+            peer_token,
+            health.clone(),
+        )?;
         Ok(Self {
             config,
             grpc,
@@ -196,6 +216,7 @@ impl Aggregator {
             hub,
             health,
             export,
+            cluster,
             rules,
             tokens: Arc::new(tokens),
             tls,
@@ -256,8 +277,19 @@ impl Aggregator {
             sink,
             self.health.clone(),
             persistence,
+            self.cluster
+                .clone()
+                .map(|c| c as Arc<dyn alerting::alerts::Handover>),
             &mut tasks,
         );
+        if let Some(cluster) = &self.cluster {
+            tasks.spawn(cluster.clone().run());
+            tasks.spawn(cluster::relay::run(
+                cluster.clone(),
+                self.hub.clone(),
+                publish::http::ClusterView::peer_token(cluster.as_ref()),
+            ));
+        }
         tasks.spawn(self.rules.clone().watch());
         if let Some(export) = self.export.clone() {
             tasks.spawn(export.run());
@@ -286,6 +318,7 @@ impl Aggregator {
                     .as_millis(),
             )
             .unwrap_or(i64::MAX),
+            cluster: self.cluster.clone(),
         });
         let shard_count = self.config.shard_count();
         let shards = Shards::spawn(shard_count, context, &mut tasks);
@@ -302,6 +335,8 @@ impl Aggregator {
             tables: Arc::new(model::table::SeriesTables::new(
                 self.config.limits.max_series_per_service,
             )),
+            cluster: self.cluster.clone(),
+            alerts: alerts.clone(),
         };
         let max_message = self.config.limits.max_message_bytes;
         let grpc_service = strobe_proto::ingest_server::IngestServer::new(ingest)
@@ -324,6 +359,14 @@ impl Aggregator {
             tokens: self.tokens.clone(),
             allowed_origins: self.config.allowed_origins.clone(),
             any_host: self.config.insecure_no_auth,
+            cluster: self
+                .cluster
+                .clone()
+                .map(|c| c as Arc<dyn publish::http::ClusterView>),
+            peers: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         }));
         info!(
             message = "Aggregator listening.",

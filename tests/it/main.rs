@@ -2,6 +2,7 @@
 
 mod alerts;
 mod canary;
+mod cluster;
 mod deploy;
 mod ecosystem;
 mod export;

@@ -326,3 +326,12 @@ pub(crate) fn free_local_addr() -> String {
         .port();
     format!("127.0.0.1:{port}")
 }
+
+/// The path of `name` on `PATH`, if installed.
+pub(crate) fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}

@@ -42,6 +42,10 @@ pub(crate) struct IngestService {
     pub(crate) budget: QueueBudget,
     /// Each service's series table, shared by its streams.
     pub(crate) tables: Arc<SeriesTables>,
+    /// The cluster, if any: who owns which service.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The alert manager (a service taken over brings its alerts).
+    pub(crate) alerts: crate::alerting::alerts::Alerts,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
@@ -78,6 +82,32 @@ impl pb::ingest_server::Ingest for IngestService {
                 });
             }
         };
+        if let Some(cluster) = &self.cluster {
+            use crate::cluster::Route;
+            match cluster.route(&instance.service) {
+                Route::Local => {
+                    // Its alerts first (handed over by the node that had it), then its data.
+                    cluster.adopt(&instance.service, &self.alerts).await;
+                    cluster.note_local(&instance.service);
+                }
+                Route::Remote(owner) => {
+                    self.health.cluster_redirects.inc();
+                    debug!(message = "Agent redirected to the service's owner.", service = %instance.service, owner = %owner.id);
+                    let redirect = pb::AggregatorMessage {
+                        body: Some(pb::aggregator_message::Body::Redirect(pb::Redirect {
+                            service: instance.service.to_string(),
+                            address: owner.grpc,
+                        })),
+                    };
+                    let once: Outbound = Box::pin(tokio_stream::once(Ok(redirect)));
+                    return Ok(Response::new(once));
+                }
+                Route::Unavailable(why) => {
+                    self.health.cluster_refused.inc();
+                    return Err(Status::unavailable(why));
+                }
+            }
+        }
         info!(message = "Agent connected.", service = %instance.service, instance = %instance.id, version = %instance.version);
         let (tx, rx) = mpsc::channel(64);
         let mut stream = AgentStream {

@@ -37,6 +37,8 @@ pub(crate) struct ServiceContext {
     pub(crate) metrics: MainMetrics,
     /// Late snapshots of one second are published as one correction at most this often (milliseconds).
     pub(crate) correction_interval_ms: i64,
+    /// The cluster, if this node is part of one: which services it still owns.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Everything a shard holds for one service.

@@ -105,6 +105,28 @@ fn drop_service(
     }
 }
 
+/// After a membership change: the services another node owns now leave this one. Their state is dropped as is
+/// (open seconds unacknowledged, so their agents, told the state is lost, reconnect, are redirected and replay them
+/// to the new owner), and their alerts are left to the new owner, not resolved.
+fn give_away(
+    services: &mut HashMap<Arc<str>, ServiceState>,
+    cluster: &crate::cluster::Cluster,
+    context: &ServiceContext,
+) {
+    let leaving: Vec<Arc<str>> = services
+        .keys()
+        .filter(|name| !cluster.keeps(name))
+        .cloned()
+        .collect();
+    for name in leaving {
+        services.remove(&name);
+        cluster.forget_local(&name);
+        context.alerts.disown(name.clone());
+        context.health.cluster_services_moved.inc();
+        tracing::info!(message = "Service moved to another node.", service = %name, owner = ?cluster.owner(&name).map(|m| m.id));
+    }
+}
+
 /// Runs a shard, and runs it again if it panics outside any service's transition (which `contain` catches): the
 /// services it held lose their open seconds (logged, counted as `strobe_shard_restarts_total`), the queue and every
 /// other shard go on. Returns when the shard's queue closes (shutdown).
@@ -149,6 +171,8 @@ async fn run_shard(
     context: Arc<ServiceContext>,
 ) {
     let mut arrivals = Arrivals::default();
+    // The membership this shard last checked its services against.
+    let mut epoch = context.cluster.as_ref().map_or(0, |c| c.epoch());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -208,7 +232,16 @@ async fn run_shard(
                     if let Some(state) = services.remove(&name) {
                         // Contained like every other transition: a bug here costs this service, not the shard.
                         contain(&name, &context, || state.evict(&name, horizon, now, &context));
+                        if let Some(cluster) = &context.cluster {
+                            cluster.forget_local(&name);
+                        }
                     }
+                }
+                if let Some(cluster) = &context.cluster
+                    && cluster.epoch() != epoch
+                {
+                    epoch = cluster.epoch();
+                    give_away(services, cluster, &context);
                 }
             }
         }
@@ -255,11 +288,13 @@ mod tests {
                 sink,
                 health.clone(),
                 None,
+                None,
                 &mut tasks,
             ),
             canary: Default::default(),
             metrics: Default::default(),
             correction_interval_ms: 250,
+            cluster: None,
         };
         assert!(contain("fine", &context, || {}));
         assert!(!contain("broken", &context, || panic!("a bug")));

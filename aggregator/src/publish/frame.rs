@@ -33,6 +33,8 @@ pub(crate) struct Frame {
     pub(crate) correction: bool,
     /// The serialised frame.
     pub(crate) json: Utf8Bytes,
+    /// Read from another node of the cluster (never relayed on again).
+    pub(crate) relayed: bool,
 }
 
 impl Frame {
@@ -51,6 +53,7 @@ impl Frame {
                 t,
                 correction,
                 json: json.into(),
+                relayed: false,
             }),
             Err(error) => {
                 tracing::error!(message = "Frame serialisation failed.", ?kind, %error);
@@ -104,6 +107,7 @@ pub(crate) mod tests {
             t,
             correction,
             json: "{}".into(),
+            relayed: false,
         }
     }
 

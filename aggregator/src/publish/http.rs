@@ -45,6 +45,22 @@ pub(crate) struct AppState {
     pub(crate) allowed_origins: Vec<String>,
     /// Without tokens, answer requests for any host name (`--insecure-no-auth`), not only loopback names.
     pub(crate) any_host: bool,
+    /// The cluster this node is part of, if any.
+    pub(crate) cluster: Option<Arc<dyn ClusterView>>,
+    /// For reading other nodes' service lists.
+    pub(crate) peers: reqwest::Client,
+}
+
+/// What the HTTP API needs to know of the cluster (the cluster room implements it).
+pub(crate) trait ClusterView: Send + Sync {
+    /// `/api/v1/cluster`: this node, whether etcd answers, the live members.
+    fn status_json(&self) -> serde_json::Value;
+    /// This node's id.
+    fn node_id(&self) -> String;
+    /// The other live members: (id, HTTP base URL).
+    fn peers(&self) -> Vec<(String, String)>;
+    /// The token this node presents to the others.
+    fn peer_token(&self) -> Option<String>;
 }
 
 /// Who made a request: the name of the token it presented (none when the aggregator asks for no tokens).
@@ -253,6 +269,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/series", get(series))
         .route("/api/v1/stream", get(stream))
         .route("/api/v1/rules", get(get_rules).put(put_rules))
@@ -288,8 +305,76 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-async fn services(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({ "services": state.hub.services() }))
+#[derive(Deserialize)]
+struct LocalQuery {
+    /// Only what this node holds itself (what other nodes ask).
+    #[serde(default)]
+    local: bool,
+}
+
+async fn services(State(state): State<Arc<AppState>>, Query(q): Query<LocalQuery>) -> Response {
+    let Some(cluster) = state.cluster.as_ref().filter(|_| !q.local) else {
+        return Json(json!({ "services": state.hub.services() })).into_response();
+    };
+    // Every service of the cluster: this node's, then each other member's own, each marked with its owner.
+    let me = cluster.node_id();
+    let mut all: Vec<serde_json::Value> = state
+        .hub
+        .services()
+        .into_iter()
+        .filter_map(|s| serde_json::to_value(s).ok())
+        .map(|mut s| {
+            s["owner"] = json!(me);
+            s
+        })
+        .collect();
+    let mut unreachable = Vec::new();
+    let token = cluster.peer_token();
+    let asks = cluster.peers().into_iter().map(|(id, base)| {
+        let mut request = state
+            .peers
+            .get(format!("{base}/api/v1/services?local=true"))
+            .timeout(Duration::from_secs(1));
+        if let Some(token) = &token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let answer = match request.send().await {
+                Ok(r) if r.status().is_success() => r
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()),
+                _ => None,
+            };
+            (id, answer)
+        }
+    });
+    for (id, answer) in futures_util::future::join_all(asks).await {
+        match answer.and_then(|a| a["services"].as_array().cloned()) {
+            Some(services) => all.extend(services.into_iter().map(|mut s| {
+                s["owner"] = json!(id);
+                s
+            })),
+            None => unreachable.push(id),
+        }
+    }
+    // A service that moved is listed by its old node until that node's history passes: keep the newest.
+    all.sort_by(|a, b| {
+        a["service"]
+            .as_str()
+            .cmp(&b["service"].as_str())
+            .then(b["last_second"].as_i64().cmp(&a["last_second"].as_i64()))
+    });
+    all.dedup_by(|a, b| a["service"] == b["service"]);
+    Json(json!({ "services": all, "unreachable": unreachable })).into_response()
+}
+
+async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    match &state.cluster {
+        Some(cluster) => Json(cluster.status_json()),
+        None => Json(json!({ "enabled": false })),
+    }
 }
 
 #[derive(Deserialize)]
@@ -427,6 +512,9 @@ struct Subscription {
     services: Vec<String>,
     #[serde(default)]
     overview: bool,
+    /// Every frame this node produced itself and none it relays (what other nodes of a cluster read).
+    #[serde(default)]
+    local: bool,
 }
 
 impl Subscription {
@@ -435,6 +523,9 @@ impl Subscription {
     }
 
     fn wants(&self, frame: &Frame) -> bool {
+        if self.local {
+            return !frame.relayed;
+        }
         match frame.kind {
             FrameKind::Overview => self.overview,
             FrameKind::Second if self.overview => self.names(&frame.service),
@@ -458,6 +549,8 @@ struct StreamQuery {
     services: Option<String>,
     /// `?overview=true`, an alternative to the subscribe message.
     overview: Option<bool>,
+    /// `?local=true`: this node's own frames, all of them (another node's relay).
+    local: Option<bool>,
 }
 
 /// How long a new connection may take to send its first subscribe before it gets everything.
@@ -478,16 +571,18 @@ async fn stream(
         )
             .into_response();
     };
-    let from_query = (q.services.is_some() || q.overview.is_some()).then(|| Subscription {
-        services: q
-            .services
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        overview: q.overview.unwrap_or(false),
-    });
+    let from_query =
+        (q.services.is_some() || q.overview.is_some() || q.local.is_some()).then(|| Subscription {
+            services: q
+                .services
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            overview: q.overview.unwrap_or(false),
+            local: q.local.unwrap_or(false),
+        });
     let max_message = state.limits.max_websocket_message_bytes;
     upgrade
         .protocols([WS_PROTOCOL])

@@ -117,6 +117,78 @@ impl Hub {
         self.stream.publish_second(frame, overview);
     }
 
+    /// Stores and broadcasts a frame another node of the cluster produced (read by its relay), marked as relayed so
+    /// that it is never relayed on. Seconds and overviews join the history, alert states the alert backfill;
+    /// verdicts are broadcast.
+    pub(crate) fn publish_relayed(&self, text: &str) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct Envelope {
+            #[serde(rename = "type")]
+            kind: String,
+            t: Option<i64>,
+            service: Option<Arc<str>>,
+            #[serde(default)]
+            correction: bool,
+            alert: Option<AlertRecord>,
+            deploy: Option<DeployEnvelope>,
+        }
+        #[derive(serde::Deserialize)]
+        struct DeployEnvelope {
+            service: Arc<str>,
+            t: i64,
+        }
+        let envelope: Envelope = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let frame = |kind, service: Arc<str>, t, correction| Frame {
+            kind,
+            service,
+            t,
+            correction,
+            json: text.to_owned().into(),
+            relayed: true,
+        };
+        match envelope.kind.as_str() {
+            "second" | "overview" => {
+                let (Some(service), Some(t)) = (envelope.service, envelope.t) else {
+                    return Err("a second without service or t".to_owned());
+                };
+                if envelope.kind == "second" {
+                    self.stream.publish_second(
+                        frame(FrameKind::Second, service, t, envelope.correction),
+                        None,
+                    );
+                } else {
+                    self.stream.publish_overview(frame(
+                        FrameKind::Overview,
+                        service,
+                        t,
+                        envelope.correction,
+                    ));
+                }
+            }
+            "alert" => {
+                let record = envelope.alert.ok_or("an alert frame without its alert")?;
+                let f = frame(
+                    FrameKind::Alert,
+                    record.service.clone(),
+                    record.since,
+                    false,
+                );
+                self.events.alert(&record, &f);
+                self.stream.broadcast(f);
+            }
+            "deploy" => {
+                let deploy = envelope
+                    .deploy
+                    .ok_or("a deploy frame without its verdict")?;
+                self.stream
+                    .broadcast(frame(FrameKind::Deploy, deploy.service, deploy.t, false));
+            }
+            // Notices to one subscriber (lagged, errors) are not the cluster's.
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Serialises and broadcasts a canary verdict; keeps the newest per service for backfill and the API.
     pub(crate) fn publish_deploy(&self, verdict: &Verdict) {
         let body = serde_json::json!({ "type": "deploy", "deploy": verdict });

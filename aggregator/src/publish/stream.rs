@@ -90,6 +90,24 @@ impl LiveStream {
         }
     }
 
+    /// Stores an overview frame alone (relayed from another node, whose second frame comes on its own), then
+    /// broadcasts it.
+    pub(crate) fn publish_overview(&self, overview: Frame) {
+        {
+            let history = self.service_history(&overview.service);
+            let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
+            let history = &mut *history;
+            let bounds = (self.history_seconds, self.history_bytes);
+            keep(
+                &mut history.overview,
+                &mut history.overview_bytes,
+                overview.clone(),
+                bounds,
+            );
+        }
+        self.broadcast(overview);
+    }
+
     /// Sends a frame to every subscriber connected now. Having none is normal, not an error.
     pub(crate) fn broadcast(&self, frame: Frame) {
         if self.live.receiver_count() > 0 {
@@ -188,6 +206,7 @@ mod tests {
             t,
             correction: false,
             json: "x".repeat(bytes).into(),
+            relayed: false,
         }
     }
 

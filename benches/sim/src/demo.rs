@@ -131,6 +131,29 @@ async fn start_receiver() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Unless the config names a rules file: writes the demo's rules to a temporary file and starts the local webhook
+/// receiver they point at (it prints what it receives). The path is in `config.aggregator.rules` afterwards.
+pub async fn prepare_rules(config: &mut DemoConfig) -> Result<(), DemoError> {
+    if config.aggregator.rules.is_some() {
+        return Ok(());
+    }
+    let receiver = start_receiver().await.map_err(|source| DemoError::Setup {
+        what: "the webhook receiver",
+        source,
+    })?;
+    let path = std::env::temp_dir().join(format!("strobe-demo-rules-{}.toml", std::process::id()));
+    std::fs::write(&path, demo_rules(receiver)).map_err(|source| DemoError::Setup {
+        what: "the rules file",
+        source,
+    })?;
+    println!(
+        "strobe demo: rules in {} (edit them live), webhooks printed below",
+        path.display()
+    );
+    config.aggregator.rules = Some(path);
+    Ok(())
+}
+
 /// Runs the demo until `shutdown` completes; `ready` is told the HTTP address once it is bound.
 pub async fn run_demo(
     mut config: DemoConfig,
@@ -146,23 +169,7 @@ pub async fn run_demo(
             .saturating_sub(Duration::from_secs(1))
             .max(Duration::from_secs(3)),
     );
-    if config.aggregator.rules.is_none() {
-        let receiver = start_receiver().await.map_err(|source| DemoError::Setup {
-            what: "the webhook receiver",
-            source,
-        })?;
-        let path =
-            std::env::temp_dir().join(format!("strobe-demo-rules-{}.toml", std::process::id()));
-        std::fs::write(&path, demo_rules(receiver)).map_err(|source| DemoError::Setup {
-            what: "the rules file",
-            source,
-        })?;
-        println!(
-            "strobe demo: rules in {} (edit them live), webhooks printed below",
-            path.display()
-        );
-        config.aggregator.rules = Some(path);
-    }
+    prepare_rules(&mut config).await?;
     let aggregator = Aggregator::bind(config.aggregator).await?;
     let grpc = aggregator.grpc_addr();
     ready(aggregator.http_addr());

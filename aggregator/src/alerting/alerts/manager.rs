@@ -8,7 +8,7 @@
 //! where it stopped; the breach still going on finds it by rule, service and labels. One that no rule confirms
 //! within the restore grace (plus the rule's `for`) is resolved, and everyone told is told.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ use crate::alerting::rules::RulesStore;
 use crate::health::Health;
 
 /// How long resolved alerts stay listed.
+/// How long an alert taken over without a state directory's settings waits for its rule to confirm it.
+const DEFAULT_RESTORE_GRACE: Duration = Duration::from_secs(120);
 const RESOLVED_RETENTION: Duration = Duration::from_secs(3600);
 /// Most alerts listed; the oldest resolved go first.
 const MAX_RECORDS: usize = 1000;
@@ -50,6 +52,16 @@ enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<AlertRecord>>,
+    },
+    /// Take over a service's alerts (handed over by its previous owner); answers once they are held.
+    Adopt {
+        service: Arc<str>,
+        saved: Vec<SavedAlert>,
+        reply: oneshot::Sender<()>,
+    },
+    /// The service moved to another node: forget its alerts without resolving them (the new owner has them).
+    Disown {
+        service: Arc<str>,
     },
     /// Delivery is finished with one notification.
     Settled {
@@ -77,6 +89,13 @@ pub(crate) struct Persistence {
     pub(crate) canary_restore_grace: Duration,
 }
 
+/// Where each service's alert state goes whenever it changes, for the node that takes the service over next
+/// (the cluster implements it with etcd). Must not block.
+pub(crate) trait Handover: Send + Sync {
+    /// The service's alerts now (empty: none).
+    fn publish(&self, service: &str, alerts: Vec<SavedAlert>);
+}
+
 /// A handle to the alert manager; cheap to clone, never blocks the caller.
 #[derive(Clone)]
 pub(crate) struct Alerts {
@@ -93,6 +112,7 @@ impl Alerts {
         sink: mpsc::UnboundedSender<Notification>,
         health: Arc<Health>,
         persistence: Option<Persistence>,
+        handover: Option<Arc<dyn Handover>>,
         tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -105,8 +125,18 @@ impl Alerts {
             persistence,
             dirty: false,
             health: health.clone(),
+            handover,
+            handed_over: HashMap::new(),
         };
-        manager.restore();
+        if manager.handover.is_some() {
+            // In a cluster a service's alerts come with the service (from etcd), not from this node's file: this
+            // node may no longer own what it had.
+            info!(
+                message = "Cluster: alert state is taken over per service as services arrive, not restored from the state file."
+            );
+        } else {
+            manager.restore();
+        }
         tasks.spawn(manager.run(rx));
         Self { tx, health }
     }
@@ -137,6 +167,27 @@ impl Alerts {
         answer
             .await
             .unwrap_or_else(|_| Err(AckError::NotFound(id.to_owned())))
+    }
+
+    /// Takes over `service`'s alerts handed over by its previous owner; returns once the manager holds them.
+    pub(crate) async fn adopt(&self, service: Arc<str>, saved: Vec<SavedAlert>) {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Adopt {
+                service,
+                saved,
+                reply,
+            })
+            .is_ok()
+        {
+            answer.await.ok(); // the manager stopped: shutdown
+        }
+    }
+
+    /// Forgets `service`'s alerts without resolving them: it moved to another node, which has them.
+    pub(crate) fn disown(&self, service: Arc<str>) {
+        self.tx.send(Command::Disown { service }).ok(); // the manager stopped: shutdown
     }
 
     /// Every listed alert, newest first.
@@ -216,6 +267,10 @@ struct Manager {
     /// Something worth persisting changed since the last save.
     dirty: bool,
     health: Arc<Health>,
+    /// Where each service's state goes for the next owner (cluster only).
+    handover: Option<Arc<dyn Handover>>,
+    /// What was last handed over, per service (JSON), to send only what changed.
+    handed_over: HashMap<Arc<str>, String>,
 }
 
 impl Manager {
@@ -236,6 +291,16 @@ impl Manager {
                         let mut all: Vec<AlertRecord> = self.entries.values().map(|e| e.record.clone()).collect();
                         all.sort_by(|a, b| b.since.cmp(&a.since).then_with(|| a.id.cmp(&b.id)));
                         reply.send(all).ok(); // nobody waiting any more is fine
+                    }
+                    Some(Command::Adopt { service, saved, reply }) => {
+                        self.adopt(&service, saved);
+                        reply.send(()).ok(); // the asker may have gone
+                    }
+                    Some(Command::Disown { service }) => {
+                        let before = self.entries.len();
+                        self.entries.retain(|_, e| *e.record.service != *service);
+                        self.handed_over.remove(&service);
+                        info!(message = "Service moved to another node; its alerts are left to it.", %service, alerts = before - self.entries.len());
                     }
                     Some(Command::Settled { id, transition, step }) => {
                         if let Some(entry) = self.entries.get_mut(&id) {
@@ -273,6 +338,43 @@ impl Manager {
                 return;
             }
         };
+        let (grace, canary_grace) = (persistence.restore_grace, persistence.canary_restore_grace);
+        let path = persistence.file.path().display().to_string();
+        let (open, requeued) = self.take_saved(saved, grace, canary_grace);
+        info!(
+            message = "Alert state restored.", %path,
+            alerts = self.entries.len(), firing = open, notifications_queued_again = requeued,
+        );
+    }
+
+    /// A service's alerts handed over by its previous owner: held as after a restart (waiting for their rule to
+    /// confirm them, unfinished notifications queued again, escalation resumed).
+    fn adopt(&mut self, service: &Arc<str>, saved: Vec<SavedAlert>) {
+        let (grace, canary_grace) = self
+            .persistence
+            .as_ref()
+            .map_or((DEFAULT_RESTORE_GRACE, DEFAULT_RESTORE_GRACE), |p| {
+                (p.restore_grace, p.canary_restore_grace)
+            });
+        let saved: Vec<SavedAlert> = saved
+            .into_iter()
+            .filter(|s| *s.record.service == **service)
+            .collect();
+        if saved.is_empty() {
+            return;
+        }
+        let (open, requeued) = self.take_saved(saved, grace, canary_grace);
+        info!(message = "Alerts taken over.", %service, open, notifications_queued_again = requeued);
+        self.dirty = true;
+    }
+
+    /// Holds saved alerts: open ones wait for their rule; returns (open, notifications queued again).
+    fn take_saved(
+        &mut self,
+        saved: Vec<SavedAlert>,
+        grace: Duration,
+        canary_grace: Duration,
+    ) -> (usize, usize) {
         let now = Instant::now();
         let now_ms = strobe_proto::clock::unix_millis();
         let ago = |ms: i64| {
@@ -281,7 +383,6 @@ impl Manager {
             ))
             .unwrap_or(now)
         };
-        let (grace, canary_grace) = (persistence.restore_grace, persistence.canary_restore_grace);
         let rules = self.rules.current();
         let (mut open, mut requeued) = (0, 0);
         for saved in saved {
@@ -332,10 +433,7 @@ impl Manager {
             }
             self.entries.insert(entry.record.id.clone(), entry);
         }
-        info!(
-            message = "Alert state restored.", path = %persistence.file.path().display(),
-            alerts = self.entries.len(), firing = open, notifications_queued_again = requeued,
-        );
+        (open, requeued)
     }
 
     /// Writes the state file if something changed; a failure is logged and counted, and retried at the next
@@ -344,6 +442,7 @@ impl Manager {
         if !self.dirty {
             return;
         }
+        self.hand_over();
         let Some(persistence) = &self.persistence else {
             self.dirty = false;
             return;
@@ -354,6 +453,42 @@ impl Manager {
             Err(error) => {
                 self.health.alert_state_save_failures.inc();
                 error!(message = "Alert state not saved.", %error);
+            }
+        }
+    }
+
+    /// Sends each service's alerts whose state changed to the handover store (a service left with none sends an
+    /// empty list, so the next owner does not take over stale alerts).
+    fn hand_over(&mut self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let mut by_service: BTreeMap<Arc<str>, Vec<SavedAlert>> = BTreeMap::new();
+        for entry in self.entries.values() {
+            by_service
+                .entry(entry.record.service.clone())
+                .or_default()
+                .push(entry.saved());
+        }
+        let gone: Vec<Arc<str>> = self
+            .handed_over
+            .keys()
+            .filter(|s| !by_service.contains_key(*s))
+            .cloned()
+            .collect();
+        for service in gone {
+            by_service.insert(service, Vec::new());
+        }
+        for (service, alerts) in by_service {
+            let json = serde_json::to_string(&alerts).unwrap_or_default();
+            if self.handed_over.get(&service) == Some(&json) {
+                continue;
+            }
+            handover.publish(&service, alerts);
+            if json == "[]" {
+                self.handed_over.remove(&service);
+            } else {
+                self.handed_over.insert(service, json);
             }
         }
     }
@@ -801,6 +936,7 @@ escalation = [
             sink,
             health,
             persistence,
+            None,
             &mut tasks,
         );
         (alerts, notes, tasks)

@@ -7,5 +7,6 @@ pub(crate) mod payload;
 pub(crate) mod state;
 
 pub(crate) use delivery::{Deliverer, DeliverySettings, Notification};
-pub(crate) use manager::{AckError, Alerts, Persistence, RecordSink};
+pub(crate) use manager::{AckError, Alerts, Handover, Persistence, RecordSink};
+pub(crate) use state::SavedAlert;
 pub use state::StateError;

@@ -1,0 +1,551 @@
+//! Several aggregator nodes as one: membership in etcd, ownership by rendezvous hashing, alert state handed over
+//! through etcd, and the fan-in of other nodes' streams ([`relay`]).
+//!
+//! - **Membership.** Each node puts `<prefix>members/<id>` (its gRPC and HTTP addresses) under a lease it keeps
+//!   alive, and watches `<prefix>members/`. A node that dies stops keeping its lease alive; etcd deletes its key
+//!   when the lease expires (`lease_ttl`), and every node sees it go.
+//! - **Ownership.** A service belongs to the live member with the highest rendezvous score
+//!   ([`rendezvous::owner`]). A hello for a service owned elsewhere is answered with a `Redirect` to the owner. When
+//!   membership changes, each shard drops the services it no longer owns (their open seconds unacknowledged, so the
+//!   agents replay them to the new owner, which counts them once).
+//! - **Alert state** of each service is written to `<prefix>alerts/<service>` by its owner whenever it changes. A
+//!   node taking a service reads it before it takes the service's first snapshot, so an alert firing on a node that
+//!   died keeps its id, acknowledgement and escalation, is not paged again, and is resolved or escalated by the new
+//!   owner; the node giving a service away forgets its alerts without resolving them.
+//! - **etcd unavailable.** The node keeps the services it has (and the view it last had), refuses hellos for any
+//!   other service (the agent retries), and says so: a warning in the log, `strobe_cluster_etcd_up 0` on `/metrics`,
+//!   and `/api/v1/cluster` (which the dashboard shows). When etcd is back it registers again.
+
+pub(crate) mod relay;
+pub(crate) mod rendezvous;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, mpsc, watch};
+use tracing::{info, warn};
+
+use crate::alerting::alerts::{Alerts, Handover, SavedAlert};
+use crate::health::Health;
+
+/// How to join a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// etcd endpoints (`http://HOST:2379`); none: this node runs alone.
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    pub prefix: String,
+    /// How long after its last keep-alive a node's membership expires.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This node's id (default: `host-pid`); must be unique in the cluster.
+    pub node_id: Option<String>,
+    /// The gRPC address agents are redirected to (default: the bound address).
+    pub advertise_grpc: Option<String>,
+    /// The HTTP address other nodes read this node's stream from (default: the bound address).
+    pub advertise_http: Option<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            etcd: Vec::new(),
+            prefix: "/strobe/".to_owned(),
+            lease_ttl: Duration::from_secs(2),
+            node_id: None,
+            advertise_grpc: None,
+            advertise_http: None,
+        }
+    }
+}
+
+/// Why the cluster settings are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The lease TTL is under a second or not whole seconds.
+    #[error("the etcd lease TTL must be whole seconds, at least 1s")]
+    BadTtl,
+    /// An etcd endpoint is not a URL.
+    #[error("etcd endpoint {0:?} must look like http://HOST:PORT")]
+    BadEndpoint(String),
+}
+
+/// An etcd key and the value to put there.
+type KeyValue = (String, Vec<u8>);
+
+/// One node as the others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Member {
+    /// Unique node id.
+    pub(crate) id: String,
+    /// Where agents stream (`http://host:port` or `https://`).
+    pub(crate) grpc: String,
+    /// Where the dashboard, API and stream are (`http://host:port` or `https://`).
+    pub(crate) http: String,
+}
+
+/// Where a service's agents should stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Here.
+    Local,
+    /// At this member.
+    Remote(Member),
+    /// Nowhere yet: membership is unknown (etcd unreachable) and the service is not already here.
+    Unavailable(&'static str),
+}
+
+/// This node's view of the cluster, shared by ingest, the shards, the alert manager and the HTTP API.
+pub(crate) struct Cluster {
+    me: Member,
+    settings: ClusterSettings,
+    /// The live members, by id.
+    members: RwLock<BTreeMap<String, Member>>,
+    /// Bumped on every membership change; shards compare it to decide when to re-check what they own.
+    epoch: AtomicU64,
+    changes: watch::Sender<u64>,
+    etcd_up: AtomicBool,
+    /// Services with streams or state here: kept while etcd is away.
+    local: Mutex<HashSet<Arc<str>>>,
+    /// Services whose alert state was taken over from etcd, once per stay here.
+    adopted: Mutex<HashMap<Arc<str>, Arc<OnceCell<()>>>>,
+    /// Alert state to write, newest per service.
+    writes: mpsc::UnboundedSender<KeyValue>,
+    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<KeyValue>>>,
+    client: tokio::sync::Mutex<Option<Client>>,
+    health: Arc<Health>,
+    /// The token this node presents to the others (a read or admin token of the cluster).
+    peer_token: Option<String>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `/api/v1/cluster` says.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ClusterStatus {
+    pub(crate) node: String,
+    pub(crate) etcd_up: bool,
+    pub(crate) members: Vec<Member>,
+}
+
+impl Cluster {
+    /// A node of the cluster `settings` describe, reachable at `grpc` and `http` (already bound); `None` when no
+    /// etcd endpoint is set (the node runs alone). Nothing is contacted until [`Cluster::run`].
+    pub(crate) fn new(
+        settings: &ClusterSettings,
+        grpc: std::net::SocketAddr,
+        http: std::net::SocketAddr,
+        tls: bool,
+        peer_token: Option<String>,
+        health: Arc<Health>,
+    ) -> Result<Option<Arc<Self>>, ClusterError> {
+        if settings.etcd.is_empty() {
+            return Ok(None);
+        }
+        if settings.lease_ttl < Duration::from_secs(1) || settings.lease_ttl.subsec_nanos() != 0 {
+            return Err(ClusterError::BadTtl);
+        }
+        for endpoint in &settings.etcd {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ClusterError::BadEndpoint(endpoint.clone()));
+            }
+        }
+        let scheme = if tls { "https" } else { "http" };
+        let url = |advertised: &Option<String>, bound: std::net::SocketAddr| match advertised {
+            Some(a) if a.contains("://") => a.clone(),
+            Some(a) => format!("{scheme}://{a}"),
+            None => format!("{scheme}://{bound}"),
+        };
+        let me = Member {
+            id: settings
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+            grpc: url(&settings.advertise_grpc, grpc),
+            http: url(&settings.advertise_http, http),
+        };
+        let (writes, writes_rx) = mpsc::unbounded_channel();
+        let (changes, _) = watch::channel(0);
+        Ok(Some(Arc::new(Self {
+            me,
+            settings: settings.clone(),
+            members: RwLock::new(BTreeMap::new()),
+            epoch: AtomicU64::new(0),
+            changes,
+            etcd_up: AtomicBool::new(false),
+            local: Mutex::new(HashSet::new()),
+            adopted: Mutex::new(HashMap::new()),
+            writes,
+            writes_rx: Mutex::new(Some(writes_rx)),
+            client: tokio::sync::Mutex::new(None),
+            health,
+            peer_token,
+        })))
+    }
+
+    /// This node.
+    pub(crate) fn me(&self) -> &Member {
+        &self.me
+    }
+
+    /// The live members as last seen.
+    pub(crate) fn members(&self) -> Vec<Member> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// What `/api/v1/cluster` shows.
+    pub(crate) fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node: self.me.id.clone(),
+            etcd_up: self.etcd_up.load(Ordering::Relaxed),
+            members: self.members(),
+        }
+    }
+
+    /// Bumped on every membership change.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Wakes on every membership change.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The owner of `service` in the current view.
+    pub(crate) fn owner(&self, service: &str) -> Option<Member> {
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        let id = rendezvous::owner(service, members.keys().map(String::as_str))?;
+        members.get(id).cloned()
+    }
+
+    /// Where a hello for `service` goes.
+    pub(crate) fn route(&self, service: &str) -> Route {
+        let here = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(service);
+        if !self.etcd_up.load(Ordering::Relaxed) {
+            return if here {
+                Route::Local
+            } else {
+                Route::Unavailable(
+                    "cluster membership (etcd) is unreachable: this node takes no new services until it is back",
+                )
+            };
+        }
+        match self.owner(service) {
+            None => Route::Unavailable("no live cluster member yet"),
+            Some(owner) if owner.id == self.me.id => Route::Local,
+            Some(owner) => Route::Remote(owner),
+        }
+    }
+
+    /// Whether this node should keep `service` (shards ask after a membership change): its owner, or etcd is away
+    /// and it is already here.
+    pub(crate) fn keeps(&self, service: &str) -> bool {
+        matches!(self.route(service), Route::Local)
+    }
+
+    /// Notes that `service` is served here (a stream was taken).
+    pub(crate) fn note_local(&self, service: &Arc<str>) {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.clone());
+    }
+
+    /// `service` left this node (moved away, or went quiet): its alert state will be read again if it returns.
+    pub(crate) fn forget_local(&self, service: &str) {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service);
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service);
+    }
+
+    /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it (or
+    /// etcd could not say: then the service starts without it, logged).
+    pub(crate) async fn adopt(&self, service: &Arc<str>, alerts: &Alerts) {
+        let cell = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(service.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let key = format!("{}alerts/{service}", self.settings.prefix);
+            let client = self.client.lock().await.clone();
+            let saved = match client {
+                Some(mut client) => match tokio::time::timeout(ETCD_CALL, client.get(key, None)).await {
+                    Ok(Ok(response)) => response
+                        .kvs()
+                        .first()
+                        .and_then(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()).ok())
+                        .unwrap_or_default(),
+                    Ok(Err(error)) => {
+                        warn!(message = "Alert state of a service taken over could not be read; starting without it.", %service, %error);
+                        Vec::new()
+                    }
+                    Err(_) => {
+                        warn!(message = "Alert state of a service taken over could not be read in time; starting without it.", %service);
+                        Vec::new()
+                    }
+                },
+                None => Vec::new(),
+            };
+            if !saved.is_empty() {
+                info!(message = "Took over alert state.", %service, alerts = saved.len());
+            }
+            alerts.adopt(service.clone(), saved).await;
+        })
+        .await;
+    }
+
+    /// Keeps membership and writes alert state until the task is dropped.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let writes = self
+            .writes_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writes) = writes {
+            tokio::spawn(self.clone().write_alert_state(writes));
+        }
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.clone().member_session().await {
+                Ok(()) => return,
+                Err(error) => {
+                    if self.etcd_up.swap(false, Ordering::Relaxed) {
+                        warn!(message = "etcd unreachable: keeping the services here, taking no new ones.", %error);
+                    } else {
+                        tracing::debug!(message = "etcd still unreachable.", %error);
+                    }
+                    self.health.cluster_etcd_up.set(0);
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One registration: connect, lease, put, list, then keep alive and watch until something fails.
+    async fn member_session(self: Arc<Self>) -> Result<(), etcd_client::Error> {
+        let ttl = self.settings.lease_ttl;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(ETCD_CALL)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        let mut client = Client::connect(&self.settings.etcd, Some(options)).await?;
+        let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+        let key = format!("{}members/{}", self.settings.prefix, self.me.id);
+        let value = serde_json::to_vec(&self.me).unwrap_or_default();
+        client
+            .put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        let members_prefix = format!("{}members/", self.settings.prefix);
+        let listing = client
+            .get(
+                members_prefix.clone(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let revision = listing.header().map_or(0, |h| h.revision());
+        let mut view = BTreeMap::new();
+        for kv in listing.kvs() {
+            if let Ok(member) = serde_json::from_slice::<Member>(kv.value()) {
+                view.insert(member.id.clone(), member);
+            }
+        }
+        self.set_view(view);
+        let mut watch = client
+            .watch(
+                members_prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        let (mut keeper, mut kept) = client.lease_keep_alive(lease).await?;
+        *self.client.lock().await = Some(client.clone());
+        self.etcd_up.store(true, Ordering::Relaxed);
+        self.health.cluster_etcd_up.set(1);
+        info!(message = "Joined the cluster.", node = %self.me.id, members = self.members().len(), lease_ttl_s = ttl.as_secs());
+        let mut tick = tokio::time::interval(ttl / 3);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    keeper.keep_alive().await?;
+                }
+                answer = kept.message() => match answer? {
+                    // A TTL of 0: the lease is gone (expired while this node was away).
+                    Some(response) if response.ttl() > 0 => {}
+                    _ => return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
+                },
+                message = watch.message() => {
+                    let Some(response) = message? else {
+                        return Err(etcd_client::Error::WatchError("watch ended".into()));
+                    };
+                    let mut view: BTreeMap<String, Member> =
+                        self.members.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let id = kv
+                            .key_str()
+                            .ok()
+                            .and_then(|k| k.rsplit('/').next())
+                            .unwrap_or_default()
+                            .to_owned();
+                        match event.event_type() {
+                            EventType::Put => {
+                                if let Ok(member) = serde_json::from_slice::<Member>(kv.value()) {
+                                    view.insert(member.id.clone(), member);
+                                }
+                            }
+                            EventType::Delete => {
+                                view.remove(&id);
+                            }
+                        }
+                    }
+                    // This node's own key can only go if its lease expired: register again.
+                    if !view.contains_key(&self.me.id) {
+                        return Err(etcd_client::Error::LeaseKeepAliveError("membership expired".into()));
+                    }
+                    self.set_view(view);
+                }
+            }
+        }
+    }
+
+    fn set_view(&self, view: BTreeMap<String, Member>) {
+        let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+        if *members == view {
+            return;
+        }
+        info!(message = "Cluster membership changed.", members = ?view.keys().collect::<Vec<_>>());
+        self.health.cluster_members.set(view.len() as i64);
+        *members = view;
+        drop(members);
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changes.send_replace(epoch);
+    }
+
+    /// Writes alert state as it comes, the newest per service, retrying what fails.
+    async fn write_alert_state(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<KeyValue>) {
+        let mut waiting: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        loop {
+            if waiting.is_empty() {
+                match writes.recv().await {
+                    Some((key, value)) => {
+                        waiting.insert(key, value);
+                    }
+                    None => return,
+                }
+            }
+            while let Ok((key, value)) = writes.try_recv() {
+                waiting.insert(key, value);
+            }
+            let client = self.client.lock().await.clone();
+            let Some(mut client) = client else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            while let Some((key, value)) = waiting.pop_first() {
+                let put =
+                    tokio::time::timeout(ETCD_CALL, client.put(key.clone(), value.clone(), None))
+                        .await;
+                if !matches!(put, Ok(Ok(_))) {
+                    waiting.insert(key, value);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Handover for Cluster {
+    fn publish(&self, service: &str, alerts: Vec<SavedAlert>) {
+        let key = format!("{}alerts/{service}", self.settings.prefix);
+        match serde_json::to_vec(&alerts) {
+            Ok(value) => {
+                self.writes.send((key, value)).ok(); // the writer stops only at shutdown
+            }
+            Err(error) => {
+                warn!(message = "Alert state not serialised for handover.", %service, %error)
+            }
+        }
+    }
+}
+
+impl crate::publish::http::ClusterView for Cluster {
+    fn status_json(&self) -> serde_json::Value {
+        let status = self.status();
+        serde_json::json!({
+            "enabled": true,
+            "node": status.node,
+            "etcd": if status.etcd_up { "up" } else { "unreachable" },
+            "members": status.members,
+        })
+    }
+
+    fn node_id(&self) -> String {
+        self.me.id.clone()
+    }
+
+    fn peers(&self) -> Vec<(String, String)> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.id != self.me.id)
+            .map(|m| (m.id, m.http))
+            .collect()
+    }
+
+    fn peer_token(&self) -> Option<String> {
+        self.peer_token.clone()
+    }
+}
+
+/// How long one etcd call may take.
+const ETCD_CALL: Duration = Duration::from_secs(2);
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,429 @@
+//! Three aggregator nodes on a real etcd (Debian's `etcd-server`, installed by the test command): agents of 30
+//! services all dial the first node and are spread by redirects; a node killed with SIGKILL loses its services to
+//! the others and gets them back when it returns; every second of every service is counted exactly once across
+//! the moves; an alert firing on the killed node is neither lost nor sent twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strobe_agent::statsd::MetricType;
+use strobe_agent::{ShipperConfig, Window, WindowLimits, run_shipper};
+use strobe_proto as pb;
+
+use crate::receiver::Receiver;
+use crate::support::*;
+
+/// A single-member etcd on free loopback ports, its data in a fresh directory.
+struct Etcd {
+    _child: tokio::process::Child,
+    url: String,
+}
+
+impl Etcd {
+    async fn start() -> Self {
+        let binary = which("etcd").expect(
+            "etcd is not installed: run scripts/test, which installs Debian's etcd-server package",
+        );
+        let dir = std::env::temp_dir().join(format!("strobe-it-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let client = free_local_addr();
+        let peer = free_local_addr();
+        let child = tokio::process::Command::new(binary)
+            .args([
+                "--name",
+                "it",
+                "--data-dir",
+                &dir.join("data").display().to_string(),
+                "--listen-client-urls",
+                &format!("http://{client}"),
+                "--advertise-client-urls",
+                &format!("http://{client}"),
+                "--listen-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-cluster",
+                &format!("it=http://{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcd starts");
+        let addr: std::net::SocketAddr = client.parse().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && let Ok((200, body)) =
+                    tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", "/health", ""))
+                        .await
+                && body.contains("true")
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd healthy in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Self {
+            _child: child,
+            url: format!("http://{client}"),
+        }
+    }
+}
+
+fn rules(receiver: std::net::SocketAddr) -> String {
+    format!(
+        "[[rules]]\nname = \"errors\"\nmetric = \"errors\"\nstat = \"sum\"\nabove = 0.0\nfor = \"0s\"\n\
+         keep_firing_for = \"2s\"\nowner = \"team\"\n\n[[owners]]\nname = \"team\"\nescalation = [\n  \
+         {{ after = \"0s\", webhook = \"http://{receiver}/dev\", format = \"json\" }},\n]\n"
+    )
+}
+
+async fn node(etcd: &str, id: &str, rules: &std::path::Path, prefix: &str) -> Process {
+    let state = rules.with_file_name(format!("state-{id}"));
+    aggregator(&[
+        "--etcd",
+        etcd,
+        "--etcd-prefix",
+        prefix,
+        "--node-id",
+        id,
+        "--rules",
+        &rules.display().to_string(),
+        "--state-dir",
+        &state.display().to_string(),
+    ])
+    .await
+}
+
+/// One simulated instance per service, in this process, streaming over real gRPC with the agent's own shipper:
+/// each second one `ticks` (and one `errors` while `failing` says so).
+fn instance(
+    service: String,
+    seeds: String,
+    failing: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<BTreeSet<i64>> {
+    tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let identity = pb::Identity {
+            service: service.clone(),
+            version: "v1".into(),
+            zone: "z1".into(),
+            instance: format!("{service}-1"),
+            labels: Default::default(),
+        };
+        let config = ShipperConfig {
+            aggregator: seeds,
+            ..Default::default()
+        };
+        let shipper = tokio::spawn(run_shipper(identity, config, rx));
+        let mut sent = BTreeSet::new();
+        let mut second = unix_now().floor() as i64;
+        while !stop.load(Ordering::SeqCst) {
+            let next = (second + 1) as f64;
+            tokio::time::sleep(Duration::from_secs_f64((next - unix_now()).max(0.0) + 0.02)).await;
+            let mut window = Window::new(second, WindowLimits::default());
+            window.record_values("ticks", &[], MetricType::Counter, std::iter::once(1.0), 1.0);
+            if failing.load(Ordering::SeqCst) {
+                window.record_values(
+                    "errors",
+                    &[],
+                    MetricType::Counter,
+                    std::iter::once(1.0),
+                    1.0,
+                );
+            }
+            tx.send(window.close().0).await.unwrap();
+            sent.insert(second);
+            second += 1;
+        }
+        drop(tx);
+        let report = shipper.await.unwrap();
+        assert_eq!(
+            report.dropped, 0,
+            "{service}: nothing unacknowledged at the end"
+        );
+        sent
+    })
+}
+
+/// What n1's stream showed: each (service, second)'s ticks (a correction replaces), and when each service's newest
+/// second arrived.
+#[derive(Default)]
+struct Tally {
+    counted: BTreeMap<(String, i64), f64>,
+    seen_at: BTreeMap<String, (i64, Instant)>,
+}
+
+impl Tally {
+    fn record(&mut self, f: &Value) {
+        if f["type"] != "second" {
+            return;
+        }
+        let (Some(service), Some(t)) = (f["service"].as_str(), f["t"].as_i64()) else {
+            return;
+        };
+        if let Some(s) = series(f, "ticks", None, None) {
+            self.counted
+                .insert((service.to_owned(), t), s["sum"].as_f64().unwrap());
+            let newest = self
+                .seen_at
+                .entry(service.to_owned())
+                .or_insert((t, Instant::now()));
+            if t > newest.0 {
+                *newest = (t, Instant::now());
+            }
+        }
+    }
+}
+
+/// The owner of every service, as `/api/v1/services` on `http` says.
+async fn owners(http_addr: std::net::SocketAddr) -> BTreeMap<String, String> {
+    let (_, body) = http(http_addr, "GET", "/api/v1/services", "").await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s["service"].as_str()?.to_owned(),
+                s["owner"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_exactly_once() {
+    let etcd = Etcd::start().await;
+    let receiver = Receiver::start(0).await;
+    let rules_path = write_temp("cluster-rules.toml", &rules(receiver.addr));
+    let prefix = format!("/strobe-it-{}/", std::process::id());
+    let n1 = node(&etcd.url, "n1", &rules_path, &prefix).await;
+    let mut n2 = node(&etcd.url, "n2", &rules_path, &prefix).await;
+    let _n3 = node(&etcd.url, "n3", &rules_path, &prefix).await;
+    let http1 = n1.addr("http");
+    // Every agent dials n1 first; n1 redirects those it does not own.
+    let seeds = format!("http://{}", n1.addr("grpc"));
+    let mut ws = subscribe(http1, &[]).await;
+
+    let services: Vec<String> = (0..30).map(|i| format!("svc-{i:02}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failing: BTreeMap<String, Arc<AtomicBool>> = services
+        .iter()
+        .map(|s| (s.clone(), Arc::new(AtomicBool::new(false))))
+        .collect();
+    // Wait for all three members to know each other before the agents arrive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http(http1, "GET", "/api/v1/cluster", "").await;
+        let status: Value = serde_json::from_str(&body).unwrap();
+        if status["members"].as_array().map_or(0, Vec::len) == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three members: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("phase: members ready");
+    let instances: Vec<_> = services
+        .iter()
+        .map(|s| instance(s.clone(), seeds.clone(), failing[s].clone(), stop.clone()))
+        .collect();
+
+    // Counted per (service, second) as n1's stream shows them (its own and relayed); a correction replaces.
+    let mut tally = Tally::default();
+    // Every service streams, through n1, from its owner, and the owners are all three nodes.
+    next_frame(&mut ws, Duration::from_secs(30), |f| {
+        tally.record(f);
+        let live: BTreeSet<&String> = tally.counted.keys().map(|(s, _)| s).collect();
+        (live.len() == services.len()).then_some(())
+    })
+    .await;
+    eprintln!("phase: all services live");
+    let before = owners(http1).await;
+    assert_eq!(before.len(), services.len(), "{before:?}");
+    let nodes: BTreeSet<&String> = before.values().collect();
+    assert_eq!(nodes.len(), 3, "spread over the three nodes: {before:?}");
+
+    // An alert fires on a service n2 owns.
+    let on_n2: Vec<String> = before
+        .iter()
+        .filter(|(_, o)| *o == "n2")
+        .map(|(s, _)| s.clone())
+        .collect();
+    let alerting = on_n2[0].clone();
+    failing[&alerting].store(true, Ordering::SeqCst);
+    let alert_id = loop {
+        let fired: Vec<_> = receiver
+            .received()
+            .into_iter()
+            .filter(|r| r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str())
+            .collect();
+        if let Some(first) = fired.first() {
+            break first.alert_id.clone();
+        }
+        next_frame(&mut ws, Duration::from_secs(20), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+    };
+    eprintln!("phase: alert fired");
+    // Its delivery written down (settled) before the kill, as in the single-node restart test.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // SIGKILL n2: its services stream again from their new owners.
+    let killed_at = Instant::now();
+    let killed_second = unix_now().floor() as i64;
+    drop(n2);
+    let mut back: BTreeMap<String, Duration> = BTreeMap::new();
+    next_frame(&mut ws, Duration::from_secs(30), |f| {
+        tally.record(f);
+        for service in &on_n2 {
+            if let Some((t, at)) = tally.seen_at.get(service)
+                && *t > killed_second
+                && *at > killed_at
+            {
+                back.entry(service.clone()).or_insert(*at - killed_at);
+            }
+        }
+        (back.len() == on_n2.len()).then_some(())
+    })
+    .await;
+    let mut gaps: Vec<Duration> = back.values().copied().collect();
+    gaps.sort();
+    println!(
+        "cluster failover: {} services of the killed node streaming again from their new owners after \
+         median {:?}, max {:?} (live second newer than the kill, seen on n1)",
+        gaps.len(),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1]
+    );
+    eprintln!("phase: failover done");
+    let during = owners(http1).await;
+    for service in &on_n2 {
+        assert_ne!(
+            during.get(service).map(String::as_str),
+            Some("n2"),
+            "{during:?}"
+        );
+    }
+    // Run a while on two nodes, then bring n2 back: its services return to it.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+    }
+    eprintln!("phase: restarting n2");
+    n2 = node(&etcd.url, "n2", &rules_path, &prefix).await;
+    let _n2 = &n2;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        let now = owners(http1).await;
+        if on_n2
+            .iter()
+            .all(|s| now.get(s).map(String::as_str) == Some("n2"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2's services back on n2: {now:?}"
+        );
+    }
+    eprintln!("phase: services back on n2");
+    // The alert, still breaching, was never paged again; now it clears and is resolved once.
+    failing[&alerting].store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while receiver.count("dev", &alert_id, "resolved") == 0 {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resolved: {:?}",
+            receiver.received()
+        );
+    }
+    eprintln!("phase: resolved");
+    stop.store(true, Ordering::SeqCst);
+    let mut sent: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for (service, task) in services.iter().zip(instances) {
+        sent.insert(service.clone(), task.await.unwrap());
+    }
+    // The last seconds seal and reach n1.
+    let last = sent
+        .values()
+        .filter_map(|s| s.last())
+        .max()
+        .copied()
+        .unwrap();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        tally.record(f);
+        services
+            .iter()
+            .all(|s| tally.counted.contains_key(&(s.clone(), last)))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // corrections still on their way
+    while let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) =
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            futures_util::StreamExt::next(&mut ws),
+        )
+        .await
+    {
+        let f: Value = serde_json::from_str(&text).unwrap();
+        tally.record(&f);
+    }
+
+    // Every second every instance sent is counted exactly once, across the kill, the failover and the return.
+    let mut missing = Vec::new();
+    for (service, seconds) in &sent {
+        for t in seconds {
+            match tally.counted.get(&(service.clone(), *t)) {
+                Some(n) if *n == 1.0 => {}
+                other => missing.push((service.clone(), *t, other.copied())),
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "seconds not counted exactly once: {missing:?}"
+    );
+    assert_eq!(
+        receiver.count("dev", &alert_id, "firing"),
+        1,
+        "{:?}",
+        receiver.received()
+    );
+    assert_eq!(
+        receiver.count("dev", &alert_id, "resolved"),
+        1,
+        "{:?}",
+        receiver.received()
+    );
+}
