@@ -74,7 +74,31 @@ async function start() {
   if (response.status === 401) return;  // the token form is up
   if (response.status === 403) { setConn("down", "this token may not read"); return; }
   loadAlerts();
+  loadCluster();
   connect();
+}
+
+// A node of a cluster says which it is and whether etcd answers; while it does not, this node keeps its services
+// but takes no new ones, and the page says so.
+async function loadCluster() {
+  try {
+    const response = await api("/api/v1/cluster");
+    const body = await response.json();
+    const pill = $("cluster");
+    if (body.enabled) {
+      const members = (body.members || []).length;
+      pill.hidden = false;
+      if (body.etcd === "up") {
+        pill.className = "pill";
+        pill.textContent = `node ${body.node} of ${members}`;
+        pill.title = (body.members || []).map(m => `${m.id}: ${m.http}`).join("\n");
+      } else {
+        pill.className = "pill down";
+        pill.textContent = `node ${body.node}: etcd unreachable, taking no new services`;
+      }
+    }
+  } catch (e) { /* tried again below */ }
+  setTimeout(loadCluster, 5000);
 }
 
 function connect() {

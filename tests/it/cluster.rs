@@ -17,44 +17,63 @@ use strobe_proto as pb;
 use crate::receiver::Receiver;
 use crate::support::*;
 
-/// A single-member etcd on free loopback ports, its data in a fresh directory.
+/// A single-member etcd on free loopback ports, its data in a fresh directory; stopped when dropped.
 struct Etcd {
-    _child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
     url: String,
+    args: Vec<String>,
 }
 
 impl Etcd {
     async fn start() -> Self {
-        let binary = which("etcd").expect(
-            "etcd is not installed: run scripts/test, which installs Debian's etcd-server package",
-        );
-        let dir = std::env::temp_dir().join(format!("strobe-it-etcd-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "strobe-it-etcd-{}-{}",
+            std::process::id(),
+            free_local_addr().rsplit(':').next().unwrap()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let client = free_local_addr();
         let peer = free_local_addr();
-        let child = tokio::process::Command::new(binary)
-            .args([
-                "--name",
-                "it",
-                "--data-dir",
-                &dir.join("data").display().to_string(),
-                "--listen-client-urls",
-                &format!("http://{client}"),
-                "--advertise-client-urls",
-                &format!("http://{client}"),
-                "--listen-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-cluster",
-                &format!("it=http://{peer}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("etcd starts");
-        let addr: std::net::SocketAddr = client.parse().unwrap();
+        let args = vec![
+            "--name".to_owned(),
+            "it".to_owned(),
+            "--data-dir".to_owned(),
+            dir.join("data").display().to_string(),
+            "--listen-client-urls".to_owned(),
+            format!("http://{client}"),
+            "--advertise-client-urls".to_owned(),
+            format!("http://{client}"),
+            "--listen-peer-urls".to_owned(),
+            format!("http://{peer}"),
+            "--initial-advertise-peer-urls".to_owned(),
+            format!("http://{peer}"),
+            "--initial-cluster".to_owned(),
+            format!("it=http://{peer}"),
+        ];
+        let mut etcd = Self {
+            child: None,
+            url: format!("http://{client}"),
+            args,
+        };
+        etcd.resume().await;
+        etcd
+    }
+
+    /// Starts (again) on the same ports and data, and waits until it is healthy.
+    async fn resume(&mut self) {
+        let binary = which("etcd").expect(
+            "etcd is not installed: run scripts/test, which installs Debian's etcd-server package",
+        );
+        self.child = Some(
+            tokio::process::Command::new(binary)
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("etcd starts"),
+        );
+        let addr: std::net::SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -71,9 +90,12 @@ impl Etcd {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Self {
-            _child: child,
-            url: format!("http://{client}"),
+    }
+
+    /// SIGKILL.
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.ok();
         }
     }
 }
@@ -269,7 +291,9 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         let fired: Vec<_> = receiver
             .received()
             .into_iter()
-            .filter(|r| r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str())
+            .filter(|r| {
+                r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str()
+            })
             .collect();
         if let Some(first) = fired.first() {
             break first.alert_id.clone();
@@ -425,5 +449,106 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         1,
         "{:?}",
         receiver.received()
+    );
+}
+
+/// The value of a sample line on a `/metrics` page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// etcd down: the node keeps streaming the service it has, refuses a new one (and says so on `/metrics` and
+/// `/api/v1/cluster`), and takes it once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_a_node_keeps_its_services_and_takes_no_new_ones_until_it_is_back() {
+    let mut etcd = Etcd::start().await;
+    let prefix = format!("/strobe-it-down-{}/", std::process::id());
+    let rules = write_temp("cluster-down-rules.toml", "");
+    let n1 = node(&etcd.url, "solo", &rules, &prefix).await;
+    let http1 = n1.addr("http");
+    let seeds = format!("http://{}", n1.addr("grpc"));
+    let mut ws = subscribe(http1, &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let calm = Arc::new(AtomicBool::new(false));
+    let kept = instance("kept".into(), seeds.clone(), calm.clone(), stop.clone());
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        (f["service"] == "kept").then_some(())
+    })
+    .await;
+
+    etcd.kill().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, page) = http(http1, "GET", "/metrics", "").await;
+        if metric(&page, "strobe_cluster_etcd_up") == Some(0.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "etcd_up 0: {page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status) = http(http1, "GET", "/api/v1/cluster", "").await;
+    assert!(status.contains("\"etcd\":\"unreachable\""), "{status}");
+    // A new service is refused while etcd is away; the one here keeps streaming.
+    let new = instance("new".into(), seeds.clone(), calm.clone(), stop.clone());
+    let mut kept_seconds = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            assert_ne!(
+                f["service"], "new",
+                "a new service taken while etcd was away"
+            );
+            if f["type"] == "second" && f["service"] == "kept" {
+                kept_seconds += 1;
+            }
+            Some(())
+        })
+        .await;
+    }
+    assert!(
+        kept_seconds >= 2,
+        "the service already here kept streaming: {kept_seconds}"
+    );
+    let (_, page) = http(http1, "GET", "/metrics", "").await;
+    assert!(
+        metric(&page, "strobe_cluster_refused_total").unwrap_or(0.0) >= 1.0,
+        "{page}"
+    );
+
+    // etcd back: the new service is taken, and nothing it sent meanwhile is lost.
+    etcd.resume().await;
+    let mut counted: BTreeMap<i64, f64> = BTreeMap::new();
+    let mut note = |f: &Value| {
+        if f["type"] == "second"
+            && f["service"] == "new"
+            && let Some(s) = series(f, "ticks", None, None)
+        {
+            counted.insert(f["t"].as_i64().unwrap(), s["sum"].as_f64().unwrap());
+        }
+    };
+    next_frame(&mut ws, Duration::from_secs(30), |f| {
+        note(f);
+        (f["service"] == "new").then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let sent_new = new.await.unwrap();
+    kept.await.unwrap();
+    let last = *sent_new.last().unwrap();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        note(f);
+        (f["service"] == "new" && f["t"].as_i64() == Some(last)).then_some(())
+    })
+    .await;
+    let wrong: Vec<_> = sent_new
+        .iter()
+        .filter(|t| counted.get(t) != Some(&1.0))
+        .map(|t| (*t, counted.get(t).copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "seconds of the new service not counted once: {wrong:?}"
     );
 }
