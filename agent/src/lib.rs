@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// How long one scrape may take.
     #[serde(with = "humantime_serde")]
     pub scrape_timeout: std::time::Duration,
+    /// Largest page a scrape reads, in bytes (a larger one fails the scrape).
+    pub scrape_max_bytes: usize,
     /// Where the agent's own `/metrics` is served (`None`, `"none"` in TOML: not served).
     #[serde(with = "addr_or_none")]
     pub metrics_addr: Option<SocketAddr>,
@@ -99,6 +101,7 @@ impl Default for AgentConfig {
             parse_limits: ParseLimits::default(),
             scrape: Vec::new(),
             scrape_timeout: std::time::Duration::from_millis(800),
+            scrape_max_bytes: 16 << 20,
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9102))),
             otlp_grpc_addr: None,
             otlp_http_addr: None,
@@ -423,6 +426,7 @@ async fn fold_loop(
         scrapers.spawn(scrape::scrape_loop(
             url.clone(),
             config.scrape_timeout,
+            config.scrape_max_bytes,
             clock.clone(),
             samples_tx.clone(),
             health.clone(),

@@ -17,6 +17,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+mod exposition;
+
 use prometheus_parse::{Scrape, Value};
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -44,13 +46,21 @@ type Key = (String, Vec<(String, String)>);
 pub struct ScrapeState {
     counters: HashMap<Key, f64>,
     histograms: HashMap<Key, Vec<(f64, f64)>>,
+    natives: HashMap<Key, Vec<(f64, f64)>>,
 }
 
-fn tags_of(labels: &prometheus_parse::Labels, skip: &str) -> Vec<(String, String)> {
+/// One sample of a page, whichever format it came in.
+struct PageSample {
+    metric: String,
+    labels: Vec<(String, String)>,
+    value: Value,
+}
+
+fn tags_of(labels: &[(String, String)], skip: &str) -> Vec<(String, String)> {
     let mut tags: Vec<(String, String)> = labels
         .iter()
         .filter(|(k, _)| k.as_str() != skip)
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .cloned()
         .collect();
     tags.sort();
     tags.dedup_by(|a, b| a.0 == b.0);
@@ -61,8 +71,69 @@ impl ScrapeState {
     /// Turns one scrape's text into samples for the open second.
     pub fn fold(&mut self, text: &str) -> Result<Vec<Scraped>, std::io::Error> {
         let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let samples = scrape
+            .samples
+            .into_iter()
+            .map(|sample| PageSample {
+                labels: sample
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                metric: sample.metric,
+                value: sample.value,
+            })
+            .collect();
+        Ok(self.fold_samples(samples, Vec::new()))
+    }
+
+    /// Turns one scrape of the protobuf exposition (length-delimited `MetricFamily` messages) into samples for the
+    /// open second: everything the text format carries, and native histograms.
+    pub fn fold_protobuf(&mut self, bytes: &[u8]) -> Result<Vec<Scraped>, prost::DecodeError> {
+        let (samples, natives) = exposition::samples(bytes)?;
+        Ok(self.fold_samples(samples, natives))
+    }
+
+    /// A page's body, by its content type.
+    pub fn fold_page(&mut self, content_type: &str, body: &[u8]) -> Result<Vec<Scraped>, String> {
+        if content_type.starts_with(exposition::CONTENT_TYPE) {
+            self.fold_protobuf(body).map_err(|e| e.to_string())
+        } else {
+            let text = std::str::from_utf8(body).map_err(|e| e.to_string())?;
+            self.fold(text).map_err(|e| e.to_string())
+        }
+    }
+
+    fn fold_samples(
+        &mut self,
+        samples: Vec<PageSample>,
+        natives: Vec<exposition::Native>,
+    ) -> Vec<Scraped> {
         let mut out = Vec::new();
-        for sample in scrape.samples {
+        for native in natives {
+            let tags = tags_of(&native.labels, "");
+            let timer = native.name.ends_with("_seconds");
+            let key = (native.name.clone(), tags.clone());
+            let now = native.buckets(if timer { 1000.0 } else { 1.0 });
+            let previous = self.natives.insert(key, now.clone());
+            let Some(previous) = previous else {
+                continue; // the first scrape sets the baseline
+            };
+            let values = exposition::bucket_deltas(&previous, &now);
+            if !values.is_empty() {
+                out.push(Scraped {
+                    name: native.name,
+                    tags,
+                    kind: if timer {
+                        MetricType::Timer
+                    } else {
+                        MetricType::Histogram
+                    },
+                    values,
+                });
+            }
+        }
+        for sample in samples {
             // Counters, and the `_sum` and `_count` of histograms and summaries (and untyped `_total`s), are
             // cumulative: they become deltas.
             let cumulative = match sample.value {
@@ -146,7 +217,7 @@ impl ScrapeState {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     fn counter_delta(&mut self, name: &str, tags: &[(String, String)], value: f64) -> Option<f64> {
@@ -206,11 +277,47 @@ fn bucket_deltas(
     out
 }
 
+/// One page: its content type and body, at most `max_bytes` of it (a larger page is an error, not a truncation).
+async fn fetch(
+    client: &reqwest::Client,
+    url: &str,
+    max_bytes: usize,
+) -> Result<(String, Vec<u8>), String> {
+    let mut response = client
+        .get(url)
+        .header("accept", exposition::ACCEPT)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| e.to_string())?;
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("text/plain")
+        .to_owned();
+    if response
+        .content_length()
+        .is_some_and(|n| n > max_bytes as u64)
+    {
+        return Err(format!("page larger than scrape_max_bytes ({max_bytes})"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(format!("page larger than scrape_max_bytes ({max_bytes})"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((content_type, body))
+}
+
 /// Scrapes `url` every second, half a second off the boundary, and hands the samples to `out`. A failed scrape is
 /// logged (once per run of failures) and tried again the next second.
 pub async fn scrape_loop(
     url: String,
     timeout: Duration,
+    max_bytes: usize,
     clock: strobe_proto::clock::AgentClock,
     out: mpsc::Sender<Vec<Scraped>>,
     health: std::sync::Arc<crate::health::AgentHealth>,
@@ -232,20 +339,8 @@ pub async fn scrape_loop(
         // Half a second off the boundary of the windows' clock (the aggregator's, once the agent follows it).
         let wait = clock.until_next_second() + Duration::from_millis(500);
         tokio::time::sleep(wait).await;
-        let text = match client
-            .get(&url)
-            .header("accept", "text/plain;version=0.0.4")
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-        {
-            Ok(response) => response.text().await,
-            Err(error) => Err(error),
-        };
-        match text
-            .map_err(|e| e.to_string())
-            .and_then(|t| state.fold(&t).map_err(|e| e.to_string()))
-        {
+        let page = fetch(&client, &url, max_bytes).await;
+        match page.and_then(|(content_type, body)| state.fold_page(&content_type, &body)) {
             Ok(samples) => {
                 failing = false;
                 health.count_scrape(&url, true);

@@ -306,6 +306,7 @@ async fn ship(
     };
     let mut seed = 0;
     let mut target = seeds[0].clone();
+    let mut redirects_in_row: u32 = 0;
     let mut failures: u32 = 0;
     let mut input_open = true;
     loop {
@@ -339,16 +340,31 @@ async fn ship(
             Session::InputClosed if buffer.snapshots.is_empty() => return report,
             Session::InputClosed => return give_up(buffer, report),
             Session::Redirected(address) => {
-                info!(message = "Redirected.", service = %identity.service, %address);
-                target = address;
-                failures = 0;
-                continue;
+                if target.starts_with("https://") && !address.starts_with("https://") {
+                    // Never from TLS to plain text on an aggregator's word: the seeds are asked again.
+                    warn!(message = "Redirect from TLS to plain text refused.", service = %identity.service, %address);
+                    target = seeds[seed].clone();
+                    failures = failures.saturating_add(1);
+                } else {
+                    info!(message = "Redirected.", service = %identity.service, %address);
+                    target = address;
+                    redirects_in_row += 1;
+                    failures = 0;
+                    // Nodes whose views of the cluster differ for a moment may send it back and forth: after a few
+                    // hops in a row, wait as after a failure.
+                    if redirects_in_row > 3 {
+                        tokio::time::sleep(backoff_delay(&config, redirects_in_row - 3)).await;
+                    }
+                    continue;
+                }
             }
             Session::Resend => {
                 failures = 0;
                 continue;
             }
             Session::Lost { connected } => {
+                // Any session that did not end in a redirect ends a run of redirects.
+                redirects_in_row = 0;
                 if connected {
                     failures = 0;
                 } else if !seeds.contains(&target) {

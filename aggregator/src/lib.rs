@@ -195,12 +195,20 @@ impl Aggregator {
                 config.insecure_no_auth && config.admin_tokens.is_empty(),
             ),
         )?;
-        // A node presents one of the cluster's read (or admin) tokens to the others, which share the token config.
+        // A node presents the cluster's first read token to the others (which share the token config); never an admin
+        // token, which could change their rules.
         let peer_token = config
             .read_tokens
             .iter()
-            .chain(&config.admin_tokens)
             .find_map(|spec| auth::secret_of(spec));
+        if !config.cluster.etcd.is_empty()
+            && peer_token.is_none()
+            && !config.admin_tokens.is_empty()
+        {
+            warn!(
+                message = "Cluster with tokens but no read token: other nodes' streams cannot be relayed here. Give every node a read token."
+            );
+        }
         let cluster = cluster::Cluster::new(
             &config.cluster,
             grpc.local_addr().unwrap_or(config.grpc_addr),

@@ -129,6 +129,7 @@ async fn node(etcd: &str, id: &str, rules: &std::path::Path, prefix: &str) -> Pr
 /// each second one `ticks` (and one `errors` while `failing` says so).
 fn instance(
     service: String,
+    n: u32,
     seeds: String,
     failing: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -139,7 +140,7 @@ fn instance(
             service: service.clone(),
             version: "v1".into(),
             zone: "z1".into(),
-            instance: format!("{service}-1"),
+            instance: format!("{service}-{n}"),
             labels: Default::default(),
         };
         let config = ShipperConfig {
@@ -207,6 +208,44 @@ impl Tally {
     }
 }
 
+/// Collects one node's own second frames until its stream ends: (service, second) -> ticks, corrections replacing.
+fn collect_local(
+    http_addr: std::net::SocketAddr,
+) -> Arc<std::sync::Mutex<BTreeMap<(String, i64), f64>>> {
+    let seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let into = seen.clone();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let Ok((mut ws, _)) =
+            tokio_tungstenite::connect_async(format!("ws://{http_addr}/api/v1/stream?local=true"))
+                .await
+        else {
+            return;
+        };
+        while let Some(Ok(message)) = ws.next().await {
+            let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                continue;
+            };
+            let Ok(f) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if f["type"] != "second" {
+                continue;
+            }
+            if let (Some(service), Some(t), Some(s)) = (
+                f["service"].as_str(),
+                f["t"].as_i64(),
+                series(&f, "ticks", None, None),
+            ) {
+                into.lock()
+                    .unwrap()
+                    .insert((service.to_owned(), t), s["sum"].as_f64().unwrap_or(0.0));
+            }
+        }
+    });
+    seen
+}
+
 /// The owner of every service, as `/api/v1/services` on `http` says.
 async fn owners(http_addr: std::net::SocketAddr) -> BTreeMap<String, String> {
     let (_, body) = http(http_addr, "GET", "/api/v1/services", "").await;
@@ -232,7 +271,7 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     let prefix = format!("/strobe-it-{}/", std::process::id());
     let n1 = node(&etcd.url, "n1", &rules_path, &prefix).await;
     let mut n2 = node(&etcd.url, "n2", &rules_path, &prefix).await;
-    let _n3 = node(&etcd.url, "n3", &rules_path, &prefix).await;
+    let n3 = node(&etcd.url, "n3", &rules_path, &prefix).await;
     let http1 = n1.addr("http");
     // Every agent dials n1 first; n1 redirects those it does not own.
     let seeds = format!("http://{}", n1.addr("grpc"));
@@ -259,9 +298,34 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("phase: members ready");
-    let instances: Vec<_> = services
+    // Each node's own frames (`?local=true`), collected apart: a second counted by two nodes shows up here.
+    let mut by_node = vec![
+        collect_local(http1),
+        collect_local(n2.addr("http")),
+        collect_local(n3.addr("http")),
+    ];
+    // Two instances per service; the second never fails.
+    let calm = Arc::new(AtomicBool::new(false));
+    let instances: Vec<(String, tokio::task::JoinHandle<BTreeSet<i64>>)> = services
         .iter()
-        .map(|s| instance(s.clone(), seeds.clone(), failing[s].clone(), stop.clone()))
+        .flat_map(|s| {
+            [
+                (
+                    s.clone(),
+                    instance(
+                        s.clone(),
+                        1,
+                        seeds.clone(),
+                        failing[s].clone(),
+                        stop.clone(),
+                    ),
+                ),
+                (
+                    s.clone(),
+                    instance(s.clone(), 2, seeds.clone(), calm.clone(), stop.clone()),
+                ),
+            ]
+        })
         .collect();
 
     // Counted per (service, second) as n1's stream shows them (its own and relayed); a correction replaces.
@@ -355,7 +419,7 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     }
     eprintln!("phase: restarting n2");
     n2 = node(&etcd.url, "n2", &rules_path, &prefix).await;
-    let _n2 = &n2;
+    by_node.push(collect_local(n2.addr("http")));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         next_frame(&mut ws, Duration::from_secs(10), |f| {
@@ -394,8 +458,9 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     eprintln!("phase: resolved");
     stop.store(true, Ordering::SeqCst);
     let mut sent: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
-    for (service, task) in services.iter().zip(instances) {
-        sent.insert(service.clone(), task.await.unwrap());
+    for (service, task) in instances {
+        let seconds = task.await.unwrap();
+        sent.entry(service).or_default().extend(seconds);
     }
     // The last seconds seal and reach n1.
     let last = sent
@@ -424,20 +489,34 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         tally.record(&f);
     }
 
-    // Every second every instance sent is counted exactly once, across the kill, the failover and the return.
-    let mut missing = Vec::new();
+    // Every second both instances sent is counted exactly once, across the kill, the failover and the return: as
+    // n1 shows every service (fan-in), and summed over what each node published itself.
+    let mut wrong = Vec::new();
+    let nodes: Vec<BTreeMap<(String, i64), f64>> =
+        by_node.iter().map(|n| n.lock().unwrap().clone()).collect();
     for (service, seconds) in &sent {
         for t in seconds {
-            match tally.counted.get(&(service.clone(), *t)) {
-                Some(n) if *n == 1.0 => {}
-                other => missing.push((service.clone(), *t, other.copied())),
+            let key = (service.clone(), *t);
+            let fan_in = tally.counted.get(&key).copied();
+            let summed: f64 = nodes.iter().filter_map(|n| n.get(&key)).sum();
+            if fan_in != Some(2.0) || summed != 2.0 {
+                wrong.push((service.clone(), *t, fan_in, summed));
             }
         }
     }
     assert!(
-        missing.is_empty(),
-        "seconds not counted exactly once: {missing:?}"
+        wrong.is_empty(),
+        "seconds not counted exactly once (service, t, on n1, summed over nodes): {wrong:?}"
     );
+    // One page for the alert's service, under any id, across the kill and the return.
+    let pages = receiver
+        .received()
+        .iter()
+        .filter(|r| {
+            r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str()
+        })
+        .count();
+    assert_eq!(pages, 1, "{:?}", receiver.received());
     assert_eq!(
         receiver.count("dev", &alert_id, "firing"),
         1,
@@ -472,7 +551,7 @@ async fn without_etcd_a_node_keeps_its_services_and_takes_no_new_ones_until_it_i
     let mut ws = subscribe(http1, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let calm = Arc::new(AtomicBool::new(false));
-    let kept = instance("kept".into(), seeds.clone(), calm.clone(), stop.clone());
+    let kept = instance("kept".into(), 1, seeds.clone(), calm.clone(), stop.clone());
     next_frame(&mut ws, Duration::from_secs(20), |f| {
         (f["service"] == "kept").then_some(())
     })
@@ -491,7 +570,7 @@ async fn without_etcd_a_node_keeps_its_services_and_takes_no_new_ones_until_it_i
     let (_, status) = http(http1, "GET", "/api/v1/cluster", "").await;
     assert!(status.contains("\"etcd\":\"unreachable\""), "{status}");
     // A new service is refused while etcd is away; the one here keeps streaming.
-    let new = instance("new".into(), seeds.clone(), calm.clone(), stop.clone());
+    let new = instance("new".into(), 1, seeds.clone(), calm.clone(), stop.clone());
     let mut kept_seconds = 0;
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {

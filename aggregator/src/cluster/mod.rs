@@ -70,9 +70,24 @@ pub enum ClusterError {
     /// The lease TTL is under a second or not whole seconds.
     #[error("the etcd lease TTL must be whole seconds, at least 1s")]
     BadTtl,
-    /// An etcd endpoint is not a URL.
-    #[error("etcd endpoint {0:?} must look like http://HOST:PORT")]
+    /// An etcd endpoint is not a plain-HTTP URL.
+    #[error(
+        "etcd endpoint {0:?} must look like http://HOST:PORT (TLS and auth to etcd are not supported yet)"
+    )]
     BadEndpoint(String),
+    /// The node id has characters a key segment cannot hold.
+    #[error("node id {0:?} must be letters, digits, '.', '_' or '-'")]
+    BadNodeId(String),
+    /// Bound to every interface and nothing else to tell other nodes and agents.
+    #[error(
+        "{what} is bound to {addr}, which other nodes and agents cannot dial: set --advertise-{what} to an address they can"
+    )]
+    Unadvertisable {
+        /// `grpc` or `http`.
+        what: &'static str,
+        /// The bound address.
+        addr: std::net::SocketAddr,
+    },
 }
 
 /// An etcd key and the value to put there.
@@ -157,8 +172,16 @@ impl Cluster {
             return Err(ClusterError::BadTtl);
         }
         for endpoint in &settings.etcd {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            if !endpoint.starts_with("http://") {
                 return Err(ClusterError::BadEndpoint(endpoint.clone()));
+            }
+        }
+        for (what, advertised, bound) in [
+            ("grpc", &settings.advertise_grpc, grpc),
+            ("http", &settings.advertise_http, http),
+        ] {
+            if advertised.is_none() && bound.ip().is_unspecified() {
+                return Err(ClusterError::Unadvertisable { what, addr: bound });
             }
         }
         let scheme = if tls { "https" } else { "http" };
@@ -167,11 +190,19 @@ impl Cluster {
             Some(a) => format!("{scheme}://{a}"),
             None => format!("{scheme}://{bound}"),
         };
+        let id = settings
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(ClusterError::BadNodeId(id));
+        }
         let me = Member {
-            id: settings
-                .node_id
-                .clone()
-                .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+            id,
             grpc: url(&settings.advertise_grpc, grpc),
             http: url(&settings.advertise_http, http),
         };
@@ -272,7 +303,15 @@ impl Cluster {
             .insert(service.clone());
     }
 
-    /// `service` left this node (moved away, or went quiet): its alert state will be read again if it returns.
+    /// `service` went quiet here: it is no longer kept while etcd is away (its alerts stay with this node's manager).
+    pub(crate) fn forget_idle(&self, service: &str) {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service);
+    }
+
+    /// `service` moved away: its alert state will be read again if it returns.
     pub(crate) fn forget_local(&self, service: &str) {
         self.local
             .lock()
@@ -284,9 +323,10 @@ impl Cluster {
             .remove(service);
     }
 
-    /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it (or
-    /// etcd could not say: then the service starts without it, logged).
-    pub(crate) async fn adopt(&self, service: &Arc<str>, alerts: &Alerts) {
+    /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it.
+    /// When etcd cannot say, the service is not taken (the hello is refused and the agent tries again): starting
+    /// without its alerts would page again for what was already told.
+    pub(crate) async fn adopt(&self, service: &Arc<str>, alerts: &Alerts) -> Result<(), String> {
         let cell = self
             .adopted
             .lock()
@@ -294,33 +334,31 @@ impl Cluster {
             .entry(service.clone())
             .or_default()
             .clone();
-        cell.get_or_init(|| async {
+        cell.get_or_try_init(|| async {
             let key = format!("{}alerts/{service}", self.settings.prefix);
             let client = self.client.lock().await.clone();
-            let saved = match client {
-                Some(mut client) => match tokio::time::timeout(ETCD_CALL, client.get(key, None)).await {
-                    Ok(Ok(response)) => response
-                        .kvs()
-                        .first()
-                        .and_then(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()).ok())
-                        .unwrap_or_default(),
-                    Ok(Err(error)) => {
-                        warn!(message = "Alert state of a service taken over could not be read; starting without it.", %service, %error);
-                        Vec::new()
-                    }
-                    Err(_) => {
-                        warn!(message = "Alert state of a service taken over could not be read in time; starting without it.", %service);
-                        Vec::new()
-                    }
-                },
-                None => Vec::new(),
+            let Some(mut client) = client else {
+                return Err("etcd not connected".to_owned());
+            };
+            let saved = match tokio::time::timeout(ETCD_CALL, client.get(key, None)).await {
+                Ok(Ok(response)) => response
+                    .kvs()
+                    .first()
+                    .map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
+                    .transpose()
+                    .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
+                    .unwrap_or_default(),
+                Ok(Err(error)) => return Err(format!("reading alert state of {service}: {error}")),
+                Err(_) => return Err(format!("reading alert state of {service}: timed out")),
             };
             if !saved.is_empty() {
                 info!(message = "Took over alert state.", %service, alerts = saved.len());
             }
             alerts.adopt(service.clone(), saved).await;
+            Ok(())
         })
-        .await;
+        .await
+        .map(|_| ())
     }
 
     /// Keeps membership and writes alert state until the task is dropped.
@@ -458,7 +496,8 @@ impl Cluster {
         self.changes.send_replace(epoch);
     }
 
-    /// Writes alert state as it comes, the newest per service, retrying what fails.
+    /// Writes alert state as it comes, the newest per service, retrying what fails (one failing key does not hold
+    /// up the others).
     async fn write_alert_state(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<KeyValue>) {
         let mut waiting: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         loop {
@@ -478,19 +517,33 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            while let Some((key, value)) = waiting.pop_first() {
+            let mut failed = BTreeMap::new();
+            for (key, value) in std::mem::take(&mut waiting) {
+                if value.len() > MAX_HANDOVER_BYTES {
+                    warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
+                    continue;
+                }
                 let put =
                     tokio::time::timeout(ETCD_CALL, client.put(key.clone(), value.clone(), None))
                         .await;
                 if !matches!(put, Ok(Ok(_))) {
-                    waiting.insert(key, value);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
+                    failed.insert(key, value);
                 }
+            }
+            if !failed.is_empty() {
+                // Newer values that came meanwhile win over the failed ones.
+                while let Ok((key, value)) = writes.try_recv() {
+                    failed.insert(key, value);
+                }
+                waiting = failed;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 }
+
+/// Largest alert state of one service written to etcd (its default request limit is 1.5 MiB).
+const MAX_HANDOVER_BYTES: usize = 1 << 20;
 
 impl Handover for Cluster {
     fn publish(&self, service: &str, alerts: Vec<SavedAlert>) {

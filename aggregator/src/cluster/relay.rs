@@ -57,14 +57,18 @@ async fn relay(member: Member, hub: Arc<Hub>, token: Option<String>) {
             .replacen("https://", "wss://", 1)
     );
     let mut connected_once = false;
+    let mut failing = false;
     loop {
         match read(&url, &hub, token.as_deref(), &mut connected_once).await {
             Ok(()) => {
-                debug!(message = "Relay closed by its member; reconnecting.", node = %member.id)
+                failing = false;
+                debug!(message = "Relay closed by its member (or fell behind); reconnecting.", node = %member.id);
             }
-            Err(error) => {
-                debug!(message = "Relay failed; reconnecting.", node = %member.id, %error)
+            Err(error) if !failing => {
+                failing = true;
+                warn!(message = "Relaying a member's stream failed; retrying every half second.", node = %member.id, %error);
             }
+            Err(error) => debug!(message = "Relay still failing.", node = %member.id, %error),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -90,6 +94,10 @@ async fn read(
     while let Some(message) = socket.next().await {
         match message? {
             Message::Text(text) => {
+                // Fell behind: reconnect, and the backfill fills the gap (frames already here are replaced).
+                if text.len() < 100 && text.as_str().contains("\"type\":\"lagged\"") {
+                    return Ok(());
+                }
                 if let Err(error) = hub.publish_relayed(text.as_str()) {
                     warn!(message = "A relayed frame was not understood; skipped.", %error);
                 }

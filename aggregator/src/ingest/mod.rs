@@ -87,7 +87,19 @@ impl pb::ingest_server::Ingest for IngestService {
             match cluster.route(&instance.service) {
                 Route::Local => {
                     // Its alerts first (handed over by the node that had it), then its data.
-                    cluster.adopt(&instance.service, &self.alerts).await;
+                    if let Err(why) = cluster.adopt(&instance.service, &self.alerts).await {
+                        self.health.cluster_refused.inc();
+                        warn!(message = "Service not taken: its alert state could not be read.", service = %instance.service, %why);
+                        return Err(Status::unavailable(why));
+                    }
+                    // Membership may have moved while its alerts were read.
+                    if !cluster.keeps(&instance.service) {
+                        self.alerts.disown(instance.service.clone());
+                        cluster.forget_local(&instance.service);
+                        return Err(Status::unavailable(
+                            "the service moved to another node; reconnect",
+                        ));
+                    }
                     cluster.note_local(&instance.service);
                 }
                 Route::Remote(owner) => {
@@ -117,10 +129,19 @@ impl pb::ingest_server::Ingest for IngestService {
         };
         let limits = self.limits.clone();
         let health = self.health.clone();
+        let cluster = self.cluster.clone();
         self.streams.spawn(async move {
             health.agent_streams.inc();
-            let result =
-                serve_stream(inbound, &instance, &mut stream, &limits, &health, &tx).await;
+            let result = serve_stream(
+                inbound,
+                &instance,
+                &mut stream,
+                &limits,
+                &health,
+                &tx,
+                cluster.as_deref(),
+            )
+            .await;
             health.agent_streams.dec();
             if let Err(status) = result {
                 debug!(message = "Agent stream ended with an error.", instance = %instance.id, error = %status.message());
@@ -148,8 +169,12 @@ async fn serve_stream(
     limits: &Limits,
     health: &Health,
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
+    cluster: Option<&crate::cluster::Cluster>,
 ) -> Result<(), Status> {
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
+    // In a cluster: the stream ends when its service moves to another node (the agent reconnects, is redirected,
+    // and replays what was not acknowledged here).
+    let mut moves = cluster.map(|c| c.changes());
     // The shard says here which of this stream's seconds are counted (sealed, or merged into a sealed second);
     // only those are acknowledged, so an aggregator that dies before a seal loses nothing the agent let go of.
     let (acker, mut counted) = mpsc::unbounded_channel::<i64>();
@@ -171,6 +196,25 @@ async fn serve_stream(
                 }
                 waiting = waiting.saturating_sub(1);
                 send(tx, ack(t)).await?;
+                continue;
+            }
+            changed = async {
+                match moves.as_mut() {
+                    Some(moves) => moves.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if changed.is_err() {
+                    moves = None; // the cluster stopped (shutdown)
+                    continue;
+                }
+                if let Some(cluster) = cluster
+                    && !cluster.keeps(&instance.service)
+                {
+                    return Err(Status::unavailable(
+                        "this service moved to another node; reconnect and send again what is unacknowledged",
+                    ));
+                }
                 continue;
             }
             message = inbound.message() => message?,

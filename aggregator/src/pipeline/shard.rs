@@ -119,7 +119,13 @@ fn give_away(
         .cloned()
         .collect();
     for name in leaving {
-        services.remove(&name);
+        if let Some(mut state) = services.remove(&name) {
+            // Late snapshots already merged into sealed seconds are published (and acknowledged) now: sent again
+            // to the new owner, which never saw those seconds, they would replace them with a part.
+            contain(&name, context, || {
+                state.publish_corrections(i64::MAX, context)
+            });
+        }
         cluster.forget_local(&name);
         context.alerts.disown(name.clone());
         context.health.cluster_services_moved.inc();
@@ -192,6 +198,16 @@ async fn run_shard(
                 let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
                 context.health.arrival_delay.observe(millis_as_seconds(now.saturating_sub(end_ms)));
                 let service = snapshot.instance.service.clone();
+                // In a cluster, a service this node no longer keeps is not started again by a snapshot that was
+                // already on its way: its stream hears the state is lost, reconnects and is redirected.
+                if !services.contains_key(&service)
+                    && let Some(cluster) = &context.cluster
+                    && !cluster.keeps(&service)
+                {
+                    acker.send(super::service::STATE_LOST).ok(); // the stream may have ended already
+                    drop(reservation);
+                    continue;
+                }
                 let state = services
                     .entry(service.clone())
                     .or_insert_with(|| ServiceState::new(service.clone(), context.settings));
@@ -233,7 +249,7 @@ async fn run_shard(
                         // Contained like every other transition: a bug here costs this service, not the shard.
                         contain(&name, &context, || state.evict(&name, horizon, now, &context));
                         if let Some(cluster) = &context.cluster {
-                            cluster.forget_local(&name);
+                            cluster.forget_idle(&name);
                         }
                     }
                 }

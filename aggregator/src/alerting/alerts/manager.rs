@@ -297,6 +297,8 @@ impl Manager {
                         reply.send(()).ok(); // the asker may have gone
                     }
                     Some(Command::Disown { service }) => {
+                        // Its newest state goes to the next owner first.
+                        self.hand_over();
                         let before = self.entries.len();
                         self.entries.retain(|_, e| *e.record.service != *service);
                         self.handed_over.remove(&service);
@@ -356,9 +358,10 @@ impl Manager {
             .map_or((DEFAULT_RESTORE_GRACE, DEFAULT_RESTORE_GRACE), |p| {
                 (p.restore_grace, p.canary_restore_grace)
             });
+        // What this manager already holds is newer than what was handed over.
         let saved: Vec<SavedAlert> = saved
             .into_iter()
-            .filter(|s| *s.record.service == **service)
+            .filter(|s| *s.record.service == **service && !self.entries.contains_key(&s.record.id))
             .collect();
         if saved.is_empty() {
             return;
