@@ -175,7 +175,7 @@ pub(crate) struct AggregatorArgs {
     /// Key prefix of this cluster in etcd [default: /strobe/].
     #[arg(help_heading = "Cluster", long, env = "STROBE_ETCD_PREFIX")]
     pub(crate) etcd_prefix: Option<String>,
-    /// How long a node that stops answering stays a member, e.g. `2s` [default: 2s].
+    /// How long a node that stops answering stays a member, whole seconds, e.g. `2s` [default: 2s].
     #[arg(help_heading = "Cluster", long, env = "STROBE_ETCD_LEASE_TTL", value_parser = humantime::parse_duration)]
     pub(crate) etcd_lease_ttl: Option<Duration>,
     /// This node's id in the cluster [default: host-pid].
@@ -306,7 +306,8 @@ pub(crate) struct AgentArgs {
     /// Extra identity label `key=value` (repeatable), e.g. `deployer=alice`.
     #[arg(help_heading = "Identity", long = "label", env = "STROBE_LABEL", value_delimiter = ',', value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
-    /// The aggregator's gRPC address, `http://` or `https://` [default: http://127.0.0.1:7070].
+    /// The aggregator's gRPC address, `http://` or `https://`; nodes of a cluster comma-separated, tried in turn
+    /// [default: http://127.0.0.1:7070].
     #[arg(help_heading = "Aggregator", long, env = "STROBE_AGGREGATOR")]
     pub(crate) aggregator: Option<String>,
     /// UDP address for DogStatsD [default: 127.0.0.1:8125].

@@ -212,8 +212,13 @@ fn bind_statsd(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSock
         if let Err(error) = socket.set_recv_buffer_size(buffer_bytes) {
             tracing::warn!(message = "Could not size the DogStatsD receive buffer.", %error, asked = buffer_bytes);
         }
-        let got = socket.recv_buffer_size().unwrap_or(0);
+        let reported = socket.recv_buffer_size().unwrap_or(0);
         // Linux reports twice what it grants (the other half is its bookkeeping).
+        let got = if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        };
         if got < buffer_bytes {
             tracing::warn!(
                 message = "The DogStatsD receive buffer is smaller than asked; raise net.core.rmem_max to avoid drops in bursts.",

@@ -21,7 +21,7 @@
 //!
 //! A point is folded into the second it arrives in, not the second its timestamp names.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -55,8 +55,10 @@ type Key = (String, Vec<(String, String)>);
 #[derive(Debug, Clone)]
 struct Previous {
     start_unix_nano: u64,
-    /// Counter value, or histogram bucket counts (with the count of the point last).
+    /// Counter value, or histogram bucket counts.
     values: Vec<f64>,
+    /// A histogram's sum of values.
+    sum: Option<f64>,
     /// The export (this receiver's count) that last saw it, for eviction.
     seen: u64,
 }
@@ -65,6 +67,8 @@ struct Previous {
 #[derive(Debug)]
 pub struct OtlpState {
     previous: HashMap<Key, Previous>,
+    /// Cumulative exponential series: (start, counts, export last seen).
+    exp_previous: HashMap<Key, (u64, ExpCounts, u64)>,
     /// When this agent started (unix ns): a series that started later has nothing before its first export.
     agent_start_unix_nano: u64,
     /// Most cumulative series remembered; the least recently seen go first.
@@ -88,6 +92,7 @@ impl OtlpState {
     pub fn new(agent_start_unix_nano: u64, max_series: usize) -> Self {
         Self {
             previous: HashMap::new(),
+            exp_previous: HashMap::new(),
             agent_start_unix_nano,
             max_series: max_series.max(1),
             exports: 0,
@@ -166,22 +171,41 @@ impl OtlpState {
                         continue;
                     };
                     let tags = tags(&point.attributes);
-                    let values = if cumulative {
+                    let (mut values, new_sum) = if cumulative {
                         let now: Vec<f64> = point.bucket_counts.iter().map(|&c| c as f64).collect();
-                        match self.delta(name, &tags, point.start_time_unix_nano, &now) {
-                            Some(delta) => buckets
-                                .iter()
-                                .zip(delta)
-                                .map(|(&(at, _), n)| (at, n.max(0.0).round() as u64))
-                                .collect(),
+                        match self.delta_with_sum(
+                            name,
+                            &tags,
+                            point.start_time_unix_nano,
+                            &now,
+                            point.sum,
+                        ) {
+                            Some((delta, sum)) => (
+                                buckets
+                                    .iter()
+                                    .zip(delta)
+                                    .map(|(&(at, _), n)| (at, n.max(0.0).round() as u64))
+                                    .collect(),
+                                sum,
+                            ),
                             None => {
                                 counts.baseline += 1;
                                 continue;
                             }
                         }
                     } else {
-                        buckets
+                        (buckets, point.sum)
                     };
+                    // All of the new observations in one bucket: their mean (from the sum) places them better
+                    // than the bucket's middle (a 0.2 s request in the SDK's default (0, 5] s bucket is 200 ms,
+                    // not 2.5 s).
+                    let mut filled = values.iter_mut().filter(|(_, n)| *n > 0);
+                    if let (Some(only), None, Some(sum)) = (filled.next(), filled.next(), new_sum) {
+                        let mean = sum / only.1 as f64 * scale;
+                        if mean.is_finite() {
+                            only.0 = mean;
+                        }
+                    }
                     push_histogram(out, name, tags, kind, values);
                     counts.taken += 1;
                 }
@@ -191,21 +215,13 @@ impl OtlpState {
                     histogram.aggregation_temporality == AggregationTemporality::Cumulative as i32;
                 let (kind, scale) = histogram_kind(&metric.unit);
                 for point in &histogram.data_points {
-                    let Some(buckets) = exponential_buckets(point, scale) else {
+                    let Some(now) = ExpCounts::of(point) else {
                         counts.rejected += 1;
                         continue;
                     };
                     let tags = tags(&point.attributes);
-                    let values = if cumulative {
-                        // Buckets move (the offset) between exports: difference by value, within one scale.
-                        let mut key_tags = tags.clone();
-                        key_tags.push(("\u{1f}scale".to_owned(), point.scale.to_string()));
-                        match self.delta_by_value(
-                            name,
-                            &key_tags,
-                            point.start_time_unix_nano,
-                            &buckets,
-                        ) {
+                    let new = if cumulative {
+                        match self.exp_delta(name, &tags, point.start_time_unix_nano, now) {
                             Some(delta) => delta,
                             None => {
                                 counts.baseline += 1;
@@ -213,9 +229,9 @@ impl OtlpState {
                             }
                         }
                     } else {
-                        buckets
+                        now
                     };
-                    push_histogram(out, name, tags, kind, values);
+                    push_histogram(out, name, tags, kind, new.values(scale));
                     counts.taken += 1;
                 }
             }
@@ -224,6 +240,7 @@ impl OtlpState {
                     let tags = tags(&point.attributes);
                     for q in &point.quantile_values {
                         if !(q.value.is_finite() && q.quantile.is_finite()) {
+                            counts.rejected += 1;
                             continue;
                         }
                         let mut tags = tags.clone();
@@ -290,81 +307,197 @@ impl OtlpState {
         start_unix_nano: u64,
         now: &[f64],
     ) -> Option<Vec<f64>> {
+        self.delta_with_sum(name, tags, start_unix_nano, now, None)
+            .map(|(delta, _)| delta)
+    }
+
+    /// [`Self::delta`], and the change of the series' sum when the point has one (a histogram's).
+    fn delta_with_sum(
+        &mut self,
+        name: &str,
+        tags: &[(String, String)],
+        start_unix_nano: u64,
+        now: &[f64],
+        sum: Option<f64>,
+    ) -> Option<(Vec<f64>, Option<f64>)> {
         let key = (name.to_owned(), tags.to_vec());
         let exports = self.exports;
         let fresh = Previous {
             start_unix_nano,
             values: now.to_vec(),
+            sum,
             seen: exports,
         };
         let started_since_us = start_unix_nano > 0 && start_unix_nano >= self.agent_start_unix_nano;
         match self.previous.insert(key, fresh) {
             // First sight: whole if the series began after this agent did, else a baseline.
-            None => started_since_us.then(|| now.to_vec()),
+            None => started_since_us.then(|| (now.to_vec(), sum)),
             Some(before) => {
                 let restarted = before.start_unix_nano != start_unix_nano
                     || before.values.len() != now.len()
                     || now.iter().zip(&before.values).any(|(n, b)| n < b);
                 Some(if restarted {
-                    now.to_vec()
+                    (now.to_vec(), sum)
                 } else {
-                    now.iter().zip(&before.values).map(|(n, b)| n - b).collect()
+                    (
+                        now.iter().zip(&before.values).map(|(n, b)| n - b).collect(),
+                        sum.zip(before.sum).map(|(n, b)| n - b),
+                    )
                 })
             }
         }
     }
 
-    /// Like [`Self::delta`] for buckets given as (value, count), matched by value: a bucket absent before had none.
-    fn delta_by_value(
+    /// The new observations of a cumulative exponential series since its previous export, bucket by bucket. The
+    /// SDK lowers the scale as the range grows: the previous counts are merged down to the new scale first. A count
+    /// lower than before, a new start time or a finer scale is a restart (everything is new).
+    fn exp_delta(
         &mut self,
         name: &str,
         tags: &[(String, String)],
         start_unix_nano: u64,
-        now: &[(f64, u64)],
-    ) -> Option<Vec<(f64, u64)>> {
-        let flat: Vec<f64> = now.iter().flat_map(|&(at, n)| [at, n as f64]).collect();
+        now: ExpCounts,
+    ) -> Option<ExpCounts> {
         let key = (name.to_owned(), tags.to_vec());
         let started_since_us = start_unix_nano > 0 && start_unix_nano >= self.agent_start_unix_nano;
-        let before = self.previous.insert(
-            key,
-            Previous {
-                start_unix_nano,
-                values: flat,
-                seen: self.exports,
-            },
-        );
-        let Some(before) = before else {
-            return started_since_us.then(|| now.to_vec());
+        let before = self
+            .exp_previous
+            .insert(key, (start_unix_nano, now.clone(), self.exports));
+        let Some((before_start, before, _)) = before else {
+            return started_since_us.then_some(now);
         };
-        let then: HashMap<u64, f64> = before
-            .values
-            .chunks_exact(2)
-            .map(|pair| (pair[0].to_bits(), pair[1]))
-            .collect();
-        let mut out = Vec::with_capacity(now.len());
-        for &(at, n) in now {
-            let was = then.get(&at.to_bits()).copied().unwrap_or(0.0);
-            if (n as f64) < was {
-                return Some(now.to_vec()); // fewer than before: a restart
-            }
-            out.push((at, n - was as u64));
+        if before_start != start_unix_nano || now.scale > before.scale {
+            return Some(now);
         }
-        if before.start_unix_nano != start_unix_nano || then.len() > now.len() {
-            return Some(now.to_vec());
-        }
-        Some(out)
+        Some(now.minus(&before.downscale(now.scale)).unwrap_or(now))
     }
 
-    /// Forgets the least recently seen series beyond `max_series`.
+    /// Forgets the least recently seen series beyond `max_series` (exactly: ties broken arbitrarily).
     fn evict(&mut self) {
-        if self.previous.len() <= self.max_series {
+        let total = self.previous.len() + self.exp_previous.len();
+        if total <= self.max_series {
             return;
         }
-        let mut seen: Vec<u64> = self.previous.values().map(|p| p.seen).collect();
-        let cut = seen.len() - self.max_series;
-        seen.select_nth_unstable(cut);
-        let oldest_kept = seen[cut];
-        self.previous.retain(|_, p| p.seen >= oldest_kept);
+        let mut seen: Vec<(u64, bool, Key)> = self
+            .previous
+            .iter()
+            .map(|(k, p)| (p.seen, false, k.clone()))
+            .chain(
+                self.exp_previous
+                    .iter()
+                    .map(|(k, p)| (p.2, true, k.clone())),
+            )
+            .collect();
+        seen.sort_unstable_by_key(|(n, _, _)| *n);
+        for (_, exponential, key) in seen.into_iter().take(total - self.max_series) {
+            if exponential {
+                self.exp_previous.remove(&key);
+            } else {
+                self.previous.remove(&key);
+            }
+        }
+    }
+}
+
+/// An exponential point's counts by bucket index.
+#[derive(Debug, Clone, PartialEq)]
+struct ExpCounts {
+    scale: i32,
+    zero: u64,
+    positive: BTreeMap<i32, u64>,
+    negative: BTreeMap<i32, u64>,
+}
+
+/// Most buckets one exponential point may have (the SDK keeps 160 by default).
+const MAX_EXP_BUCKETS: usize = 10_000;
+
+impl ExpCounts {
+    /// The point's counts, or `None` when its scale is outside OTLP's range or it has absurdly many buckets.
+    fn of(
+        point: &opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint,
+    ) -> Option<Self> {
+        if !(-10..=20).contains(&point.scale) {
+            return None;
+        }
+        let side = |buckets: &Option<
+            opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets,
+        >| {
+            let mut out = BTreeMap::new();
+            if let Some(b) = buckets {
+                if b.bucket_counts.len() > MAX_EXP_BUCKETS {
+                    return None;
+                }
+                for (i, &n) in b.bucket_counts.iter().enumerate() {
+                    if n > 0 {
+                        out.insert(b.offset.checked_add(i32::try_from(i).ok()?)?, n);
+                    }
+                }
+            }
+            Some(out)
+        };
+        Some(Self {
+            scale: point.scale,
+            zero: point.zero_count,
+            positive: side(&point.positive)?,
+            negative: side(&point.negative)?,
+        })
+    }
+
+    /// The same counts at a coarser `scale`: bucket `i` becomes `i >> (self.scale - scale)`.
+    fn downscale(&self, scale: i32) -> Self {
+        let shift = (self.scale - scale).clamp(0, 31);
+        let merge = |side: &BTreeMap<i32, u64>| {
+            let mut out = BTreeMap::new();
+            for (&i, &n) in side {
+                *out.entry(i >> shift).or_insert(0) += n;
+            }
+            out
+        };
+        Self {
+            scale: scale.min(self.scale),
+            zero: self.zero,
+            positive: merge(&self.positive),
+            negative: merge(&self.negative),
+        }
+    }
+
+    /// `self - before` at the same scale, or `None` when a count went down (a restart).
+    fn minus(&self, before: &Self) -> Option<Self> {
+        let side = |now: &BTreeMap<i32, u64>, then: &BTreeMap<i32, u64>| {
+            if then.keys().any(|i| !now.contains_key(i)) {
+                return None;
+            }
+            let mut out = BTreeMap::new();
+            for (&i, &n) in now {
+                let d = n.checked_sub(then.get(&i).copied().unwrap_or(0))?;
+                if d > 0 {
+                    out.insert(i, d);
+                }
+            }
+            Some(out)
+        };
+        Some(Self {
+            scale: self.scale,
+            zero: self.zero.checked_sub(before.zero)?,
+            positive: side(&self.positive, &before.positive)?,
+            negative: side(&self.negative, &before.negative)?,
+        })
+    }
+
+    /// Each bucket's count at its geometric middle (bucket `i` holds `(base^i, base^(i+1)]`), times `unit`;
+    /// negative buckets as negative values; the zero bucket at 0.
+    fn values(&self, unit: f64) -> Vec<(f64, u64)> {
+        let base = 2f64.powf(2f64.powi(-self.scale));
+        let mut out = Vec::new();
+        if self.zero > 0 {
+            out.push((0.0, self.zero));
+        }
+        for (side, sign) in [(&self.positive, 1.0), (&self.negative, -1.0)] {
+            for (&i, &n) in side {
+                out.push((sign * base.powf(f64::from(i) + 0.5) * unit, n));
+            }
+        }
+        out
     }
 }
 
@@ -437,38 +570,6 @@ fn explicit_buckets(point: &HistogramDataPoint, scale: f64) -> Option<Vec<(f64, 
             (None, None) => max.or(min).unwrap_or(0.0),
         };
         out.push((at * scale, n));
-    }
-    Some(out)
-}
-
-/// An exponential point as (value at the bucket's geometric middle, count), negative buckets as negative values,
-/// or `None` when its scale is outside OTLP's range.
-fn exponential_buckets(
-    point: &opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint,
-    scale: f64,
-) -> Option<Vec<(f64, u64)>> {
-    if !(-10..=20).contains(&point.scale) {
-        return None;
-    }
-    let base = 2f64.powf(2f64.powi(-point.scale));
-    let mut out = Vec::new();
-    if point.zero_count > 0 {
-        out.push((0.0, point.zero_count));
-    }
-    for (buckets, sign) in [(&point.positive, 1.0), (&point.negative, -1.0)] {
-        let Some(buckets) = buckets else { continue };
-        for (i, &n) in buckets.bucket_counts.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let index = f64::from(buckets.offset) + i as f64;
-            // Bucket `index` holds (base^index, base^(index+1)]; its geometric middle is base^(index + 0.5).
-            let at = base.powf(index + 0.5);
-            if !at.is_finite() {
-                return None;
-            }
-            out.push((sign * at * scale, n));
-        }
     }
     Some(out)
 }
@@ -546,7 +647,10 @@ impl OtlpReceiver {
 
     /// The gRPC service (`opentelemetry.proto.collector.metrics.v1.MetricsService`).
     pub fn grpc(self, max_request_bytes: usize) -> MetricsServiceServer<Self> {
-        MetricsServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+        MetricsServiceServer::new(self)
+            .max_decoding_message_size(max_request_bytes)
+            // The OpenTelemetry Collector's exporter compresses by default.
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
     }
 
     /// The HTTP/protobuf route (`POST /v1/metrics`).
@@ -841,5 +945,83 @@ mod tests {
             state.fold(&request(vec![metric]));
         }
         assert!(state.previous.len() <= 2);
+    }
+
+    fn exponential(scale: i32, offset: i32, counts: Vec<u64>) -> Metric {
+        Metric {
+            name: "size".into(),
+            data: Some(Data::ExponentialHistogram(ExponentialHistogram {
+                data_points: vec![ExponentialHistogramDataPoint {
+                    scale,
+                    start_time_unix_nano: 5,
+                    positive: Some(Buckets {
+                        offset,
+                        bucket_counts: counts,
+                    }),
+                    ..Default::default()
+                }],
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cumulative_exponential_histogram_whose_scale_drops_is_not_counted_twice() {
+        let mut state = OtlpState::new(0, 100);
+        // Scale 3: buckets 24 and 25 hold 2 and 1.
+        let (first, _) = state.fold(&request(vec![exponential(3, 24, vec![2, 1])]));
+        let total = |out: &[Scraped]| {
+            out.iter()
+                .flat_map(|s| &s.values)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        assert_eq!(total(&first), 3);
+        // A wide value arrives: the SDK drops to scale 2 (buckets 24, 25 -> 12) and adds one in bucket 20.
+        let (second, _) = state.fold(&request(vec![exponential(
+            2,
+            12,
+            vec![3, 0, 0, 0, 0, 0, 0, 0, 1],
+        )]));
+        assert_eq!(total(&second), 1, "only the new value: {second:?}");
+    }
+
+    #[test]
+    fn the_series_bound_holds_even_when_one_export_brings_more() {
+        let mut state = OtlpState::new(0, 10);
+        let many: Vec<Metric> = (0..50)
+            .map(|i| {
+                let mut m = sum(1, 7, AggregationTemporality::Cumulative, true);
+                m.name = format!("m{i}");
+                m
+            })
+            .collect();
+        state.fold(&request(many));
+        assert_eq!(state.previous.len(), 10);
+    }
+
+    #[test]
+    fn new_observations_all_in_one_bucket_are_placed_at_their_mean() {
+        let mut state = OtlpState::new(0, 100);
+        let mut metric = histogram(vec![0, 0, 0, 0], 5, "s");
+        let point = |m: &mut Metric, counts: Vec<u64>, sum: f64| {
+            if let Some(Data::Histogram(h)) = &mut m.data {
+                h.data_points[0].bucket_counts = counts;
+                h.data_points[0].sum = Some(sum);
+            }
+        };
+        point(&mut metric, vec![0, 0, 0, 0], 0.0);
+        state.fold(&request(vec![metric.clone()]));
+        // Five requests of 0.2 s each, all in (0.1, 1] s.
+        point(&mut metric, vec![0, 0, 5, 0], 1.0);
+        let (out, _) = state.fold(&request(vec![metric]));
+        assert_eq!(out[0].values.len(), 1);
+        assert!(
+            (out[0].values[0].0 - 200.0).abs() < 1e-9,
+            "{:?}",
+            out[0].values
+        );
+        assert_eq!(out[0].values[0].1, 5);
     }
 }

@@ -51,11 +51,13 @@ fn find<'a>(all: &'a [(PathBuf, Value)], kind: &str, name: &str) -> &'a Value {
         .1
 }
 
+/// A container of the pod template, among `containers` and `initContainers` (native sidecars).
 fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
-    deployment["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
-        .unwrap()
+    let spec = &deployment["spec"]["template"]["spec"];
+    ["containers", "initContainers"]
         .iter()
+        .filter_map(|list| spec[*list].as_sequence())
+        .flatten()
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("container {name}"))
 }
@@ -194,12 +196,17 @@ async fn the_kubernetes_sidecar_streams_under_the_pods_identity() {
     );
 
     // The pod as the kubelet resolves it (the zone label copied from its node), pointed at a local aggregator.
-    let aggregator = aggregator(&[]).await;
+    // A native sidecar: an init container that keeps running.
+    assert_eq!(
+        agent["restartPolicy"], "Always",
+        "the agent starts before the service"
+    );
+    let aggregator = aggregator(&["--agent-token", "agents:agent-secret-0001"]).await;
     labels.insert("topology.kubernetes.io/zone".into(), "eu-west-1a".into());
     let pod = "checkout-5d8f7c9b4-x2k9q";
-    let secrets = BTreeMap::from([("strobe-agent-token/token", "")]);
+    // The Secret holds the token's secret part, as the manifest's comment says to create it.
+    let secrets = BTreeMap::from([("strobe-agent-token/token", "agent-secret-0001")]);
     let mut env = resolve_env(agent, pod, &labels, &secrets);
-    env.retain(|(k, _)| k != "STROBE_TOKEN");
     with_env(
         &mut env,
         "STROBE_AGGREGATOR",

@@ -64,11 +64,14 @@ mod tests {
         }
     }
 
+    /// SHA-256 of "node-1\0checkout", first 8 bytes big-endian (computed outside Rust).
+    const PINNED: u64 = 4030863689952039589;
+
     #[test]
     fn no_members_no_owner_and_the_score_is_stable() {
         assert_eq!(owner("x", Vec::<&str>::new()), None);
-        // Fixed forever: nodes of different versions must agree.
-        assert_eq!(score("node-1", "checkout"), score("node-1", "checkout"));
+        // Fixed forever: nodes of different versions must agree (SHA-256 of "node-1\0checkout", first 8 bytes).
+        assert_eq!(score("node-1", "checkout"), PINNED);
         assert_ne!(score("node-1", "checkout"), score("node-2", "checkout"));
     }
 }

@@ -89,7 +89,7 @@ struct Point {
     combine: Combine,
 }
 
-/// A series' labels, sorted by name, `__name__` first.
+/// A series' labels, sorted by name (`__name__` among them).
 type Labels = Arc<[(String, String)]>;
 
 /// One step's samples: one value per series.
@@ -165,7 +165,8 @@ fn points(sealed: &SealedSecond, interner: &mut Interner) -> Vec<Point> {
             if let Some((k, v)) = extra {
                 labels.push((k.to_owned(), v.to_owned()));
             }
-            labels[1..].sort();
+            // Sorted by name, `__name__` included (remote write requires byte order; `_` sorts after upper case).
+            labels.sort();
             labels.dedup_by(|a, b| a.0 == b.0);
             out.push(Point {
                 labels: interner.intern(labels),
@@ -574,7 +575,7 @@ mod tests {
 
     fn find<'a>(points: &'a [Point], name: &str, label: Option<(&str, &str)>) -> Option<&'a Point> {
         points.iter().find(|p| {
-            p.labels[0].1 == name
+            p.labels.iter().any(|(k, v)| k == "__name__" && v == name)
                 && label.is_none_or(|(k, v)| p.labels.iter().any(|(a, b)| a == k && b == v))
         })
     }
@@ -583,6 +584,15 @@ mod tests {
     fn names_and_labels_are_what_prometheus_accepts_and_strobes_own_labels_win() {
         assert_eq!(metric_name("request.latency-ms"), "request_latency_ms");
         assert_eq!(metric_name("9lives"), "_9lives");
+        // An upper-case tag sorts before `__name__`: byte order, as remote write requires.
+        let mut upper = counter(None, 1.0);
+        upper.tags.insert("Region".into(), "eu".into());
+        let sorted = points(&sealed(1, vec![upper]), &mut Interner::default());
+        let names: Vec<&str> = sorted[0].labels.iter().map(|(k, _)| k.as_str()).collect();
+        let mut expected = names.clone();
+        expected.sort();
+        assert_eq!(names, expected);
+        assert_eq!(names[0], "Region");
         assert_eq!(label_name("http.route"), "http_route");
         assert_eq!(label_name("version"), "tag_version");
         assert_eq!(label_name("__name__"), "tag___name__");
