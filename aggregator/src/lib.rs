@@ -381,8 +381,13 @@ impl Aggregator {
             grpc = %self.grpc_addr(), http = %self.http_addr(), shards = shard_count,
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let leaving = self.cluster.clone();
         let stopper = tokio::spawn(async move {
             shutdown.await;
+            // A node of a cluster leaves first, so its services move at once rather than after its lease expires.
+            if let Some(cluster) = leaving {
+                cluster.leave().await;
+            }
             // Every receiver is a server below; if they are all gone there is nobody left to stop.
             stop_tx.send(true).ok();
         });

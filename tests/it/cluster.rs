@@ -237,6 +237,12 @@ fn collect_local(
                 f["t"].as_i64(),
                 series(&f, "ticks", None, None),
             ) {
+                if std::env::var_os("STROBE_IT_LOG").is_some() {
+                    eprintln!(
+                        "frame {http_addr} {service} {t} sum={} correction={}",
+                        s["sum"], f["correction"]
+                    );
+                }
                 into.lock()
                     .unwrap()
                     .insert((service.to_owned(), t), s["sum"].as_f64().unwrap_or(0.0));
@@ -457,15 +463,21 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     }
     eprintln!("phase: resolved");
     stop.store(true, Ordering::SeqCst);
-    let mut sent: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    // Per service and second, how many instances sent it (the two stop a second apart at the end).
+    let mut sent: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
     for (service, task) in instances {
-        let seconds = task.await.unwrap();
-        sent.entry(service).or_default().extend(seconds);
+        for t in task.await.unwrap() {
+            *sent
+                .entry(service.clone())
+                .or_default()
+                .entry(t)
+                .or_default() += 1.0;
+        }
     }
     // The last seconds seal and reach n1.
     let last = sent
         .values()
-        .filter_map(|s| s.last())
+        .filter_map(|s| s.keys().last())
         .max()
         .copied()
         .unwrap();
@@ -495,18 +507,18 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     let nodes: Vec<BTreeMap<(String, i64), f64>> =
         by_node.iter().map(|n| n.lock().unwrap().clone()).collect();
     for (service, seconds) in &sent {
-        for t in seconds {
+        for (t, instances) in seconds {
             let key = (service.clone(), *t);
             let fan_in = tally.counted.get(&key).copied();
             let summed: f64 = nodes.iter().filter_map(|n| n.get(&key)).sum();
-            if fan_in != Some(2.0) || summed != 2.0 {
-                wrong.push((service.clone(), *t, fan_in, summed));
+            if fan_in != Some(*instances) || summed != *instances {
+                wrong.push((service.clone(), *t, *instances, fan_in, summed));
             }
         }
     }
     assert!(
         wrong.is_empty(),
-        "seconds not counted exactly once (service, t, on n1, summed over nodes): {wrong:?}"
+        "seconds not counted exactly once (service, t, sent, on n1, summed over nodes): {wrong:?}"
     );
     // One page for the alert's service, under any id, across the kill and the return.
     let pages = receiver
@@ -630,4 +642,71 @@ async fn without_etcd_a_node_keeps_its_services_and_takes_no_new_ones_until_it_i
         wrong.is_empty(),
         "seconds of the new service not counted once: {wrong:?}"
     );
+}
+
+/// `strobe demo --nodes 3`: a local etcd and three nodes; the demo's services are spread by redirects and every
+/// node is a member. Stopped with SIGTERM, the demo stops its etcd and nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_three_node_cluster() {
+    let http_addr: std::net::SocketAddr = free_local_addr().parse().unwrap();
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_strobe"))
+        .args([
+            "demo",
+            "--nodes",
+            "3",
+            "--http-addr",
+            &http_addr.to_string(),
+        ])
+        .env("STROBE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the demo starts");
+    let stdout = demo.stdout.take().unwrap();
+    let printed = Arc::new(std::sync::Mutex::new(String::new()));
+    let into = printed.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            into.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if tokio::net::TcpStream::connect(http_addr).await.is_ok() {
+            let (_, cluster) = http(http_addr, "GET", "/api/v1/cluster", "").await;
+            let (_, services) = http(http_addr, "GET", "/api/v1/services", "").await;
+            let cluster: Value = serde_json::from_str(&cluster).unwrap_or(Value::Null);
+            let services: Value = serde_json::from_str(&services).unwrap_or(Value::Null);
+            let owned = services["services"]
+                .as_array()
+                .map_or(0, |s| s.iter().filter(|s| s["owner"].is_string()).count());
+            if cluster["members"].as_array().map_or(0, Vec::len) == 3 && owned == 3 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three members and the demo's three services: {}",
+            printed.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let printed = printed.lock().unwrap().clone();
+    assert!(printed.contains("node-2 at http://"), "{printed}");
+    assert!(printed.contains("node-3 at http://"), "{printed}");
+    // SIGTERM: the demo stops, and with it its etcd and nodes.
+    let pid = demo.id().unwrap().to_string();
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), demo.wait())
+        .await
+        .expect("the demo stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }

@@ -63,7 +63,10 @@ pub(crate) async fn spawn(args: &[&str]) -> Process {
 pub(crate) async fn spawn_with_env(args: &[&str], env: &[(String, String)]) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_strobe"))
         .args(args)
-        .env("STROBE_LOG", "warn")
+        .env(
+            "STROBE_LOG",
+            std::env::var("STROBE_IT_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -125,6 +125,10 @@ pub(crate) struct Cluster {
     epoch: AtomicU64,
     changes: watch::Sender<u64>,
     etcd_up: AtomicBool,
+    /// This node's lease while it is a member (0: none).
+    lease: std::sync::atomic::AtomicI64,
+    /// Set when the node shuts down: it leaves and does not join again.
+    leaving: AtomicBool,
     /// Services with streams or state here: kept while etcd is away.
     local: Mutex<HashSet<Arc<str>>>,
     /// Services whose alert state was taken over from etcd, once per stay here.
@@ -215,6 +219,8 @@ impl Cluster {
             epoch: AtomicU64::new(0),
             changes,
             etcd_up: AtomicBool::new(false),
+            lease: std::sync::atomic::AtomicI64::new(0),
+            leaving: AtomicBool::new(false),
             local: Mutex::new(HashSet::new()),
             adopted: Mutex::new(HashMap::new()),
             writes,
@@ -373,8 +379,13 @@ impl Cluster {
         }
         let mut delay = Duration::from_millis(200);
         loop {
+            if self.leaving.load(Ordering::Relaxed) {
+                // Left at shutdown: stay down until the aggregator stops this task with the others.
+                return std::future::pending().await;
+            }
             match self.clone().member_session().await {
                 Ok(()) => return,
+                Err(_) if self.leaving.load(Ordering::Relaxed) => continue,
                 Err(error) => {
                     if self.etcd_up.swap(false, Ordering::Relaxed) {
                         warn!(message = "etcd unreachable: keeping the services here, taking no new ones.", %error);
@@ -433,6 +444,7 @@ impl Cluster {
             )
             .await?;
         let (mut keeper, mut kept) = client.lease_keep_alive(lease).await?;
+        self.lease.store(lease, Ordering::Relaxed);
         *self.client.lock().await = Some(client.clone());
         self.etcd_up.store(true, Ordering::Relaxed);
         self.health.cluster_etcd_up.set(1);
@@ -478,6 +490,22 @@ impl Cluster {
                         return Err(etcd_client::Error::LeaseKeepAliveError("membership expired".into()));
                     }
                     self.set_view(view);
+                }
+            }
+        }
+    }
+
+    /// Leaves the cluster at shutdown: the lease is revoked, so the other nodes take this node's services at once
+    /// instead of after the lease's TTL (agents then replay to them what was not acknowledged here).
+    pub(crate) async fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+        let lease = self.lease.swap(0, Ordering::Relaxed);
+        let client = self.client.lock().await.clone();
+        if let (Some(mut client), true) = (client, lease != 0) {
+            match tokio::time::timeout(ETCD_CALL, client.lease_revoke(lease)).await {
+                Ok(Ok(_)) => info!(message = "Left the cluster.", node = %self.me.id),
+                _ => {
+                    warn!(message = "Could not leave the cluster; the other nodes take over when the lease expires.", node = %self.me.id)
                 }
             }
         }
