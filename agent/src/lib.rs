@@ -168,17 +168,7 @@ mod addr_or_none {
 
 /// `host-pid`, the default instance id.
 pub fn default_instance_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}-{}", std::process::id())
+    strobe_proto::host_pid()
 }
 
 /// Why the agent could not start.

@@ -17,6 +17,22 @@ pub use v1::*;
 /// encoding of the counts.
 pub const HDR_V2_COOKIE: u32 = 0x1c84_9313;
 
+/// `host-pid`: how an agent names its instance and an aggregator its cluster node when not told (`$HOSTNAME`, else
+/// `/etc/hostname`, else `localhost`).
+pub fn host_pid() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 /// Whether `cookie` is a V2 encoding that is not deflate-compressed: the base, whatever bits 4..8 hold (the older
 /// formats kept a word size there; V2 writers set `0x10`). The compressed cookie has another base and is refused.
 pub fn is_hdr_v2_cookie(cookie: u32) -> bool {

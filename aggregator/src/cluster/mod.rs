@@ -197,7 +197,7 @@ impl Cluster {
         let id = settings
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+            .unwrap_or_else(strobe_proto::host_pid);
         if id.is_empty()
             || !id
                 .chars()
@@ -617,16 +617,3 @@ impl crate::publish::http::ClusterView for Cluster {
 
 /// How long one etcd call may take.
 const ETCD_CALL: Duration = Duration::from_secs(2);
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
