@@ -375,6 +375,17 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         .await;
     };
     eprintln!("phase: alert fired");
+    // Acknowledged through n1, which does not hold it: passed on to its owner, n2. n1 lists it too.
+    let (status, body) = http(
+        http1,
+        "POST",
+        &format!("/api/v1/alerts/{alert_id}/ack"),
+        "{\"by\":\"oncall\"}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = http(http1, "GET", "/api/v1/alerts", "").await;
+    assert!(listed.contains(&alert_id), "{listed}");
     // Its delivery written down (settled) before the kill, as in the single-node restart test.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -406,6 +417,26 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         gaps[gaps.len() - 1]
     );
     eprintln!("phase: failover done");
+    // The new owner took the alert over with its acknowledgement.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listed) = http(http1, "GET", "/api/v1/alerts", "").await;
+        let listed: Value = serde_json::from_str(&listed).unwrap();
+        let state = listed["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == alert_id.as_str())
+            .map(|a| a["state"].clone());
+        if state == Some(Value::from("acknowledged")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acknowledged after the move: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let during = owners(http1).await;
     for service in &on_n2 {
         assert_ne!(
@@ -529,6 +560,12 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         })
         .count();
     assert_eq!(pages, 1, "{:?}", receiver.received());
+    assert_eq!(
+        receiver.count("dev", &alert_id, "acknowledged"),
+        1,
+        "{:?}",
+        receiver.received()
+    );
     assert_eq!(
         receiver.count("dev", &alert_id, "firing"),
         1,

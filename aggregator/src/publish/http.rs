@@ -445,8 +445,94 @@ async fn list_deploys(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(json!({ "deploys": state.hub.deploys() }))
 }
 
-async fn list_alerts(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({ "alerts": state.alerts.list().await }))
+async fn list_alerts(State(state): State<Arc<AppState>>, Query(q): Query<LocalQuery>) -> Response {
+    let mine = state.alerts.list().await;
+    let Some(cluster) = state.cluster.as_ref().filter(|_| !q.local) else {
+        return Json(json!({ "alerts": mine })).into_response();
+    };
+    // Every alert of the cluster: each node holds its own services' alerts.
+    let mut all: Vec<serde_json::Value> = mine
+        .into_iter()
+        .filter_map(|a| serde_json::to_value(a).ok())
+        .collect();
+    let token = cluster.peer_token();
+    let asks = cluster.peers().into_iter().map(|(_, base)| {
+        let mut request = state
+            .peers
+            .get(format!("{base}/api/v1/alerts?local=true"))
+            .timeout(Duration::from_secs(1));
+        if let Some(token) = &token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            match request.send().await {
+                Ok(r) if r.status().is_success() => r
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()),
+                _ => None,
+            }
+        }
+    });
+    for answer in futures_util::future::join_all(asks).await {
+        if let Some(alerts) = answer.and_then(|a| a["alerts"].as_array().cloned()) {
+            all.extend(alerts);
+        }
+    }
+    all.sort_by(|a, b| {
+        b["since"]
+            .as_i64()
+            .cmp(&a["since"].as_i64())
+            .then(a["id"].as_str().cmp(&b["id"].as_str()))
+    });
+    all.dedup_by(|a, b| a["id"] == b["id"]);
+    Json(json!({ "alerts": all })).into_response()
+}
+
+/// Marks an acknowledgement passed on by another node, so it is not passed on again.
+const FORWARDED: &str = "x-strobe-forwarded";
+
+/// In a cluster, an alert is held by its service's owner: an acknowledgement this node cannot place is passed on
+/// to the other members with the same token (nodes share their tokens), and the one holding it answers.
+async fn forward_ack(
+    state: &AppState,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+    body: &str,
+) -> Option<Response> {
+    let cluster = state.cluster.as_ref()?;
+    if headers.contains_key(FORWARDED) {
+        return None;
+    }
+    for (_, base) in cluster.peers() {
+        let mut request = state
+            .peers
+            .post(format!("{base}/api/v1/alerts/{id}/ack"))
+            .header(FORWARDED, "1")
+            .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_owned())
+            .timeout(Duration::from_secs(2));
+        if let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) {
+            request = request.header(axum::http::header::AUTHORIZATION, auth.clone());
+        }
+        if let Ok(response) = request.send().await
+            && response.status().as_u16() != 404
+        {
+            let status =
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = response.bytes().await.unwrap_or_default();
+            return Some(
+                (
+                    status,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response(),
+            );
+        }
+    }
+    None
 }
 
 #[derive(Deserialize, Default)]
@@ -461,6 +547,7 @@ async fn ack_alert(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     axum::Extension(principal): axum::Extension<Principal>,
+    headers: axum::http::HeaderMap,
     body: String,
 ) -> Response {
     let ack: AckBody = if body.trim().is_empty() {
@@ -485,11 +572,16 @@ async fn ack_alert(
     };
     match state.alerts.ack(&id, &by).await {
         Ok(record) => Json(json!({ "alert": record })).into_response(),
-        Err(error @ AckError::NotFound(_)) => (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": error.to_string() })),
-        )
-            .into_response(),
+        Err(error @ AckError::NotFound(_)) => {
+            match forward_ack(&state, &id, &headers, &body).await {
+                Some(answer) => answer,
+                None => (
+                    StatusCode::NOT_FOUND,
+                    Json(json!({ "error": error.to_string() })),
+                )
+                    .into_response(),
+            }
+        }
         Err(error @ AckError::NotFiring(_)) => (
             StatusCode::CONFLICT,
             Json(json!({ "error": error.to_string() })),
