@@ -199,10 +199,20 @@ impl OtlpState {
                     // All of the new observations in one bucket: their mean (from the sum) places them better
                     // than the bucket's middle (a 0.2 s request in the SDK's default (0, 5] s bucket is 200 ms,
                     // not 2.5 s).
-                    let mut filled = values.iter_mut().filter(|(_, n)| *n > 0);
-                    if let (Some(only), None, Some(sum)) = (filled.next(), filled.next(), new_sum) {
+                    let mut filled = values.iter_mut().enumerate().filter(|(_, (_, n))| *n > 0);
+                    if let (Some((i, only)), None, Some(sum)) =
+                        (filled.next(), filled.next(), new_sum)
+                    {
+                        // Kept inside the bucket: a sum that does not fit it (rounding of large cumulative sums)
+                        // cannot move the observations out of the bucket they were counted in.
+                        let bounds = &point.explicit_bounds;
+                        let lower = i
+                            .checked_sub(1)
+                            .and_then(|j| bounds.get(j))
+                            .map_or(f64::NEG_INFINITY, |b| b * scale);
+                        let upper = bounds.get(i).map_or(f64::INFINITY, |b| b * scale);
                         let mean = sum / only.1 as f64 * scale;
-                        if mean.is_finite() {
+                        if mean.is_finite() && mean > lower && mean <= upper {
                             only.0 = mean;
                         }
                     }
@@ -449,7 +459,8 @@ impl ExpCounts {
         let merge = |side: &BTreeMap<i32, u64>| {
             let mut out = BTreeMap::new();
             for (&i, &n) in side {
-                *out.entry(i >> shift).or_insert(0) += n;
+                let slot = out.entry(i >> shift).or_insert(0u64);
+                *slot = slot.saturating_add(n);
             }
             out
         };
@@ -494,7 +505,11 @@ impl ExpCounts {
         }
         for (side, sign) in [(&self.positive, 1.0), (&self.negative, -1.0)] {
             for (&i, &n) in side {
-                out.push((sign * base.powf(f64::from(i) + 0.5) * unit, n));
+                let at = sign * base.powf(f64::from(i) + 0.5) * unit;
+                // Out of f64's range (a coarse scale and an extreme index): not a value to record.
+                if at.is_finite() && at != 0.0 {
+                    out.push((at, n));
+                }
             }
         }
         out

@@ -46,7 +46,7 @@ type Key = (String, Vec<(String, String)>);
 pub struct ScrapeState {
     counters: HashMap<Key, f64>,
     histograms: HashMap<Key, Vec<(f64, f64)>>,
-    natives: HashMap<Key, Vec<(f64, f64)>>,
+    natives: HashMap<Key, exposition::Native>,
 }
 
 /// One sample of a page, whichever format it came in.
@@ -114,12 +114,13 @@ impl ScrapeState {
             let tags = tags_of(&native.labels, "");
             let timer = native.name.ends_with("_seconds");
             let key = (native.name.clone(), tags.clone());
-            let now = native.buckets(if timer { 1000.0 } else { 1.0 });
-            let previous = self.natives.insert(key, now.clone());
+            let previous = self.natives.insert(key, native.clone());
             let Some(previous) = previous else {
                 continue; // the first scrape sets the baseline
             };
-            let values = exposition::bucket_deltas(&previous, &now);
+            let values = native
+                .since(&previous)
+                .observations(if timer { 1000.0 } else { 1.0 });
             if !values.is_empty() {
                 out.push(Scraped {
                     name: native.name,

@@ -351,11 +351,11 @@ async fn ship(
                     redirects_in_row += 1;
                     failures = 0;
                     // Nodes whose views of the cluster differ for a moment may send it back and forth: after a few
-                    // hops in a row, wait as after a failure.
-                    if redirects_in_row > 3 {
-                        tokio::time::sleep(backoff_delay(&config, redirects_in_row - 3)).await;
+                    // hops in a row, wait as after a failure (below, still taking seconds in meanwhile).
+                    if redirects_in_row <= 3 {
+                        continue;
                     }
-                    continue;
+                    failures = redirects_in_row - 3;
                 }
             }
             Session::Resend => {

@@ -152,35 +152,76 @@ pub(super) struct Native {
 }
 
 impl Native {
-    /// Every bucket as (value at its geometric middle, times `scale`; cumulative count).
-    pub(super) fn buckets(&self, scale: f64) -> Vec<(f64, f64)> {
+    /// The same counts at the coarser `schema` (buckets are upper-inclusive: bucket `i` goes to `ceil(i / 2^d)`).
+    fn downscale(&self, schema: i32) -> Native {
+        let d = (self.schema - schema).clamp(0, 30);
+        let merge = |side: &[(i32, f64)]| {
+            let mut out: std::collections::BTreeMap<i32, f64> = std::collections::BTreeMap::new();
+            for &(i, n) in side {
+                let to = ((i64::from(i) + (1i64 << d) - 1) >> d) as i32;
+                *out.entry(to).or_default() += n;
+            }
+            out.into_iter().collect()
+        };
+        Native {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            schema: schema.min(self.schema),
+            zero: self.zero,
+            positive: merge(&self.positive),
+            negative: merge(&self.negative),
+        }
+    }
+
+    /// The observations since `before` (the same series' previous scrape), bucket by bucket: the previous counts
+    /// are first merged down to this schema (client_golang lowers it when a histogram has too many buckets); a count
+    /// lower than before, or a finer schema, is a restart (all of these are new).
+    pub(super) fn since(&self, before: &Native) -> Native {
+        if self.schema > before.schema {
+            return self.clone();
+        }
+        let before = before.downscale(self.schema);
+        let side = |now: &[(i32, f64)], then: &[(i32, f64)]| -> Option<Vec<(i32, f64)>> {
+            let then: HashMap<i32, f64> = then.iter().copied().collect();
+            let mut out = Vec::new();
+            for &(i, n) in now {
+                let d = n - then.get(&i).copied().unwrap_or(0.0);
+                if d < 0.0 {
+                    return None;
+                }
+                out.push((i, d));
+            }
+            Some(out)
+        };
+        match (
+            side(&self.positive, &before.positive),
+            side(&self.negative, &before.negative),
+        ) {
+            (Some(positive), Some(negative)) if self.zero >= before.zero => Native {
+                name: self.name.clone(),
+                labels: self.labels.clone(),
+                schema: self.schema,
+                zero: self.zero - before.zero,
+                positive,
+                negative,
+            },
+            _ => self.clone(),
+        }
+    }
+
+    /// Every bucket with observations as (value at its geometric middle, times `scale`; count), the zero bucket at
+    /// 0 and negative buckets as negative values.
+    pub(super) fn observations(&self, scale: f64) -> Vec<(f64, u64)> {
         let base = 2f64.powf(2f64.powi(-self.schema));
         let middle = |i: i32| base.powf(f64::from(i) - 0.5) * scale;
         let mut out = vec![(0.0, self.zero)];
         out.extend(self.positive.iter().map(|&(i, n)| (middle(i), n)));
         out.extend(self.negative.iter().map(|&(i, n)| (-middle(i), n)));
-        out.retain(|(v, _)| v.is_finite());
-        out
+        out.into_iter()
+            .filter(|&(v, n)| v.is_finite() && n >= 0.5)
+            .map(|(v, n)| (v, n.round() as u64))
+            .collect()
     }
-}
-
-/// The observations between two scrapes of a native histogram, as (value, count), matched by bucket; a total lower
-/// than before is a restart (the new buckets are the delta).
-pub(super) fn bucket_deltas(previous: &[(f64, f64)], now: &[(f64, f64)]) -> Vec<(f64, u64)> {
-    let total = |b: &[(f64, f64)]| b.iter().map(|(_, n)| n).sum::<f64>();
-    let reset = total(now) < total(previous);
-    let then: HashMap<u64, f64> = previous.iter().map(|&(v, n)| (v.to_bits(), n)).collect();
-    now.iter()
-        .filter_map(|&(v, n)| {
-            let before = if reset {
-                0.0
-            } else {
-                then.get(&v.to_bits()).copied().unwrap_or(0.0)
-            };
-            let new = n - before;
-            (new >= 0.5).then(|| (v, new.round() as u64))
-        })
-        .collect()
 }
 
 /// Absolute counts per bucket index from spans and deltas (integer histograms) or counts (float histograms).
@@ -415,7 +456,7 @@ mod tests {
         );
         assert_eq!(natives[0].zero, 1.0);
         let base = 2f64.powf(0.125);
-        let buckets = natives[0].buckets(1000.0);
+        let buckets = natives[0].observations(1000.0);
         let at = buckets[1].0;
         // Bucket -27 holds (base^-28, base^-27] seconds: its middle, in ms, lies inside it.
         assert!(
@@ -452,6 +493,23 @@ mod tests {
             .find(|s| s.name == "http_requests_total")
             .unwrap();
         assert_eq!(requests.values, vec![(2.0, 1)]);
+    }
+
+    #[test]
+    fn a_lower_schema_between_scrapes_is_merged_down_not_counted_again() {
+        let native = |schema, positive: Vec<(i32, f64)>| Native {
+            name: "h".into(),
+            labels: Vec::new(),
+            schema,
+            zero: 0.0,
+            positive,
+            negative: Vec::new(),
+        };
+        // Schema 3: buckets 1 and 2 hold 5 and 3; at schema 2 both fall in bucket 1 (ceil(1/2), ceil(2/2)).
+        let before = native(3, vec![(1, 5.0), (2, 3.0)]);
+        let now = native(2, vec![(1, 8.0), (4, 2.0)]);
+        let new = now.since(&before).observations(1.0);
+        assert_eq!(new.iter().map(|(_, n)| n).sum::<u64>(), 2, "{new:?}");
     }
 
     #[test]

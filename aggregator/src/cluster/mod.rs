@@ -315,6 +315,11 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(service);
+        // Its alerts may be handed over and changed elsewhere before it comes back: read them again then.
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service);
     }
 
     /// `service` moved away: its alert state will be read again if it returns.
@@ -409,6 +414,10 @@ impl Cluster {
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
         let mut client = Client::connect(&self.settings.etcd, Some(options)).await?;
         let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+        if self.leaving.load(Ordering::Relaxed) {
+            client.lease_revoke(lease).await.ok(); // leaving anyway
+            return Err(etcd_client::Error::LeaseKeepAliveError("leaving".into()));
+        }
         let key = format!("{}members/{}", self.settings.prefix, self.me.id);
         let value = serde_json::to_vec(&self.me).unwrap_or_default();
         client
@@ -499,6 +508,16 @@ impl Cluster {
     /// instead of after the lease's TTL (agents then replay to them what was not acknowledged here).
     pub(crate) async fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);
+        // This node no longer counts itself: its shards give every service away, its streams move.
+        let others: BTreeMap<String, Member> = self
+            .members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(id, _)| **id != self.me.id)
+            .map(|(id, m)| (id.clone(), m.clone()))
+            .collect();
+        self.set_view(others);
         let lease = self.lease.swap(0, Ordering::Relaxed);
         let client = self.client.lock().await.clone();
         if let (Some(mut client), true) = (client, lease != 0) {
@@ -521,6 +540,22 @@ impl Cluster {
         *members = view;
         drop(members);
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        // Services this node no longer keeps read their alert state again if they return.
+        let adopted: Vec<Arc<str>> = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for service in adopted {
+            if !self.keeps(&service) {
+                self.adopted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&service);
+            }
+        }
         self.changes.send_replace(epoch);
     }
 
@@ -554,7 +589,10 @@ impl Cluster {
                 let put =
                     tokio::time::timeout(ETCD_CALL, client.put(key.clone(), value.clone(), None))
                         .await;
-                if !matches!(put, Ok(Ok(_))) {
+                // A failed write is tried again only while the service is here: once it moved, its new owner's
+                // state must not be overwritten by this node's older one.
+                let service = key.rsplit('/').next().unwrap_or_default();
+                if !matches!(put, Ok(Ok(_))) && self.keeps(service) {
                     failed.insert(key, value);
                 }
             }

@@ -211,6 +211,15 @@ async fn serve_stream(
                 if let Some(cluster) = cluster
                     && !cluster.keeps(&instance.service)
                 {
+                    // Read no more; acknowledge what the shard still seals here until it gives the service away
+                    // (it says so with STATE_LOST), so that nothing counted here is sent again to the new owner.
+                    let until = tokio::time::Instant::now() + LAST_ACKS_WAIT;
+                    while let Ok(Some(t)) = tokio::time::timeout_at(until, counted.recv()).await {
+                        if t == STATE_LOST {
+                            break;
+                        }
+                        send(tx, ack(t)).await?;
+                    }
                     return Err(Status::unavailable(
                         "this service moved to another node; reconnect and send again what is unacknowledged",
                     ));

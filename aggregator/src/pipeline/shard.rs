@@ -222,6 +222,13 @@ async fn run_shard(
                 }
             }
             _ = tick.tick() => {
+                // Services that moved leave before anything else of theirs is sealed here.
+                if let Some(cluster) = &context.cluster
+                    && cluster.epoch() != epoch
+                {
+                    epoch = cluster.epoch();
+                    give_away(services, cluster, &context);
+                }
                 let now = clock::unix_millis();
                 let mut failed = Vec::new();
                 for (service, state) in services.iter_mut() {
@@ -253,12 +260,7 @@ async fn run_shard(
                         }
                     }
                 }
-                if let Some(cluster) = &context.cluster
-                    && cluster.epoch() != epoch
-                {
-                    epoch = cluster.epoch();
-                    give_away(services, cluster, &context);
-                }
+
             }
         }
     }

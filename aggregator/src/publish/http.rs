@@ -480,13 +480,16 @@ async fn list_alerts(State(state): State<Arc<AppState>>, Query(q): Query<LocalQu
             all.extend(alerts);
         }
     }
+    // An alert that moved with its service may still be listed by its old node: keep the first seen (this node's,
+    // then the members' in order).
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|a| seen.insert(a["id"].as_str().unwrap_or_default().to_owned()));
     all.sort_by(|a, b| {
         b["since"]
             .as_i64()
             .cmp(&a["since"].as_i64())
             .then(a["id"].as_str().cmp(&b["id"].as_str()))
     });
-    all.dedup_by(|a, b| a["id"] == b["id"]);
     Json(json!({ "alerts": all })).into_response()
 }
 
@@ -502,7 +505,11 @@ async fn forward_ack(
     body: &str,
 ) -> Option<Response> {
     let cluster = state.cluster.as_ref()?;
-    if headers.contains_key(FORWARDED) {
+    // Alert ids are hex digests: anything else goes nowhere (and never into another node's URL).
+    if headers.contains_key(FORWARDED)
+        || id.is_empty()
+        || !id.chars().all(|c| c.is_ascii_alphanumeric())
+    {
         return None;
     }
     for (_, base) in cluster.peers() {
@@ -516,8 +523,10 @@ async fn forward_ack(
         if let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) {
             request = request.header(axum::http::header::AUTHORIZATION, auth.clone());
         }
+        // The holder answers 200, or 409 when it is not firing; any other answer means "not here" (or that node
+        // is unwell): ask the next one.
         if let Ok(response) = request.send().await
-            && response.status().as_u16() != 404
+            && matches!(response.status().as_u16(), 200 | 409)
         {
             let status =
                 StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -368,6 +368,16 @@ impl Manager {
         }
         let (open, requeued) = self.take_saved(saved, grace, canary_grace);
         info!(message = "Alerts taken over.", %service, open, notifications_queued_again = requeued);
+        // What was taken over is what the store holds: not written back unless it changes here.
+        let held: Vec<SavedAlert> = self
+            .entries
+            .values()
+            .filter(|e| *e.record.service == **service)
+            .map(Entry::saved)
+            .collect();
+        if let Ok(json) = serde_json::to_string(&held) {
+            self.handed_over.insert(service.clone(), json);
+        }
         self.dirty = true;
     }
 
