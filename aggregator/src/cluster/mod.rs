@@ -309,21 +309,10 @@ impl Cluster {
             .insert(service.clone());
     }
 
-    /// `service` went quiet here: it is no longer kept while etcd is away (its alerts stay with this node's manager).
-    pub(crate) fn forget_idle(&self, service: &str) {
-        self.local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(service);
-        // Its alerts may be handed over and changed elsewhere before it comes back: read them again then.
-        self.adopted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(service);
-    }
-
-    /// `service` moved away: its alert state will be read again if it returns.
-    pub(crate) fn forget_local(&self, service: &str) {
+    /// `service` left this node (it moved away, or went quiet and was forgotten): it is no longer kept while etcd
+    /// is away, and its alert state is read again when it returns (it may have been handed over and changed
+    /// elsewhere meanwhile).
+    pub(crate) fn forget(&self, service: &str) {
         self.local
             .lock()
             .unwrap_or_else(|e| e.into_inner())

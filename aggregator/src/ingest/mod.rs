@@ -95,7 +95,7 @@ impl pb::ingest_server::Ingest for IngestService {
                     // Membership may have moved while its alerts were read.
                     if !cluster.keeps(&instance.service) {
                         self.alerts.disown(instance.service.clone());
-                        cluster.forget_local(&instance.service);
+                        cluster.forget(&instance.service);
                         return Err(Status::unavailable(
                             "the service moved to another node; reconnect",
                         ));

@@ -126,7 +126,7 @@ fn give_away(
                 state.publish_corrections(i64::MAX, context)
             });
         }
-        cluster.forget_local(&name);
+        cluster.forget(&name);
         context.alerts.disown(name.clone());
         context.health.cluster_services_moved.inc();
         tracing::info!(message = "Service moved to another node.", service = %name, owner = ?cluster.owner(&name).map(|m| m.id));
@@ -256,7 +256,7 @@ async fn run_shard(
                         // Contained like every other transition: a bug here costs this service, not the shard.
                         contain(&name, &context, || state.evict(&name, horizon, now, &context));
                         if let Some(cluster) = &context.cluster {
-                            cluster.forget_idle(&name);
+                            cluster.forget(&name);
                         }
                     }
                 }

@@ -329,28 +329,7 @@ async fn services(State(state): State<Arc<AppState>>, Query(q): Query<LocalQuery
         })
         .collect();
     let mut unreachable = Vec::new();
-    let token = cluster.peer_token();
-    let asks = cluster.peers().into_iter().map(|(id, base)| {
-        let mut request = state
-            .peers
-            .get(format!("{base}/api/v1/services?local=true"))
-            .timeout(Duration::from_secs(1));
-        if let Some(token) = &token {
-            request = request.bearer_auth(token);
-        }
-        async move {
-            let answer = match request.send().await {
-                Ok(r) if r.status().is_success() => r
-                    .bytes()
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()),
-                _ => None,
-            };
-            (id, answer)
-        }
-    });
-    for (id, answer) in futures_util::future::join_all(asks).await {
+    for (id, answer) in ask_peers(&state, cluster.as_ref(), "/api/v1/services?local=true").await {
         match answer.and_then(|a| a["services"].as_array().cloned()) {
             Some(services) => all.extend(services.into_iter().map(|mut s| {
                 s["owner"] = json!(id);
@@ -368,6 +347,45 @@ async fn services(State(state): State<Arc<AppState>>, Query(q): Query<LocalQuery
     });
     all.dedup_by(|a, b| a["service"] == b["service"]);
     Json(json!({ "services": all, "unreachable": unreachable })).into_response()
+}
+
+/// Most bytes read from another node's answer.
+const MAX_PEER_ANSWER_BYTES: usize = 16 << 20;
+
+/// `GET <path>` on every other member (with this node's peer token), at once; each member's id and JSON answer
+/// (none when it did not answer in time, or not with JSON).
+async fn ask_peers(
+    state: &AppState,
+    cluster: &dyn ClusterView,
+    path: &str,
+) -> Vec<(String, Option<serde_json::Value>)> {
+    let token = cluster.peer_token();
+    let asks = cluster.peers().into_iter().map(|(id, base)| {
+        let mut request = state
+            .peers
+            .get(format!("{base}{path}"))
+            .timeout(Duration::from_secs(1));
+        if let Some(token) = &token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let mut body = Vec::new();
+            let answer = match request.send().await {
+                Ok(mut r) if r.status().is_success() => loop {
+                    match r.chunk().await {
+                        Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_PEER_ANSWER_BYTES => {
+                            body.extend_from_slice(&chunk);
+                        }
+                        Ok(None) => break serde_json::from_slice::<serde_json::Value>(&body).ok(),
+                        _ => break None,
+                    }
+                },
+                _ => None,
+            };
+            (id, answer)
+        }
+    });
+    futures_util::future::join_all(asks).await
 }
 
 async fn cluster(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -455,27 +473,7 @@ async fn list_alerts(State(state): State<Arc<AppState>>, Query(q): Query<LocalQu
         .into_iter()
         .filter_map(|a| serde_json::to_value(a).ok())
         .collect();
-    let token = cluster.peer_token();
-    let asks = cluster.peers().into_iter().map(|(_, base)| {
-        let mut request = state
-            .peers
-            .get(format!("{base}/api/v1/alerts?local=true"))
-            .timeout(Duration::from_secs(1));
-        if let Some(token) = &token {
-            request = request.bearer_auth(token);
-        }
-        async move {
-            match request.send().await {
-                Ok(r) if r.status().is_success() => r
-                    .bytes()
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()),
-                _ => None,
-            }
-        }
-    });
-    for answer in futures_util::future::join_all(asks).await {
+    for (_, answer) in ask_peers(&state, cluster.as_ref(), "/api/v1/alerts?local=true").await {
         if let Some(alerts) = answer.and_then(|a| a["alerts"].as_array().cloned()) {
             all.extend(alerts);
         }
