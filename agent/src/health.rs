@@ -4,7 +4,6 @@
 //! The same counters travel to the aggregator in every snapshot ([`strobe_proto::AgentStats`]), which sums them per
 //! service; this page is for the one instance, and keeps counting while the aggregator is away.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -349,9 +348,4 @@ async fn metrics(State(health): State<Arc<AgentHealth>>) -> impl IntoResponse {
         )],
         health.render(),
     )
-}
-
-/// Binds the `/metrics` listener (the caller reports a failure).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -121,18 +121,7 @@ impl ScrapeState {
             let values = native
                 .since(&previous)
                 .observations(if timer { 1000.0 } else { 1.0 });
-            if !values.is_empty() {
-                out.push(Scraped {
-                    name: native.name,
-                    tags,
-                    kind: if timer {
-                        MetricType::Timer
-                    } else {
-                        MetricType::Histogram
-                    },
-                    values,
-                });
-            }
+            out.extend(histogram(native.name, tags, timer, values));
         }
         for sample in samples {
             // Counters, and the `_sum` and `_count` of histograms and summaries (and untyped `_total`s), are
@@ -203,18 +192,7 @@ impl ScrapeState {
                     };
                     let timer = sample.metric.ends_with("_seconds");
                     let values = bucket_deltas(&previous, &cumulative, timer);
-                    if !values.is_empty() {
-                        out.push(Scraped {
-                            name: sample.metric,
-                            tags,
-                            kind: if timer {
-                                MetricType::Timer
-                            } else {
-                                MetricType::Histogram
-                            },
-                            values,
-                        });
-                    }
+                    out.extend(histogram(sample.metric, tags, timer, values));
                 }
             }
         }
@@ -235,6 +213,25 @@ impl ScrapeState {
             value - previous
         })
     }
+}
+
+/// A histogram's new observations as a sample (a timer in ms when the metric is in seconds), if it has any.
+fn histogram(
+    name: String,
+    tags: Vec<(String, String)>,
+    timer: bool,
+    values: Vec<(f64, u64)>,
+) -> Option<Scraped> {
+    (!values.is_empty()).then_some(Scraped {
+        name,
+        tags,
+        kind: if timer {
+            MetricType::Timer
+        } else {
+            MetricType::Histogram
+        },
+        values,
+    })
 }
 
 /// The observations between two scrapes of a cumulative histogram, as (value, count): each bucket's new count at

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::receiver::rand_suffix;
 use crate::support::*;
 
 /// A Prometheus with the remote write receiver on, on a free loopback port, its data in a fresh directory.
@@ -86,14 +87,6 @@ impl Prometheus {
         }
         out
     }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        .into()
 }
 
 fn percent_encode(raw: &str) -> String {

@@ -167,7 +167,8 @@ pub(crate) fn readme_snippet_accepts(
     answer == "True"
 }
 
-fn rand_suffix() -> u64 {
+/// A number that differs from run to run, for unique temporary names.
+pub(crate) fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

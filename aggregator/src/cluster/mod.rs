@@ -150,14 +150,6 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// What `/api/v1/cluster` says.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct ClusterStatus {
-    pub(crate) node: String,
-    pub(crate) etcd_up: bool,
-    pub(crate) members: Vec<Member>,
-}
-
 impl Cluster {
     /// A node of the cluster `settings` describe, reachable at `grpc` and `http` (already bound); `None` when no
     /// etcd endpoint is set (the node runs alone). Nothing is contacted until [`Cluster::run`].
@@ -244,15 +236,6 @@ impl Cluster {
             .values()
             .cloned()
             .collect()
-    }
-
-    /// What `/api/v1/cluster` shows.
-    pub(crate) fn status(&self) -> ClusterStatus {
-        ClusterStatus {
-            node: self.me.id.clone(),
-            etcd_up: self.etcd_up.load(Ordering::Relaxed),
-            members: self.members(),
-        }
     }
 
     /// Bumped on every membership change.
@@ -616,12 +599,11 @@ impl Handover for Cluster {
 
 impl crate::publish::http::ClusterView for Cluster {
     fn status_json(&self) -> serde_json::Value {
-        let status = self.status();
         serde_json::json!({
             "enabled": true,
-            "node": status.node,
-            "etcd": if status.etcd_up { "up" } else { "unreachable" },
-            "members": status.members,
+            "node": self.me.id,
+            "etcd": if self.etcd_up.load(Ordering::Relaxed) { "up" } else { "unreachable" },
+            "members": self.members(),
         })
     }
 

@@ -369,15 +369,11 @@ impl Manager {
         let (open, requeued) = self.take_saved(saved, grace, canary_grace);
         info!(message = "Alerts taken over.", %service, open, notifications_queued_again = requeued);
         // What was taken over is what the store holds: not written back unless it changes here.
-        let held: Vec<SavedAlert> = self
-            .entries
-            .values()
-            .filter(|e| *e.record.service == **service)
-            .map(Entry::saved)
-            .collect();
-        if let Ok(json) = serde_json::to_string(&held) {
-            self.handed_over.insert(service.clone(), json);
-        }
+        let held = self.saved_by_service().remove(service).unwrap_or_default();
+        self.handed_over.insert(
+            service.clone(),
+            serde_json::to_string(&held).unwrap_or_default(),
+        );
         self.dirty = true;
     }
 
@@ -470,12 +466,8 @@ impl Manager {
         }
     }
 
-    /// Sends each service's alerts whose state changed to the handover store (a service left with none sends an
-    /// empty list, so the next owner does not take over stale alerts).
-    fn hand_over(&mut self) {
-        let Some(handover) = &self.handover else {
-            return;
-        };
+    /// Every held alert as saved, by service.
+    fn saved_by_service(&self) -> BTreeMap<Arc<str>, Vec<SavedAlert>> {
         let mut by_service: BTreeMap<Arc<str>, Vec<SavedAlert>> = BTreeMap::new();
         for entry in self.entries.values() {
             by_service
@@ -483,6 +475,16 @@ impl Manager {
                 .or_default()
                 .push(entry.saved());
         }
+        by_service
+    }
+
+    /// Sends each service's alerts whose state changed to the handover store (a service left with none sends an
+    /// empty list, so the next owner does not take over stale alerts).
+    fn hand_over(&mut self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let mut by_service = self.saved_by_service();
         let gone: Vec<Arc<str>> = self
             .handed_over
             .keys()
