@@ -117,6 +117,12 @@ pub(crate) struct LoadgenArgs {
     /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
     #[arg(long, default_value = "independent", value_parser = traffic_shape)]
     pub(crate) traffic: Shape,
+    /// Spread each second's snapshots uniformly over this long after the second ends (0: all at once).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+    pub(crate) spread: Duration,
+    /// Share of instance-seconds sent 0.3 to 0.8 s late (a GC pause), from 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) late_share: f64,
 }
 
 /// A traffic shape by name.
@@ -385,7 +391,7 @@ pub(crate) struct DemoArgs {
 impl LoadgenArgs {
     /// The plan the flags describe.
     pub(crate) fn plan(self) -> strobe_sim::loadgen::LoadPlan {
-        use strobe_sim::loadgen::{Deploy, LoadPlan, LoadSpec};
+        use strobe_sim::loadgen::{Arrival, Deploy, LoadPlan, LoadSpec};
         use strobe_sim::sim::Behavior;
         let healthy = Behavior {
             rps: self.rps,
@@ -414,6 +420,10 @@ impl LoadgenArgs {
                 connections: self.connections,
                 behavior: healthy,
                 traffic: self.traffic,
+                arrival: Arrival {
+                    spread: self.spread,
+                    late_share: self.late_share,
+                },
             },
             deploy_after: self.deploy_after,
             deploy: Deploy {

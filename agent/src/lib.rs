@@ -32,7 +32,8 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 pub use shipper::{
-    ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_counted, run_shipper_on,
+    RegisteredSeries, ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_counted,
+    run_shipper_on,
 };
 pub use statsd::ParseLimits;
 pub use strobe_proto::clock::AgentClock;

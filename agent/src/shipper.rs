@@ -58,6 +58,71 @@ pub struct ShipperConfig {
     /// The clock the agent's windows follow: its own, corrected by what the aggregator's acks say about theirs.
     #[serde(skip)]
     pub clock: AgentClock,
+    /// Series the caller names once, up front, and then hands over by number (see [`RegisteredSeries`]).
+    #[serde(skip)]
+    pub registered: RegisteredSeries,
+}
+
+/// Series a caller that emits the same series every second names once, up front: in its snapshots a series with
+/// an empty name and `id` k (1-based) stands for the k-th of these. Each stream's dictionary gives them the same
+/// ids on the wire, names each of them the first time a stream carries it (a reconnect or a redirect names them
+/// again) and sends the id alone afterwards, so the caller neither builds nor hashes a name per series per second.
+/// Any other series in a snapshot is named as usual.
+#[derive(Debug, Clone, Default)]
+pub struct RegisteredSeries {
+    /// Name and tags of each (values unset).
+    names: Arc<[pb::Series]>,
+    /// Bytes naming each adds to an encoded snapshot.
+    naming_bytes: Arc<[usize]>,
+}
+
+impl RegisteredSeries {
+    /// Registers `names` (their values, if any, are ignored): the k-th (from 1) is then sent as id k.
+    pub fn new(names: impl IntoIterator<Item = pb::Series>) -> Self {
+        let names: Arc<[pb::Series]> = names
+            .into_iter()
+            .map(|s| pb::Series {
+                name: s.name,
+                tags: s.tags,
+                id: 0,
+                value: None,
+            })
+            .collect();
+        // Name and tag fields, and the room they may add to the series' length prefix.
+        let naming_bytes = names.iter().map(|s| s.encoded_len() + 2).collect();
+        Self {
+            names,
+            naming_bytes,
+        }
+    }
+
+    /// How many are registered.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The registered series `series` stands for, and its id, if it is one (empty name, id in range).
+    fn lookup(&self, series: &pb::Series) -> Option<(usize, &pb::Series)> {
+        if !series.name.is_empty() || series.id == 0 {
+            return None;
+        }
+        let id = series.id as usize;
+        self.names.get(id - 1).map(|known| (id, known))
+    }
+
+    /// Bytes the names of the registered series in `snapshot` would add to it, were each named.
+    fn naming_bytes(&self, snapshot: &pb::Snapshot) -> usize {
+        snapshot
+            .series
+            .iter()
+            .filter_map(|s| self.lookup(s).map(|(id, _)| self.naming_bytes[id - 1]))
+            .sum()
+    }
 }
 
 impl Default for ShipperConfig {
@@ -78,6 +143,7 @@ impl Default for ShipperConfig {
             tls_cert: None,
             tls_key: None,
             clock: AgentClock::default(),
+            registered: RegisteredSeries::default(),
         }
     }
 }
@@ -389,7 +455,7 @@ async fn ship(
                 _ = &mut sleep => break,
                 next = snapshots.recv(), if input_open => match next {
                     Some(mut s) => {
-                        fit_to_limit(&mut s, config.max_message_bytes);
+                        fit_to_limit(&mut s, config.max_message_bytes, &config.registered);
                         buffer.push(s, &mut report);
                     }
                     None => {
@@ -467,7 +533,8 @@ async fn ship_once(
     if out_tx.try_send(hello).is_err() {
         return Session::Lost { connected: false };
     }
-    let mut dictionary = SeriesDictionary::new(config.max_dictionary_series);
+    let mut dictionary =
+        SeriesDictionary::new(config.max_dictionary_series, config.registered.clone());
     for snapshot in &buffer.snapshots {
         if out_tx
             .try_send(snapshot_message(dictionary.compact(snapshot)))
@@ -493,7 +560,7 @@ async fn ship_once(
         tokio::select! {
             next = snapshots.recv(), if input_open => match next {
                 Some(mut snapshot) => {
-                    fit_to_limit(&mut snapshot, config.max_message_bytes);
+                    fit_to_limit(&mut snapshot, config.max_message_bytes, &config.registered);
                     if let Some(stats) = snapshot.stats.as_mut() {
                         stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
                     }
@@ -672,14 +739,20 @@ struct SeriesDictionary {
     limit: usize,
     /// Reused to spell a series' name and tags as one lookup key, without allocating.
     spelling: String,
+    /// Series registered up front (ids 1 to their count; the others' ids follow)...
+    registered: RegisteredSeries,
+    /// ...and which of them this stream has named.
+    taught: Vec<bool>,
 }
 
 impl SeriesDictionary {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, registered: RegisteredSeries) -> Self {
         Self {
             ids: std::collections::HashMap::default(),
             limit,
             spelling: String::new(),
+            taught: vec![false; registered.len()],
+            registered,
         }
     }
 
@@ -690,6 +763,26 @@ impl SeriesDictionary {
             .series
             .iter()
             .map(|s| {
+                if let Some((id, known)) = self.registered.lookup(s) {
+                    let by_id = id <= self.limit;
+                    if by_id && self.taught[id - 1] {
+                        return pb::Series {
+                            name: String::new(),
+                            tags: Vec::new(),
+                            id: id as u32,
+                            value: s.value.clone(),
+                        };
+                    }
+                    if by_id {
+                        self.taught[id - 1] = true;
+                    }
+                    return pb::Series {
+                        name: known.name.clone(),
+                        tags: known.tags.clone(),
+                        id: if by_id { id as u32 } else { 0 },
+                        value: s.value.clone(),
+                    };
+                }
                 self.spelling.clear();
                 self.spelling.push_str(&s.name);
                 for tag in &s.tags {
@@ -707,8 +800,10 @@ impl SeriesDictionary {
                     };
                 }
                 let mut named = s.clone();
-                if self.ids.len() < self.limit {
-                    let id = u32::try_from(self.ids.len() + 1).unwrap_or(0);
+                named.id = 0;
+                let next = self.registered.len() + self.ids.len() + 1;
+                if next <= self.limit {
+                    let id = u32::try_from(next).unwrap_or(0);
                     self.ids.insert(self.spelling.clone(), id);
                     named.id = id;
                 }
@@ -723,9 +818,10 @@ impl SeriesDictionary {
     }
 }
 
-/// Drops series from the end until the encoded snapshot fits in `max_bytes`, counting them as over the limit.
-fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize) {
-    let mut len = snapshot.encoded_len();
+/// Drops series from the end until the encoded snapshot fits in `max_bytes` (registered series counted as named,
+/// as a new stream sends them), counting them as over the limit.
+fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize, registered: &RegisteredSeries) {
+    let mut len = snapshot.encoded_len() + registered.naming_bytes(snapshot);
     if len <= max_bytes {
         return;
     }
@@ -738,7 +834,11 @@ fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize) {
         };
         // A repeated field element costs its key byte, its length prefix and its body.
         let body = series.encoded_len();
-        len = len.saturating_sub(1 + prost::encoding::encoded_len_varint(body as u64) + body);
+        let naming = registered
+            .lookup(&series)
+            .map_or(0, |(id, _)| registered.naming_bytes[id - 1]);
+        len = len
+            .saturating_sub(1 + prost::encoding::encoded_len_varint(body as u64) + body + naming);
         dropped += 1;
     }
     if dropped > 0 {
@@ -802,7 +902,7 @@ mod tests {
             ],
             stats: None,
         };
-        let mut stream = SeriesDictionary::new(100);
+        let mut stream = SeriesDictionary::new(100, RegisteredSeries::default());
         let first = stream.compact(&snapshot);
         let ids: Vec<u32> = first.series.iter().map(|s| s.id).collect();
         assert_eq!(ids, [1, 2, 3]);
@@ -816,16 +916,88 @@ mod tests {
             Some(pb::series::Value::Counter(2.0))
         );
         // A reconnect or a redirect is a new stream: everything is named again.
-        let mut reconnected = SeriesDictionary::new(100);
+        let mut reconnected = SeriesDictionary::new(100, RegisteredSeries::default());
         assert_eq!(reconnected.compact(&snapshot), first);
         // Past its limit, a dictionary sends new series named, without an id.
-        let mut small = SeriesDictionary::new(1);
+        let mut small = SeriesDictionary::new(1, RegisteredSeries::default());
         let limited = small.compact(&snapshot);
         assert_eq!(
             limited.series.iter().map(|s| s.id).collect::<Vec<_>>(),
             [1, 0, 0]
         );
         assert_eq!(small.compact(&snapshot).series[2].name, "req");
+    }
+
+    #[test]
+    fn registered_series_are_named_once_per_stream_with_their_own_ids() {
+        let registered = RegisteredSeries::new([
+            named("req", &[("route", "/a")], 0.0),
+            named("lat", &[("route", "/a")], 0.0),
+        ]);
+        let by_number = |id: u32, v: f64| pb::Series {
+            id,
+            ..named("", &[], v)
+        };
+        let snapshot = pb::Snapshot {
+            second: 10,
+            series: vec![
+                by_number(2, 5.0),
+                named("other", &[], 1.0),
+                by_number(1, 7.0),
+                // Out of range: an unnamed series like any other (which the aggregator refuses), never another's.
+                by_number(9, 1.0),
+            ],
+            stats: None,
+        };
+        let mut stream = SeriesDictionary::new(100, registered.clone());
+        let first = stream.compact(&snapshot);
+        let spelled: Vec<(&str, u32)> = first
+            .series
+            .iter()
+            .map(|s| (s.name.as_str(), s.id))
+            .collect();
+        // Registered series keep their numbers; the others' ids follow them.
+        assert_eq!(spelled, [("lat", 2), ("other", 3), ("req", 1), ("", 4)]);
+        assert_eq!(first.series[0].tags, registered.names[1].tags);
+        assert_eq!(first.series[0].value, Some(pb::series::Value::Counter(5.0)));
+        let second = stream.compact(&snapshot);
+        for (s, id) in second.series.iter().zip([2, 3, 1, 4]) {
+            assert_eq!((s.name.as_str(), s.tags.len(), s.id), ("", 0, id));
+        }
+        assert_eq!(
+            second.series[2].value,
+            Some(pb::series::Value::Counter(7.0))
+        );
+        // A new stream names them again; past the dictionary's limit they go named, without an id.
+        let mut reconnected = SeriesDictionary::new(100, registered.clone());
+        assert_eq!(reconnected.compact(&snapshot), first);
+        let mut small = SeriesDictionary::new(1, registered.clone());
+        let limited = small.compact(&snapshot);
+        assert_eq!(
+            limited
+                .series
+                .iter()
+                .map(|s| (s.name.as_str(), s.id))
+                .collect::<Vec<_>>(),
+            [("lat", 0), ("other", 0), ("req", 1), ("", 0)]
+        );
+        // The size limit counts registered series as named.
+        let mut big = pb::Snapshot {
+            second: 1,
+            series: (0..100).map(|_| by_number(1, 1.0)).collect(),
+            stats: Some(pb::AgentStats::default()),
+        };
+        let named_len = SeriesDictionary::new(0, registered.clone())
+            .compact(&big)
+            .encoded_len();
+        fit_to_limit(&mut big, named_len / 2, &registered);
+        let kept = SeriesDictionary::new(0, registered.clone()).compact(&big);
+        assert!(
+            kept.encoded_len() <= named_len / 2,
+            "{}",
+            kept.encoded_len()
+        );
+        assert!(big.series.len() > 10);
     }
 
     #[test]
@@ -882,7 +1054,7 @@ mod tests {
                 value: Some(pb::series::Value::Counter(1.0)),
             });
         }
-        fit_to_limit(&mut s, 4096);
+        fit_to_limit(&mut s, 4096, &RegisteredSeries::default());
         assert!(s.encoded_len() <= 4096);
         assert!(!s.series.is_empty());
         assert_eq!(

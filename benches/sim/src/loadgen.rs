@@ -2,7 +2,9 @@
 //! (multiplexed over a few HTTP/2 connections), with deploys of new versions staged on command.
 //!
 //! Generating realistic histograms for every instance every second would cost more than what is measured, so each
-//! behaviour has a pool of prebuilt seconds (folded by the agent's own `Window`) that instances draw from.
+//! behaviour has a pool of prebuilt seconds (folded by the agent's own `Window`) that instances draw from. A pool's
+//! series are registered with each instance's shipper ([`RegisteredSeries`]) and handed over by number, so the
+//! generator does not copy a hundred names per instance per second; the wire carries what an agent sends.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +14,9 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use strobe_agent::statsd::MetricType;
-use strobe_agent::{ShipperConfig, ShipperTally, Window, WindowLimits, run_shipper_on};
+use strobe_agent::{
+    RegisteredSeries, ShipperConfig, ShipperTally, Window, WindowLimits, run_shipper_on,
+};
 use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::{mpsc, watch};
@@ -34,9 +38,31 @@ pub struct Pool {
     behavior: Behavior,
     extra_counters: usize,
     extra_histograms: usize,
+    /// Series by number (see `registered`).
     seconds: Vec<Vec<pb::Series>>,
     /// Each second's latency multiplier, ascending.
     multipliers: Vec<f64>,
+    /// Every series the pool's seconds hold, by number.
+    registered: RegisteredSeries,
+    /// Each registered series' number, by its spelling (name and tags).
+    numbers: std::collections::HashMap<String, u32>,
+    /// Numbers of the request and error counters.
+    requests: u32,
+    errors: u32,
+    /// Whether each registered series (by number - 1) is one of the extra counters, varied per second.
+    varying: Vec<bool>,
+}
+
+/// A series' name and tags as one string.
+fn spelling(series: &pb::Series) -> String {
+    let mut key = series.name.clone();
+    for tag in &series.tags {
+        key.push('\0');
+        key.push_str(&tag.key);
+        key.push('\0');
+        key.push_str(&tag.value);
+    }
+    key
 }
 
 impl Pool {
@@ -56,7 +82,7 @@ impl Pool {
             .map(|_| (spread * rng.sample::<f64, _>(rand_distr::StandardNormal)).exp())
             .collect();
         multipliers.sort_by(f64::total_cmp);
-        let seconds = multipliers
+        let seconds: Vec<Vec<pb::Series>> = multipliers
             .iter()
             .map(|m| {
                 let shock = SecondShock {
@@ -73,13 +99,50 @@ impl Pool {
                 )
             })
             .collect();
-        Self {
+        let mut numbers = std::collections::HashMap::new();
+        let mut names = Vec::new();
+        for series in seconds.iter().flatten() {
+            numbers.entry(spelling(series)).or_insert_with(|| {
+                names.push(series.clone());
+                names.len() as u32
+            });
+        }
+        let number = |name: &str| numbers.get(name).copied().unwrap_or(0);
+        let (requests, errors) = (number(metrics::REQUESTS), number(metrics::ERRORS));
+        let varying = names
+            .iter()
+            .map(|s| !s.tags.is_empty() && matches!(s.value, Some(pb::series::Value::Counter(_))))
+            .collect();
+        let mut pool = Self {
             behavior,
             extra_counters,
             extra_histograms,
-            seconds,
+            seconds: Vec::new(),
             multipliers,
-        }
+            registered: RegisteredSeries::new(names),
+            numbers,
+            requests,
+            errors,
+            varying,
+        };
+        pool.seconds = seconds.into_iter().map(|s| pool.by_number(s)).collect();
+        pool
+    }
+
+    /// `series` with every registered one handed over by number.
+    fn by_number(&self, series: Vec<pb::Series>) -> Vec<pb::Series> {
+        series
+            .into_iter()
+            .map(|s| match self.numbers.get(&spelling(&s)) {
+                Some(id) => pb::Series {
+                    name: String::new(),
+                    tags: Vec::new(),
+                    id: *id,
+                    value: s.value,
+                },
+                None => s,
+            })
+            .collect()
     }
 
     /// The index of a prebuilt second whose latency multiplier is about `latency` (`n` picks among neighbours, so
@@ -100,19 +163,25 @@ impl Pool {
         let mut series = self.seconds[self.index_for(shock.latency, n)].clone();
         let requests = series
             .iter()
-            .find(|s| s.name == metrics::REQUESTS)
+            .find(|s| s.id == self.requests)
             .and_then(|s| match s.value {
                 Some(pb::series::Value::Counter(v)) => Some(v),
                 _ => None,
             })
             .unwrap_or(0.0);
-        if let Some(errors) = series.iter_mut().find(|s| s.name == metrics::ERRORS) {
+        if let Some(errors) = series.iter_mut().find(|s| s.id == self.errors) {
             let ratio = (self.behavior.error_ratio * shock.errors).clamp(0.0, 1.0);
             let drawn = Binomial::new(requests as u64, ratio).map_or(0, |b| b.sample(rng));
             errors.value = Some(pb::series::Value::Counter(drawn as f64));
         }
         // Every other counter differs per instance and second too.
-        for s in series.iter_mut().filter(|s| !s.tags.is_empty()) {
+        let varying = |s: &pb::Series| {
+            (s.id as usize)
+                .checked_sub(1)
+                .and_then(|i| self.varying.get(i))
+                .is_some_and(|v| *v)
+        };
+        for s in series.iter_mut().filter(|s| varying(s)) {
             if let Some(pb::series::Value::Counter(v)) = &mut s.value {
                 *v = (*v * rng.random_range(0.5..1.5)).round();
             }
@@ -122,14 +191,14 @@ impl Pool {
 
     /// A fresh second with only `share` of the traffic (an instance that started partway through the second).
     fn partial(&self, share: f64, shock: SecondShock, rng: &mut SmallRng) -> Vec<pb::Series> {
-        one_second(
+        self.by_number(one_second(
             &self.behavior,
             share,
             shock,
             self.extra_counters,
             self.extra_histograms,
             rng,
-        )
+        ))
     }
 }
 
@@ -242,6 +311,47 @@ pub struct LoadSpec {
     pub behavior: Behavior,
     /// How the requests of an instance-second move together.
     pub traffic: Shape,
+    /// When snapshots are sent after their second ends.
+    pub arrival: Arrival,
+}
+
+/// When each instance sends its second after the second ends: spread uniformly over `spread` (agents' clocks and
+/// windows do not close at the same microsecond, and the network adds its own), and with probability `late_share`
+/// 0.3 to 0.8 s late instead (a GC pause). The default sends every snapshot at once, the hardest burst.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Arrival {
+    /// Width of the uniform spread.
+    pub spread: Duration,
+    /// Share of instance-seconds sent 0.3 to 0.8 s late.
+    pub late_share: f64,
+}
+
+impl Arrival {
+    /// Slots of the schedule a second's sending is cut into.
+    const SLOTS: usize = 100;
+    /// Width of a slot: the 900 ms a second's sending may take, cut into [`Self::SLOTS`].
+    const SLOT: Duration = Duration::from_millis(9);
+
+    /// The slot an instance-second is sent in.
+    fn slot(&self, rng: &mut SmallRng) -> usize {
+        let delay = if self.late_share > 0.0 && rng.random_bool(self.late_share.clamp(0.0, 1.0)) {
+            rng.random_range(0.3..0.8)
+        } else if self.spread.is_zero() {
+            0.0
+        } else {
+            rng.random_range(0.0..self.spread.as_secs_f64().min(0.8))
+        };
+        ((delay / Self::SLOT.as_secs_f64()) as usize).min(Self::SLOTS - 1)
+    }
+
+    /// How it is named in output.
+    pub fn describe(&self) -> String {
+        format!(
+            "spread {} ms, {:.1}% sent 0.3-0.8 s late",
+            self.spread.as_millis(),
+            self.late_share * 100.0
+        )
+    }
 }
 
 /// A staged deploy: new instances of a new version of one service, from a given instant.
@@ -375,10 +485,16 @@ impl Fleet {
             .collect();
         let mut shock_rng = SmallRng::seed_from_u64(3);
         let connections = channels.len();
-        let spawn_shipper = move |tasks: &mut JoinSet<()>, n: usize, id: pb::Identity| {
+        let spawn_shipper = move |tasks: &mut JoinSet<()>,
+                                  n: usize,
+                                  id: pb::Identity,
+                                  registered: &RegisteredSeries| {
             let (tx, rx) = mpsc::channel(8);
             let channel = channels[n % channels.len()].clone();
-            let config = shipper.clone();
+            let config = ShipperConfig {
+                registered: registered.clone(),
+                ..shipper.clone()
+            };
             let tally = tally.clone();
             tasks.spawn(async move {
                 run_shipper_on(id, config, rx, channel, tally).await;
@@ -395,7 +511,7 @@ impl Fleet {
             );
             instances.push(Instance {
                 service,
-                tx: spawn_shipper(&mut tasks, n, id),
+                tx: spawn_shipper(&mut tasks, n, id, &healthy.registered),
                 pool: healthy.clone(),
                 starts_at: 0.0,
                 stops_from: i64::MAX,
@@ -415,9 +531,12 @@ impl Fleet {
         let generator = Generator {
             instances,
             stats: stats.clone(),
-            spawn: Box::new(move |tasks, n, id| spawn_shipper(tasks, n, id)),
+            spawn: Box::new(move |tasks, n, id, registered| {
+                spawn_shipper(tasks, n, id, registered)
+            }),
             extra: (extra_counters, extra_histograms),
             traffic: (spec.traffic, service_shocks),
+            arrival: spec.arrival,
         };
         let mut shippers = JoinSet::new();
         std::mem::swap(&mut shippers, &mut tasks);
@@ -442,8 +561,10 @@ impl Fleet {
     }
 }
 
-type SpawnShipper =
-    Box<dyn Fn(&mut JoinSet<()>, usize, pb::Identity) -> mpsc::Sender<pb::Snapshot> + Send>;
+type SpawnShipper = Box<
+    dyn Fn(&mut JoinSet<()>, usize, pb::Identity, &RegisteredSeries) -> mpsc::Sender<pb::Snapshot>
+        + Send,
+>;
 
 struct Generator {
     instances: Vec<Instance>,
@@ -452,6 +573,8 @@ struct Generator {
     extra: (usize, usize),
     /// The traffic shape, and each service's shared shocks.
     traffic: (Shape, Vec<ServiceShocks>),
+    /// When snapshots are sent.
+    arrival: Arrival,
 }
 
 impl Generator {
@@ -474,7 +597,23 @@ impl Generator {
                 _ = stop.wait_for(|s| *s) => break,
             }
             let t = clock::unix_second() - 1;
-            self.emit(t, &mut rng);
+            let sent_from = tokio::time::Instant::now();
+            let slots = self.emit(t, &mut rng);
+            for (k, slot) in slots.into_iter().enumerate() {
+                if slot.is_empty() {
+                    continue;
+                }
+                tokio::time::sleep_until(sent_from + Arrival::SLOT * k as u32).await;
+                for (n, snapshot) in slot {
+                    let Some(instance) = self.instances.get(n) else {
+                        continue;
+                    };
+                    match instance.tx.try_send(snapshot) {
+                        Ok(()) => self.stats.sent.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }
         }
         // Dropping the senders lets every shipper drain and finish.
         self.instances.clear();
@@ -511,7 +650,7 @@ impl Generator {
             if let Some(d) = &deploy.deployer {
                 id.labels.insert("deployer".into(), d.clone());
             }
-            let tx = (self.spawn)(shippers, n, id);
+            let tx = (self.spawn)(shippers, n, id, &pool.registered);
             let (shape, services) = &self.traffic;
             let shared = services
                 .get(deploy.service)
@@ -529,11 +668,13 @@ impl Generator {
         }
     }
 
-    fn emit(&mut self, t: i64, rng: &mut SmallRng) {
+    /// Every instance's snapshot of second `t`, by the slot of the schedule it is sent in.
+    fn emit(&mut self, t: i64, rng: &mut SmallRng) -> Vec<Vec<(usize, pb::Snapshot)>> {
         // Real agents race each other at every boundary; a fixed order would always put a deploy's new
         // instances last, after their service's second was sealed.
         let mut order: Vec<usize> = (0..self.instances.len()).collect();
         order.shuffle(rng);
+        let mut slots: Vec<Vec<(usize, pb::Snapshot)>> = vec![Vec::new(); Arrival::SLOTS];
         for n in order {
             let instance = &mut self.instances[n];
             let start_second = instance.starts_at.floor() as i64;
@@ -553,11 +694,9 @@ impl Generator {
                 series,
                 stats: Some(pb::AgentStats::default()),
             };
-            match instance.tx.try_send(snapshot) {
-                Ok(()) => self.stats.sent.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
-            };
+            slots[self.arrival.slot(rng)].push((n, snapshot));
         }
+        slots
     }
 }
 
@@ -590,8 +729,15 @@ pub async fn run_loadgen(
 ) -> Result<(), LoadError> {
     let fleet = Fleet::start(plan.spec.clone()).await?;
     println!(
-        "strobe loadgen agents={} services={} connections={}",
-        plan.spec.agents, plan.spec.services, plan.spec.connections
+        "strobe loadgen agents={} services={} sizes={} series={} histograms={} traffic={} arrival=\"{}\" connections={}",
+        plan.spec.agents,
+        plan.spec.services,
+        if plan.spec.zipf { "zipf" } else { "equal" },
+        plan.spec.series,
+        plan.spec.histograms,
+        plan.spec.traffic,
+        plan.spec.arrival.describe(),
+        plan.spec.connections
     );
     let started = tokio::time::Instant::now();
     let end = plan.duration.map(|d| started + d);

@@ -15,7 +15,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use strobe_aggregator::{Aggregator, AggregatorConfig};
-use strobe_sim::loadgen::{Deploy, Fleet, LoadSpec, service_name};
+use strobe_sim::loadgen::{Arrival, Deploy, Fleet, LoadSpec, service_name};
 use strobe_sim::sim::Behavior;
 use strobe_sim::traffic::Shape;
 use tokio_tungstenite::tungstenite::Message;
@@ -358,6 +358,8 @@ async fn main() -> Result<()> {
         connections: args.connections,
         behavior: healthy,
         traffic: args.traffic,
+        // Every snapshot at the second's end: detection latency measured without arrival spread.
+        arrival: Arrival::default(),
     };
     // The fleet stands for thousands of other machines: it gets a runtime of its own, so its ten thousand shipper
     // tasks compete with the aggregator for the CPU (as other processes would) and not in the aggregator's task

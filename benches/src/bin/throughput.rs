@@ -46,6 +46,18 @@ struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Service sizes: `zipf` (a few large services, a long tail, as fleets are) or `equal`.
+    #[arg(long, default_value = "zipf", value_parser = ["zipf", "equal"])]
+    sizes: String,
+    /// How requests move together (the load generator's `--traffic`).
+    #[arg(long, default_value = "persistent")]
+    traffic: String,
+    /// Snapshots spread over this long after each second (the load generator's `--spread`).
+    #[arg(long, default_value = "300ms")]
+    spread: String,
+    /// Share of instance-seconds sent 0.3 to 0.8 s late (the load generator's `--late-share`).
+    #[arg(long, default_value_t = 0.01)]
+    late_share: f64,
 }
 
 #[derive(Deserialize)]
@@ -258,9 +270,18 @@ async fn main() -> Result<()> {
             args.histograms.to_string(),
             "--services".to_owned(),
             args.services.to_string(),
+            "--traffic".to_owned(),
+            args.traffic.clone(),
+            "--spread".to_owned(),
+            args.spread.clone(),
+            "--late-share".to_owned(),
+            args.late_share.to_string(),
             "--log".to_owned(),
             "warn".to_owned(),
-        ],
+        ]
+        .into_iter()
+        .chain((args.sizes == "zipf").then(|| "--zipf".to_owned()))
+        .collect::<Vec<_>>(),
     )?;
     let loadgen_pid = loadgen.id().context("loadgen pid")?;
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
@@ -274,8 +295,17 @@ async fn main() -> Result<()> {
         });
     }
     println!(
-        "throughput: {} agents x {} series ({} histograms) over {} services; warm-up {} s, measuring {} s",
-        args.agents, args.series, args.histograms, args.services, args.warmup, args.seconds
+        "throughput: {} agents x {} series ({} histograms) over {} services ({} sizes), {} traffic, arrival spread {} with {}% late; warm-up {} s, measuring {} s",
+        args.agents,
+        args.series,
+        args.histograms,
+        args.services,
+        args.sizes,
+        args.traffic,
+        args.spread,
+        args.late_share * 100.0,
+        args.warmup,
+        args.seconds
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     let first_second = now_ms() / 1000;
