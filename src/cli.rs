@@ -151,6 +151,9 @@ pub(crate) struct AggregatorArgs {
     /// Past the grace, a second stays open while its snapshots still arrive this often, e.g. `50ms`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUIET", value_parser = humantime::parse_duration)]
     pub(crate) grace_quiet: Option<Duration>,
+    /// ...once this share of the instances expected has reported (0 to 1; all but one always suffice), e.g. `0.9`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUORUM")]
+    pub(crate) grace_quorum: Option<f64>,
     /// The longest a second stays open after it ends, e.g. `1s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
     pub(crate) grace_max: Option<Duration>,
@@ -497,6 +500,9 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.grace_quiet {
             config.grace_quiet = v;
+        }
+        if let Some(v) = self.grace_quorum {
+            config.grace_quorum = v;
         }
         if let Some(v) = self.grace_max {
             config.grace_max = v;

@@ -27,6 +27,9 @@ pub struct AggregatorConfig {
     /// ...and past that, while snapshots for it still reach the shard this often (a burst being decoded)...
     #[serde(with = "humantime_serde")]
     pub grace_quiet: Duration,
+    /// ...once at least this share (0 to 1) of the instances that reported the previous second have reported it
+    /// (all but one always suffice)...
+    pub grace_quorum: f64,
     /// ...but never longer than this after it ends.
     #[serde(with = "humantime_serde")]
     pub grace_max: Duration,
@@ -89,6 +92,7 @@ impl Default for AggregatorConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
             grace: Duration::from_millis(250),
             grace_quiet: Duration::from_millis(50),
+            grace_quorum: 0.9,
             grace_max: Duration::from_secs(1),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),

@@ -250,6 +250,7 @@ impl Aggregator {
         let settings = WindowSettings {
             grace_ms: i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX),
             grace_quiet_ms: i64::try_from(self.config.grace_quiet.as_millis()).unwrap_or(i64::MAX),
+            grace_quorum: self.config.grace_quorum,
             grace_max_ms: i64::try_from(self.config.grace_max.as_millis()).unwrap_or(i64::MAX),
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
             max_cells: self.config.limits.max_series_per_service.saturating_mul(3),

@@ -97,6 +97,7 @@ fn aggregator(c: &mut Criterion) {
         let settings = WindowSettings {
             grace_ms: 250,
             grace_quiet_ms: 50,
+            grace_quorum: 0.9,
             grace_max_ms: 1000,
             late_window_secs: 10,
             max_cells: 150_000,
@@ -170,6 +171,7 @@ fn second_of_100k_series(c: &mut Criterion) {
     let settings = WindowSettings {
         grace_ms: 250,
         grace_quiet_ms: 50,
+        grace_quorum: 0.9,
         grace_max_ms: 1000,
         late_window_secs: 10,
         max_cells: 1_000_000,

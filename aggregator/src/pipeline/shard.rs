@@ -294,6 +294,7 @@ mod tests {
             settings: WindowSettings {
                 grace_ms: 250,
                 grace_quiet_ms: 50,
+                grace_quorum: 0.9,
                 grace_max_ms: 1000,
                 late_window_secs: 10,
                 max_cells: 100,

@@ -22,8 +22,11 @@ use crate::pipeline::merge::Cell;
 pub struct WindowSettings {
     /// Milliseconds an incomplete second stays open after it ends...
     pub grace_ms: i64,
-    /// ...and after that, until no snapshot for it has arrived for this many milliseconds...
+    /// ...and after that, until no snapshot for it has arrived for this many milliseconds, and at least this share
+    /// of the instances it expects have reported (or all but one)...
     pub grace_quiet_ms: i64,
+    /// (the share, from 0 to 1)...
+    pub grace_quorum: f64,
     /// ...but never longer than this after it ends.
     pub grace_max_ms: i64,
     /// Seconds a sealed second still takes late snapshots.
@@ -302,7 +305,21 @@ impl ServiceWindows {
                 .last(t)
                 .is_none_or(|last| now_ms >= last.saturating_add(self.settings.grace_quiet_ms));
             let grace = self.settings.grace_ms;
-            let waited = (now_ms >= end.saturating_add(grace) && quiet)
+            // A lull at the shard while most of the expected instances are missing is a burst held up on its way
+            // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
+            // corrections. Counted only once the grace has passed in a lull.
+            let quorum = || {
+                let expected = self.expected.len();
+                let reported = self
+                    .expected
+                    .iter()
+                    .filter(|id| second.reporters.contains_key(*id))
+                    .count();
+                let needed =
+                    (expected as f64 * self.settings.grace_quorum.clamp(0.0, 1.0)).ceil() as usize;
+                reported >= needed.min(expected.saturating_sub(1))
+            };
+            let waited = (now_ms >= end.saturating_add(grace) && quiet && quorum())
                 || now_ms >= end.saturating_add(self.settings.grace_max_ms.max(grace));
             if !complete && !waited {
                 break;
@@ -463,6 +480,7 @@ mod tests {
     const SETTINGS: WindowSettings = WindowSettings {
         grace_ms: 250,
         grace_quiet_ms: 50,
+        grace_quorum: 0.9,
         grace_max_ms: 1000,
         late_window_secs: 10,
         max_cells: 1000,
@@ -575,6 +593,46 @@ mod tests {
         let sealed = w.seal_ready_seconds(13_250, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
         assert_eq!(w.last_sealed(), Some(13));
+    }
+
+    #[test]
+    fn a_lull_with_most_instances_missing_does_not_seal_before_grace_max() {
+        let fleet: Vec<Arc<Instance>> = (0..20)
+            .map(|i| instance(&format!("i{i:02}"), "v1", None))
+            .collect();
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut arrivals = Arrivals::default();
+        for i in &fleet {
+            w.apply_now(counter(i, 10, 1.0));
+        }
+        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        // Second 11: half the fleet is in when the shard goes quiet (a burst held up on its way).
+        for i in &fleet[..10] {
+            w.apply_now(counter(i, 11, 1.0));
+        }
+        arrivals.record(11, 12_100);
+        assert!(
+            w.seal_ready_seconds(12_400, &arrivals).is_empty(),
+            "quiet, past the grace, but 10 of 20 missing"
+        );
+        // 18 of 20 (90%) are in: a quiet lull past the grace seals it without the last two.
+        for i in &fleet[10..18] {
+            w.apply_now(counter(i, 11, 1.0));
+        }
+        arrivals.record(11, 12_500);
+        assert!(
+            w.seal_ready_seconds(12_540, &arrivals).is_empty(),
+            "not quiet yet"
+        );
+        let sealed = w.seal_ready_seconds(12_560, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (18.0, 18));
+        // Second 12: still half missing at grace_max: sealed then, whatever is missing.
+        for i in &fleet[..10] {
+            w.apply_now(counter(i, 12, 1.0));
+        }
+        arrivals.record(12, 13_050);
+        assert!(w.seal_ready_seconds(13_990, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
     }
 
     #[test]

@@ -144,6 +144,7 @@ fn snapshot_target(input: &[u8]) {
 const SETTINGS: WindowSettings = WindowSettings {
     grace_ms: 250,
     grace_quiet_ms: 50,
+    grace_quorum: 0.9,
     grace_max_ms: 1000,
     late_window_secs: 10,
     max_cells: 150_000,

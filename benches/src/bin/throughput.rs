@@ -289,7 +289,11 @@ async fn main() -> Result<()> {
     {
         let last = last_progress.clone();
         tokio::spawn(async move {
+            let debug = std::env::var_os("THROUGHPUT_DEBUG").is_some();
             while let Ok(Some(line)) = loadgen_out.next_line().await {
+                if debug {
+                    eprintln!("{} {line}", now_ms());
+                }
                 *last.lock().expect("lock") = line;
             }
         });
@@ -350,6 +354,9 @@ async fn main() -> Result<()> {
     let mut total: Vec<i64> = (first_second..last_second)
         .map(|t| per_second.get(&t).map_or(0, |v| v.1) as i64)
         .collect();
+    if std::env::var_os("THROUGHPUT_DEBUG").is_some() {
+        eprintln!("live per second: {live:?}");
+    }
     live.sort_unstable();
     total.sort_unstable();
     let lost: i64 = total
@@ -358,6 +365,28 @@ async fn main() -> Result<()> {
         .filter(|d| *d > 0)
         .sum();
     let live_share = live.iter().sum::<i64>() as f64 / (expected as f64 * live.len().max(1) as f64);
+    // Live share by service size: the ten largest services against the rest (sizes from corrected counts).
+    let mut by_service: HashMap<&str, (u64, u64, u64)> = HashMap::new();
+    for ((service, t), (live, corrected)) in &instances {
+        if (first_second..last_second).contains(t) {
+            let entry = by_service.entry(service.as_str()).or_default();
+            entry.0 += live;
+            entry.1 += (*live).max(*corrected);
+            entry.2 = entry.2.max((*live).max(*corrected));
+        }
+    }
+    let mut sizes: Vec<(u64, u64, u64)> = by_service
+        .values()
+        .map(|(live, all, size)| (*size, *live, *all))
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let share = |rows: &[(u64, u64, u64)]| {
+        let (live, all) = rows
+            .iter()
+            .fold((0, 0), |(l, a), (_, live, all)| (l + live, a + all));
+        100.0 * live as f64 / all.max(1) as f64
+    };
+    let head = sizes.len().min(10);
     let mut delays = frame_delays;
     delays.sort_unstable();
     println!(
@@ -381,6 +410,17 @@ async fn main() -> Result<()> {
         lg_cores,
         lost,
         expected * live.len() as u64,
+    );
+    println!(
+        "live share by service size: the {} largest ({} to {} instances) {:.2}%, the other {} ({} to {} instances) {:.2}%",
+        head,
+        sizes.get(head.saturating_sub(1)).map_or(0, |r| r.0),
+        sizes.first().map_or(0, |r| r.0),
+        share(&sizes[..head]),
+        sizes.len() - head,
+        sizes.last().map_or(0, |r| r.0),
+        sizes.get(head).map_or(0, |r| r.0),
+        share(&sizes[head..]),
     );
     println!(
         "(full-frame client received {:.1} MB/s; loadgen's last progress line: {})",
