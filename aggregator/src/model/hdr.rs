@@ -218,24 +218,35 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
-/// varints, indexes at or past `len` (what the declared range allows) and negative counts.
+/// varints, indexes at or past `len` (what the declared range allows) and negative counts. One-byte varints (most
+/// counts and zero runs) take a short path.
 #[inline]
 fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
     let mut index: usize = 0;
     let mut at = 0;
-    while at < payload.len() {
-        let (raw, used) = varint(&payload[at..]).ok_or(V2Error::Encoding)?;
-        at += used;
-        let n = ((raw >> 1) as i64) ^ -((raw & 1) as i64);
-        if n < 0 {
-            let zeros = usize::try_from(n.unsigned_abs()).map_err(|_| V2Error::Encoding)?;
-            index = index.checked_add(zeros).ok_or(V2Error::Encoding)?;
+    while let Some(&byte) = payload.get(at) {
+        let raw = if byte & 0x80 == 0 {
+            at += 1;
+            u64::from(byte)
         } else {
-            if n > 0 {
+            let (raw, used) = varint(&payload[at..]).ok_or(V2Error::Encoding)?;
+            at += used;
+            raw
+        };
+        if raw & 1 == 1 {
+            // ZigZag: an odd number is negative, a run of (raw >> 1) + 1 empty buckets.
+            let zeros = usize::try_from(raw >> 1).map_err(|_| V2Error::Encoding)?;
+            index = index
+                .checked_add(zeros)
+                .and_then(|i| i.checked_add(1))
+                .ok_or(V2Error::Encoding)?;
+        } else {
+            let count = raw >> 1;
+            if count > 0 {
                 if index >= len {
                     return Err(V2Error::Encoding);
                 }
-                each(index, n as u64);
+                each(index, count);
             }
             index = index.checked_add(1).ok_or(V2Error::Encoding)?;
         }

@@ -55,6 +55,13 @@ struct Args {
     /// Snapshots spread over this long after each second (the load generator's `--spread`).
     #[arg(long, default_value = "300ms")]
     spread: String,
+    /// Pin the aggregator to CPU 0 and the load generator and this benchmark to CPU 1 (with `taskset`): the
+    /// aggregator's capacity on one core of its own, without the load generator's bursts on the same core.
+    #[arg(long)]
+    pin: bool,
+    /// HTTP/2 connections the load generator multiplexes its agents over (real agents have one each).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
     /// Share of instance-seconds sent 0.3 to 0.8 s late (the load generator's `--late-share`).
     #[arg(long, default_value_t = 0.01)]
     late_share: f64,
@@ -95,8 +102,17 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn spawn(bin: &PathBuf, args: &[String]) -> Result<Child> {
-    Command::new(bin)
+/// Starts `bin` with `args`, on the CPUs `cpus` only (a `taskset` list) if given.
+fn spawn(bin: &PathBuf, args: &[String], cpus: Option<&str>) -> Result<Child> {
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    command
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -217,6 +233,16 @@ fn percentile(sorted: &[i64], q: f64) -> i64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.pin {
+        let pinned = std::process::Command::new("taskset")
+            .args(["-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .context("taskset (util-linux) is needed for --pin")?;
+        if !pinned.success() {
+            bail!("taskset could not pin this process to CPU 1");
+        }
+    }
     let mut aggregator = spawn(
         &args.strobe,
         &[
@@ -229,6 +255,7 @@ async fn main() -> Result<()> {
             "warn",
         ]
         .map(String::from),
+        args.pin.then_some("0"),
     )?;
     let mut lines = BufReader::new(aggregator.stdout.take().context("aggregator stdout")?).lines();
     let first = lines
@@ -276,12 +303,15 @@ async fn main() -> Result<()> {
             args.spread.clone(),
             "--late-share".to_owned(),
             args.late_share.to_string(),
+            "--connections".to_owned(),
+            args.connections.to_string(),
             "--log".to_owned(),
             "warn".to_owned(),
         ]
         .into_iter()
         .chain((args.sizes == "zipf").then(|| "--zipf".to_owned()))
         .collect::<Vec<_>>(),
+        args.pin.then_some("1"),
     )?;
     let loadgen_pid = loadgen.id().context("loadgen pid")?;
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
