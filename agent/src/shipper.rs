@@ -108,7 +108,7 @@ impl RegisteredSeries {
 
     /// The registered series `series` stands for, and its id, if it is one (empty name, id in range).
     fn lookup(&self, series: &pb::Series) -> Option<(usize, &pb::Series)> {
-        if !series.name.is_empty() || series.id == 0 {
+        if !series.name.is_empty() || !series.tags.is_empty() || series.id == 0 {
             return None;
         }
         let id = series.id as usize;
@@ -802,7 +802,8 @@ impl SeriesDictionary {
                 let mut named = s.clone();
                 named.id = 0;
                 let next = self.registered.len() + self.ids.len() + 1;
-                if next <= self.limit {
+                // An unnamed series (a number nobody registered) gets no id: the aggregator refuses it as it is.
+                if next <= self.limit && !s.name.is_empty() {
                     let id = u32::try_from(next).unwrap_or(0);
                     self.ids.insert(self.spelling.clone(), id);
                     named.id = id;
@@ -821,13 +822,18 @@ impl SeriesDictionary {
 /// Drops series from the end until the encoded snapshot fits in `max_bytes` (registered series counted as named,
 /// as a new stream sends them), counting them as over the limit.
 fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize, registered: &RegisteredSeries) {
-    let mut len = snapshot.encoded_len() + registered.naming_bytes(snapshot);
-    if len <= max_bytes {
+    // Each series may also carry a dictionary id (a key byte and up to five of varint).
+    const ID_BYTES: usize = 6;
+    let mut len = snapshot.encoded_len()
+        + registered.naming_bytes(snapshot)
+        + ID_BYTES * snapshot.series.len();
+    // Room for the message wrapper (a key and a length) and the counters this function adds to the stats (a
+    // varint of at most 10 bytes plus its key).
+    let budget = max_bytes.saturating_sub(32);
+    if len <= budget {
         return;
     }
     let mut dropped = 0u64;
-    // Room for the counters this function adds to the stats (a varint of at most 10 bytes plus its key).
-    let budget = max_bytes.saturating_sub(16);
     while len > budget {
         let Some(series) = snapshot.series.pop() else {
             break;
@@ -837,8 +843,9 @@ fn fit_to_limit(snapshot: &mut pb::Snapshot, max_bytes: usize, registered: &Regi
         let naming = registered
             .lookup(&series)
             .map_or(0, |(id, _)| registered.naming_bytes[id - 1]);
-        len = len
-            .saturating_sub(1 + prost::encoding::encoded_len_varint(body as u64) + body + naming);
+        len = len.saturating_sub(
+            1 + prost::encoding::encoded_len_varint(body as u64) + body + naming + ID_BYTES,
+        );
         dropped += 1;
     }
     if dropped > 0 {
@@ -957,11 +964,11 @@ mod tests {
             .map(|s| (s.name.as_str(), s.id))
             .collect();
         // Registered series keep their numbers; the others' ids follow them.
-        assert_eq!(spelled, [("lat", 2), ("other", 3), ("req", 1), ("", 4)]);
+        assert_eq!(spelled, [("lat", 2), ("other", 3), ("req", 1), ("", 0)]);
         assert_eq!(first.series[0].tags, registered.names[1].tags);
         assert_eq!(first.series[0].value, Some(pb::series::Value::Counter(5.0)));
         let second = stream.compact(&snapshot);
-        for (s, id) in second.series.iter().zip([2, 3, 1, 4]) {
+        for (s, id) in second.series.iter().zip([2, 3, 1, 0]) {
             assert_eq!((s.name.as_str(), s.tags.len(), s.id), ("", 0, id));
         }
         assert_eq!(

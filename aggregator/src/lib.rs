@@ -102,6 +102,16 @@ pub enum AggregatorError {
     /// The rules file could not be loaded at start-up.
     #[error(transparent)]
     Rules(#[from] StoreError),
+    /// A setting is out of its range.
+    #[error("{name} must be {range}, not {value}")]
+    Setting {
+        /// The setting.
+        name: &'static str,
+        /// What it must be.
+        range: &'static str,
+        /// What it was.
+        value: String,
+    },
     /// A task that must run until shutdown stopped (it panicked).
     #[error("an internal task stopped: {0}")]
     TaskEnded(String),
@@ -149,6 +159,13 @@ pub struct Aggregator {
 impl Aggregator {
     /// Binds both listeners.
     pub async fn bind(config: AggregatorConfig) -> Result<Self, AggregatorError> {
+        if !(0.0..=1.0).contains(&config.grace_quorum) {
+            return Err(AggregatorError::Setting {
+                name: "grace_quorum",
+                range: "a share from 0 to 1",
+                value: config.grace_quorum.to_string(),
+            });
+        }
         let tokens = auth::Tokens::new(
             &config.read_tokens,
             &config.admin_tokens,
@@ -485,5 +502,31 @@ impl Aggregator {
         }
         tasks.shutdown().await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_grace_quorum_that_is_not_a_share_is_refused_before_anything_binds() {
+        for quorum in [f64::NAN, -0.1, 1.5] {
+            let config = AggregatorConfig {
+                grace_quorum: quorum,
+                ..AggregatorConfig::default()
+            };
+            let err = Aggregator::bind(config).await.err().expect("refused");
+            assert!(
+                matches!(
+                    err,
+                    AggregatorError::Setting {
+                        name: "grace_quorum",
+                        ..
+                    }
+                ),
+                "{quorum}: {err}"
+            );
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! HdrHistogram V2 bytes merged straight into counts, without building a histogram per snapshot.
 //!
 //! Every accumulator has one fixed layout ([`Layout::FIXED`]: lowest discernible value 1, 2 significant digits,
-//! so 256 sub-buckets per power of two, about 1% relative error), and grows only to the highest index actually
-//! recorded, so accumulators of one metric always line up and are merged by adding counts index by index. A V2
+//! so 256 sub-buckets per power of two, about 1% relative error), and holds counts only from the lowest to the
+//! highest index actually recorded, so accumulators of one metric always line up and are merged by adding counts index by index. A V2
 //! encoding in that layout (what every Strobe agent sends) is decoded in one pass of varints straight into the
 //! accumulator's counts; any other layout (another precision or lowest value) goes through values, as
 //! `hdrhistogram`'s own `add` does when layouts differ, with the same result. Statistics are read from the counts

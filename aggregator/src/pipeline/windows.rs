@@ -196,6 +196,9 @@ pub(crate) struct ServiceWindows {
     /// Bytes the open and recent seconds' cells take.
     bytes: usize,
     expected: HashSet<Arc<str>>,
+    /// Those of `expected` that reported the last sealed second only after its seal: waited for (completeness),
+    /// but not counted for the quorum, or an instance that is always late would hold every second to `grace_max`.
+    stragglers: HashSet<Arc<str>>,
 }
 
 impl ServiceWindows {
@@ -211,6 +214,7 @@ impl ServiceWindows {
             last_arrival_ms: 0,
             bytes: 0,
             expected: HashSet::new(),
+            stragglers: HashSet::new(),
         }
     }
 
@@ -269,7 +273,9 @@ impl ServiceWindows {
             if t == last {
                 // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
                 // be left out (and only corrected) second after second.
-                self.expected.insert(id);
+                if self.expected.insert(id.clone()) {
+                    self.stragglers.insert(id);
+                }
             }
             return Applied::Correction {
                 t,
@@ -309,12 +315,15 @@ impl ServiceWindows {
             // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
             // corrections. Counted only once the grace has passed in a lull.
             let quorum = || {
-                let expected = self.expected.len();
-                let reported = self
+                let on_time = self
                     .expected
                     .iter()
-                    .filter(|id| second.reporters.contains_key(*id))
-                    .count();
+                    .filter(|id| !self.stragglers.contains(*id));
+                let (mut expected, mut reported) = (0usize, 0usize);
+                for id in on_time {
+                    expected += 1;
+                    reported += usize::from(second.reporters.contains_key(id));
+                }
                 let needed =
                     (expected as f64 * self.settings.grace_quorum.clamp(0.0, 1.0)).ceil() as usize;
                 reported >= needed.min(expected.saturating_sub(1))
@@ -328,6 +337,7 @@ impl ServiceWindows {
                 break;
             };
             self.expected = second.reporters.keys().cloned().collect();
+            self.stragglers.clear();
             self.last_sealed = Some(t);
             self.last_seal_ms = now_ms;
             sealed.push(summarize(&self.service, t, &second, false));
@@ -626,13 +636,31 @@ mod tests {
         );
         let sealed = w.seal_ready_seconds(12_560, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (18.0, 18));
-        // Second 12: still half missing at grace_max: sealed then, whatever is missing.
-        for i in &fleet[..10] {
+        // The last two report 11 after its seal: waited for in 12, but not counted for the quorum, or instances
+        // that are always late would hold every second to grace_max.
+        for i in &fleet[18..] {
+            assert!(matches!(
+                w.apply(counter(i, 11, 1.0), 12_600),
+                Applied::Correction { .. }
+            ));
+        }
+        for i in &fleet[..17] {
             w.apply_now(counter(i, 12, 1.0));
         }
-        arrivals.record(12, 13_050);
-        assert!(w.seal_ready_seconds(13_990, &arrivals).is_empty());
-        assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
+        arrivals.record(12, 13_200);
+        let sealed = w.seal_ready_seconds(13_300, &arrivals);
+        assert_eq!(
+            sum_of(&sealed[0], None, None),
+            (17.0, 17),
+            "17 of the 18 on time"
+        );
+        // Second 13: still most missing at grace_max: sealed then, whatever is missing.
+        for i in &fleet[..8] {
+            w.apply_now(counter(i, 13, 1.0));
+        }
+        arrivals.record(13, 14_050);
+        assert!(w.seal_ready_seconds(14_990, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(15_000, &arrivals).len(), 1);
     }
 
     #[test]

@@ -235,7 +235,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.pin {
         let pinned = std::process::Command::new("taskset")
-            .args(["-p", "-c", "1", &std::process::id().to_string()])
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
             .stdout(Stdio::null())
             .status()
             .context("taskset (util-linux) is needed for --pin")?;
