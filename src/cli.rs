@@ -117,7 +117,7 @@ pub(crate) struct LoadgenArgs {
     /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
     #[arg(long, default_value = "independent", value_parser = traffic_shape)]
     pub(crate) traffic: Shape,
-    /// Spread each second's snapshots uniformly over this long after the second ends (0: all at once).
+    /// Spread each second's snapshots uniformly over this long after the second ends (0: all at once; at most 800 ms).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
     pub(crate) spread: Duration,
     /// Share of instance-seconds sent 0.3 to 0.8 s late (a GC pause), from 0 to 1.
@@ -151,7 +151,8 @@ pub(crate) struct AggregatorArgs {
     /// Past the grace, a second stays open while its snapshots still arrive this often, e.g. `50ms`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUIET", value_parser = humantime::parse_duration)]
     pub(crate) grace_quiet: Option<Duration>,
-    /// ...once this share of the instances expected has reported (0 to 1; all but one always suffice), e.g. `0.9`.
+    /// Past the grace, a quiet shard seals a second only once this share of the instances expected has reported
+    /// (0 to 1; all but one always suffice), e.g. `0.9`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUORUM")]
     pub(crate) grace_quorum: Option<f64>,
     /// The longest a second stays open after it ends, e.g. `1s`.

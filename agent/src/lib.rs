@@ -33,7 +33,7 @@ use tracing::info;
 
 pub use shipper::{
     RegisteredSeries, ShipperConfig, ShipperReport, ShipperTally, run_shipper, run_shipper_counted,
-    run_shipper_on,
+    run_shipper_on, spell_into,
 };
 pub use statsd::ParseLimits;
 pub use strobe_proto::clock::AgentClock;

@@ -729,6 +729,18 @@ fn snapshot_message(snapshot: pb::Snapshot) -> pb::AgentMessage {
     }
 }
 
+/// Writes a series' name and tags into `key` (cleared first) as one string: the key a series dictionary knows it by.
+pub fn spell_into(key: &mut String, series: &pb::Series) {
+    key.clear();
+    key.push_str(&series.name);
+    for tag in &series.tags {
+        key.push('\0');
+        key.push_str(&tag.key);
+        key.push('\0');
+        key.push_str(&tag.value);
+    }
+}
+
 /// One stream's series dictionary (see `strobe.proto`): the series it has named, by id. It lives and dies with
 /// its stream, so a reconnect or a redirect names every series again.
 #[derive(Debug)]
@@ -783,14 +795,7 @@ impl SeriesDictionary {
                         value: s.value.clone(),
                     };
                 }
-                self.spelling.clear();
-                self.spelling.push_str(&s.name);
-                for tag in &s.tags {
-                    self.spelling.push('\0');
-                    self.spelling.push_str(&tag.key);
-                    self.spelling.push('\0');
-                    self.spelling.push_str(&tag.value);
-                }
+                spell_into(&mut self.spelling, s);
                 if let Some(id) = self.ids.get(self.spelling.as_str()) {
                     return pb::Series {
                         name: String::new(),

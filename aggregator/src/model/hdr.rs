@@ -2,8 +2,8 @@
 //!
 //! Every accumulator has one fixed layout ([`Layout::FIXED`]: lowest discernible value 1, 2 significant digits,
 //! so 256 sub-buckets per power of two, about 1% relative error), and holds counts only from the lowest to the
-//! highest index actually recorded, so accumulators of one metric always line up and are merged by adding counts index by index. A V2
-//! encoding in that layout (what every Strobe agent sends) is decoded in one pass of varints straight into the
+//! highest index actually recorded, so accumulators of one metric always line up and are merged by adding counts
+//! index by index. A V2 encoding in that layout (what every Strobe agent sends) is decoded in one pass of varints straight into the
 //! accumulator's counts; any other layout (another precision or lowest value) goes through values, as
 //! `hdrhistogram`'s own `add` does when layouts differ, with the same result. Statistics are read from the counts
 //! exactly as `hdrhistogram` reads them (property tests compare both, count for count and bit for bit).
@@ -218,8 +218,8 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
-/// varints, indexes at or past `len` (what the declared range allows) and negative counts. One-byte varints (most
-/// counts and zero runs) take a short path.
+/// varints, indexes at or past `len` (what the declared range allows) and runs of zeros that overflow the index.
+/// One-byte varints (most counts and zero runs) take a short path.
 #[inline]
 fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
     let mut index: usize = 0;

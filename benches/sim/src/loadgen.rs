@@ -21,7 +21,7 @@ use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::info;
+use tracing::{info, warn};
 
 use rand_distr::{Binomial, Distribution};
 
@@ -53,15 +53,10 @@ pub struct Pool {
     varying: Vec<bool>,
 }
 
-/// A series' name and tags as one string.
+/// A series' name and tags as one string, as the shipper's dictionary spells them.
 fn spelling(series: &pb::Series) -> String {
-    let mut key = series.name.clone();
-    for tag in &series.tags {
-        key.push('\0');
-        key.push_str(&tag.key);
-        key.push('\0');
-        key.push_str(&tag.value);
-    }
+    let mut key = String::new();
+    strobe_agent::spell_into(&mut key, series);
     key
 }
 
@@ -600,16 +595,25 @@ impl Generator {
                 _ = stop.wait_for(|s| *s) => break,
             }
             let t = clock::unix_second() - 1;
+            if emitted.is_some_and(|e| t <= e) {
+                continue; // woken early, or the clock stepped back: this second went out already
+            }
             // Seconds missed by an overrun go at once, without the spread (at most ten; older ones are not sent).
             let from = emitted.map_or(t, |e| (e + 1).max(t - 10));
             emitted = Some(t);
+            if from < t {
+                warn!(
+                    message = "The generator overran a second; the missed ones go at once, without the spread.",
+                    missed = t - from
+                );
+            }
             for missed in from..t {
                 for (n, snapshot) in self.emit(missed, &mut rng).into_iter().flatten() {
                     self.send(n, snapshot);
                 }
             }
-            let sent_from = tokio::time::Instant::now();
             let slots = self.emit(t, &mut rng);
+            let sent_from = tokio::time::Instant::now();
             for (k, slot) in slots.into_iter().enumerate() {
                 if slot.is_empty() {
                     continue;

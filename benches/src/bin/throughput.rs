@@ -59,6 +59,9 @@ struct Args {
     /// aggregator's capacity on one core of its own, without the load generator's bursts on the same core.
     #[arg(long)]
     pin: bool,
+    /// Print every line of the load generator (timestamped, on stderr) and the live instances of every second.
+    #[arg(long)]
+    verbose: bool,
     /// HTTP/2 connections the load generator multiplexes its agents over (real agents have one each).
     #[arg(long, default_value_t = 16)]
     connections: usize,
@@ -318,8 +321,9 @@ async fn main() -> Result<()> {
     let last_progress = Arc::new(Mutex::new(String::new()));
     {
         let last = last_progress.clone();
+        let verbose = args.verbose;
         tokio::spawn(async move {
-            let debug = std::env::var_os("THROUGHPUT_DEBUG").is_some();
+            let debug = verbose;
             while let Ok(Some(line)) = loadgen_out.next_line().await {
                 if debug {
                     eprintln!("{} {line}", now_ms());
@@ -384,8 +388,8 @@ async fn main() -> Result<()> {
     let mut total: Vec<i64> = (first_second..last_second)
         .map(|t| per_second.get(&t).map_or(0, |v| v.1) as i64)
         .collect();
-    if std::env::var_os("THROUGHPUT_DEBUG").is_some() {
-        eprintln!("live per second: {live:?}");
+    if args.verbose {
+        eprintln!("live instances per second: {live:?}");
     }
     live.sort_unstable();
     total.sort_unstable();
@@ -395,26 +399,33 @@ async fn main() -> Result<()> {
         .filter(|d| *d > 0)
         .sum();
     let live_share = live.iter().sum::<i64>() as f64 / (expected as f64 * live.len().max(1) as f64);
-    // Live share by service size: the ten largest services against the rest (sizes from corrected counts).
-    let mut by_service: HashMap<&str, (u64, u64, u64)> = HashMap::new();
-    for ((service, t), (live, corrected)) in &instances {
+    // Live share by service size, from the generator's own assignment: the ten largest services against the rest,
+    // each live instance-second over the instance-seconds expected.
+    let assignment =
+        strobe_sim::loadgen::assign_services(args.agents, args.services, args.sizes == "zipf");
+    let mut size_of: HashMap<String, u64> = HashMap::new();
+    for service in assignment {
+        *size_of
+            .entry(strobe_sim::loadgen::service_name(service))
+            .or_default() += 1;
+    }
+    let mut live_of: HashMap<&str, u64> = HashMap::new();
+    for ((service, t), (live, _)) in &instances {
         if (first_second..last_second).contains(t) {
-            let entry = by_service.entry(service.as_str()).or_default();
-            entry.0 += live;
-            entry.1 += (*live).max(*corrected);
-            entry.2 = entry.2.max((*live).max(*corrected));
+            *live_of.entry(service.as_str()).or_default() += live;
         }
     }
-    let mut sizes: Vec<(u64, u64, u64)> = by_service
-        .values()
-        .map(|(live, all, size)| (*size, *live, *all))
+    let measured = (last_second - first_second).max(0) as u64;
+    let mut sizes: Vec<(u64, u64)> = size_of
+        .iter()
+        .map(|(service, size)| (*size, live_of.get(service.as_str()).copied().unwrap_or(0)))
         .collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let share = |rows: &[(u64, u64, u64)]| {
-        let (live, all) = rows
-            .iter()
-            .fold((0, 0), |(l, a), (_, live, all)| (l + live, a + all));
-        100.0 * live as f64 / all.max(1) as f64
+    let share = |rows: &[(u64, u64)]| {
+        let (live, expected) = rows.iter().fold((0, 0), |(l, e), (size, live)| {
+            (l + live, e + size * measured)
+        });
+        100.0 * live as f64 / expected.max(1) as f64
     };
     let head = sizes.len().min(10);
     let mut delays = frame_delays;
