@@ -74,22 +74,7 @@ impl Etcd {
                 .expect("etcd starts"),
         );
         let addr: std::net::SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok()
-                && let Ok((200, body)) =
-                    tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", "/health", ""))
-                        .await
-                && body.contains("true")
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "etcd healthy in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        until_serving(addr, "/health", "true", "etcd healthy").await;
     }
 
     /// SIGKILL.

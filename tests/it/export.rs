@@ -43,22 +43,7 @@ impl Prometheus {
             .kill_on_drop(true)
             .spawn()
             .expect("prometheus starts");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            // Connect first: the HTTP helper expects a listening server.
-            if tokio::net::TcpStream::connect(addr).await.is_ok()
-                && let Ok((200, _)) =
-                    tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", "/-/ready", ""))
-                        .await
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "prometheus ready in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        until_serving(addr, "/-/ready", "", "prometheus ready").await;
         Self {
             _child: child,
             addr,

@@ -291,6 +291,19 @@ where
     panic!("timed out waiting for {what}");
 }
 
+/// Waits up to 30 s until a server started by a test answers `GET path` with 200 and a body holding `needle`.
+pub(crate) async fn until_serving(addr: SocketAddr, path: &str, needle: &str, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        // Connect first: the HTTP helper expects a listening server.
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && matches!(
+                tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", path, "")).await,
+                Ok((200, body)) if body.contains(needle)
+            )
+    })
+    .await;
+}
+
 /// Finds the series of `metric` with the given version and zone split in a "second" frame.
 pub(crate) fn series<'a>(
     frame: &'a Value,

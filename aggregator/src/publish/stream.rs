@@ -64,25 +64,9 @@ impl LiveStream {
 
     /// Stores a second's frame and its overview in the service's history, then broadcasts both.
     pub(crate) fn publish_second(&self, second: Frame, overview: Option<Frame>) {
-        {
-            let history = self.service_history(&second.service);
-            let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
-            let history = &mut *history;
-            let bounds = (self.history_seconds, self.history_bytes);
-            keep(
-                &mut history.seconds,
-                &mut history.seconds_bytes,
-                second.clone(),
-                bounds,
-            );
-            if let Some(overview) = &overview {
-                keep(
-                    &mut history.overview,
-                    &mut history.overview_bytes,
-                    overview.clone(),
-                    bounds,
-                );
-            }
+        self.remember(&second, false);
+        if let Some(overview) = &overview {
+            self.remember(overview, true);
         }
         self.broadcast(second);
         if let Some(overview) = overview {
@@ -93,19 +77,26 @@ impl LiveStream {
     /// Stores an overview frame alone (relayed from another node, whose second frame comes on its own), then
     /// broadcasts it.
     pub(crate) fn publish_overview(&self, overview: Frame) {
-        {
-            let history = self.service_history(&overview.service);
-            let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
-            let history = &mut *history;
-            let bounds = (self.history_seconds, self.history_bytes);
-            keep(
-                &mut history.overview,
-                &mut history.overview_bytes,
-                overview.clone(),
-                bounds,
-            );
-        }
+        self.remember(&overview, true);
         self.broadcast(overview);
+    }
+
+    /// Keeps a copy of `frame` in its service's history, among the overviews or among the seconds.
+    fn remember(&self, frame: &Frame, overview: bool) {
+        let history = self.service_history(&frame.service);
+        let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
+        let history = &mut *history;
+        let (frames, bytes) = if overview {
+            (&mut history.overview, &mut history.overview_bytes)
+        } else {
+            (&mut history.seconds, &mut history.seconds_bytes)
+        };
+        keep(
+            frames,
+            bytes,
+            frame.clone(),
+            (self.history_seconds, self.history_bytes),
+        );
     }
 
     /// Sends a frame to every subscriber connected now. Having none is normal, not an error.
