@@ -175,7 +175,12 @@ struct ReplayBuffer {
     /// Seconds refused for now (ahead of the aggregator's clock): kept, never dropped by a cumulative ack, and moved
     /// to the aggregator's clock and sent again once this agent corrects its own.
     held: std::collections::BTreeSet<i64>,
+    /// When the newest seconds were first sent (local clock, ms): an answer about one bounds the clock offset.
+    first_sent: VecDeque<(i64, i64)>,
 }
+
+/// How many seconds' first send times are remembered (answers come within a few seconds).
+const SENT_REMEMBERED: usize = 32;
 
 impl ReplayBuffer {
     /// An empty buffer of at most `capacity` seconds.
@@ -188,7 +193,39 @@ impl ReplayBuffer {
             reported_len: 0,
             give_up_at: None,
             held: Default::default(),
+            first_sent: VecDeque::new(),
         }
+    }
+
+    /// Notes that `second` went out at `local_ms`, unless it already had; the newest seconds are the ones kept.
+    fn note_sent(&mut self, second: i64, local_ms: i64) {
+        if self.first_sent.iter().any(|(t, _)| *t == second) {
+            return;
+        }
+        if self.first_sent.len() >= SENT_REMEMBERED {
+            let Some((oldest, _)) = self
+                .first_sent
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (t, _))| *t)
+            else {
+                return;
+            };
+            if self.first_sent[oldest].0 > second {
+                return;
+            }
+            self.first_sent.remove(oldest);
+        }
+        self.first_sent.push_back((second, local_ms));
+    }
+
+    /// When `second` first went out, if remembered.
+    fn first_sent(&self, second: i64) -> Option<i64> {
+        self.first_sent
+            .iter()
+            .rev()
+            .find(|(t, _)| *t == second)
+            .map(|(_, at)| *at)
     }
 
     /// When shutdown stops waiting for acknowledgements: set once, `drain` after the input first closed.
@@ -535,6 +572,10 @@ async fn ship_once(
     }
     let mut dictionary =
         SeriesDictionary::new(config.max_dictionary_series, config.registered.clone());
+    // Readings from another connection (perhaps another aggregator) are not mixed with this one's.
+    config.clock.forget_readings();
+    let now = config.clock.local_millis();
+    let mut replayed = Vec::with_capacity(buffer.snapshots.len());
     for snapshot in &buffer.snapshots {
         if out_tx
             .try_send(snapshot_message(dictionary.compact(snapshot)))
@@ -542,6 +583,10 @@ async fn ship_once(
         {
             return Session::Lost { connected: false };
         }
+        replayed.push(snapshot.second);
+    }
+    for second in replayed {
+        buffer.note_sent(second, now);
     }
     let mut inbound = match client.stream(ReceiverStream::new(out_rx)).await {
         Ok(response) => response.into_inner(),
@@ -565,6 +610,7 @@ async fn ship_once(
                         stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
                     }
                     let compact = dictionary.compact(&snapshot);
+                    buffer.note_sent(snapshot.second, config.clock.local_millis());
                     buffer.push(snapshot, report);
                     if out_tx.try_send(snapshot_message(compact)).is_err() {
                         return Session::Lost { connected: true };
@@ -584,7 +630,7 @@ async fn ship_once(
                 Ok(Some(message)) => match message.body {
                     Some(pb::aggregator_message::Body::Ack(ack)) => {
                         config.clock.note_accepted(ack.second);
-                        if follow_clock(config, buffer, ack.aggregator_unix_ms) {
+                        if follow_clock(config, buffer, &Answer::from(&ack)) {
                             return Session::Resend;
                         }
                         let acked = buffer.ack(ack.second);
@@ -617,7 +663,7 @@ async fn ship_once(
                             };
                             counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         }
-                        if follow_clock(config, buffer, r.aggregator_unix_ms) {
+                        if follow_clock(config, buffer, &Answer::refusal(&r)) {
                             return Session::Resend;
                         }
                         if !input_open && buffer.snapshots.is_empty() {
@@ -641,11 +687,44 @@ async fn ship_once(
     }
 }
 
-/// Takes the aggregator's clock reading from an answer. When the agent's applied offset changes, held seconds move
+/// The aggregator's clock readings in one answer about one second.
+struct Answer {
+    second: i64,
+    made_ms: i64,
+    received_ms: i64,
+}
+
+impl From<&pb::Ack> for Answer {
+    fn from(ack: &pb::Ack) -> Self {
+        Self {
+            second: ack.second,
+            made_ms: ack.aggregator_unix_ms,
+            received_ms: ack.received_unix_ms,
+        }
+    }
+}
+
+impl Answer {
+    /// A refusal is made as its snapshot is read.
+    fn refusal(r: &pb::Rejection) -> Self {
+        Self {
+            second: r.second,
+            made_ms: r.aggregator_unix_ms,
+            received_ms: r.aggregator_unix_ms,
+        }
+    }
+}
+
+/// Takes the aggregator's clock readings from an answer. When the agent's applied offset changes, held seconds move
 /// to the new clock; returns whether any did (they must be sent again).
-fn follow_clock(config: &ShipperConfig, buffer: &mut ReplayBuffer, aggregator_ms: i64) -> bool {
+fn follow_clock(config: &ShipperConfig, buffer: &mut ReplayBuffer, answer: &Answer) -> bool {
     let before = config.clock.offset_ms();
-    let Some(offset) = config.clock.observe_aggregator(aggregator_ms) else {
+    let sent = buffer.first_sent(answer.second);
+    let Some(offset) =
+        config
+            .clock
+            .observe_aggregator(answer.made_ms, Some(answer.received_ms), sent)
+    else {
         return false;
     };
     warn!(

@@ -27,8 +27,8 @@ pub struct AggregatorConfig {
     /// ...and past that, while snapshots for it still reach the shard this often (a burst being decoded)...
     #[serde(with = "humantime_serde")]
     pub grace_quiet: Duration,
-    /// ...once at least this share (0 to 1) of the instances that reported the previous second have reported it
-    /// (all but one always suffice)...
+    /// ...once at least this share (0 to 1) of the instances expected on time have reported it (all but one always
+    /// suffice)...
     pub grace_quorum: f64,
     /// ...but never longer than this after it ends.
     #[serde(with = "humantime_serde")]
@@ -39,8 +39,8 @@ pub struct AggregatorConfig {
     /// How long after it was sealed a second still accepts late snapshots (as corrections), however old it is.
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
-    /// Late snapshots of one sealed second are gathered and published as one correction at most this often (at
-    /// most 900 ms; larger values are capped).
+    /// Late snapshots of one sealed second are gathered this long and published as one correction (at most
+    /// 900 ms; larger values are capped); later corrections of the same second wait twice as long each, up to 1 s.
     #[serde(with = "humantime_serde")]
     pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means one per core.

@@ -64,8 +64,8 @@ use crate::pipeline::shard::Shards;
 use crate::pipeline::windows::WindowSettings;
 use crate::publish::Hub;
 
-/// Corrections wait at most this long: a sealed second is kept one second past `late_window`, so a correction
-/// gathered just before the seal that drops its second is still published.
+/// The longest `correction_interval` taken (the backoff of later corrections of one second goes to a second at
+/// most; every correction is due by the end of its second's late window, and the second is kept a second longer).
 const MAX_CORRECTION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(900);
 
 /// How long connections may take to close after shutdown is asked for.

@@ -77,8 +77,8 @@ pub mod clock {
     #[derive(Debug, Clone, Default)]
     pub struct AgentClock {
         offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
-        /// The newest offsets the aggregator's acks showed.
-        samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
+        /// The newest readings of the aggregator's clock, as bounds on the offset.
+        samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<OffsetBounds>>>,
         skew_ms: i64,
         /// The newest second of this agent the aggregator acknowledged (taken where it was stamped: a correction
         /// of the clock must not stamp a new second onto it).
@@ -90,6 +90,15 @@ pub mod clock {
 
     /// An offset smaller than this is left alone (network delay and jitter are in every sample).
     pub const CLOCK_TOLERANCE_MS: i64 = 500;
+
+    /// What one answer says about the offset (the aggregator's time minus the local reading): it was stamped before
+    /// it was read here, and the snapshot it answers was received there after it was sent from here, so the offset
+    /// is at least `stamp - read` and at most `received - sent` (unknown when either time is not known).
+    #[derive(Debug, Clone, Copy)]
+    struct OffsetBounds {
+        at_least: i64,
+        at_most: Option<i64>,
+    }
 
     impl AgentClock {
         /// A clock whose local reading is off by `skew_ms` (0 for a real agent).
@@ -157,38 +166,66 @@ pub mod clock {
                 .store(offset, std::sync::atomic::Ordering::Relaxed);
         }
 
-        /// Takes the aggregator's clock reading from an ack just received. Each reading is the true offset minus
-        /// how long the ack took to arrive and be read (which under load is hundreds of ms), so the estimate is
-        /// the largest of the last eight (the least delayed, as NTP prefers the fastest exchange). When it differs
-        /// from the applied offset by more than [`CLOCK_TOLERANCE_MS`], it becomes the applied one (0 when it is
-        /// within the tolerance of 0), and is returned.
-        pub fn observe_aggregator(&self, aggregator_ms: i64) -> Option<i64> {
+        /// Takes the aggregator's clock readings from an answer just read: `aggregator_ms` when it was made, and
+        /// `received_ms` when the snapshot it answers was received, which this agent first sent at `sent_local_ms`
+        /// (its local reading then). Under load an answer can take hundreds of ms to arrive and be read, so one
+        /// answer only bounds the offset (see `OffsetBounds`); over the last eight, the lower bound is the largest
+        /// of theirs (the least delayed exchange, as NTP prefers), the upper the smallest. The applied offset stays
+        /// while it is within [`CLOCK_TOLERANCE_MS`] of those bounds, so answers that are merely slow (a busy
+        /// aggregator, a busy agent) never move it. Otherwise it becomes 0 if 0 is within the tolerance, else the
+        /// lower bound (within the upper), and is returned.
+        pub fn observe_aggregator(
+            &self,
+            aggregator_ms: i64,
+            received_ms: Option<i64>,
+            sent_local_ms: Option<i64>,
+        ) -> Option<i64> {
             if aggregator_ms <= 0 {
                 return None;
             }
-            let sample = aggregator_ms.saturating_sub(self.local_millis());
+            let bounds = OffsetBounds {
+                at_least: aggregator_ms.saturating_sub(self.local_millis()),
+                at_most: received_ms
+                    .filter(|r| *r > 0)
+                    .zip(sent_local_ms)
+                    .map(|(received, sent)| received.saturating_sub(sent)),
+            };
             let mut samples = self
                 .samples
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            samples.push_back(sample);
+            samples.push_back(bounds);
             while samples.len() > 8 {
                 samples.pop_front();
             }
             if samples.len() < 3 {
                 return None;
             }
-            let estimate = samples.iter().copied().max().unwrap_or(0);
-            let target = if estimate.abs() <= CLOCK_TOLERANCE_MS {
-                0
-            } else {
-                estimate
+            let at_least = samples.iter().map(|b| b.at_least).max().unwrap_or(0);
+            let at_most = samples.iter().filter_map(|b| b.at_most).min();
+            let fits = |offset: i64| {
+                offset >= at_least.saturating_sub(CLOCK_TOLERANCE_MS)
+                    && at_most.is_none_or(|most| offset <= most.saturating_add(CLOCK_TOLERANCE_MS))
             };
             let applied = self.offset_ms();
-            ((target - applied).abs() > CLOCK_TOLERANCE_MS).then(|| {
-                self.set_offset_ms(target);
-                target
-            })
+            if fits(applied) {
+                return None;
+            }
+            let target = if fits(0) {
+                0
+            } else {
+                at_least.min(at_most.unwrap_or(at_least))
+            };
+            self.set_offset_ms(target);
+            Some(target)
+        }
+
+        /// Forgets the readings taken so far (a new connection, perhaps to another aggregator).
+        pub fn forget_readings(&self) {
+            self.samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
         }
     }
 }
@@ -199,23 +236,60 @@ mod tests {
 
     #[test]
     fn an_agent_clock_follows_the_aggregator_once_it_is_clearly_off() {
-        let clock = AgentClock::with_skew(3_000);
         let aggregator = || super::clock::unix_millis();
-        assert_eq!(clock.observe_aggregator(aggregator()), None);
-        assert_eq!(clock.observe_aggregator(aggregator()), None);
-        let offset = clock.observe_aggregator(aggregator()).expect("corrected");
+        // 3 s ahead: answers about snapshots received 20 ms after they were sent, stamped a second later (acks
+        // come at the seal) and read at once.
+        let ahead = AgentClock::with_skew(3_000);
+        let answer = |clock: &AgentClock| {
+            let sent = clock.local_millis() - 1_020;
+            let received = aggregator() - 1_000;
+            clock.observe_aggregator(aggregator(), Some(received), Some(sent))
+        };
+        assert_eq!(answer(&ahead), None);
+        assert_eq!(answer(&ahead), None);
+        let offset = answer(&ahead).expect("corrected");
         assert!((offset + 3_000).abs() < 100, "{offset}");
-        assert!((clock.millis() - aggregator()).abs() < 100);
-        // In step now: nothing changes, and small disagreements are left alone.
+        assert!((ahead.millis() - aggregator()).abs() < 100);
+        // In step now: nothing changes.
         for _ in 0..5 {
-            assert_eq!(clock.observe_aggregator(aggregator() + 50), None);
+            assert_eq!(answer(&ahead), None);
         }
-        // Acks read late under load (here 300-450 ms) do not make a right clock look wrong.
+        // Behind by 3 s: moved forward from the stamps alone.
+        let behind = AgentClock::with_skew(-3_000);
+        for _ in 0..2 {
+            assert_eq!(behind.observe_aggregator(aggregator(), None, None), None);
+        }
+        let offset = behind
+            .observe_aggregator(aggregator(), None, None)
+            .expect("corrected");
+        assert!((offset - 3_000).abs() < 100, "{offset}");
+        assert_eq!(behind.observe_aggregator(0, None, None), None);
+    }
+
+    #[test]
+    fn slow_answers_move_no_clock() {
+        let aggregator = || super::clock::unix_millis();
+        // Answers read 600-900 ms after they were made, about snapshots read there 300 ms after they were sent.
+        let slow = |clock: &AgentClock, delay: i64| {
+            let sent = clock.local_millis() - 1_300;
+            let received = aggregator() - 1_000;
+            clock.observe_aggregator(aggregator() - delay, Some(received), Some(sent))
+        };
         let fine = AgentClock::default();
-        for delay in [300, 450, 320, 400, 310, 440, 350, 305, 420] {
-            assert_eq!(fine.observe_aggregator(aggregator() - delay), None);
+        for delay in [600, 900, 620, 700, 610, 840, 650, 605, 720, 880] {
+            assert_eq!(slow(&fine, delay), None);
         }
         assert_eq!(fine.offset_ms(), 0);
-        assert_eq!(fine.observe_aggregator(0), None);
+        // An agent 3 s behind, once corrected, is not moved back by slow answers either.
+        let behind = AgentClock::with_skew(-3_000);
+        for _ in 0..3 {
+            behind.observe_aggregator(aggregator(), None, None);
+        }
+        let corrected = behind.offset_ms();
+        assert!((corrected - 3_000).abs() < 100, "{corrected}");
+        for delay in [600, 900, 620, 700, 610, 840, 650, 605, 720, 880] {
+            assert_eq!(slow(&behind, delay), None);
+        }
+        assert_eq!(behind.offset_ms(), corrected);
     }
 }

@@ -313,15 +313,33 @@ async fn outage_loses_nothing(name: &str, outage: Duration) {
 }
 
 /// An agent whose clock is 3 s ahead learns the aggregator's time from its acks and closes its windows on it: once
-/// it has, what it counts lands in the seconds it was sent in (by the aggregator's clock), exactly.
+/// it has, what it counts lands in the seconds it was sent in (by the aggregator's clock), exactly. Another instance
+/// of its service is on time, so its seconds are sealed (and acknowledged) only when that one's arrive, seconds
+/// after it sent them: the acks say when its snapshots were received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
+    let _on_time = support::spawn(&[
+        "agent",
+        "--service",
+        "skewed",
+        "--version",
+        "v1",
+        "--instance",
+        "skewed-on-time",
+        "--aggregator",
+        &target,
+        "--statsd-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .await;
     let agent = agent_to(&target, "skewed", &["--simulate-clock-skew-ms", "3000"]).await;
     // A few acks (one a second) teach it the offset.
-    wait_for_instances(http, "skewed", 1).await;
+    wait_for_instances(http, "skewed", 2).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut ws = subscribe(http, &["skewed"]).await;
     let mut sent: BTreeMap<i64, u32> = BTreeMap::new();

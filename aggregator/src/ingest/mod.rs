@@ -179,10 +179,13 @@ async fn serve_stream(
     // only those are acknowledged, so an aggregator that dies before a seal loses nothing the agent let go of.
     let (acker, mut counted) = mpsc::unbounded_channel::<i64>();
     let mut waiting: u64 = 0;
-    let ack = |t: i64| {
+    // When each second waiting for its ack was read here: the agent's clock is checked against it.
+    let mut received = Received::default();
+    let ack = |t: i64, received: &mut Received| {
         reply(pb::aggregator_message::Body::Ack(pb::Ack {
             second: t,
             aggregator_unix_ms: clock::unix_millis(),
+            received_unix_ms: received.take(t),
         }))
     };
     loop {
@@ -195,7 +198,7 @@ async fn serve_stream(
                     ));
                 }
                 waiting = waiting.saturating_sub(1);
-                send(tx, ack(t)).await?;
+                send(tx, ack(t, &mut received)).await?;
                 continue;
             }
             changed = async {
@@ -218,7 +221,7 @@ async fn serve_stream(
                         if t == STATE_LOST {
                             break;
                         }
-                        send(tx, ack(t)).await?;
+                        send(tx, ack(t, &mut received)).await?;
                     }
                     return Err(Status::unavailable(
                         "this service moved to another node; reconnect and send again what is unacknowledged",
@@ -237,6 +240,7 @@ async fn serve_stream(
             None => continue,
         };
         let second = snapshot.second;
+        received.note(second, clock::unix_millis());
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
         let reservation = stream
@@ -312,12 +316,38 @@ async fn serve_stream(
         match tokio::time::timeout(LAST_ACKS_WAIT, counted.recv()).await {
             Ok(Some(t)) if t != STATE_LOST => {
                 waiting -= 1;
-                send(tx, ack(t)).await?;
+                send(tx, ack(t, &mut received)).await?;
             }
             _ => break,
         }
     }
     Ok(())
+}
+
+/// When a stream's newest seconds were read off it (ms), until acknowledged; bounded, the oldest forgotten first.
+#[derive(Default)]
+struct Received(std::collections::VecDeque<(i64, i64)>);
+
+impl Received {
+    const KEPT: usize = 64;
+
+    fn note(&mut self, second: i64, at_ms: i64) {
+        if self.0.iter().any(|(t, _)| *t == second) {
+            return; // a duplicate: its first reading counts
+        }
+        if self.0.len() >= Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((second, at_ms));
+    }
+
+    /// When `second` was first read (0 when not known), forgotten.
+    fn take(&mut self, second: i64) -> i64 {
+        match self.0.iter().position(|(t, _)| *t == second) {
+            Some(i) => self.0.remove(i).map_or(0, |(_, at)| at),
+            None => 0,
+        }
+    }
 }
 
 /// After an agent's last snapshot, how long its stream stays to acknowledge what is still being sealed.

@@ -47,8 +47,11 @@ pub(crate) struct ServiceState {
     evaluator: Evaluator,
     canary: Canary,
     /// Corrected seconds not yet published, with when each is due: the late snapshots of one second that arrive
-    /// within `correction_interval` become one correction.
+    /// within its [`correction_delay`] become one correction.
     corrections: BTreeMap<i64, i64>,
+    /// How many corrections of each recently corrected second were published: each waits twice as long as the one
+    /// before (see [`correction_delay`]).
+    published: BTreeMap<i64, u32>,
     /// Streams whose late snapshots were merged into a sealed second, told when its correction is published.
     correction_ackers: BTreeMap<i64, Vec<Acker>>,
     /// Each instance's stream, told every second of it that is counted (sealed, or merged into a sealed second):
@@ -63,6 +66,22 @@ pub(crate) type Acker = tokio::sync::mpsc::UnboundedSender<i64>;
 /// it sent and was not yet counted is lost here, so the stream must end and the agent reconnect and replay, rather
 /// than let a later ack drop those seconds from its buffer.
 pub(crate) const STATE_LOST: i64 = i64::MIN;
+
+/// How long the late snapshots of a second are gathered before its correction number `published + 1` goes out:
+/// `interval`, then twice that for each correction of it already published, up to a second (or `interval`, if
+/// longer). A few stragglers are published within `interval`; a service far behind, whose seconds take late
+/// snapshots for seconds on end, costs one summary and one frame per corrected second and subscriber a second
+/// rather than four (past capacity, summarising and serialising corrections grew to a quarter of the aggregator's
+/// CPU, which kept it behind). Acks of late snapshots wait for their correction, so the cap also bounds how long an
+/// agent waits for one (its shutdown drain waits 2 s).
+pub(crate) fn correction_delay(interval_ms: i64, published: u32) -> i64 {
+    interval_ms
+        .saturating_mul(1 << published.min(3))
+        .min(interval_ms.max(MAX_CORRECTION_BACKOFF_MS))
+}
+
+/// The longest [`correction_delay`] grows to.
+const MAX_CORRECTION_BACKOFF_MS: i64 = 1000;
 
 impl Drop for ServiceState {
     fn drop(&mut self) {
@@ -83,6 +102,7 @@ impl ServiceState {
             evaluator: Evaluator::default(),
             canary: Canary::default(),
             corrections: BTreeMap::new(),
+            published: BTreeMap::new(),
             correction_ackers: BTreeMap::new(),
             ackers: HashMap::new(),
         }
@@ -156,7 +176,11 @@ impl ServiceState {
         if let Applied::Correction { t, .. } = applied
             && let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t)
         {
-            due.insert(now_ms.saturating_add(context.correction_interval_ms));
+            let before = self.published.get(&t).copied().unwrap_or(0);
+            let delay = correction_delay(context.correction_interval_ms, before);
+            // Never past the end of its late window: the second is kept a second longer, so it is still there.
+            let last_call = self.windows.takes_late_until(t).unwrap_or(i64::MAX);
+            due.insert(now_ms.saturating_add(delay).min(last_call));
             health.corrections.inc();
         }
     }
@@ -168,6 +192,11 @@ impl ServiceState {
         arrivals: &Arrivals,
         context: &ServiceContext,
     ) {
+        // Corrections due go out first: sealing also forgets seconds past their late window, and a shard that
+        // stalled could otherwise forget one whose correction is waiting.
+        if self.corrections.values().any(|due| *due <= now_ms) {
+            self.publish_corrections(now_ms, context);
+        }
         for sealed in self.windows.seal_ready(now_ms, arrivals) {
             self.on_sealed(sealed, context);
         }
@@ -199,7 +228,12 @@ impl ServiceState {
             for acker in self.correction_ackers.remove(&t).unwrap_or_default() {
                 acker.send(t).ok();
             }
+            *self.published.entry(t).or_default() += 1;
         }
+        // Forget the counts of seconds no longer taking late snapshots.
+        let windows = &self.windows;
+        self.published
+            .retain(|t, _| windows.takes_late_until(*t).is_some());
     }
 
     /// Whether nothing arrived or sealed for `idle_ms` before `now_ms` and nothing is open.
@@ -284,4 +318,27 @@ fn canary_inputs(merged: &Sealed, metrics: &MainMetrics) -> BTreeMap<Arc<str>, V
         Some((Some(version), &*key.metric, key.tags.is_empty(), value))
     });
     version_seconds(per_version(&merged.second.instances, series, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::correction_delay;
+
+    #[test]
+    fn corrections_of_one_second_back_off_to_a_second() {
+        let delays: Vec<i64> = (0..6).map(|n| correction_delay(250, n)).collect();
+        assert_eq!(delays, [250, 500, 1000, 1000, 1000, 1000]);
+        // A configured interval past the cap is kept as it is.
+        assert_eq!(correction_delay(900, 0), 900);
+        assert_eq!(correction_delay(900, 3), 1000);
+        // Late snapshots arriving all through a late window of 10 s: the second is corrected 11 times (the last
+        // when its window ends), not 40.
+        let mut at = 0;
+        let mut published = 0;
+        while at + correction_delay(250, published) <= 10_000 {
+            at += correction_delay(250, published);
+            published += 1;
+        }
+        assert_eq!(published, 11);
+    }
 }

@@ -1,9 +1,10 @@
 //! One service's open seconds and when to seal them. Pure: the caller passes the wall-clock time in.
 //!
-//! A second is sealed as soon as every instance that reported the previous sealed second has reported it.
-//! Otherwise it waits `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the
-//! shard less than `grace_quiet` ago: a burst of thousands is still being decoded), and never longer than
-//! `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second is merged and yields a
+//! A second is sealed as soon as every instance it expects has reported it: those that reported the previous
+//! sealed second, and those that reported a second of the late window late (alive, if behind). Otherwise it waits
+//! `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the shard less than
+//! `grace_quiet` ago: a burst of thousands is still being decoded) or fewer than `grace_quorum` of the instances
+//! expected on time have reported, and never longer than `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second is merged and yields a
 //! correction for `late_window` after the second was sealed (wall clock: replays after an outage are old seconds,
 //! sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older than `late_window` before
 //! the newest seal, is refused.
@@ -196,9 +197,15 @@ pub(crate) struct ServiceWindows {
     /// Bytes the open and recent seconds' cells take.
     bytes: usize,
     expected: HashSet<Arc<str>>,
-    /// Those of `expected` that reported the last sealed second only after its seal: waited for (completeness),
-    /// but not counted for the quorum, or an instance that is always late would hold every second to `grace_max`.
+    /// Those of `expected` that did not report the last sealed second on time but reported one of the late window
+    /// late: waited for (completeness), but not counted for the quorum while they are at most half of `expected`,
+    /// or an instance that is always late would hold every second to `grace_max`.
     stragglers: HashSet<Arc<str>>,
+    /// The newest second each instance reported late (merged into a sealed second), within the late window: an
+    /// instance whose seconds arrive late is alive, and is expected in the next second however far behind it is
+    /// (up to `late_window`), or a service falling behind would expect only the few that are still on time, and
+    /// seal each second at their first snapshot.
+    late: FastMap<Arc<str>, i64>,
 }
 
 impl ServiceWindows {
@@ -215,6 +222,7 @@ impl ServiceWindows {
             bytes: 0,
             expected: HashSet::new(),
             stragglers: HashSet::new(),
+            late: FastMap::default(),
         }
     }
 
@@ -229,6 +237,14 @@ impl ServiceWindows {
     pub(crate) fn is_idle(&self, now_ms: i64, idle_ms: i64) -> bool {
         self.open.is_empty()
             && now_ms.saturating_sub(self.last_seal_ms.max(self.last_arrival_ms)) >= idle_ms
+    }
+
+    /// Until when (wall clock, ms) sealed second `t` takes late snapshots; `None` when it is not held (never
+    /// sealed, or gone).
+    pub(crate) fn takes_late_until(&self, t: i64) -> Option<i64> {
+        self.recent.get(&t).map(|(_, sealed_at)| {
+            sealed_at.saturating_add(self.settings.late_window_secs.saturating_mul(1000))
+        })
     }
 
     /// A sealed second's current content, as a correction; `None` once it left the late window.
@@ -270,12 +286,14 @@ impl ServiceWindows {
             let (dropped, over_budget, used) =
                 merge_into(second, snapshot, self.settings.max_cells, available);
             self.bytes += used;
-            if t == last {
-                // It missed the newest seal but is alive: wait for it in the next second, or a straggler would
-                // be left out (and only corrected) second after second.
+            if t > last - self.settings.late_window_secs {
+                // It missed a recent seal but is alive: wait for it in the next second, or a straggler would be
+                // left out (and only corrected) second after second.
                 if self.expected.insert(id.clone()) {
-                    self.stragglers.insert(id);
+                    self.stragglers.insert(id.clone());
                 }
+                let newest = self.late.entry(id).or_insert(t);
+                *newest = (*newest).max(t);
             }
             return Applied::Correction {
                 t,
@@ -313,14 +331,17 @@ impl ServiceWindows {
             let grace = self.settings.grace_ms;
             // A lull at the shard while most of the expected instances are missing is a burst held up on its way
             // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
-            // corrections. Counted only once the grace has passed in a lull.
+            // corrections. Counted only once the grace has passed in a lull, over the instances expected on time:
+            // stragglers are waited for, not counted (an instance that is always late would hold every second to
+            // `grace_max`), unless most of the service is late: then it is behind as a whole, and all count.
+            let few_late = self.stragglers.len() * 2 <= self.expected.len();
             let quorum = || {
-                let on_time = self
+                let (mut expected, mut reported) = (0usize, 0usize);
+                for id in self
                     .expected
                     .iter()
-                    .filter(|id| !self.stragglers.contains(*id));
-                let (mut expected, mut reported) = (0usize, 0usize);
-                for id in on_time {
+                    .filter(|id| !few_late || !self.stragglers.contains(*id))
+                {
                     expected += 1;
                     reported += usize::from(second.reporters.contains_key(id));
                 }
@@ -336,15 +357,24 @@ impl ServiceWindows {
             let Some(second) = self.open.remove(&t) else {
                 break;
             };
+            // Expected next: who reported this second, and who reported one of the few before it late.
+            let lagging = t - self.settings.late_window_secs;
+            self.late.retain(|_, newest| *newest > lagging);
             self.expected = second.reporters.keys().cloned().collect();
-            self.stragglers.clear();
+            self.stragglers = self
+                .late
+                .keys()
+                .filter(|id| !second.reporters.contains_key(*id))
+                .cloned()
+                .collect();
+            self.expected.extend(self.stragglers.iter().cloned());
             self.last_sealed = Some(t);
             self.last_seal_ms = now_ms;
             sealed.push(summarize(&self.service, t, &second, false));
             self.recent.insert(t, (second, now_ms));
         }
-        // One second more than late data is accepted for, so a correction gathered just before a seal is still there
-        // to publish (corrections wait at most `correction_interval`, under a second).
+        // One second more than late data is accepted for, so a correction gathered just before the end of its late
+        // window is still there to publish (a correction is due at the latest when its late window ends).
         let keep_ms = self
             .settings
             .late_window_secs
@@ -661,6 +691,53 @@ mod tests {
         arrivals.record(13, 14_050);
         assert!(w.seal_ready_seconds(14_990, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(15_000, &arrivals).len(), 1);
+    }
+
+    #[test]
+    fn a_service_falling_behind_still_expects_its_lagging_instances() {
+        let fleet: Vec<Arc<Instance>> = (0..20)
+            .map(|i| instance(&format!("i{i:02}"), "v1", None))
+            .collect();
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let arrivals = Arrivals::default();
+        for i in &fleet {
+            w.apply_now(counter(i, 10, 1.0));
+        }
+        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        // Most of the fleet falls two seconds behind (a congested link): 11 and 12 seal at grace_max with the two
+        // on time, and the rest of 11 arrives only while 12 is open.
+        for i in &fleet[..2] {
+            w.apply_now(counter(i, 11, 1.0));
+        }
+        assert_eq!(w.seal_ready_seconds(13_000, &arrivals).len(), 1);
+        for i in &fleet[..2] {
+            w.apply(counter(i, 12, 1.0), 13_050);
+        }
+        for i in &fleet[2..] {
+            assert!(matches!(
+                w.apply(counter(i, 11, 1.0), 13_500),
+                Applied::Correction { .. }
+            ));
+        }
+        assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
+        // 13: the two on time report first. The eighteen behind are alive and expected: 13 is not complete.
+        for i in &fleet[..2] {
+            w.apply(counter(i, 13, 1.0), 14_050);
+        }
+        assert!(
+            w.seal_ready_seconds(14_060, &arrivals).is_empty(),
+            "two of twenty is not complete"
+        );
+        assert!(
+            w.seal_ready_seconds(14_400, &arrivals).is_empty(),
+            "most of the service is late: no quorum of the few on time"
+        );
+        for i in &fleet[2..] {
+            w.apply(counter(i, 12, 1.0), 14_500);
+            w.apply(counter(i, 13, 1.0), 14_900);
+        }
+        let sealed = w.seal_ready_seconds(14_900, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (20.0, 20), "caught up");
     }
 
     #[test]
