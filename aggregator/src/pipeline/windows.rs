@@ -127,23 +127,30 @@ impl OpenSecond {
     }
 }
 
-/// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
-/// still streaming in, sealing it would only turn the rest of it into corrections.
+/// When the first and the newest snapshot for each recent second reached a shard (all its services together): while
+/// a second is still streaming in, sealing it would only turn the rest of it into corrections; and when even its
+/// first snapshot came late, the shard (or everyone) is behind, and the second's grace starts then.
 #[derive(Debug, Default)]
 pub(crate) struct Arrivals {
-    last: BTreeMap<i64, i64>,
+    last: BTreeMap<i64, (i64, i64)>,
 }
 
 impl Arrivals {
     /// A snapshot for second `t` arrived at `now_ms`.
     pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
-        let last = self.last.entry(t).or_insert(now_ms);
+        let (first, last) = self.last.entry(t).or_insert((now_ms, now_ms));
+        *first = (*first).min(now_ms);
         *last = (*last).max(now_ms);
     }
 
     /// When the newest snapshot for `t` arrived.
     pub(crate) fn last(&self, t: i64) -> Option<i64> {
-        self.last.get(&t).copied()
+        self.last.get(&t).map(|(_, last)| *last)
+    }
+
+    /// When the first snapshot for `t` arrived.
+    pub(crate) fn first(&self, t: i64) -> Option<i64> {
+        self.last.get(&t).map(|(first, _)| *first)
     }
 
     /// Forgets seconds before `t`.
@@ -319,7 +326,12 @@ impl ServiceWindows {
     pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
-            let end = t.saturating_add(1).saturating_mul(1000);
+            // Waiting starts when the second ends, or when its first snapshot reached the shard, if later: behind by
+            // seconds (a backlog on a saturated host, replays after an outage), a second waited for on the wall
+            // clock would be sealed at its first snapshot, and the rest turned into corrections, which cost more
+            // than merging them on time (an aggregator behind stayed behind).
+            let ended = t.saturating_add(1).saturating_mul(1000);
+            let end = arrivals.first(t).map_or(ended, |first| first.max(ended));
             let complete = !self.expected.is_empty()
                 && self
                     .expected
@@ -677,6 +689,7 @@ mod tests {
         for i in &fleet[..17] {
             w.apply_now(counter(i, 12, 1.0));
         }
+        arrivals.record(12, 13_000); // the first, as the second ended
         arrivals.record(12, 13_200);
         let sealed = w.seal_ready_seconds(13_300, &arrivals);
         assert_eq!(
@@ -688,9 +701,43 @@ mod tests {
         for i in &fleet[..8] {
             w.apply_now(counter(i, 13, 1.0));
         }
+        arrivals.record(13, 14_000);
         arrivals.record(13, 14_050);
         assert!(w.seal_ready_seconds(14_990, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(15_000, &arrivals).len(), 1);
+    }
+
+    #[test]
+    fn a_second_whose_first_snapshot_came_late_waits_from_then() {
+        let fleet: Vec<Arc<Instance>> = (0..4)
+            .map(|i| instance(&format!("i{i}"), "v1", None))
+            .collect();
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut arrivals = Arrivals::default();
+        for i in &fleet {
+            w.apply_now(counter(i, 10, 1.0));
+        }
+        arrivals.record(10, 11_000);
+        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        // The shard is 3 s behind: the first snapshot of 11 reaches it at 15_000, long past 11's grace_max on the
+        // wall clock. It waits its grace from then, and the rest of its burst is in it, not corrections.
+        w.apply(counter(&fleet[0], 11, 1.0), 15_000);
+        arrivals.record(11, 15_000);
+        assert!(w.seal_ready_seconds(15_000, &arrivals).is_empty());
+        for (n, i) in fleet[1..].iter().enumerate() {
+            let at = 15_100 + 40 * n as i64;
+            w.apply(counter(i, 11, 1.0), at);
+            arrivals.record(11, at);
+        }
+        let sealed = w.seal_ready_seconds(15_180, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (4.0, 4), "complete");
+        // And grace_max counts from that first snapshot too: a second whose first snapshot came at 16_500 and
+        // whose others never come is sealed at 17_500.
+        w.apply(counter(&fleet[0], 12, 1.0), 16_500);
+        arrivals.record(12, 16_500);
+        assert!(w.seal_ready_seconds(16_900, &arrivals).is_empty());
+        assert!(w.seal_ready_seconds(17_499, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(17_500, &arrivals).len(), 1);
     }
 
     #[test]
@@ -753,6 +800,7 @@ mod tests {
         w.seal_ready_seconds(11_250, &arrivals);
         // Second 11: a reports; the shard is still receiving second 11 (for other services) at 12_240.
         w.apply_now(counter(&a, 11, 1.0));
+        arrivals.record(11, 12_000);
         arrivals.record(11, 12_240);
         assert!(
             w.seal_ready_seconds(12_260, &arrivals).is_empty(),
@@ -766,6 +814,7 @@ mod tests {
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
         // Second 12 keeps streaming in forever: sealed at the latest grace_max after it ends.
         w.apply_now(counter(&a, 12, 1.0));
+        arrivals.record(12, 13_000);
         arrivals.record(12, 13_990);
         assert!(w.seal_ready_seconds(13_995, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
