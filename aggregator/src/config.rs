@@ -30,7 +30,8 @@ pub struct AggregatorConfig {
     /// ...once at least this share (0 to 1) of the instances expected on time have reported it (all but one always
     /// suffice)...
     pub grace_quorum: f64,
-    /// ...but never longer than this after it ends.
+    /// ...but never longer than this after it ends (or after its first snapshot arrived, when that was more than
+    /// `grace` after it ended: a service behind waits for its own burst).
     #[serde(with = "humantime_serde")]
     pub grace_max: Duration,
     /// How long sealed seconds are kept for backfill.

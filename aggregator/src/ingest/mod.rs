@@ -240,8 +240,7 @@ async fn serve_stream(
             None => continue,
         };
         let second = snapshot.second;
-        let read_ms = clock::unix_millis();
-        received.note(second, read_ms);
+        received.note(second, clock::unix_millis());
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
         let reservation = stream
@@ -284,7 +283,6 @@ async fn serve_stream(
                     .shard
                     .send(ShardCommand::Snapshot(
                         validated.second,
-                        read_ms,
                         reservation,
                         acker.clone(),
                     ))

@@ -30,9 +30,9 @@ const QUEUE: usize = 8192;
 /// Work for a shard.
 #[derive(Debug)]
 pub(crate) enum ShardCommand {
-    /// Merge one instance's second, read off its stream at the given time (ms); its queue reservation is released
-    /// once it is merged; the acker hears when it is counted.
-    Snapshot(InstanceSecond, i64, Reservation, Acker),
+    /// Merge one instance's second; its queue reservation is released once it is merged; the acker hears when it
+    /// is counted.
+    Snapshot(InstanceSecond, Reservation, Acker),
     /// Panic outside any service's transition (tests of the supervisor only).
     #[cfg(test)]
     Panic,
@@ -177,12 +177,6 @@ async fn run_shard(
     context: Arc<ServiceContext>,
 ) {
     let mut arrivals = Arrivals::default();
-    // The shard's clock, for every decision about its services' seconds: the wall clock while its queue is empty;
-    // while it works through a backlog, when the snapshot it is on was read off its stream (never going back).
-    // Waiting out a grace on the wall clock while the snapshots of that second are still queued here would seal
-    // each second at its first snapshot and turn the rest into corrections, which cost more than merging them on
-    // time did: an aggregator behind once stayed behind.
-    let mut input_ms: i64 = 0;
     // The membership this shard last checked its services against.
     let mut epoch = context.cluster.as_ref().map_or(0, |c| c.epoch());
     let mut tick = tokio::time::interval(TICK);
@@ -190,10 +184,8 @@ async fn run_shard(
     loop {
         tokio::select! {
             command = commands.recv() => {
-                let (snapshot, read_ms, reservation, acker) = match command {
-                    Some(ShardCommand::Snapshot(snapshot, read_ms, reservation, acker)) => {
-                        (snapshot, read_ms, reservation, acker)
-                    }
+                let (snapshot, reservation, acker) = match command {
+                    Some(ShardCommand::Snapshot(snapshot, reservation, acker)) => (snapshot, reservation, acker),
                     #[cfg(test)]
                     Some(ShardCommand::Panic) => panic!("a bug outside any service"),
                     None => {
@@ -201,12 +193,10 @@ async fn run_shard(
                         return;
                     }
                 };
-                let wall = clock::unix_millis();
-                let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
-                context.health.arrival_delay.observe(millis_as_seconds(wall.saturating_sub(end_ms)));
-                input_ms = input_ms.max(if commands.is_empty() { wall } else { read_ms.min(wall) });
-                let now = input_ms;
+                let now = clock::unix_millis();
                 arrivals.record(snapshot.t, now);
+                let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
+                context.health.arrival_delay.observe(millis_as_seconds(now.saturating_sub(end_ms)));
                 let service = snapshot.instance.service.clone();
                 // In a cluster, a service this node no longer keeps is not started again by a snapshot that was
                 // already on its way: its stream hears the state is lost, reconnects and is redirected.
@@ -239,10 +229,7 @@ async fn run_shard(
                     epoch = cluster.epoch();
                     give_away(services, cluster, &context);
                 }
-                if commands.is_empty() {
-                    input_ms = input_ms.max(clock::unix_millis());
-                }
-                let now = input_ms;
+                let now = clock::unix_millis();
                 let mut failed = Vec::new();
                 for (service, state) in services.iter_mut() {
                     let ok = contain(service, &context, || {
@@ -295,10 +282,13 @@ mod tests {
         fn publish_alert(&self, _: &AlertRecord) {}
     }
 
-    fn context(health: &Arc<Health>, tasks: &mut JoinSet<()>) -> ServiceContext {
+    #[tokio::test]
+    async fn a_panicking_transition_is_contained_and_counted() {
+        let mut tasks = tokio::task::JoinSet::new();
+        let health = Arc::new(Health::default());
         let (sink, _notes) = mpsc::unbounded_channel();
         let rules = RulesStore::open(None).expect("no file");
-        ServiceContext {
+        let context = ServiceContext {
             hub: Arc::new(Hub::new(600, usize::MAX, 64, Default::default())),
             health: health.clone(),
             settings: WindowSettings {
@@ -318,84 +308,13 @@ mod tests {
                 health.clone(),
                 None,
                 None,
-                tasks,
+                &mut tasks,
             ),
             canary: Default::default(),
             metrics: Default::default(),
             correction_interval_ms: 250,
             cluster: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_backlog_is_sealed_on_the_time_it_was_read_not_the_time_it_is_reached() {
-        use crate::model::table::SeriesTable;
-        use crate::model::{Instance, SeriesKey, SeriesValue};
-        use crate::pipeline::budget::QueueBudget;
-        let mut tasks = JoinSet::new();
-        let health = Arc::new(Health::default());
-        let context = Arc::new(context(&health, &mut tasks));
-        let table = Arc::new(SeriesTable::new(10));
-        let id = table
-            .intern(SeriesKey::new("requests".into(), Arc::new([])))
-            .expect("room");
-        let budget = QueueBudget::new(1 << 20, 1 << 20).stream();
-        let (acker, _acks) = mpsc::unbounded_channel();
-        // Twenty instances' snapshots of a second that ended 3 s ago, read off their streams within 100 ms of its
-        // end, and still queued: the shard reaches them only now, past that second's grace_max on the wall clock.
-        let t = clock::unix_second() - 4;
-        let (tx, rx) = mpsc::channel(64);
-        for i in 0..20 {
-            let snapshot = InstanceSecond {
-                instance: Arc::new(Instance {
-                    service: "backlogged".into(),
-                    id: format!("i{i}").into(),
-                    version: "v1".into(),
-                    zone: None,
-                    deployer: None,
-                }),
-                agent: Default::default(),
-                t,
-                series: vec![(id, SeriesValue::Counter(1.0))],
-                table: table.clone(),
-            };
-            let read_ms = (t + 1) * 1000 + 5 * i;
-            let reservation = budget.reserve(100).await.expect("room");
-            tx.send(ShardCommand::Snapshot(
-                snapshot,
-                read_ms,
-                reservation,
-                acker.clone(),
-            ))
-            .await
-            .unwrap();
-        }
-        let shard = tokio::spawn(supervise(0, rx, context));
-        for _ in 0..200 {
-            if health.render(0).contains("strobe_seconds_sealed_total 1") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await; // a correction, if any, would be out by now
-        let metrics = health.render(0);
-        assert!(
-            metrics.contains("strobe_seconds_sealed_total 1"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("strobe_corrections_total 0"),
-            "all twenty in the sealed second, none as a correction: {metrics}"
-        );
-        drop(tx);
-        shard.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_panicking_transition_is_contained_and_counted() {
-        let mut tasks = tokio::task::JoinSet::new();
-        let health = Arc::new(Health::default());
-        let context = context(&health, &mut tasks);
+        };
         assert!(contain("fine", &context, || {}));
         assert!(!contain("broken", &context, || panic!("a bug")));
         assert!(health.render(0).contains("strobe_service_panics_total 1"));

@@ -4,8 +4,10 @@
 //! sealed second, and those that reported a second of the late window late (alive, if behind). Otherwise it waits
 //! `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the shard less than
 //! `grace_quiet` ago: a burst of thousands is still being decoded) or fewer than `grace_quorum` of the instances
-//! expected on time have reported, and never longer than `grace_max`. Ingest is idempotent per (instance, second). A snapshot for a sealed second is merged and yields a
-//! correction for `late_window` after the second was sealed (wall clock: replays after an outage are old seconds,
+//! expected on time have reported, and never longer than `grace_max`. When the service's first snapshot of a second
+//! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
+//! waits count from that snapshot instead. Ingest is idempotent per (instance, second). A snapshot for a sealed
+//! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after an outage are old seconds,
 //! sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older than `late_window` before
 //! the newest seal, is refused.
 
@@ -79,6 +81,8 @@ pub(crate) struct OpenSecond {
     bytes: usize,
     /// The service's series table, which the ids are numbers in (one per service while any second holds it).
     table: Option<Arc<SeriesTable>>,
+    /// When its first snapshot arrived (wall clock, ms), if it was newer than every second seen before; else 0.
+    first_ms: i64,
 }
 
 /// A second's merged cells by split (overall, per version, per zone), derived from its leaves.
@@ -127,30 +131,23 @@ impl OpenSecond {
     }
 }
 
-/// When the first and the newest snapshot for each recent second reached a shard (all its services together): while
-/// a second is still streaming in, sealing it would only turn the rest of it into corrections; and when even its
-/// first snapshot came late, the shard (or everyone) is behind, and the second's grace starts then.
+/// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
+/// still streaming in, sealing it would only turn the rest of it into corrections.
 #[derive(Debug, Default)]
 pub(crate) struct Arrivals {
-    last: BTreeMap<i64, (i64, i64)>,
+    last: BTreeMap<i64, i64>,
 }
 
 impl Arrivals {
     /// A snapshot for second `t` arrived at `now_ms`.
     pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
-        let (first, last) = self.last.entry(t).or_insert((now_ms, now_ms));
-        *first = (*first).min(now_ms);
+        let last = self.last.entry(t).or_insert(now_ms);
         *last = (*last).max(now_ms);
     }
 
     /// When the newest snapshot for `t` arrived.
     pub(crate) fn last(&self, t: i64) -> Option<i64> {
-        self.last.get(&t).map(|(_, last)| *last)
-    }
-
-    /// When the first snapshot for `t` arrived.
-    pub(crate) fn first(&self, t: i64) -> Option<i64> {
-        self.last.get(&t).map(|(first, _)| *first)
+        self.last.get(&t).copied()
     }
 
     /// Forgets seconds before `t`.
@@ -308,7 +305,19 @@ impl ServiceWindows {
                 over_budget,
             };
         }
-        let second = self.open.entry(t).or_default();
+        // Only a second newer than any seen may have its waits count from its first snapshot: seconds of a
+        // backlog or a replay come in order, while a client sending old seconds out of order would otherwise keep
+        // dozens of them open at once.
+        let newest = self.open.keys().next_back().copied().max(self.last_sealed);
+        let first_ms = if newest.is_none_or(|n| t > n) {
+            now_ms
+        } else {
+            0
+        };
+        let second = self.open.entry(t).or_insert_with(|| OpenSecond {
+            first_ms,
+            ..OpenSecond::default()
+        });
         if second.reporters.contains_key(&snapshot.instance.id) {
             return Applied::Duplicate { sealed: false };
         }
@@ -326,12 +335,16 @@ impl ServiceWindows {
     pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
-            // Waiting starts when the second ends, or when its first snapshot reached the shard, if later: behind by
-            // seconds (a backlog on a saturated host, replays after an outage), a second waited for on the wall
-            // clock would be sealed at its first snapshot, and the rest turned into corrections, which cost more
-            // than merging them on time (an aggregator behind stayed behind).
+            // Waiting starts when the second ends, or, when the service's first snapshot of it came more than a
+            // grace later, then: a service (or a whole shard) behind by seconds, on a saturated host or replaying
+            // after an outage, would otherwise have each second sealed at its first snapshot and the rest turned
+            // into corrections, which cost more than merging them on time did (an aggregator behind stayed behind).
             let ended = t.saturating_add(1).saturating_mul(1000);
-            let end = arrivals.first(t).map_or(ended, |first| first.max(ended));
+            let end = if second.first_ms > ended.saturating_add(self.settings.grace_ms) {
+                second.first_ms
+            } else {
+                ended
+            };
             let complete = !self.expected.is_empty()
                 && self
                     .expected
@@ -719,25 +732,40 @@ mod tests {
         }
         arrivals.record(10, 11_000);
         assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
-        // The shard is 3 s behind: the first snapshot of 11 reaches it at 15_000, long past 11's grace_max on the
+        // The service is 3 s behind: the first snapshot of 11 arrives at 15_000, long past 11's grace_max on the
         // wall clock. It waits its grace from then, and the rest of its burst is in it, not corrections.
         w.apply(counter(&fleet[0], 11, 1.0), 15_000);
         arrivals.record(11, 15_000);
         assert!(w.seal_ready_seconds(15_000, &arrivals).is_empty());
         for (n, i) in fleet[1..].iter().enumerate() {
-            let at = 15_100 + 40 * n as i64;
+            let at = 15_040 + 40 * n as i64;
             w.apply(counter(i, 11, 1.0), at);
             arrivals.record(11, at);
         }
-        let sealed = w.seal_ready_seconds(15_180, &arrivals);
+        let sealed = w.seal_ready_seconds(15_120, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (4.0, 4), "complete");
-        // And grace_max counts from that first snapshot too: a second whose first snapshot came at 16_500 and
-        // whose others never come is sealed at 17_500.
-        w.apply(counter(&fleet[0], 12, 1.0), 16_500);
-        arrivals.record(12, 16_500);
-        assert!(w.seal_ready_seconds(16_900, &arrivals).is_empty());
-        assert!(w.seal_ready_seconds(17_499, &arrivals).is_empty());
-        assert_eq!(w.seal_ready_seconds(17_500, &arrivals).len(), 1);
+        // 12: three of four arrive from 16_000 to 16_100 (the fourth is gone): quiet and a quorum, sealed once the
+        // grace has passed since its first snapshot, at 16_250 and not before.
+        for (n, i) in fleet[..3].iter().enumerate() {
+            let at = 15_000 + 1_000 + 50 * n as i64;
+            w.apply(counter(i, 12, 1.0), at);
+            arrivals.record(12, at);
+        }
+        assert!(w.seal_ready_seconds(16_249, &arrivals).is_empty());
+        let sealed = w.seal_ready_seconds(16_250, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (3.0, 3));
+        // And grace_max counts from that first snapshot too: a second whose first snapshot came at 17_500 and
+        // whose others never come is sealed at 18_500.
+        w.apply(counter(&fleet[0], 13, 1.0), 17_500);
+        arrivals.record(13, 17_500);
+        assert!(w.seal_ready_seconds(17_900, &arrivals).is_empty());
+        assert!(w.seal_ready_seconds(18_499, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(18_500, &arrivals).len(), 1);
+        // A first snapshot within the grace changes nothing: the grace counts from the end.
+        w.apply(counter(&fleet[1], 20, 1.0), 21_100);
+        arrivals.record(20, 21_100);
+        assert!(w.seal_ready_seconds(21_249, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(21_250, &arrivals).len(), 1);
     }
 
     #[test]
