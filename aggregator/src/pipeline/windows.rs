@@ -7,9 +7,9 @@
 //! expected on time have reported, and never longer than `grace_max`. When the service's first snapshot of a second
 //! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
 //! waits count from that snapshot instead. Ingest is idempotent per (instance, second). A snapshot for a sealed
-//! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after an outage are old seconds,
-//! sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older than `late_window` before
-//! the newest seal, is refused.
+//! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
+//! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
+//! than `late_window` before the newest seal, is refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
