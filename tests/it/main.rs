@@ -321,22 +321,7 @@ async fn an_agent_whose_clock_is_ahead_counts_into_the_right_seconds() {
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
-    let _on_time = support::spawn(&[
-        "agent",
-        "--service",
-        "skewed",
-        "--version",
-        "v1",
-        "--instance",
-        "skewed-on-time",
-        "--aggregator",
-        &target,
-        "--statsd-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let _on_time = agent(&aggregator, "skewed", "v1", "z1", "skewed-on-time").await;
     let agent = agent_to(&target, "skewed", &["--simulate-clock-skew-ms", "3000"]).await;
     // A few acks (one a second) teach it the offset.
     wait_for_instances(http, "skewed", 2).await;
