@@ -173,7 +173,9 @@ pub mod clock {
         /// of theirs (the least delayed exchange, as NTP prefers), the upper the smallest. The applied offset stays
         /// while it is within [`CLOCK_TOLERANCE_MS`] of those bounds, so answers that are merely slow (a busy
         /// aggregator, a busy agent) never move it. Otherwise it becomes 0 if 0 is within the tolerance, else the
-        /// lower bound (within the upper), and is returned.
+        /// lower bound (within the upper), and is returned. Readings with no upper bound at all (an older
+        /// aggregator) fall back to the least delayed reading; readings that contradict each other (a clock
+        /// stepped) are dropped but the newest.
         pub fn observe_aggregator(
             &self,
             aggregator_ms: i64,
@@ -202,22 +204,40 @@ pub mod clock {
                 return None;
             }
             let at_least = samples.iter().map(|b| b.at_least).max().unwrap_or(0);
-            let at_most = samples.iter().filter_map(|b| b.at_most).min();
+            let applied = self.offset_ms();
+            let Some(at_most) = samples.iter().filter_map(|b| b.at_most).min() else {
+                // No upper bound at all (an aggregator that does not say when it read snapshots): the least
+                // delayed reading is the estimate, as before there were bounds.
+                let target = if at_least.abs() <= CLOCK_TOLERANCE_MS {
+                    0
+                } else {
+                    at_least
+                };
+                return ((target - applied).abs() > CLOCK_TOLERANCE_MS).then(|| {
+                    self.set_offset_ms(target);
+                    target
+                });
+            };
+            if at_least > at_most.saturating_add(CLOCK_TOLERANCE_MS) {
+                // Readings that contradict each other: a clock stepped (or the aggregator changed) within the
+                // window. Start again from the newest.
+                let newest = samples.pop_back();
+                samples.clear();
+                samples.extend(newest);
+                return None;
+            }
             let fits = |offset: i64| {
                 offset >= at_least.saturating_sub(CLOCK_TOLERANCE_MS)
-                    && at_most.is_none_or(|most| offset <= most.saturating_add(CLOCK_TOLERANCE_MS))
+                    && offset <= at_most.saturating_add(CLOCK_TOLERANCE_MS)
             };
-            let applied = self.offset_ms();
             if fits(applied) {
                 return None;
             }
-            let target = if fits(0) {
-                0
-            } else {
-                at_least.min(at_most.unwrap_or(at_least))
-            };
-            self.set_offset_ms(target);
-            Some(target)
+            let target = if fits(0) { 0 } else { at_least.min(at_most) };
+            (target != applied).then(|| {
+                self.set_offset_ms(target);
+                target
+            })
         }
 
         /// Forgets the readings taken so far (a new connection, perhaps to another aggregator).
@@ -264,6 +284,18 @@ mod tests {
             .expect("corrected");
         assert!((offset - 3_000).abs() < 100, "{offset}");
         assert_eq!(behind.observe_aggregator(0, None, None), None);
+        // An aggregator that does not say when it read snapshots: 3 s ahead is still corrected.
+        let ahead_of_old = AgentClock::with_skew(3_000);
+        for _ in 0..2 {
+            assert_eq!(
+                ahead_of_old.observe_aggregator(aggregator(), Some(0), Some(1)),
+                None
+            );
+        }
+        let offset = ahead_of_old
+            .observe_aggregator(aggregator(), Some(0), Some(1))
+            .expect("corrected");
+        assert!((offset + 3_000).abs() < 100, "{offset}");
     }
 
     #[test]

@@ -71,12 +71,12 @@ pub(crate) const STATE_LOST: i64 = i64::MIN;
 /// `interval`, then twice that for each correction of it already published, up to a second (or `interval`, if
 /// longer). A few stragglers are published within `interval`; a service far behind, whose seconds take late
 /// snapshots for seconds on end, costs one summary and one frame per corrected second and subscriber a second
-/// rather than four (past capacity, summarising and serialising corrections grew to a quarter of the aggregator's
+/// rather than four (past capacity, summarising and serialising corrections grew to a fifth of the aggregator's
 /// CPU, which kept it behind). Acks of late snapshots wait for their correction, so the cap also bounds how long an
 /// agent waits for one (its shutdown drain waits 2 s).
 pub(crate) fn correction_delay(interval_ms: i64, published: u32) -> i64 {
     interval_ms
-        .saturating_mul(1 << published.min(3))
+        .saturating_mul(1 << published.min(10))
         .min(interval_ms.max(MAX_CORRECTION_BACKOFF_MS))
 }
 
@@ -331,6 +331,11 @@ mod tests {
         // A configured interval past the cap is kept as it is.
         assert_eq!(correction_delay(900, 0), 900);
         assert_eq!(correction_delay(900, 3), 1000);
+        assert_eq!(
+            correction_delay(100, 4),
+            1000,
+            "a short interval still grows to a second"
+        );
         // Late snapshots arriving all through a late window of 10 s: the second is corrected 11 times (the last
         // when its window ends), not 40.
         let mut at = 0;

@@ -308,7 +308,14 @@ impl ServiceWindows {
         // Only a second newer than any seen may have its waits count from its first snapshot: seconds of a
         // backlog or a replay come in order, while a client sending old seconds out of order would otherwise keep
         // dozens of them open at once.
-        let newest = self.open.keys().next_back().copied().max(self.last_sealed);
+        // (Seconds that have ended only: an agent whose clock runs ahead may open the next one early.)
+        let ended = now_ms.div_euclid(1000);
+        let newest = self
+            .open
+            .range(..ended)
+            .next_back()
+            .map(|(t, _)| *t)
+            .max(self.last_sealed);
         let first_ms = if newest.is_none_or(|n| t > n) {
             now_ms
         } else {
@@ -702,7 +709,6 @@ mod tests {
         for i in &fleet[..17] {
             w.apply_now(counter(i, 12, 1.0));
         }
-        arrivals.record(12, 13_000); // the first, as the second ended
         arrivals.record(12, 13_200);
         let sealed = w.seal_ready_seconds(13_300, &arrivals);
         assert_eq!(
@@ -714,7 +720,6 @@ mod tests {
         for i in &fleet[..8] {
             w.apply_now(counter(i, 13, 1.0));
         }
-        arrivals.record(13, 14_000);
         arrivals.record(13, 14_050);
         assert!(w.seal_ready_seconds(14_990, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(15_000, &arrivals).len(), 1);
@@ -828,7 +833,6 @@ mod tests {
         w.seal_ready_seconds(11_250, &arrivals);
         // Second 11: a reports; the shard is still receiving second 11 (for other services) at 12_240.
         w.apply_now(counter(&a, 11, 1.0));
-        arrivals.record(11, 12_000);
         arrivals.record(11, 12_240);
         assert!(
             w.seal_ready_seconds(12_260, &arrivals).is_empty(),
@@ -842,7 +846,6 @@ mod tests {
         assert_eq!(sum_of(&sealed[0], None, None), (2.0, 2));
         // Second 12 keeps streaming in forever: sealed at the latest grace_max after it ends.
         w.apply_now(counter(&a, 12, 1.0));
-        arrivals.record(12, 13_000);
         arrivals.record(12, 13_990);
         assert!(w.seal_ready_seconds(13_995, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(14_000, &arrivals).len(), 1);
