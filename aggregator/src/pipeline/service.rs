@@ -185,7 +185,8 @@ impl ServiceState {
         }
     }
 
-    /// Seals what is ready at `now_ms`: each sealed second is judged by the rules and the canary, then published.
+    /// Publishes the corrections due at `now_ms`, then seals what is ready: each sealed second is judged by the rules
+    /// and the canary, then published.
     pub(crate) fn seal_ready(
         &mut self,
         now_ms: i64,
@@ -194,9 +195,7 @@ impl ServiceState {
     ) {
         // Corrections due go out first: sealing also forgets seconds past their late window, and a shard that
         // stalled could otherwise forget one whose correction is waiting.
-        if self.corrections.values().any(|due| *due <= now_ms) {
-            self.publish_corrections(now_ms, context);
-        }
+        self.publish_corrections(now_ms, context);
         for sealed in self.windows.seal_ready(now_ms, arrivals) {
             self.on_sealed(sealed, context);
         }
@@ -205,6 +204,10 @@ impl ServiceState {
     /// Publishes the corrections due at `now_ms`. Late data counts for the canary's evidence, not for threshold
     /// rules, which judged the second when it was sealed (like a Prometheus rule evaluation).
     pub(crate) fn publish_corrections(&mut self, now_ms: i64, context: &ServiceContext) {
+        // Every tick, for every service: nothing allocated or walked unless a correction is due.
+        if !self.corrections.values().any(|at| *at <= now_ms) {
+            return;
+        }
         let due: Vec<i64> = self
             .corrections
             .iter()

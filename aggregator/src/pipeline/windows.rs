@@ -389,7 +389,7 @@ impl ServiceWindows {
             let Some(second) = self.open.remove(&t) else {
                 break;
             };
-            // Expected next: who reported this second, and who reported one of the few before it late.
+            // Expected next: who reported this second, and who reported a second of the late window late.
             let lagging = t - self.settings.late_window_secs;
             self.late.retain(|_, newest| *newest > lagging);
             self.expected = second.reporters.keys().cloned().collect();
@@ -569,6 +569,13 @@ mod tests {
         })
     }
 
+    /// `n` instances of version v1, no zone: `i00`, `i01`...
+    fn fleet(n: usize) -> Vec<Arc<Instance>> {
+        (0..n)
+            .map(|i| instance(&format!("i{i:02}"), "v1", None))
+            .collect()
+    }
+
     /// The tests' one series table (one service).
     fn table() -> Arc<SeriesTable> {
         static TABLE: std::sync::OnceLock<Arc<SeriesTable>> = std::sync::OnceLock::new();
@@ -669,9 +676,7 @@ mod tests {
 
     #[test]
     fn a_lull_with_most_instances_missing_does_not_seal_before_grace_max() {
-        let fleet: Vec<Arc<Instance>> = (0..20)
-            .map(|i| instance(&format!("i{i:02}"), "v1", None))
-            .collect();
+        let fleet = fleet(20);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let mut arrivals = Arrivals::default();
         for i in &fleet {
@@ -727,9 +732,7 @@ mod tests {
 
     #[test]
     fn a_second_whose_first_snapshot_came_late_waits_from_then() {
-        let fleet: Vec<Arc<Instance>> = (0..4)
-            .map(|i| instance(&format!("i{i}"), "v1", None))
-            .collect();
+        let fleet = fleet(4);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let mut arrivals = Arrivals::default();
         for i in &fleet {
@@ -775,9 +778,7 @@ mod tests {
 
     #[test]
     fn a_service_falling_behind_still_expects_its_lagging_instances() {
-        let fleet: Vec<Arc<Instance>> = (0..20)
-            .map(|i| instance(&format!("i{i:02}"), "v1", None))
-            .collect();
+        let fleet = fleet(20);
         let mut w = ServiceWindows::new("svc".into(), SETTINGS);
         let arrivals = Arrivals::default();
         for i in &fleet {
