@@ -19,7 +19,8 @@ use metrics::{
 use crate::statsd::MetricType;
 use crate::window::Window;
 
-/// Most values one histogram keeps in one second; more are counted (`series_over_limit`) and dropped.
+/// Most values one histogram keeps in one second by default (`facade_max_values_per_second`); more are counted
+/// (`series_over_limit`) and dropped.
 pub const MAX_VALUES_PER_SECOND: usize = 100_000;
 
 #[derive(Default)]
@@ -79,16 +80,17 @@ impl GaugeFn for GaugeCell {
     }
 }
 
-#[derive(Default)]
 struct HistogramCell {
     values: Mutex<Vec<f64>>,
     dropped: AtomicU64,
+    /// Most values kept in one second.
+    max_values: usize,
 }
 
 impl HistogramFn for HistogramCell {
     fn record(&self, value: f64) {
         let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
-        if values.len() < MAX_VALUES_PER_SECOND {
+        if values.len() < self.max_values {
             values.push(value);
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -103,9 +105,16 @@ enum Cell {
 }
 
 /// Every series the service registered, by key.
-#[derive(Default)]
 pub struct Registry {
     cells: Mutex<HashMap<Key, Cell>>,
+    /// Most values one histogram keeps in one second.
+    max_values_per_second: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(MAX_VALUES_PER_SECOND)
+    }
 }
 
 fn name_and_tags(key: &Key) -> (String, Vec<(String, String)>) {
@@ -119,6 +128,14 @@ fn name_and_tags(key: &Key) -> (String, Vec<(String, String)>) {
 }
 
 impl Registry {
+    /// An empty registry whose histograms keep at most `max_values_per_second` values a second each.
+    pub fn new(max_values_per_second: usize) -> Self {
+        Self {
+            cells: Mutex::new(HashMap::new()),
+            max_values_per_second,
+        }
+    }
+
     /// The handle of `key`'s cell, created by `new` when the key is new; `None` when the key is registered as
     /// another kind (that handle then records nothing, as DogStatsD refuses a kind conflict).
     fn register<H>(
@@ -232,7 +249,13 @@ impl Recorder for StrobeRecorder {
         self.registry
             .register(
                 key,
-                || Cell::Histogram(Arc::default()),
+                || {
+                    Cell::Histogram(Arc::new(HistogramCell {
+                        values: Mutex::new(Vec::new()),
+                        dropped: AtomicU64::new(0),
+                        max_values: self.registry.max_values_per_second,
+                    }))
+                },
                 |cell| match cell {
                     Cell::Histogram(h) => Some(Histogram::from_arc(h.clone())),
                     _ => None,

@@ -189,6 +189,8 @@ impl AgentHealth {
         for (reason, n) in [
             ("type_conflict", stats.type_conflicts),
             ("non_finite", stats.non_finite),
+            ("too_many_tags", stats.too_many_tags),
+            ("too_long_part", stats.too_long_part),
         ] {
             if n > 0 {
                 self.malformed

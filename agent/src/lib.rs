@@ -83,6 +83,9 @@ pub struct AgentConfig {
     pub max_series_per_second: usize,
     /// Largest histogram value in the metric's unit.
     pub max_histogram_value: f64,
+    /// In process (the `metrics` facade): most values one histogram keeps in one second; more are counted
+    /// (`series_over_limit`) and dropped.
+    pub facade_max_values_per_second: usize,
     /// The gRPC stream to the aggregator.
     pub shipper: ShipperConfig,
 }
@@ -110,6 +113,7 @@ impl Default for AgentConfig {
             otlp_max_series: 100_000,
             max_series_per_second: window.max_series,
             max_histogram_value: window.max_histogram_value,
+            facade_max_values_per_second: facade::MAX_VALUES_PER_SECOND,
             shipper: ShipperConfig::default(),
         }
     }
@@ -136,6 +140,8 @@ impl AgentConfig {
         WindowLimits {
             max_series: self.max_series_per_second,
             max_histogram_value: self.max_histogram_value,
+            max_tags: self.parse_limits.max_tags,
+            max_part_bytes: self.parse_limits.max_part_bytes,
         }
     }
 }
@@ -545,7 +551,7 @@ impl InProcessAgent {
 /// DogStatsD on `config.statsd_addr`, scrapes and OTLP keep working beside it; the agent's own `/metrics` is served
 /// on `config.metrics_addr` as for a sidecar (set it to `None` when the service serves its own page).
 pub async fn install(config: AgentConfig) -> Result<InProcessAgent, InstallError> {
-    let registry = Arc::new(facade::Registry::default());
+    let registry = Arc::new(facade::Registry::new(config.facade_max_values_per_second));
     let mut agent = Agent::bind(config).await?;
     metrics::set_global_recorder(facade::StrobeRecorder::new(registry.clone()))
         .map_err(|_| InstallError::RecorderInstalled)?;

@@ -671,7 +671,12 @@ impl OtlpReceiver {
     /// The HTTP/protobuf route (`POST /v1/metrics`).
     pub fn http(self, max_request_bytes: usize) -> Router {
         Router::new()
-            .route("/v1/metrics", post(http_export))
+            .route(
+                "/v1/metrics",
+                post(move |state, headers, body| {
+                    http_export(state, headers, body, max_request_bytes)
+                }),
+            )
             .layer(DefaultBodyLimit::max(max_request_bytes))
             .with_state(self)
     }
@@ -690,10 +695,27 @@ impl MetricsService for OtlpReceiver {
     }
 }
 
+/// A gzip body inflated, at most `max_bytes` of it (what a compressed body expands to is bounded like a plain one).
+fn gunzip(body: &[u8], max_bytes: usize) -> Result<Bytes, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .take(max_bytes as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|error| format!("not a gzip body: {error}"))?;
+    if out.len() > max_bytes {
+        return Err(format!(
+            "body inflates past otlp_max_request_bytes ({max_bytes})"
+        ));
+    }
+    Ok(out.into())
+}
+
 async fn http_export(
     State(receiver): State<OtlpReceiver>,
     headers: HeaderMap,
     body: Bytes,
+    max_request_bytes: usize,
 ) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -707,17 +729,25 @@ async fn http_export(
         )
             .into_response();
     }
-    if headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes() != b"identity")
-    {
-        receiver.health.count_otlp_request("http", "unsupported");
-        return (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "compressed OTLP/HTTP bodies are not supported; export without compression\n",
-        )
-            .into_response();
-    }
+    // The Collector's `otlphttp` exporter and the SDKs compress with gzip (the Collector by default).
+    let body = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+        None | Some(b"identity") => body,
+        Some(b"gzip") => match gunzip(&body, max_request_bytes) {
+            Ok(body) => body,
+            Err(why) => {
+                receiver.health.count_otlp_request("http", "malformed");
+                return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+            }
+        },
+        Some(_) => {
+            receiver.health.count_otlp_request("http", "unsupported");
+            return (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "OTLP/HTTP bodies here are gzip or uncompressed\n",
+            )
+                .into_response();
+        }
+    };
     let request = match ExportMetricsServiceRequest::decode(body) {
         Ok(request) => request,
         Err(error) => {

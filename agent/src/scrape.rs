@@ -41,12 +41,17 @@ pub struct Scraped {
 /// A series' identity across scrapes.
 type Key = (String, Vec<(String, String)>);
 
-/// What a scraper remembers between scrapes: counters' last values and histograms' last cumulative buckets.
+/// What a scraper remembers between scrapes: counters' last values and histograms' last cumulative buckets, each
+/// with the scrape that last showed it. A series missing from a page is forgotten (a page lists every live series,
+/// so what it no longer shows is gone, and comes back with a new baseline), so the state is bounded by one page,
+/// which `scrape_max_bytes` bounds.
 #[derive(Debug, Default)]
 pub struct ScrapeState {
-    counters: HashMap<Key, f64>,
-    histograms: HashMap<Key, Vec<(f64, f64)>>,
-    natives: HashMap<Key, exposition::Native>,
+    counters: HashMap<Key, (f64, u64)>,
+    histograms: HashMap<Key, (Vec<(f64, f64)>, u64)>,
+    natives: HashMap<Key, (exposition::Native, u64)>,
+    /// Scrapes folded so far.
+    scrape: u64,
 }
 
 /// One sample of a page, whichever format it came in.
@@ -109,12 +114,16 @@ impl ScrapeState {
         samples: Vec<PageSample>,
         natives: Vec<exposition::Native>,
     ) -> Vec<Scraped> {
+        self.scrape += 1;
         let mut out = Vec::new();
         for native in natives {
             let tags = tags_of(&native.labels, "");
             let timer = native.name.ends_with("_seconds");
             let key = (native.name.clone(), tags.clone());
-            let previous = self.natives.insert(key, native.clone());
+            let previous = self
+                .natives
+                .insert(key, (native.clone(), self.scrape))
+                .map(|(previous, _)| previous);
             let Some(previous) = previous else {
                 continue; // the first scrape sets the baseline
             };
@@ -186,7 +195,10 @@ impl ScrapeState {
                         buckets.iter().map(|b| (b.less_than, b.count)).collect();
                     cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
                     let key = (sample.metric.clone(), tags.clone());
-                    let previous = self.histograms.insert(key, cumulative.clone());
+                    let previous = self
+                        .histograms
+                        .insert(key, (cumulative.clone(), self.scrape))
+                        .map(|(previous, _)| previous);
                     let Some(previous) = previous else {
                         continue; // the first scrape sets the baseline
                     };
@@ -196,16 +208,25 @@ impl ScrapeState {
                 }
             }
         }
+        let now = self.scrape;
+        self.counters.retain(|_, (_, seen)| *seen == now);
+        self.histograms.retain(|_, (_, seen)| *seen == now);
+        self.natives.retain(|_, (_, seen)| *seen == now);
         out
+    }
+
+    /// Series remembered between scrapes (counters, classic and native histograms).
+    pub fn remembered(&self) -> usize {
+        self.counters.len() + self.histograms.len() + self.natives.len()
     }
 
     fn counter_delta(&mut self, name: &str, tags: &[(String, String)], value: f64) -> Option<f64> {
         if !value.is_finite() {
             return None;
         }
-        let previous = self
+        let (previous, _) = self
             .counters
-            .insert((name.to_owned(), tags.to_vec()), value)?;
+            .insert((name.to_owned(), tags.to_vec()), (value, self.scrape))?;
         // Lower than before: the process restarted and counts from zero again.
         Some(if value < previous {
             value
@@ -420,6 +441,66 @@ req_duration_seconds_count B3
         );
     }
 
+    /// An OpenMetrics page as client libraries write it: counters named without `_total` in `# TYPE` and with it on
+    /// the sample, `_created` timestamps, exemplars, a `# UNIT` line, an info metric and `# EOF`.
+    const OPENMETRICS: &str = "# TYPE http_requests counter
+# HELP http_requests Requests served.
+http_requests_total{route=\"/a\"} VALUE # {trace_id=\"4bf92f3577b34da6\"} 1.0 1700000000.123
+http_requests_created{route=\"/a\"} 1.7e9
+# TYPE rpc_latency_seconds histogram
+# UNIT rpc_latency_seconds seconds
+rpc_latency_seconds_bucket{le=\"0.01\"} B1
+rpc_latency_seconds_bucket{le=\"0.1\"} B2 # {trace_id=\"ab\"} 0.05
+rpc_latency_seconds_bucket{le=\"+Inf\"} B2
+rpc_latency_seconds_count B2
+rpc_latency_seconds_sum 0.5
+rpc_latency_seconds_created 1.7e9
+# TYPE build info
+build_info{version=\"1.2.3\"} 1
+# EOF
+";
+
+    #[test]
+    fn openmetrics_pages_read_as_the_text_format_does() {
+        let page = |value: u32, b1: u32, b2: u32| {
+            OPENMETRICS
+                .replace("VALUE", &value.to_string())
+                .replace("B1", &b1.to_string())
+                .replace("B2", &b2.to_string())
+        };
+        let mut state = ScrapeState::default();
+        let first = state
+            .fold_page(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                page(10, 1, 2).as_bytes(),
+            )
+            .unwrap();
+        assert!(find(&first, "http_requests_total").is_none(), "a baseline");
+        assert!(
+            find(&first, "http_requests_created").is_none()
+                && find(&first, "rpc_latency_seconds_created").is_none(),
+            "creation timestamps are no measurement: {first:?}"
+        );
+        assert_eq!(find(&first, "build_info").unwrap().values, vec![(1.0, 1)]);
+        let second = state
+            .fold_page("application/openmetrics-text", page(25, 4, 6).as_bytes())
+            .unwrap();
+        // The exemplar after the value is not read as part of it.
+        let requests = find(&second, "http_requests_total").unwrap();
+        assert_eq!(requests.kind, MetricType::Counter);
+        assert_eq!(requests.values, vec![(15.0, 1)]);
+        assert_eq!(requests.tags, vec![("route".into(), "/a".into())]);
+        // 3 new under 10 ms (at 5 ms), 1 new in (10, 100] ms (at 55 ms).
+        let latency = find(&second, "rpc_latency_seconds").unwrap();
+        assert_eq!(latency.kind, MetricType::Timer);
+        assert_eq!(latency.values, vec![(5.0, 3), (55.0, 1)]);
+        assert_eq!(
+            find(&second, "rpc_latency_seconds_count").unwrap().values,
+            vec![(4.0, 1)]
+        );
+        assert!(find(&second, "http_requests_created").is_none());
+    }
+
     #[test]
     fn summaries_are_gauges_per_quantile_and_garbage_does_not_panic() {
         let mut state = ScrapeState::default();
@@ -439,6 +520,15 @@ req_duration_seconds_count B3
         assert_eq!(find(&later, "rpc_count").unwrap().kind, MetricType::Counter);
         assert_eq!(find(&later, "rpc_sum").unwrap().values, vec![(2.0, 1)]);
         assert!(quantiles.iter().all(|(tags, _)| tags[0].0 == "quantile"));
+        // A series missing from a page is forgotten: the state holds one page's series, and a series that comes
+        // back starts from a new baseline.
+        assert_eq!(state.remembered(), 2, "rpc_sum and rpc_count");
+        state.fold("# TYPE other counter\nother 1\n").unwrap();
+        assert_eq!(state.remembered(), 1);
+        let back = state
+            .fold("# TYPE rpc summary\nrpc_sum 20\nrpc_count 50\n")
+            .unwrap();
+        assert!(find(&back, "rpc_count").is_none(), "a new baseline");
         for junk in [
             "\u{0}\u{1}",
             "x{",

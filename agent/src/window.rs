@@ -22,6 +22,11 @@ pub struct WindowLimits {
     pub max_series: usize,
     /// Largest histogram value in the metric's unit; larger values are clamped to it and counted.
     pub max_histogram_value: f64,
+    /// Most tags on one series, whatever input it came from (DogStatsD lines are held to it by the parser already;
+    /// scraped, OTLP and in-process series here, and a negative value's `sign:negative` sibling counts its tag).
+    pub max_tags: usize,
+    /// Longest metric name, tag key or tag value, in bytes, whatever input it came from.
+    pub max_part_bytes: usize,
 }
 
 impl Default for WindowLimits {
@@ -30,6 +35,8 @@ impl Default for WindowLimits {
             max_series: 10_000,
             // An hour in milliseconds: far above any latency worth a per-second view.
             max_histogram_value: 3_600_000.0,
+            max_tags: crate::statsd::ParseLimits::default().max_tags,
+            max_part_bytes: crate::statsd::ParseLimits::default().max_part_bytes,
         }
     }
 }
@@ -49,6 +56,10 @@ pub struct WindowStats {
     pub type_conflicts: u64,
     /// Of `lines_malformed`: NaN or infinite histogram values (from inputs that do not parse text).
     pub non_finite: u64,
+    /// Of `lines_malformed`: samples of a new series with more than `max_tags` tags.
+    pub too_many_tags: u64,
+    /// Of `lines_malformed`: samples of a new series whose name or a tag is longer than `max_part_bytes`.
+    pub too_long_part: u64,
 }
 
 enum Accumulator {
@@ -57,6 +68,10 @@ enum Accumulator {
     Histogram {
         hist: Histogram<u64>,
         unit: &'static str,
+        /// The fraction of a count that sampled values have earned and not yet recorded: a value sent `@0.3`
+        /// stands for 3.33 values, so three of four such values count 3 and one counts 4, and the second's total
+        /// is exact to within one.
+        carry: f64,
     },
 }
 
@@ -141,6 +156,23 @@ impl Window {
             self.key_buf.push_str(v);
         }
         if !self.series.contains_key(self.key_buf.as_str()) {
+            // Checked once per series and second: every input is held to the limits the aggregator enforces, so
+            // nothing the agent ships is dropped there for its shape.
+            let max_part = self.limits.max_part_bytes;
+            if tags.len() > self.limits.max_tags {
+                self.stats.lines_malformed += 1;
+                self.stats.too_many_tags += 1;
+                return;
+            }
+            if name.len() > max_part
+                || tags
+                    .iter()
+                    .any(|(k, v)| k.len() > max_part || v.len() > max_part)
+            {
+                self.stats.lines_malformed += 1;
+                self.stats.too_long_part += 1;
+                return;
+            }
             if self.series.len() >= self.limits.max_series {
                 self.stats.series_over_limit += 1;
                 return;
@@ -158,6 +190,7 @@ impl Window {
                     kind => Accumulator::Histogram {
                         hist: new_histogram(),
                         unit: if kind == MetricType::Timer { "ms" } else { "" },
+                        carry: 0.0,
                     },
                 },
             };
@@ -179,8 +212,7 @@ impl Window {
                     *last = v;
                 }
             }
-            Accumulator::Histogram { hist, .. } => {
-                let count = weight.round().max(1.0) as u64;
+            Accumulator::Histogram { hist, carry, .. } => {
                 let mut negatives: Vec<f64> = Vec::new();
                 for v in values {
                     if !v.is_finite() {
@@ -199,6 +231,11 @@ impl Window {
                         v
                     };
                     let recorded = (clamped * f64::from(HISTOGRAM_SCALE)).round() as u64;
+                    // `weight` is at least 1 (a rate is at most 1), so every value counts at least once.
+                    let earned = *carry + weight;
+                    let count = earned.floor().max(1.0);
+                    *carry = (earned - count).max(0.0);
+                    let count = count as u64;
                     // The histogram auto-resizes and the value is bounded above, so this should not fail; if it
                     // does, the value is counted as malformed rather than lost silently.
                     if hist.record_n(recorded, count).is_err() {
@@ -228,7 +265,7 @@ impl Window {
             let value = match entry.value {
                 Accumulator::Counter(sum) => pb::series::Value::Counter(sum),
                 Accumulator::Gauge(v) => pb::series::Value::Gauge(v),
-                Accumulator::Histogram { hist, unit } => {
+                Accumulator::Histogram { hist, unit, .. } => {
                     let mut hdr_v2 = Vec::new();
                     if encoder.serialize(&hist, &mut hdr_v2).is_err() {
                         // Not expected for an in-memory histogram; the series is counted as dropped.
@@ -410,6 +447,28 @@ mod tests {
         assert_eq!(stats.lines_malformed, 1);
     }
 
+    /// A sampled histogram value stands for `1 / rate` values, fractions included: ten values sent `@0.3` count
+    /// 33 in the second (not 30, as rounding each to 3 would), and a packed line counts each of its values.
+    #[test]
+    fn sampled_histogram_values_count_their_fractional_weight() {
+        let mut w = Window::new(100, WindowLimits::default());
+        let lines: Vec<String> = (0..10)
+            .map(|i| format!("lat:{}|ms|@0.3", 10 + i))
+            .chain(["size:1:2:3|h|@0.4".to_owned()])
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        feed(&mut w, &lines);
+        let (snap, _) = w.close();
+        let count = |name: &str| {
+            let Some(pb::series::Value::Histogram(h)) = &find(&snap, name).value else {
+                panic!("{name} is not a histogram")
+            };
+            decode(h).len()
+        };
+        assert_eq!(count("lat"), 33);
+        assert_eq!(count("size"), 7, "three values at 2.5 each: 7.5, floored");
+    }
+
     #[test]
     fn tags_make_distinct_series_and_type_conflicts_are_counted() {
         let mut w = Window::new(1, WindowLimits::default());
@@ -422,6 +481,54 @@ mod tests {
         let a1 = snap.series.iter().find(|s| s.tags[0].value == "1").unwrap();
         assert_eq!(a1.value, Some(pb::series::Value::Counter(2.0)));
         assert_eq!(stats.lines_malformed, 1);
+    }
+
+    /// Series from inputs that do not parse DogStatsD (a scrape, OTLP, the facade) are held to the same tag and
+    /// length limits, and a negative value on a line that already has `max_tags` tags is refused and counted: its
+    /// `sign:negative` sibling would need one more, which the aggregator would drop.
+    #[test]
+    fn every_input_is_held_to_the_tag_and_length_limits() {
+        let limits = WindowLimits {
+            max_tags: 2,
+            max_part_bytes: 8,
+            ..WindowLimits::default()
+        };
+        let mut w = Window::new(1, limits);
+        let record = |w: &mut Window, name: &str, tags: &[(&str, &str)], value: f64| {
+            w.record_values(
+                name,
+                tags,
+                MetricType::Histogram,
+                std::iter::once(value),
+                1.0,
+            );
+        };
+        record(&mut w, "ok", &[("a", "1"), ("b", "2")], 5.0);
+        record(&mut w, "many", &[("a", "1"), ("b", "2"), ("c", "3")], 5.0);
+        record(&mut w, "long", &[("a", "123456789")], 5.0);
+        record(&mut w, "toolongname", &[], 5.0);
+        record(&mut w, "ok", &[("a", "1"), ("b", "2")], -5.0);
+        record(&mut w, "neg", &[("a", "1")], -5.0);
+        let (snap, stats) = w.close();
+        let names: Vec<(&str, usize)> = snap
+            .series
+            .iter()
+            .map(|s| (s.name.as_str(), s.tags.len()))
+            .collect();
+        // `neg` keeps its (empty) unsigned series beside the signed one, as any all-negative line does.
+        assert_eq!(snap.series.len(), 3, "{names:?}");
+        assert!(
+            names.contains(&("ok", 2))
+                && names.contains(&("neg", 1))
+                && names.contains(&("neg", 2)),
+            "{names:?}"
+        );
+        assert_eq!(
+            stats.too_many_tags, 2,
+            "three tags, and the signed sibling of `ok`"
+        );
+        assert_eq!(stats.too_long_part, 2);
+        assert_eq!(stats.lines_malformed, 4);
     }
 
     #[test]

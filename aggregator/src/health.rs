@@ -36,7 +36,7 @@ pub(crate) enum DropReason {
     MaxTagsPerSeries,
     /// A series without a value.
     MissingValue,
-    /// A NaN or infinite counter or gauge, or a negative counter.
+    /// A NaN or infinite counter or gauge (a negative counter delta is a decrement, and fine).
     FiniteValues,
     /// A histogram that is not uncompressed HdrHistogram V2.
     HdrV2Encoding,

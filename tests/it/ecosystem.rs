@@ -329,4 +329,25 @@ async fn the_agents_own_metrics_page_counts_its_inputs_and_its_stream() {
     assert_eq!(value("strobe_agent_snapshots_dropped_total"), 0.0);
     assert_eq!(value("strobe_agent_statsd_kernel_drops_total"), 0.0);
     assert!(value("strobe_agent_seconds_closed_total") >= 1.0, "{page}");
+
+    // The aggregator sums what each snapshot says of its agent, per service: the three malformed lines and the
+    // five received arrive with the seconds they fell in.
+    let mut page = String::new();
+    let reported = |page: &str, counter: &str| -> Option<f64> {
+        let line = format!("strobe_agent_reported_total{{service=\"self\",counter=\"{counter}\"}}");
+        page.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    for _ in 0..50 {
+        let (status, body) = crate::support::http(http, "GET", "/metrics", "").await;
+        assert_eq!(status, 200);
+        page = body;
+        if reported(&page, "lines_received") == Some(5.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reported(&page, "lines_received"), Some(5.0), "{page}");
+    assert_eq!(reported(&page, "lines_malformed"), Some(3.0), "{page}");
 }

@@ -114,14 +114,17 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
     }
     // What the aggregator sealed, per second: the overall and v1 request rates, the overall p99, the depth max.
     let mut sealed: BTreeMap<i64, (f64, f64, f64, f64)> = BTreeMap::new();
+    // The zone split's request rate and the overall latency count, per second.
+    let mut zone_and_count: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     let last_sent = until.floor() as i64;
     next_frame(&mut ws, Duration::from_secs(20), |f| {
         let t = f["t"].as_i64()?;
-        if let (Some(all), Some(v1), Some(latency), Some(depth)) = (
+        if let (Some(all), Some(v1), Some(latency), Some(depth), Some(z1)) = (
             series(f, "rw.requests", None, None),
             series(f, "rw.requests", Some("v1"), None),
             series(f, "rw.latency", None, None),
             series(f, "rw.depth", None, None),
+            series(f, "rw.requests", None, Some("z1")),
         ) {
             sealed.insert(
                 t,
@@ -130,6 +133,13 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
                     v1["sum"].as_f64().unwrap(),
                     latency["p99"].as_f64().unwrap(),
                     depth["max"].as_f64().unwrap(),
+                ),
+            );
+            zone_and_count.insert(
+                t,
+                (
+                    z1["sum"].as_f64().unwrap(),
+                    latency["count"].as_f64().unwrap(),
                 ),
             );
         }
@@ -169,6 +179,17 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
         assert_eq!(v1_rates[t], *v1, "second {t}");
         assert_eq!(p99s[t], *p99, "second {t}");
         assert_eq!(depths[t], *depth, "second {t}");
+    }
+    // The zone split and a histogram's count rate, read back the same way.
+    let z1_rates = prometheus
+        .samples("rw_requests_rate{service=\"rw\",version=\"\",zone=\"z1\"}")
+        .await;
+    let counts = prometheus
+        .samples(&format!("rw_latency_count_rate{overall}"))
+        .await;
+    for (t, (z1, count)) in &zone_and_count {
+        assert_eq!(z1_rates[t], *z1, "second {t}");
+        assert_eq!(counts[t], *count, "second {t}");
     }
     // The tag became a label.
     let by_route = prometheus

@@ -800,6 +800,8 @@ async fn dogstatsd_decrements_negative_values_packed_lines_and_host_tags_are_rea
         "temp.delta:3|h|#room:a",
         "packed:1::2|h",
         "req:1|c|#host:web-1,route:/a",
+        "sampled:1|c|@0.5",
+        "sampled.lat:10:20:30|ms|@0.4",
     ]
     .iter()
     .map(|l| l.to_string())
@@ -835,6 +837,9 @@ async fn dogstatsd_decrements_negative_values_packed_lines_and_host_tags_are_rea
     assert_eq!(req["sum"], 1.0);
     assert!(req["tags"].get("host").is_none(), "{req}");
     assert_eq!(req["tags"]["route"], "/a");
+    // Sample rates: a counter divided by its rate, three timer values at 2.5 each (7.5, floored).
+    assert_eq!(all("sampled")[0]["sum"], 2.0);
+    assert_eq!(all("sampled.lat")[0]["count"], 7);
 }
 
 /// A real HTTP server exposing Prometheus text (a counter that resets once, a classic histogram), scraped by the
@@ -988,6 +993,7 @@ async fn a_rust_service_using_the_metrics_facade_is_counted_exactly() {
     let (requests, latencies) = (field("requests"), field("latencies"));
     assert!(requests > 100.0, "{stdout}");
     let mut per_second: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
+    let mut gauges: BTreeMap<i64, f64> = BTreeMap::new();
     next_frame(&mut ws, Duration::from_secs(20), |f| {
         let t = f["t"].as_i64()?;
         let overall = |metric: &str, field: &str| -> f64 {
@@ -1010,6 +1016,9 @@ async fn a_rust_service_using_the_metrics_facade_is_counted_exactly() {
                 overall("http.latency_ms", "count"),
             ),
         );
+        if let Some(gauge) = series(f, "http.inflight", None, None) {
+            gauges.insert(t, gauge["max"].as_f64().unwrap_or(f64::NAN));
+        }
         let (r, l) = per_second
             .values()
             .fold((0.0, 0.0), |(r, l), (a, b)| (r + a, l + b));
@@ -1020,4 +1029,14 @@ async fn a_rust_service_using_the_metrics_facade_is_counted_exactly() {
         (r == requests && l == latencies).then_some(())
     })
     .await;
+    // A gauge is its value at the end of each second: the example sets `requests % 7` before counting a request,
+    // so the last second ends on the last request's value.
+    assert!(
+        gauges
+            .values()
+            .all(|v| (0.0..=6.0).contains(v) && v.fract() == 0.0),
+        "{gauges:?}"
+    );
+    let last = gauges.last_key_value().map(|(_, v)| *v);
+    assert_eq!(last, Some((requests - 1.0) % 7.0), "{gauges:?} {stdout}");
 }

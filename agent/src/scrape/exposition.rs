@@ -18,8 +18,9 @@ use super::PageSample;
 /// The content type of the delimited protobuf exposition.
 pub(super) const CONTENT_TYPE: &str = "application/vnd.google.protobuf";
 
-/// What a scrape asks for: protobuf first (native histograms), then text.
-pub(super) const ACCEPT: &str = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.1";
+/// What a scrape asks for: protobuf first (native histograms), then OpenMetrics text, then the classic text format
+/// (the order Prometheus itself asks in).
+pub(super) const ACCEPT: &str = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.1";
 
 #[derive(Clone, PartialEq, Message)]
 pub(super) struct MetricFamily {

@@ -726,6 +726,88 @@ mod tests {
         assert_eq!(health.remote_write_dropped.get(), 6);
     }
 
+    /// A real HTTP endpoint that answers 503 twice and then 200: the request is retried with backoff until taken,
+    /// the same bytes each time; a request refused for what it holds (400) is dropped and counted, not retried.
+    #[tokio::test]
+    async fn requests_are_retried_until_taken_and_refused_ones_dropped() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode};
+
+        #[derive(Clone, Default)]
+        struct Endpoint {
+            calls: Arc<AtomicUsize>,
+            bodies: Arc<Mutex<Vec<WriteRequest>>>,
+        }
+        async fn write(
+            axum::extract::State(endpoint): axum::extract::State<Endpoint>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            let call = endpoint.calls.fetch_add(1, Ordering::SeqCst);
+            // Whatever does not decode is a 400 (no panics here: the client would only see a broken connection).
+            let request = (headers.get("content-encoding").map(|v| v.as_bytes())
+                == Some(b"snappy"))
+            .then(|| snap::raw::Decoder::new().decompress_vec(&body).ok())
+            .flatten()
+            .and_then(|raw| WriteRequest::decode(raw.as_slice()).ok());
+            let Some(request) = request else {
+                return StatusCode::BAD_REQUEST;
+            };
+            let refuse = request
+                .timeseries
+                .first()
+                .and_then(|series| series.samples.first())
+                .is_none_or(|sample| sample.value < 0.0);
+            if let Ok(mut bodies) = endpoint.bodies.lock() {
+                bodies.push(request);
+            }
+            if refuse {
+                StatusCode::BAD_REQUEST
+            } else if call < 2 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::NO_CONTENT
+            }
+        }
+        let endpoint = Endpoint::default();
+        let app = axum::Router::new()
+            .route("/api/v1/write", axum::routing::post(write))
+            .with_state(endpoint.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let settings = RemoteWriteSettings {
+            url: Some(format!("http://{addr}/api/v1/write")),
+            ..Default::default()
+        };
+        let health = Arc::new(Health::default());
+        let rw = RemoteWrite::new(settings, Duration::from_secs(10), health.clone())
+            .unwrap()
+            .unwrap();
+        let client = reqwest::Client::new();
+        let labels: Labels = Arc::from(vec![("__name__".to_owned(), "x".to_owned())]);
+        rw.send(&client, None, 100, &[(labels.clone(), 5.0)]).await;
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(health.remote_write_retries.get(), 2);
+        assert_eq!(health.remote_write_sent.get(), 1);
+        assert_eq!(health.remote_write_failed.get(), 0);
+        {
+            let bodies = endpoint.bodies.lock().unwrap();
+            assert_eq!(bodies.len(), 3, "every attempt decoded");
+            assert!(bodies.iter().all(|b| *b == bodies[0]), "the same request");
+            assert_eq!(bodies[0].timeseries[0].samples[0].timestamp, 100_000);
+            assert_eq!(bodies[0].timeseries[0].samples[0].value, 5.0);
+        }
+
+        rw.send(&client, None, 101, &[(labels, -1.0)]).await;
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 4, "not retried");
+        assert_eq!(health.remote_write_failed.get(), 1);
+        assert_eq!(health.remote_write_retries.get(), 2);
+    }
+
     #[test]
     fn a_write_request_is_the_protobuf_prometheus_reads() {
         // Field numbers of prometheus/prompb: WriteRequest.timeseries = 1; TimeSeries.labels = 1, samples = 2;

@@ -7,6 +7,7 @@ import sys
 import time
 
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -17,7 +18,8 @@ grpc_endpoint, http_endpoint, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]
 providers = []
 for transport, exporter in [
     ("grpc", GrpcExporter(endpoint=grpc_endpoint, insecure=True)),
-    ("http", HttpExporter(endpoint=http_endpoint + "/v1/metrics")),
+    # gzip, as the Collector's otlphttp exporter sends by default.
+    ("http", HttpExporter(endpoint=http_endpoint + "/v1/metrics", compression=Compression.Gzip)),
 ]:
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=500)
     # One histogram with exponential buckets (a view), one with the SDK's default explicit buckets.
