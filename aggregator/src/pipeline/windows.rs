@@ -11,7 +11,7 @@
 //! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
 //! than `late_window` before the newest seal, is refused.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::model::table::{SeriesId, SeriesTable};
@@ -193,6 +193,11 @@ pub(crate) struct ServiceWindows {
     open: BTreeMap<i64, OpenSecond>,
     /// Sealed seconds still taking late snapshots, with when (wall clock, ms) each was sealed.
     recent: BTreeMap<i64, (OpenSecond, i64)>,
+    /// Seconds sealed and then forgotten (their late window over) that are still within `late_window_secs` of the
+    /// newest sealed one: a snapshot for one of them is too late. Without this, a service whose seconds stopped
+    /// advancing (a pause, a stalled fleet) would take such a snapshot as a second never seen, and publish it
+    /// alone as a correction that replaces the whole second.
+    forgotten: BTreeSet<i64>,
     last_sealed: Option<i64>,
     /// When the newest seal happened (wall clock, ms).
     last_seal_ms: i64,
@@ -220,6 +225,7 @@ impl ServiceWindows {
             settings,
             open: BTreeMap::new(),
             recent: BTreeMap::new(),
+            forgotten: BTreeSet::new(),
             last_sealed: None,
             last_seal_ms: 0,
             last_arrival_ms: 0,
@@ -271,7 +277,7 @@ impl ServiceWindows {
             let late_ms = self.settings.late_window_secs.saturating_mul(1000);
             let open_for_late = match self.recent.get(&t) {
                 Some((_, sealed_at)) => now_ms < sealed_at.saturating_add(late_ms),
-                None => t > last - self.settings.late_window_secs,
+                None => t > last - self.settings.late_window_secs && !self.forgotten.contains(&t),
             };
             if !open_for_late {
                 return Applied::TooLate;
@@ -412,14 +418,20 @@ impl ServiceWindows {
             .late_window_secs
             .saturating_add(1)
             .saturating_mul(1000);
-        let bytes = &mut self.bytes;
-        self.recent.retain(|_, (second, sealed_at)| {
+        let (bytes, forgotten) = (&mut self.bytes, &mut self.forgotten);
+        self.recent.retain(|t, (second, sealed_at)| {
             let keep = now_ms < sealed_at.saturating_add(keep_ms);
             if !keep {
                 *bytes = bytes.saturating_sub(second.bytes);
+                forgotten.insert(*t);
             }
             keep
         });
+        if let Some(last) = self.last_sealed {
+            // Older ones are refused by age alone.
+            let oldest_in_window = last - self.settings.late_window_secs;
+            self.forgotten.retain(|t| *t > oldest_in_window);
+        }
         sealed
     }
 }
@@ -728,6 +740,39 @@ mod tests {
         arrivals.record(13, 14_050);
         assert!(w.seal_ready_seconds(14_990, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(15_000, &arrivals).len(), 1);
+    }
+
+    /// A service whose seconds stopped advancing: second 10 was sealed whole and has left its late window (wall
+    /// clock) while it is still the newest. A straggler's snapshot of it is too late, not a second never seen: as
+    /// one, it would be published alone as a correction replacing the whole second.
+    #[test]
+    fn a_forgotten_second_is_too_late_even_while_it_is_the_newest() {
+        let fleet = fleet(3);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let arrivals = Arrivals::default();
+        for i in &fleet[..2] {
+            w.apply(counter(i, 10, 1.0), 11_000);
+        }
+        assert_eq!(w.seal_ready_seconds(12_500, &arrivals).len(), 1);
+        // Within its late window, a straggler is a correction of the whole second.
+        let straggler = instance("late", "v1", None);
+        assert!(matches!(
+            w.apply(counter(&fleet[2], 10, 1.0), 13_000),
+            Applied::Correction { t: 10, .. }
+        ));
+        assert_eq!(w.corrected_second(10).map(|s| s.instances.len()), Some(3));
+        // Nothing newer arrives; the second's late window ends and it is forgotten.
+        assert!(w.seal_ready_seconds(24_000, &arrivals).is_empty());
+        assert!(w.corrected_second(10).is_none());
+        assert!(matches!(
+            w.apply(counter(&straggler, 10, 1.0), 24_500),
+            Applied::TooLate
+        ));
+        // A second of the window that was never sealed still counts as never seen.
+        assert!(matches!(
+            w.apply(counter(&straggler, 9, 1.0), 24_500),
+            Applied::Correction { t: 9, .. }
+        ));
     }
 
     #[test]
