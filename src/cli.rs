@@ -702,6 +702,49 @@ mod tests {
         );
     }
 
+    /// The cluster flags: `--etcd` repeatable (and comma-separated, as its env var is), the prefix and lease
+    /// defaulted, the advertised addresses passed through; without `--etcd` the node runs alone.
+    #[test]
+    fn cluster_flags_reach_the_cluster_settings() {
+        let cli = Cli::parse_from([
+            "strobe",
+            "aggregator",
+            "--etcd",
+            "http://10.0.0.1:2379",
+            "--etcd",
+            "http://10.0.0.2:2379,http://10.0.0.3:2379",
+            "--etcd-lease-ttl",
+            "5s",
+            "--advertise-grpc",
+            "agg-0.strobe:7070",
+            "--advertise-http",
+            "agg-0.strobe:8080",
+        ]);
+        let Command::Aggregator(args) = cli.command else {
+            panic!()
+        };
+        let cluster = args.apply(Default::default()).unwrap().cluster;
+        assert_eq!(
+            cluster.etcd,
+            [
+                "http://10.0.0.1:2379",
+                "http://10.0.0.2:2379",
+                "http://10.0.0.3:2379"
+            ]
+        );
+        assert_eq!(cluster.prefix, "/strobe/");
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(5));
+        assert_eq!(cluster.advertise_grpc.as_deref(), Some("agg-0.strobe:7070"));
+        assert_eq!(cluster.advertise_http.as_deref(), Some("agg-0.strobe:8080"));
+        let cli = Cli::parse_from(["strobe", "aggregator"]);
+        let Command::Aggregator(args) = cli.command else {
+            panic!()
+        };
+        let alone = args.apply(Default::default()).unwrap().cluster;
+        assert!(alone.etcd.is_empty());
+        assert_eq!(alone.lease_ttl, Duration::from_secs(2));
+    }
+
     #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let err = toml::from_str::<FileConfig>("[aggregator]\ngrase = \"1s\"\n").unwrap_err();

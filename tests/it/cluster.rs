@@ -111,7 +111,8 @@ async fn node(etcd: &str, id: &str, rules: &std::path::Path, prefix: &str) -> Pr
 }
 
 /// One simulated instance per service, in this process, streaming over real gRPC with the agent's own shipper:
-/// each second one `ticks` (and one `errors` while `failing` says so).
+/// each second one `ticks` (and one `errors` while `failing` says so). Instance 2 runs version `v2`, so every
+/// service has a canary comparison (and its verdicts go out on the stream).
 fn instance(
     service: String,
     n: u32,
@@ -123,7 +124,7 @@ fn instance(
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let identity = pb::Identity {
             service: service.clone(),
-            version: "v1".into(),
+            version: if n == 2 { "v2" } else { "v1" }.into(),
             zone: "z1".into(),
             instance: format!("{service}-{n}"),
             labels: Default::default(),
@@ -169,10 +170,28 @@ fn instance(
 struct Tally {
     counted: BTreeMap<(String, i64), f64>,
     seen_at: BTreeMap<String, (i64, Instant)>,
+    /// Alert frames: id -> the states shown, in order.
+    alerts: BTreeMap<String, Vec<String>>,
+    /// Services with a canary verdict frame.
+    verdicts: BTreeSet<String>,
 }
 
 impl Tally {
     fn record(&mut self, f: &Value) {
+        if f["type"] == "alert"
+            && let (Some(id), Some(state)) =
+                (f["alert"]["id"].as_str(), f["alert"]["state"].as_str())
+        {
+            self.alerts
+                .entry(id.to_owned())
+                .or_default()
+                .push(state.to_owned());
+        }
+        if f["type"] == "deploy"
+            && let Some(service) = f["deploy"]["service"].as_str()
+        {
+            self.verdicts.insert(service.to_owned());
+        }
         if f["type"] != "second" {
             return;
         }
@@ -333,6 +352,19 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     assert_eq!(before.len(), services.len(), "{before:?}");
     let nodes: BTreeSet<&String> = before.values().collect();
     assert_eq!(nodes.len(), 3, "spread over the three nodes: {before:?}");
+    // Canary verdicts of services that n2 and n3 own reach a subscriber of n1 (relayed).
+    let elsewhere: BTreeSet<&str> = ["n2", "n3"].into();
+    next_frame(&mut ws, Duration::from_secs(20), |f| {
+        tally.record(f);
+        let relayed: BTreeSet<&str> = tally
+            .verdicts
+            .iter()
+            .filter_map(|s| before.get(s).map(String::as_str))
+            .filter(|owner| elsewhere.contains(owner))
+            .collect();
+        (relayed == elsewhere).then_some(())
+    })
+    .await;
 
     // An alert fires on a service n2 owns.
     let on_n2: Vec<String> = before
@@ -360,6 +392,18 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         .await;
     };
     eprintln!("phase: alert fired");
+    // n1's subscriber sees it fire too, relayed from its owner, n2.
+    while !tally
+        .alerts
+        .get(&alert_id)
+        .is_some_and(|states| states.iter().any(|s| s == "firing"))
+    {
+        next_frame(&mut ws, Duration::from_secs(20), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+    }
     // Acknowledged through n1, which does not hold it: passed on to its owner, n2. n1 lists it too.
     let (status, body) = http(
         http1,
@@ -478,6 +522,24 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         );
     }
     eprintln!("phase: resolved");
+    // And the resolution reaches n1's subscriber, relayed from n2 once more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tally
+        .alerts
+        .get(&alert_id)
+        .is_none_or(|states| states.last().map(String::as_str) != Some("resolved"))
+    {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resolved on n1's stream: {:?}",
+            tally.alerts.get(&alert_id)
+        );
+    }
     stop.store(true, Ordering::SeqCst);
     // Per service and second, how many instances sent it (the two stop a second apart at the end).
     let mut sent: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
