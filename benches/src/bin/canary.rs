@@ -46,7 +46,19 @@ struct Args {
     /// The canary's alpha (default: the aggregator's default).
     #[arg(long)]
     alpha: Option<f64>,
+    /// The canary's `min_error_ratio_factor` (default: the aggregator's default).
+    #[arg(long)]
+    error_factor: Option<f64>,
+    /// The canary's `min_error_ratio_increase` (default: the aggregator's default).
+    #[arg(long)]
+    error_increase: Option<f64>,
+    /// The canary's `min_p99_factor` (default: the aggregator's default).
+    #[arg(long)]
+    p99_factor: Option<f64>,
 }
+
+/// The request rates run unless `--rates` says otherwise.
+const DEFAULT_RATES: [f64; 3] = [10.0, 250.0, 2500.0];
 
 /// The healthy service: 0.5% errors, 20 ms median, lognormal sigma 0.5 (p99 about 64 ms).
 const ERROR_RATIO: f64 = 0.005;
@@ -149,6 +161,8 @@ impl Side {
 struct Outcome {
     /// Seconds from the candidate's first second to `bad`.
     bad_after: Option<i64>,
+    /// The check that said `bad`.
+    bad_check: Option<&'static str>,
     /// Seconds to the first `healthy`.
     healthy_after: Option<i64>,
     /// The state at the end.
@@ -177,10 +191,11 @@ fn deploy(
         if t >= warmup {
             versions.push(("v2".to_owned(), candidate.second(t, &mut rng, &mut h)));
         }
-        for (_, state, _) in run.observe(t, versions) {
+        for (_, state, check) in run.observe(t, versions) {
             last = state;
             if state == "bad" && outcome.bad_after.is_none() {
                 outcome.bad_after = Some(t - warmup);
+                outcome.bad_check = check;
             }
             if state == "healthy" && outcome.healthy_after.is_none() {
                 outcome.healthy_after = Some(t - warmup);
@@ -241,15 +256,29 @@ fn main() -> Result<()> {
     if let Some(alpha) = args.alpha {
         settings.alpha = alpha;
     }
+    if let Some(factor) = args.error_factor {
+        settings.min_error_ratio_factor = factor;
+    }
+    if let Some(increase) = args.error_increase {
+        settings.min_error_ratio_increase = increase;
+    }
+    if let Some(factor) = args.p99_factor {
+        settings.min_p99_factor = factor;
+    }
     let warmup = i64::try_from(args.warmup.as_secs())?;
     let duration = i64::try_from(args.duration.as_secs())?;
     let give_up = i64::try_from(args.give_up.as_secs())?;
     println!(
         "canary benchmark: baseline {BASELINE_INSTANCES} instances, candidate 1, same req/s per side; {}% errors, \
-         {MEDIAN_MS} ms median, sigma {SIGMA}; {} s of baseline history before each deploy; canary alpha {}, other settings default",
+         {MEDIAN_MS} ms median, sigma {SIGMA}; {} s of baseline history before each deploy; canary alpha {}, floors {}x / +{} errors, {}x p50, {}x p99, \
+         other settings default",
         ERROR_RATIO * 100.0,
         warmup,
-        settings.alpha
+        settings.alpha,
+        settings.min_error_ratio_factor,
+        settings.min_error_ratio_increase,
+        settings.min_p50_factor,
+        settings.min_p99_factor
     );
     for shape in &shapes {
         println!("shape: {shape}");
@@ -265,11 +294,26 @@ fn main() -> Result<()> {
     for (s, shape) in shapes.iter().enumerate() {
         for (r, &rps) in args.rates.iter().enumerate() {
             let started = Instant::now();
-            let seed = (s * 100 + r) as u64;
+            // Seeded by the shape's place among all shapes and the rate's among the default rates, so a run of some
+            // of them repeats the full run's deploys.
+            let shape_index = Shape::ALL
+                .iter()
+                .position(|known| known.name == shape.name)
+                .unwrap_or(s);
+            let rate_index = DEFAULT_RATES.iter().position(|known| *known == rps).unwrap_or(r);
+            let seed = (shape_index * 100 + rate_index) as u64;
             let aa = deploys(args.deploys, args.threads, seed, |seed| {
                 deploy(&settings, seed, *shape, rps, SAME, warmup, duration)
             });
             let false_bad = aa.iter().filter(|o| o.bad_after.is_some()).count();
+            if false_bad > 0 {
+                let checks: Vec<&str> = aa.iter().filter_map(|o| o.bad_check).collect();
+                eprintln!(
+                    "  ({} at {rps} req/s: false `bad` by {})",
+                    shape.name,
+                    checks.join(", ")
+                );
+            }
             let healthy = aa.iter().filter(|o| o.healthy_at_end).count();
             let mut to_healthy: Vec<i64> = aa.iter().filter_map(|o| o.healthy_after).collect();
             let mut cells = Vec::new();
