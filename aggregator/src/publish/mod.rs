@@ -106,7 +106,12 @@ impl Hub {
         } else {
             self.status.update(&sealed, &frame.json)
         };
-        let overview = overview::summarize(&sealed, &self.metrics, &first_seen);
+        let overview = overview::summarize(
+            &sealed,
+            &self.metrics,
+            &first_seen,
+            strobe_proto::clock::unix_millis(),
+        );
         let overview = Frame::encode(
             FrameKind::Overview,
             &sealed.service,

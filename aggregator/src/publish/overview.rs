@@ -43,16 +43,20 @@ pub(crate) struct Overview {
     /// Whether it replaces an already sent overview of this second.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) correction: bool,
+    /// When the aggregator published it, ms since the unix epoch (a client's seal -> screen latency is its arrival
+    /// minus this, on a clock shared with the aggregator).
+    pub(crate) published_ms: i64,
     /// The whole service first, then each version in name order.
     pub(crate) versions: Vec<VersionSummary>,
 }
 
-/// Summarises a sealed second; `first_seen` gives each version's first second. The numbers come from the same
+/// Summarises a sealed second published at `published_ms`; `first_seen` gives each version's first second. The numbers come from the same
 /// extraction the canary reads ([`per_version`]), so a tile and a verdict never disagree on what was counted.
 pub(crate) fn summarize(
     sealed: &SealedSecond,
     metrics: &MainMetrics,
     first_seen: &BTreeMap<Arc<str>, i64>,
+    published_ms: i64,
 ) -> Overview {
     let series = sealed.series.iter().filter(|s| s.zone.is_none()).map(|s| {
         let value = match &s.stats {
@@ -82,6 +86,7 @@ pub(crate) fn summarize(
         t: sealed.t,
         service: sealed.service.clone(),
         correction: sealed.correction,
+        published_ms,
         versions,
     }
 }
@@ -166,7 +171,7 @@ mod tests {
             ],
         };
         let first_seen = BTreeMap::from([(Arc::from("v2"), 45)]);
-        let o = summarize(&sealed, &MainMetrics::default(), &first_seen);
+        let o = summarize(&sealed, &MainMetrics::default(), &first_seen, 1_234);
         assert_eq!(o.versions.len(), 3);
         let all = &o.versions[0];
         assert_eq!(

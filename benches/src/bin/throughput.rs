@@ -68,6 +68,10 @@ struct Args {
     /// Share of instance-seconds sent 0.3 to 0.8 s late (the load generator's `--late-share`).
     #[arg(long, default_value_t = 0.01)]
     late_share: f64,
+    /// More websocket clients subscribed to the overview, each measuring seal -> client (its arrival minus the
+    /// frame's `published_ms`) on every live overview frame.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +230,41 @@ async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
     Ok(())
 }
 
+/// One of `--subscribers`: an overview client that notes how long each live overview frame took from its publish.
+async fn subscriber(url: String, delays: Arc<Mutex<Vec<i64>>>) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Published {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        correction: bool,
+        #[serde(default)]
+        published_ms: i64,
+    }
+    // A small read buffer: tungstenite zero-fills all of it on each read, and a thousand of these share the cores
+    // with the aggregator being measured.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
+    while let Some(message) = ws.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let arrived = now_ms();
+        if let Ok(frame) = serde_json::from_str::<Published>(text.as_str())
+            && frame.kind == "overview"
+            && !frame.correction
+            && frame.published_ms > 0
+        {
+            delays
+                .lock()
+                .expect("lock")
+                .push(arrived - frame.published_ms);
+        }
+    }
+    Ok(())
+}
+
 fn percentile(sorted: &[i64], q: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -246,20 +285,30 @@ async fn main() -> Result<()> {
             bail!("taskset could not pin this process to CPU 1");
         }
     }
-    let mut aggregator = spawn(
-        &args.strobe,
-        &[
-            "aggregator",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-        ]
-        .map(String::from),
-        args.pin.then_some("0"),
-    )?;
+    let mut aggregator_args: Vec<String> = [
+        "aggregator",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec();
+    // Every subscriber comes from this one address: past the default per-address bound, raise it for this run.
+    let config = std::env::temp_dir().join(format!("strobe-throughput-{}.toml", std::process::id()));
+    if args.subscribers > 200 {
+        std::fs::write(
+            &config,
+            format!(
+                "[aggregator.limits]\nmax_websocket_clients_per_address = {}\n",
+                args.subscribers + 16
+            ),
+        )?;
+        aggregator_args.extend(["--config".to_owned(), config.display().to_string()]);
+    }
+    let mut aggregator = spawn(&args.strobe, &aggregator_args, args.pin.then_some("0"))?;
     let mut lines = BufReader::new(aggregator.stdout.take().context("aggregator stdout")?).lines();
     let first = lines
         .next_line()
@@ -286,6 +335,15 @@ async fn main() -> Result<()> {
         seen.clone(),
         false,
     ));
+    let fan_out = Arc::new(Mutex::new(Vec::new()));
+    let subscribers: Vec<_> = (0..args.subscribers)
+        .map(|_| {
+            tokio::spawn(subscriber(
+                format!("ws://{http}/api/v1/stream?overview=true"),
+                fan_out.clone(),
+            ))
+        })
+        .collect();
     let mut loadgen = spawn(
         &args.strobe,
         &[
@@ -351,7 +409,9 @@ async fn main() -> Result<()> {
     let (lg0, _) = proc_usage(loadgen_pid)?;
     let delays0 = seal_delay_buckets(&http).await?;
     seen.lock().expect("lock").frame_delays.clear();
+    fan_out.lock().expect("lock").clear();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let mut fan_out = std::mem::take(&mut *fan_out.lock().expect("lock"));
     let last_second = now_ms() / 1000 - 1;
     let (cpu1, _) = proc_usage(agg_pid)?;
     let (lg1, _) = proc_usage(loadgen_pid)?;
@@ -468,6 +528,21 @@ async fn main() -> Result<()> {
         bytes as f64 / 1e6 / (args.seconds + args.warmup) as f64,
         last_progress.lock().expect("lock")
     );
+    if args.subscribers > 0 {
+        fan_out.sort_unstable();
+        println!(
+            "{} overview subscribers: seal -> client p50 / p99 / max {} / {} / {} ms over {} frames delivered",
+            args.subscribers,
+            percentile(&fan_out, 0.5),
+            percentile(&fan_out, 0.99),
+            fan_out.last().copied().unwrap_or(0),
+            fan_out.len()
+        );
+    }
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+    std::fs::remove_file(&config).ok();
     full.abort();
     overview.abort();
     loadgen.kill().await.ok();
