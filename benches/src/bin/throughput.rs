@@ -243,7 +243,8 @@ async fn subscriber(url: String, delays: Arc<Mutex<Vec<i64>>>) -> Result<()> {
     }
     // A small read buffer: tungstenite zero-fills all of it on each read, and a thousand of these share the cores
     // with the aggregator being measured.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
     while let Some(message) = ws.next().await {
@@ -297,7 +298,8 @@ async fn main() -> Result<()> {
     .map(String::from)
     .to_vec();
     // Every subscriber comes from this one address: past the default per-address bound, raise it for this run.
-    let config = std::env::temp_dir().join(format!("strobe-throughput-{}.toml", std::process::id()));
+    let config =
+        std::env::temp_dir().join(format!("strobe-throughput-{}.toml", std::process::id()));
     if args.subscribers > 200 {
         std::fs::write(
             &config,
