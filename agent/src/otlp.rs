@@ -695,18 +695,26 @@ impl MetricsService for OtlpReceiver {
     }
 }
 
-/// A gzip body inflated, at most `max_bytes` of it (what a compressed body expands to is bounded like a plain one).
-fn gunzip(body: &[u8], max_bytes: usize) -> Result<Bytes, String> {
+/// Why a gzip body is not taken.
+#[derive(Debug, PartialEq)]
+enum Inflate {
+    /// Not gzip (or cut short).
+    Malformed(String),
+    /// It inflates past the request bound.
+    TooLarge(usize),
+}
+
+/// A gzip body (every member of it) inflated, at most `max_bytes` of it: what a compressed body expands to is
+/// bounded like a plain one.
+fn gunzip(body: &[u8], max_bytes: usize) -> Result<Bytes, Inflate> {
     use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(body)
-        .take(max_bytes as u64 + 1)
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(max_bytes));
+    flate2::read::MultiGzDecoder::new(body)
+        .take((max_bytes as u64).saturating_add(1))
         .read_to_end(&mut out)
-        .map_err(|error| format!("not a gzip body: {error}"))?;
+        .map_err(|error| Inflate::Malformed(format!("not a gzip body: {error}")))?;
     if out.len() > max_bytes {
-        return Err(format!(
-            "body inflates past otlp_max_request_bytes ({max_bytes})"
-        ));
+        return Err(Inflate::TooLarge(max_bytes));
     }
     Ok(out.into())
 }
@@ -730,13 +738,24 @@ async fn http_export(
             .into_response();
     }
     // The Collector's `otlphttp` exporter and the SDKs compress with gzip (the Collector by default).
-    let body = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes().to_ascii_lowercase());
+    let body = match encoding.as_deref() {
         None | Some(b"identity") => body,
         Some(b"gzip") => match gunzip(&body, max_request_bytes) {
             Ok(body) => body,
-            Err(why) => {
+            Err(Inflate::Malformed(why)) => {
                 receiver.health.count_otlp_request("http", "malformed");
                 return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+            }
+            Err(Inflate::TooLarge(max)) => {
+                receiver.health.count_otlp_request("http", "too_large");
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body inflates past otlp_max_request_bytes ({max})\n"),
+                )
+                    .into_response();
             }
         },
         Some(_) => {
@@ -772,6 +791,28 @@ async fn http_export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_bodies_inflate_within_the_bound_every_member_and_no_further() {
+        use std::io::Write;
+        let gz = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let mut two = gz(b"hello ");
+        two.extend(gz(b"world"));
+        assert_eq!(&gunzip(&two, 100).unwrap()[..], b"hello world");
+        // A bomb: a megabyte of zeros in about a kilobyte, against a 64 KiB bound.
+        let bomb = gz(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 4096);
+        assert_eq!(gunzip(&bomb, 64 << 10), Err(Inflate::TooLarge(64 << 10)));
+        assert!(matches!(
+            gunzip(b"not gzip", 100),
+            Err(Inflate::Malformed(_))
+        ));
+        assert_eq!(&gunzip(&gz(b"x"), usize::MAX).unwrap()[..], b"x");
+    }
     use opentelemetry_proto::tonic::common::v1::AnyValue;
     use opentelemetry_proto::tonic::metrics::v1::{
         ExponentialHistogram, ExponentialHistogramDataPoint, Gauge, Histogram, ResourceMetrics,

@@ -38,13 +38,17 @@ pub struct Scraped {
     pub values: Vec<(f64, u64)>,
 }
 
+/// Pages in a row a series may be missing from before it is forgotten.
+const FORGET_AFTER: u64 = 3;
+
 /// A series' identity across scrapes.
 type Key = (String, Vec<(String, String)>);
 
 /// What a scraper remembers between scrapes: counters' last values and histograms' last cumulative buckets, each
-/// with the scrape that last showed it. A series missing from a page is forgotten (a page lists every live series,
-/// so what it no longer shows is gone, and comes back with a new baseline), so the state is bounded by one page,
-/// which `scrape_max_bytes` bounds.
+/// with the scrape that last showed it. A series missing from [`FORGET_AFTER`] pages in a row is forgotten (a page
+/// lists every live series, so what it no longer shows is gone, and comes back with a new baseline), so the state
+/// is bounded by a few pages, which `scrape_max_bytes` bounds. A page with no samples at all (a target starting,
+/// an error page served as text) changes nothing.
 #[derive(Debug, Default)]
 pub struct ScrapeState {
     counters: HashMap<Key, (f64, u64)>,
@@ -114,6 +118,9 @@ impl ScrapeState {
         samples: Vec<PageSample>,
         natives: Vec<exposition::Native>,
     ) -> Vec<Scraped> {
+        if samples.is_empty() && natives.is_empty() {
+            return Vec::new();
+        }
         self.scrape += 1;
         let mut out = Vec::new();
         for native in natives {
@@ -209,9 +216,10 @@ impl ScrapeState {
             }
         }
         let now = self.scrape;
-        self.counters.retain(|_, (_, seen)| *seen == now);
-        self.histograms.retain(|_, (_, seen)| *seen == now);
-        self.natives.retain(|_, (_, seen)| *seen == now);
+        let live = |seen: &u64| now - *seen < FORGET_AFTER;
+        self.counters.retain(|_, (_, seen)| live(seen));
+        self.histograms.retain(|_, (_, seen)| live(seen));
+        self.natives.retain(|_, (_, seen)| live(seen));
         out
     }
 
@@ -520,10 +528,17 @@ build_info{version=\"1.2.3\"} 1
         assert_eq!(find(&later, "rpc_count").unwrap().kind, MetricType::Counter);
         assert_eq!(find(&later, "rpc_sum").unwrap().values, vec![(2.0, 1)]);
         assert!(quantiles.iter().all(|(tags, _)| tags[0].0 == "quantile"));
-        // A series missing from a page is forgotten: the state holds one page's series, and a series that comes
-        // back starts from a new baseline.
+        // A series missing from three pages in a row is forgotten, and one that comes back starts from a new
+        // baseline; a page with nothing on it changes nothing.
         assert_eq!(state.remembered(), 2, "rpc_sum and rpc_count");
+        for _ in 0..5 {
+            state.fold("# an empty page\n").unwrap();
+        }
+        assert_eq!(state.remembered(), 2);
         state.fold("# TYPE other counter\nother 1\n").unwrap();
+        state.fold("# TYPE other counter\nother 2\n").unwrap();
+        assert_eq!(state.remembered(), 3, "missing from two pages: kept");
+        state.fold("# TYPE other counter\nother 3\n").unwrap();
         assert_eq!(state.remembered(), 1);
         let back = state
             .fold("# TYPE rpc summary\nrpc_sum 20\nrpc_count 50\n")

@@ -156,8 +156,9 @@ impl Window {
             self.key_buf.push_str(v);
         }
         if !self.series.contains_key(self.key_buf.as_str()) {
-            // Checked once per series and second: every input is held to the limits the aggregator enforces, so
-            // nothing the agent ships is dropped there for its shape.
+            // Checked once per series and second: every input is held to the aggregator's tag-count and length
+            // limits, so no series is shipped only to be dropped there for those (the aggregator also refuses
+            // empty names or keys and control characters, which only it checks).
             let max_part = self.limits.max_part_bytes;
             if tags.len() > self.limits.max_tags {
                 self.stats.lines_malformed += 1;
@@ -204,7 +205,14 @@ impl Window {
             self.stats.type_conflicts += 1;
             return;
         }
+        // Inputs that count (a scrape's bucket, an OTLP count) pass n as a rate of 1/n; 1/(1/n) is not always n
+        // again in floating point (93 comes back as 92.99999999999999), and the carry below would lose one.
         let weight = 1.0 / sample_rate;
+        let weight = if (weight - weight.round()).abs() < 1e-9 {
+            weight.round()
+        } else {
+            weight
+        };
         match &mut entry.value {
             Accumulator::Counter(sum) => *sum += values.sum::<f64>() * weight,
             Accumulator::Gauge(last) => {
@@ -467,6 +475,22 @@ mod tests {
         };
         assert_eq!(count("lat"), 33);
         assert_eq!(count("size"), 7, "three values at 2.5 each: 7.5, floored");
+        // A count handed over as the rate 1/n is n, whatever floating point makes of 1/(1/n).
+        let mut w = Window::new(100, WindowLimits::default());
+        for n in [93u64, 99, 105, 117, 1_000_003] {
+            w.record_values(
+                "counted",
+                &[],
+                MetricType::Histogram,
+                std::iter::once(5.0),
+                1.0 / n as f64,
+            );
+        }
+        let (snap, _) = w.close();
+        let Some(pb::series::Value::Histogram(h)) = &find(&snap, "counted").value else {
+            panic!("counted is not a histogram")
+        };
+        assert_eq!(decode(h).len(), 93 + 99 + 105 + 117 + 1_000_003);
     }
 
     #[test]

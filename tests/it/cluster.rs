@@ -393,6 +393,7 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     };
     eprintln!("phase: alert fired");
     // n1's subscriber sees it fire too, relayed from its owner, n2.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !tally
         .alerts
         .get(&alert_id)
@@ -403,6 +404,11 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
             Some(())
         })
         .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "firing on n1's stream: {:?}",
+            tally.alerts.get(&alert_id)
+        );
     }
     // Acknowledged through n1, which does not hold it: passed on to its owner, n2. n1 lists it too.
     let (status, body) = http(

@@ -789,7 +789,14 @@ mod tests {
             .unwrap();
         let client = reqwest::Client::new();
         let labels: Labels = Arc::from(vec![("__name__".to_owned(), "x".to_owned())]);
-        rw.send(&client, None, 100, &[(labels.clone(), 5.0)]).await;
+        // `send` retries until taken: bounded here, so a broken retry fails instead of hanging.
+        let bounded = Duration::from_secs(20);
+        tokio::time::timeout(
+            bounded,
+            rw.send(&client, None, 100, &[(labels.clone(), 5.0)]),
+        )
+        .await
+        .expect("taken after two retries");
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
         assert_eq!(health.remote_write_retries.get(), 2);
         assert_eq!(health.remote_write_sent.get(), 1);
@@ -802,7 +809,9 @@ mod tests {
             assert_eq!(bodies[0].timeseries[0].samples[0].value, 5.0);
         }
 
-        rw.send(&client, None, 101, &[(labels, -1.0)]).await;
+        tokio::time::timeout(bounded, rw.send(&client, None, 101, &[(labels, -1.0)]))
+            .await
+            .expect("refused at once");
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 4, "not retried");
         assert_eq!(health.remote_write_failed.get(), 1);
         assert_eq!(health.remote_write_retries.get(), 2);
