@@ -240,6 +240,16 @@ impl ServiceState {
     }
 
     /// Whether nothing arrived or sealed for `idle_ms` before `now_ms` and nothing is open.
+    /// The newest second sealed here.
+    pub(crate) fn last_sealed(&self) -> Option<i64> {
+        self.windows.last_sealed()
+    }
+
+    /// A state started again after the last one was dropped as idle, having sealed up to `t`.
+    pub(crate) fn sealed_before_eviction(&mut self, t: i64) {
+        self.windows.sealed_before_eviction(t);
+    }
+
     pub(crate) fn is_idle(&self, now_ms: i64, idle_ms: i64) -> bool {
         self.windows.is_idle(now_ms, idle_ms)
     }

@@ -24,6 +24,9 @@ use crate::model::InstanceSecond;
 const TICK: Duration = Duration::from_millis(10);
 /// A service to which nothing arrived and in which nothing sealed for this long (wall clock) is forgotten by its shard.
 const IDLE_SECONDS: i64 = 120;
+/// How long a service dropped as idle is remembered with its newest sealed second (milliseconds): the default
+/// `max_snapshot_age`, past which ingest refuses a snapshot anyway.
+const EVICTED_MS: i64 = 600_000;
 /// Snapshots queued per shard before ingest waits.
 const QUEUE: usize = 8192;
 
@@ -177,6 +180,9 @@ async fn run_shard(
     context: Arc<ServiceContext>,
 ) {
     let mut arrivals = Arrivals::default();
+    // Services dropped as idle: their newest sealed second, and when they were dropped. A straggler of a second
+    // sealed before would otherwise open it again and publish it with only itself in it.
+    let mut evicted: HashMap<Arc<str>, (i64, i64)> = HashMap::new();
     // The membership this shard last checked its services against.
     let mut epoch = context.cluster.as_ref().map_or(0, |c| c.epoch());
     let mut tick = tokio::time::interval(TICK);
@@ -208,9 +214,13 @@ async fn run_shard(
                     drop(reservation);
                     continue;
                 }
-                let state = services
-                    .entry(service.clone())
-                    .or_insert_with(|| ServiceState::new(service.clone(), context.settings));
+                let state = services.entry(service.clone()).or_insert_with(|| {
+                    let mut state = ServiceState::new(service.clone(), context.settings);
+                    if let Some((sealed, _)) = evicted.remove(&service) {
+                        state.sealed_before_eviction(sealed);
+                    }
+                    state
+                });
                 let ok = contain(&service, &context, || {
                     state.apply(snapshot, acker, now, &context);
                     // A snapshot may complete its second: seal at once rather than at the next tick.
@@ -251,8 +261,12 @@ async fn run_shard(
                     .filter(|(_, s)| s.is_idle(now, IDLE_SECONDS * 1000))
                     .map(|(name, _)| name.clone())
                     .collect();
+                evicted.retain(|_, (_, at)| now.saturating_sub(*at) < EVICTED_MS);
                 for name in idle {
                     if let Some(state) = services.remove(&name) {
+                        if let Some(sealed) = state.last_sealed() {
+                            evicted.insert(name.clone(), (sealed, now));
+                        }
                         // Contained like every other transition: a bug here costs this service, not the shard.
                         contain(&name, &context, || state.evict(&name, horizon, now, &context));
                         if let Some(cluster) = &context.cluster {

@@ -215,6 +215,9 @@ pub(crate) struct ServiceWindows {
     /// (up to `late_window`), or a service falling behind would expect only the few that are still on time, and
     /// seal each second at their first snapshot.
     late: FastMap<Arc<str>, i64>,
+    /// Seconds up to this one were sealed (and published) before this service's state was last dropped as idle: a
+    /// snapshot for one of them is too late, or it would open its second again and publish it partial.
+    sealed_before_eviction: Option<i64>,
 }
 
 impl ServiceWindows {
@@ -233,13 +236,18 @@ impl ServiceWindows {
             expected: HashSet::new(),
             stragglers: HashSet::new(),
             late: FastMap::default(),
+            sealed_before_eviction: None,
         }
     }
 
-    #[cfg(test)]
     /// The newest sealed second.
     pub(crate) fn last_sealed(&self) -> Option<i64> {
         self.last_sealed
+    }
+
+    /// This service's state was dropped (idle) after sealing up to `t`: snapshots of those seconds are too late.
+    pub(crate) fn sealed_before_eviction(&mut self, t: i64) {
+        self.sealed_before_eviction = Some(t);
     }
 
     /// Whether the service has nothing open and nothing arrived or sealed in the `idle_ms` before `now_ms` (wall
@@ -268,6 +276,12 @@ impl ServiceWindows {
     pub(crate) fn apply(&mut self, snapshot: InstanceSecond, now_ms: i64) -> Applied {
         let t = snapshot.t;
         self.last_arrival_ms = self.last_arrival_ms.max(now_ms);
+        if self
+            .sealed_before_eviction
+            .is_some_and(|sealed| t <= sealed)
+        {
+            return Applied::TooLate;
+        }
         if let Some(last) = self.last_sealed
             && t <= last
         {
@@ -772,6 +786,28 @@ mod tests {
         assert!(matches!(
             w.apply(counter(&straggler, 9, 1.0), 24_500),
             Applied::Correction { t: 9, .. }
+        ));
+    }
+
+    /// A service dropped as idle after sealing second 10 starts again: a straggler of 10 (or older) is too late,
+    /// not a new second that would be published again with only the straggler in it; newer seconds (agents
+    /// replaying what was never sealed) open as usual.
+    #[test]
+    fn seconds_sealed_before_an_eviction_stay_sealed() {
+        let fleet = fleet(2);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        w.sealed_before_eviction(10);
+        assert!(matches!(
+            w.apply(counter(&fleet[0], 10, 1.0), 200_000),
+            Applied::TooLate
+        ));
+        assert!(matches!(
+            w.apply(counter(&fleet[0], 9, 1.0), 200_000),
+            Applied::TooLate
+        ));
+        assert!(matches!(
+            w.apply(counter(&fleet[0], 11, 1.0), 200_000),
+            Applied::Merged { .. }
         ));
     }
 
