@@ -212,6 +212,29 @@ impl Tally {
     }
 }
 
+/// Reads `ws` into `tally` until the states it showed for alert `id` satisfy `shown` (at most 10 s).
+async fn until_alert_shows(
+    ws: &mut Ws,
+    tally: &mut Tally,
+    id: &str,
+    what: &str,
+    shown: impl Fn(&[String]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !tally.alerts.get(id).is_some_and(|states| shown(states)) {
+        next_frame(ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} on the stream: {:?}",
+            tally.alerts.get(id)
+        );
+    }
+}
+
 /// Collects one node's own second frames until its stream ends: (service, second) -> ticks, corrections replacing.
 fn collect_local(
     http_addr: std::net::SocketAddr,
@@ -393,23 +416,10 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     };
     eprintln!("phase: alert fired");
     // n1's subscriber sees it fire too, relayed from its owner, n2.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !tally
-        .alerts
-        .get(&alert_id)
-        .is_some_and(|states| states.iter().any(|s| s == "firing"))
-    {
-        next_frame(&mut ws, Duration::from_secs(20), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "firing on n1's stream: {:?}",
-            tally.alerts.get(&alert_id)
-        );
-    }
+    until_alert_shows(&mut ws, &mut tally, &alert_id, "firing", |states| {
+        states.iter().any(|s| s == "firing")
+    })
+    .await;
     // Acknowledged through n1, which does not hold it: passed on to its owner, n2. n1 lists it too.
     let (status, body) = http(
         http1,
@@ -529,23 +539,10 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     }
     eprintln!("phase: resolved");
     // And the resolution reaches n1's subscriber, relayed from n2 once more.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tally
-        .alerts
-        .get(&alert_id)
-        .is_none_or(|states| states.last().map(String::as_str) != Some("resolved"))
-    {
-        next_frame(&mut ws, Duration::from_secs(10), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "resolved on n1's stream: {:?}",
-            tally.alerts.get(&alert_id)
-        );
-    }
+    until_alert_shows(&mut ws, &mut tally, &alert_id, "resolved", |states| {
+        states.last().map(String::as_str) == Some("resolved")
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     // Per service and second, how many instances sent it (the two stop a second apart at the end).
     let mut sent: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
