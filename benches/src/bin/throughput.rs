@@ -231,7 +231,11 @@ async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
 }
 
 /// One of `--subscribers`: an overview client that notes how long each live overview frame took from its publish.
-async fn subscriber(url: String, delays: Arc<Mutex<Vec<i64>>>) -> Result<()> {
+async fn subscriber(
+    url: String,
+    delays: Arc<Mutex<Vec<i64>>>,
+    connected: Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<()> {
     #[derive(Deserialize)]
     struct Published {
         #[serde(rename = "type")]
@@ -247,6 +251,7 @@ async fn subscriber(url: String, delays: Arc<Mutex<Vec<i64>>>) -> Result<()> {
         .read_buffer_size(8 * 1024);
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
+    connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     while let Some(message) = ws.next().await {
         let Message::Text(text) = message? else {
             continue;
@@ -338,11 +343,13 @@ async fn main() -> Result<()> {
         false,
     ));
     let fan_out = Arc::new(Mutex::new(Vec::new()));
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let subscribers: Vec<_> = (0..args.subscribers)
         .map(|_| {
             tokio::spawn(subscriber(
                 format!("ws://{http}/api/v1/stream?overview=true"),
                 fan_out.clone(),
+                connected.clone(),
             ))
         })
         .collect();
@@ -533,8 +540,10 @@ async fn main() -> Result<()> {
     if args.subscribers > 0 {
         fan_out.sort_unstable();
         println!(
-            "{} overview subscribers: seal -> client p50 / p99 / max {} / {} / {} ms over {} frames delivered",
+            "{} overview subscribers ({} connected): seal -> client p50 / p99 / max {} / {} / {} ms over {} frames \
+             delivered",
             args.subscribers,
+            connected.load(std::sync::atomic::Ordering::Relaxed),
             percentile(&fan_out, 0.5),
             percentile(&fan_out, 0.99),
             fan_out.last().copied().unwrap_or(0),
