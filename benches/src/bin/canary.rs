@@ -300,10 +300,11 @@ fn main() -> Result<()> {
                 .iter()
                 .position(|known| known.name == shape.name)
                 .unwrap_or(s);
+            // A rate not among the defaults gets a seed of its own.
             let rate_index = DEFAULT_RATES
                 .iter()
                 .position(|known| *known == rps)
-                .unwrap_or(r);
+                .unwrap_or(DEFAULT_RATES.len() + r);
             let seed = (shape_index * 100 + rate_index) as u64;
             let aa = deploys(args.deploys, args.threads, seed, |seed| {
                 deploy(&settings, seed, *shape, rps, SAME, warmup, duration)
