@@ -730,6 +730,9 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
     }
     loop {
         tokio::select! {
+            // Frames first: the client's side is read only when no frame is waiting, so a burst of frames costs no
+            // read attempt per frame (what a client sends waits for the burst to be written, a few ms).
+            biased;
             received = live.recv() => match received {
                 Ok(frame) => {
                     if subscription.wants(&frame) && !delivered.already_sent(&frame) {
