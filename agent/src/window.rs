@@ -69,8 +69,8 @@ enum Accumulator {
         hist: Histogram<u64>,
         unit: &'static str,
         /// The fraction of a count that sampled values have earned and not yet recorded: a value sent `@0.3`
-        /// stands for 3.33 values, so three of four such values count 3 and one counts 4, and the second's total
-        /// is exact to within one.
+        /// stands for 3.33 values, so of every three such values two count 3 and one counts 4, and the second's
+        /// total is exact to within one.
         carry: f64,
     },
 }

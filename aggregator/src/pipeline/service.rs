@@ -239,7 +239,6 @@ impl ServiceState {
             .retain(|t, _| windows.takes_late_until(*t).is_some());
     }
 
-    /// Whether nothing arrived or sealed for `idle_ms` before `now_ms` and nothing is open.
     /// The newest second sealed here.
     pub(crate) fn last_sealed(&self) -> Option<i64> {
         self.windows.last_sealed()
@@ -250,6 +249,7 @@ impl ServiceState {
         self.windows.sealed_before_eviction(t);
     }
 
+    /// Whether nothing arrived or sealed for `idle_ms` before `now_ms` and nothing is open.
     pub(crate) fn is_idle(&self, now_ms: i64, idle_ms: i64) -> bool {
         self.windows.is_idle(now_ms, idle_ms)
     }
