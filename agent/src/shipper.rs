@@ -176,7 +176,7 @@ struct ReplayBuffer {
     /// to the aggregator's clock and sent again once this agent corrects its own.
     held: std::collections::BTreeSet<i64>,
     /// When the newest seconds were first sent (local clock, ms): an answer about one bounds the clock offset.
-    first_sent: VecDeque<(i64, i64)>,
+    first_sent: strobe_proto::clock::FirstSeen,
 }
 
 /// How many seconds' first send times are remembered (answers come within a few seconds).
@@ -193,39 +193,18 @@ impl ReplayBuffer {
             reported_len: 0,
             give_up_at: None,
             held: Default::default(),
-            first_sent: VecDeque::new(),
+            first_sent: strobe_proto::clock::FirstSeen::new(SENT_REMEMBERED),
         }
     }
 
     /// Notes that `second` went out at `local_ms`, unless it already had; the newest seconds are the ones kept.
     fn note_sent(&mut self, second: i64, local_ms: i64) {
-        if self.first_sent.iter().any(|(t, _)| *t == second) {
-            return;
-        }
-        if self.first_sent.len() >= SENT_REMEMBERED {
-            let Some((oldest, _)) = self
-                .first_sent
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (t, _))| *t)
-            else {
-                return;
-            };
-            if self.first_sent[oldest].0 > second {
-                return;
-            }
-            self.first_sent.remove(oldest);
-        }
-        self.first_sent.push_back((second, local_ms));
+        self.first_sent.note(second, local_ms);
     }
 
     /// When `second` first went out, if remembered.
     fn first_sent(&self, second: i64) -> Option<i64> {
-        self.first_sent
-            .iter()
-            .rev()
-            .find(|(t, _)| *t == second)
-            .map(|(_, at)| *at)
+        self.first_sent.get(second)
     }
 
     /// When shutdown stops waiting for acknowledgements: set once, `drain` after the input first closed.

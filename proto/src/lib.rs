@@ -58,6 +58,59 @@ pub mod clock {
         }
     }
 
+    /// When each of a stream's newest seconds was first seen, in milliseconds (sent, on the agent; read, on the
+    /// aggregator): the two ends of an answer's round trip, which bound an agent's clock offset. Bounded: past
+    /// `capacity` the oldest second is forgotten, and a second older than every one kept is not noted (answers come
+    /// for the newest seconds).
+    #[derive(Debug, Clone)]
+    pub struct FirstSeen {
+        stamps: std::collections::VecDeque<(i64, i64)>,
+        capacity: usize,
+    }
+
+    impl FirstSeen {
+        /// Nothing seen yet; at most `capacity` seconds kept.
+        pub fn new(capacity: usize) -> Self {
+            Self {
+                stamps: std::collections::VecDeque::with_capacity(capacity),
+                capacity,
+            }
+        }
+
+        /// Notes that `second` was seen at `at_ms`, unless it already was (its first sighting counts).
+        pub fn note(&mut self, second: i64, at_ms: i64) {
+            if self.stamps.iter().any(|(t, _)| *t == second) {
+                return;
+            }
+            if self.stamps.len() >= self.capacity {
+                let Some((oldest, _)) = self.stamps.iter().enumerate().min_by_key(|(_, (t, _))| *t)
+                else {
+                    return;
+                };
+                if self.stamps[oldest].0 > second {
+                    return;
+                }
+                self.stamps.remove(oldest);
+            }
+            self.stamps.push_back((second, at_ms));
+        }
+
+        /// When `second` was first seen, if kept.
+        pub fn get(&self, second: i64) -> Option<i64> {
+            self.stamps
+                .iter()
+                .rev()
+                .find(|(t, _)| *t == second)
+                .map(|(_, at)| *at)
+        }
+
+        /// When `second` was first seen, if kept; forgotten.
+        pub fn take(&mut self, second: i64) -> Option<i64> {
+            let i = self.stamps.iter().position(|(t, _)| *t == second)?;
+            self.stamps.remove(i).map(|(_, at)| at)
+        }
+    }
+
     /// The unix second that contains now.
     pub fn unix_second() -> i64 {
         unix_millis().div_euclid(1000)
@@ -252,7 +305,24 @@ pub mod clock {
 
 #[cfg(test)]
 mod tests {
-    use super::clock::AgentClock;
+    use super::clock::{AgentClock, FirstSeen};
+
+    #[test]
+    fn first_sightings_are_kept_for_the_newest_seconds() {
+        let mut seen = FirstSeen::new(3);
+        seen.note(10, 1_000);
+        seen.note(10, 1_500); // a duplicate: the first sighting counts
+        seen.note(12, 3_000);
+        seen.note(11, 2_000);
+        assert_eq!(seen.get(10), Some(1_000));
+        seen.note(13, 4_000); // full: 10, the oldest second, goes
+        assert_eq!(seen.get(10), None);
+        seen.note(9, 500); // older than every second kept: not noted
+        assert_eq!(seen.get(9), None);
+        assert_eq!(seen.take(11), Some(2_000));
+        assert_eq!(seen.take(11), None);
+        assert_eq!(seen.get(13), Some(4_000));
+    }
 
     #[test]
     fn an_agent_clock_follows_the_aggregator_once_it_is_clearly_off() {

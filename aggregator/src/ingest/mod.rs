@@ -180,12 +180,12 @@ async fn serve_stream(
     let (acker, mut counted) = mpsc::unbounded_channel::<i64>();
     let mut waiting: u64 = 0;
     // When each second waiting for its ack was read here: the agent's clock is checked against it.
-    let mut received = Received::default();
-    let ack = |t: i64, received: &mut Received| {
+    let mut received = clock::FirstSeen::new(RECEIVED_KEPT);
+    let ack = |t: i64, received: &mut clock::FirstSeen| {
         reply(pb::aggregator_message::Body::Ack(pb::Ack {
             second: t,
             aggregator_unix_ms: clock::unix_millis(),
-            received_unix_ms: received.take(t),
+            received_unix_ms: received.take(t).unwrap_or(0),
         }))
     };
     loop {
@@ -324,34 +324,11 @@ async fn serve_stream(
     Ok(())
 }
 
-/// When a stream's newest seconds were read off it (ms), until acknowledged; bounded, the oldest forgotten first.
-#[derive(Default)]
-struct Received(std::collections::VecDeque<(i64, i64)>);
-
-impl Received {
-    const KEPT: usize = 64;
-
-    fn note(&mut self, second: i64, at_ms: i64) {
-        if self.0.iter().any(|(t, _)| *t == second) {
-            return; // a duplicate: its first reading counts
-        }
-        if self.0.len() >= Self::KEPT {
-            self.0.pop_front();
-        }
-        self.0.push_back((second, at_ms));
-    }
-
-    /// When `second` was first read (0 when not known), forgotten.
-    fn take(&mut self, second: i64) -> i64 {
-        match self.0.iter().position(|(t, _)| *t == second) {
-            Some(i) => self.0.remove(i).map_or(0, |(_, at)| at),
-            None => 0,
-        }
-    }
-}
-
 /// After an agent's last snapshot, how long its stream stays to acknowledge what is still being sealed.
 const LAST_ACKS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How many of a stream's seconds waiting for their ack keep when they were read (the clock check needs the newest).
+const RECEIVED_KEPT: usize = 64;
 
 async fn send(
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,

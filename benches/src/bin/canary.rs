@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
     warmup: std::time::Duration,
     /// Requests per second per side (comma-separated).
-    #[arg(long, default_value = "10,250,2500", value_delimiter = ',')]
+    #[arg(long, default_values_t = DEFAULT_RATES, value_delimiter = ',')]
     rates: Vec<f64>,
     /// Traffic shapes (comma-separated names; default all).
     #[arg(long, value_delimiter = ',')]
