@@ -466,27 +466,36 @@ impl Aggregator {
                 tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
             grpc.map_err(AggregatorError::from).and(http)
         };
+        let asked = stop_rx.clone();
         // Open agent streams and websockets would hold a graceful shutdown forever: bound it.
         let deadline = async {
             stopped(stop_rx).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
-        let result = tokio::select! {
-            result = servers => result,
-            _ = deadline => {
-                info!(message = "Connections still open after the shutdown grace; closing them.");
-                Ok(())
-            }
-            // Shards (restarted by their supervisor after a panic), the alert manager, delivery, the rules watcher
-            // and the hub's pruning run until shutdown; one that ends before leaves the aggregator unable to do its
-            // job: stop, and say so with a non-zero exit, so the process supervisor restarts it.
-            Some(ended) = tasks.join_next() => {
-                let why = match ended {
-                    Ok(()) => "it returned".to_owned(),
-                    Err(error) => error.to_string(),
-                };
-                tracing::error!(message = "An internal task stopped; shutting down.", reason = %why);
-                Err(AggregatorError::TaskEnded(why))
+        tokio::pin!(servers, deadline);
+        let result = loop {
+            tokio::select! {
+                result = &mut servers => break result,
+                _ = &mut deadline => {
+                    info!(message = "Connections still open after the shutdown grace; closing them.");
+                    break Ok(());
+                }
+                // Shards (restarted by their supervisor after a panic), the alert manager, delivery, the rules
+                // watcher and the hub's pruning run until shutdown; one that ends before leaves the aggregator
+                // unable to do its job: stop, and say so with a non-zero exit, so the process supervisor restarts
+                // it. Once shutdown is under way tasks end as their handles go (the shards with the gRPC server,
+                // while websockets still drain): that is the shutdown, not a failure.
+                Some(ended) = tasks.join_next() => {
+                    if *asked.borrow() {
+                        continue;
+                    }
+                    let why = match ended {
+                        Ok(()) => "it returned".to_owned(),
+                        Err(error) => error.to_string(),
+                    };
+                    tracing::error!(message = "An internal task stopped; shutting down.", reason = %why);
+                    break Err(AggregatorError::TaskEnded(why));
+                }
             }
         };
         stopper.abort();

@@ -744,10 +744,20 @@ async fn the_demo_runs_a_three_node_cluster() {
         ])
         .env("STROBE_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("the demo starts");
+    let stderr = demo.stderr.take().unwrap();
+    let complaints = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(
+            &mut tokio::io::BufReader::new(stderr),
+            &mut text,
+        )
+        .await;
+        text
+    });
     let stdout = demo.stdout.take().unwrap();
     let printed = Arc::new(std::sync::Mutex::new(String::new()));
     let into = printed.clone();
@@ -793,5 +803,6 @@ async fn the_demo_runs_a_three_node_cluster() {
         .await
         .expect("the demo stops on SIGTERM")
         .unwrap();
-    assert!(status.success(), "{status:?}");
+    let complaints = complaints.await.unwrap_or_default();
+    assert!(status.success(), "{status:?}: {complaints}");
 }
