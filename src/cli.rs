@@ -758,5 +758,21 @@ mod tests {
                 .unwrap();
         let file: FileConfig = toml::from_str(&text).unwrap();
         assert_eq!(file.aggregator.grace, AggregatorConfig::default().grace);
+        // Every limit is spelled out there, at its default: the example is the reference.
+        let spelled: std::collections::BTreeSet<String> = text
+            .split("[aggregator.limits]")
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split('=').next())
+            .map(|key| key.trim().to_owned())
+            .filter(|key| !key.is_empty() && !key.starts_with('#'))
+            .collect();
+        let known = toml::Value::try_from(strobe_aggregator::Limits::default()).unwrap();
+        let known: std::collections::BTreeSet<String> =
+            known.as_table().unwrap().keys().cloned().collect();
+        assert_eq!(spelled, known);
+        assert_eq!(file.aggregator.limits, strobe_aggregator::Limits::default());
     }
 }

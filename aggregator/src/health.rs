@@ -50,6 +50,8 @@ pub(crate) enum DropReason {
     MaxSeriesPerService,
     /// A series whose merge would have taken its service's merged state past `max_decoded_bytes_per_service`.
     MaxDecodedBytesPerService,
+    /// A series whose merge would have taken all services' merged state past `max_decoded_bytes`.
+    MaxDecodedBytes,
 }
 
 impl DropReason {
@@ -71,6 +73,7 @@ impl DropReason {
             DropReason::SeriesDictionary => "series_dictionary",
             DropReason::MaxSeriesPerService => "max_series_per_service",
             DropReason::MaxDecodedBytesPerService => "max_decoded_bytes_per_service",
+            DropReason::MaxDecodedBytes => "max_decoded_bytes",
         }
     }
 }
@@ -166,6 +169,8 @@ pub(crate) struct Health {
     pub(crate) remote_write_retries: Counter,
     /// Remote write samples waiting (for their second to be final, or for the storage).
     pub(crate) remote_write_pending: Gauge,
+    /// Bytes of merged per-second state held now, all services (bounded by `max_decoded_bytes`).
+    pub(crate) decoded_bytes: Gauge,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
@@ -278,6 +283,10 @@ impl Health {
             "remote_write_pending_samples",
             "Samples waiting for their second to be final or for the storage",
         );
+        let decoded_bytes = gauge(
+            "decoded_bytes",
+            "Bytes of merged per-second state (open and recent seconds) held now, all services together",
+        );
         let seal_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
             "seal_delay_seconds",
@@ -316,6 +325,7 @@ impl Health {
             remote_write_dropped,
             remote_write_retries,
             remote_write_pending,
+            decoded_bytes,
             agent_streams,
             snapshots_accepted,
             snapshots_duplicate,

@@ -345,6 +345,10 @@ impl Aggregator {
             )
             .unwrap_or(i64::MAX),
             cluster: self.cluster.clone(),
+            decoded: pipeline::windows::DecodedBytes::new(
+                self.config.limits.max_decoded_bytes,
+                self.health.decoded_bytes.clone(),
+            ),
         });
         let shard_count = self.config.shard_count();
         let shards = Shards::spawn(shard_count, context, &mut tasks);
@@ -414,14 +418,17 @@ impl Aggregator {
             rx.wait_for(|stop| *stop).await.ok();
         };
         // Thousands of agent streams share a few HTTP/2 connections when they come through a proxy or a load
-        // generator: windows sized so one second's burst is not throttled by flow-control round trips.
-        let keepalive = self.config.limits.agent_keepalive;
+        // generator: windows sized so one second's burst is not throttled by flow-control round trips, and small
+        // enough that what an aggregator behind holds unread stays bounded (HTTP/2 allows 64 KiB to 2 GiB).
+        let limits = &self.config.limits;
+        let window = |bytes: u32| bytes.clamp(65_535, i32::MAX as u32);
+        let keepalive = limits.agent_keepalive;
         let grpc_router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive))
-            .initial_connection_window_size(strobe_proto::HTTP2_CONNECTION_WINDOW)
-            .initial_stream_window_size(strobe_proto::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(window(limits.agent_connection_window))
+            .initial_stream_window_size(window(limits.agent_stream_window))
             .add_service(grpc_service);
         let make_app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         type Served<E> = std::pin::Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;

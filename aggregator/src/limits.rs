@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Bounds on what agents and browsers may send or cost. Data past a bound is dropped and counted, with a reason.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest gRPC message accepted, in bytes.
@@ -35,6 +35,15 @@ pub struct Limits {
     /// checked before allocating: a histogram reaching to the largest values, sent for thousands of series and
     /// seconds, would otherwise take gigabytes. Past it, series are dropped and counted.
     pub max_decoded_bytes_per_service: usize,
+    /// Bytes of merged state all services together may hold (their open and recent seconds), checked like
+    /// `max_decoded_bytes_per_service`: what bounds the aggregator's memory for merging whatever the number of
+    /// services. Past it, series are dropped and counted.
+    pub max_decoded_bytes: usize,
+    /// HTTP/2 receive window of one agent connection (all its streams), in bytes: what the aggregator may hold
+    /// of a connection's data not yet read (a stream waiting for its queue share, say).
+    pub agent_connection_window: u32,
+    /// HTTP/2 receive window of one agent stream, in bytes. A message larger than it still arrives, in steps.
+    pub agent_stream_window: u32,
     /// Largest message a websocket client may send (subscriptions are small); larger ones close its connection.
     pub max_websocket_message_bytes: usize,
     /// Most services one websocket subscription may name.
@@ -80,6 +89,9 @@ impl Default for Limits {
             max_websocket_clients: 10_000,
             max_websocket_clients_per_address: 256,
             max_decoded_bytes_per_service: 256 << 20,
+            max_decoded_bytes: 1 << 30,
+            agent_connection_window: 8 << 20,
+            agent_stream_window: 1 << 20,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,

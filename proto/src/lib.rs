@@ -39,11 +39,12 @@ pub fn is_hdr_v2_cookie(cookie: u32) -> bool {
     cookie & !0xf0 == 0x1c84_9303
 }
 
-/// HTTP/2 flow-control window of one agent connection (all its streams together), in bytes, on both ends:
-/// thousands of streams may share a connection, and one second's burst should not wait on window updates.
+/// HTTP/2 flow-control window of one agent connection (all its streams together), in bytes, at the agent's end
+/// (the aggregator's are its `agent_connection_window` and `agent_stream_window` limits): thousands of streams may
+/// share a connection, and one second's burst should not wait on window updates.
 pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
-/// HTTP/2 flow-control window of one agent stream, in bytes, on both ends.
+/// HTTP/2 flow-control window of one agent stream, in bytes, at the agent's end.
 pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Wall-clock second alignment, shared by both ends of the wire: a snapshot covers `[t, t + 1)` in unix seconds.

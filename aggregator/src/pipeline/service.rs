@@ -16,7 +16,9 @@ use crate::health::{DropReason, Health, millis_as_seconds};
 use crate::model::hdr::HdrAccumulator;
 use crate::model::{InstanceSecond, MainMetrics, Split};
 use crate::pipeline::merge::Cell;
-use crate::pipeline::windows::{Applied, Arrivals, Sealed, ServiceWindows, WindowSettings};
+use crate::pipeline::windows::{
+    Applied, Arrivals, DecodedBytes, Sealed, ServiceWindows, WindowSettings,
+};
 use crate::publish::Hub;
 
 /// What every service's transitions need, shared by all shards.
@@ -27,6 +29,8 @@ pub(crate) struct ServiceContext {
     pub(crate) health: Arc<Health>,
     /// Grace, late window, cell limit.
     pub(crate) settings: WindowSettings,
+    /// The bound on merged state of all services together.
+    pub(crate) decoded: DecodedBytes,
     /// The rules in force.
     pub(crate) rules: Arc<RulesStore>,
     /// Where rule and canary lifecycle events go (never waits).
@@ -96,9 +100,9 @@ impl Drop for ServiceState {
 }
 
 impl ServiceState {
-    pub(crate) fn new(service: Arc<str>, settings: WindowSettings) -> Self {
+    pub(crate) fn new(service: Arc<str>, settings: WindowSettings, all: DecodedBytes) -> Self {
         Self {
-            windows: ServiceWindows::new(service, settings),
+            windows: ServiceWindows::new(service, settings).sharing(all),
             evaluator: Evaluator::default(),
             canary: Canary::default(),
             corrections: BTreeMap::new(),
@@ -140,28 +144,30 @@ impl ServiceState {
             // An open second (a duplicate of one included) waits for its seal.
             _ => {}
         }
-        let (dropped, over_budget) = match applied {
+        let (dropped, over_budget, over_total) = match applied {
             Applied::Merged {
                 dropped,
                 over_budget,
+                over_total,
             }
             | Applied::Correction {
                 dropped,
                 over_budget,
+                over_total,
                 ..
             } => {
                 // Counted once per merged snapshot, so a replay does not count an agent's numbers twice.
                 health.count_agent(&service, &agent);
                 health.snapshots_accepted.inc();
-                (dropped, over_budget)
+                (dropped, over_budget, over_total)
             }
             Applied::Duplicate { .. } => {
                 health.snapshots_duplicate.inc();
-                (0, 0)
+                (0, 0, 0)
             }
             Applied::TooLate => {
                 health.snapshots_too_late.inc();
-                (0, 0)
+                (0, 0, 0)
             }
         };
         if dropped > 0 {
@@ -172,6 +178,9 @@ impl ServiceState {
                 DropReason::MaxDecodedBytesPerService,
                 u64::from(over_budget),
             );
+        }
+        if over_total > 0 {
+            health.count_dropped(DropReason::MaxDecodedBytes, u64::from(over_total));
         }
         if let Applied::Correction { t, .. } = applied
             && let std::collections::btree_map::Entry::Vacant(due) = self.corrections.entry(t)

@@ -215,7 +215,7 @@ async fn run_shard(
                     continue;
                 }
                 let state = services.entry(service.clone()).or_insert_with(|| {
-                    let mut state = ServiceState::new(service.clone(), context.settings);
+                    let mut state = ServiceState::new(service.clone(), context.settings, context.decoded.clone());
                     if let Some((sealed, _)) = evicted.remove(&service) {
                         state.sealed_before_eviction(sealed);
                     }
@@ -314,6 +314,7 @@ mod tests {
                 max_cells: 100,
                 max_bytes: usize::MAX,
             },
+            decoded: crate::pipeline::windows::DecodedBytes::unbounded(),
             rules: rules.clone(),
             alerts: Alerts::spawn(
                 rules,

@@ -41,6 +41,46 @@ pub struct WindowSettings {
     pub max_bytes: usize,
 }
 
+/// Merged state held by all services together (open and recent seconds), shared by every shard: the aggregator's
+/// memory for merging is bounded by `max_decoded_bytes` whatever the number of services, not only per service.
+/// Shards read and add to it without locking, so concurrent merges may pass it by at most one snapshot's growth
+/// each.
+#[derive(Debug, Clone)]
+pub(crate) struct DecodedBytes {
+    held: prometheus_client::metrics::gauge::Gauge,
+    max: usize,
+}
+
+impl DecodedBytes {
+    /// A bound of `max` bytes, held bytes shown on `held` (a gauge of the aggregator's `/metrics`).
+    pub(crate) fn new(max: usize, held: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self { held, max }
+    }
+
+    /// No bound (tests of one service's windows).
+    pub(crate) fn unbounded() -> Self {
+        Self::new(usize::MAX, Default::default())
+    }
+
+    /// Bytes that may still be allocated.
+    fn available(&self) -> usize {
+        let held = usize::try_from(self.held.get()).unwrap_or(0);
+        self.max.saturating_sub(held)
+    }
+
+    fn add(&self, bytes: usize) {
+        if bytes > 0 {
+            self.held.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.held.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+}
+
 /// The hash maps of the merge path: foldhash, randomly seeded per process (SipHash's cost showed in profiles;
 /// the seed keeps hostile series names from choosing collisions).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -165,6 +205,8 @@ pub(crate) enum Applied {
         dropped: u32,
         /// Series dropped because merging them would have taken the service past `max_bytes`.
         over_budget: u32,
+        /// Series dropped because merging them would have taken all services together past `max_decoded_bytes`.
+        over_total: u32,
     },
     /// This instance already reported this second; nothing changed.
     Duplicate {
@@ -180,6 +222,8 @@ pub(crate) enum Applied {
         dropped: u32,
         /// As for [`Applied::Merged`].
         over_budget: u32,
+        /// As for [`Applied::Merged`].
+        over_total: u32,
     },
     /// Older than the late window; refused.
     TooLate,
@@ -205,6 +249,8 @@ pub(crate) struct ServiceWindows {
     last_arrival_ms: i64,
     /// Bytes the open and recent seconds' cells take.
     bytes: usize,
+    /// The same bytes, counted with every other service's.
+    all: DecodedBytes,
     expected: HashSet<Arc<str>>,
     /// Those of `expected` that did not report the last sealed second on time but reported one of the late window
     /// late: waited for (completeness), but not counted for the quorum while they are at most half of `expected`,
@@ -220,6 +266,13 @@ pub(crate) struct ServiceWindows {
     sealed_before_eviction: Option<i64>,
 }
 
+impl Drop for ServiceWindows {
+    /// A service dropped (idle, moved, or its shard restarted) gives its bytes back to the common bound.
+    fn drop(&mut self) {
+        self.all.release(self.bytes);
+    }
+}
+
 impl ServiceWindows {
     /// No seconds yet.
     pub(crate) fn new(service: Arc<str>, settings: WindowSettings) -> Self {
@@ -233,11 +286,33 @@ impl ServiceWindows {
             last_seal_ms: 0,
             last_arrival_ms: 0,
             bytes: 0,
+            all: DecodedBytes::unbounded(),
             expected: HashSet::new(),
             stragglers: HashSet::new(),
             late: FastMap::default(),
             sealed_before_eviction: None,
         }
+    }
+
+    /// Counts this service's merged state with every other service's, within their common bound.
+    pub(crate) fn sharing(mut self, all: DecodedBytes) -> Self {
+        self.all = all;
+        self
+    }
+
+    /// Bytes a merge may still allocate: the service's own room or, when smaller, what all services together have
+    /// left (and whether that is the smaller).
+    fn room(&self) -> (usize, bool) {
+        let own = self.settings.max_bytes.saturating_sub(self.bytes);
+        let all = self.all.available();
+        (own.min(all), all < own)
+    }
+
+    /// Takes `used` more bytes; series refused for want of room are counted against the bound that was smaller.
+    fn took(&mut self, used: usize, over: u32, total_bound: bool) -> (u32, u32) {
+        self.bytes += used;
+        self.all.add(used);
+        if total_bound { (0, over) } else { (over, 0) }
     }
 
     /// The newest sealed second.
@@ -296,6 +371,7 @@ impl ServiceWindows {
             if !open_for_late {
                 return Applied::TooLate;
             }
+            let (available, total_bound) = self.room();
             // A second never seen (no snapshot before its seal) counts as sealed now: kept as long as any.
             let sealed_at = now_ms.max(self.last_seal_ms);
             let (second, _) = self
@@ -306,10 +382,9 @@ impl ServiceWindows {
                 return Applied::Duplicate { sealed: true };
             }
             let id = snapshot.instance.id.clone();
-            let available = self.settings.max_bytes.saturating_sub(self.bytes);
-            let (dropped, over_budget, used) =
+            let (dropped, over, used) =
                 merge_into(second, snapshot, self.settings.max_cells, available);
-            self.bytes += used;
+            let (over_budget, over_total) = self.took(used, over, total_bound);
             if t > last - self.settings.late_window_secs {
                 // It missed a recent seal but is alive: wait for it in the next second, or a straggler would be
                 // left out (and only corrected) second after second.
@@ -323,6 +398,7 @@ impl ServiceWindows {
                 t,
                 dropped,
                 over_budget,
+                over_total,
             };
         }
         // Only a second newer than any seen may have its waits count from its first snapshot: seconds of a
@@ -341,6 +417,7 @@ impl ServiceWindows {
         } else {
             0
         };
+        let (available, total_bound) = self.room();
         let second = self.open.entry(t).or_insert_with(|| OpenSecond {
             first_ms,
             ..OpenSecond::default()
@@ -348,13 +425,13 @@ impl ServiceWindows {
         if second.reporters.contains_key(&snapshot.instance.id) {
             return Applied::Duplicate { sealed: false };
         }
-        let available = self.settings.max_bytes.saturating_sub(self.bytes);
-        let (dropped, over_budget, used) =
+        let (dropped, over, used) =
             merge_into(second, snapshot, self.settings.max_cells, available);
-        self.bytes += used;
+        let (over_budget, over_total) = self.took(used, over, total_bound);
         Applied::Merged {
             dropped,
             over_budget,
+            over_total,
         }
     }
 
@@ -432,11 +509,12 @@ impl ServiceWindows {
             .late_window_secs
             .saturating_add(1)
             .saturating_mul(1000);
-        let (bytes, forgotten) = (&mut self.bytes, &mut self.forgotten);
+        let (bytes, forgotten, all) = (&mut self.bytes, &mut self.forgotten, &self.all);
         self.recent.retain(|t, (second, sealed_at)| {
             let keep = now_ms < sealed_at.saturating_add(keep_ms);
             if !keep {
                 *bytes = bytes.saturating_sub(second.bytes);
+                all.release(second.bytes);
                 forgotten.insert(*t);
             }
             keep
@@ -1099,7 +1177,8 @@ mod tests {
             w.apply_now(snapshot(&a, 10, &["far-1", "far-2", "far-3"])),
             Applied::Merged {
                 dropped: 0,
-                over_budget: 1
+                over_budget: 1,
+                over_total: 0
             }
         ));
         // Another instance adding to the cells that exist allocates nothing more.
@@ -1108,7 +1187,8 @@ mod tests {
             w.apply_now(snapshot(&b, 10, &["far-1", "far-2"])),
             Applied::Merged {
                 dropped: 0,
-                over_budget: 0
+                over_budget: 0,
+                over_total: 0
             }
         ));
         // Full: a new second gets nothing until the old ones go.
@@ -1122,6 +1202,62 @@ mod tests {
             w.apply_now(snapshot(&a, 40, &["far-1"])),
             Applied::Merged { over_budget: 0, .. }
         ));
+    }
+
+    /// All services together stop growing at `max_decoded_bytes`: a second service finds the room the first took
+    /// gone (counted against the common bound, not its own), and gets it once the first's seconds leave or the
+    /// first is dropped. The gauge shows what is held.
+    #[test]
+    fn the_common_byte_bound_is_shared_by_services_and_freed_by_them() {
+        use crate::model::hdr::CheckedV2;
+        use hdrhistogram::serialization::{Serializer, V2Serializer};
+        let mut h = hdrhistogram::Histogram::<u64>::new(2).unwrap();
+        h.record(1 << 40).unwrap();
+        let mut bytes = Vec::new();
+        V2Serializer::new().serialize(&h, &mut bytes).unwrap();
+        let v2 = CheckedV2::check(bytes.into(), 3, u64::MAX).unwrap();
+        let far = SeriesValue::Histogram { v2, scale: 1 };
+        let cost = Cell::cost(&far);
+        let held = prometheus_client::metrics::gauge::Gauge::default();
+        let all = DecodedBytes::new(cost + 10, held.clone());
+        let snapshot = |t: i64| InstanceSecond {
+            instance: instance("a", "v1", None),
+            agent: Default::default(),
+            t,
+            series: vec![(id("far"), far.clone())],
+            table: table(),
+        };
+        let mut first = ServiceWindows::new("one".into(), SETTINGS).sharing(all.clone());
+        let mut second = ServiceWindows::new("two".into(), SETTINGS).sharing(all.clone());
+        assert!(matches!(
+            first.apply_now(snapshot(10)),
+            Applied::Merged {
+                over_budget: 0,
+                over_total: 0,
+                ..
+            }
+        ));
+        assert_eq!(held.get(), cost as i64);
+        assert!(matches!(
+            second.apply_now(snapshot(10)),
+            Applied::Merged {
+                over_budget: 0,
+                over_total: 1,
+                ..
+            }
+        ));
+        // The first service's second sealed and past its late window: its bytes come back.
+        first.seal_ready_seconds(12_300, &Arrivals::default());
+        first.seal_ready_seconds(30_000, &Arrivals::default());
+        assert_eq!(held.get(), 0);
+        assert!(matches!(
+            second.apply_now(snapshot(11)),
+            Applied::Merged { over_total: 0, .. }
+        ));
+        assert_eq!(held.get(), cost as i64);
+        // A service dropped gives back what it held.
+        drop(second);
+        assert_eq!(held.get(), 0);
     }
 
     #[test]
