@@ -140,6 +140,10 @@ pub mod clock {
         /// Set when the aggregator refused a second of this agent for now (ahead of its clock): the shipper moves
         /// such seconds itself when the clock is corrected, so the window loop may move its record of them too.
         held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        /// Set once an answer of this connection's aggregator said when it read the snapshot: from then on an answer
+        /// that does not (an ack whose read time was not kept) is left out, so that slow answers alone never
+        /// decide the offset as they do for an aggregator that never says.
+        bounded: std::sync::Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// An offset smaller than this is left alone (network delay and jitter are in every sample).
@@ -250,6 +254,12 @@ pub mod clock {
                 .samples
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if bounds.at_most.is_some() {
+                self.bounded
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            } else if self.bounded.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
             samples.push_back(bounds);
             while samples.len() > 8 {
                 samples.pop_front();
@@ -296,6 +306,8 @@ pub mod clock {
 
         /// Forgets the readings taken so far (a new connection, perhaps to another aggregator).
         pub fn forget_readings(&self) {
+            self.bounded
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             self.samples
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -394,5 +406,48 @@ mod tests {
             assert_eq!(slow(&behind, delay), None);
         }
         assert_eq!(behind.offset_ms(), corrected);
+    }
+
+    /// An aggregator that says when it read snapshots may still send an answer without it (an ack whose read time
+    /// it no longer holds). Slow answers of that kind, however many, must not be taken for an aggregator that never
+    /// says, whose answers alone decide the offset: under an overloaded aggregator that moved clocks by the ack
+    /// delay and back (about 600 ms, every few seconds).
+    #[test]
+    fn slow_answers_without_their_read_time_move_no_clock_once_answers_had_it() {
+        let aggregator = || super::clock::unix_millis();
+        let clock = AgentClock::default();
+        for _ in 0..3 {
+            let sent = clock.local_millis() - 1_300;
+            let received = aggregator() - 1_000;
+            assert_eq!(
+                clock.observe_aggregator(aggregator() - 650, Some(received), Some(sent)),
+                None
+            );
+        }
+        for delay in [600, 900, 620, 700, 610, 840, 650, 605, 720, 880] {
+            assert_eq!(
+                clock.observe_aggregator(aggregator() - delay, Some(0), Some(1)),
+                None
+            );
+            assert_eq!(
+                clock.observe_aggregator(aggregator() - delay, Some(aggregator()), None),
+                None
+            );
+        }
+        assert_eq!(clock.offset_ms(), 0);
+        // A new connection (perhaps to an aggregator that never says) starts again from nothing.
+        let ahead = AgentClock::with_skew(3_000);
+        ahead.observe_aggregator(aggregator(), Some(aggregator()), Some(ahead.local_millis()));
+        ahead.forget_readings();
+        for _ in 0..2 {
+            assert_eq!(
+                ahead.observe_aggregator(aggregator(), Some(0), Some(1)),
+                None
+            );
+        }
+        let offset = ahead
+            .observe_aggregator(aggregator(), Some(0), Some(1))
+            .expect("corrected from the stamps alone");
+        assert!((offset + 3_000).abs() < 100, "{offset}");
     }
 }

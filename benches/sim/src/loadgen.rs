@@ -486,8 +486,11 @@ impl Fleet {
                                   registered: &RegisteredSeries| {
             let (tx, rx) = mpsc::channel(8);
             let channel = channels[n % channels.len()].clone();
+            // Each simulated agent has its own clock, as each real one does: one shared by all would mix their
+            // answers and let one shipper's reconnect or backlog move every other's clock.
             let config = ShipperConfig {
                 registered: registered.clone(),
+                clock: strobe_proto::clock::AgentClock::default(),
                 ..shipper.clone()
             };
             let tally = tally.clone();

@@ -105,6 +105,11 @@ pub async fn run_instance(
     mut stop: watch::Receiver<bool>,
 ) -> strobe_agent::ShipperReport {
     let (tx, rx) = mpsc::channel(16);
+    // Its own clock, as a real agent has (configs cloned for a fleet would otherwise share one).
+    let shipper = ShipperConfig {
+        clock: strobe_proto::clock::AgentClock::default(),
+        ..shipper
+    };
     let shipping = tokio::spawn(run_shipper(instance.identity.clone(), shipper, rx));
     let mut rng = SmallRng::seed_from_u64(seed);
     let (shape, service) = instance.traffic.clone();
