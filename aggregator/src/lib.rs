@@ -480,6 +480,9 @@ impl Aggregator {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::pin!(servers, deadline);
+        // A task that panics during shutdown still makes the exit non-zero (a shard or the alert manager failing
+        // to finish is worth a restart's look), after the rest has stopped.
+        let mut panicked_in_shutdown = None;
         let result = loop {
             tokio::select! {
                 result = &mut servers => break result,
@@ -494,6 +497,12 @@ impl Aggregator {
                 // while websockets still drain): that is the shutdown, not a failure.
                 Some(ended) = tasks.join_next() => {
                     if *asked.borrow() {
+                        if let Err(error) = &ended
+                            && error.is_panic()
+                        {
+                            tracing::error!(message = "An internal task panicked during shutdown.", %error);
+                            panicked_in_shutdown = Some(error.to_string());
+                        }
                         continue;
                     }
                     let why = match ended {
@@ -517,7 +526,10 @@ impl Aggregator {
             );
         }
         tasks.shutdown().await;
-        result
+        match (result, panicked_in_shutdown) {
+            (Ok(()), Some(why)) => Err(AggregatorError::TaskEnded(why)),
+            (result, _) => result,
+        }
     }
 }
 

@@ -141,8 +141,8 @@ pub mod clock {
         /// such seconds itself when the clock is corrected, so the window loop may move its record of them too.
         held: std::sync::Arc<std::sync::atomic::AtomicBool>,
         /// Set once an answer of this connection's aggregator said when it read the snapshot: from then on an answer
-        /// that does not (an ack whose read time was not kept) is left out, so that slow answers alone never
-        /// decide the offset as they do for an aggregator that never says.
+        /// without an upper bound (its read time not kept there, or its send time not remembered here) is left
+        /// out, so that slow answers alone never decide the offset as they do for an aggregator that never says.
         bounded: std::sync::Arc<std::sync::atomic::AtomicBool>,
     }
 
@@ -165,6 +165,12 @@ pub mod clock {
                 skew_ms,
                 ..Self::default()
             }
+        }
+
+        /// A clock of its own with this one's skew: nothing it learns or applies is shared with this one (one per
+        /// simulated agent, as each real agent has its own).
+        pub fn fresh(&self) -> Self {
+            Self::with_skew(self.skew_ms)
         }
 
         /// The local reading, ms since the epoch (the machine's clock plus any test skew).
@@ -254,10 +260,13 @@ pub mod clock {
                 .samples
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if bounds.at_most.is_some() {
+            // An aggregator that says when it read the snapshot gives upper bounds; an answer of it without one
+            // (a second this agent no longer remembers sending, after a long backlog or a replay) says too little.
+            if received_ms.is_some_and(|r| r > 0) {
                 self.bounded
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-            } else if self.bounded.load(std::sync::atomic::Ordering::Relaxed) {
+            }
+            if bounds.at_most.is_none() && self.bounded.load(std::sync::atomic::Ordering::Relaxed) {
                 return None;
             }
             samples.push_back(bounds);

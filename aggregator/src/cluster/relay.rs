@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::{Cluster, Member};
@@ -21,7 +21,8 @@ use crate::publish::Hub;
 /// cluster), if they ask for one.
 pub(crate) async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, token: Option<String>) {
     let mut changes = cluster.changes();
-    let mut relays: HashMap<String, (Member, JoinHandle<()>)> = HashMap::new();
+    // Aborted when dropped: when this task is stopped (at shutdown), its relays stop with it.
+    let mut relays: HashMap<String, (Member, AbortOnDropHandle<()>)> = HashMap::new();
     loop {
         let members = cluster.members();
         relays.retain(|id, (member, task)| {
@@ -35,15 +36,16 @@ pub(crate) async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, token: Option<Stri
             if member.id == cluster.me().id || relays.contains_key(&member.id) {
                 continue;
             }
-            let task = tokio::spawn(relay(member.clone(), hub.clone(), token.clone()));
+            let task = AbortOnDropHandle::new(tokio::spawn(relay(
+                member.clone(),
+                hub.clone(),
+                token.clone(),
+            )));
             relays.insert(member.id.clone(), (member, task));
         }
         if changes.changed().await.is_err() {
             break;
         }
-    }
-    for (_, (_, task)) in relays {
-        task.abort();
     }
 }
 

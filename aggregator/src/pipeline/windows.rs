@@ -43,8 +43,7 @@ pub struct WindowSettings {
 
 /// Merged state held by all services together (open and recent seconds), shared by every shard: the aggregator's
 /// memory for merging is bounded by `max_decoded_bytes` whatever the number of services, not only per service.
-/// Shards read and add to it without locking, so concurrent merges may pass it by at most one snapshot's growth
-/// each.
+/// Each cell's growth is taken from it atomically before allocating, so shards merging at once cannot pass it.
 #[derive(Debug, Clone)]
 pub(crate) struct DecodedBytes {
     held: prometheus_client::metrics::gauge::Gauge,
@@ -62,16 +61,25 @@ impl DecodedBytes {
         Self::new(usize::MAX, Default::default())
     }
 
-    /// Bytes that may still be allocated.
-    fn available(&self) -> usize {
-        let held = usize::try_from(self.held.get()).unwrap_or(0);
-        self.max.saturating_sub(held)
-    }
-
-    fn add(&self, bytes: usize) {
-        if bytes > 0 {
-            self.held.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    /// Takes `bytes` if that stays within the bound.
+    fn try_take(&self, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
         }
+        let (Ok(bytes), Ok(max)) = (i64::try_from(bytes), i64::try_from(self.max)) else {
+            return self.max == usize::MAX;
+        };
+        self.held
+            .inner()
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |held| {
+                    let after = held.saturating_add(bytes);
+                    (after <= max).then_some(after)
+                },
+            )
+            .is_ok()
     }
 
     fn release(&self, bytes: usize) {
@@ -300,19 +308,9 @@ impl ServiceWindows {
         self
     }
 
-    /// Bytes a merge may still allocate: the service's own room or, when smaller, what all services together have
-    /// left (and whether that is the smaller).
-    fn room(&self) -> (usize, bool) {
-        let own = self.settings.max_bytes.saturating_sub(self.bytes);
-        let all = self.all.available();
-        (own.min(all), all < own)
-    }
-
-    /// Takes `used` more bytes; series refused for want of room are counted against the bound that was smaller.
-    fn took(&mut self, used: usize, over: u32, total_bound: bool) -> (u32, u32) {
-        self.bytes += used;
-        self.all.add(used);
-        if total_bound { (0, over) } else { (over, 0) }
+    /// Bytes a merge may still allocate within the service's own bound.
+    fn room(&self) -> usize {
+        self.settings.max_bytes.saturating_sub(self.bytes)
     }
 
     /// The newest sealed second.
@@ -371,7 +369,7 @@ impl ServiceWindows {
             if !open_for_late {
                 return Applied::TooLate;
             }
-            let (available, total_bound) = self.room();
+            let available = self.room();
             // A second never seen (no snapshot before its seal) counts as sealed now: kept as long as any.
             let sealed_at = now_ms.max(self.last_seal_ms);
             let (second, _) = self
@@ -382,9 +380,19 @@ impl ServiceWindows {
                 return Applied::Duplicate { sealed: true };
             }
             let id = snapshot.instance.id.clone();
-            let (dropped, over, used) =
-                merge_into(second, snapshot, self.settings.max_cells, available);
-            let (over_budget, over_total) = self.took(used, over, total_bound);
+            let Merge {
+                dropped,
+                over_budget,
+                over_total,
+                used,
+            } = merge_into(
+                second,
+                snapshot,
+                self.settings.max_cells,
+                available,
+                &self.all,
+            );
+            self.bytes += used;
             if t > last - self.settings.late_window_secs {
                 // It missed a recent seal but is alive: wait for it in the next second, or a straggler would be
                 // left out (and only corrected) second after second.
@@ -417,7 +425,7 @@ impl ServiceWindows {
         } else {
             0
         };
-        let (available, total_bound) = self.room();
+        let available = self.room();
         let second = self.open.entry(t).or_insert_with(|| OpenSecond {
             first_ms,
             ..OpenSecond::default()
@@ -425,9 +433,19 @@ impl ServiceWindows {
         if second.reporters.contains_key(&snapshot.instance.id) {
             return Applied::Duplicate { sealed: false };
         }
-        let (dropped, over, used) =
-            merge_into(second, snapshot, self.settings.max_cells, available);
-        let (over_budget, over_total) = self.took(used, over, total_bound);
+        let Merge {
+            dropped,
+            over_budget,
+            over_total,
+            used,
+        } = merge_into(
+            second,
+            snapshot,
+            self.settings.max_cells,
+            available,
+            &self.all,
+        );
+        self.bytes += used;
         Applied::Merged {
             dropped,
             over_budget,
@@ -528,15 +546,15 @@ impl ServiceWindows {
     }
 }
 
-/// Merges a snapshot into its instance's leaf, allocating at most `available` bytes; returns how many series were
-/// dropped (a kind or scale that differs from the series' first contribution this second, a series the snapshot
-/// already carried, or a new cell past `max_cells`), how many were dropped for want of bytes, and the bytes used.
+/// Merges a snapshot into its instance's leaf, allocating at most `available` bytes (the service's own room),
+/// each cell's growth taken from `all` before it is allocated; says what was dropped and what was used.
 fn merge_into(
     second: &mut OpenSecond,
     snapshot: InstanceSecond,
     max_cells: usize,
     available: usize,
-) -> (u32, u32, usize) {
+    all: &DecodedBytes,
+) -> Merge {
     let instance = snapshot.instance;
     second.table.get_or_insert(snapshot.table);
     // This snapshot's number within the second: each instance reports a second once.
@@ -545,7 +563,7 @@ fn merge_into(
         .leaves
         .entry((instance.version.clone(), instance.zone.clone()))
         .or_default();
-    let (mut dropped, mut over_budget, mut used) = (0, 0, 0usize);
+    let (mut dropped, mut over_budget, mut over_total, mut used) = (0, 0, 0, 0usize);
     for (key, value) in snapshot.series {
         if let Some((last, cell)) = leaf.get_mut(&key) {
             // The same series twice in one snapshot (named and by id, say) counts once.
@@ -559,7 +577,12 @@ fn merge_into(
                 over_budget += 1;
                 continue;
             }
+            if !all.try_take(growth) {
+                over_total += 1;
+                continue;
+            }
             if cell.merge(&value).is_err() {
+                all.release(growth);
                 dropped += 1;
             } else {
                 *last = this;
@@ -579,6 +602,10 @@ fn merge_into(
             over_budget += 1;
             continue;
         }
+        if !all.try_take(cost) {
+            over_total += 1;
+            continue;
+        }
         second.kinds.entry(key).or_insert(kind);
         second.cells += 1;
         used += cost;
@@ -586,7 +613,24 @@ fn merge_into(
     }
     second.reporters.insert(instance.id.clone(), instance);
     second.bytes += used;
-    (dropped, over_budget, used)
+    Merge {
+        dropped,
+        over_budget,
+        over_total,
+        used,
+    }
+}
+
+/// What merging one snapshot did.
+struct Merge {
+    /// Series dropped: repeated, a kind conflict, or past the cell limit.
+    dropped: u32,
+    /// Series dropped for want of the service's own room (`max_bytes`).
+    over_budget: u32,
+    /// Series dropped for want of room in all services' common bound.
+    over_total: u32,
+    /// Bytes allocated (already taken from the common bound).
+    used: usize,
 }
 
 fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> Sealed {
@@ -1257,6 +1301,25 @@ mod tests {
         assert_eq!(held.get(), cost as i64);
         // A service dropped gives back what it held.
         drop(second);
+        assert_eq!(held.get(), 0);
+    }
+
+    /// Shards taking room at once never pass the common bound together.
+    #[test]
+    fn the_common_bound_is_taken_atomically() {
+        let held = prometheus_client::metrics::gauge::Gauge::default();
+        let all = DecodedBytes::new(1_000, held.clone());
+        let taken: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| (0..1_000).filter(|_| all.try_take(3)).count()))
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(taken, 333);
+        assert_eq!(held.get(), 999);
+        assert!(all.try_take(1));
+        assert!(!all.try_take(1));
+        all.release(1_000);
         assert_eq!(held.get(), 0);
     }
 

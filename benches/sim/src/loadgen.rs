@@ -490,7 +490,7 @@ impl Fleet {
             // answers and let one shipper's reconnect or backlog move every other's clock.
             let config = ShipperConfig {
                 registered: registered.clone(),
-                clock: strobe_proto::clock::AgentClock::default(),
+                clock: shipper.clock.fresh(),
                 ..shipper.clone()
             };
             let tally = tally.clone();

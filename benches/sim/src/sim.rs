@@ -105,9 +105,9 @@ pub async fn run_instance(
     mut stop: watch::Receiver<bool>,
 ) -> strobe_agent::ShipperReport {
     let (tx, rx) = mpsc::channel(16);
-    // Its own clock, as a real agent has (configs cloned for a fleet would otherwise share one).
+    // Its own clock (with the skew asked for), as a real agent has: configs cloned for a fleet would share one.
     let shipper = ShipperConfig {
-        clock: strobe_proto::clock::AgentClock::default(),
+        clock: shipper.clock.fresh(),
         ..shipper
     };
     let shipping = tokio::spawn(run_shipper(instance.identity.clone(), shipper, rx));
