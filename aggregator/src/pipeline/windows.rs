@@ -380,19 +380,14 @@ impl ServiceWindows {
                 return Applied::Duplicate { sealed: true };
             }
             let id = snapshot.instance.id.clone();
-            let Merge {
-                dropped,
-                over_budget,
-                over_total,
-                used,
-            } = merge_into(
+            let merged = merge_into(
                 second,
                 snapshot,
                 self.settings.max_cells,
                 available,
                 &self.all,
             );
-            self.bytes += used;
+            self.bytes += merged.used;
             if t > last - self.settings.late_window_secs {
                 // It missed a recent seal but is alive: wait for it in the next second, or a straggler would be
                 // left out (and only corrected) second after second.
@@ -404,9 +399,9 @@ impl ServiceWindows {
             }
             return Applied::Correction {
                 t,
-                dropped,
-                over_budget,
-                over_total,
+                dropped: merged.dropped,
+                over_budget: merged.over_budget,
+                over_total: merged.over_total,
             };
         }
         // Only a second newer than any seen may have its waits count from its first snapshot: seconds of a
@@ -433,23 +428,18 @@ impl ServiceWindows {
         if second.reporters.contains_key(&snapshot.instance.id) {
             return Applied::Duplicate { sealed: false };
         }
-        let Merge {
-            dropped,
-            over_budget,
-            over_total,
-            used,
-        } = merge_into(
+        let merged = merge_into(
             second,
             snapshot,
             self.settings.max_cells,
             available,
             &self.all,
         );
-        self.bytes += used;
+        self.bytes += merged.used;
         Applied::Merged {
-            dropped,
-            over_budget,
-            over_total,
+            dropped: merged.dropped,
+            over_budget: merged.over_budget,
+            over_total: merged.over_total,
         }
     }
 
@@ -1191,10 +1181,8 @@ mod tests {
         assert_eq!(sum_of(&sealed[0], None, None), (5.0, 2));
     }
 
-    /// A histogram reaching to the largest values costs its counts up to there; a service's merged state stops
-    /// growing at `max_bytes` (checked before allocating), and gets its room back when the seconds leave.
-    #[test]
-    fn the_byte_budget_refuses_what_would_allocate_past_it_and_frees_with_the_seconds() {
+    /// A histogram of one value at 2^40 (its counts reach that far) and what its cell costs.
+    fn far_histogram() -> (SeriesValue, usize) {
         use crate::model::hdr::CheckedV2;
         use hdrhistogram::serialization::{Serializer, V2Serializer};
         let mut h = hdrhistogram::Histogram::<u64>::new(2).unwrap();
@@ -1204,6 +1192,14 @@ mod tests {
         let v2 = CheckedV2::check(bytes.into(), 3, u64::MAX).unwrap();
         let far = SeriesValue::Histogram { v2, scale: 1 };
         let cost = Cell::cost(&far);
+        (far, cost)
+    }
+
+    /// A histogram reaching to the largest values costs its counts up to there; a service's merged state stops
+    /// growing at `max_bytes` (checked before allocating), and gets its room back when the seconds leave.
+    #[test]
+    fn the_byte_budget_refuses_what_would_allocate_past_it_and_frees_with_the_seconds() {
+        let (far, cost) = far_histogram();
         let settings = WindowSettings {
             max_bytes: cost * 2 + 10,
             ..SETTINGS
@@ -1253,15 +1249,7 @@ mod tests {
     /// first is dropped. The gauge shows what is held.
     #[test]
     fn the_common_byte_bound_is_shared_by_services_and_freed_by_them() {
-        use crate::model::hdr::CheckedV2;
-        use hdrhistogram::serialization::{Serializer, V2Serializer};
-        let mut h = hdrhistogram::Histogram::<u64>::new(2).unwrap();
-        h.record(1 << 40).unwrap();
-        let mut bytes = Vec::new();
-        V2Serializer::new().serialize(&h, &mut bytes).unwrap();
-        let v2 = CheckedV2::check(bytes.into(), 3, u64::MAX).unwrap();
-        let far = SeriesValue::Histogram { v2, scale: 1 };
-        let cost = Cell::cost(&far);
+        let (far, cost) = far_histogram();
         let held = prometheus_client::metrics::gauge::Gauge::default();
         let all = DecodedBytes::new(cost + 10, held.clone());
         let snapshot = |t: i64| InstanceSecond {
