@@ -282,44 +282,11 @@ fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<
     Ok(())
 }
 
-/// Walks a payload that [`CheckedV2::check`] accepted, without re-checking it: one-byte varints (most counts and
-/// zero runs) take a short path.
-#[inline]
-fn walk_checked(payload: &[u8], mut each: impl FnMut(usize, u64)) {
-    let mut index: usize = 0;
-    let mut at = 0;
-    while let Some(&byte) = payload.get(at) {
-        let raw = if byte & 0x80 == 0 {
-            at += 1;
-            u64::from(byte)
-        } else {
-            let Some((raw, used)) = varint(&payload[at..]) else {
-                return;
-            };
-            at += used;
-            raw
-        };
-        if raw & 1 == 1 {
-            // ZigZag: an odd number is negative, a run of (raw >> 1) + 1 empty buckets.
-            index = index.saturating_add((raw >> 1) as usize).saturating_add(1);
-        } else {
-            let count = raw >> 1;
-            if count > 0 {
-                each(index, count);
-            }
-            index = index.saturating_add(1);
-        }
-    }
-}
-
-/// Adds a payload that [`CheckedV2::check`] accepted, in the fixed layout, to `counts` (holding indexes from `base`,
-/// and covering every index the payload counts at). Every one-byte varint adds its count, 0 for a run of empty
-/// buckets, at its index clamped into `counts`, so the loop has no branch on the kind of byte (see [`one_byte`]).
-#[inline]
-fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
-    let Some(last) = counts.len().checked_sub(1) else {
-        return;
-    };
+/// Steps through a payload that [`CheckedV2::check`] accepted, calling `each(index, count)` for every varint: a
+/// count at its index, or 0 at the first index of a run of empty buckets. One-byte varints (most counts and runs)
+/// are read without a branch on their kind (see [`one_byte`]).
+#[inline(always)]
+fn each_step(payload: &[u8], mut each: impl FnMut(usize, u64)) {
     let (mut index, mut at) = (0usize, 0usize);
     while let Some(&byte) = payload.get(at) {
         let (count, step) = if byte & 0x80 == 0 {
@@ -331,11 +298,24 @@ fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
             };
             read
         };
+        each(index, count);
+        index = index.saturating_add(step);
+    }
+}
+
+/// Adds a payload that [`CheckedV2::check`] accepted, in the fixed layout, to `counts` (holding indexes from `base`,
+/// and covering every index the payload counts at). Every step adds its count, 0 for a run of empty buckets, at
+/// its index clamped into `counts`, so the loop has no branch on the kind of byte.
+#[inline]
+fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
+    let Some(last) = counts.len().checked_sub(1) else {
+        return;
+    };
+    each_step(payload, |index, count| {
         // Outside the range held only while this is a run of empty buckets (adding 0, anywhere).
         let k = index.wrapping_sub(base).min(last);
         counts[k] = counts[k].saturating_add(count);
-        index = index.saturating_add(step);
-    }
+    });
 }
 
 /// Counts in [`Layout::FIXED`], held from the lowest to the highest index recorded (latencies leave the low
@@ -440,7 +420,10 @@ impl HdrAccumulator {
             add_fixed(payload, counts, base);
         } else {
             let layout = v2.layout;
-            walk_checked(payload, |i, c| {
+            each_step(payload, |i, c| {
+                if c == 0 {
+                    return;
+                }
                 if let Some(value) = layout.value_at(i) {
                     let at = fixed.index_of(value);
                     if let Some(slot) = at.checked_sub(base).and_then(|k| counts.get_mut(k)) {
