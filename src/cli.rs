@@ -774,5 +774,40 @@ mod tests {
             known.as_table().unwrap().keys().cloned().collect();
         assert_eq!(spelled, known);
         assert_eq!(file.aggregator.limits, strobe_aggregator::Limits::default());
+        assert_eq!(
+            file.aggregator.cluster,
+            strobe_aggregator::ClusterSettings::default()
+        );
+        // The agent's limits too, at their defaults.
+        let agent = toml::Value::try_from(&file.agent).unwrap();
+        let default = toml::Value::try_from(AgentConfig::default()).unwrap();
+        for key in [
+            "max_packet_bytes",
+            "statsd_receive_buffer_bytes",
+            "max_series_per_second",
+            "max_histogram_value",
+            "facade_max_values_per_second",
+            "scrape_max_bytes",
+            "otlp_max_request_bytes",
+            "otlp_max_series",
+            "parse_limits",
+        ] {
+            assert_eq!(agent.get(key), default.get(key), "agent {key}");
+            assert!(
+                text.contains(&format!("\n{key} ")) || key == "parse_limits",
+                "{key} spelled"
+            );
+        }
+        for key in [
+            "max_buffered_seconds",
+            "max_message_bytes",
+            "max_dictionary_series",
+        ] {
+            assert_eq!(
+                agent["shipper"].get(key),
+                default["shipper"].get(key),
+                "shipper {key}"
+            );
+        }
     }
 }

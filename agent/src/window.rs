@@ -68,10 +68,6 @@ enum Accumulator {
     Histogram {
         hist: Histogram<u64>,
         unit: &'static str,
-        /// The fraction of a count that sampled values have earned and not yet recorded: a value sent `@0.3`
-        /// stands for 3.33 values, so of every three such values two count 3 and one counts 4, and the second's
-        /// total is exact to within one.
-        carry: f64,
     },
 }
 
@@ -191,7 +187,6 @@ impl Window {
                     kind => Accumulator::Histogram {
                         hist: new_histogram(),
                         unit: if kind == MetricType::Timer { "ms" } else { "" },
-                        carry: 0.0,
                     },
                 },
             };
@@ -206,7 +201,8 @@ impl Window {
             return;
         }
         // Inputs that count (a scrape's bucket, an OTLP count) pass n as a rate of 1/n; 1/(1/n) is not always n
-        // again in floating point (93 comes back as 92.99999999999999), and the carry below would lose one.
+        // again in floating point (93 comes back as 92.99999999999999), and the whole part taken below would lose
+        // one.
         let weight = 1.0 / sample_rate;
         let weight = if (weight - weight.round()).abs() < 1e-9 {
             weight.round()
@@ -220,7 +216,11 @@ impl Window {
                     *last = v;
                 }
             }
-            Accumulator::Histogram { hist, carry, .. } => {
+            Accumulator::Histogram { hist, .. } => {
+                // Each value counts the whole part of 1/rate, as Datadog's agent weighs a sampled histogram,
+                // timer or distribution value, so counts match it (a rate of 0.4 counts a value twice). `weight` is
+                // at least 1 (a rate is at most 1).
+                let count = weight.floor().max(1.0) as u64;
                 let mut negatives: Vec<f64> = Vec::new();
                 for v in values {
                     if !v.is_finite() {
@@ -239,11 +239,6 @@ impl Window {
                         v
                     };
                     let recorded = (clamped * f64::from(HISTOGRAM_SCALE)).round() as u64;
-                    // `weight` is at least 1 (a rate is at most 1), so every value counts at least once.
-                    let earned = *carry + weight;
-                    let count = earned.floor().max(1.0);
-                    *carry = (earned - count).max(0.0);
-                    let count = count as u64;
                     // The histogram auto-resizes and the value is bounded above, so this should not fail; if it
                     // does, the value is counted as malformed rather than lost silently.
                     if hist.record_n(recorded, count).is_err() {
@@ -455,10 +450,10 @@ mod tests {
         assert_eq!(stats.lines_malformed, 1);
     }
 
-    /// A sampled histogram value stands for `1 / rate` values, fractions included: ten values sent `@0.3` count
-    /// 33 in the second (not 30, as rounding each to 3 would), and a packed line counts each of its values.
+    /// A sampled histogram value counts the whole part of `1 / rate`, as Datadog's agent counts it: ten values sent
+    /// `@0.3` count 30 in the second, and a packed line counts each of its values.
     #[test]
-    fn sampled_histogram_values_count_their_fractional_weight() {
+    fn sampled_histogram_values_count_the_whole_part_of_their_weight() {
         let mut w = Window::new(100, WindowLimits::default());
         let lines: Vec<String> = (0..10)
             .map(|i| format!("lat:{}|ms|@0.3", 10 + i))
@@ -473,8 +468,8 @@ mod tests {
             };
             decode(h).len()
         };
-        assert_eq!(count("lat"), 33);
-        assert_eq!(count("size"), 7, "three values at 2.5 each: 7.5, floored");
+        assert_eq!(count("lat"), 30);
+        assert_eq!(count("size"), 6, "three values at @0.4, twice each");
         // A count handed over as the rate 1/n is n, whatever floating point makes of 1/(1/n).
         let mut w = Window::new(100, WindowLimits::default());
         for n in [93u64, 99, 105, 117, 1_000_003] {

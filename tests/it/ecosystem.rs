@@ -130,6 +130,7 @@ async fn the_datadog_python_client_is_counted_exactly() {
     )
     .await;
     let mut last_gauge = None;
+    let mut maxima: BTreeMap<&str, f64> = BTreeMap::new();
     let totals = totals_until(
         &mut ws,
         &[
@@ -138,8 +139,17 @@ async fn the_datadog_python_client_is_counted_exactly() {
             ("py.timing", &[], "count"),
             ("py.hist", &[], "count"),
             ("py.dist", &[("route", "/a")], "count"),
+            ("py.timing", &[], "max"),
+            ("py.hist", &[], "max"),
+            ("py.dist", &[("route", "/a")], "max"),
         ],
         |s| {
+            for metric in ["py.timing", "py.hist", "py.dist"] {
+                let key = format!("{metric}.max");
+                let seen = s.iter().filter(|((_, k), _)| *k == key).map(|(_, v)| *v);
+                let top = seen.fold(0.0, f64::max);
+                maxima.insert(metric, top);
+            }
             last_gauge = s
                 .iter()
                 .filter(|((_, k), v)| k == "py.inflight.max" && **v > 0.0)
@@ -160,40 +170,55 @@ async fn the_datadog_python_client_is_counted_exactly() {
             "{metric}: {totals:?}"
         );
     }
-    // The last second with the gauge holds its last value, 42.
+    // The last second with the gauge holds its last value (7, after larger ones in the same second).
     assert_eq!(last_gauge, Some(sent["last_gauge"]), "{totals:?}");
+    // Values, not only counts: each histogram's largest value over the run, within the 1% its precision allows.
+    for (metric, sent_max) in [
+        ("py.timing", sent["timing_max"]),
+        ("py.hist", sent["hist_max"]),
+        ("py.dist", sent["dist_max"]),
+    ] {
+        let seen = maxima[metric];
+        assert!(
+            (seen - sent_max).abs() <= sent_max * 0.01,
+            "{metric}: max {seen}, sent {sent_max}"
+        );
+    }
 }
 
-/// The OpenTelemetry SDK's OTLP exporters, gRPC and HTTP/protobuf, cumulative temporality (the SDK's default):
-/// counters counted exactly, the up-down counter as a gauge, a histogram in seconds as a timer in ms, an exponential
-/// histogram within its precision.
+/// The OpenTelemetry SDK's OTLP exporters, gRPC and HTTP/protobuf, cumulative temporality (the SDK's default),
+/// from two instances of one service, each with its own agent: counters counted exactly, the up-down counter as a
+/// gauge, a histogram in seconds as a timer in ms, an exponential histogram within its precision, each second's
+/// histograms merged across both instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_opentelemetry_sdk_exports_over_otlp_grpc_and_http() {
     let aggregator = aggregator(&[]).await;
     let http = aggregator.addr("http");
     let target = format!("http://{}", aggregator.addr("grpc"));
-    let agent = agent_to(
-        &target,
-        "py-otel",
-        &[
-            "--otlp-addr",
-            "127.0.0.1:0",
-            "--otlp-http-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
+    let receivers = [
+        "--otlp-addr",
+        "127.0.0.1:0",
+        "--otlp-http-addr",
+        "127.0.0.1:0",
+    ];
+    let agents = [
+        agent_as(&target, "py-otel", "py-otel-1", &receivers).await,
+        agent_as(&target, "py-otel", "py-otel-2", &receivers).await,
+    ];
     let mut ws = subscribe(http, &["py-otel"]).await;
     let rounds = 100;
-    let recorded = run_python(
-        "otel_sdk.py",
-        &[
+    let sdk = |agent: &Process| {
+        let args = [
             format!("http://{}", agent.addr("otlp")),
             format!("http://{}", agent.addr("otlp_http")),
             rounds.to_string(),
-        ],
-    )
-    .await;
+        ];
+        async move { run_python("otel_sdk.py", &args).await }
+    };
+    let (recorded, other) = tokio::join!(sdk(&agents[0]), sdk(&agents[1]));
+    assert_eq!(recorded, other, "both instances record the same");
+    let instances = agents.len() as f64;
+    let agent = &agents[0];
     let mut maxima: BTreeMap<String, f64> = BTreeMap::new();
     let mut gauges: BTreeMap<String, f64> = BTreeMap::new();
     let mut per_second: BTreeMap<(i64, String), f64> = BTreeMap::new();
@@ -225,7 +250,9 @@ async fn the_opentelemetry_sdk_exports_over_otlp_grpc_and_http() {
         let complete = ["grpc", "http"].iter().all(|tr| {
             ["otel.requests", "otel.duration", "otel.size"]
                 .iter()
-                .all(|m| sum_of(&per_second, &format!("{tr}.{m}")) >= recorded["records"])
+                .all(|m| {
+                    sum_of(&per_second, &format!("{tr}.{m}")) >= instances * recorded["records"]
+                })
         });
         (complete && gauges.values().all(|g| *g == recorded["inflight"]) && gauges.len() == 2)
             .then_some(())
@@ -234,9 +261,10 @@ async fn the_opentelemetry_sdk_exports_over_otlp_grpc_and_http() {
     for transport in ["grpc", "http"] {
         for metric in ["otel.requests", "otel.duration", "otel.size"] {
             let key = format!("{transport}.{metric}");
+            // Both instances' histograms merged: each second's count is theirs summed, and so is the run's.
             assert_eq!(
                 sum_of(&per_second, &key),
-                recorded["records"],
+                instances * recorded["records"],
                 "{key}: {per_second:?}"
             );
         }

@@ -100,22 +100,28 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
     // Six seconds of traffic: counts and latencies differ per second and per instance.
     let until = unix_now() + 6.0;
     let mut round = 0u32;
+    // What was sent in all: requests, latency values and their sum (ms).
+    let (mut sent_requests, mut sent_values, mut sent_latency) = (0u32, 0u32, 0u32);
     while unix_now() < until {
         round += 1;
         for (agent, k) in [(&a, 1), (&b, 3)] {
+            let latency = 5 + (round * k) % 40;
             let lines = vec![
                 format!("rw.requests:{k}|c|#route:/pay"),
-                format!("rw.latency:{}|ms", 5 + (round * k) % 40),
+                format!("rw.latency:{latency}|ms"),
                 format!("rw.depth:{}|g", k * 10 + round % 3),
             ];
             send_statsd(agent.addr("statsd"), &lines).await;
+            sent_requests += k;
+            sent_values += 1;
+            sent_latency += latency;
         }
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     // What the aggregator sealed, per second: the overall and v1 request rates, the overall p99, the depth max.
     let mut sealed: BTreeMap<i64, (f64, f64, f64, f64)> = BTreeMap::new();
-    // The zone split's request rate and the overall latency count, per second.
-    let mut zone_and_count: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
+    // The zone split's request rate, the overall latency count and p50, the depth's min and mean, per second.
+    let mut more: BTreeMap<i64, [f64; 5]> = BTreeMap::new();
     let last_sent = until.floor() as i64;
     next_frame(&mut ws, Duration::from_secs(20), |f| {
         let t = f["t"].as_i64()?;
@@ -135,12 +141,15 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
                     depth["max"].as_f64().unwrap(),
                 ),
             );
-            zone_and_count.insert(
+            more.insert(
                 t,
-                (
+                [
                     z1["sum"].as_f64().unwrap(),
                     latency["count"].as_f64().unwrap(),
-                ),
+                    latency["p50"].as_f64().unwrap(),
+                    depth["min"].as_f64().unwrap(),
+                    depth["mean"].as_f64().unwrap(),
+                ],
             );
         }
         (t >= last_sent).then_some(())
@@ -180,17 +189,39 @@ async fn aggregates_written_to_a_real_prometheus_are_read_back_equal() {
         assert_eq!(p99s[t], *p99, "second {t}");
         assert_eq!(depths[t], *depth, "second {t}");
     }
-    // The zone split and a histogram's count rate, read back the same way.
-    let z1_rates = prometheus
-        .samples("rw_requests_rate{service=\"rw\",version=\"\",zone=\"z1\"}")
-        .await;
-    let counts = prometheus
-        .samples(&format!("rw_latency_count_rate{overall}"))
-        .await;
-    for (t, (z1, count)) in &zone_and_count {
-        assert_eq!(z1_rates[t], *z1, "second {t}");
-        assert_eq!(counts[t], *count, "second {t}");
+    // The zone split, a histogram's count rate and median, a gauge's min and mean, read back the same way.
+    let read_back = [
+        prometheus
+            .samples("rw_requests_rate{service=\"rw\",version=\"\",zone=\"z1\"}")
+            .await,
+        prometheus
+            .samples(&format!("rw_latency_count_rate{overall}"))
+            .await,
+        prometheus
+            .samples("rw_latency{service=\"rw\",version=\"\",zone=\"\",quantile=\"0.5\"}")
+            .await,
+        prometheus.samples(&format!("rw_depth_min{overall}")).await,
+        prometheus.samples(&format!("rw_depth_mean{overall}")).await,
+    ];
+    for (t, values) in &more {
+        for (field, value) in values.iter().enumerate() {
+            assert_eq!(read_back[field][t], *value, "second {t}, field {field}");
+        }
     }
+    // Against the traffic itself: every request and every latency value sent is in Prometheus once, and the
+    // latencies' sum rate (count x mean, so within the histograms' 1%) adds up to what was sent.
+    let total = |samples: &BTreeMap<i64, f64>| samples.values().sum::<f64>();
+    assert_eq!(total(&rates), f64::from(sent_requests), "{rates:?}");
+    assert_eq!(total(&read_back[1]), f64::from(sent_values));
+    let sums = prometheus
+        .samples(&format!("rw_latency_sum_rate{overall}"))
+        .await;
+    let relative = (total(&sums) - f64::from(sent_latency)).abs() / f64::from(sent_latency);
+    assert!(
+        relative < 0.01,
+        "latency sum {} vs {sent_latency} sent",
+        total(&sums)
+    );
     // The tag became a label.
     let by_route = prometheus
         .samples("rw_requests_rate{service=\"rw\",version=\"\",zone=\"\",route=\"/pay\"}")

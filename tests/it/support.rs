@@ -136,7 +136,16 @@ pub(crate) async fn agent(
 /// An agent of `service` (version `v1`, instance `<service>-1`) streaming to `target` (`http://host:port`), with
 /// `extra` flags.
 pub(crate) async fn agent_to(target: &str, service: &str, extra: &[&str]) -> Process {
-    let instance = format!("{service}-1");
+    agent_as(target, service, &format!("{service}-1"), extra).await
+}
+
+/// [`agent_to`], as instance `instance`.
+pub(crate) async fn agent_as(
+    target: &str,
+    service: &str,
+    instance: &str,
+    extra: &[&str],
+) -> Process {
     let mut args = vec![
         "agent",
         "--service",
@@ -144,7 +153,7 @@ pub(crate) async fn agent_to(target: &str, service: &str, extra: &[&str]) -> Pro
         "--version",
         "v1",
         "--instance",
-        &instance,
+        instance,
         "--aggregator",
         target,
         "--statsd-addr",

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OnceCell, mpsc, watch};
+use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::alerting::alerts::{Alerts, Handover, SavedAlert};
@@ -43,6 +43,11 @@ pub struct ClusterSettings {
     /// How long after its last keep-alive a node's membership expires.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How long a webhook waits for the alert state that records it to be written to etcd before it goes out
+    /// anyway (etcd down must not stop paging). Written first, a page the next owner finds unconfirmed is sent
+    /// again under the same id and idempotency key, never as a new alert.
+    #[serde(with = "humantime_serde")]
+    pub state_write_wait: Duration,
     /// This node's id (default: `host-pid`); must be unique in the cluster.
     pub node_id: Option<String>,
     /// The gRPC address agents are redirected to (default: the bound address).
@@ -57,6 +62,7 @@ impl Default for ClusterSettings {
             etcd: Vec::new(),
             prefix: "/strobe/".to_owned(),
             lease_ttl: Duration::from_secs(2),
+            state_write_wait: Duration::from_secs(1),
             node_id: None,
             advertise_grpc: None,
             advertise_http: None,
@@ -90,8 +96,18 @@ pub enum ClusterError {
     },
 }
 
-/// An etcd key and the value to put there.
-type KeyValue = (String, Vec<u8>);
+/// An etcd key, the value to put there, and who waits for it to be written.
+type KeyValue = (String, Vec<u8>, Option<oneshot::Sender<()>>);
+
+/// A value waiting to be written, and everyone waiting for it (or for an older value it replaced).
+type Waiting = BTreeMap<String, (Vec<u8>, Vec<oneshot::Sender<()>>)>;
+
+/// Keeps the newest value per key, and every waiter.
+fn wait_for(waiting: &mut Waiting, (key, value, written): KeyValue) {
+    let entry = waiting.entry(key).or_default();
+    entry.0 = value;
+    entry.1.extend(written);
+}
 
 /// One node as the others see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -534,18 +550,16 @@ impl Cluster {
     /// Writes alert state as it comes, the newest per service, retrying what fails (one failing key does not hold
     /// up the others).
     async fn write_alert_state(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<KeyValue>) {
-        let mut waiting: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut waiting = Waiting::new();
         loop {
             if waiting.is_empty() {
                 match writes.recv().await {
-                    Some((key, value)) => {
-                        waiting.insert(key, value);
-                    }
+                    Some(write) => wait_for(&mut waiting, write),
                     None => return,
                 }
             }
-            while let Ok((key, value)) = writes.try_recv() {
-                waiting.insert(key, value);
+            while let Ok(write) = writes.try_recv() {
+                wait_for(&mut waiting, write);
             }
             let client = self.client.lock().await.clone();
             let Some(mut client) = client else {
@@ -553,7 +567,7 @@ impl Cluster {
                 continue;
             };
             let mut failed = BTreeMap::new();
-            for (key, value) in std::mem::take(&mut waiting) {
+            for (key, (value, waiters)) in std::mem::take(&mut waiting) {
                 if value.len() > MAX_HANDOVER_BYTES {
                     warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
                     continue;
@@ -564,14 +578,18 @@ impl Cluster {
                 // A failed write is tried again only while the service is here: once it moved, its new owner's
                 // state must not be overwritten by this node's older one.
                 let service = key.rsplit('/').next().unwrap_or_default();
-                if !matches!(put, Ok(Ok(_))) && self.keeps(service) {
-                    failed.insert(key, value);
+                if matches!(put, Ok(Ok(_))) {
+                    for written in waiters {
+                        written.send(()).ok(); // nobody waiting any more is fine
+                    }
+                } else if self.keeps(service) {
+                    failed.insert(key, (value, waiters));
                 }
             }
             if !failed.is_empty() {
                 // Newer values that came meanwhile win over the failed ones.
-                while let Ok((key, value)) = writes.try_recv() {
-                    failed.insert(key, value);
+                while let Ok(write) = writes.try_recv() {
+                    wait_for(&mut failed, write);
                 }
                 waiting = failed;
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -584,16 +602,23 @@ impl Cluster {
 const MAX_HANDOVER_BYTES: usize = 1 << 20;
 
 impl Handover for Cluster {
-    fn publish(&self, service: &str, alerts: Vec<SavedAlert>) {
+    fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
         let key = format!("{}alerts/{service}", self.settings.prefix);
         match serde_json::to_vec(&alerts) {
             Ok(value) => {
-                self.writes.send((key, value)).ok(); // the writer stops only at shutdown
+                let (written, answer) = oneshot::channel();
+                self.writes.send((key, value, Some(written))).ok(); // the writer stops only at shutdown
+                Some(answer)
             }
             Err(error) => {
-                warn!(message = "Alert state not serialised for handover.", %service, %error)
+                warn!(message = "Alert state not serialised for handover.", %service, %error);
+                None
             }
         }
+    }
+
+    fn write_wait(&self) -> Duration {
+        self.settings.state_write_wait
     }
 }
 

@@ -19,7 +19,10 @@ for i in range(rounds):
     statsd.timing("py.timing", 10 + i % 20)
     statsd.histogram("py.hist", 100 + i)
     statsd.distribution("py.dist", 5 + i % 7, tags=["route:/a"])
-statsd.gauge("py.inflight", 42)
+statsd.gauge("py.inflight", 7)  # lower than the values before it: the last value, not the largest
 statsd.flush()
 statsd.close_socket()
-print(f"jobs={increments - decrements} samples={rounds} last_gauge=42 timing_max={10 + min(rounds - 1, 19)}")
+print(
+    f"jobs={increments - decrements} samples={rounds} last_gauge=7 timing_max={10 + min(rounds - 1, 19)}"
+    f" hist_max={100 + rounds - 1} dist_max={5 + min(rounds - 1, 6)}"
+)

@@ -92,8 +92,50 @@ pub(crate) struct Persistence {
 /// Where each service's alert state goes whenever it changes, for the node that takes the service over next
 /// (the cluster implements it with etcd). Must not block.
 pub(crate) trait Handover: Send + Sync {
-    /// The service's alerts now (empty: none).
-    fn publish(&self, service: &str, alerts: Vec<SavedAlert>);
+    /// The service's alerts now (empty: none). The answer, if any, fires once they are written where the next
+    /// owner reads them.
+    fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>>;
+
+    /// How long a notification waits for the state that records it to be written before it goes out anyway.
+    fn write_wait(&self) -> Duration;
+}
+
+/// Notifications queued together, to go out once the state that records them is written.
+struct Release {
+    after: Vec<oneshot::Receiver<()>>,
+    notifications: Vec<Notification>,
+}
+
+/// Passes notifications on to delivery in the order they were queued, each batch only once the state that records
+/// it is written (or `wait` has passed: alerting does not stop when the store does). A page sent before its alert
+/// is on record could, after a crash, be sent again by the next owner under a new id; written first, it is sent
+/// again at most under its own id and idempotency key.
+async fn forward(
+    mut releases: mpsc::UnboundedReceiver<Release>,
+    sink: mpsc::UnboundedSender<Notification>,
+    wait: Duration,
+) {
+    while let Some(release) = releases.recv().await {
+        if !release.after.is_empty() {
+            let written = async {
+                for write in release.after {
+                    write.await.ok(); // a write given up (the service moved) releases as well
+                }
+            };
+            if tokio::time::timeout(wait, written).await.is_err() {
+                warn!(
+                    message = "Alert state not written in time; notifying anyway.",
+                    wait_ms = wait.as_millis() as u64
+                );
+            }
+        }
+        for notification in release.notifications {
+            if sink.send(notification).is_err() {
+                // Delivery stops only at shutdown; the notification is not sent, and says so.
+                warn!(message = "Delivery stopped; notification not sent.");
+            }
+        }
+    }
 }
 
 /// A handle to the alert manager; cheap to clone, never blocks the caller.
@@ -116,10 +158,15 @@ impl Alerts {
         tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (gate, releases) = mpsc::unbounded_channel();
+        let wait = handover.as_ref().map_or(Duration::ZERO, |h| h.write_wait());
+        tasks.spawn(forward(releases, sink, wait));
         let mut manager = Manager {
             rules,
             records,
-            sink,
+            outbox: Vec::new(),
+            writing: Vec::new(),
+            gate,
             entries: BTreeMap::new(),
             commands: tx.downgrade(),
             persistence,
@@ -259,7 +306,11 @@ impl Entry {
 struct Manager {
     rules: Arc<RulesStore>,
     records: Arc<dyn RecordSink>,
-    sink: mpsc::UnboundedSender<Notification>,
+    /// Notifications queued since the last save; they go out after it (see [`forward`]).
+    outbox: Vec<Notification>,
+    /// Handover writes started since the last release.
+    writing: Vec<oneshot::Receiver<()>>,
+    gate: mpsc::UnboundedSender<Release>,
     entries: BTreeMap<String, Entry>,
     /// The manager's own queue, for delivery to report settled notifications (weak: it does not keep it open).
     commands: mpsc::WeakUnboundedSender<Command>,
@@ -275,6 +326,8 @@ struct Manager {
 
 impl Manager {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        // What the state file had queued and not delivered is on record already.
+        self.release();
         loop {
             let due = self.next_due();
             tokio::select! {
@@ -284,6 +337,7 @@ impl Manager {
                     Some(Command::Ack { id, by, reply }) => {
                         let answer = self.on_ack(&id, &by);
                         self.save();
+                        self.release();
                         // The asker may have gone (a closed HTTP request); the ack stands either way.
                         reply.send(answer).ok();
                     }
@@ -316,7 +370,21 @@ impl Manager {
             self.resolve_unconfirmed();
             self.prune();
             self.save();
+            self.release();
         }
+    }
+
+    /// Sends what was queued since the last release on to delivery, behind the writes that record it.
+    fn release(&mut self) {
+        if self.outbox.is_empty() {
+            self.writing.clear();
+            return;
+        }
+        let release = Release {
+            after: std::mem::take(&mut self.writing),
+            notifications: std::mem::take(&mut self.outbox),
+        };
+        self.gate.send(release).ok(); // the forwarder stops only at shutdown
     }
 
     /// Loads the state file: firing and acknowledged alerts wait for their rule to confirm them, notifications
@@ -433,7 +501,13 @@ impl Manager {
             unsettled.sort_by_key(|(transition, step)| (*step, transition_rank(*transition)));
             for (transition, step) in unsettled {
                 entry.sent.remove(&(transition, step));
-                notify(&self.sink, &self.commands, &mut entry, transition, step);
+                notify(
+                    &mut self.outbox,
+                    &self.commands,
+                    &mut entry,
+                    transition,
+                    step,
+                );
                 requeued += 1;
             }
             if entry.is_open() {
@@ -499,7 +573,9 @@ impl Manager {
             if self.handed_over.get(&service) == Some(&json) {
                 continue;
             }
-            handover.publish(&service, alerts);
+            if let Some(written) = handover.publish(&service, alerts) {
+                self.writing.push(written);
+            }
             if json == "[]" {
                 self.handed_over.remove(&service);
             } else {
@@ -619,7 +695,7 @@ impl Manager {
         info!(message = "Alert resolved.", alert = %id, rule = %entry.record.rule, service = %entry.record.service);
         self.records.publish_alert(&entry.record);
         tell_everyone_told(
-            &self.sink,
+            &mut self.outbox,
             &self.commands,
             entry,
             NotifyTransition::Resolved,
@@ -690,7 +766,7 @@ impl Manager {
         info!(message = "Alert acknowledged.", alert = %id, by = %by);
         self.records.publish_alert(&entry.record);
         tell_everyone_told(
-            &self.sink,
+            &mut self.outbox,
             &self.commands,
             entry,
             NotifyTransition::Acknowledged,
@@ -721,7 +797,7 @@ impl Manager {
                     .push(format!("{} step {}", chain.name, index + 1));
                 self.dirty = true;
                 notify(
-                    &self.sink,
+                    &mut self.outbox,
                     &self.commands,
                     entry,
                     NotifyTransition::Firing,
@@ -761,18 +837,18 @@ impl Manager {
 
 /// Tells every escalation step that was told the alert fired about `transition`.
 fn tell_everyone_told(
-    sink: &mpsc::UnboundedSender<Notification>,
+    outbox: &mut Vec<Notification>,
     commands: &mpsc::WeakUnboundedSender<Command>,
     entry: &mut Entry,
     transition: NotifyTransition,
 ) {
     for step in entry.told.clone() {
-        notify(sink, commands, entry, transition, step);
+        notify(outbox, commands, entry, transition, step);
     }
 }
 
 fn notify(
-    sink: &mpsc::UnboundedSender<Notification>,
+    outbox: &mut Vec<Notification>,
     commands: &mpsc::WeakUnboundedSender<Command>,
     entry: &mut Entry,
     transition: NotifyTransition,
@@ -803,10 +879,7 @@ fn notify(
         step: target.clone(),
         on_settled: Some(on_settled),
     };
-    if sink.send(notification).is_err() {
-        // Delivery stops only at shutdown; the notification is not sent, and says so.
-        warn!(message = "Delivery stopped; notification not sent.", alert = %entry.record.id, transition = transition.as_str());
-    }
+    outbox.push(notification);
 }
 
 /// The order in which one target hears of one alert.
