@@ -1,7 +1,8 @@
 //! Three aggregator nodes on a real etcd (Debian's `etcd-server`, installed by the test command): agents of 30
 //! services all dial the first node and are spread by redirects; a node killed with SIGKILL loses its services to
 //! the others and gets them back when it returns; every second of every service is counted exactly once across
-//! the moves; an alert firing on the killed node is neither lost nor sent twice.
+//! the moves; an alert firing on the killed node is neither lost nor sent twice, and one nobody acknowledged
+//! escalates on schedule from its new owner.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -89,7 +90,8 @@ fn rules(receiver: std::net::SocketAddr) -> String {
     format!(
         "[[rules]]\nname = \"errors\"\nmetric = \"errors\"\nstat = \"sum\"\nabove = 0.0\nfor = \"0s\"\n\
          keep_firing_for = \"2s\"\nowner = \"team\"\n\n[[owners]]\nname = \"team\"\nescalation = [\n  \
-         {{ after = \"0s\", webhook = \"http://{receiver}/dev\", format = \"json\" }},\n]\n"
+         {{ after = \"0s\", webhook = \"http://{receiver}/dev\", format = \"json\" }},\n  \
+         {{ after = \"8s\", webhook = \"http://{receiver}/lead\", format = \"json\" }},\n]\n"
     )
 }
 
@@ -395,18 +397,23 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         .filter(|(_, o)| *o == "n2")
         .map(|(s, _)| s.clone())
         .collect();
+    // A second one, on another of n2's services, is never acknowledged: its escalation (8 s) falls due after
+    // the kill, on the new owner.
+    assert!(on_n2.len() >= 2, "{before:?}");
     let alerting = on_n2[0].clone();
+    let escalating = on_n2[1].clone();
     failing[&alerting].store(true, Ordering::SeqCst);
-    let alert_id = loop {
-        let fired: Vec<_> = receiver
+    failing[&escalating].store(true, Ordering::SeqCst);
+    let first_page = |service: &str| {
+        receiver
             .received()
             .into_iter()
-            .filter(|r| {
-                r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str()
-            })
-            .collect();
-        if let Some(first) = fired.first() {
-            break first.alert_id.clone();
+            .find(|r| r.transition == "firing" && r.body["commonLabels"]["service"] == service)
+            .map(|r| r.alert_id)
+    };
+    let (alert_id, escalated_id) = loop {
+        if let (Some(a), Some(b)) = (first_page(&alerting), first_page(&escalating)) {
+            break (a, b);
         }
         next_frame(&mut ws, Duration::from_secs(20), |f| {
             tally.record(f);
@@ -482,6 +489,21 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The unacknowledged one escalates on schedule from its new owner (n2 is dead), once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.count("lead", &escalated_id, "firing") == 0 {
+        next_frame(&mut ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "escalated by the new owner: {:?}",
+            receiver.received()
+        );
+    }
+    eprintln!("phase: escalated by the new owner");
     let during = owners(http1).await;
     for service in &on_n2 {
         assert_ne!(
@@ -524,8 +546,11 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     eprintln!("phase: services back on n2");
     // The alert, still breaching, was never paged again; now it clears and is resolved once.
     failing[&alerting].store(false, Ordering::SeqCst);
+    failing[&escalating].store(false, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while receiver.count("dev", &alert_id, "resolved") == 0 {
+    while receiver.count("dev", &alert_id, "resolved") == 0
+        || receiver.count("lead", &escalated_id, "resolved") == 0
+    {
         next_frame(&mut ws, Duration::from_secs(10), |f| {
             tally.record(f);
             Some(())
@@ -599,15 +624,41 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         wrong.is_empty(),
         "seconds not counted exactly once (service, t, sent, on n1, summed over nodes): {wrong:?}"
     );
-    // One page for the alert's service, under any id, across the kill and the return.
-    let pages = receiver
-        .received()
-        .iter()
-        .filter(|r| {
-            r.transition == "firing" && r.body["commonLabels"]["service"] == alerting.as_str()
-        })
-        .count();
-    assert_eq!(pages, 1, "{:?}", receiver.received());
+    // One page per alerting service to its first step, under any id, across the kill and the return.
+    for service in [&alerting, &escalating] {
+        let pages = receiver
+            .received()
+            .iter()
+            .filter(|r| {
+                r.path == "dev"
+                    && r.transition == "firing"
+                    && r.body["commonLabels"]["service"] == service.as_str()
+            })
+            .count();
+        assert_eq!(pages, 1, "{service}: {:?}", receiver.received());
+    }
+    // The unacknowledged alert: escalated once, and its resolution told to both steps once; the acknowledged one
+    // never escalated.
+    for (path, transition, expected) in [
+        ("dev", "firing", 1),
+        ("lead", "firing", 1),
+        ("dev", "resolved", 1),
+        ("lead", "resolved", 1),
+        ("dev", "acknowledged", 0),
+    ] {
+        assert_eq!(
+            receiver.count(path, &escalated_id, transition),
+            expected,
+            "{path} {transition}: {:?}",
+            receiver.received()
+        );
+    }
+    assert_eq!(
+        receiver.count("lead", &alert_id, "firing"),
+        0,
+        "{:?}",
+        receiver.received()
+    );
     assert_eq!(
         receiver.count("dev", &alert_id, "acknowledged"),
         1,

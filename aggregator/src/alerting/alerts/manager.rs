@@ -1010,6 +1010,13 @@ escalation = [
     fn setup_with(
         persistence: Option<Persistence>,
     ) -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
+        setup_handing_over(persistence, None)
+    }
+
+    fn setup_handing_over(
+        persistence: Option<Persistence>,
+        handover: Option<Arc<dyn Handover>>,
+    ) -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
         let dir = std::env::temp_dir().join(format!("strobe-manager-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("rules-{}.toml", rand::random::<u64>()));
@@ -1024,10 +1031,72 @@ escalation = [
             sink,
             health,
             persistence,
-            None,
+            handover,
             &mut tasks,
         );
         (alerts, notes, tasks)
+    }
+
+    /// A handover store whose writes finish only when the test says so.
+    #[derive(Default)]
+    struct HeldStore {
+        writes: std::sync::Mutex<Vec<oneshot::Sender<()>>>,
+    }
+
+    impl Handover for HeldStore {
+        fn publish(&self, _: &str, _: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
+            let (written, answer) = oneshot::channel();
+            self.writes.lock().unwrap().push(written);
+            Some(answer)
+        }
+
+        fn write_wait(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    /// A page goes out only once the state that records it is written for the next owner (so a crash between the
+    /// two can only send it again under its own id), or after `write_wait` when the store does not answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_page_waits_for_its_alert_state_to_be_handed_over() {
+        let store = Arc::new(HeldStore::default());
+        let (alerts, mut notes, _tasks) = setup_handing_over(None, Some(store.clone()));
+        alerts.event(event("a", EventKind::Pending));
+        alerts.event(event("a", EventKind::Firing));
+        settle().await;
+        assert!(
+            drain(&mut notes).is_empty(),
+            "not before its state is written"
+        );
+        let writes = std::mem::take(&mut *store.writes.lock().unwrap());
+        assert!(!writes.is_empty());
+        for written in writes {
+            written.send(()).unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            drain(&mut notes),
+            vec![("a".into(), "firing", "dev".into())]
+        );
+        // A store that does not answer holds a page for `write_wait`, no longer.
+        let other = |kind| AlertEvent {
+            service: "other".into(),
+            ..event("b", kind)
+        };
+        alerts.event(other(EventKind::Pending));
+        alerts.event(other(EventKind::Firing));
+        settle().await;
+        assert!(drain(&mut notes).is_empty());
+        assert!(!store.writes.lock().unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        settle().await;
+        assert!(drain(&mut notes).is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        settle().await;
+        assert_eq!(
+            drain(&mut notes),
+            vec![("b".into(), "firing", "dev".into())]
+        );
     }
 
     fn drain(
