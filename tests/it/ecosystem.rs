@@ -186,10 +186,10 @@ async fn the_datadog_python_client_is_counted_exactly() {
     }
 }
 
-/// The OpenTelemetry SDK's OTLP exporters, gRPC and HTTP/protobuf, cumulative temporality (the SDK's default),
-/// from two instances of one service, each with its own agent: counters counted exactly, the up-down counter as a
-/// gauge, a histogram in seconds as a timer in ms, an exponential histogram within its precision, each second's
-/// histograms merged across both instances.
+/// The OpenTelemetry SDK's OTLP exporters, gRPC with cumulative temporality (the SDK's default) and HTTP/protobuf
+/// with delta temporality, from two instances of one service, each with its own agent: counters counted exactly,
+/// the up-down counter as a gauge, a histogram in seconds as a timer in ms, an exponential histogram within its
+/// precision, each second's histograms merged across both instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_opentelemetry_sdk_exports_over_otlp_grpc_and_http() {
     let aggregator = aggregator(&[]).await;

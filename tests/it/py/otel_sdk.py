@@ -1,7 +1,8 @@
 """Drives an agent with the OpenTelemetry Python SDK and its OTLP exporters (gRPC and HTTP/protobuf).
 
 Usage: otel_sdk.py GRPC_ENDPOINT HTTP_ENDPOINT ROUNDS. Each exporter gets the same instruments, told apart by the
-attribute `transport`. Prints what was recorded as `name=value` words.
+attribute `transport`: gRPC with cumulative temporality (the SDK's default), HTTP with delta temporality for counters
+and histograms. Prints what was recorded as `name=value` words.
 """
 import sys
 import time
@@ -9,8 +10,8 @@ import time
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 
 grpc_endpoint, http_endpoint, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -19,7 +20,17 @@ providers = []
 for transport, exporter in [
     ("grpc", GrpcExporter(endpoint=grpc_endpoint, insecure=True)),
     # gzip, as the Collector's otlphttp exporter sends by default.
-    ("http", HttpExporter(endpoint=http_endpoint + "/v1/metrics", compression=Compression.Gzip)),
+    (
+        "http",
+        HttpExporter(
+            endpoint=http_endpoint + "/v1/metrics",
+            compression=Compression.Gzip,
+            preferred_temporality={
+                Counter: AggregationTemporality.DELTA,
+                Histogram: AggregationTemporality.DELTA,
+            },
+        ),
+    ),
 ]:
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=500)
     # One histogram with exponential buckets (a view), one with the SDK's default explicit buckets.
