@@ -155,6 +155,8 @@ pub(crate) struct Health {
     pub(crate) cluster_refused: Counter,
     /// Services given to another node after a membership change.
     pub(crate) cluster_services_moved: Counter,
+    /// Alert state writes not made because another node wrote the service's state since this one read it.
+    pub(crate) cluster_alert_state_fenced: Counter,
     /// Live members in this node's view.
     pub(crate) cluster_members: Gauge,
     /// 1 while etcd answers.
@@ -263,6 +265,10 @@ impl Health {
             "cluster_services_moved",
             "Services given to another node after a membership change",
         );
+        let cluster_alert_state_fenced = counter(
+            "cluster_alert_state_fenced",
+            "Alert state writes not made: another node wrote the service's state since this one read or wrote it",
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -318,6 +324,7 @@ impl Health {
             cluster_redirects,
             cluster_refused,
             cluster_services_moved,
+            cluster_alert_state_fenced,
             cluster_members,
             cluster_etcd_up,
             remote_write_sent,

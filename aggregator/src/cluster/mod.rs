@@ -24,7 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -99,6 +102,25 @@ pub enum ClusterError {
 /// An etcd key, the value to put there, and who waits for it to be written.
 type KeyValue = (String, Vec<u8>, Option<oneshot::Sender<()>>);
 
+/// What a node knows of an alert-state key it writes.
+#[derive(Debug, Clone)]
+struct Fence {
+    /// The key's revision when this node last read or wrote it (0: absent; -1: another node wrote it since, so
+    /// this node writes it no more until it takes the service again).
+    revision: i64,
+    /// A value this node wrote without hearing the answer: finding it there is finding its own write.
+    unconfirmed: Option<Vec<u8>>,
+}
+
+/// How one fenced write went.
+enum Written {
+    Yes,
+    /// Not known to be written (etcd down or slow); tried again while the service is here.
+    Failed,
+    /// Another node wrote the key since: not written, not tried again.
+    Fenced,
+}
+
 /// A value waiting to be written, and everyone waiting for it (or for an older value it replaced).
 type Waiting = BTreeMap<String, (Vec<u8>, Vec<oneshot::Sender<()>>)>;
 
@@ -149,6 +171,10 @@ pub(crate) struct Cluster {
     local: Mutex<HashSet<Arc<str>>>,
     /// Services whose alert state was taken over from etcd, once per stay here.
     adopted: Mutex<HashMap<Arc<str>, Arc<OnceCell<()>>>>,
+    /// Per alert-state key: the revision this node last read or wrote there. Its writes are made only if the key
+    /// is still at that revision, so a node never overwrites state another node wrote since (an old owner's late
+    /// or retried write after the service moved on).
+    alert_revisions: Mutex<HashMap<String, Fence>>,
     /// Alert state to write, newest per service.
     writes: mpsc::UnboundedSender<KeyValue>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<KeyValue>>>,
@@ -231,6 +257,7 @@ impl Cluster {
             leaving: AtomicBool::new(false),
             local: Mutex::new(HashSet::new()),
             adopted: Mutex::new(HashMap::new()),
+            alert_revisions: Mutex::new(HashMap::new()),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
             client: tokio::sync::Mutex::new(None),
@@ -320,6 +347,97 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(service);
+        // Its fence stays until its last state from here is written (the writer drops it then): that write must
+        // still not overwrite what a new owner wrote meanwhile.
+    }
+
+    fn alert_key(&self, service: &str) -> String {
+        format!("{}alerts/{service}", self.settings.prefix)
+    }
+
+    /// Writes one service's alert state if nobody else wrote it since this node last read or wrote it.
+    async fn write_fenced(&self, client: &mut Client, key: &str, value: &[u8]) -> Written {
+        let fence = self
+            .alert_revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned();
+        let Some(mut fence) = fence else {
+            // Never read here (a service is adopted before its first snapshot, so this is not expected): written
+            // as is while the service is here, and fenced from then on; not at all once it left.
+            let service = key.rsplit('/').next().unwrap_or_default();
+            if !self.keeps(service) {
+                return Written::Fenced;
+            }
+            let put = tokio::time::timeout(ETCD_CALL, client.put(key, value, None)).await;
+            return match put {
+                Ok(Ok(response)) => {
+                    let revision = response.header().map_or(0, |h| h.revision());
+                    self.set_fence(key, revision, None);
+                    Written::Yes
+                }
+                _ => Written::Failed,
+            };
+        };
+        // Twice at most: a second try after finding this node's own unconfirmed write there.
+        for _ in 0..2 {
+            if fence.revision < 0 {
+                return Written::Fenced;
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Equal, fence.revision)])
+                .and_then([TxnOp::put(key, value, None)]);
+            match tokio::time::timeout(ETCD_CALL, client.txn(txn)).await {
+                Ok(Ok(response)) if response.succeeded() => {
+                    let revision = response.header().map_or(0, |h| h.revision());
+                    self.set_fence(key, revision, None);
+                    return Written::Yes;
+                }
+                Ok(Ok(_)) => {
+                    // Changed since: by this node's own write whose answer was lost, or by another node.
+                    let read = tokio::time::timeout(ETCD_CALL, client.get(key, None)).await;
+                    let Ok(Ok(response)) = read else {
+                        return Written::Failed;
+                    };
+                    let current = response.kvs().first();
+                    match (current, &fence.unconfirmed) {
+                        (Some(kv), Some(mine)) if kv.value() == mine.as_slice() => {
+                            fence = Fence {
+                                revision: kv.mod_revision(),
+                                unconfirmed: None,
+                            };
+                            self.set_fence(key, fence.revision, None);
+                        }
+                        _ => {
+                            self.set_fence(key, -1, None);
+                            self.health.cluster_alert_state_fenced.inc();
+                            warn!(message = "Alert state changed by another node since this one read it; not overwritten.", %key);
+                            return Written::Fenced;
+                        }
+                    }
+                }
+                _ => {
+                    // The answer is lost: the write may have been made. Remember it, to know it again.
+                    self.set_fence(key, fence.revision, Some(value.to_vec()));
+                    return Written::Failed;
+                }
+            }
+        }
+        Written::Failed
+    }
+
+    fn set_fence(&self, key: &str, revision: i64, unconfirmed: Option<Vec<u8>>) {
+        self.alert_revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.to_owned(),
+                Fence {
+                    revision,
+                    unconfirmed,
+                },
+            );
     }
 
     /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it.
@@ -334,19 +452,21 @@ impl Cluster {
             .or_default()
             .clone();
         cell.get_or_try_init(|| async {
-            let key = format!("{}alerts/{service}", self.settings.prefix);
+            let key = self.alert_key(service);
             let client = self.client.lock().await.clone();
             let Some(mut client) = client else {
                 return Err("etcd not connected".to_owned());
             };
-            let saved = match tokio::time::timeout(ETCD_CALL, client.get(key, None)).await {
-                Ok(Ok(response)) => response
-                    .kvs()
-                    .first()
-                    .map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
-                    .transpose()
-                    .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
-                    .unwrap_or_default(),
+            let saved = match tokio::time::timeout(ETCD_CALL, client.get(key.clone(), None)).await {
+                Ok(Ok(response)) => {
+                    let kv = response.kvs().first();
+                    // Writes from here on are made only over what was read now (0: no key yet).
+                    self.set_fence(&key, kv.map_or(0, |kv| kv.mod_revision()), None);
+                    kv.map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
+                        .transpose()
+                        .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
+                        .unwrap_or_default()
+                }
                 Ok(Err(error)) => return Err(format!("reading alert state of {service}: {error}")),
                 Err(_) => return Err(format!("reading alert state of {service}: timed out")),
             };
@@ -572,18 +692,27 @@ impl Cluster {
                     warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
                     continue;
                 }
-                let put =
-                    tokio::time::timeout(ETCD_CALL, client.put(key.clone(), value.clone(), None))
-                        .await;
                 // A failed write is tried again only while the service is here: once it moved, its new owner's
-                // state must not be overwritten by this node's older one.
+                // state must not be overwritten by this node's older one (nor is it, once the new owner wrote:
+                // writes are fenced by revision).
                 let service = key.rsplit('/').next().unwrap_or_default();
-                if matches!(put, Ok(Ok(_))) {
-                    for written in waiters {
-                        written.send(()).ok(); // nobody waiting any more is fine
+                match self.write_fenced(&mut client, &key, &value).await {
+                    Written::Yes => {
+                        for written in waiters {
+                            written.send(()).ok(); // nobody waiting any more is fine
+                        }
+                        if !self.keeps(service) {
+                            // Its last state from here is written; taking it again reads it afresh.
+                            self.alert_revisions
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&key);
+                        }
                     }
-                } else if self.keeps(service) {
-                    failed.insert(key, (value, waiters));
+                    Written::Failed if self.keeps(service) => {
+                        failed.insert(key, (value, waiters));
+                    }
+                    Written::Failed | Written::Fenced => {} // the waiters are let go
                 }
             }
             if !failed.is_empty() {
@@ -603,7 +732,7 @@ const MAX_HANDOVER_BYTES: usize = 1 << 20;
 
 impl Handover for Cluster {
     fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
-        let key = format!("{}alerts/{service}", self.settings.prefix);
+        let key = self.alert_key(service);
         match serde_json::to_vec(&alerts) {
             Ok(value) => {
                 let (written, answer) = oneshot::channel();
