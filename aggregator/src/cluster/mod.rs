@@ -19,7 +19,7 @@
 pub(crate) mod relay;
 pub(crate) mod rendezvous;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -99,36 +99,74 @@ pub enum ClusterError {
     },
 }
 
-/// An etcd key, the value to put there, and who waits for it to be written.
-type KeyValue = (String, Vec<u8>, Option<oneshot::Sender<()>>);
+/// What the alert manager hands the writer: a service's newest state (with the stay it belongs to, and who waits
+/// for it to be written), or word that the service left this node (its last state is already queued).
+enum Write {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        stay: u64,
+        written: Option<oneshot::Sender<()>>,
+    },
+    Leave {
+        key: String,
+        stay: u64,
+    },
+}
 
-/// What a node knows of an alert-state key it writes.
+/// What a node knows of an alert-state key, for one stay of its service here.
 #[derive(Debug, Clone)]
 struct Fence {
-    /// The key's revision when this node last read or wrote it (0: absent; -1: another node wrote it since, so
-    /// this node writes it no more until it takes the service again).
+    /// Which stay (a number `adopt` draws): writes queued in an earlier stay are not made in a later one.
+    stay: u64,
+    /// The key's revision when this node last read or wrote it (0: absent).
     revision: i64,
-    /// A value this node wrote without hearing the answer: finding it there is finding its own write.
-    unconfirmed: Option<Vec<u8>>,
+    /// Values this node wrote without hearing the answer (the newest few): finding one there is finding its own
+    /// write.
+    unconfirmed: VecDeque<Vec<u8>>,
+    /// Another node wrote the key after this one gave the service away: nothing more is written from here.
+    fenced: bool,
 }
+
+/// How many unanswered writes of one key are remembered.
+const UNCONFIRMED_KEPT: usize = 8;
 
 /// How one fenced write went.
 enum Written {
     Yes,
     /// Not known to be written (etcd down or slow); tried again while the service is here.
     Failed,
-    /// Another node wrote the key since: not written, not tried again.
+    /// Not written and not tried again: another node wrote the key since this one gave the service away, or the
+    /// write belongs to an earlier stay.
     Fenced,
 }
 
-/// A value waiting to be written, and everyone waiting for it (or for an older value it replaced).
-type Waiting = BTreeMap<String, (Vec<u8>, Vec<oneshot::Sender<()>>)>;
+/// Per key: the newest value waiting to be written (if any) with its stay, everyone waiting for it (or for an
+/// older value it replaced), and the stay that left, if the service left.
+#[derive(Default)]
+struct Pending {
+    value: Option<(Vec<u8>, u64)>,
+    waiters: Vec<oneshot::Sender<()>>,
+    left: Option<u64>,
+}
 
-/// Keeps the newest value per key, and every waiter.
-fn wait_for(waiting: &mut Waiting, (key, value, written): KeyValue) {
-    let entry = waiting.entry(key).or_default();
-    entry.0 = value;
-    entry.1.extend(written);
+type Waiting = BTreeMap<String, Pending>;
+
+/// Keeps the newest value per key, every waiter, and a leave after them.
+fn wait_for(waiting: &mut Waiting, write: Write) {
+    match write {
+        Write::Put {
+            key,
+            value,
+            stay,
+            written,
+        } => {
+            let entry = waiting.entry(key).or_default();
+            entry.value = Some((value, stay));
+            entry.waiters.extend(written);
+        }
+        Write::Leave { key, stay } => waiting.entry(key).or_default().left = Some(stay),
+    }
 }
 
 /// One node as the others see it.
@@ -171,13 +209,15 @@ pub(crate) struct Cluster {
     local: Mutex<HashSet<Arc<str>>>,
     /// Services whose alert state was taken over from etcd, once per stay here.
     adopted: Mutex<HashMap<Arc<str>, Arc<OnceCell<()>>>>,
-    /// Per alert-state key: the revision this node last read or wrote there. Its writes are made only if the key
-    /// is still at that revision, so a node never overwrites state another node wrote since (an old owner's late
-    /// or retried write after the service moved on).
+    /// Per alert-state key: the revision this node last read or wrote there, in the service's current (or last)
+    /// stay. A write is made only if the key is still at that revision, so a node that gave a service away never
+    /// overwrites what its new owner wrote (a late or retried write); a node that keeps it writes over anything.
     alert_revisions: Mutex<HashMap<String, Fence>>,
     /// Alert state to write, newest per service.
-    writes: mpsc::UnboundedSender<KeyValue>,
-    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<KeyValue>>>,
+    writes: mpsc::UnboundedSender<Write>,
+    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    /// The last stay number drawn.
+    stays: AtomicU64,
     client: tokio::sync::Mutex<Option<Client>>,
     health: Arc<Health>,
     /// The token this node presents to the others (a read or admin token of the cluster).
@@ -258,6 +298,7 @@ impl Cluster {
             local: Mutex::new(HashSet::new()),
             adopted: Mutex::new(HashMap::new()),
             alert_revisions: Mutex::new(HashMap::new()),
+            stays: AtomicU64::new(0),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
             client: tokio::sync::Mutex::new(None),
@@ -347,79 +388,79 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(service);
-        // Its fence stays until its last state from here is written (the writer drops it then): that write must
-        // still not overwrite what a new owner wrote meanwhile.
+        // Its fence stays until the alert manager's last state for it is written (the writer drops it on the
+        // manager's `leave`): that write must still not overwrite what a new owner wrote meanwhile.
     }
 
     fn alert_key(&self, service: &str) -> String {
         format!("{}alerts/{service}", self.settings.prefix)
     }
 
-    /// Writes one service's alert state if nobody else wrote it since this node last read or wrote it.
-    async fn write_fenced(&self, client: &mut Client, key: &str, value: &[u8]) -> Written {
-        let fence = self
-            .alert_revisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned();
-        let Some(mut fence) = fence else {
-            // Never read here (a service is adopted before its first snapshot, so this is not expected): written
-            // as is while the service is here, and fenced from then on; not at all once it left.
-            let service = key.rsplit('/').next().unwrap_or_default();
-            if !self.keeps(service) {
-                return Written::Fenced;
-            }
-            let put = tokio::time::timeout(ETCD_CALL, client.put(key, value, None)).await;
-            return match put {
-                Ok(Ok(response)) => {
-                    let revision = response.header().map_or(0, |h| h.revision());
-                    self.set_fence(key, revision, None);
-                    Written::Yes
-                }
-                _ => Written::Failed,
-            };
+    /// Writes one service's alert state from stay `stay`: over anything while this node keeps the service (the
+    /// owner's state wins), else only if nobody wrote it since this node last read or wrote it.
+    async fn write_fenced(
+        &self,
+        client: &mut Client,
+        key: &str,
+        value: &[u8],
+        stay: u64,
+    ) -> Written {
+        let service = key.rsplit('/').next().unwrap_or_default();
+        let Some(mut fence) = self.fence(key) else {
+            // No stay here (`adopt` makes one before a service's first snapshot): not this node's to write.
+            self.fenced(key, "no stay here");
+            return Written::Fenced;
         };
-        // Twice at most: a second try after finding this node's own unconfirmed write there.
+        if fence.stay != stay {
+            // Queued in an earlier stay: that state is older than what this stay took over.
+            tracing::debug!(message = "Alert state from an earlier stay here not written.", %key);
+            return Written::Fenced;
+        }
+        if fence.fenced {
+            return Written::Fenced;
+        }
+        // Twice at most: a second try after finding this node's own unanswered write, or, while this node keeps the
+        // service, after finding another's (an old owner's late write), which the owner's state replaces.
         for _ in 0..2 {
-            if fence.revision < 0 {
-                return Written::Fenced;
-            }
             let txn = Txn::new()
                 .when([Compare::mod_revision(key, CompareOp::Equal, fence.revision)])
                 .and_then([TxnOp::put(key, value, None)]);
             match tokio::time::timeout(ETCD_CALL, client.txn(txn)).await {
                 Ok(Ok(response)) if response.succeeded() => {
-                    let revision = response.header().map_or(0, |h| h.revision());
-                    self.set_fence(key, revision, None);
+                    fence.revision = response.header().map_or(0, |h| h.revision());
+                    fence.unconfirmed.clear();
+                    self.update_fence(key, fence);
                     return Written::Yes;
                 }
                 Ok(Ok(_)) => {
-                    // Changed since: by this node's own write whose answer was lost, or by another node.
                     let read = tokio::time::timeout(ETCD_CALL, client.get(key, None)).await;
                     let Ok(Ok(response)) = read else {
                         return Written::Failed;
                     };
                     let current = response.kvs().first();
-                    match (current, &fence.unconfirmed) {
-                        (Some(kv), Some(mine)) if kv.value() == mine.as_slice() => {
-                            fence = Fence {
-                                revision: kv.mod_revision(),
-                                unconfirmed: None,
-                            };
-                            self.set_fence(key, fence.revision, None);
-                        }
-                        _ => {
-                            self.set_fence(key, -1, None);
-                            self.health.cluster_alert_state_fenced.inc();
-                            warn!(message = "Alert state changed by another node since this one read it; not overwritten.", %key);
-                            return Written::Fenced;
-                        }
+                    let revision = current.map_or(0, |kv| kv.mod_revision());
+                    let mine =
+                        current.is_some_and(|kv| fence.unconfirmed.iter().any(|v| v == kv.value()));
+                    if mine {
+                        fence.unconfirmed.clear();
+                    } else if self.keeps(service) {
+                        warn!(message = "Alert state written by another node while this one holds the service; replaced with this node's.", %key);
+                    } else {
+                        fence.fenced = true;
+                        self.update_fence(key, fence);
+                        self.fenced(key, "written by another node since");
+                        return Written::Fenced;
                     }
+                    fence.revision = revision;
+                    self.update_fence(key, fence.clone());
                 }
                 _ => {
                     // The answer is lost: the write may have been made. Remember it, to know it again.
-                    self.set_fence(key, fence.revision, Some(value.to_vec()));
+                    if fence.unconfirmed.len() >= UNCONFIRMED_KEPT {
+                        fence.unconfirmed.pop_front();
+                    }
+                    fence.unconfirmed.push_back(value.to_vec());
+                    self.update_fence(key, fence);
                     return Written::Failed;
                 }
             }
@@ -427,17 +468,30 @@ impl Cluster {
         Written::Failed
     }
 
-    fn set_fence(&self, key: &str, revision: i64, unconfirmed: Option<Vec<u8>>) {
+    fn fence(&self, key: &str) -> Option<Fence> {
         self.alert_revisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                key.to_owned(),
-                Fence {
-                    revision,
-                    unconfirmed,
-                },
-            );
+            .get(key)
+            .cloned()
+    }
+
+    /// Stores what a write learned, unless a new stay began meanwhile (its fence is from its own read).
+    fn update_fence(&self, key: &str, fence: Fence) {
+        let mut fences = self
+            .alert_revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = fences.get_mut(key)
+            && current.stay == fence.stay
+        {
+            *current = fence;
+        }
+    }
+
+    fn fenced(&self, key: &str, why: &str) {
+        self.health.cluster_alert_state_fenced.inc();
+        warn!(message = "Alert state not written: this node no longer has the service.", %key, why);
     }
 
     /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it.
@@ -460,8 +514,17 @@ impl Cluster {
             let saved = match tokio::time::timeout(ETCD_CALL, client.get(key.clone(), None)).await {
                 Ok(Ok(response)) => {
                     let kv = response.kvs().first();
-                    // Writes from here on are made only over what was read now (0: no key yet).
-                    self.set_fence(&key, kv.map_or(0, |kv| kv.mod_revision()), None);
+                    // A new stay: its writes are made over what was read now (0: no key yet).
+                    let fence = Fence {
+                        stay: self.stays.fetch_add(1, Ordering::Relaxed) + 1,
+                        revision: kv.map_or(0, |kv| kv.mod_revision()),
+                        unconfirmed: VecDeque::new(),
+                        fenced: false,
+                    };
+                    self.alert_revisions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone(), fence);
                     kv.map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
                         .transpose()
                         .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
@@ -669,7 +732,7 @@ impl Cluster {
 
     /// Writes alert state as it comes, the newest per service, retrying what fails (one failing key does not hold
     /// up the others).
-    async fn write_alert_state(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<KeyValue>) {
+    async fn write_alert_state(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<Write>) {
         let mut waiting = Waiting::new();
         loop {
             if waiting.is_empty() {
@@ -686,33 +749,41 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            let mut failed = BTreeMap::new();
-            for (key, (value, waiters)) in std::mem::take(&mut waiting) {
-                if value.len() > MAX_HANDOVER_BYTES {
-                    warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
-                    continue;
+            let mut failed = Waiting::new();
+            for (key, mut pending) in std::mem::take(&mut waiting) {
+                if let Some((value, stay)) = pending.value.take() {
+                    // A failed write is tried again only while the service is here: once it moved, its new owner
+                    // takes it from there (and this node's older state never overwrites the owner's: fenced).
+                    let service = key.rsplit('/').next().unwrap_or_default();
+                    let outcome = if value.len() > MAX_HANDOVER_BYTES {
+                        warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
+                        Written::Fenced
+                    } else {
+                        self.write_fenced(&mut client, &key, &value, stay).await
+                    };
+                    match outcome {
+                        Written::Yes => {
+                            for written in pending.waiters.drain(..) {
+                                written.send(()).ok(); // nobody waiting any more is fine
+                            }
+                        }
+                        Written::Failed if self.keeps(service) => {
+                            pending.value = Some((value, stay));
+                            failed.insert(key, pending);
+                            continue;
+                        }
+                        Written::Failed | Written::Fenced => pending.waiters.clear(), // let go
+                    }
                 }
-                // A failed write is tried again only while the service is here: once it moved, its new owner's
-                // state must not be overwritten by this node's older one (nor is it, once the new owner wrote:
-                // writes are fenced by revision).
-                let service = key.rsplit('/').next().unwrap_or_default();
-                match self.write_fenced(&mut client, &key, &value).await {
-                    Written::Yes => {
-                        for written in waiters {
-                            written.send(()).ok(); // nobody waiting any more is fine
-                        }
-                        if !self.keeps(service) {
-                            // Its last state from here is written; taking it again reads it afresh.
-                            self.alert_revisions
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&key);
-                        }
+                if let Some(stay) = pending.left {
+                    // The manager's last state for that stay is written (or given up): the fence goes with it.
+                    let mut fences = self
+                        .alert_revisions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if fences.get(&key).is_some_and(|f| f.stay == stay) {
+                        fences.remove(&key);
                     }
-                    Written::Failed if self.keeps(service) => {
-                        failed.insert(key, (value, waiters));
-                    }
-                    Written::Failed | Written::Fenced => {} // the waiters are let go
                 }
             }
             if !failed.is_empty() {
@@ -733,16 +804,34 @@ const MAX_HANDOVER_BYTES: usize = 1 << 20;
 impl Handover for Cluster {
     fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
         let key = self.alert_key(service);
+        let stay = self.fence(&key).map_or(0, |f| f.stay);
         match serde_json::to_vec(&alerts) {
             Ok(value) => {
                 let (written, answer) = oneshot::channel();
-                self.writes.send((key, value, Some(written))).ok(); // the writer stops only at shutdown
+                let write = Write::Put {
+                    key,
+                    value,
+                    stay,
+                    written: Some(written),
+                };
+                self.writes.send(write).ok(); // the writer stops only at shutdown
                 Some(answer)
             }
             Err(error) => {
                 warn!(message = "Alert state not serialised for handover.", %service, %error);
                 None
             }
+        }
+    }
+
+    fn leave(&self, service: &str) {
+        let key = self.alert_key(service);
+        if let Some(fence) = self.fence(&key) {
+            let write = Write::Leave {
+                key,
+                stay: fence.stay,
+            };
+            self.writes.send(write).ok(); // the writer stops only at shutdown
         }
     }
 
@@ -780,3 +869,145 @@ impl crate::publish::http::ClusterView for Cluster {
 
 /// How long one etcd call may take.
 const ETCD_CALL: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A single-member etcd on free loopback ports (the test command installs Debian's `etcd-server`); killed when
+    /// dropped.
+    struct Etcd {
+        child: std::process::Child,
+        url: String,
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    async fn etcd() -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("strobe-fence-{}-{client}", std::process::id()));
+        let child = std::process::Command::new("etcd")
+            .arg("--name=fence")
+            .arg(format!("--data-dir={}", dir.display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
+            .arg(format!("--initial-cluster=fence=http://127.0.0.1:{peer}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd is installed: run scripts/test, which installs Debian's etcd-server");
+        let etcd = Etcd {
+            child,
+            url: format!("http://127.0.0.1:{client}"),
+        };
+        for _ in 0..100 {
+            if let Ok(mut c) = Client::connect([etcd.url.clone()], None).await
+                && c.get("ready", None).await.is_ok()
+            {
+                return etcd;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd did not start");
+    }
+
+    async fn value(client: &mut Client, key: &str) -> Vec<u8> {
+        let response = client.get(key, None).await.unwrap();
+        response
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Writes of a service's alert state against a real etcd: the owner's go over anything; a stay's are not made
+    /// in a later one; once the service is given away, a write another node made since stands (counted), and this
+    /// node's own unanswered write, found there, is known as its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn alert_state_writes_are_fenced_by_revision() {
+        let etcd = etcd().await;
+        let settings = ClusterSettings {
+            etcd: vec![etcd.url.clone()],
+            node_id: Some("me".into()),
+            ..ClusterSettings::default()
+        };
+        let health = Arc::new(Health::default());
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let cluster = Cluster::new(&settings, addr, addr, false, None, health.clone())
+            .unwrap()
+            .unwrap();
+        cluster.etcd_up.store(true, Ordering::Relaxed);
+        let member = |id: &str| {
+            let m = Member {
+                id: id.into(),
+                grpc: "http://127.0.0.1:1".into(),
+                http: "http://127.0.0.1:1".into(),
+            };
+            (id.to_owned(), m)
+        };
+        let mut client = Client::connect([etcd.url.clone()], None).await.unwrap();
+        let key = cluster.alert_key("svc");
+        let stay = |stay, revision, unconfirmed: &[&[u8]]| Fence {
+            stay,
+            revision,
+            unconfirmed: unconfirmed.iter().map(|v| v.to_vec()).collect(),
+            fenced: false,
+        };
+        let begin = |fence: Fence| {
+            cluster
+                .alert_revisions
+                .lock()
+                .unwrap()
+                .insert(key.clone(), fence);
+        };
+
+        // Held here: the owner's state goes over whatever is there.
+        cluster.set_view(BTreeMap::from([member("me")]));
+        assert!(cluster.keeps("svc"));
+        begin(stay(1, 0, &[]));
+        client.put(key.as_str(), "foreign", None).await.unwrap();
+        let written = cluster.write_fenced(&mut client, &key, b"mine-1", 1).await;
+        assert!(matches!(written, Written::Yes));
+        assert_eq!(value(&mut client, &key).await, b"mine-1");
+        // A write queued in an earlier stay is not made.
+        let written = cluster.write_fenced(&mut client, &key, b"older", 0).await;
+        assert!(matches!(written, Written::Fenced));
+        assert_eq!(value(&mut client, &key).await, b"mine-1");
+
+        // Given away, and the new owner wrote since: its state stands, and the refusal is counted.
+        cluster.set_view(BTreeMap::from([member("other")]));
+        assert!(!cluster.keeps("svc"));
+        client.put(key.as_str(), "new owner's", None).await.unwrap();
+        let written = cluster.write_fenced(&mut client, &key, b"mine-2", 1).await;
+        assert!(matches!(written, Written::Fenced));
+        assert_eq!(value(&mut client, &key).await, b"new owner's");
+        assert_eq!(health.cluster_alert_state_fenced.get(), 1);
+        // ...and every later write of that stay is refused too.
+        let written = cluster.write_fenced(&mut client, &key, b"mine-3", 1).await;
+        assert!(matches!(written, Written::Fenced));
+        assert_eq!(value(&mut client, &key).await, b"new owner's");
+
+        // A write of this node's whose answer was lost, found there, is its own: the next one goes over it.
+        let revision = client.get(key.as_str(), None).await.unwrap().kvs()[0].mod_revision();
+        begin(stay(2, revision, &[b"lost"]));
+        client.put(key.as_str(), "lost", None).await.unwrap();
+        let written = cluster.write_fenced(&mut client, &key, b"mine-4", 2).await;
+        assert!(matches!(written, Written::Yes));
+        assert_eq!(value(&mut client, &key).await, b"mine-4");
+    }
+}

@@ -98,22 +98,25 @@ pub(crate) trait Handover: Send + Sync {
 
     /// How long a notification waits for the state that records it to be written before it goes out anyway.
     fn write_wait(&self) -> Duration;
+
+    /// The service left this node; its last state was published just before.
+    fn leave(&self, service: &str);
 }
 
-/// Notifications queued together, to go out once the state that records them is written.
+/// Notifications queued together, to go out once the state that records them is written, or at `deadline`.
 struct Release {
     after: Vec<oneshot::Receiver<()>>,
+    deadline: Instant,
     notifications: Vec<Notification>,
 }
 
 /// Passes notifications on to delivery in the order they were queued, each batch only once the state that records
-/// it is written (or `wait` has passed: alerting does not stop when the store does). A page sent before its alert
-/// is on record could, after a crash, be sent again by the next owner under a new id; written first, it is sent
-/// again at most under its own id and idempotency key.
+/// it is written (or at its deadline, `write_wait` after it was queued: alerting does not stop when the store
+/// does). A page sent before its alert is on record could, after a crash, be sent again by the next owner under a
+/// new id; written first, it is sent again at most under its own id and idempotency key.
 async fn forward(
     mut releases: mpsc::UnboundedReceiver<Release>,
     sink: mpsc::UnboundedSender<Notification>,
-    wait: Duration,
 ) {
     while let Some(release) = releases.recv().await {
         if !release.after.is_empty() {
@@ -122,11 +125,11 @@ async fn forward(
                     write.await.ok(); // a write given up (the service moved) releases as well
                 }
             };
-            if tokio::time::timeout(wait, written).await.is_err() {
-                warn!(
-                    message = "Alert state not written in time; notifying anyway.",
-                    wait_ms = wait.as_millis() as u64
-                );
+            if tokio::time::timeout_at(release.deadline, written)
+                .await
+                .is_err()
+            {
+                warn!(message = "Alert state not written in time; notifying anyway.");
             }
         }
         for notification in release.notifications {
@@ -159,13 +162,14 @@ impl Alerts {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gate, releases) = mpsc::unbounded_channel();
-        let wait = handover.as_ref().map_or(Duration::ZERO, |h| h.write_wait());
-        tasks.spawn(forward(releases, sink, wait));
+        let write_wait = handover.as_ref().map_or(Duration::ZERO, |h| h.write_wait());
+        tasks.spawn(forward(releases, sink));
         let mut manager = Manager {
             rules,
             records,
             outbox: Vec::new(),
             writing: Vec::new(),
+            write_wait,
             gate,
             entries: BTreeMap::new(),
             commands: tx.downgrade(),
@@ -310,6 +314,8 @@ struct Manager {
     outbox: Vec<Notification>,
     /// Handover writes started since the last release.
     writing: Vec<oneshot::Receiver<()>>,
+    /// How long a release waits for them at most.
+    write_wait: Duration,
     gate: mpsc::UnboundedSender<Release>,
     entries: BTreeMap<String, Entry>,
     /// The manager's own queue, for delivery to report settled notifications (weak: it does not keep it open).
@@ -353,6 +359,9 @@ impl Manager {
                     Some(Command::Disown { service }) => {
                         // Its newest state goes to the next owner first.
                         self.hand_over();
+                        if let Some(handover) = &self.handover {
+                            handover.leave(&service);
+                        }
                         let before = self.entries.len();
                         self.entries.retain(|_, e| *e.record.service != *service);
                         self.handed_over.remove(&service);
@@ -382,6 +391,7 @@ impl Manager {
         }
         let release = Release {
             after: std::mem::take(&mut self.writing),
+            deadline: Instant::now() + self.write_wait,
             notifications: std::mem::take(&mut self.outbox),
         };
         self.gate.send(release).ok(); // the forwarder stops only at shutdown
@@ -1053,6 +1063,8 @@ escalation = [
         fn write_wait(&self) -> Duration {
             Duration::from_secs(1)
         }
+
+        fn leave(&self, _: &str) {}
     }
 
     /// A page goes out only once the state that records it is written for the next owner (so a crash between the
