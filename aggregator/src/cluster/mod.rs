@@ -99,74 +99,55 @@ pub enum ClusterError {
     },
 }
 
-/// What the alert manager hands the writer: a service's newest state (with the stay it belongs to, and who waits
-/// for it to be written), or word that the service left this node (its last state is already queued).
-enum Write {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        stay: u64,
-        written: Option<oneshot::Sender<()>>,
-    },
-    Leave {
-        key: String,
-        stay: u64,
-    },
+/// A service's newest alert state for etcd, and who waits for it to be written.
+struct Write {
+    key: String,
+    value: Vec<u8>,
+    written: Option<oneshot::Sender<()>>,
 }
 
-/// What a node knows of an alert-state key, for one stay of its service here.
-#[derive(Debug, Clone)]
+/// What a node knows of an alert-state key: the revision it last read (at `adopt`) or wrote there, and the values
+/// it wrote without hearing the answer (the newest few: finding one there is finding its own write).
+#[derive(Debug, Clone, Default)]
 struct Fence {
-    /// Which stay (a number `adopt` draws): writes queued in an earlier stay are not made in a later one.
-    stay: u64,
-    /// The key's revision when this node last read or wrote it (0: absent).
     revision: i64,
-    /// Values this node wrote without hearing the answer (the newest few): finding one there is finding its own
-    /// write.
     unconfirmed: VecDeque<Vec<u8>>,
-    /// Another node wrote the key after this one gave the service away: nothing more is written from here.
-    fenced: bool,
 }
 
 /// How many unanswered writes of one key are remembered.
 const UNCONFIRMED_KEPT: usize = 8;
 
-/// How one fenced write went.
+/// How long a write of a service this node no longer keeps is tried (its last state, handed over at a move).
+const HANDOVER_TRIES: Duration = Duration::from_secs(10);
+
+/// How one write went.
 enum Written {
     Yes,
-    /// Not known to be written (etcd down or slow); tried again while the service is here.
+    /// Not known to be written (etcd down or slow).
     Failed,
-    /// Not written and not tried again: another node wrote the key since this one gave the service away, or the
-    /// write belongs to an earlier stay.
+    /// Not written, and not to be: this node no longer keeps the service and its new owner wrote since.
     Fenced,
 }
 
-/// Per key: the newest value waiting to be written (if any) with its stay, everyone waiting for it (or for an
-/// older value it replaced), and the stay that left, if the service left.
-#[derive(Default)]
+/// Per key: the newest value waiting to be written, everyone waiting for it (or for an older value it replaced),
+/// and when it was first tried.
 struct Pending {
-    value: Option<(Vec<u8>, u64)>,
+    value: Vec<u8>,
     waiters: Vec<oneshot::Sender<()>>,
-    left: Option<u64>,
+    since: Option<tokio::time::Instant>,
 }
 
 type Waiting = BTreeMap<String, Pending>;
 
-/// Keeps the newest value per key, every waiter, and a leave after them.
+/// Keeps the newest value per key, and every waiter.
 fn wait_for(waiting: &mut Waiting, write: Write) {
-    match write {
-        Write::Put {
-            key,
-            value,
-            stay,
-            written,
-        } => {
-            let entry = waiting.entry(key).or_default();
-            entry.value = Some((value, stay));
-            entry.waiters.extend(written);
-        }
-        Write::Leave { key, stay } => waiting.entry(key).or_default().left = Some(stay),
-    }
+    let entry = waiting.entry(write.key).or_insert_with(|| Pending {
+        value: Vec::new(),
+        waiters: Vec::new(),
+        since: None,
+    });
+    entry.value = write.value;
+    entry.waiters.extend(write.written);
 }
 
 /// One node as the others see it.
@@ -209,15 +190,14 @@ pub(crate) struct Cluster {
     local: Mutex<HashSet<Arc<str>>>,
     /// Services whose alert state was taken over from etcd, once per stay here.
     adopted: Mutex<HashMap<Arc<str>, Arc<OnceCell<()>>>>,
-    /// Per alert-state key: the revision this node last read or wrote there, in the service's current (or last)
-    /// stay. A write is made only if the key is still at that revision, so a node that gave a service away never
-    /// overwrites what its new owner wrote (a late or retried write); a node that keeps it writes over anything.
+    /// Per alert-state key: the revision this node last read or wrote there. While this node keeps a service it
+    /// writes its state over anything (the owner's state wins); once it does not, only over what it last read or
+    /// wrote, so a node that gave a service away never overwrites what its new owner wrote since. Kept for every
+    /// service adopted here (a few dozen bytes each).
     alert_revisions: Mutex<HashMap<String, Fence>>,
     /// Alert state to write, newest per service.
     writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
-    /// The last stay number drawn.
-    stays: AtomicU64,
     client: tokio::sync::Mutex<Option<Client>>,
     health: Arc<Health>,
     /// The token this node presents to the others (a read or admin token of the cluster).
@@ -298,7 +278,6 @@ impl Cluster {
             local: Mutex::new(HashSet::new()),
             adopted: Mutex::new(HashMap::new()),
             alert_revisions: Mutex::new(HashMap::new()),
-            stays: AtomicU64::new(0),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
             client: tokio::sync::Mutex::new(None),
@@ -388,39 +367,29 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(service);
-        // Its fence stays until the alert manager's last state for it is written (the writer drops it on the
-        // manager's `leave`): that write must still not overwrite what a new owner wrote meanwhile.
+        // Its fence stays: the manager's last state for it, written after this, must still not overwrite what a new
+        // owner wrote meanwhile. Unanswered writes are forgotten (they bound the fence's size).
+        if let Some(fence) = self
+            .alert_revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.alert_key(service))
+        {
+            fence.unconfirmed.clear();
+        }
     }
 
     fn alert_key(&self, service: &str) -> String {
         format!("{}alerts/{service}", self.settings.prefix)
     }
 
-    /// Writes one service's alert state from stay `stay`: over anything while this node keeps the service (the
-    /// owner's state wins), else only if nobody wrote it since this node last read or wrote it.
-    async fn write_fenced(
-        &self,
-        client: &mut Client,
-        key: &str,
-        value: &[u8],
-        stay: u64,
-    ) -> Written {
+    /// Writes one service's alert state: over anything while this node keeps the service (the owner's state
+    /// wins); once it does not, only if nobody wrote it since this node last read or wrote it.
+    async fn write_fenced(&self, client: &mut Client, key: &str, value: &[u8]) -> Written {
         let service = key.rsplit('/').next().unwrap_or_default();
-        let Some(mut fence) = self.fence(key) else {
-            // No stay here (`adopt` makes one before a service's first snapshot): not this node's to write.
-            self.fenced(key, "no stay here");
-            return Written::Fenced;
-        };
-        if fence.stay != stay {
-            // Queued in an earlier stay: that state is older than what this stay took over.
-            tracing::debug!(message = "Alert state from an earlier stay here not written.", %key);
-            return Written::Fenced;
-        }
-        if fence.fenced {
-            return Written::Fenced;
-        }
-        // Twice at most: a second try after finding this node's own unanswered write, or, while this node keeps the
-        // service, after finding another's (an old owner's late write), which the owner's state replaces.
+        let mut fence = self.fence(key);
+        // Twice at most: again after finding this node's own unanswered write there, or, while it keeps the
+        // service, another node's (an old owner's late write), which the owner's state replaces.
         for _ in 0..2 {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key, CompareOp::Equal, fence.revision)])
@@ -429,7 +398,7 @@ impl Cluster {
                 Ok(Ok(response)) if response.succeeded() => {
                     fence.revision = response.header().map_or(0, |h| h.revision());
                     fence.unconfirmed.clear();
-                    self.update_fence(key, fence);
+                    self.set_fence(key, fence);
                     return Written::Yes;
                 }
                 Ok(Ok(_)) => {
@@ -438,21 +407,18 @@ impl Cluster {
                         return Written::Failed;
                     };
                     let current = response.kvs().first();
-                    let revision = current.map_or(0, |kv| kv.mod_revision());
                     let mine =
                         current.is_some_and(|kv| fence.unconfirmed.iter().any(|v| v == kv.value()));
-                    if mine {
-                        fence.unconfirmed.clear();
-                    } else if self.keeps(service) {
-                        warn!(message = "Alert state written by another node while this one holds the service; replaced with this node's.", %key);
-                    } else {
-                        fence.fenced = true;
-                        self.update_fence(key, fence);
-                        self.fenced(key, "written by another node since");
+                    if !mine && !self.keeps(service) {
+                        self.health.cluster_alert_state_fenced.inc();
+                        warn!(message = "Alert state not written: the service's new owner wrote it since.", %key);
                         return Written::Fenced;
                     }
-                    fence.revision = revision;
-                    self.update_fence(key, fence.clone());
+                    if !mine {
+                        warn!(message = "Alert state written by another node while this one holds the service; replaced with this node's.", %key);
+                    }
+                    fence.revision = current.map_or(0, |kv| kv.mod_revision());
+                    fence.unconfirmed.clear();
                 }
                 _ => {
                     // The answer is lost: the write may have been made. Remember it, to know it again.
@@ -460,7 +426,7 @@ impl Cluster {
                         fence.unconfirmed.pop_front();
                     }
                     fence.unconfirmed.push_back(value.to_vec());
-                    self.update_fence(key, fence);
+                    self.set_fence(key, fence);
                     return Written::Failed;
                 }
             }
@@ -468,30 +434,21 @@ impl Cluster {
         Written::Failed
     }
 
-    fn fence(&self, key: &str) -> Option<Fence> {
+    /// What this node knows of `key` (nothing read or written: revision 0, the key's when absent).
+    fn fence(&self, key: &str) -> Fence {
         self.alert_revisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .cloned()
+            .unwrap_or_default()
     }
 
-    /// Stores what a write learned, unless a new stay began meanwhile (its fence is from its own read).
-    fn update_fence(&self, key: &str, fence: Fence) {
-        let mut fences = self
-            .alert_revisions
+    fn set_fence(&self, key: &str, fence: Fence) {
+        self.alert_revisions
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = fences.get_mut(key)
-            && current.stay == fence.stay
-        {
-            *current = fence;
-        }
-    }
-
-    fn fenced(&self, key: &str, why: &str) {
-        self.health.cluster_alert_state_fenced.inc();
-        warn!(message = "Alert state not written: this node no longer has the service.", %key, why);
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), fence);
     }
 
     /// Takes over `service`'s alert state from etcd, once per stay here; returns when the alert manager holds it.
@@ -514,17 +471,12 @@ impl Cluster {
             let saved = match tokio::time::timeout(ETCD_CALL, client.get(key.clone(), None)).await {
                 Ok(Ok(response)) => {
                     let kv = response.kvs().first();
-                    // A new stay: its writes are made over what was read now (0: no key yet).
+                    // What was read now is what this node's writes may go over once it no longer keeps the service.
                     let fence = Fence {
-                        stay: self.stays.fetch_add(1, Ordering::Relaxed) + 1,
                         revision: kv.map_or(0, |kv| kv.mod_revision()),
                         unconfirmed: VecDeque::new(),
-                        fenced: false,
                     };
-                    self.alert_revisions
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key.clone(), fence);
+                    self.set_fence(&key, fence);
                     kv.map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
                         .transpose()
                         .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
@@ -750,40 +702,30 @@ impl Cluster {
                 continue;
             };
             let mut failed = Waiting::new();
+            let now = tokio::time::Instant::now();
             for (key, mut pending) in std::mem::take(&mut waiting) {
-                if let Some((value, stay)) = pending.value.take() {
-                    // A failed write is tried again only while the service is here: once it moved, its new owner
-                    // takes it from there (and this node's older state never overwrites the owner's: fenced).
-                    let service = key.rsplit('/').next().unwrap_or_default();
-                    let outcome = if value.len() > MAX_HANDOVER_BYTES {
-                        warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = value.len());
-                        Written::Fenced
-                    } else {
-                        self.write_fenced(&mut client, &key, &value, stay).await
-                    };
-                    match outcome {
-                        Written::Yes => {
-                            for written in pending.waiters.drain(..) {
-                                written.send(()).ok(); // nobody waiting any more is fine
-                            }
+                let outcome = if pending.value.len() > MAX_HANDOVER_BYTES {
+                    warn!(message = "Alert state too large to hand over through etcd; not written.", %key, bytes = pending.value.len());
+                    Written::Fenced
+                } else {
+                    self.write_fenced(&mut client, &key, &pending.value).await
+                };
+                match outcome {
+                    Written::Yes => {
+                        for written in pending.waiters.drain(..) {
+                            written.send(()).ok(); // nobody waiting any more is fine
                         }
-                        Written::Failed if self.keeps(service) => {
-                            pending.value = Some((value, stay));
+                    }
+                    Written::Failed => {
+                        // Tried again while the service is here, and for a while after it left (its last state,
+                        // handed over at a move: the fence keeps that from overwriting the new owner's).
+                        let service = key.rsplit('/').next().unwrap_or_default();
+                        let since = *pending.since.get_or_insert(now);
+                        if self.keeps(service) || now.duration_since(since) < HANDOVER_TRIES {
                             failed.insert(key, pending);
-                            continue;
                         }
-                        Written::Failed | Written::Fenced => pending.waiters.clear(), // let go
                     }
-                }
-                if let Some(stay) = pending.left {
-                    // The manager's last state for that stay is written (or given up): the fence goes with it.
-                    let mut fences = self
-                        .alert_revisions
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if fences.get(&key).is_some_and(|f| f.stay == stay) {
-                        fences.remove(&key);
-                    }
+                    Written::Fenced => {} // the waiters are let go
                 }
             }
             if !failed.is_empty() {
@@ -804,14 +746,12 @@ const MAX_HANDOVER_BYTES: usize = 1 << 20;
 impl Handover for Cluster {
     fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
         let key = self.alert_key(service);
-        let stay = self.fence(&key).map_or(0, |f| f.stay);
         match serde_json::to_vec(&alerts) {
             Ok(value) => {
                 let (written, answer) = oneshot::channel();
-                let write = Write::Put {
+                let write = Write {
                     key,
                     value,
-                    stay,
                     written: Some(written),
                 };
                 self.writes.send(write).ok(); // the writer stops only at shutdown
@@ -821,17 +761,6 @@ impl Handover for Cluster {
                 warn!(message = "Alert state not serialised for handover.", %service, %error);
                 None
             }
-        }
-    }
-
-    fn leave(&self, service: &str) {
-        let key = self.alert_key(service);
-        if let Some(fence) = self.fence(&key) {
-            let write = Write::Leave {
-                key,
-                stay: fence.stay,
-            };
-            self.writes.send(write).ok(); // the writer stops only at shutdown
         }
     }
 
@@ -935,8 +864,8 @@ mod tests {
             .unwrap_or_default()
     }
 
-    /// Writes of a service's alert state against a real etcd: the owner's go over anything; a stay's are not made
-    /// in a later one; once the service is given away, a write another node made since stands (counted), and this
+    /// Writes of a service's alert state against a real etcd: while this node keeps the service, its state goes
+    /// over anything; once it does not, a write another node made since stands (each refusal counted), and this
     /// node's own unanswered write, found there, is known as its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn alert_state_writes_are_fenced_by_revision() {
@@ -962,52 +891,52 @@ mod tests {
         };
         let mut client = Client::connect([etcd.url.clone()], None).await.unwrap();
         let key = cluster.alert_key("svc");
-        let stay = |stay, revision, unconfirmed: &[&[u8]]| Fence {
-            stay,
-            revision,
-            unconfirmed: unconfirmed.iter().map(|v| v.to_vec()).collect(),
-            fenced: false,
-        };
-        let begin = |fence: Fence| {
-            cluster
-                .alert_revisions
-                .lock()
-                .unwrap()
-                .insert(key.clone(), fence);
+        let revision = |client: &mut Client| {
+            let key = key.clone();
+            let mut client = client.clone();
+            async move { client.get(key, None).await.unwrap().kvs()[0].mod_revision() }
         };
 
         // Held here: the owner's state goes over whatever is there.
         cluster.set_view(BTreeMap::from([member("me")]));
         assert!(cluster.keeps("svc"));
-        begin(stay(1, 0, &[]));
         client.put(key.as_str(), "foreign", None).await.unwrap();
-        let written = cluster.write_fenced(&mut client, &key, b"mine-1", 1).await;
+        let written = cluster.write_fenced(&mut client, &key, b"mine-1").await;
         assert!(matches!(written, Written::Yes));
         assert_eq!(value(&mut client, &key).await, b"mine-1");
-        // A write queued in an earlier stay is not made.
-        let written = cluster.write_fenced(&mut client, &key, b"older", 0).await;
-        assert!(matches!(written, Written::Fenced));
-        assert_eq!(value(&mut client, &key).await, b"mine-1");
 
-        // Given away, and the new owner wrote since: its state stands, and the refusal is counted.
+        // Given away, and the new owner wrote since: its state stands, every time, each refusal counted.
         cluster.set_view(BTreeMap::from([member("other")]));
         assert!(!cluster.keeps("svc"));
         client.put(key.as_str(), "new owner's", None).await.unwrap();
-        let written = cluster.write_fenced(&mut client, &key, b"mine-2", 1).await;
-        assert!(matches!(written, Written::Fenced));
-        assert_eq!(value(&mut client, &key).await, b"new owner's");
-        assert_eq!(health.cluster_alert_state_fenced.get(), 1);
-        // ...and every later write of that stay is refused too.
-        let written = cluster.write_fenced(&mut client, &key, b"mine-3", 1).await;
-        assert!(matches!(written, Written::Fenced));
-        assert_eq!(value(&mut client, &key).await, b"new owner's");
+        for (n, mine) in [b"mine-2", b"mine-3"].into_iter().enumerate() {
+            let written = cluster.write_fenced(&mut client, &key, mine).await;
+            assert!(matches!(written, Written::Fenced));
+            assert_eq!(value(&mut client, &key).await, b"new owner's");
+            assert_eq!(health.cluster_alert_state_fenced.get(), n as u64 + 1);
+        }
+        // Given away, and nobody wrote since this node last did: its last state is handed over.
+        cluster.set_fence(
+            &key,
+            Fence {
+                revision: revision(&mut client).await,
+                unconfirmed: VecDeque::new(),
+            },
+        );
+        let written = cluster
+            .write_fenced(&mut client, &key, b"handed over")
+            .await;
+        assert!(matches!(written, Written::Yes));
+        assert_eq!(value(&mut client, &key).await, b"handed over");
 
         // A write of this node's whose answer was lost, found there, is its own: the next one goes over it.
-        let revision = client.get(key.as_str(), None).await.unwrap().kvs()[0].mod_revision();
-        begin(stay(2, revision, &[b"lost"]));
+        let mut fence = cluster.fence(&key);
+        fence.unconfirmed.push_back(b"lost".to_vec());
+        cluster.set_fence(&key, fence);
         client.put(key.as_str(), "lost", None).await.unwrap();
-        let written = cluster.write_fenced(&mut client, &key, b"mine-4", 2).await;
+        let written = cluster.write_fenced(&mut client, &key, b"mine-4").await;
         assert!(matches!(written, Written::Yes));
         assert_eq!(value(&mut client, &key).await, b"mine-4");
+        assert_eq!(health.cluster_alert_state_fenced.get(), 2);
     }
 }

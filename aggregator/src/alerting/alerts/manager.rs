@@ -98,9 +98,6 @@ pub(crate) trait Handover: Send + Sync {
 
     /// How long a notification waits for the state that records it to be written before it goes out anyway.
     fn write_wait(&self) -> Duration;
-
-    /// The service left this node; its last state was published just before.
-    fn leave(&self, service: &str);
 }
 
 /// Notifications queued together, to go out once the state that records them is written, or at `deadline`.
@@ -359,9 +356,6 @@ impl Manager {
                     Some(Command::Disown { service }) => {
                         // Its newest state goes to the next owner first.
                         self.hand_over();
-                        if let Some(handover) = &self.handover {
-                            handover.leave(&service);
-                        }
                         let before = self.entries.len();
                         self.entries.retain(|_, e| *e.record.service != *service);
                         self.handed_over.remove(&service);
@@ -1063,8 +1057,6 @@ escalation = [
         fn write_wait(&self) -> Duration {
             Duration::from_secs(1)
         }
-
-        fn leave(&self, _: &str) {}
     }
 
     /// A page goes out only once the state that records it is written for the next owner (so a crash between the
