@@ -767,6 +767,10 @@ impl Handover for Cluster {
     fn write_wait(&self) -> Duration {
         self.settings.state_write_wait
     }
+
+    fn moved_away(&self, service: &str) -> bool {
+        matches!(self.route(service), Route::Remote(_))
+    }
 }
 
 impl crate::publish::http::ClusterView for Cluster {

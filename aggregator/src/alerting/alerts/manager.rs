@@ -8,7 +8,7 @@
 //! where it stopped; the breach still going on finds it by rule, service and labels. One that no rule confirms
 //! within the restore grace (plus the rule's `for`) is resolved, and everyone told is told.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +98,10 @@ pub(crate) trait Handover: Send + Sync {
 
     /// How long a notification waits for the state that records it to be written before it goes out anyway.
     fn write_wait(&self) -> Duration;
+
+    /// Whether `service` is now owned by another live node (its alerts are that node's to evaluate and send). Not
+    /// while ownership is unknown (etcd away): then what is here stays here.
+    fn moved_away(&self, service: &str) -> bool;
 }
 
 /// Notifications queued together, to go out once the state that records them is written, or at `deadline`.
@@ -331,6 +335,10 @@ impl Manager {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         // What the state file had queued and not delivered is on record already.
         self.release();
+        // In a cluster: how often alerts of services that moved away without their shard knowing (evicted as idle
+        // here before the move) are let go, so that only the owner pages for them.
+        let mut moves = tokio::time::interval(Duration::from_secs(1));
+        moves.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self.next_due();
             tokio::select! {
@@ -353,14 +361,7 @@ impl Manager {
                         self.adopt(&service, saved);
                         reply.send(()).ok(); // the asker may have gone
                     }
-                    Some(Command::Disown { service }) => {
-                        // Its newest state goes to the next owner first.
-                        self.hand_over();
-                        let before = self.entries.len();
-                        self.entries.retain(|_, e| *e.record.service != *service);
-                        self.handed_over.remove(&service);
-                        info!(message = "Service moved to another node; its alerts are left to it.", %service, alerts = before - self.entries.len());
-                    }
+                    Some(Command::Disown { service }) => self.disown(&service),
                     Some(Command::Settled { id, transition, step }) => {
                         if let Some(entry) = self.entries.get_mut(&id) {
                             self.dirty |= entry.settled.insert((transition, step));
@@ -368,12 +369,38 @@ impl Manager {
                     }
                 },
                 _ = sleep_until_opt(due) => {}
+                _ = moves.tick(), if self.handover.is_some() => self.disown_moved(),
             }
             self.escalate_due();
             self.resolve_unconfirmed();
             self.prune();
             self.save();
             self.release();
+        }
+    }
+
+    /// Hands `service`'s newest state to the next owner and forgets its alerts without resolving them.
+    fn disown(&mut self, service: &str) {
+        self.hand_over();
+        let before = self.entries.len();
+        self.entries.retain(|_, e| *e.record.service != *service);
+        self.handed_over.remove(service);
+        info!(message = "Service moved to another node; its alerts are left to it.", %service, alerts = before - self.entries.len());
+    }
+
+    /// Disowns every service with alerts here that another node owns now.
+    fn disown_moved(&mut self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let moved: BTreeSet<Arc<str>> = self
+            .entries
+            .values()
+            .map(|e| e.record.service.clone())
+            .filter(|s| handover.moved_away(s))
+            .collect();
+        for service in moved {
+            self.disown(&service);
         }
     }
 
@@ -1045,6 +1072,8 @@ escalation = [
     #[derive(Default)]
     struct HeldStore {
         writes: std::sync::Mutex<Vec<oneshot::Sender<()>>>,
+        /// Every service is owned by another node now.
+        moved: std::sync::atomic::AtomicBool,
     }
 
     impl Handover for HeldStore {
@@ -1057,6 +1086,41 @@ escalation = [
         fn write_wait(&self) -> Duration {
             Duration::from_secs(1)
         }
+
+        fn moved_away(&self, _: &str) -> bool {
+            self.moved.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// A service another node owns now (it moved while idle here, so no shard gave it away): its alerts are let go
+    /// within a second, and this node no longer escalates them.
+    #[tokio::test(start_paused = true)]
+    async fn alerts_of_a_service_another_node_owns_now_are_let_go() {
+        let store = Arc::new(HeldStore::default());
+        let (alerts, mut notes, _tasks) = setup_handing_over(None, Some(store.clone()));
+        alerts.event(event("a", EventKind::Pending));
+        alerts.event(event("a", EventKind::Firing));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(
+            drain(&mut notes),
+            vec![("a".into(), "firing", "dev".into())]
+        );
+        assert_eq!(alerts.list().await.len(), 1);
+        // Its state was handed over as it changed (nothing changed since, so nothing more is written).
+        assert!(!store.writes.lock().unwrap().is_empty());
+        store
+            .moved
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert!(alerts.list().await.is_empty(), "let go");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        settle().await;
+        assert!(
+            drain(&mut notes).is_empty(),
+            "its escalation (30 s) is the new owner's"
+        );
     }
 
     /// A page goes out only once the state that records it is written for the next owner (so a crash between the
