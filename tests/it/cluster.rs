@@ -237,6 +237,30 @@ async fn until_alert_shows(
     }
 }
 
+/// Reads `ws` into `tally` until the webhook receiver has what `done` asks for (at most `within`).
+async fn until_received(
+    ws: &mut Ws,
+    tally: &mut Tally,
+    receiver: &Receiver,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Receiver) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done(receiver) {
+        next_frame(ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {:?}",
+            receiver.received()
+        );
+    }
+}
+
 /// Collects one node's own second frames until its stream ends: (service, second) -> ticks, corrections replacing.
 fn collect_local(
     http_addr: std::net::SocketAddr,
@@ -497,19 +521,15 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The unacknowledged one escalates on schedule from its new owner (n2 is dead), once.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while receiver.count("lead", &escalated_id, "firing") == 0 {
-        next_frame(&mut ws, Duration::from_secs(10), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "escalated by the new owner: {:?}",
-            receiver.received()
-        );
-    }
+    until_received(
+        &mut ws,
+        &mut tally,
+        &receiver,
+        Duration::from_secs(20),
+        "escalated by the new owner",
+        |r| r.count("lead", &escalated_id, "firing") > 0,
+    )
+    .await;
     eprintln!("phase: escalated by the new owner");
     let during = owners(http1).await;
     for service in &on_n2 {
@@ -554,21 +574,18 @@ async fn three_nodes_on_etcd_spread_services_survive_a_kill_and_take_them_back_e
     // The alert, still breaching, was never paged again; now it clears and is resolved once.
     failing[&alerting].store(false, Ordering::SeqCst);
     failing[&escalating].store(false, Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while receiver.count("dev", &alert_id, "resolved") == 0
-        || receiver.count("lead", &escalated_id, "resolved") == 0
-    {
-        next_frame(&mut ws, Duration::from_secs(10), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "resolved: {:?}",
-            receiver.received()
-        );
-    }
+    until_received(
+        &mut ws,
+        &mut tally,
+        &receiver,
+        Duration::from_secs(30),
+        "resolved",
+        |r| {
+            r.count("dev", &alert_id, "resolved") > 0
+                && r.count("lead", &escalated_id, "resolved") > 0
+        },
+    )
+    .await;
     eprintln!("phase: resolved");
     // And the resolution reaches n1's subscriber, relayed from n2 once more.
     until_alert_shows(&mut ws, &mut tally, &alert_id, "resolved", |states| {
