@@ -189,10 +189,12 @@ impl Aggregator {
         let http = listen("HTTP", config.http_addr).await?;
         let history = i64::try_from(config.history.as_secs()).unwrap_or(i64::MAX);
         let health = Arc::new(Health::default());
-        // A second is final (no correction can come) once its grace and late window have passed.
+        // A second is final (no correction can come) once its grace and late window have passed, and its late
+        // window after its seal.
         let export = publish::remote_write::RemoteWrite::new(
             config.remote_write.clone(),
             config.grace_max + config.late_window,
+            config.late_window,
             health.clone(),
         )?;
         let hub = Arc::new(

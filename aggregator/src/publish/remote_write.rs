@@ -3,8 +3,10 @@
 //! VictoriaMetrics or anything else that speaks it.
 //!
 //! A second is exported once it is final: when its late window has passed, so that a correction never has to
-//! overwrite a sample (storage refuses a second value for the same timestamp). Export therefore trails live by
-//! `late_window + grace_max + 2 s`. Seconds wait in a pending map bounded in samples; when it is full (storage down
+//! overwrite a sample (storage refuses a second value for the same timestamp). That is `late_window + grace_max +
+//! 2 s` after the second ended, and never sooner than `late_window + 3 s` after it was sealed here: an aggregator
+//! that seals late (behind, or replaying after an outage) exports late too, rather than before its corrections.
+//! Export therefore trails live by `late_window + grace_max + 2 s` or more. Seconds wait in a pending map bounded in samples; when it is full (storage down
 //! for long), the oldest seconds are dropped and counted. Requests are retried with backoff on network errors, 5xx
 //! and 429; other refusals are dropped and counted.
 //!
@@ -297,11 +299,11 @@ impl Interner {
     }
 }
 
-/// Seconds waiting to be final, by (second, service).
+/// Seconds waiting to be final, by (second, service): when each is final by its seal (unix seconds), and its points.
 #[derive(Default)]
 struct Pending {
     interner: Interner,
-    seconds: BTreeMap<(i64, Arc<str>), Vec<Point>>,
+    seconds: BTreeMap<(i64, Arc<str>), (i64, Vec<Point>)>,
     samples: usize,
 }
 
@@ -311,8 +313,10 @@ pub(crate) struct RemoteWrite {
     url: String,
     pending: Mutex<Pending>,
     health: Arc<Health>,
-    /// Seconds are final this long after they end.
+    /// Seconds are final this long after they end...
     final_after_secs: i64,
+    /// ...and this long after they were first sealed here (the late window, and a margin).
+    final_after_seal_secs: i64,
 }
 
 /// Why the exporter could not start.
@@ -338,10 +342,12 @@ pub enum RemoteWriteError {
 }
 
 impl RemoteWrite {
-    /// An exporter for `settings` (whose `url` is set); seconds are final `final_after` after they end.
+    /// An exporter for `settings` (whose `url` is set); seconds are final `final_after` after they end and
+    /// `late_window` (plus a margin) after they were sealed.
     pub(crate) fn new(
         settings: RemoteWriteSettings,
         final_after: Duration,
+        late_window: Duration,
         health: Arc<Health>,
     ) -> Result<Option<Arc<Self>>, RemoteWriteError> {
         let Some(url) = settings.url.clone() else {
@@ -358,27 +364,40 @@ impl RemoteWrite {
             pending: Mutex::new(Pending::default()),
             health,
             final_after_secs: i64::try_from(final_after.as_secs()).unwrap_or(i64::MAX / 2) + 2,
+            // A correction comes at the latest when its late window ends (a second after, at most, for one
+            // gathered just before), then a margin.
+            final_after_seal_secs: i64::try_from(late_window.as_secs()).unwrap_or(i64::MAX / 2) + 3,
             settings,
         })))
     }
 
     /// Takes one sealed second (a correction replaces what its second held).
     pub(crate) fn offer(&self, sealed: &SealedSecond) {
+        self.offer_at(sealed, strobe_proto::clock::unix_second());
+    }
+
+    /// [`Self::offer`] at `now` (unix seconds).
+    fn offer_at(&self, sealed: &SealedSecond, now: i64) {
         let Ok(mut pending) = self.pending.lock() else {
             return;
         };
         let points = points(sealed, &mut pending.interner);
         let added = points.len();
-        if let Some(replaced) = pending
+        // Final by its first seal here: a correction replaces the points, not when they are final.
+        let final_at = match pending.seconds.get(&(sealed.t, sealed.service.clone())) {
+            Some((final_at, _)) => *final_at,
+            None => now.saturating_add(self.final_after_seal_secs),
+        };
+        if let Some((_, replaced)) = pending
             .seconds
-            .insert((sealed.t, sealed.service.clone()), points)
+            .insert((sealed.t, sealed.service.clone()), (final_at, points))
         {
             pending.samples -= replaced.len();
         }
         pending.samples += added;
         let mut dropped = 0;
         while pending.samples > self.settings.max_pending_samples {
-            let Some((_, oldest)) = pending.seconds.pop_first() else {
+            let Some((_, (_, oldest))) = pending.seconds.pop_first() else {
                 break;
             };
             pending.samples -= oldest.len();
@@ -398,14 +417,25 @@ impl RemoteWrite {
         let Ok(mut pending) = self.pending.lock() else {
             return Vec::new();
         };
-        let mut steps: BTreeMap<i64, Vec<Vec<Point>>> = BTreeMap::new();
-        while let Some(entry) = pending.seconds.first_entry() {
-            let t = entry.key().0;
+        // The first step not final: by the clock, or because one of its seconds was sealed too recently. Steps go
+        // whole and in order, so everything from it on waits.
+        let mut boundary = i64::MAX;
+        for ((t, _), (final_at, _)) in &pending.seconds {
             let step_start = t.div_euclid(step) * step;
-            if step_start + step > final_before {
+            if step_start >= boundary {
                 break;
             }
-            let points = entry.remove();
+            if step_start + step > final_before || *final_at > now {
+                boundary = step_start;
+            }
+        }
+        let mut steps: BTreeMap<i64, Vec<Vec<Point>>> = BTreeMap::new();
+        while let Some(entry) = pending.seconds.first_entry() {
+            let step_start = entry.key().0.div_euclid(step) * step;
+            if step_start >= boundary {
+                break;
+            }
+            let (_, points) = entry.remove();
             pending.samples -= points.len();
             steps.entry(step_start).or_default().push(points);
         }
@@ -707,23 +737,38 @@ mod tests {
             ..Default::default()
         };
         let health = Arc::new(Health::default());
-        let rw = RemoteWrite::new(settings, Duration::from_secs(10), health.clone())
+        let late_window = Duration::from_secs(10);
+        let rw = RemoteWrite::new(settings, late_window, late_window, health.clone())
             .unwrap()
             .unwrap();
-        rw.offer(&sealed(100, vec![counter(None, 1.0)]));
-        rw.offer(&sealed(100, vec![counter(None, 2.0)])); // a correction
-        rw.offer(&sealed(101, vec![counter(None, 7.0)]));
-        // Final once 10 s (+2) have passed since the second ended.
+        rw.offer_at(&sealed(100, vec![counter(None, 1.0)]), 100);
+        rw.offer_at(&sealed(100, vec![counter(None, 2.0)]), 105); // a correction
+        rw.offer_at(&sealed(101, vec![counter(None, 7.0)]), 101);
+        // Final once 10 s (+2) have passed since the second ended, and 10 s (+3) since its first seal.
         assert!(rw.take_final(112).is_empty());
         let taken = rw.take_final(113);
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].0, 100);
         assert_eq!(taken[0].1[0].1, 2.0, "the correction's value");
-        // Past the bound, the oldest seconds go, counted.
-        for t in 102..110 {
-            rw.offer(&sealed(t, vec![counter(None, 1.0)]));
+        // Sealed late (an aggregator behind): final by its seal, not by the clock, so that its corrections still
+        // replace it here rather than reach storage as duplicates; and what follows it waits in order.
+        let taken = rw.take_final(114);
+        assert_eq!(taken.len(), 1, "101 by the clock and its seal");
+        rw.offer_at(&sealed(102, vec![counter(None, 1.0)]), 130);
+        rw.offer_at(&sealed(103, vec![counter(None, 1.0)]), 104);
+        assert!(
+            rw.take_final(140).is_empty(),
+            "102 sealed at 130: final at 143"
+        );
+        rw.offer_at(&sealed(102, vec![counter(None, 4.0)]), 139); // its correction
+        let taken = rw.take_final(143);
+        assert_eq!(taken.iter().map(|s| s.0).collect::<Vec<_>>(), [102, 103]);
+        assert_eq!(taken[0].1[0].1, 4.0, "the correction's value");
+        // Past the bound (3 samples), the oldest seconds go, counted: 8 offered, 3 kept.
+        for t in 104..112 {
+            rw.offer_at(&sealed(t, vec![counter(None, 1.0)]), t + 1);
         }
-        assert_eq!(health.remote_write_dropped.get(), 6);
+        assert_eq!(health.remote_write_dropped.get(), 5);
     }
 
     /// A real HTTP endpoint that answers 503 twice and then 200: the request is retried with backoff until taken,
@@ -784,9 +829,14 @@ mod tests {
             ..Default::default()
         };
         let health = Arc::new(Health::default());
-        let rw = RemoteWrite::new(settings, Duration::from_secs(10), health.clone())
-            .unwrap()
-            .unwrap();
+        let rw = RemoteWrite::new(
+            settings,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            health.clone(),
+        )
+        .unwrap()
+        .unwrap();
         let client = reqwest::Client::new();
         let labels: Labels = Arc::from(vec![("__name__".to_owned(), "x".to_owned())]);
         // `send` retries until taken: bounded here, so a broken retry fails instead of hanging.
