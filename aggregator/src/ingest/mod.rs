@@ -130,6 +130,7 @@ impl pb::ingest_server::Ingest for IngestService {
         let limits = self.limits.clone();
         let health = self.health.clone();
         let cluster = self.cluster.clone();
+        let alerts = self.alerts.clone();
         self.streams.spawn(async move {
             health.agent_streams.inc();
             let result = serve_stream(
@@ -139,7 +140,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 &limits,
                 &health,
                 &tx,
-                cluster.as_deref(),
+                cluster.as_deref().map(|c| (c, &alerts)),
             )
             .await;
             health.agent_streams.dec();
@@ -169,8 +170,18 @@ async fn serve_stream(
     limits: &Limits,
     health: &Health,
     tx: &mpsc::Sender<Result<pb::AggregatorMessage, Status>>,
-    cluster: Option<&crate::cluster::Cluster>,
+    cluster: Option<(&crate::cluster::Cluster, &crate::alerting::alerts::Alerts)>,
 ) -> Result<(), Status> {
+    // A stream whose service moved lets its agent go to the new owner only once this node's last alert state for
+    // the service is handed over (or its wait is over), so that the new owner reads it.
+    let moved_away = async |service: &Arc<str>| {
+        if let Some((cluster, alerts)) = cluster
+            && !cluster.keeps(service)
+        {
+            alerts.handed_over(service.clone()).await;
+        }
+    };
+    let cluster = cluster.map(|(c, _)| c);
     let reply = |body| pb::AggregatorMessage { body: Some(body) };
     // In a cluster: the stream ends when its service moves to another node (the agent reconnects, is redirected,
     // and replays what was not acknowledged here).
@@ -193,6 +204,7 @@ async fn serve_stream(
             // The sender is held right here, so this channel never closes while the loop runs.
             Some(t) = counted.recv() => {
                 if t == STATE_LOST {
+                    moved_away(&instance.service).await;
                     return Err(Status::unavailable(
                         "this service's state was lost here; reconnect and send again what is unacknowledged",
                     ));
@@ -223,6 +235,7 @@ async fn serve_stream(
                         }
                         send(tx, ack(t, &mut received)).await?;
                     }
+                    moved_away(&instance.service).await;
                     return Err(Status::unavailable(
                         "this service moved to another node; reconnect and send again what is unacknowledged",
                     ));

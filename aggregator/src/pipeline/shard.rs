@@ -122,15 +122,18 @@ fn give_away(
         .cloned()
         .collect();
     for name in leaving {
-        if let Some(mut state) = services.remove(&name) {
+        let state = services.remove(&name);
+        cluster.forget(&name);
+        // Disowned before its streams hear STATE_LOST (when `state` goes): a stream then asks the alert manager
+        // whether the last state is handed over, and that question must come after this.
+        context.alerts.disown(name.clone());
+        if let Some(mut state) = state {
             // Late snapshots already merged into sealed seconds are published (and acknowledged) now: sent again
             // to the new owner, which never saw those seconds, they would replace them with a part.
             contain(&name, context, || {
                 state.publish_corrections(i64::MAX, context)
             });
         }
-        cluster.forget(&name);
-        context.alerts.disown(name.clone());
         context.health.cluster_services_moved.inc();
         tracing::info!(message = "Service moved to another node.", service = %name, owner = ?cluster.owner(&name).map(|m| m.id));
     }

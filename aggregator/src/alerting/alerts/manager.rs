@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -62,6 +62,11 @@ enum Command {
     /// The service moved to another node: forget its alerts without resolving them (the new owner has them).
     Disown {
         service: Arc<str>,
+    },
+    /// Answers when `service`'s last state, handed over at its `Disown`, is written (or its wait is over).
+    HandedOver {
+        service: Arc<str>,
+        reply: oneshot::Sender<watch::Receiver<bool>>,
     },
     /// Delivery is finished with one notification.
     Settled {
@@ -171,6 +176,7 @@ impl Alerts {
             outbox: Vec::new(),
             writing: Vec::new(),
             write_wait,
+            handing: HashMap::new(),
             gate,
             entries: BTreeMap::new(),
             commands: tx.downgrade(),
@@ -240,6 +246,23 @@ impl Alerts {
     /// Forgets `service`'s alerts without resolving them: it moved to another node, which has them.
     pub(crate) fn disown(&self, service: Arc<str>) {
         self.tx.send(Command::Disown { service }).ok(); // the manager stopped: shutdown
+    }
+
+    /// Returns once `service`'s last state, handed over when it was disowned, is written where its next owner
+    /// reads it, or `write_wait` has passed (at once when nothing is being handed over). A stream of a service that
+    /// moved waits for this before it lets its agent go to the new owner, so the new owner reads the last state.
+    pub(crate) async fn handed_over(&self, service: Arc<str>) {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::HandedOver { service, reply })
+            .is_err()
+        {
+            return; // the manager stopped: shutdown
+        }
+        if let Ok(mut done) = answer.await {
+            done.wait_for(|done| *done).await.ok(); // a closed channel is done as well
+        }
     }
 
     /// Every listed alert, newest first.
@@ -317,6 +340,8 @@ struct Manager {
     writing: Vec<oneshot::Receiver<()>>,
     /// How long a release waits for them at most.
     write_wait: Duration,
+    /// Services disowned whose last state is being written: done once it is (or its wait is over).
+    handing: HashMap<Arc<str>, watch::Receiver<bool>>,
     gate: mpsc::UnboundedSender<Release>,
     entries: BTreeMap<String, Entry>,
     /// The manager's own queue, for delivery to report settled notifications (weak: it does not keep it open).
@@ -362,6 +387,13 @@ impl Manager {
                         reply.send(()).ok(); // the asker may have gone
                     }
                     Some(Command::Disown { service }) => self.disown(&service),
+                    Some(Command::HandedOver { service, reply }) => {
+                        let done = self.handing.get(&service).cloned().unwrap_or_else(|| watch::channel(true).1);
+                        if *done.borrow() {
+                            self.handing.remove(&service);
+                        }
+                        reply.send(done).ok(); // the asker may have gone
+                    }
                     Some(Command::Settled { id, transition, step }) => {
                         if let Some(entry) = self.entries.get_mut(&id) {
                             self.dirty |= entry.settled.insert((transition, step));
@@ -379,9 +411,30 @@ impl Manager {
         }
     }
 
-    /// Hands `service`'s newest state to the next owner and forgets its alerts without resolving them.
+    /// Hands `service`'s newest state to the next owner and forgets its alerts without resolving them; its
+    /// streams wait for that write ([`Alerts::handed_over`]).
     fn disown(&mut self, service: &str) {
         self.hand_over();
+        if let Some(handover) = &self.handover {
+            // Its last state once more, whether or not it changed since the last write, to know when it is in.
+            let saved = self
+                .entries
+                .values()
+                .filter(|e| *e.record.service == *service)
+                .map(Entry::saved)
+                .collect();
+            if let Some(written) = handover.publish(service, saved) {
+                let (done, waiting) = watch::channel(false);
+                let deadline = Instant::now() + self.write_wait;
+                tokio::spawn(async move {
+                    tokio::time::timeout_at(deadline, written).await.ok();
+                    done.send(true).ok(); // nobody waiting is fine
+                });
+                // Those handed over already are forgotten here (their streams found them done or are gone).
+                self.handing.retain(|_, done| !*done.borrow());
+                self.handing.insert(Arc::from(service), waiting);
+            }
+        }
         let before = self.entries.len();
         self.entries.retain(|_, e| *e.record.service != *service);
         self.handed_over.remove(service);
@@ -1121,6 +1174,52 @@ escalation = [
             drain(&mut notes).is_empty(),
             "its escalation (30 s) is the new owner's"
         );
+    }
+
+    /// A disowned service's last state is written before its streams let their agents go to the new owner:
+    /// `handed_over` answers once that write is confirmed, or after `write_wait`, and at once for a service not
+    /// being handed over.
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_service_is_handed_over_before_its_agents_go() {
+        let store = Arc::new(HeldStore::default());
+        let (alerts, _notes, _tasks) = setup_handing_over(None, Some(store.clone()));
+        alerts.event(event("a", EventKind::Pending));
+        alerts.event(event("a", EventKind::Firing));
+        settle().await;
+        store.writes.lock().unwrap().clear();
+        alerts.disown("svc".into());
+        let handed = tokio::spawn({
+            let alerts = alerts.clone();
+            async move { alerts.handed_over("svc".into()).await }
+        });
+        settle().await;
+        assert!(
+            !handed.is_finished(),
+            "not before the last state is written"
+        );
+        let writes = std::mem::take(&mut *store.writes.lock().unwrap());
+        assert_eq!(writes.len(), 1, "its last state, written once more");
+        for written in writes {
+            written.send(()).unwrap();
+        }
+        settle().await;
+        assert!(handed.is_finished());
+        // A store that does not answer holds it for `write_wait`, no longer.
+        alerts.event(event("b", EventKind::Pending));
+        alerts.event(event("b", EventKind::Firing));
+        settle().await;
+        alerts.disown("svc".into());
+        let handed = tokio::spawn({
+            let alerts = alerts.clone();
+            async move { alerts.handed_over("svc".into()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!handed.is_finished());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        settle().await;
+        assert!(handed.is_finished());
+        // Nothing being handed over: at once.
+        alerts.handed_over("other".into()).await;
     }
 
     /// A page goes out only once the state that records it is written for the next owner (so a crash between the
