@@ -122,18 +122,20 @@ fn give_away(
         .cloned()
         .collect();
     for name in leaving {
-        let state = services.remove(&name);
-        cluster.forget(&name);
-        // Disowned before its streams hear STATE_LOST (when `state` goes): a stream then asks the alert manager
-        // whether the last state is handed over, and that question must come after this.
-        context.alerts.disown(name.clone());
-        if let Some(mut state) = state {
+        let mut state = services.remove(&name);
+        if let Some(state) = state.as_mut() {
             // Late snapshots already merged into sealed seconds are published (and acknowledged) now: sent again
-            // to the new owner, which never saw those seconds, they would replace them with a part.
+            // to the new owner, which never saw those seconds, they would replace them with a part. (Before the
+            // disown: whatever they make the canary say is disowned with the rest.)
             contain(&name, context, || {
                 state.publish_corrections(i64::MAX, context)
             });
         }
+        cluster.forget(&name);
+        // Disowned before its streams hear STATE_LOST (when `state` goes): a stream then asks the alert manager
+        // whether the last state is handed over, and that question must come after this.
+        context.alerts.disown(name.clone());
+        drop(state);
         context.health.cluster_services_moved.inc();
         tracing::info!(message = "Service moved to another node.", service = %name, owner = ?cluster.owner(&name).map(|m| m.id));
     }
