@@ -388,6 +388,13 @@ impl Manager {
                     }
                     Some(Command::Disown { service }) => self.disown(&service),
                     Some(Command::HandedOver { service, reply }) => {
+                        // A service that moved while idle here (no shard disowned it) may still have alerts here.
+                        if !self.handing.contains_key(&service)
+                            && self.handover.as_ref().is_some_and(|h| h.moved_away(&service))
+                            && self.entries.values().any(|e| e.record.service == service)
+                        {
+                            self.disown(&service);
+                        }
                         let done = self.handing.get(&service).cloned().unwrap_or_else(|| watch::channel(true).1);
                         if *done.borrow() {
                             self.handing.remove(&service);
@@ -415,25 +422,27 @@ impl Manager {
     /// streams wait for that write ([`Alerts::handed_over`]).
     fn disown(&mut self, service: &str) {
         self.hand_over();
-        if let Some(handover) = &self.handover {
-            // Its last state once more, whether or not it changed since the last write, to know when it is in.
-            let saved = self
-                .entries
-                .values()
-                .filter(|e| *e.record.service == *service)
-                .map(Entry::saved)
-                .collect();
-            if let Some(written) = handover.publish(service, saved) {
-                let (done, waiting) = watch::channel(false);
-                let deadline = Instant::now() + self.write_wait;
-                tokio::spawn(async move {
-                    tokio::time::timeout_at(deadline, written).await.ok();
-                    done.send(true).ok(); // nobody waiting is fine
-                });
-                // Those handed over already are forgotten here (their streams found them done or are gone).
-                self.handing.retain(|_, done| !*done.borrow());
-                self.handing.insert(Arc::from(service), waiting);
-            }
+        let saved: Vec<SavedAlert> = self
+            .entries
+            .values()
+            .filter(|e| *e.record.service == *service)
+            .map(Entry::saved)
+            .collect();
+        // With alerts here: their last state once more, whether or not it changed since the last write, to know
+        // when it is in. Without (none, or disowned already): nothing to hand over, and nothing written over what
+        // was.
+        if let Some(handover) = self.handover.as_ref().filter(|_| !saved.is_empty())
+            && let Some(written) = handover.publish(service, saved)
+        {
+            let (done, waiting) = watch::channel(false);
+            let deadline = Instant::now() + self.write_wait;
+            tokio::spawn(async move {
+                tokio::time::timeout_at(deadline, written).await.ok();
+                done.send(true).ok(); // nobody waiting is fine
+            });
+            // Those handed over already are forgotten here (their streams found them done or are gone).
+            self.handing.retain(|_, done| !*done.borrow());
+            self.handing.insert(Arc::from(service), waiting);
         }
         let before = self.entries.len();
         self.entries.retain(|_, e| *e.record.service != *service);
@@ -1125,12 +1134,15 @@ escalation = [
     #[derive(Default)]
     struct HeldStore {
         writes: std::sync::Mutex<Vec<oneshot::Sender<()>>>,
+        /// How many alerts each write held, in order.
+        published: std::sync::Mutex<Vec<usize>>,
         /// Every service is owned by another node now.
         moved: std::sync::atomic::AtomicBool,
     }
 
     impl Handover for HeldStore {
-        fn publish(&self, _: &str, _: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
+        fn publish(&self, _: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
+            self.published.lock().unwrap().push(alerts.len());
             let (written, answer) = oneshot::channel();
             self.writes.lock().unwrap().push(written);
             Some(answer)
@@ -1174,6 +1186,15 @@ escalation = [
             drain(&mut notes).is_empty(),
             "its escalation (30 s) is the new owner's"
         );
+        // The shard's own give-away coming after it writes nothing over the state handed over.
+        let published = store.published.lock().unwrap().len();
+        alerts.disown("svc".into());
+        alerts.handed_over("svc".into()).await;
+        assert_eq!(store.published.lock().unwrap().len(), published);
+        assert!(
+            !store.published.lock().unwrap().contains(&0),
+            "never an empty state"
+        );
     }
 
     /// A disowned service's last state is written before its streams let their agents go to the new owner:
@@ -1199,6 +1220,11 @@ escalation = [
         );
         let writes = std::mem::take(&mut *store.writes.lock().unwrap());
         assert_eq!(writes.len(), 1, "its last state, written once more");
+        assert_eq!(
+            store.published.lock().unwrap().last(),
+            Some(&1),
+            "with its alert"
+        );
         for written in writes {
             written.send(()).unwrap();
         }
