@@ -6,9 +6,9 @@
 //! overwrite a sample (storage refuses a second value for the same timestamp). That is `late_window + grace_max +
 //! 2 s` after the second ended, and never sooner than `late_window + 3 s` after it was sealed here: an aggregator
 //! that seals late (behind, or replaying after an outage) exports late too, rather than before its corrections.
-//! Export therefore trails live by `late_window + grace_max + 2 s` or more. Seconds wait in a pending map bounded in samples; when it is full (storage down
-//! for long), the oldest seconds are dropped and counted. Requests are retried with backoff on network errors, 5xx
-//! and 429; other refusals are dropped and counted.
+//! Export therefore trails live by `late_window + grace_max + 2 s` or more. Seconds wait in a pending map bounded in
+//! samples; when it is full (storage down for long), the oldest seconds are dropped and counted. Requests are
+//! retried with backoff on network errors, 5xx and 429; other refusals are dropped and counted.
 //!
 //! What is written, per step (default 1 s), per split (all versions and zones; each version; each zone):
 //!
