@@ -214,6 +214,25 @@ impl Tally {
     }
 }
 
+/// Reads `ws` into `tally` until `done` (at most `within`); `awaited` says what was awaited if it never comes.
+async fn until(
+    ws: &mut Ws,
+    tally: &mut Tally,
+    within: Duration,
+    done: impl Fn(&Tally) -> bool,
+    awaited: impl Fn(&Tally) -> String,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done(tally) {
+        next_frame(ws, Duration::from_secs(10), |f| {
+            tally.record(f);
+            Some(())
+        })
+        .await;
+        assert!(tokio::time::Instant::now() < deadline, "{}", awaited(tally));
+    }
+}
+
 /// Reads `ws` into `tally` until the states it showed for alert `id` satisfy `shown` (at most 10 s).
 async fn until_alert_shows(
     ws: &mut Ws,
@@ -222,19 +241,14 @@ async fn until_alert_shows(
     what: &str,
     shown: impl Fn(&[String]) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !tally.alerts.get(id).is_some_and(|states| shown(states)) {
-        next_frame(ws, Duration::from_secs(10), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} on the stream: {:?}",
-            tally.alerts.get(id)
-        );
-    }
+    until(
+        ws,
+        tally,
+        Duration::from_secs(10),
+        |t| t.alerts.get(id).is_some_and(|states| shown(states)),
+        |t| format!("{what} on the stream: {:?}", t.alerts.get(id)),
+    )
+    .await;
 }
 
 /// Reads `ws` into `tally` until the webhook receiver has what `done` asks for (at most `within`).
@@ -246,19 +260,14 @@ async fn until_received(
     what: &str,
     done: impl Fn(&Receiver) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !done(receiver) {
-        next_frame(ws, Duration::from_secs(10), |f| {
-            tally.record(f);
-            Some(())
-        })
-        .await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {:?}",
-            receiver.received()
-        );
-    }
+    until(
+        ws,
+        tally,
+        within,
+        |_| done(receiver),
+        |_| format!("{what}: {:?}", receiver.received()),
+    )
+    .await;
 }
 
 /// Collects one node's own second frames until its stream ends: (service, second) -> ticks, corrections replacing.
