@@ -368,26 +368,29 @@ mod tests {
         }
         // Behind by 3 s: moved forward from the stamps alone.
         let behind = AgentClock::with_skew(-3_000);
-        for _ in 0..2 {
-            assert_eq!(behind.observe_aggregator(aggregator(), None, None), None);
-        }
-        let offset = behind
-            .observe_aggregator(aggregator(), None, None)
-            .expect("corrected");
-        assert!((offset - 3_000).abs() < 100, "{offset}");
+        corrected_on_the_third(&behind, 3_000, None, None);
         assert_eq!(behind.observe_aggregator(0, None, None), None);
         // An aggregator that does not say when it read snapshots: 3 s ahead is still corrected.
         let ahead_of_old = AgentClock::with_skew(3_000);
+        corrected_on_the_third(&ahead_of_old, -3_000, Some(0), Some(1));
+    }
+
+    /// Three answers from an aggregator on the right time (with `received` and `sent` as given): the first two move
+    /// `clock` nowhere, the third moves it by about `expected` ms.
+    fn corrected_on_the_third(
+        clock: &AgentClock,
+        expected: i64,
+        received: Option<i64>,
+        sent: Option<i64>,
+    ) {
+        let aggregator = super::clock::unix_millis;
         for _ in 0..2 {
-            assert_eq!(
-                ahead_of_old.observe_aggregator(aggregator(), Some(0), Some(1)),
-                None
-            );
+            assert_eq!(clock.observe_aggregator(aggregator(), received, sent), None);
         }
-        let offset = ahead_of_old
-            .observe_aggregator(aggregator(), Some(0), Some(1))
+        let offset = clock
+            .observe_aggregator(aggregator(), received, sent)
             .expect("corrected");
-        assert!((offset + 3_000).abs() < 100, "{offset}");
+        assert!((offset - expected).abs() < 100, "{offset}");
     }
 
     #[test]
@@ -448,15 +451,7 @@ mod tests {
         let ahead = AgentClock::with_skew(3_000);
         ahead.observe_aggregator(aggregator(), Some(aggregator()), Some(ahead.local_millis()));
         ahead.forget_readings();
-        for _ in 0..2 {
-            assert_eq!(
-                ahead.observe_aggregator(aggregator(), Some(0), Some(1)),
-                None
-            );
-        }
-        let offset = ahead
-            .observe_aggregator(aggregator(), Some(0), Some(1))
-            .expect("corrected from the stamps alone");
-        assert!((offset + 3_000).abs() < 100, "{offset}");
+        // Corrected from the stamps alone.
+        corrected_on_the_third(&ahead, -3_000, Some(0), Some(1));
     }
 }

@@ -376,17 +376,16 @@ impl ServiceWindows {
                 .recent
                 .entry(t)
                 .or_insert_with(|| (OpenSecond::default(), sealed_at));
-            if second.reporters.contains_key(&snapshot.instance.id) {
-                return Applied::Duplicate { sealed: true };
-            }
             let id = snapshot.instance.id.clone();
-            let merged = merge_into(
+            let Some(merged) = merge_into(
                 second,
                 snapshot,
                 self.settings.max_cells,
                 available,
                 &self.all,
-            );
+            ) else {
+                return Applied::Duplicate { sealed: true };
+            };
             self.bytes += merged.used;
             if t > last - self.settings.late_window_secs {
                 // It missed a recent seal but is alive: wait for it in the next second, or a straggler would be
@@ -425,16 +424,15 @@ impl ServiceWindows {
             first_ms,
             ..OpenSecond::default()
         });
-        if second.reporters.contains_key(&snapshot.instance.id) {
-            return Applied::Duplicate { sealed: false };
-        }
-        let merged = merge_into(
+        let Some(merged) = merge_into(
             second,
             snapshot,
             self.settings.max_cells,
             available,
             &self.all,
-        );
+        ) else {
+            return Applied::Duplicate { sealed: false };
+        };
         self.bytes += merged.used;
         Applied::Merged {
             dropped: merged.dropped,
@@ -537,14 +535,19 @@ impl ServiceWindows {
 }
 
 /// Merges a snapshot into its instance's leaf, allocating at most `available` bytes (the service's own room),
-/// each cell's growth taken from `all` before it is allocated; says what was dropped and what was used.
+/// each cell's growth taken from `all` before it is allocated; says what was dropped and what was used (`None`:
+/// the instance already reported this second).
 fn merge_into(
     second: &mut OpenSecond,
     snapshot: InstanceSecond,
     max_cells: usize,
     available: usize,
     all: &DecodedBytes,
-) -> Merge {
+) -> Option<Merge> {
+    // Each instance reports a second once: a second report of it is a duplicate, merged nowhere.
+    if second.reporters.contains_key(&snapshot.instance.id) {
+        return None;
+    }
     let instance = snapshot.instance;
     second.table.get_or_insert(snapshot.table);
     // This snapshot's number within the second: each instance reports a second once.
@@ -603,12 +606,12 @@ fn merge_into(
     }
     second.reporters.insert(instance.id.clone(), instance);
     second.bytes += used;
-    Merge {
+    Some(Merge {
         dropped,
         over_budget,
         over_total,
         used,
-    }
+    })
 }
 
 /// What merging one snapshot did.
