@@ -288,7 +288,24 @@ fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<
 #[inline(always)]
 fn each_step(payload: &[u8], mut each: impl FnMut(usize, u64)) {
     let (mut index, mut at) = (0usize, 0usize);
-    while let Some(&byte) = payload.get(at) {
+    loop {
+        // Eight one-byte varints at once when the next eight bytes are all below 0x80 (one test for the lot).
+        // The check refused every payload whose index overflows, so adding steps cannot wrap here.
+        if let Some(chunk) = payload.get(at..at + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0x80; 8]));
+            if word & 0x8080_8080_8080_8080 == 0 {
+                for shift in (0..64).step_by(8) {
+                    let (count, step) = one_byte((word >> shift) as u8);
+                    each(index, count);
+                    index = index.wrapping_add(step);
+                }
+                at += 8;
+                continue;
+            }
+        }
+        let Some(&byte) = payload.get(at) else {
+            return;
+        };
         let (count, step) = if byte & 0x80 == 0 {
             at += 1;
             one_byte(byte)
@@ -553,12 +570,19 @@ pub(crate) mod tests {
     fn random_values(rng: &mut SmallRng) -> Vec<u64> {
         let n = rng.random_range(0..300);
         let spread = rng.random_range(1..40);
-        (0..n)
+        let mut values: Vec<u64> = (0..n)
             .map(|_| {
                 let magnitude = rng.random_range(0..spread);
                 rng.random_range(0..=(1u64 << magnitude))
             })
-            .collect()
+            .collect();
+        // A few buckets with counts of 64 or more (varints of two bytes) amid the one-byte ones.
+        for _ in 0..rng.random_range(0..4) {
+            let magnitude = rng.random_range(0..spread);
+            let value = rng.random_range(0..=(1u64 << magnitude));
+            values.extend(std::iter::repeat_n(value, rng.random_range(40..300)));
+        }
+        values
     }
 
     /// Property: for random histograms of random layouts, merging their V2 bytes into an accumulator gives the
