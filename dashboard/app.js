@@ -403,7 +403,8 @@ function renderAlerts() {
     const labels = Object.entries(a.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ");
     const reason = a.evidence && a.evidence.reason;
     const evidence = reason
-      ? `${reason.metric}: ${fmt(reason.candidate, 4)} vs ${fmt(reason.baseline, 4)} (z ${fmt(reason.z, 1)}, ` +
+      ? `${reason.metric}: ${fmt(reason.candidate, 4)} vs ${fmt(reason.baseline, 4)} ` +
+        `(floor ${fmt(reason.floor, 2)}x, z ${fmt(reason.z, 1)}, ` +
         `${reason.candidate_samples} vs ${reason.baseline_samples} samples)`
       : a.evidence ? JSON.stringify(a.evidence).slice(0, 300) : "";
     el.innerHTML = `<div class="head"><span>${escapeHtml(a.service)} · ${escapeHtml(a.rule)}</span><span>${a.state}</span></div>

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use strobe_proto as pb;
 
+use crate::alerting::canary::inputs::InstanceCounts;
 use crate::alerting::canary::{Canary, CanarySettings, VerdictState, VersionSecond};
 use crate::alerting::rules::config::parse_rules;
 use crate::alerting::rules::{Evaluator, RuleSet};
@@ -212,6 +213,8 @@ pub struct VersionInput {
     pub errors: f64,
     /// The merged latency histogram, in recorded units, with how many recorded units make a millisecond.
     pub latency: Option<(hdrhistogram::Histogram<u64>, u32)>,
+    /// Each instance's requests and errors (empty: not counted per instance).
+    pub per_instance: Vec<(f64, f64)>,
 }
 
 /// A verdict change as the benchmarks read it: candidate, state (as the API names it), and the check that made it
@@ -247,6 +250,16 @@ impl CanaryRun {
                     errors: v.errors,
                     latency: v.latency,
                     deployer: None,
+                    per_instance: v
+                        .per_instance
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (requests, errors))| InstanceCounts {
+                            id: Arc::from(format!("{version}-{i}")),
+                            requests,
+                            errors,
+                        })
+                        .collect(),
                 };
                 (Arc::from(version), second)
             })

@@ -289,6 +289,7 @@ pub(crate) fn validate_snapshot(
             series,
             table: dictionary.table.clone(),
             agent,
+            requests: None,
         },
         dropped,
     })

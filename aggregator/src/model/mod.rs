@@ -128,6 +128,18 @@ pub(crate) struct InstanceSecond {
     pub(crate) table: Arc<table::SeriesTable>,
     /// What the agent counted about its own inputs during this second.
     pub(crate) agent: AgentCounts,
+    /// Its requests and errors (the main metrics' counters, summed over tag sets), once the shard has read them;
+    /// `None` when it reported neither.
+    pub(crate) requests: Option<RequestCounts>,
+}
+
+/// One instance's requests and failed requests in one second.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct RequestCounts {
+    /// Requests.
+    pub(crate) requests: f64,
+    /// Failed requests.
+    pub(crate) errors: f64,
 }
 
 /// An agent's own counters for one second (its inputs' health), as it reports them in each snapshot.

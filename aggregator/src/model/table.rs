@@ -15,6 +15,13 @@ use super::SeriesKey;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct SeriesId(u32);
 
+impl SeriesId {
+    /// Its place in the table (ids are numbered from 0 without gaps).
+    pub(crate) fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
@@ -80,6 +87,11 @@ impl Keys<'_> {
     /// The series `id` stands for. Ids come only from this table, which never shrinks.
     pub(crate) fn get(&self, id: SeriesId) -> &SeriesKey {
         &self.0.keys[id.0 as usize]
+    }
+
+    /// The series at place `index` (see [`SeriesId::index`]), if the table holds that many.
+    pub(crate) fn at(&self, index: usize) -> Option<&SeriesKey> {
+        self.0.keys.get(index)
     }
 }
 

@@ -3,18 +3,21 @@
 //! The shard only decides when each happens.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use strobe_proto::clock;
 
 use crate::alerting::alerts::Alerts;
 use crate::alerting::canary::alert::canary_alert;
-use crate::alerting::canary::inputs::{SeriesNumber, VersionSecond, per_version, version_seconds};
+use crate::alerting::canary::inputs::{
+    InstanceCounts, SeriesNumber, VersionSecond, per_version, version_seconds,
+};
 use crate::alerting::canary::{Canary, CanarySettings};
 use crate::alerting::rules::{Evaluator, RulesStore};
 use crate::health::{DropReason, Health, millis_as_seconds};
 use crate::model::hdr::HdrAccumulator;
-use crate::model::{InstanceSecond, MainMetrics, Split};
+use crate::model::table::SeriesTable;
+use crate::model::{InstanceSecond, MainMetrics, RequestCounts, SeriesValue, Split};
 use crate::pipeline::merge::Cell;
 use crate::pipeline::windows::{
     Applied, Arrivals, DecodedBytes, Sealed, ServiceWindows, WindowSettings,
@@ -61,6 +64,59 @@ pub(crate) struct ServiceState {
     /// Each instance's stream, told every second of it that is counted (sealed, or merged into a sealed second):
     /// only then does the agent get its ack, so a crash before the seal loses nothing the agent let go of.
     ackers: HashMap<Arc<str>, Acker>,
+    /// Which of the service's series are its request and error counters.
+    roles: RequestRoles,
+}
+
+/// Which of a service's series ids are the request and error counters ([`MainMetrics`]), read from its series table
+/// once per id: reading an instance's requests and errors from its snapshot then costs an index per counter.
+#[derive(Debug, Default)]
+struct RequestRoles {
+    /// The table the roles are of (ids mean other series in another table).
+    table: Weak<SeriesTable>,
+    roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Requests,
+    Errors,
+    Other,
+}
+
+impl RequestRoles {
+    /// The instance's requests and errors in `snapshot` (each counter summed over its tag sets); `None` when it
+    /// has neither.
+    fn count(&mut self, snapshot: &InstanceSecond, metrics: &MainMetrics) -> Option<RequestCounts> {
+        if !std::ptr::eq(self.table.as_ptr(), Arc::as_ptr(&snapshot.table)) {
+            self.table = Arc::downgrade(&snapshot.table);
+            self.roles.clear();
+        }
+        let mut counts: Option<RequestCounts> = None;
+        for (id, value) in &snapshot.series {
+            let SeriesValue::Counter(v) = value else {
+                continue;
+            };
+            let index = id.index();
+            if index >= self.roles.len() {
+                let keys = snapshot.table.keys();
+                while self.roles.len() <= index {
+                    let role = match keys.at(self.roles.len()) {
+                        Some(key) if *key.metric == *metrics.requests => Role::Requests,
+                        Some(key) if *key.metric == *metrics.errors => Role::Errors,
+                        _ => Role::Other,
+                    };
+                    self.roles.push(role);
+                }
+            }
+            match self.roles[index] {
+                Role::Requests => counts.get_or_insert_default().requests += v,
+                Role::Errors => counts.get_or_insert_default().errors += v,
+                Role::Other => {}
+            }
+        }
+        counts
+    }
 }
 
 /// Where a stream hears which of its seconds are counted.
@@ -109,13 +165,14 @@ impl ServiceState {
             published: BTreeMap::new(),
             correction_ackers: BTreeMap::new(),
             ackers: HashMap::new(),
+            roles: RequestRoles::default(),
         }
     }
 
     /// Merges one instance's second at `now_ms`, counting what happened to it.
     pub(crate) fn apply(
         &mut self,
-        snapshot: InstanceSecond,
+        mut snapshot: InstanceSecond,
         acker: Acker,
         now_ms: i64,
         context: &ServiceContext,
@@ -132,6 +189,7 @@ impl ServiceState {
             self.ackers
                 .insert(snapshot.instance.id.clone(), acker.clone());
         }
+        snapshot.requests = self.roles.count(&snapshot, &context.metrics);
         let applied = self.windows.apply(snapshot, now_ms);
         match applied {
             // Already counted (a duplicate of a sealed second), or never to be counted (too late: sending it again
@@ -339,12 +397,87 @@ fn canary_inputs(merged: &Sealed, metrics: &MainMetrics) -> BTreeMap<Arc<str>, V
         };
         Some((Some(version), &*key.metric, key.tags.is_empty(), value))
     });
-    version_seconds(per_version(&merged.second.instances, series, metrics))
+    let mut seconds = version_seconds(per_version(&merged.second.instances, series, metrics));
+    for (instance, counts) in &merged.requests {
+        if let Some(second) = seconds.get_mut(&instance.version) {
+            second.per_instance.push(InstanceCounts {
+                id: instance.id.clone(),
+                requests: counts.requests,
+                errors: counts.errors,
+            });
+        }
+    }
+    seconds
 }
 
 #[cfg(test)]
 mod tests {
-    use super::correction_delay;
+    use super::*;
+    use crate::model::{Instance, SeriesKey};
+
+    /// An instance's requests and errors are the main metrics' counters summed over their tag sets, read by id; a
+    /// new table (the service's old one gone) means new ids.
+    #[test]
+    fn requests_and_errors_are_read_per_instance_by_series_id() {
+        let metrics = MainMetrics::default();
+        let table = Arc::new(SeriesTable::new(100));
+        let key = |metric: &str, route: Option<&str>| {
+            let tags: Arc<[(Arc<str>, Arc<str>)]> = match route {
+                Some(r) => Arc::new([("route".into(), r.into())]),
+                None => Arc::new([]),
+            };
+            SeriesKey::new(metric.into(), tags)
+        };
+        let ids: Vec<_> = [
+            key("cache.hits", None),
+            key("request.count", Some("/a")),
+            key("request.count", Some("/b")),
+            key("request.errors", Some("/a")),
+        ]
+        .into_iter()
+        .map(|k| table.intern(k).unwrap())
+        .collect();
+        let instance = Arc::new(Instance {
+            service: "svc".into(),
+            id: "i1".into(),
+            version: "v1".into(),
+            zone: None,
+            deployer: None,
+        });
+        let snapshot = |table: &Arc<SeriesTable>, values: &[(usize, f64)]| InstanceSecond {
+            instance: instance.clone(),
+            t: 1,
+            series: values
+                .iter()
+                .map(|(i, v)| (ids[*i], SeriesValue::Counter(*v)))
+                .collect(),
+            table: table.clone(),
+            agent: Default::default(),
+            requests: None,
+        };
+        let mut roles = RequestRoles::default();
+        let counted = roles.count(
+            &snapshot(&table, &[(0, 7.0), (1, 10.0), (2, 5.0), (3, 2.0)]),
+            &metrics,
+        );
+        assert_eq!(
+            counted,
+            Some(RequestCounts {
+                requests: 15.0,
+                errors: 2.0
+            })
+        );
+        // Only errors this second; then neither.
+        let counted = roles.count(&snapshot(&table, &[(3, 1.0)]), &metrics);
+        assert_eq!(counted.map(|c| (c.requests, c.errors)), Some((0.0, 1.0)));
+        assert_eq!(roles.count(&snapshot(&table, &[(0, 3.0)]), &metrics), None);
+        // Another table numbers other series: id 1 there is `cache.hits`, not requests.
+        let other = Arc::new(SeriesTable::new(100));
+        for k in [key("x", None), key("cache.hits", None)] {
+            other.intern(k).unwrap();
+        }
+        assert_eq!(roles.count(&snapshot(&other, &[(1, 4.0)]), &metrics), None);
+    }
 
     #[test]
     fn corrections_of_one_second_back_off_to_a_second() {

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use crate::model::table::{SeriesId, SeriesTable};
 use crate::model::{
-    Instance, InstanceSecond, SealedSecond, SeriesKey, SeriesSummary, SeriesValue, Split,
+    Instance, InstanceSecond, RequestCounts, SealedSecond, SeriesKey, SeriesSummary, SeriesValue,
+    Split,
 };
 use crate::pipeline::merge::Cell;
 
@@ -120,7 +121,8 @@ impl Kind {
 /// summarised.
 #[derive(Debug, Default)]
 pub(crate) struct OpenSecond {
-    reporters: FastMap<Arc<str>, Arc<Instance>>,
+    /// Who reported, with their requests and errors.
+    reporters: FastMap<Arc<str>, (Arc<Instance>, Option<RequestCounts>)>,
     /// Each leaf's cells, with the number of the snapshot (within this second) that last touched each.
     leaves: FastMap<Leaf, FastMap<SeriesId, (u32, Cell)>>,
     kinds: FastMap<SeriesId, Kind>,
@@ -144,6 +146,9 @@ pub(crate) struct Sealed {
     pub(crate) second: SealedSecond,
     /// Every split's cells.
     pub(crate) splits: Splits,
+    /// Each instance's requests and errors, where it reported them (the canary reads single instances' shocks
+    /// from them).
+    pub(crate) requests: Vec<(Arc<Instance>, RequestCounts)>,
 }
 
 impl OpenSecond {
@@ -548,7 +553,7 @@ fn merge_into(
     if second.reporters.contains_key(&snapshot.instance.id) {
         return None;
     }
-    let instance = snapshot.instance;
+    let (instance, requests) = (snapshot.instance, snapshot.requests);
     second.table.get_or_insert(snapshot.table);
     // This snapshot's number within the second: each instance reports a second once.
     let this = u32::try_from(second.reporters.len()).unwrap_or(u32::MAX);
@@ -604,7 +609,9 @@ fn merge_into(
         used += cost;
         leaf.insert(key, (this, Cell::new(&value)));
     }
-    second.reporters.insert(instance.id.clone(), instance);
+    second
+        .reporters
+        .insert(instance.id.clone(), (instance, requests));
     second.bytes += used;
     Some(Merge {
         dropped,
@@ -652,9 +659,20 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
             }
         })
         .collect();
-    let mut instances: Vec<Arc<Instance>> = second.reporters.values().cloned().collect();
+    let mut instances: Vec<Arc<Instance>> = second
+        .reporters
+        .values()
+        .map(|(instance, _)| instance.clone())
+        .collect();
     instances.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut requests: Vec<(Arc<Instance>, RequestCounts)> = second
+        .reporters
+        .values()
+        .filter_map(|(instance, counts)| Some((instance.clone(), (*counts)?)))
+        .collect();
+    requests.sort_by(|a, b| a.0.id.cmp(&b.0.id));
     Sealed {
+        requests,
         second: SealedSecond {
             service: service.clone(),
             t,
@@ -735,6 +753,7 @@ mod tests {
         InstanceSecond {
             instance: inst.clone(),
             agent: Default::default(),
+            requests: None,
             t,
             series: vec![(id("requests"), SeriesValue::Counter(value))],
             table: table(),
@@ -779,6 +798,30 @@ mod tests {
         }
         assert_eq!(sealed[0].series.len(), 4);
         assert_eq!(sealed[0].instances.len(), 3);
+    }
+
+    /// Each instance's requests and errors, as its shard read them, reach the sealed second beside the merge.
+    #[test]
+    fn each_instances_request_counts_reach_the_sealed_second() {
+        let (a, b) = (instance("a", "v1", None), instance("b", "v2", None));
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let counts = RequestCounts {
+            requests: 40.0,
+            errors: 3.0,
+        };
+        w.apply_now(InstanceSecond {
+            requests: Some(counts),
+            ..counter(&a, 10, 1.0)
+        });
+        w.apply_now(counter(&b, 10, 2.0));
+        let sealed = w.seal_ready(11_250, &Arrivals::default());
+        assert_eq!(sealed.len(), 1);
+        let requests: Vec<(&str, RequestCounts)> = sealed[0]
+            .requests
+            .iter()
+            .map(|(instance, counts)| (&*instance.id, *counts))
+            .collect();
+        assert_eq!(requests, [("a", counts)], "b reported none");
     }
 
     #[test]
@@ -1211,6 +1254,7 @@ mod tests {
         let snapshot = |inst: &Arc<Instance>, t: i64, names: &[&str]| InstanceSecond {
             instance: inst.clone(),
             agent: Default::default(),
+            requests: None,
             t,
             series: names.iter().map(|n| (id(n), far.clone())).collect(),
             table: table(),
@@ -1258,6 +1302,7 @@ mod tests {
         let snapshot = |t: i64| InstanceSecond {
             instance: instance("a", "v1", None),
             agent: Default::default(),
+            requests: None,
             t,
             series: vec![(id("far"), far.clone())],
             table: table(),

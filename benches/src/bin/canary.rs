@@ -133,11 +133,14 @@ impl Side {
     fn second(&mut self, t: i64, rng: &mut SmallRng, h: &mut Histogram<u64>) -> VersionInput {
         h.reset();
         let (mut requests, mut errors) = (0u64, 0u64);
+        let mut per_instance = Vec::with_capacity(self.shocks.len());
         for shocks in &mut self.shocks {
             let shock = shocks.second(t, rng);
             let n = Poisson::new(self.rps_each).map_or(0.0, |p| p.sample(rng)) as u64;
             let p = (self.error_ratio * shock.errors).clamp(0.0, 1.0);
-            errors += Binomial::new(n, p).map_or(0, |b| b.sample(rng));
+            let failed = Binomial::new(n, p).map_or(0, |b| b.sample(rng));
+            per_instance.push((n as f64, failed as f64));
+            errors += failed;
             requests += n;
             let mu = (MEDIAN_MS * shock.latency * 1000.0).ln();
             for _ in 0..n {
@@ -152,6 +155,7 @@ impl Side {
             requests: requests as f64,
             errors: errors as f64,
             latency: (requests > 0).then(|| (h.clone(), 1000)),
+            per_instance,
         }
     }
 }

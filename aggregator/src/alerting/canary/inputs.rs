@@ -37,6 +37,20 @@ pub(crate) struct VersionNumbers<L> {
     pub(crate) latency: Option<L>,
     /// The `deployer` label of one of its instances.
     pub(crate) deployer: Option<Arc<str>>,
+    /// Each instance's own requests and errors, where the pipeline counted them (the canary looks for shocks of
+    /// single instances in them).
+    pub(crate) per_instance: Vec<InstanceCounts>,
+}
+
+/// One instance's requests and errors in one second.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct InstanceCounts {
+    /// The instance.
+    pub(crate) id: Arc<str>,
+    /// Requests it served.
+    pub(crate) requests: f64,
+    /// Requests that failed.
+    pub(crate) errors: f64,
 }
 
 impl<L> Default for VersionNumbers<L> {
@@ -47,6 +61,7 @@ impl<L> Default for VersionNumbers<L> {
             errors: 0.0,
             latency: None,
             deployer: None,
+            per_instance: Vec::new(),
         }
     }
 }
@@ -100,6 +115,7 @@ pub(crate) fn version_seconds(rows: BorrowedRows<'_>) -> BTreeMap<Arc<str>, Vers
                     errors: row.errors,
                     latency: row.latency.map(|(acc, scale)| (acc.to_histogram(), scale)),
                     deployer: row.deployer,
+                    per_instance: row.per_instance,
                 },
             ))
         })

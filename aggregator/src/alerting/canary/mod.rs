@@ -22,8 +22,12 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use inputs::InstanceCounts;
 pub(crate) use inputs::VersionSecond;
-use stats::{NoiseModel, Test, log_quantile_sampling_variance, normal_quantile, shock_variance};
+use stats::{
+    NoiseModel, Test, ar1_mean_variance, log_quantile_sampling_variance, normal_quantile,
+    pooled_excess, pooled_lag1, shock_variance,
+};
 pub(crate) use verdict::{Evidence, Verdict, VerdictState};
 
 /// Thresholds of the canary analysis.
@@ -45,6 +49,12 @@ pub struct CanarySettings {
     /// ...and more than this much higher in absolute terms (0.005 = half a percentage point): at the baseline's
     /// ratio both floors are one ratio, and the higher one is tested.
     pub min_error_ratio_increase: f64,
+    /// The error floors on a quiet baseline: when its instances' own error counts show no shocks, with errors
+    /// enough that a shock would show, the candidate is bad once its error ratio is credibly above this many times
+    /// the baseline's...
+    pub quiet_error_ratio_factor: f64,
+    /// ...and this much higher in absolute terms.
+    pub quiet_error_ratio_increase: f64,
     /// Bad only if the candidate's p50 is credibly more than this many times the baseline's.
     pub min_p50_factor: f64,
     /// Bad only if the candidate's p99 is credibly more than this many times the baseline's.
@@ -80,6 +90,8 @@ impl Default for CanarySettings {
             min_candidate_instance_seconds: 3,
             min_error_ratio_factor: 1.75,
             min_error_ratio_increase: 0.0035,
+            quiet_error_ratio_factor: 1.25,
+            quiet_error_ratio_increase: 0.001,
             min_p50_factor: 1.25,
             min_p99_factor: 1.2,
             min_baseline_share: 0.1,
@@ -99,6 +111,17 @@ const TAU: f64 = 0.5;
 /// Seconds of a comparison kept for corrections (late data replaces what was counted for them).
 const CORRECTABLE_SECONDS: usize = 16;
 
+/// Instances of a version whose own seconds are kept for finding shocks of single instances (a sample: shocks
+/// of one instance show as well in eight as in all).
+const TRACKED_INSTANCES: usize = 8;
+
+/// A tracked instance silent this long gives its place to another (it was replaced or scaled away).
+const TRACKED_STALE_SECONDS: i64 = 30;
+
+/// The smallest per-instance error shock a quiet baseline must have been able to see: a relative spread of the
+/// error rate of 0.25 over 30 seconds (persistent shocks in production are larger).
+const QUIET_SHOCK_VARIANCE: f64 = 0.25 * 0.25;
+
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
@@ -113,6 +136,9 @@ struct HistorySecond {
     log_p50: Option<(f64, f64)>,
 }
 
+/// Tracked instances' own seconds: when each last reported, and its requests and errors per second.
+type TrackedInstances = BTreeMap<Arc<str>, (i64, VecDeque<(f64, f64)>)>;
+
 #[derive(Debug)]
 struct VersionTrack {
     first_seen: i64,
@@ -120,6 +146,8 @@ struct VersionTrack {
     /// Requests in the newest second it reported.
     requests_now: f64,
     history: VecDeque<HistorySecond>,
+    /// Some of its instances' own requests and errors per second, over `history`, with when each last reported.
+    instances: TrackedInstances,
     /// Its latency over the last half `history` (`.1`) and the half before (`.0`), and when `.1` began.
     latency: (Option<Histogram<u64>>, Option<Histogram<u64>>, i64),
 }
@@ -128,8 +156,13 @@ impl VersionTrack {
     /// Remembers a second it reported (after any comparison used the history before it).
     fn remember(&mut self, t: i64, second: &VersionSecond, history: i64) {
         self.history.push_back(HistorySecond::of(second));
-        while self.history.len() > usize::try_from(history).unwrap_or(usize::MAX) {
+        let keep = usize::try_from(history).unwrap_or(usize::MAX);
+        while self.history.len() > keep {
             self.history.pop_front();
+        }
+        self.instances.retain(|_, (seen, _)| t - *seen <= history);
+        for counts in &second.per_instance {
+            self.track_instance(t, counts, keep);
         }
         let (previous, current, since) = &mut self.latency;
         if t - *since >= (history / 2).max(1) {
@@ -138,6 +171,32 @@ impl VersionTrack {
         }
         if let Some((h, _)) = &second.latency {
             add_histogram(current, h);
+        }
+    }
+
+    /// Keeps `counts` if its instance is tracked, or takes a place for it (free, or a stale instance's).
+    fn track_instance(&mut self, t: i64, counts: &InstanceCounts, keep: usize) {
+        if !self.instances.contains_key(&counts.id) {
+            if self.instances.len() >= TRACKED_INSTANCES {
+                let stale = self
+                    .instances
+                    .iter()
+                    .find(|(_, (seen, _))| t - seen > TRACKED_STALE_SECONDS)
+                    .map(|(id, _)| id.clone());
+                let Some(stale) = stale else {
+                    return;
+                };
+                self.instances.remove(&stale);
+            }
+            self.instances
+                .insert(counts.id.clone(), (t, VecDeque::new()));
+        }
+        if let Some((seen, seconds)) = self.instances.get_mut(&counts.id) {
+            *seen = t;
+            seconds.push_back((counts.requests, counts.errors));
+            while seconds.len() > keep {
+                seconds.pop_front();
+            }
         }
     }
 
@@ -220,12 +279,16 @@ impl HistorySecond {
 struct Models {
     errors: NoiseModel,
     latency: NoiseModel,
+    /// Whether the error rate is quiet: its instances' own seconds show no shock and have errors enough that one
+    /// would show (see `instance_errors_model`); the quiet error floors apply to `bad`.
+    quiet_errors: bool,
 }
 
 impl Models {
     /// Fits from `history` (oldest first): errors on the relative error rate, latency on log p50 (a latency shock
     /// multiplies every request of its second, so p99 moves with it). Too little history: the cautious model.
-    fn fit(history: &VecDeque<HistorySecond>, min_seconds: usize) -> Self {
+    fn fit(track: &VersionTrack, min_seconds: usize) -> Self {
+        let history = &track.history;
         let instances = if history.is_empty() {
             1.0
         } else {
@@ -253,12 +316,84 @@ impl Models {
             None
         };
         let latency: Vec<(f64, f64)> = history.iter().filter_map(|h| h.log_p50).collect();
+        // Where its instances' own seconds can show a shock of one instance, they decide (see
+        // `instance_errors_model`); a version's sum dilutes such shocks by its number of instances.
+        let instance_model = instance_errors_model(&track.instances, min_seconds);
+        let errors_model = instance_model.map(|(model, _)| model).or(errors_model);
         Models {
+            quiet_errors: instance_model.is_some_and(|(_, quiet)| quiet),
             errors: errors_model.unwrap_or(NoiseModel::CAUTIOUS_ERRORS),
             latency: NoiseModel::fit(&latency, instances, min_seconds)
                 .unwrap_or(NoiseModel::CAUTIOUS),
         }
     }
+}
+
+/// The error rate's shocks as the tracked instances' own seconds show them: each instance with `min_seconds` of
+/// its own, rates relative to theirs together, single seconds and 10- and 30-second batches pooled over the
+/// instances, each centred on its own mean. That is a shock of one instance undiluted, as a one-instance candidate
+/// carries it (a version's sum dilutes it by its number of instances and hides it among sampling noise). `None`
+/// unless the instances have errors enough that a shock of [`QUIET_SHOCK_VARIANCE`] over 30 seconds would show.
+/// Persistence as in `NoiseModel::fit`; the model is per instance, never assumed to average out over instances.
+/// With it, whether the rate is quiet: no shock at any scale, and none of that size within a standard error.
+fn instance_errors_model(
+    instances: &TrackedInstances,
+    min_seconds: usize,
+) -> Option<(NoiseModel, bool)> {
+    // Instances with `min_history` of their own; rates relative to theirs (their own errors decide whether a
+    // shock would show).
+    let long: Vec<&VecDeque<(f64, f64)>> = instances
+        .values()
+        .map(|(_, seconds)| seconds)
+        .filter(|seconds| seconds.len() >= min_seconds.max(30))
+        .collect();
+    let (requests, errors) = long
+        .iter()
+        .flat_map(|seconds| seconds.iter())
+        .fold((0.0, 0.0), |(r, e), (requests, errors)| {
+            (r + requests, e + errors)
+        });
+    let rate = errors / requests;
+    if !(rate > 0.0 && rate.is_finite()) {
+        return None;
+    }
+    let relative: Vec<Vec<(f64, f64)>> = long
+        .iter()
+        .map(|seconds| {
+            seconds
+                .iter()
+                .filter(|(requests, _)| *requests > 0.0)
+                .map(|(requests, errors)| (errors / (requests * rate), 1.0 / (requests * rate)))
+                .collect()
+        })
+        .collect();
+    // Power: a shock of `QUIET_SHOCK_VARIANCE` would have been seen (three standard errors).
+    let thirty = pooled_excess(&relative, 30, 3.0)?;
+    if thirty.threshold > QUIET_SHOCK_VARIANCE {
+        return None;
+    }
+    // Quiet also needs what was seen, plus a standard error, to stay under it.
+    let bounded = thirty.excess.max(0.0) + thirty.threshold / 3.0 <= QUIET_SHOCK_VARIANCE;
+    let ten = pooled_excess(&relative, 10, 3.0)?;
+    let one = pooled_excess(&relative, 1, 3.0)?;
+    // As for a version's sum (`NoiseModel::fit`): persistence from the lag-1 covariance when single seconds show
+    // the shock, production's when only batches do.
+    let per_second = (one.excess > one.threshold).then_some(one.excess);
+    let persistence = match per_second {
+        Some(shock) if shock > 0.0 => (pooled_lag1(&relative) / shock).clamp(0.0, 0.995),
+        _ => NoiseModel::CAUTIOUS.persistence,
+    };
+    let shock = [(10.0, ten), (30.0, thirty)]
+        .into_iter()
+        .filter(|(_, p)| p.excess > p.threshold)
+        .map(|(batch, p)| p.excess / ar1_mean_variance(batch, persistence))
+        .fold(per_second.unwrap_or(0.0), f64::max);
+    let model = NoiseModel {
+        shock_variance: shock,
+        persistence: if shock > 0.0 { persistence } else { 0.0 },
+        instances: 1.0,
+    };
+    Some((model, shock == 0.0 && bounded))
 }
 
 /// One side of a comparison: everything it reported since the comparison began.
@@ -497,6 +632,7 @@ impl Canary {
                     last_seen: t,
                     requests_now: 0.0,
                     history: VecDeque::new(),
+                    instances: BTreeMap::new(),
                     latency: (None, None, t),
                 });
             track.last_seen = t;
@@ -601,7 +737,7 @@ impl Canary {
                     Deployment {
                         candidate: candidate.clone(),
                         baseline: baseline.clone(),
-                        models: Models::fit(history, min_history),
+                        models: Models::fit(base_track, min_history),
                         candidate_side: Side::new(),
                         baseline_side: Side::new(),
                         baseline_total: base_track.prior(),
@@ -627,7 +763,7 @@ impl Canary {
             if !deployment.fitted && base_track.history.len() >= min_history {
                 // Started without enough history: the cautious models give way to fitted ones once the baseline's
                 // own seconds (which do not depend on the candidate) are enough.
-                deployment.models = Models::fit(&base_track.history, min_history);
+                deployment.models = Models::fit(base_track, min_history);
                 deployment.fitted = true;
             }
             deployment.verdict.deployer =
@@ -697,10 +833,18 @@ fn checks(c: &Side, b: &Side, b_now: &Side, models: &Models, s: &CanarySettings)
     let offsets = spread / c.instances() + spread / b.instances();
     let min_requests = s.min_requests as f64;
     if c.requests >= min_requests && b.requests >= min_requests {
+        let (floor_factor, floor_increase) = if models.quiet_errors {
+            (
+                s.quiet_error_ratio_factor.min(s.min_error_ratio_factor),
+                s.quiet_error_ratio_increase.min(s.min_error_ratio_increase),
+            )
+        } else {
+            (s.min_error_ratio_factor, s.min_error_ratio_increase)
+        };
         let now_ratio = |side: &Side| (side.errors.max(0.0) + 0.5) / (side.requests + 1.0);
         let concurrent = b_now.requests < min_requests || {
             let (r_c, r_now) = (now_ratio(c), now_ratio(b_now));
-            r_c >= s.min_error_ratio_factor * r_now && r_c - r_now >= s.min_error_ratio_increase
+            r_c >= floor_factor * r_now && r_c - r_now >= floor_increase
         };
         // Log error ratio, with half an error added to each side so that none is zero.
         let (x_c, x_b) = (c.errors.max(0.0) + 0.5, b.errors.max(0.0) + 0.5);
@@ -711,10 +855,12 @@ fn checks(c: &Side, b: &Side, b_now: &Side, models: &Models, s: &CanarySettings)
             + offsets;
         // One floor for both: "more than `factor` times the baseline's ratio" and "more than `increase` above
         // it" are one ratio, whichever is higher, at the baseline's (precisely known) ratio.
-        let factor = s
+        let factor = floor_factor.max(1.0 + floor_increase / r_b).max(1.0);
+        let healthy_floor = s
             .min_error_ratio_factor
             .max(1.0 + s.min_error_ratio_increase / r_b)
-            .max(1.0);
+            .max(factor)
+            .ln();
         let ratio = Test {
             estimate: (r_c / r_b).ln(),
             variance: sampling + shocks,
@@ -725,12 +871,14 @@ fn checks(c: &Side, b: &Side, b_now: &Side, models: &Models, s: &CanarySettings)
             metric: "error_ratio",
             candidate: c.errors / c.requests,
             baseline: b.errors / b.requests,
+            floor: factor,
             z: ratio.z(),
             likelihood_ratio: ratio.likelihood_ratio(),
             candidate_samples: c.requests.round() as u64,
             baseline_samples: b.requests.round() as u64,
             bad: ratio.rejects(alpha) && concurrent,
-            ruled_out: ratio.upper_bound(alpha) < ratio.floor,
+            // `healthy` rules out the regular floors, also on a quiet baseline.
+            ruled_out: ratio.upper_bound(alpha) < healthy_floor,
         });
     }
     if let (Some(hc), Some(hb)) = (&c.latency, &b.latency)
@@ -776,6 +924,7 @@ fn checks(c: &Side, b: &Side, b_now: &Side, models: &Models, s: &CanarySettings)
                 metric,
                 candidate: q_c / scale,
                 baseline: q_b / scale,
+                floor: factor.max(1.0),
                 z: test.z(),
                 likelihood_ratio: test.likelihood_ratio(),
                 candidate_samples: hc.len(),
@@ -863,14 +1012,21 @@ mod tests {
             let per_instance = self.traffic.rps / self.states.len() as f64;
             let mut h = Histogram::<u64>::new(2).unwrap();
             let (mut requests, mut errors) = (0u64, 0u64);
-            for (z_lat, z_err) in &mut self.states {
+            let mut counts = Vec::new();
+            for (k, (z_lat, z_err)) in self.states.iter_mut().enumerate() {
                 *z_lat = phi * *z_lat + fresh.sample(rng);
                 *z_err = phi * *z_err + fresh.sample(rng);
                 let n = Poisson::new(per_instance).map_or(0.0, |p| p.sample(rng)) as u64;
                 let p = (self.traffic.error_ratio
                     * (err_sigma * *z_err - err_sigma * err_sigma / 2.0).exp())
                 .clamp(0.0, 1.0);
-                errors += Binomial::new(n, p).unwrap().sample(rng);
+                let failed = Binomial::new(n, p).unwrap().sample(rng);
+                counts.push(InstanceCounts {
+                    id: format!("i{k}").into(),
+                    requests: n as f64,
+                    errors: failed as f64,
+                });
+                errors += failed;
                 requests += n;
                 let median = self.traffic.median_ms * (self.shocks.latency_sigma * *z_lat).exp();
                 let latency = LogNormal::new(median.ln(), self.traffic.sigma).unwrap();
@@ -884,8 +1040,25 @@ mod tests {
                 errors: errors as f64,
                 latency: (requests > 0).then_some((h, 1000)),
                 deployer: None,
+                per_instance: counts,
             }
         }
+    }
+
+    /// A version's track after `seconds` of `fleet` (its history as the canary keeps it).
+    fn track_of(seconds: impl Iterator<Item = VersionSecond>) -> VersionTrack {
+        let mut track = VersionTrack {
+            first_seen: 0,
+            last_seen: 0,
+            requests_now: 0.0,
+            history: VecDeque::new(),
+            instances: BTreeMap::new(),
+            latency: (None, None, 0),
+        };
+        for (t, second) in seconds.enumerate() {
+            track.remember(t as i64, &second, 600);
+        }
+        track
     }
 
     /// Runs the baseline alone for `warmup` seconds, then baseline and candidate for `seconds`; returns every
@@ -1224,21 +1397,63 @@ mod tests {
     fn a_fitted_model_sees_persistent_shocks_in_the_baselines_history() {
         let mut rng = SmallRng::seed_from_u64(9);
         let mut fleet = Fleet::new(BASE, PERSISTENT, 4);
-        let history: VecDeque<HistorySecond> = (0..600)
-            .map(|_| HistorySecond::of(&fleet.second(&mut rng)))
-            .collect();
-        let models = Models::fit(&history, 120);
+        let models = Models::fit(&track_of((0..600).map(|_| fleet.second(&mut rng))), 120);
         assert!(models.latency.persistence > 0.8, "{models:?}");
         assert!(models.latency.shock_variance > 0.002, "{models:?}");
         let mut calm = Fleet::new(BASE, INDEPENDENT, 4);
-        let history: VecDeque<HistorySecond> = (0..600)
-            .map(|_| HistorySecond::of(&calm.second(&mut rng)))
-            .collect();
-        let models = Models::fit(&history, 120);
+        let models = Models::fit(&track_of((0..600).map(|_| calm.second(&mut rng))), 120);
         assert_eq!(models.latency.shock_variance, 0.0, "{models:?}");
         assert_eq!(
-            Models::fit(&VecDeque::new(), 120).latency,
+            Models::fit(&track_of(std::iter::empty()), 120).latency,
             NoiseModel::CAUTIOUS
         );
+    }
+
+    /// The quiet error floors apply only where the baseline's instances, each on its own, show no error shocks
+    /// and have errors enough that one would show; one instance's persistent shocks, diluted four times in the
+    /// version's sum, show undiluted there.
+    #[test]
+    fn the_quiet_error_floor_needs_instances_that_show_no_shocks() {
+        let mut rng = SmallRng::seed_from_u64(21);
+        for seed in 0..3 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut calm = Fleet::new(BASE, INDEPENDENT, 4);
+            let models = Models::fit(&track_of((0..600).map(|_| calm.second(&mut rng))), 120);
+            assert!(models.quiet_errors, "seed {seed}: {models:?}");
+            assert_eq!(models.errors.shock_variance, 0.0);
+        }
+        let mut shocked = Fleet::new(BASE, PERSISTENT, 4);
+        let models = Models::fit(&track_of((0..600).map(|_| shocked.second(&mut rng))), 120);
+        assert!(!models.quiet_errors, "{models:?}");
+        assert_eq!(
+            models.errors.instances, 1.0,
+            "the instances' own model: {models:?}"
+        );
+        assert!(models.errors.shock_variance > 0.1, "{models:?}");
+        // Without instances' own counts, or with too few errors to see a shock: the regular floors.
+        let mut calm = Fleet::new(BASE, INDEPENDENT, 4);
+        let unsplit = (0..600).map(|_| VersionSecond {
+            per_instance: Vec::new(),
+            ..calm.second(&mut rng)
+        });
+        assert!(!Models::fit(&track_of(unsplit), 120).quiet_errors);
+        let mut thin = Fleet::new(Traffic { rps: 10.0, ..BASE }, INDEPENDENT, 4);
+        let models = Models::fit(&track_of((0..600).map(|_| thin.second(&mut rng))), 120);
+        assert!(!models.quiet_errors, "{models:?}");
+    }
+
+    /// On a quiet baseline, twice the errors (under the regular 1.75x floor's reach) is convicted in minutes.
+    #[test]
+    fn a_quiet_baseline_convicts_twice_the_errors() {
+        let two_x_errors = Traffic {
+            error_ratio: BASE.error_ratio * 2.0,
+            ..BASE
+        };
+        for seed in 0..3 {
+            let changes = run(200 + seed, two_x_errors, INDEPENDENT, 600, 300);
+            let (after, why) = first_bad(&changes).unwrap_or_else(|| panic!("seed {seed}"));
+            assert_eq!(why, "error_ratio", "seed {seed}");
+            assert!(after <= 300, "seed {seed}: {after}");
+        }
     }
 }

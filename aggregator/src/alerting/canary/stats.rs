@@ -117,6 +117,71 @@ fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f
     (excess > sigmas * (2.0 / (m - 1.0)).sqrt() * sampling).then_some(excess)
 }
 
+/// What the batches of several instances' own series show, pooled: how much each instance's `batch`-second means
+/// vary around that instance's own mean beyond sampling (`excess`), and the excess that would count as a shock
+/// (`threshold`: `sigmas` standard errors of the pooled variance estimate). Centring each instance on its own mean
+/// leaves out what sets instances apart for good (an offset, not a shock). `None` with fewer than four batches'
+/// worth of degrees of freedom.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PooledExcess {
+    /// Variance of the batch means beyond sampling.
+    pub(crate) excess: f64,
+    /// The excess that counts as a shock.
+    pub(crate) threshold: f64,
+}
+
+pub(crate) fn pooled_excess(
+    instances: &[Vec<(f64, f64)>],
+    batch: usize,
+    sigmas: f64,
+) -> Option<PooledExcess> {
+    let batch = batch.max(1);
+    let (mut squares, mut freedom, mut sampling) = (0.0, 0usize, 0.0);
+    for values in instances {
+        let means: Vec<(f64, f64)> = values
+            .chunks_exact(batch)
+            .map(|chunk| {
+                let k = chunk.len() as f64;
+                (
+                    chunk.iter().map(|(v, _)| v).sum::<f64>() / k,
+                    chunk.iter().map(|(_, s)| s).sum::<f64>() / (k * k),
+                )
+            })
+            .collect();
+        if means.len() < 2 {
+            continue;
+        }
+        let m = means.len() as f64;
+        let mean = means.iter().map(|(v, _)| v).sum::<f64>() / m;
+        squares += means.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>();
+        // Centred on its own mean, an instance's squares hold (m - 1) / m of its batches' sampling variance.
+        sampling += (m - 1.0) / m * means.iter().map(|(_, s)| s).sum::<f64>();
+        freedom += means.len() - 1;
+    }
+    if freedom < 4 {
+        return None;
+    }
+    let sampling = sampling / freedom as f64;
+    Some(PooledExcess {
+        excess: squares / freedom as f64 - sampling,
+        threshold: sigmas * (2.0 / freedom as f64).sqrt() * sampling,
+    })
+}
+
+/// The lag-1 covariance of several instances' own series, each centred on its own mean, pooled.
+pub(crate) fn pooled_lag1(instances: &[Vec<(f64, f64)>]) -> f64 {
+    let (mut sum, mut pairs) = (0.0, 0usize);
+    for values in instances.iter().filter(|v| v.len() >= 2) {
+        let mean = values.iter().map(|(v, _)| v).sum::<f64>() / values.len() as f64;
+        sum += values
+            .windows(2)
+            .map(|w| (w[0].0 - mean) * (w[1].0 - mean))
+            .sum::<f64>();
+        pairs += values.len() - 1;
+    }
+    if pairs == 0 { 0.0 } else { sum / pairs as f64 }
+}
+
 /// Variance of the mean of `n` consecutive values of a unit-variance AR(1) process with coefficient `phi`.
 pub(crate) fn ar1_mean_variance(n: f64, phi: f64) -> f64 {
     if n <= 0.0 {

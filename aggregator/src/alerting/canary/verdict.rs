@@ -32,6 +32,9 @@ pub(crate) struct Evidence {
     pub(crate) candidate: f64,
     /// Baseline value.
     pub(crate) baseline: f64,
+    /// The floor `bad` is tested against: how many times the baseline's value the candidate's must credibly
+    /// exceed (for errors, the quiet floor on a quiet baseline, and the absolute increase as a factor).
+    pub(crate) floor: f64,
     /// Standard errors the estimate is above its floor.
     pub(crate) z: f64,
     /// Mixture likelihood ratio against the floor; bad needs `>= 3 / alpha` (alpha is split over the checks).
