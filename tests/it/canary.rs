@@ -193,3 +193,38 @@ async fn an_identical_candidate_is_healthy_then_promoted() {
         "{alerts}"
     );
 }
+
+/// End to end, the shard hands each instance's own requests and errors to the canary: after a minute of a calm
+/// baseline (ten instances, 1% errors, independent requests), a candidate with five times the errors is convicted
+/// against the quiet floor (1.25x), which only the per-instance noise model allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calm_baselines_instances_let_the_quiet_error_floor_judge() {
+    let config = write(
+        "quiet-canary.toml",
+        "[aggregator.canary]\nmin_history = \"65s\"\n",
+    );
+    let aggregator = aggregator(&["--config", config.to_str().unwrap()]).await;
+    let http = aggregator.addr("http");
+    let _load = loadgen(
+        &aggregator,
+        &[
+            "--deploy-after",
+            "70s",
+            "--deploy-instances",
+            "2",
+            "--deploy-kind",
+            "errors",
+        ],
+    )
+    .await;
+    eventually(Duration::from_secs(110), "a bad verdict", || async {
+        verdict(http, "svc-000")
+            .await
+            .is_some_and(|v| v["state"] == "bad")
+    })
+    .await;
+    let v = verdict(http, "svc-000").await.unwrap();
+    assert_eq!(v["reason"]["metric"], "error_ratio", "{v}");
+    let floor = v["reason"]["floor"].as_f64().unwrap();
+    assert!((floor - 1.25).abs() < 1e-9, "the quiet floor: {v}");
+}

@@ -93,11 +93,10 @@ impl NoiseModel {
     }
 }
 
-/// How much more the means of consecutive `batch`-second runs of `values` vary than sampling makes them, if that is
-/// more than `sigmas` standard errors of the variance estimate (and there are at least four batches).
-fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f64> {
-    let means: Vec<(f64, f64)> = values
-        .chunks_exact(batch)
+/// The means of consecutive `batch`-second runs of `values`, each with its sampling variance.
+fn batch_means(values: &[(f64, f64)], batch: usize) -> Vec<(f64, f64)> {
+    values
+        .chunks_exact(batch.max(1))
         .map(|chunk| {
             let k = chunk.len() as f64;
             (
@@ -105,7 +104,13 @@ fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f
                 chunk.iter().map(|(_, s)| s).sum::<f64>() / (k * k),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// How much more the means of consecutive `batch`-second runs of `values` vary than sampling makes them, if that is
+/// more than `sigmas` standard errors of the variance estimate (and there are at least four batches).
+fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f64> {
+    let means = batch_means(values, batch);
     if means.len() < 4 {
         return None;
     }
@@ -135,19 +140,9 @@ pub(crate) fn pooled_excess(
     batch: usize,
     sigmas: f64,
 ) -> Option<PooledExcess> {
-    let batch = batch.max(1);
     let (mut squares, mut freedom, mut sampling) = (0.0, 0usize, 0.0);
     for values in instances {
-        let means: Vec<(f64, f64)> = values
-            .chunks_exact(batch)
-            .map(|chunk| {
-                let k = chunk.len() as f64;
-                (
-                    chunk.iter().map(|(v, _)| v).sum::<f64>() / k,
-                    chunk.iter().map(|(_, s)| s).sum::<f64>() / (k * k),
-                )
-            })
-            .collect();
+        let means = batch_means(values, batch);
         if means.len() < 2 {
             continue;
         }
