@@ -274,13 +274,15 @@ fn main() -> Result<()> {
     let give_up = i64::try_from(args.give_up.as_secs())?;
     println!(
         "canary benchmark: baseline {BASELINE_INSTANCES} instances, candidate 1, same req/s per side; {}% errors, \
-         {MEDIAN_MS} ms median, sigma {SIGMA}; {} s of baseline history before each deploy; canary alpha {}, floors {}x / +{} errors, {}x p50, {}x p99, \
-         other settings default",
+         {MEDIAN_MS} ms median, sigma {SIGMA}; {} s of baseline history before each deploy; canary alpha {}, floors {}x / +{} errors ({}x / +{} on a quiet \
+         baseline), {}x p50, {}x p99, other settings default",
         ERROR_RATIO * 100.0,
         warmup,
         settings.alpha,
         settings.min_error_ratio_factor,
         settings.min_error_ratio_increase,
+        settings.quiet_error_ratio_factor,
+        settings.quiet_error_ratio_increase,
         settings.min_p50_factor,
         settings.min_p99_factor
     );
