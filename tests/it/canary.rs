@@ -194,14 +194,16 @@ async fn an_identical_candidate_is_healthy_then_promoted() {
     );
 }
 
-/// End to end, the shard hands each instance's own requests and errors to the canary: after a minute of a calm
-/// baseline (ten instances, 1% errors, independent requests), a candidate with five times the errors is convicted
-/// against the quiet floor (1.25x), which only the per-instance noise model allows.
+/// End to end, the shard hands each instance's own requests and errors to the canary: after 80 s of a calm
+/// baseline (twelve instances, eight of them tracked, 1% errors, independent requests), a candidate with five
+/// times the errors is convicted against the quiet floor (1.25x), which only the per-instance noise model allows.
+/// The model needs two 30-second batches of each instance's own seconds, so the deploy waits for 60 s of them
+/// with a margin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_calm_baselines_instances_let_the_quiet_error_floor_judge() {
     let config = write(
         "quiet-canary.toml",
-        "[aggregator.canary]\nmin_history = \"65s\"\n",
+        "[aggregator.canary]\nmin_history = \"45s\"\n",
     );
     let aggregator = aggregator(&["--config", config.to_str().unwrap()]).await;
     let http = aggregator.addr("http");
@@ -209,7 +211,7 @@ async fn a_calm_baselines_instances_let_the_quiet_error_floor_judge() {
         &aggregator,
         &[
             "--deploy-after",
-            "70s",
+            "80s",
             "--deploy-instances",
             "2",
             "--deploy-kind",
@@ -217,7 +219,7 @@ async fn a_calm_baselines_instances_let_the_quiet_error_floor_judge() {
         ],
     )
     .await;
-    eventually(Duration::from_secs(110), "a bad verdict", || async {
+    eventually(Duration::from_secs(115), "a bad verdict", || async {
         verdict(http, "svc-000")
             .await
             .is_some_and(|v| v["state"] == "bad")

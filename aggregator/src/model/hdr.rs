@@ -646,6 +646,53 @@ pub(crate) mod tests {
         }
     }
 
+    /// ZigZag LEB128, as HdrHistogram's V2 payload writes each count (negative: a run of empty buckets).
+    fn zigzag(value: i64, out: &mut Vec<u8>) {
+        let mut v = ((value << 1) ^ (value >> 63)) as u64;
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    /// The eight-at-once path reads what the byte-at-a-time check reads, whichever offset of an eight-byte window
+    /// a longer varint starts at, and in payloads shorter than, equal to and just past one or two windows.
+    #[test]
+    fn reading_eight_bytes_at_once_agrees_with_the_check() {
+        for len in [7usize, 8, 9, 15, 16, 17, 40] {
+            for long_at in 0..len {
+                let mut payload = Vec::new();
+                for i in 0..len {
+                    let value = if i == long_at {
+                        300
+                    } else if i % 3 == 2 {
+                        -(i as i64 % 5 + 1)
+                    } else {
+                        (i as i64 % 7) + 1
+                    };
+                    zigzag(value, &mut payload);
+                }
+                let mut checked = Vec::new();
+                walk(&payload, usize::MAX, |index, count| {
+                    checked.push((index, count))
+                })
+                .unwrap();
+                let mut stepped = Vec::new();
+                each_step(&payload, |index, count| {
+                    if count > 0 {
+                        stepped.push((index, count));
+                    }
+                });
+                assert_eq!(stepped, checked, "len {len}, long varint at {long_at}");
+                assert!(
+                    checked.iter().any(|(_, count)| *count == 300),
+                    "the two-byte count is read"
+                );
+            }
+        }
+    }
+
     #[test]
     fn adding_accumulators_equals_adding_their_bytes() {
         let mut rng = SmallRng::seed_from_u64(9);

@@ -189,7 +189,9 @@ impl ServiceState {
             self.ackers
                 .insert(snapshot.instance.id.clone(), acker.clone());
         }
-        snapshot.requests = self.roles.count(&snapshot, &context.metrics);
+        if context.canary.enabled {
+            snapshot.requests = self.roles.count(&snapshot, &context.metrics);
+        }
         let applied = self.windows.apply(snapshot, now_ms);
         match applied {
             // Already counted (a duplicate of a sealed second), or never to be counted (too late: sending it again

@@ -396,6 +396,19 @@ fn instance_errors_model(
     Some((model, shock == 0.0 && bounded))
 }
 
+/// A version's second as a comparison counts it (nothing of it, if absent): without its instances' own counts,
+/// which only its history keeps.
+fn counted(second: Option<&VersionSecond>) -> VersionSecond {
+    second.map_or_else(VersionSecond::default, |s| VersionSecond {
+        instances: s.instances,
+        requests: s.requests,
+        errors: s.errors,
+        latency: s.latency.clone(),
+        deployer: s.deployer.clone(),
+        per_instance: Vec::new(),
+    })
+}
+
 /// One side of a comparison: everything it reported since the comparison began.
 #[derive(Debug)]
 struct Side {
@@ -599,8 +612,8 @@ impl Canary {
             let Some((_, c, b)) = d.recent.iter_mut().find(|(second, _, _)| *second == t) else {
                 continue;
             };
-            let new_c = seconds.get(&d.candidate).cloned().unwrap_or_default();
-            let new_b = seconds.get(&d.baseline).cloned().unwrap_or_default();
+            let new_c = counted(seconds.get(&d.candidate));
+            let new_b = counted(seconds.get(&d.baseline));
             d.candidate_side.subtract(c);
             d.candidate_side.add(&new_c);
             d.baseline_side.subtract(b);
@@ -726,9 +739,9 @@ impl Canary {
             .map(|(v, track)| (v.clone(), track.first_seen))
             .collect();
         let min_history = usize::try_from(settings.min_history.as_secs()).unwrap_or(usize::MAX);
-        let b = seconds.get(&baseline).cloned().unwrap_or_default();
+        let b = counted(seconds.get(&baseline));
         for (candidate, first_seen) in candidates {
-            let c = seconds.get(&candidate).cloned().unwrap_or_default();
+            let c = counted(seconds.get(&candidate));
             let deployment = self
                 .deployments
                 .entry(candidate.clone())
