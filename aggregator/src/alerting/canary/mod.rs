@@ -333,7 +333,8 @@ impl Models {
 /// its own, rates relative to theirs together, single seconds and 10- and 30-second batches pooled over the
 /// instances, each centred on its own mean. That is a shock of one instance undiluted, as a one-instance candidate
 /// carries it (a version's sum dilutes it by its number of instances and hides it among sampling noise). `None`
-/// unless the instances have errors enough that a shock of [`QUIET_SHOCK_VARIANCE`] over 30 seconds would show.
+/// when it sees no shock and the instances have too few errors for a shock of [`QUIET_SHOCK_VARIANCE`] over 30
+/// seconds to show.
 /// Persistence as in `NoiseModel::fit`; the model is per instance, never assumed to average out over instances.
 /// With it, whether the rate is quiet: no shock at any scale, and none of that size within a standard error.
 fn instance_errors_model(
@@ -367,12 +368,10 @@ fn instance_errors_model(
                 .collect()
         })
         .collect();
-    // Power: a shock of `QUIET_SHOCK_VARIANCE` would have been seen (three standard errors).
     let thirty = pooled_excess(&relative, 30, 3.0)?;
-    if thirty.threshold > QUIET_SHOCK_VARIANCE {
-        return None;
-    }
-    // Quiet also needs what was seen, plus a standard error, to stay under it.
+    // Power: a shock of `QUIET_SHOCK_VARIANCE` would have been seen (three standard errors), and what was seen,
+    // plus a standard error, stays under it.
+    let powerful = thirty.threshold <= QUIET_SHOCK_VARIANCE;
     let bounded = thirty.excess.max(0.0) + thirty.threshold / 3.0 <= QUIET_SHOCK_VARIANCE;
     let ten = pooled_excess(&relative, 10, 3.0)?;
     let one = pooled_excess(&relative, 1, 3.0)?;
@@ -388,6 +387,10 @@ fn instance_errors_model(
         .filter(|(_, p)| p.excess > p.threshold)
         .map(|(batch, p)| p.excess / ar1_mean_variance(batch, persistence))
         .fold(per_second.unwrap_or(0.0), f64::max);
+    if shock == 0.0 && !powerful {
+        // Nothing seen, but nothing could have been: the version's sum decides.
+        return None;
+    }
     let model = NoiseModel {
         shock_variance: shock,
         persistence: if shock > 0.0 { persistence } else { 0.0 },
