@@ -16,6 +16,17 @@ async fn verdict(http: std::net::SocketAddr, service: &str) -> Option<Value> {
         .cloned()
 }
 
+/// Waits up to `within` for svc-000's verdict to be `bad`, and returns it.
+async fn until_bad(http: std::net::SocketAddr, within: Duration) -> Value {
+    eventually(within, "a bad verdict", || async {
+        verdict(http, "svc-000")
+            .await
+            .is_some_and(|v| v["state"] == "bad")
+    })
+    .await;
+    verdict(http, "svc-000").await.expect("a verdict")
+}
+
 fn write(name: &str, text: &str) -> std::path::PathBuf {
     write_temp(name, text)
 }
@@ -81,13 +92,7 @@ async fn a_bad_candidate_gets_a_bad_verdict_and_pages_the_owner_and_the_deployer
     )
     .await;
 
-    eventually(Duration::from_secs(30), "a bad verdict", || async {
-        verdict(http, "svc-000")
-            .await
-            .is_some_and(|v| v["state"] == "bad")
-    })
-    .await;
-    let v = verdict(http, "svc-000").await.unwrap();
+    let v = until_bad(http, Duration::from_secs(30)).await;
     assert_eq!(
         (v["candidate"].as_str(), v["baseline"].as_str()),
         (Some("v2"), Some("v1"))
@@ -219,13 +224,7 @@ async fn a_calm_baselines_instances_let_the_quiet_error_floor_judge() {
         ],
     )
     .await;
-    eventually(Duration::from_secs(115), "a bad verdict", || async {
-        verdict(http, "svc-000")
-            .await
-            .is_some_and(|v| v["state"] == "bad")
-    })
-    .await;
-    let v = verdict(http, "svc-000").await.unwrap();
+    let v = until_bad(http, Duration::from_secs(115)).await;
     assert_eq!(v["reason"]["metric"], "error_ratio", "{v}");
     let floor = v["reason"]["floor"].as_f64().unwrap();
     assert!((floor - 1.25).abs() < 1e-9, "the quiet floor: {v}");
