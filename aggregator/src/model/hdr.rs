@@ -170,12 +170,11 @@ impl CheckedV2 {
         }
         let layout = Layout::new(lowest, sigfig).ok_or(V2Error::Range)?;
         let len = layout.counts_len(highest);
-        let (mut min_index, mut max_index, mut total) = (usize::MAX, 0, 0u64);
-        walk(&bytes[HEADER..], len, |index, count| {
-            min_index = min_index.min(index);
-            max_index = index;
-            total = total.saturating_add(count);
-        })?;
+        let Scan {
+            min_index,
+            max_index,
+            total,
+        } = scan(&bytes[HEADER..], len)?;
         let max_recorded = layout.value_at(max_index).ok_or(V2Error::Range)?;
         if total > 0 && max_recorded > max_value {
             return Err(V2Error::Range);
@@ -245,14 +244,48 @@ fn long_varint(payload: &[u8], at: &mut usize) -> Option<(u64, usize)> {
     }
 }
 
-/// Walks a V2 payload, calling `each(index, count)` for every non-zero count in index order. Refuses truncated
-/// varints, indexes at or past `len` (what the declared range allows) and runs of zeros that overflow the index.
-/// One-byte varints (most counts and zero runs) take a short path.
+/// What [`scan`] learns of a payload.
+#[derive(Debug, PartialEq, Eq)]
+struct Scan {
+    /// The lowest index with a count (`usize::MAX` when none).
+    min_index: usize,
+    /// The highest index with a count (0 when none).
+    max_index: usize,
+    /// Values recorded (saturating).
+    total: u64,
+}
+
+/// Checks every varint of a V2 payload and sums it up. Refuses truncated varints, counts at indexes at or past
+/// `len` (what the declared range allows) and runs of zeros that overflow the index. Eight one-byte varints are
+/// read at once when the next eight bytes allow it, as the merge reads them ([`each_step`]): in `perf` at 7,500
+/// agents x 100 series, the check, one varint at a time, took more of the aggregator's CPU (14%) than the merge
+/// (11%).
 #[inline]
-fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<(), V2Error> {
-    let mut index: usize = 0;
-    let mut at = 0;
-    while let Some(&byte) = payload.get(at) {
+fn scan(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
+    let (mut index, mut at) = (0usize, 0usize);
+    let (mut min_index, mut max_index, mut total) = (usize::MAX, 0usize, 0u64);
+    loop {
+        // Eight one-byte steps move the index by at most 8 x 64: below this, adding them cannot overflow.
+        if index < usize::MAX - 8 * 64
+            && let Some(chunk) = payload.get(at..at + 8)
+        {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0x80; 8]));
+            if word & 0x8080_8080_8080_8080 == 0 {
+                for shift in (0..64).step_by(8) {
+                    let (count, step) = one_byte((word >> shift) as u8);
+                    let counted = count > 0;
+                    min_index = min_index.min(if counted { index } else { usize::MAX });
+                    max_index = if counted { index } else { max_index };
+                    total = total.saturating_add(count);
+                    index += step;
+                }
+                at += 8;
+                continue;
+            }
+        }
+        let Some(&byte) = payload.get(at) else {
+            break;
+        };
         let raw = if byte & 0x80 == 0 {
             at += 1;
             u64::from(byte)
@@ -271,15 +304,22 @@ fn walk(payload: &[u8], len: usize, mut each: impl FnMut(usize, u64)) -> Result<
         } else {
             let count = raw >> 1;
             if count > 0 {
-                if index >= len {
-                    return Err(V2Error::Encoding);
-                }
-                each(index, count);
+                min_index = min_index.min(index);
+                max_index = index;
+                total = total.saturating_add(count);
             }
             index = index.checked_add(1).ok_or(V2Error::Encoding)?;
         }
     }
-    Ok(())
+    // Indexes only grow, so the highest counted one is the one to hold against the range.
+    if min_index != usize::MAX && max_index >= len {
+        return Err(V2Error::Encoding);
+    }
+    Ok(Scan {
+        min_index,
+        max_index,
+        total,
+    })
 }
 
 /// Steps through a payload that [`CheckedV2::check`] accepted, calling `each(index, count)` for every varint: a
@@ -656,10 +696,29 @@ pub(crate) mod tests {
         out.push(v as u8);
     }
 
-    /// The eight-at-once path reads what the byte-at-a-time check reads, whichever offset of an eight-byte window
-    /// a longer varint starts at, and in payloads shorter than, equal to and just past one or two windows.
+    /// Every non-zero count of a payload at its index, read one varint at a time with nothing else in the way.
+    fn counts_one_at_a_time(payload: &[u8]) -> Vec<(usize, u64)> {
+        let (mut index, mut at, mut counts) = (0usize, 0usize, Vec::new());
+        while at < payload.len() {
+            let (raw, used) = varint(&payload[at..]).unwrap();
+            at += used;
+            if raw & 1 == 1 {
+                index += (raw >> 1) as usize + 1;
+            } else {
+                if raw > 0 {
+                    counts.push((index, raw >> 1));
+                }
+                index += 1;
+            }
+        }
+        counts
+    }
+
+    /// The eight-at-once paths of the merge and of the check read what one varint at a time reads, whichever
+    /// offset of an eight-byte window a longer varint starts at, and in payloads shorter than, equal to and just
+    /// past one or two windows.
     #[test]
-    fn reading_eight_bytes_at_once_agrees_with_the_check() {
+    fn reading_eight_bytes_at_once_agrees_with_one_at_a_time() {
         for len in [7usize, 8, 9, 15, 16, 17, 40] {
             for long_at in 0..len {
                 let mut payload = Vec::new();
@@ -673,22 +732,29 @@ pub(crate) mod tests {
                     };
                     zigzag(value, &mut payload);
                 }
-                let mut checked = Vec::new();
-                walk(&payload, usize::MAX, |index, count| {
-                    checked.push((index, count))
-                })
-                .unwrap();
                 let mut stepped = Vec::new();
                 each_step(&payload, |index, count| {
                     if count > 0 {
                         stepped.push((index, count));
                     }
                 });
-                assert_eq!(stepped, checked, "len {len}, long varint at {long_at}");
+                let reference = counts_one_at_a_time(&payload);
+                assert_eq!(stepped, reference, "len {len}, long varint at {long_at}");
+                let scanned = scan(&payload, usize::MAX).unwrap();
+                let expected = Scan {
+                    min_index: stepped.first().unwrap().0,
+                    max_index: stepped.last().unwrap().0,
+                    total: stepped.iter().map(|(_, count)| count).sum(),
+                };
+                assert_eq!(scanned, expected, "len {len}, long varint at {long_at}");
                 assert!(
-                    checked.iter().any(|(_, count)| *count == 300),
+                    stepped.iter().any(|(_, count)| *count == 300),
                     "the two-byte count is read"
                 );
+                // The range holds the last count exactly, and refuses it one index short, whichever path read it.
+                let last = expected.max_index;
+                assert!(scan(&payload, last + 1).is_ok());
+                assert_eq!(scan(&payload, last), Err(V2Error::Encoding));
             }
         }
     }
