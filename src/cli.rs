@@ -197,7 +197,7 @@ pub(crate) struct AggregatorArgs {
     /// The HTTP address other nodes read this node's stream from [default: the bound address].
     #[arg(help_heading = "Cluster", long, env = "STROBE_ADVERTISE_HTTP")]
     pub(crate) advertise_http: Option<String>,
-    /// Shards (0: one per core).
+    /// Shards (0: four per core).
     #[arg(help_heading = "Seconds", long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
     /// Rules file (TOML); reloaded when it changes.

@@ -44,7 +44,7 @@ pub struct AggregatorConfig {
     /// 900 ms; larger values are capped); later corrections of the same second wait twice as long each, up to 1 s.
     #[serde(with = "humantime_serde")]
     pub correction_interval: Duration,
-    /// Shards (tasks owning services); 0 means one per core.
+    /// Shards (tasks owning services); 0 means four per core.
     pub shards: usize,
     /// Tokens agents must present, `[NAME:]SECRET[=SERVICE,GLOB*...]` (bound to those services); empty means no
     /// check.
@@ -119,13 +119,20 @@ impl Default for AggregatorConfig {
     }
 }
 
+/// Shards per core when none are configured. A shard is one task, so a service is merged and sealed on one core at
+/// a time; services are placed by hash, and with a fleet sized by Zipf's law one shard per core left the cores
+/// unevenly loaded. At 10,000 agents x 100 series (production-shaped, load generator on the same 2 cores), two runs
+/// each: 89% and 92% of instances in their live frame with 2 shards, 98% and 95% with 8, seal delay p50 2.5 s
+/// against 1 s.
+pub const SHARDS_PER_CORE: usize = 4;
+
 impl AggregatorConfig {
-    /// Shards to run: the configured number, or one per core.
+    /// Shards to run: the configured number, or [`SHARDS_PER_CORE`] per core.
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             self.shards
         } else {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            SHARDS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get())
         }
     }
 }
