@@ -163,11 +163,13 @@ impl OpenSecond {
             for ((version, zone), cells) in &self.leaves {
                 for (id, (_, cell)) in cells {
                     let key = keys.get(*id);
-                    let mut targets = vec![Split::All, Split::Version(version.clone())];
-                    if let Some(zone) = zone {
-                        targets.push(Split::Zone(zone.clone()));
-                    }
-                    for split in targets {
+                    // No allocation per cell: this runs for every cell of every leaf at each seal.
+                    let targets = [
+                        Some(Split::All),
+                        Some(Split::Version(version.clone())),
+                        zone.clone().map(Split::Zone),
+                    ];
+                    for split in targets.into_iter().flatten() {
                         match splits.entry((split, key.clone())) {
                             std::collections::hash_map::Entry::Occupied(mut e) => {
                                 e.get_mut().absorb(cell)
