@@ -126,13 +126,18 @@ impl Default for AggregatorConfig {
 /// against 1 s.
 pub const SHARDS_PER_CORE: usize = 4;
 
+/// At most this many shards when none are configured (each ticks every 10 ms; past this, more shards spread the
+/// services no better).
+pub const MAX_DEFAULT_SHARDS: usize = 64;
+
 impl AggregatorConfig {
     /// Shards to run: the configured number, or [`SHARDS_PER_CORE`] per core.
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             self.shards
         } else {
-            SHARDS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get())
+            (SHARDS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .min(MAX_DEFAULT_SHARDS)
         }
     }
 }
