@@ -119,11 +119,11 @@ impl Default for AggregatorConfig {
     }
 }
 
-/// Shards per core when none are configured. A shard is one task, so a service is merged and sealed on one core at
-/// a time; services are placed by hash, and with a fleet sized by Zipf's law one shard per core left the cores
-/// unevenly loaded. At 10,000 agents x 100 series (production-shaped, load generator on the same 2 cores), two runs
-/// each: 89% and 92% of instances in their live frame with 2 shards, 98% and 95% with 8, seal delay p50 2.5 s
-/// against 1 s.
+/// Shards per core when none are configured. Measured at 10,000 agents x 100 series (production-shaped, load
+/// generator on the same 2 cores), two runs each: 89% and 92% of instances in their live frame with 2 shards, 98% and
+/// 95% with 8, seal delay p50 2.5 s against 1 s. Why was not isolated; the likely causes are that a shard is one
+/// task, so everything queued to it waits while it seals a large service, and that services are placed by hash, so
+/// with a Zipf-sized fleet a few shards get most of the snapshots.
 pub const SHARDS_PER_CORE: usize = 4;
 
 /// At most this many shards when none are configured (each ticks every 10 ms; past this, more shards spread the
