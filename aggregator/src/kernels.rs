@@ -175,7 +175,7 @@ pub struct RuleEvaluator(Evaluator);
 /// The publishing side with `subscribers` live receivers, for the frame fan-out kernel.
 pub struct FanOut {
     hub: Hub,
-    receivers: Vec<tokio::sync::broadcast::Receiver<crate::publish::Frame>>,
+    receivers: Vec<crate::publish::LiveReceiver>,
 }
 
 impl FanOut {
@@ -183,7 +183,7 @@ impl FanOut {
     pub fn new(subscribers: usize) -> Self {
         let hub = Hub::new(600, usize::MAX, 4096, MainMetrics::default());
         let receivers = (0..subscribers)
-            .map(|_| hub.subscribe(|_| false).0)
+            .map(|_| hub.subscribe(true, |_| false).0)
             .collect();
         Self { hub, receivers }
     }

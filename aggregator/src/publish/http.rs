@@ -621,6 +621,11 @@ impl Subscription {
         self.services.iter().any(|s| s == service)
     }
 
+    /// Whether it takes any full second frame (else its socket need not hear of them).
+    fn wants_seconds(&self) -> bool {
+        self.local || !self.overview || !self.services.is_empty()
+    }
+
     fn wants(&self, frame: &Frame) -> bool {
         if self.local {
             return !frame.relayed;
@@ -721,7 +726,9 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             _ => Subscription::default(),
         },
     };
-    let (mut live, backfill) = state.hub.subscribe(|f| subscription.wants(f));
+    let (mut live, backfill) = state
+        .hub
+        .subscribe(subscription.wants_seconds(), |f| subscription.wants(f));
     let mut delivered = Delivered::default();
     delivered.record(&backfill);
     let mut unflushed = false;
@@ -764,6 +771,9 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         // Backfill only what the old subscription did not already cover.
                         let old = subscription.clone();
                         subscription = next;
+                        if subscription.wants_seconds() {
+                            state.hub.add_seconds(&mut live);
+                        }
                         let added = state.hub.backfill(|f| subscription.wants(f) && !old.wants(f));
                         delivered.record(&added);
                         if send_frames(&mut out, added).await.is_err() {

@@ -22,7 +22,6 @@ mod stream;
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::broadcast;
 
 pub(crate) use frame::{Delivered, Frame, FrameKind};
 pub(crate) use status::ServiceStatus;
@@ -33,6 +32,7 @@ use crate::alerting::event::AlertRecord;
 use crate::model::{MainMetrics, SealedSecond, SeriesSummary};
 use state::EventStates;
 use status::StatusRegistry;
+pub(crate) use stream::LiveReceiver;
 use stream::LiveStream;
 
 #[derive(Serialize)]
@@ -224,10 +224,16 @@ impl Hub {
     /// so nothing published meanwhile falls between the two (what comes both ways is skipped by [`Delivered`]).
     pub(crate) fn subscribe(
         &self,
+        seconds: bool,
         wanted: impl FnMut(&Frame) -> bool,
-    ) -> (broadcast::Receiver<Frame>, Vec<Frame>) {
-        let receiver = self.stream.subscribe();
+    ) -> (LiveReceiver, Vec<Frame>) {
+        let receiver = self.stream.subscribe(seconds);
         (receiver, self.backfill(wanted))
+    }
+
+    /// Makes `receiver` listen to full second frames from now on too.
+    pub(crate) fn add_seconds(&self, receiver: &mut LiveReceiver) {
+        self.stream.add_seconds(receiver);
     }
 
     /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states.
@@ -296,7 +302,7 @@ mod tests {
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
         let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
-        let (mut live, backfill) = hub.subscribe(|_| true);
+        let (mut live, backfill) = hub.subscribe(true, |_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
         hub.publish_second(sealed(11, false));

@@ -9,8 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
 
-use super::frame::Frame;
+use super::frame::{Frame, FrameKind};
 
 /// One service's stored frames.
 #[derive(Default)]
@@ -24,8 +25,13 @@ struct ServiceHistory {
 }
 
 /// Broadcast plus per-service history.
+///
+/// Two broadcasts: full second frames on one, every other frame (overviews, alerts, verdicts) on the other. A
+/// subscriber that wants no full frames (the overview page, by far the most common) listens to the second only and
+/// is never woken for the full frames, which are as many as the overviews (one per service and second).
 pub(crate) struct LiveStream {
     live: broadcast::Sender<Frame>,
+    seconds: broadcast::Sender<Frame>,
     history: RwLock<HashMap<Arc<str>, Arc<Mutex<ServiceHistory>>>>,
     history_seconds: i64,
     /// Most bytes of frames kept per service and kind (full seconds, overview), whichever of time and bytes binds
@@ -37,8 +43,10 @@ impl LiveStream {
     /// A stream keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
     pub(crate) fn new(history_seconds: i64, history_bytes: usize, buffer_frames: usize) -> Self {
         let (live, _) = broadcast::channel(buffer_frames.max(16));
+        let (seconds, _) = broadcast::channel(buffer_frames.max(16));
         Self {
             live,
+            seconds,
             history: RwLock::new(HashMap::new()),
             history_seconds,
             history_bytes,
@@ -101,15 +109,23 @@ impl LiveStream {
 
     /// Sends a frame to every subscriber connected now. Having none is normal, not an error.
     pub(crate) fn broadcast(&self, frame: Frame) {
-        if self.live.receiver_count() > 0 {
+        let channel = if frame.kind == FrameKind::Second {
+            &self.seconds
+        } else {
+            &self.live
+        };
+        if channel.receiver_count() > 0 {
             // Fails only when every receiver went away since the count: nobody to tell.
-            self.live.send(frame).ok();
+            channel.send(frame).ok();
         }
     }
 
-    /// A receiver of every frame broadcast from now on.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Frame> {
-        self.live.subscribe()
+    /// A receiver of every frame broadcast from now on; of full second frames only if `seconds`.
+    pub(crate) fn subscribe(&self, seconds: bool) -> LiveReceiver {
+        LiveReceiver {
+            live: self.live.subscribe(),
+            seconds: seconds.then(|| self.seconds.subscribe()),
+        }
     }
 
     /// Copies of every stored second and overview frame, each service's in second order.
@@ -134,6 +150,13 @@ impl LiveStream {
         self.live.receiver_count()
     }
 
+    /// Listens to full second frames from now on too (a subscription that now names services), if it did not.
+    pub(crate) fn add_seconds(&self, receiver: &mut LiveReceiver) {
+        if receiver.seconds.is_none() {
+            receiver.seconds = Some(self.seconds.subscribe());
+        }
+    }
+
     /// Drops frames older than the history as of second `now`, and the services left with none: a service that
     /// went away leaves nothing behind once its history has passed.
     pub(crate) fn prune(&self, now: i64) {
@@ -154,6 +177,43 @@ impl LiveStream {
             }
             !(history.seconds.is_empty() && history.overview.is_empty())
         });
+    }
+}
+
+/// One subscriber's end of the live stream: every frame but full seconds, and full seconds if it wants any.
+pub(crate) struct LiveReceiver {
+    live: broadcast::Receiver<Frame>,
+    seconds: Option<broadcast::Receiver<Frame>>,
+}
+
+impl LiveReceiver {
+    /// The next frame of either broadcast (the other frames first when both have one waiting). Frames of one
+    /// broadcast come in the order they were sent; between the two, in either.
+    pub(crate) async fn recv(&mut self) -> Result<Frame, RecvError> {
+        match &mut self.seconds {
+            None => self.live.recv().await,
+            Some(seconds) => tokio::select! {
+                biased;
+                frame = self.live.recv() => frame,
+                frame = seconds.recv() => frame,
+            },
+        }
+    }
+
+    /// A frame already waiting, if any (the other frames first).
+    pub(crate) fn try_recv(&mut self) -> Result<Frame, broadcast::error::TryRecvError> {
+        match self.live.try_recv() {
+            Err(broadcast::error::TryRecvError::Empty) => match &mut self.seconds {
+                Some(seconds) => seconds.try_recv(),
+                None => Err(broadcast::error::TryRecvError::Empty),
+            },
+            other => other,
+        }
+    }
+
+    /// Whether no frame waits on either broadcast.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.seconds.as_ref().is_none_or(|s| s.is_empty())
     }
 }
 
@@ -188,7 +248,6 @@ fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::frame::FrameKind;
 
     fn frame(t: i64, bytes: usize) -> Frame {
         Frame {
@@ -199,6 +258,56 @@ mod tests {
             json: "x".repeat(bytes).into(),
             relayed: false,
         }
+    }
+
+    fn of_kind(kind: FrameKind, t: i64) -> Frame {
+        Frame { kind, ..frame(t, 10) }
+    }
+
+    /// A receiver without full seconds is sent every other frame and none of them; once it asks for them, it gets
+    /// those broadcast from then on, and the frames of one broadcast keep their order.
+    #[test]
+    fn a_receiver_hears_full_seconds_only_once_it_wants_them() {
+        let stream = LiveStream::new(600, usize::MAX, 64);
+        let mut overview_only = stream.subscribe(false);
+        let mut everything = stream.subscribe(true);
+        stream.broadcast(of_kind(FrameKind::Second, 1));
+        stream.broadcast(of_kind(FrameKind::Overview, 1));
+        stream.broadcast(of_kind(FrameKind::Alert, 1));
+        let drain = |r: &mut LiveReceiver| {
+            let mut got = Vec::new();
+            while let Ok(f) = r.try_recv() {
+                got.push((f.kind, f.t));
+            }
+            assert!(r.is_empty());
+            got
+        };
+        assert_eq!(
+            drain(&mut overview_only),
+            [(FrameKind::Overview, 1), (FrameKind::Alert, 1)]
+        );
+        let mut all = drain(&mut everything);
+        all.sort_by_key(|(kind, _)| *kind as u8);
+        assert_eq!(
+            all,
+            [
+                (FrameKind::Second, 1),
+                (FrameKind::Overview, 1),
+                (FrameKind::Alert, 1)
+            ]
+        );
+        stream.add_seconds(&mut overview_only);
+        stream.broadcast(of_kind(FrameKind::Second, 2));
+        stream.broadcast(of_kind(FrameKind::Second, 3));
+        stream.broadcast(of_kind(FrameKind::Overview, 2));
+        assert_eq!(
+            drain(&mut overview_only),
+            [
+                (FrameKind::Overview, 2),
+                (FrameKind::Second, 2),
+                (FrameKind::Second, 3)
+            ]
+        );
     }
 
     #[test]
