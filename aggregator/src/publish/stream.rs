@@ -261,7 +261,10 @@ mod tests {
     }
 
     fn of_kind(kind: FrameKind, t: i64) -> Frame {
-        Frame { kind, ..frame(t, 10) }
+        Frame {
+            kind,
+            ..frame(t, 10)
+        }
     }
 
     /// A receiver without full seconds is sent every other frame and none of them; once it asks for them, it gets
