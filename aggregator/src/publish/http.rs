@@ -771,9 +771,9 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         // Backfill only what the old subscription did not already cover.
                         let old = subscription.clone();
                         subscription = next;
-                        if subscription.wants_seconds() {
-                            state.hub.add_seconds(&mut live);
-                        }
+                        // Full seconds heard exactly while they are wanted (a dashboard tab that closes a service's
+                        // view goes back to overviews only).
+                        state.hub.want_seconds(&mut live, subscription.wants_seconds());
                         let added = state.hub.backfill(|f| subscription.wants(f) && !old.wants(f));
                         delivered.record(&added);
                         if send_frames(&mut out, added).await.is_err() {
@@ -821,4 +821,44 @@ async fn send_frames(
         out.feed(Message::Text(frame.json)).await?;
     }
     out.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscription that says it takes no full seconds takes none of any service, whatever its shape (else its
+    /// socket, which then does not listen to them, would lose frames).
+    #[test]
+    fn wanting_no_full_seconds_means_wanting_none() {
+        let frames: Vec<Frame> = [("a", false), ("b", false), ("a", true)]
+            .into_iter()
+            .map(|(service, relayed)| Frame {
+                kind: FrameKind::Second,
+                service: service.into(),
+                t: 1,
+                correction: false,
+                json: "{}".into(),
+                relayed,
+            })
+            .collect();
+        let mut shapes = 0;
+        for services in [vec![], vec!["a".to_owned()], vec!["c".to_owned()]] {
+            for overview in [false, true] {
+                for local in [false, true] {
+                    let s = Subscription {
+                        services: services.clone(),
+                        overview,
+                        local,
+                    };
+                    let wanted = frames.iter().any(|f| s.wants(f));
+                    if !s.wants_seconds() {
+                        shapes += 1;
+                        assert!(!wanted, "{s:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(shapes, 1, "only overview without services and not local");
+    }
 }

@@ -231,9 +231,9 @@ impl Hub {
         (receiver, self.backfill(wanted))
     }
 
-    /// Makes `receiver` listen to full second frames from now on too.
-    pub(crate) fn add_seconds(&self, receiver: &mut LiveReceiver) {
-        self.stream.add_seconds(receiver);
+    /// Makes `receiver` listen to full second frames from now on, or stop listening to them.
+    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: bool) {
+        self.stream.want_seconds(receiver, wanted);
     }
 
     /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states.

@@ -150,9 +150,12 @@ impl LiveStream {
         self.live.receiver_count()
     }
 
-    /// Listens to full second frames from now on too (a subscription that now names services), if it did not.
-    pub(crate) fn add_seconds(&self, receiver: &mut LiveReceiver) {
-        if receiver.seconds.is_none() {
+    /// Listens to full second frames from now on (a subscription that now names services), if it did not; or
+    /// stops listening to them (the frames of them still waiting are dropped: unwanted).
+    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: bool) {
+        if !wanted {
+            receiver.seconds = None;
+        } else if receiver.seconds.is_none() {
             receiver.seconds = Some(self.seconds.subscribe());
         }
     }
@@ -268,7 +271,7 @@ mod tests {
     }
 
     /// A receiver without full seconds is sent every other frame and none of them; once it asks for them, it gets
-    /// those broadcast from then on, and the frames of one broadcast keep their order.
+    /// those broadcast from then on, and the frames of one broadcast keep their order; none once it stops asking.
     #[test]
     fn a_receiver_hears_full_seconds_only_once_it_wants_them() {
         let stream = LiveStream::new(600, usize::MAX, 64);
@@ -299,7 +302,7 @@ mod tests {
                 (FrameKind::Alert, 1)
             ]
         );
-        stream.add_seconds(&mut overview_only);
+        stream.want_seconds(&mut overview_only, true);
         stream.broadcast(of_kind(FrameKind::Second, 2));
         stream.broadcast(of_kind(FrameKind::Second, 3));
         stream.broadcast(of_kind(FrameKind::Overview, 2));
@@ -311,6 +314,10 @@ mod tests {
                 (FrameKind::Second, 3)
             ]
         );
+        stream.want_seconds(&mut overview_only, false);
+        stream.broadcast(of_kind(FrameKind::Second, 4));
+        stream.broadcast(of_kind(FrameKind::Overview, 4));
+        assert_eq!(drain(&mut overview_only), [(FrameKind::Overview, 4)]);
     }
 
     #[test]
