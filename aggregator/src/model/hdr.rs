@@ -709,55 +709,42 @@ pub(crate) mod tests {
         out.push(v as u8);
     }
 
-    /// Every non-zero count of a payload at its index, read one varint at a time with nothing else in the way.
-    fn counts_one_at_a_time(payload: &[u8]) -> Vec<(usize, u64)> {
+    /// Every non-zero count of a payload at its index, read one varint at a time with nothing else in the way;
+    /// refuses truncated varints and indexes past `usize::MAX`.
+    fn counts_one_at_a_time(payload: &[u8]) -> Result<Vec<(usize, u64)>, V2Error> {
         let (mut index, mut at, mut counts) = (0usize, 0usize, Vec::new());
         while at < payload.len() {
-            let (raw, used) = varint(&payload[at..]).unwrap();
+            let (raw, used) = varint(&payload[at..]).ok_or(V2Error::Encoding)?;
             at += used;
-            if raw & 1 == 1 {
-                index += (raw >> 1) as usize + 1;
+            let step = if raw & 1 == 1 {
+                usize::try_from(raw >> 1)
+                    .ok()
+                    .and_then(|zeros| zeros.checked_add(1))
+                    .ok_or(V2Error::Encoding)?
             } else {
                 if raw > 0 {
                     counts.push((index, raw >> 1));
                 }
-                index += 1;
-            }
+                1
+            };
+            index = index.checked_add(step).ok_or(V2Error::Encoding)?;
         }
-        counts
+        Ok(counts)
     }
 
-    /// The check as it was before it read eight bytes at once (one varint at a time, a branch per count): what
-    /// [`scan`] must agree with on any input, well-formed or not.
+    /// What [`scan`] must say of any input, well-formed or not, from the counts read one varint at a time: the
+    /// same refusals, the same range check, the same lowest and highest index and total.
     fn scan_one_at_a_time(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
-        let (mut index, mut at) = (0usize, 0usize);
-        let (mut min_index, mut max_index, mut total) = (usize::MAX, 0usize, 0u64);
-        while at < payload.len() {
-            let (raw, used) = varint(&payload[at..]).ok_or(V2Error::Encoding)?;
-            at += used;
-            if raw & 1 == 1 {
-                let zeros = usize::try_from(raw >> 1).map_err(|_| V2Error::Encoding)?;
-                index = index
-                    .checked_add(zeros)
-                    .and_then(|i| i.checked_add(1))
-                    .ok_or(V2Error::Encoding)?;
-            } else {
-                let count = raw >> 1;
-                if count > 0 {
-                    if index >= len {
-                        return Err(V2Error::Encoding);
-                    }
-                    min_index = min_index.min(index);
-                    max_index = index;
-                    total = total.saturating_add(count);
-                }
-                index = index.checked_add(1).ok_or(V2Error::Encoding)?;
-            }
+        let counts = counts_one_at_a_time(payload)?;
+        if counts.last().is_some_and(|(index, _)| *index >= len) {
+            return Err(V2Error::Encoding);
         }
         Ok(Scan {
-            min_index,
-            max_index,
-            total,
+            min_index: counts.first().map_or(usize::MAX, |(index, _)| *index),
+            max_index: counts.last().map_or(0, |(index, _)| *index),
+            total: counts
+                .iter()
+                .fold(0u64, |sum, (_, c)| sum.saturating_add(*c)),
         })
     }
 
@@ -831,7 +818,7 @@ pub(crate) mod tests {
                         stepped.push((index, count));
                     }
                 });
-                let reference = counts_one_at_a_time(&payload);
+                let reference = counts_one_at_a_time(&payload).unwrap();
                 assert_eq!(stepped, reference, "len {len}, long varint at {long_at}");
                 let scanned = scan(&payload, usize::MAX).unwrap();
                 let expected = Scan {
