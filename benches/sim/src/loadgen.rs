@@ -480,6 +480,8 @@ impl Fleet {
             .collect();
         let mut shock_rng = SmallRng::seed_from_u64(3);
         let connections = channels.len();
+        // Shippers run on this runtime; the generator on a thread of its own (below).
+        let runtime = tokio::runtime::Handle::current();
         let spawn_shipper = move |tasks: &mut JoinSet<()>,
                                   n: usize,
                                   id: pb::Identity,
@@ -494,9 +496,12 @@ impl Fleet {
                 ..shipper.clone()
             };
             let tally = tally.clone();
-            tasks.spawn(async move {
-                run_shipper_on(id, config, rx, channel, tally).await;
-            });
+            tasks.spawn_on(
+                async move {
+                    run_shipper_on(id, config, rx, channel, tally).await;
+                },
+                &runtime,
+            );
             tx
         };
         let assignment = assign_services(spec.agents, services, spec.zipf);
@@ -538,7 +543,26 @@ impl Fleet {
         };
         let mut shippers = JoinSet::new();
         std::mem::swap(&mut shippers, &mut tasks);
-        tasks.spawn(generator.run(deploy_rx, stop_rx, shippers));
+        // The generator keeps the schedule on a thread of its own: as a task among ten thousand shippers it woke
+        // late for its slots and overran whole seconds (a second's snapshots then went in one burst, late), which
+        // the aggregator's figures would have charged to the aggregator.
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("loadgen-generator".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(own) => own.block_on(generator.run(deploy_rx, stop_rx, shippers)),
+                    Err(e) => warn!(message = "The generator's runtime did not start.", error = %e),
+                }
+                let _ = done.send(());
+            })
+            .map_err(LoadError::Thread)?;
+        tasks.spawn(async move {
+            let _ = finished.await;
+        });
         Ok(Self {
             deploys,
             stats,
@@ -610,20 +634,22 @@ impl Generator {
                     missed = t - from
                 );
             }
+            let sent_from = tokio::time::Instant::now();
             for missed in from..t {
-                for (n, snapshot) in self.emit(missed, &mut rng).into_iter().flatten() {
-                    self.send(n, snapshot);
+                for n in self.schedule(missed, &mut rng).into_iter().flatten() {
+                    self.emit(n, missed, &mut rng);
                 }
             }
-            let slots = self.emit(t, &mut rng);
-            let sent_from = tokio::time::Instant::now();
-            for (k, slot) in slots.into_iter().enumerate() {
+            // Each slot's snapshots are made when it is due, so making them is spread over the second as sending
+            // is (made all at once, 10,000 of them took long enough on a busy core to push the last slots past the
+            // next boundary).
+            for (k, slot) in self.schedule(t, &mut rng).into_iter().enumerate() {
                 if slot.is_empty() {
                     continue;
                 }
                 tokio::time::sleep_until(sent_from + Arrival::SLOT * k as u32).await;
-                for (n, snapshot) in slot {
-                    self.send(n, snapshot);
+                for n in slot {
+                    self.emit(n, t, &mut rng);
                 }
             }
         }
@@ -691,35 +717,43 @@ impl Generator {
         }
     }
 
-    /// Every instance's snapshot of second `t`, by the slot of the schedule it is sent in.
-    fn emit(&mut self, t: i64, rng: &mut SmallRng) -> Vec<Vec<(usize, pb::Snapshot)>> {
+    /// Which instances report second `t`, by the slot of the schedule each is sent in.
+    fn schedule(&self, t: i64, rng: &mut SmallRng) -> Vec<Vec<usize>> {
         // Real agents race each other at every boundary; a fixed order would always put a deploy's new
         // instances last, after their service's second was sealed.
         let mut order: Vec<usize> = (0..self.instances.len()).collect();
         order.shuffle(rng);
-        let mut slots: Vec<Vec<(usize, pb::Snapshot)>> = vec![Vec::new(); Arrival::SLOTS];
+        let mut slots: Vec<Vec<usize>> = vec![Vec::new(); Arrival::SLOTS];
         for n in order {
-            let instance = &mut self.instances[n];
-            let start_second = instance.starts_at.floor() as i64;
-            if t < start_second || t >= instance.stops_from {
+            let instance = &self.instances[n];
+            if t < instance.starts_at.floor() as i64 || t >= instance.stops_from {
                 continue;
             }
-            let shock = instance.shocks.second(t, rng);
-            let series = if t == start_second && instance.starts_at > 0.0 {
-                instance
-                    .pool
-                    .partial(1.0 - instance.starts_at.fract(), shock, rng)
-            } else {
-                instance.pool.pick(n.wrapping_add(t as usize), shock, rng)
-            };
-            let snapshot = pb::Snapshot {
-                second: t,
-                series,
-                stats: Some(pb::AgentStats::default()),
-            };
-            slots[self.arrival.slot(rng)].push((n, snapshot));
+            slots[self.arrival.slot(rng)].push(n);
         }
         slots
+    }
+
+    /// Makes instance `n`'s snapshot of second `t` and hands it to its shipper.
+    fn emit(&mut self, n: usize, t: i64, rng: &mut SmallRng) {
+        let Some(instance) = self.instances.get_mut(n) else {
+            return;
+        };
+        let start_second = instance.starts_at.floor() as i64;
+        let shock = instance.shocks.second(t, rng);
+        let series = if t == start_second && instance.starts_at > 0.0 {
+            instance
+                .pool
+                .partial(1.0 - instance.starts_at.fract(), shock, rng)
+        } else {
+            instance.pool.pick(n.wrapping_add(t as usize), shock, rng)
+        };
+        let snapshot = pb::Snapshot {
+            second: t,
+            series,
+            stats: Some(pb::AgentStats::default()),
+        };
+        self.send(n, snapshot);
     }
 }
 
@@ -729,6 +763,9 @@ pub enum LoadError {
     /// The aggregator could not be reached.
     #[error("cannot connect to the aggregator at {0}")]
     Connect(String),
+    /// The generator's thread could not be started.
+    #[error("cannot start the generator's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What `strobe loadgen` does besides steady load: optionally one deploy.
