@@ -2,7 +2,7 @@
 //! websocket clients (one subscribed to every full frame, one to the overview). After a warm-up it measures, for
 //! a number of seconds:
 //! - instances per sealed second (live frames, and after corrections), min and median;
-//! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p99;
+//! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p50, p90 and p99;
 //! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
 //! - instance-seconds lost: expected (agents x seconds) minus those counted in a sealed or corrected second.
 //!
@@ -500,11 +500,11 @@ async fn main() -> Result<()> {
     let mut delays = frame_delays;
     delays.sort_unstable();
     println!(
-        "| agents x series | instances per second, live (min / median) | after corrections (min / median) | live share | seal delay p50 / p99 | frame after second p99 | aggregator CPU | aggregator peak RSS | loadgen CPU | lost |"
+        "| agents x series | instances per second, live (min / median) | after corrections (min / median) | live share | seal delay p50 / p99 | frame after second p50 / p90 / p99 | aggregator CPU | aggregator peak RSS | loadgen CPU | lost |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} x {} | {} / {} | {} / {} | {:.2}% | {} / {} s | {} ms | {:.2} cores | {:.2} GiB | {:.2} cores | {} of {} |",
+        "| {} x {} | {} / {} | {} / {} | {:.2}% | {} / {} s | {} / {} / {} ms | {:.2} cores | {:.2} GiB | {:.2} cores | {} of {} |",
         args.agents,
         args.series,
         live.first().copied().unwrap_or(0),
@@ -514,6 +514,8 @@ async fn main() -> Result<()> {
         100.0 * live_share,
         histogram_quantile(&seal, 0.5),
         histogram_quantile(&seal, 0.99),
+        percentile(&delays, 0.5),
+        percentile(&delays, 0.9),
         percentile(&delays, 0.99),
         agg_cores,
         rss_kib as f64 / 1024.0 / 1024.0,
