@@ -256,7 +256,8 @@ struct Scan {
 }
 
 /// Checks every varint of a V2 payload and sums it up. Refuses truncated varints, counts at indexes at or past
-/// `len` (what the declared range allows) and runs of zeros that overflow the index. Eight one-byte varints are
+/// `len` (what the declared range allows), runs of zeros that overflow the index, and a count above [`Count::MAX`]
+/// (4,294,967,295 values in one bucket of one instance's second: absurd). Eight one-byte varints are
 /// read at once when the next eight bytes allow it, as the merge reads them ([`each_step`]): in `perf` at 7,500
 /// agents x 100 series, the check, one varint at a time, took more of the aggregator's CPU (14%) than the merge
 /// (11%).
@@ -264,6 +265,8 @@ struct Scan {
 fn scan(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
     let (mut index, mut at) = (0usize, 0usize);
     let (mut min_index, mut max_index, mut total) = (usize::MAX, 0usize, 0u64);
+    // A count too large for an accumulator's bucket (one-byte varints never are).
+    let mut over = false;
     loop {
         // Eight one-byte steps move the index by at most 8 x 64: below this, adding them cannot overflow.
         if index < usize::MAX - 8 * 64
@@ -307,6 +310,7 @@ fn scan(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
                 min_index = min_index.min(index);
                 max_index = index;
                 total = total.saturating_add(count);
+                over |= count > u64::from(Count::MAX);
             }
             index = index.checked_add(1).ok_or(V2Error::Encoding)?;
         }
@@ -314,6 +318,9 @@ fn scan(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
     // Indexes only grow, so the highest counted one is the one to hold against the range.
     if min_index != usize::MAX && max_index >= len {
         return Err(V2Error::Encoding);
+    }
+    if over {
+        return Err(V2Error::Range);
     }
     Ok(Scan {
         min_index,
@@ -364,15 +371,26 @@ fn each_step(payload: &[u8], mut each: impl FnMut(usize, u64)) {
 /// and covering every index the payload counts at). Every step adds its count, 0 for a run of empty buckets, at
 /// its index clamped into `counts`, so the loop has no branch on the kind of byte.
 #[inline]
-fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
+fn add_fixed(payload: &[u8], counts: &mut [Count], base: usize) {
     let Some(last) = counts.len().checked_sub(1) else {
         return;
     };
     each_step(payload, |index, count| {
         // Outside the range held only while this is a run of empty buckets (adding 0, anywhere).
         let k = index.wrapping_sub(base).min(last);
-        counts[k] = counts[k].saturating_add(count);
+        counts[k] = counts[k].saturating_add(to_count(count));
     });
+}
+
+/// One bucket's count in an accumulator: 32 bits, which halve the memory merging walks (the counts of the
+/// seconds being merged fit the L3 cache of the 2-core machine the benchmarks run on, where 64-bit ones did not).
+/// A count above it is refused at ingest; merged counts saturate.
+pub(crate) type Count = u32;
+
+/// A count read from an encoding, as a bucket's count (saturating; the check refused larger ones).
+#[inline(always)]
+fn to_count(count: u64) -> Count {
+    count.min(u64::from(Count::MAX)) as Count
 }
 
 /// Counts in [`Layout::FIXED`], held from the lowest to the highest index recorded (latencies leave the low
@@ -381,7 +399,7 @@ fn add_fixed(payload: &[u8], counts: &mut [u64], base: usize) {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HdrAccumulator {
     /// Counts of indexes `base..base + counts.len()`.
-    counts: Vec<u64>,
+    counts: Vec<Count>,
     base: usize,
     total: u64,
 }
@@ -460,7 +478,7 @@ impl HdrAccumulator {
     pub(crate) fn growth(&self, v2: &CheckedV2) -> usize {
         Self::range_of(v2).map_or(0, |(low, high)| {
             let (from, to) = self.covering(low, high);
-            (to - from + 1).saturating_sub(self.counts.len()) * std::mem::size_of::<u64>()
+            (to - from + 1).saturating_sub(self.counts.len()) * std::mem::size_of::<Count>()
         })
     }
 
@@ -484,7 +502,7 @@ impl HdrAccumulator {
                 if let Some(value) = layout.value_at(i) {
                     let at = fixed.index_of(value);
                     if let Some(slot) = at.checked_sub(base).and_then(|k| counts.get_mut(k)) {
-                        *slot = slot.saturating_add(c);
+                        *slot = slot.saturating_add(to_count(c));
                     }
                 }
             });
@@ -510,7 +528,7 @@ impl HdrAccumulator {
             .iter()
             .enumerate()
             .filter(|(_, c)| **c > 0)
-            .map(|(k, c)| (self.base + k, *c))
+            .map(|(k, c)| (self.base + k, u64::from(*c)))
     }
 
     /// Values recorded.
@@ -556,6 +574,12 @@ impl HdrAccumulator {
             mean += fixed.median_equivalent(value) as f64 * count as f64 / self.total as f64;
             top = Some(value);
         }
+        // Only when a bucket saturated (billions of values in one bucket of one second) do the counts add up to
+        // less than the total: the quantiles not reached are the largest value, not 0.
+        let max = top.map_or(0, |v| fixed.highest_equivalent(v));
+        for quantile in &mut found[next..] {
+            *quantile = max;
+        }
         HdrStats {
             count: self.total,
             mean: if self.total == 0 { 0.0 } else { mean },
@@ -563,7 +587,7 @@ impl HdrAccumulator {
             p90: found[1],
             p99: found[2],
             p999: found[3],
-            max: top.map_or(0, |v| fixed.highest_equivalent(v)),
+            max,
         }
     }
 
@@ -651,10 +675,14 @@ pub(crate) mod tests {
             for (k, count) in acc.counts.iter().enumerate() {
                 let i = acc.base + k;
                 let value = Layout::FIXED.value_at(i).unwrap();
-                assert_eq!(*count, reference.count_at(value), "seed {seed}, index {i}");
+                assert_eq!(
+                    u64::from(*count),
+                    reference.count_at(value),
+                    "seed {seed}, index {i}"
+                );
             }
             assert_eq!(
-                acc.counts.iter().sum::<u64>(),
+                acc.counts.iter().map(|c| u64::from(*c)).sum::<u64>(),
                 reference.len(),
                 "no count outside the accumulator, seed {seed}"
             );
@@ -738,6 +766,9 @@ pub(crate) mod tests {
         let counts = counts_one_at_a_time(payload)?;
         if counts.last().is_some_and(|(index, _)| *index >= len) {
             return Err(V2Error::Encoding);
+        }
+        if counts.iter().any(|(_, c)| *c > u64::from(Count::MAX)) {
+            return Err(V2Error::Range);
         }
         Ok(Scan {
             min_index: counts.first().map_or(usize::MAX, |(index, _)| *index),
@@ -881,6 +912,11 @@ pub(crate) mod tests {
         let len = (skip.len() - HEADER) as u32;
         skip[4..8].copy_from_slice(&len.to_be_bytes());
         cases.push(("count far past the declared range", skip, V2Error::Encoding));
+        let mut huge = good[..HEADER].to_vec();
+        zigzag(1 << 32, &mut huge);
+        let len = (huge.len() - HEADER) as u32;
+        huge[4..8].copy_from_slice(&len.to_be_bytes());
+        cases.push(("a count too large for a bucket", huge, V2Error::Range));
         for (what, bytes, error) in cases {
             assert_eq!(
                 CheckedV2::check(bytes.into(), 3, 1 << 53).map(|c| c.total()),
@@ -889,6 +925,26 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(CheckedV2::check(good, 3, 1 << 53).map(|c| c.total()), Ok(3));
+    }
+
+    /// Two instances with the largest count a bucket takes, in the same bucket: the bucket saturates, the total does
+    /// not, and the quantiles the counts no longer reach read as the largest value rather than 0.
+    #[test]
+    fn a_saturated_bucket_reads_as_its_largest_value() {
+        let mut acc = HdrAccumulator::default();
+        for _ in 0..2 {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 2, 2).unwrap();
+            h.auto(true);
+            h.record(10).unwrap();
+            h.record_n(500, u64::from(Count::MAX)).unwrap();
+            let mut out = Vec::new();
+            V2Serializer::new().serialize(&h, &mut out).unwrap();
+            acc.add_v2(&CheckedV2::check(out.into(), 3, 1 << 53).unwrap());
+        }
+        let stats = acc.stats();
+        assert_eq!(stats.count, 2 * (u64::from(Count::MAX) + 1));
+        let top = Layout::FIXED.highest_equivalent(500);
+        assert_eq!((stats.p50, stats.p99, stats.max), (top, top, top));
     }
 
     #[test]
