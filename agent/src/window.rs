@@ -50,7 +50,8 @@ pub struct WindowStats {
     pub lines_malformed: u64,
     /// Samples dropped because the window already held `max_series` series.
     pub series_over_limit: u64,
-    /// Histogram values clamped to `max_histogram_value`.
+    /// Histogram values clamped to `max_histogram_value`, and sampled values whose weight would take one bucket
+    /// past 4,294,967,295 in a second (the most an aggregator's bucket holds).
     pub values_clamped: u64,
     /// Of `lines_malformed`: lines whose type conflicts with the series' first type this second.
     pub type_conflicts: u64,
@@ -239,9 +240,16 @@ impl Window {
                         v
                     };
                     let recorded = (clamped * f64::from(HISTOGRAM_SCALE)).round() as u64;
+                    // A bucket holds at most what the aggregator's does (`u32::MAX` values a second; a tiny sample
+                    // rate weighs one value by billions): the rest is left out and counted as clamped.
+                    let room = u64::from(u32::MAX).saturating_sub(hist.count_at(recorded));
+                    let kept = count.min(room);
+                    if kept < count {
+                        self.stats.values_clamped += 1;
+                    }
                     // The histogram auto-resizes and the value is bounded above, so this should not fail; if it
                     // does, the value is counted as malformed rather than lost silently.
-                    if hist.record_n(recorded, count).is_err() {
+                    if kept > 0 && hist.record_n(recorded, kept).is_err() {
                         self.stats.lines_malformed += 1;
                     }
                 }
@@ -627,6 +635,25 @@ mod tests {
         let hist = decode(h);
         assert_eq!(hist.len(), 2);
         assert!(hist.max() <= (3_600_000.0 * 1000.0 * 1.01) as u64);
+    }
+
+    /// A value sampled at 1e-10 weighs ten billion: its bucket is held at the most an aggregator's bucket takes,
+    /// and the clamp is counted, rather than the aggregator refusing the whole series.
+    #[test]
+    fn a_bucket_is_held_below_what_the_aggregator_takes() {
+        let mut w = Window::new(1, WindowLimits::default());
+        feed(&mut w, &["lat:5|ms|@0.0000000001", "lat:5|ms", "lat:9|ms"]);
+        let (snap, stats) = w.close();
+        assert_eq!(
+            stats.values_clamped, 2,
+            "the heavy value, and the one after it in the full bucket"
+        );
+        let Some(pb::series::Value::Histogram(h)) = &find(&snap, "lat").value else {
+            panic!()
+        };
+        let hist = decode(h);
+        assert_eq!(hist.count_at(5_000), u64::from(u32::MAX));
+        assert_eq!(hist.count_at(9_000), 1);
     }
 
     #[test]

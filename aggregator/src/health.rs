@@ -42,6 +42,8 @@ pub(crate) enum DropReason {
     HdrV2Encoding,
     /// A histogram declaring more range, precision or scale than the limits.
     MaxHistogramValue,
+    /// A histogram counting more values in one bucket than an accumulator's bucket holds (4,294,967,295).
+    MaxBucketCount,
     /// A series whose kind or scale conflicts with the service's, or past `max_series_per_service`.
     SeriesConflictOrServiceLimit,
     /// A series sent by a dictionary id its stream never named (or could not name: `max_series_per_stream`).
@@ -69,6 +71,7 @@ impl DropReason {
             DropReason::FiniteValues => "finite_values",
             DropReason::HdrV2Encoding => "hdr_v2_encoding",
             DropReason::MaxHistogramValue => "max_histogram_value",
+            DropReason::MaxBucketCount => "max_bucket_count",
             DropReason::SeriesConflictOrServiceLimit => "series_conflict_or_max_series_per_service",
             DropReason::SeriesDictionary => "series_dictionary",
             DropReason::MaxSeriesPerService => "max_series_per_service",

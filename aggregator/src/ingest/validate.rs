@@ -96,6 +96,9 @@ pub(crate) enum SeriesProblem {
     /// Declares more precision or range than `max_histogram_sigfig` / `max_histogram_value`, or a bad scale.
     #[error("histogram range, precision or scale beyond the limits")]
     HistogramOutOfRange,
+    /// More values in one bucket than an accumulator's bucket holds.
+    #[error("histogram counts more than 4,294,967,295 values in one bucket")]
+    BucketCount,
     /// A new series of a service that has `max_series_per_service` already.
     #[error("the service has max_series_per_service series already")]
     ServiceFull,
@@ -112,6 +115,7 @@ impl SeriesProblem {
             SeriesProblem::BadNumber => DropReason::FiniteValues,
             SeriesProblem::BadHistogram => DropReason::HdrV2Encoding,
             SeriesProblem::HistogramOutOfRange => DropReason::MaxHistogramValue,
+            SeriesProblem::BucketCount => DropReason::MaxBucketCount,
             SeriesProblem::UnknownSeriesId => DropReason::SeriesDictionary,
             SeriesProblem::ServiceFull => DropReason::MaxSeriesPerService,
         }
@@ -358,6 +362,7 @@ fn decode_histogram(h: pb::Histogram, limits: &Limits) -> Result<SeriesValue, Se
     .map_err(|error| match error {
         V2Error::Encoding => SeriesProblem::BadHistogram,
         V2Error::Range => SeriesProblem::HistogramOutOfRange,
+        V2Error::Count => SeriesProblem::BucketCount,
     })?;
     Ok(SeriesValue::Histogram { v2, scale: h.scale })
 }

@@ -6,7 +6,9 @@
 //! index by index. A V2 encoding in that layout (what every Strobe agent sends) is decoded in one pass of varints straight into the
 //! accumulator's counts; any other layout (another precision or lowest value) goes through values, as
 //! `hdrhistogram`'s own `add` does when layouts differ, with the same result. Statistics are read from the counts
-//! exactly as `hdrhistogram` reads them (property tests compare both, count for count and bit for bit).
+//! exactly as `hdrhistogram` reads them (property tests compare both, count for count and bit for bit). Counts
+//! are 32-bit: a count above that in an encoding is refused ([`V2Error::Count`]); merged counts saturate (only
+//! past four billion values in one bucket of one second), and the quantiles are then read from the counts held.
 //!
 //! Decoding is done twice: once at ingest to check the encoding (so a malformed histogram is refused before it
 //! is acknowledged) and once when merging. Both passes only read bytes; neither allocates per histogram.
@@ -25,6 +27,8 @@ pub(crate) enum V2Error {
     Encoding,
     /// It declares or holds values, precision or a range beyond what is accepted.
     Range,
+    /// It counts more values in one bucket than an accumulator's bucket holds ([`Count::MAX`]).
+    Count,
 }
 
 /// How a histogram maps values to counts indexes (the part of HdrHistogram's configuration that matters).
@@ -320,7 +324,7 @@ fn scan(payload: &[u8], len: usize) -> Result<Scan, V2Error> {
         return Err(V2Error::Encoding);
     }
     if over {
-        return Err(V2Error::Range);
+        return Err(V2Error::Count);
     }
     Ok(Scan {
         min_index,
@@ -560,7 +564,10 @@ impl HdrAccumulator {
     pub(crate) fn stats(&self) -> HdrStats {
         const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
         let fixed = Layout::FIXED;
-        let wanted = QUANTILES.map(|q| ((q * self.total as f64).ceil() as u64).max(1));
+        // Ranks and mean from the counts held: the total, unless a bucket saturated (billions of values in one
+        // bucket of one second), when the counts add up to less and the total would put ranks past them.
+        let held: u64 = self.counts.iter().map(|c| u64::from(*c)).sum();
+        let wanted = QUANTILES.map(|q| ((q * held as f64).ceil() as u64).max(1));
         let mut found = [0u64; 4];
         let mut next = 0;
         let (mut seen, mut mean, mut top) = (0u64, 0.0_f64, None);
@@ -571,18 +578,13 @@ impl HdrAccumulator {
                 found[next] = fixed.highest_equivalent(value);
                 next += 1;
             }
-            mean += fixed.median_equivalent(value) as f64 * count as f64 / self.total as f64;
+            mean += fixed.median_equivalent(value) as f64 * count as f64 / held as f64;
             top = Some(value);
         }
-        // Only when a bucket saturated (billions of values in one bucket of one second) do the counts add up to
-        // less than the total: the quantiles not reached are the largest value, not 0.
         let max = top.map_or(0, |v| fixed.highest_equivalent(v));
-        for quantile in &mut found[next..] {
-            *quantile = max;
-        }
         HdrStats {
             count: self.total,
-            mean: if self.total == 0 { 0.0 } else { mean },
+            mean: if held == 0 { 0.0 } else { mean },
             p50: found[0],
             p90: found[1],
             p99: found[2],
@@ -768,7 +770,7 @@ pub(crate) mod tests {
             return Err(V2Error::Encoding);
         }
         if counts.iter().any(|(_, c)| *c > u64::from(Count::MAX)) {
-            return Err(V2Error::Range);
+            return Err(V2Error::Count);
         }
         Ok(Scan {
             min_index: counts.first().map_or(usize::MAX, |(index, _)| *index),
@@ -916,7 +918,7 @@ pub(crate) mod tests {
         zigzag(1 << 32, &mut huge);
         let len = (huge.len() - HEADER) as u32;
         huge[4..8].copy_from_slice(&len.to_be_bytes());
-        cases.push(("a count too large for a bucket", huge, V2Error::Range));
+        cases.push(("a count too large for a bucket", huge, V2Error::Count));
         for (what, bytes, error) in cases {
             assert_eq!(
                 CheckedV2::check(bytes.into(), 3, 1 << 53).map(|c| c.total()),
@@ -927,24 +929,68 @@ pub(crate) mod tests {
         assert_eq!(CheckedV2::check(good, 3, 1 << 53).map(|c| c.total()), Ok(3));
     }
 
-    /// Two instances with the largest count a bucket takes, in the same bucket: the bucket saturates, the total does
-    /// not, and the quantiles the counts no longer reach read as the largest value rather than 0.
+    /// Three instances with the largest count a bucket takes at 10, one with half of it at 1,000: the bucket at 10
+    /// saturates, the total does not, and the quantiles are read from the counts held (from the total, the median
+    /// would land past the saturated bucket, at 1,000).
     #[test]
-    fn a_saturated_bucket_reads_as_its_largest_value() {
+    fn a_saturated_bucket_keeps_the_quantiles_of_what_is_held() {
         let mut acc = HdrAccumulator::default();
-        for _ in 0..2 {
+        for (value, count) in [(10, Count::MAX); 3]
+            .into_iter()
+            .chain([(1000, Count::MAX / 2)])
+        {
             let mut h = Histogram::<u64>::new_with_bounds(1, 2, 2).unwrap();
             h.auto(true);
-            h.record(10).unwrap();
-            h.record_n(500, u64::from(Count::MAX)).unwrap();
+            h.record_n(value, u64::from(count)).unwrap();
             let mut out = Vec::new();
             V2Serializer::new().serialize(&h, &mut out).unwrap();
             acc.add_v2(&CheckedV2::check(out.into(), 3, 1 << 53).unwrap());
         }
         let stats = acc.stats();
-        assert_eq!(stats.count, 2 * (u64::from(Count::MAX) + 1));
-        let top = Layout::FIXED.highest_equivalent(500);
-        assert_eq!((stats.p50, stats.p99, stats.max), (top, top, top));
+        assert_eq!(
+            stats.count,
+            3 * u64::from(Count::MAX) + u64::from(Count::MAX / 2)
+        );
+        let high = Layout::FIXED.highest_equivalent(1000);
+        assert_eq!((stats.p50, stats.p99, stats.max), (10, high, high));
+    }
+
+    /// The largest count a bucket takes passes; one more is refused as a count, unless the payload is also
+    /// malformed or counts past its range, which are what is said first (as the one-at-a-time check says).
+    #[test]
+    fn a_count_past_a_bucket_is_refused_after_encoding_errors() {
+        let one = |count: u64, then: &[u8]| {
+            let mut payload = Vec::new();
+            zigzag(count as i64, &mut payload);
+            payload.extend_from_slice(then);
+            payload
+        };
+        let cases = [
+            (one(u64::from(Count::MAX), &[]), 10, Ok(())),
+            (one(u64::from(Count::MAX) + 1, &[]), 10, Err(V2Error::Count)),
+            (
+                one(u64::from(Count::MAX) + 1, &[0x80]),
+                10,
+                Err(V2Error::Encoding),
+            ),
+            (
+                one(u64::from(Count::MAX) + 1, &[]),
+                0,
+                Err(V2Error::Encoding),
+            ),
+        ];
+        for (payload, len, expected) in cases {
+            assert_eq!(
+                scan(&payload, len).map(|_| ()),
+                expected,
+                "{payload:?} {len}"
+            );
+            assert_eq!(
+                scan_one_at_a_time(&payload, len).map(|_| ()),
+                expected,
+                "{payload:?} {len}"
+            );
+        }
     }
 
     #[test]

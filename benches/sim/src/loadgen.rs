@@ -547,16 +547,14 @@ impl Fleet {
         // late for its slots and overran whole seconds (a second's snapshots then went in one burst, late), which
         // the aggregator's figures would have charged to the aggregator.
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let own = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(LoadError::Thread)?;
         std::thread::Builder::new()
             .name("loadgen-generator".into())
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                {
-                    Ok(own) => own.block_on(generator.run(deploy_rx, stop_rx, shippers)),
-                    Err(e) => warn!(message = "The generator's runtime did not start.", error = %e),
-                }
+                own.block_on(generator.run(deploy_rx, stop_rx, shippers));
                 let _ = done.send(());
             })
             .map_err(LoadError::Thread)?;
@@ -763,7 +761,7 @@ pub enum LoadError {
     /// The aggregator could not be reached.
     #[error("cannot connect to the aggregator at {0}")]
     Connect(String),
-    /// The generator's thread could not be started.
+    /// The generator's thread or its runtime could not be started.
     #[error("cannot start the generator's thread: {0}")]
     Thread(std::io::Error),
 }
