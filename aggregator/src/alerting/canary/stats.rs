@@ -117,18 +117,12 @@ fn batch_means(values: &[(f64, f64)], batch: usize) -> Vec<(f64, f64)> {
 }
 
 /// How much more the means of consecutive `batch`-second runs of `values` vary than sampling makes them, if that is
-/// more than `sigmas` standard errors of the variance estimate (and there are at least four batches).
+/// more than `sigmas` standard errors of the variance estimate (and there are at least four batches): one series,
+/// pooled with nothing.
 fn excess_at_scale(values: &[(f64, f64)], batch: usize, sigmas: f64) -> Option<f64> {
-    let means = batch_means(values, batch);
-    if means.len() < 4 {
-        return None;
-    }
-    let m = means.len() as f64;
-    let mean = means.iter().map(|(v, _)| v).sum::<f64>() / m;
-    let total = means.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>() / (m - 1.0);
-    let sampling = means.iter().map(|(_, s)| s).sum::<f64>() / m;
-    let excess = total - sampling;
-    (excess > sigmas * variance_error(sampling, m - 1.0)).then_some(excess)
+    pooled(std::iter::once(values), batch, sigmas, 3)
+        .filter(|p| p.excess > p.threshold)
+        .map(|p| p.excess)
 }
 
 /// What the batches of several instances' own series show, pooled (see [`pooled_excess`]).
@@ -149,8 +143,19 @@ pub(crate) fn pooled_excess(
     batch: usize,
     sigmas: f64,
 ) -> Option<PooledExcess> {
+    pooled(instances.iter().map(Vec::as_slice), batch, sigmas, 4)
+}
+
+/// The excess and its threshold over the batches of each series, each centred on its own mean; `None` with fewer
+/// than `min_freedom` degrees of freedom.
+fn pooled<'a>(
+    series: impl IntoIterator<Item = &'a [(f64, f64)]>,
+    batch: usize,
+    sigmas: f64,
+    min_freedom: usize,
+) -> Option<PooledExcess> {
     let (mut squares, mut freedom, mut sampling) = (0.0, 0usize, 0.0);
-    for values in instances {
+    for values in series {
         let means = batch_means(values, batch);
         if means.len() < 2 {
             continue;
@@ -158,11 +163,11 @@ pub(crate) fn pooled_excess(
         let m = means.len() as f64;
         let mean = means.iter().map(|(v, _)| v).sum::<f64>() / m;
         squares += means.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>();
-        // Centred on its own mean, an instance's squares hold (m - 1) / m of its batches' sampling variance.
+        // Centred on its own mean, a series' squares hold (m - 1) / m of its batches' sampling variance.
         sampling += (m - 1.0) / m * means.iter().map(|(_, s)| s).sum::<f64>();
         freedom += means.len() - 1;
     }
-    if freedom < 4 {
+    if freedom < min_freedom.max(1) {
         return None;
     }
     let sampling = sampling / freedom as f64;
