@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Histogram bytes stay slices of the received buffer: checked and merged without a copy.
     tonic_prost_build::configure()
         .bytes(".strobe.v1.Histogram.hdr_v2")
+        // Prost's codec, but a snapshot is decoded into a vector of series sized up front (`src/codec.rs`).
+        .codec_path("crate::codec::StrobeCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Strobe's wire format: the `strobe.v1` protobuf messages and the tonic client and server for the
 //! agent-to-aggregator stream, generated from `strobe.proto` at build time. Hand-written beside them: the
-//! HdrHistogram V2 cookie both ends check, the HTTP/2 window sizes both ends set, and [`clock`], the wall-clock
-//! second arithmetic both ends share.
+//! HdrHistogram V2 cookie both ends check, the HTTP/2 window sizes both ends set, [`clock`], the wall-clock
+//! second arithmetic both ends share, and [`codec`], prost's codec with a snapshot's series vector sized up front.
 
 #![allow(unreachable_pub, clippy::all)]
 
@@ -11,6 +11,8 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+pub mod codec;
 
 /// Cookie of an HdrHistogram V2 encoding that is not deflate-compressed (its first four bytes, big-endian): the V2
 /// cookie base `0x1c849303` with `0x10` set, the flag Java's and Rust's HdrHistogram write for the ZigZag LEB128
