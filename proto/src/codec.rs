@@ -31,7 +31,7 @@ impl Decode for AgentMessage {
             return Self::decode(bytes);
         };
         let mut snapshot = Snapshot {
-            series: Vec::with_capacity(series),
+            series: Vec::with_capacity(series.min(MOST_SIZED_UP_FRONT)),
             ..Snapshot::default()
         };
         snapshot.merge(bytes.slice(at..))?;
@@ -40,6 +40,10 @@ impl Decode for AgentMessage {
         })
     }
 }
+
+/// Series room reserved up front at most: past it the vector grows as prost grows it, so a message of millions of
+/// empty series (a few bytes each, within the message size limit) does not get its room in one allocation.
+const MOST_SIZED_UP_FRONT: usize = 16_384;
 
 /// Field number of `AgentMessage.snapshot` and of `Snapshot.series`.
 const SNAPSHOT_FIELD: u32 = 2;
@@ -172,6 +176,25 @@ mod tests {
             AgentMessage::decode_whole(twice.clone()).unwrap(),
             AgentMessage::decode(twice).unwrap()
         );
+    }
+
+    /// Many empty series (two bytes each): decoded as prost decodes them, the room reserved up front bounded.
+    #[test]
+    fn many_empty_series_decode_as_prost_does() {
+        let mut snapshot = vec![0x08, 0x11];
+        for _ in 0..100_000 {
+            snapshot.extend([0x12, 0x00]);
+        }
+        let mut message = vec![0x12];
+        prost::encoding::encode_varint(snapshot.len() as u64, &mut message);
+        message.extend(snapshot);
+        let bytes = Bytes::from(message);
+        let ours = AgentMessage::decode_whole(bytes.clone()).unwrap();
+        assert_eq!(ours, AgentMessage::decode(bytes).unwrap());
+        let Some(agent_message::Body::Snapshot(s)) = ours.body else {
+            panic!("a snapshot")
+        };
+        assert_eq!((s.second, s.series.len()), (17, 100_000));
     }
 
     /// Malformed bytes are an error, never a panic, however they are cut.
