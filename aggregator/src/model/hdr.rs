@@ -386,8 +386,8 @@ fn add_fixed(payload: &[u8], counts: &mut [Count], base: usize) {
     });
 }
 
-/// One bucket's count in an accumulator: 32 bits, which halve the memory merging walks (the counts of the
-/// seconds being merged fit the L3 cache of the 2-core machine the benchmarks run on, where 64-bit ones did not).
+/// One bucket's count in an accumulator: 32 bits, which halve the memory merging walks (by estimate, the counts of
+/// the seconds being merged then fit the 8 MiB L3 of the 2-core machine the benchmarks run on; 64-bit ones did not).
 /// A count above it is refused at ingest; merged counts saturate.
 pub(crate) type Count = u32;
 
@@ -565,8 +565,13 @@ impl HdrAccumulator {
         const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
         let fixed = Layout::FIXED;
         // Ranks and mean from the counts held: the total, unless a bucket saturated (billions of values in one
-        // bucket of one second), when the counts add up to less and the total would put ranks past them.
-        let held: u64 = self.counts.iter().map(|c| u64::from(*c)).sum();
+        // bucket of one second), when the counts add up to less and the total would put ranks past them. No bucket
+        // can hold more than the total, so below `Count::MAX` values nothing saturated and the sum is not needed.
+        let held: u64 = if self.total <= u64::from(Count::MAX) {
+            self.total
+        } else {
+            self.counts.iter().map(|c| u64::from(*c)).sum()
+        };
         let wanted = QUANTILES.map(|q| ((q * held as f64).ceil() as u64).max(1));
         let mut found = [0u64; 4];
         let mut next = 0;
