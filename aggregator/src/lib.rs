@@ -464,9 +464,16 @@ impl Aggregator {
                     stopped(stop_rx.clone()),
                 )),
                 Box::pin(
-                    axum::serve(self.http, make_app)
-                        .with_graceful_shutdown(stopped(stop_rx.clone()))
-                        .into_future(),
+                    // As the TLS listener does: a websocket frame is a small write, which without TCP_NODELAY waits
+                    // (Nagle) for the client's acknowledgement of the one before whenever that is still in flight.
+                    axum::serve(
+                        axum::serve::ListenerExt::tap_io(self.http, |tcp| {
+                            tcp.set_nodelay(true).ok();
+                        }),
+                        make_app,
+                    )
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
                 ),
             ),
         };
