@@ -200,6 +200,10 @@ pub(crate) struct AggregatorArgs {
     /// Shards (0: four per core).
     #[arg(help_heading = "Seconds", long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
+    /// Threads serving HTTP and the websockets, apart from ingest and sealing (0: on the same threads)
+    /// [default: 1].
+    #[arg(help_heading = "Listening", long, env = "STROBE_HTTP_THREADS")]
+    pub(crate) http_threads: Option<usize>,
     /// Rules file (TOML); reloaded when it changes.
     #[arg(help_heading = "Alerts", long, env = "STROBE_RULES")]
     pub(crate) rules: Option<PathBuf>,
@@ -541,6 +545,9 @@ impl AggregatorArgs {
         if let Some(v) = self.remote_write_step {
             config.remote_write.step = v;
         }
+        if let Some(v) = self.http_threads {
+            config.http_threads = v;
+        }
         if let Some(v) = self.shards {
             config.shards = v;
         }
@@ -670,6 +677,8 @@ mod tests {
             "127.0.0.1:1234",
             "--grace-quiet",
             "20ms",
+            "--http-threads",
+            "0",
         ]);
         let Command::Aggregator(args) = cli.command else {
             panic!()
@@ -678,6 +687,7 @@ mod tests {
         assert_eq!(config.grace, Duration::from_millis(100));
         assert_eq!(config.grace_max, Duration::from_secs(2));
         assert_eq!(config.grace_quiet, Duration::from_millis(20));
+        assert_eq!(config.http_threads, 0);
         assert_eq!(config.http_addr.port(), 1234);
         assert_eq!(config.limits.max_series_per_snapshot, 5);
         let cli = Cli::parse_from([

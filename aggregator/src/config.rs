@@ -46,6 +46,9 @@ pub struct AggregatorConfig {
     pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means four per core.
     pub shards: usize,
+    /// Threads serving HTTP and the websockets, apart from the ones ingesting and sealing; 0 serves them on the
+    /// same threads.
+    pub http_threads: usize,
     /// Tokens agents must present, `[NAME:]SECRET[=SERVICE,GLOB*...]` (bound to those services); empty means no
     /// check.
     pub agent_tokens: Vec<String>,
@@ -99,6 +102,7 @@ impl Default for AggregatorConfig {
             late_window: Duration::from_secs(10),
             correction_interval: Duration::from_millis(250),
             shards: 0,
+            http_threads: 1,
             agent_tokens: Vec::new(),
             read_tokens: Vec::new(),
             admin_tokens: Vec::new(),

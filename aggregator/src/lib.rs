@@ -74,6 +74,50 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the hub forgets frames and services past the history.
 const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The HTTP server's own runtime, when it has threads of its own. Dropping it (at the end of `run`, or with `run`'s
+/// future) stops what still runs on it without waiting, as a runtime may not block inside another.
+struct HttpRuntime(Option<tokio::runtime::Runtime>);
+
+impl HttpRuntime {
+    /// `threads` worker threads named `strobe-http`; none (0) keeps HTTP on the caller's runtime.
+    fn new(threads: usize) -> Result<Self, AggregatorError> {
+        if threads == 0 {
+            return Ok(Self(None));
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("strobe-http")
+            .enable_all()
+            .build()
+            .map(|runtime| Self(Some(runtime)))
+            .map_err(AggregatorError::Http)
+    }
+
+    /// `server`, running on this runtime if it has threads.
+    fn serve(
+        &self,
+        server: impl Future<Output = Result<(), std::io::Error>> + Send + 'static,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>> {
+        match &self.0 {
+            Some(runtime) => {
+                let task = runtime.spawn(server);
+                Box::pin(
+                    async move { task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))) },
+                )
+            }
+            None => Box::pin(server),
+        }
+    }
+}
+
+impl Drop for HttpRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Why the aggregator could not start or stopped.
 #[derive(Debug, Error)]
 pub enum AggregatorError {
@@ -477,6 +521,11 @@ impl Aggregator {
                 ),
             ),
         };
+        // HTTP and the websockets run on threads of their own, so the kernel shares a core between publishing and
+        // ingest. On one runtime, a sealed second's frames waited in the task queue behind every agent stream
+        // with a snapshot to decode, and the cores are busiest exactly when seconds seal.
+        let http_runtime = HttpRuntime::new(self.config.http_threads)?;
+        let http = http_runtime.serve(http);
         let servers = async {
             let (grpc, http) =
                 tokio::join!(grpc, async { http.await.map_err(AggregatorError::Http) });
@@ -545,6 +594,27 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With threads, the server runs on them, and the runtime can be dropped inside another (as `run`'s future is
+    /// when its caller gives up on it); without, it runs where it is awaited.
+    #[tokio::test]
+    async fn http_runs_on_threads_of_its_own_unless_it_has_none() {
+        for (threads, own) in [(1, true), (0, false)] {
+            let runtime = HttpRuntime::new(threads).expect("a runtime");
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            runtime
+                .serve(async move {
+                    tx.send(std::thread::current().name().map(str::to_owned))
+                        .ok();
+                    Ok(())
+                })
+                .await
+                .expect("served");
+            let name = rx.await.expect("the server ran");
+            assert_eq!(name.as_deref() == Some("strobe-http"), own, "{name:?}");
+            drop(runtime);
+        }
+    }
 
     #[tokio::test]
     async fn a_grace_quorum_that_is_not_a_share_is_refused_before_anything_binds() {
