@@ -93,7 +93,28 @@ impl HttpRuntime {
             .map_err(AggregatorError::Http)
     }
 
-    /// `server`, running on this runtime if it has threads.
+    /// This runtime's handle, or the caller's when it has no threads.
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .map_or_else(tokio::runtime::Handle::current, |runtime| {
+                runtime.handle().clone()
+            })
+    }
+
+    /// `listener`, registered with this runtime's I/O driver if it has threads (so accepting, as the connections'
+    /// I/O, is this runtime's work alone).
+    fn adopt(&self, listener: tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+        let Some(runtime) = &self.0 else {
+            return Ok(listener);
+        };
+        let listener = listener.into_std()?;
+        let _inside = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)
+    }
+
+    /// `server`, running on this runtime if it has threads. A panic in it goes on in the caller, as it would had it
+    /// run there.
     fn serve(
         &self,
         server: impl Future<Output = Result<(), std::io::Error>> + Send + 'static,
@@ -101,9 +122,15 @@ impl HttpRuntime {
         match &self.0 {
             Some(runtime) => {
                 let task = runtime.spawn(server);
-                Box::pin(
-                    async move { task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))) },
-                )
+                Box::pin(async move {
+                    match task.await {
+                        Ok(served) => served,
+                        Err(error) if error.is_panic() => {
+                            std::panic::resume_unwind(error.into_panic())
+                        }
+                        Err(error) => Err(std::io::Error::other(error)),
+                    }
+                })
             }
             None => Box::pin(server),
         }
@@ -310,6 +337,12 @@ impl Aggregator {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AggregatorError> {
+        // First, before anything is spawned: HTTP's runtime, and the HTTP listener moved onto it.
+        let (grpc_addr, http_addr) = (self.grpc_addr(), self.http_addr());
+        let http_runtime = HttpRuntime::new(self.config.http_threads)?;
+        let http_listener = http_runtime
+            .adopt(self.http)
+            .map_err(AggregatorError::Http)?;
         let settings = WindowSettings {
             grace_ms: i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX),
             grace_quiet_ms: i64::try_from(self.config.grace_quiet.as_millis()).unwrap_or(i64::MAX),
@@ -446,7 +479,7 @@ impl Aggregator {
         }));
         info!(
             message = "Aggregator listening.",
-            grpc = %self.grpc_addr(), http = %self.http_addr(), shards = shard_count,
+            grpc = %grpc_addr, http = %http_addr, shards = shard_count,
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let leaving = self.cluster.clone();
@@ -486,10 +519,16 @@ impl Aggregator {
                     self.grpc,
                     server_tls.grpc,
                     &mut tasks,
+                    &tokio::runtime::Handle::current(),
                 ))
                 .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
-                let listener = tls::TlsListener::new(self.http, server_tls.http, &mut tasks)
-                    .map_err(AggregatorError::Http)?;
+                let listener = tls::TlsListener::new(
+                    http_listener,
+                    server_tls.http,
+                    &mut tasks,
+                    &http_runtime.handle(),
+                )
+                .map_err(AggregatorError::Http)?;
                 (
                     Box::pin(
                         grpc_router
@@ -511,7 +550,7 @@ impl Aggregator {
                     // As the TLS listener does: a websocket frame is a small write, which without TCP_NODELAY waits
                     // (Nagle) for the client's acknowledgement of the one before whenever that is still in flight.
                     axum::serve(
-                        axum::serve::ListenerExt::tap_io(self.http, |tcp| {
+                        axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
                             tcp.set_nodelay(true).ok();
                         }),
                         make_app,
@@ -524,7 +563,6 @@ impl Aggregator {
         // HTTP and the websockets run on threads of their own, so the kernel shares a core between publishing and
         // ingest. On one runtime, a sealed second's frames waited in the task queue behind every agent stream
         // with a snapshot to decode, and the cores are busiest exactly when seconds seal.
-        let http_runtime = HttpRuntime::new(self.config.http_threads)?;
         let http = http_runtime.serve(http);
         let servers = async {
             let (grpc, http) =
@@ -614,6 +652,32 @@ mod tests {
             assert_eq!(name.as_deref() == Some("strobe-http"), own, "{name:?}");
             drop(runtime);
         }
+    }
+
+    /// A listener bound here accepts on the HTTP runtime once adopted; a server still running when the runtime goes
+    /// is stopped, not waited for; a server's panic goes on in its caller.
+    #[tokio::test]
+    async fn the_http_runtime_accepts_stops_and_passes_panics_on() {
+        let runtime = HttpRuntime::new(1).expect("a runtime");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bound");
+        let address = listener.local_addr().expect("an address");
+        let listener = runtime.adopt(listener).expect("adopted");
+        let accepted = runtime.serve(async move { listener.accept().await.map(|_| ()) });
+        let _client = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connected");
+        accepted.await.expect("accepted on the HTTP runtime");
+
+        let pending = runtime.serve(std::future::pending());
+        drop(runtime);
+        assert!(pending.await.is_err(), "stopped with its runtime");
+
+        let runtime = HttpRuntime::new(1).expect("a runtime");
+        let panicking = tokio::spawn(runtime.serve(async { panic!("a server's panic") }));
+        let ended = panicking.await.expect_err("the panic went on");
+        assert!(ended.is_panic());
     }
 
     #[tokio::test]

@@ -202,45 +202,50 @@ impl ServerTls {
 }
 
 /// Accepts TCP connections on `listener`, runs each handshake in its own task (at most [`HANDSHAKE_TIMEOUT`]) and
-/// hands out the connections that completed, with their peer address.
+/// hands out the connections that completed, with their peer address. The accept loop and the handshakes run on
+/// `runtime` (the connections' I/O is then that runtime's).
 pub(crate) fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tasks: &mut tokio::task::JoinSet<()>,
+    runtime: &tokio::runtime::Handle,
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     // The accept loop is owned by `tasks` (stopped at shutdown); each handshake task ends by itself within
     // HANDSHAKE_TIMEOUT.
-    tasks.spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait a moment rather than spin.
-                    warn!(message = "Accept failed.", %error);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    tasks.spawn_on(
+        async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait a moment rather than spin.
+                        warn!(message = "Accept failed.", %error);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
                 }
-            };
-            if tx.is_closed() {
-                return;
+                tcp.set_nodelay(true).ok();
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            // The server stopped taking connections only at shutdown.
+                            tx.send((stream, peer)).await.ok();
+                        }
+                        Ok(Err(error)) => {
+                            info!(message = "TLS handshake failed.", %peer, %error);
+                        }
+                        Err(_) => info!(message = "TLS handshake timed out.", %peer),
+                    }
+                });
             }
-            tcp.set_nodelay(true).ok();
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        // The server stopped taking connections only at shutdown.
-                        tx.send((stream, peer)).await.ok();
-                    }
-                    Ok(Err(error)) => {
-                        info!(message = "TLS handshake failed.", %peer, %error);
-                    }
-                    Err(_) => info!(message = "TLS handshake timed out.", %peer),
-                }
-            });
-        }
-    });
+        },
+        runtime,
+    );
     rx
 }
 
@@ -251,15 +256,16 @@ pub(crate) struct TlsListener {
 }
 
 impl TlsListener {
-    /// Serves TLS on `listener`; the accept loop runs in `tasks`.
+    /// Serves TLS on `listener`; the accept loop runs in `tasks`, on `runtime`.
     pub(crate) fn new(
         listener: TcpListener,
         acceptor: TlsAcceptor,
         tasks: &mut tokio::task::JoinSet<()>,
+        runtime: &tokio::runtime::Handle,
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            accepted: accept_tls(listener, acceptor, tasks),
+            accepted: accept_tls(listener, acceptor, tasks, runtime),
             local,
         })
     }
