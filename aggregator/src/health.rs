@@ -11,9 +11,11 @@ use prometheus_client::registry::Registry;
 
 use crate::model::AgentCounts;
 
-/// Upper bounds (seconds) of the delay histograms' buckets; `+Inf` follows.
-const DELAY_BOUNDS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0,
+/// Upper bounds (seconds) of the delay histograms' buckets; `+Inf` follows. Fine from 250 ms to 1 s, where seconds
+/// seal when agents' snapshots arrive spread over a few hundred ms (a 300 ms spread seals at 300 to 400 ms).
+const DELAY_BOUNDS: [f64; 19] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75, 1.0, 1.5,
+    2.5, 5.0,
 ];
 
 /// Why a message was refused or a series dropped: the limit or rule it broke. The label value is the name of the
@@ -410,7 +412,7 @@ mod tests {
     #[test]
     fn seal_delays_render_as_a_cumulative_prometheus_histogram() {
         let health = Health::default();
-        for ms in [3, 5, 40, 260, 260, 9000] {
+        for ms in [3, 5, 40, 260, 340, 9000] {
             health.seal_delay.observe(millis_as_seconds(ms));
         }
         health.count_dropped(DropReason::FiniteValues, 3);
@@ -426,11 +428,13 @@ mod tests {
             "strobe_seal_delay_seconds_bucket{le=\"0.005\"} 2",
             "strobe_seal_delay_seconds_bucket{le=\"0.05\"} 3",
             "strobe_seal_delay_seconds_bucket{le=\"0.25\"} 3",
+            "strobe_seal_delay_seconds_bucket{le=\"0.3\"} 4",
+            "strobe_seal_delay_seconds_bucket{le=\"0.35\"} 5",
             "strobe_snapshot_arrival_delay_seconds_count 0",
             "strobe_seal_delay_seconds_bucket{le=\"0.5\"} 5",
             "strobe_seal_delay_seconds_bucket{le=\"5.0\"} 5",
             "strobe_seal_delay_seconds_bucket{le=\"+Inf\"} 6",
-            "strobe_seal_delay_seconds_sum 9.568",
+            "strobe_seal_delay_seconds_sum 9.648",
             "strobe_seal_delay_seconds_count 6",
             "strobe_dropped_total{limit=\"finite_values\"} 3",
             "strobe_websocket_subscribers 0",

@@ -3,6 +3,7 @@
 //! a number of seconds:
 //! - instances per sealed second (live frames, and after corrections), min and median;
 //! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p50, p90 and p99;
+//! - when snapshots were merged at their shard, after their second ended (p50, p90, p99; the same `/metrics`);
 //! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
 //! - instance-seconds lost: expected (agents x seconds) minus those counted in a sealed or corrected second.
 //!
@@ -161,11 +162,21 @@ fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
         .map_or(f64::NAN, |(le, _)| *le)
 }
 
-async fn seal_delay_buckets(http: &str) -> Result<Vec<(f64, f64)>> {
+/// The aggregator's seal delay and snapshot arrival delay histograms, in that order.
+async fn delay_buckets(http: &str) -> Result<[Vec<(f64, f64)>; 2]> {
     let text = strobe_benches::scrape_metrics(http.parse()?).await?;
+    Ok([
+        histogram_buckets(&text, "strobe_seal_delay_seconds")?,
+        histogram_buckets(&text, "strobe_snapshot_arrival_delay_seconds")?,
+    ])
+}
+
+/// The cumulative buckets of histogram `name` in OpenMetrics `text`.
+fn histogram_buckets(text: &str, name: &str) -> Result<Vec<(f64, f64)>> {
+    let prefix = format!("{name}_bucket{{le=\"");
     let mut buckets = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("strobe_seal_delay_seconds_bucket{le=\"") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((le, count)) = rest.split_once("\"} ") else {
@@ -416,7 +427,7 @@ async fn main() -> Result<()> {
     let first_second = now_ms() / 1000;
     let (cpu0, _) = proc_usage(agg_pid)?;
     let (lg0, _) = proc_usage(loadgen_pid)?;
-    let delays0 = seal_delay_buckets(&http).await?;
+    let [seal0, arrival0] = delay_buckets(&http).await?;
     seen.lock().expect("lock").frame_delays.clear();
     fan_out.lock().expect("lock").clear();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -424,14 +435,15 @@ async fn main() -> Result<()> {
     let last_second = now_ms() / 1000 - 1;
     let (cpu1, _) = proc_usage(agg_pid)?;
     let (lg1, _) = proc_usage(loadgen_pid)?;
-    let delays1 = seal_delay_buckets(&http).await?;
+    let [seal1, arrival1] = delay_buckets(&http).await?;
     // Let corrections of the last measured seconds arrive.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, rss_kib) = proc_usage(agg_pid)?;
     let ticks_per_second = 100.0;
     let agg_cores = (cpu1 - cpu0) as f64 / ticks_per_second / args.seconds as f64;
     let lg_cores = (lg1 - lg0) as f64 / ticks_per_second / args.seconds as f64;
-    let seal = between(&delays0, &delays1);
+    let seal = between(&seal0, &seal1);
+    let arrival = between(&arrival0, &arrival1);
 
     let (instances, frame_delays, bytes) = {
         let mut seen = seen.lock().expect("lock");
@@ -538,6 +550,12 @@ async fn main() -> Result<()> {
         "(full-frame client received {:.1} MB/s; loadgen's last progress line: {})",
         bytes as f64 / 1e6 / (args.seconds + args.warmup) as f64,
         last_progress.lock().expect("lock")
+    );
+    println!(
+        "snapshots merged at their shard, after their second ended (bucket bounds): p50 / p90 / p99 {} / {} / {} s",
+        histogram_quantile(&arrival, 0.5),
+        histogram_quantile(&arrival, 0.9),
+        histogram_quantile(&arrival, 0.99),
     );
     if args.subscribers > 0 {
         fan_out.sort_unstable();
