@@ -200,6 +200,9 @@ pub(crate) struct AggregatorArgs {
     /// Shards (0: four per core).
     #[arg(help_heading = "Seconds", long, env = "STROBE_SHARDS")]
     pub(crate) shards: Option<usize>,
+    /// `/healthz` fails once a shard has not gone round its loop (every 10 ms) for this long, e.g. `10s`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_SHARD_STALL", value_parser = humantime::parse_duration)]
+    pub(crate) shard_stall: Option<Duration>,
     /// Threads serving HTTP and the websockets, apart from ingest and sealing (0: on the same threads)
     /// [default: 1].
     #[arg(help_heading = "Listening", long, env = "STROBE_HTTP_THREADS")]
@@ -548,6 +551,9 @@ impl AggregatorArgs {
         if let Some(v) = self.http_threads {
             config.http_threads = v;
         }
+        if let Some(v) = self.shard_stall {
+            config.shard_stall = v;
+        }
         if let Some(v) = self.shards {
             config.shards = v;
         }
@@ -679,6 +685,8 @@ mod tests {
             "20ms",
             "--http-threads",
             "0",
+            "--shard-stall",
+            "30s",
         ]);
         let Command::Aggregator(args) = cli.command else {
             panic!()
@@ -688,6 +696,7 @@ mod tests {
         assert_eq!(config.grace_max, Duration::from_secs(2));
         assert_eq!(config.grace_quiet, Duration::from_millis(20));
         assert_eq!(config.http_threads, 0);
+        assert_eq!(config.shard_stall, Duration::from_secs(30));
         assert_eq!(config.http_addr.port(), 1234);
         assert_eq!(config.limits.max_series_per_snapshot, 5);
         let cli = Cli::parse_from([

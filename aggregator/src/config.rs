@@ -46,6 +46,10 @@ pub struct AggregatorConfig {
     pub correction_interval: Duration,
     /// Shards (tasks owning services); 0 means four per core.
     pub shards: usize,
+    /// `/healthz` fails (503) once a shard has not gone round its loop for this long (it does every 10 ms): stuck,
+    /// or its threads starved.
+    #[serde(with = "humantime_serde")]
+    pub shard_stall: Duration,
     /// Threads serving HTTP and the websockets, apart from the ones ingesting and sealing; 0 serves them on the
     /// same threads.
     pub http_threads: usize,
@@ -102,6 +106,7 @@ impl Default for AggregatorConfig {
             late_window: Duration::from_secs(10),
             correction_interval: Duration::from_millis(250),
             shards: 0,
+            shard_stall: Duration::from_secs(10),
             http_threads: 1,
             agent_tokens: Vec::new(),
             read_tokens: Vec::new(),

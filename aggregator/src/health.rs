@@ -8,6 +8,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::model::AgentCounts;
 
@@ -134,6 +137,10 @@ pub(crate) struct Health {
     pub(crate) websocket_clients: Gauge,
     /// Live stream receivers now (set when rendering).
     websocket_subscribers: Gauge,
+    /// When each shard last went round its loop, for `/healthz`.
+    pub(crate) shard_beats: ShardBeats,
+    /// The longest any shard has gone without going round its loop, in milliseconds (set when rendering).
+    shard_silent: Gauge,
     /// Frames not delivered to websocket clients that fell behind.
     pub(crate) websocket_frames_dropped: Counter,
     /// Webhook notifications delivered.
@@ -282,6 +289,10 @@ impl Health {
         let agent_streams = gauge("agent_streams", "Agent streams open now");
         let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
+        let shard_silent = gauge(
+            "shard_silent_milliseconds",
+            "The longest any shard has gone without going round its loop (a healthy one ticks every 10 ms)",
+        );
         let cluster_members = gauge(
             "cluster_members",
             "Live cluster members in this node's view",
@@ -348,6 +359,8 @@ impl Health {
             arrival_delay,
             websocket_clients,
             websocket_subscribers,
+            shard_beats: ShardBeats::default(),
+            shard_silent,
             websocket_frames_dropped,
             webhook_delivered,
             webhook_refused,
@@ -392,6 +405,14 @@ impl Health {
     pub(crate) fn render(&self, subscribers: usize) -> String {
         self.websocket_subscribers
             .set(i64::try_from(subscribers).unwrap_or(i64::MAX));
+        let silent = self.shard_beats.silent_at(Instant::now());
+        self.shard_silent.set(
+            silent
+                .iter()
+                .map(|(_, d)| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .max()
+                .unwrap_or(0),
+        );
         let mut out = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(message = "Metrics exposition failed.", %error);
@@ -405,9 +426,123 @@ pub(crate) fn millis_as_seconds(ms: i64) -> f64 {
     ms.max(0) as f64 / 1000.0
 }
 
+/// When each shard last went round its loop (it ticks every 10 ms), for `/healthz`: a shard stuck in one call (a
+/// merge that never ends, a lock never released) or never scheduled (its runtime wedged) stops ticking, and the
+/// liveness probe then fails, so Kubernetes restarts the aggregator. HTTP runs on threads of its own, so without this
+/// `/healthz` would answer while ingest stood still.
+#[derive(Debug)]
+pub(crate) struct ShardBeats {
+    origin: Instant,
+    /// Milliseconds after `origin` of each shard's last tick; set once, when the shards start.
+    beats: OnceLock<Box<[AtomicU64]>>,
+    /// A shard silent longer than this is stalled.
+    stall: OnceLock<Duration>,
+}
+
+impl Default for ShardBeats {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            beats: OnceLock::new(),
+            stall: OnceLock::new(),
+        }
+    }
+}
+
+impl ShardBeats {
+    /// Watches `count` shards, each counted as having ticked now; one silent for longer than `stall` is stalled.
+    /// Only the first call counts.
+    pub(crate) fn watch(&self, count: usize, stall: Duration) {
+        let now = self.since_origin(Instant::now());
+        let _ = self
+            .beats
+            .set((0..count).map(|_| AtomicU64::new(now)).collect());
+        let _ = self.stall.set(stall);
+    }
+
+    /// Shard `index` went round its loop.
+    pub(crate) fn beat(&self, index: usize) {
+        self.beat_at(index, Instant::now());
+    }
+
+    fn beat_at(&self, index: usize, at: Instant) {
+        if let Some(beat) = self.beats.get().and_then(|b| b.get(index)) {
+            beat.store(self.since_origin(at), Ordering::Relaxed);
+        }
+    }
+
+    fn since_origin(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Each shard and how long it has been silent at `now`.
+    fn silent_at(&self, now: Instant) -> Vec<(usize, Duration)> {
+        let now = self.since_origin(now);
+        self.beats.get().map_or_else(Vec::new, |beats| {
+            beats
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let silent = now.saturating_sub(b.load(Ordering::Relaxed));
+                    (i, Duration::from_millis(silent))
+                })
+                .collect()
+        })
+    }
+
+    /// The shards silent for longer than the stall bound now, with how long.
+    pub(crate) fn stalled(&self) -> Vec<(usize, Duration)> {
+        self.stalled_at(Instant::now())
+    }
+
+    fn stalled_at(&self, now: Instant) -> Vec<(usize, Duration)> {
+        let Some(stall) = self.stall.get() else {
+            return Vec::new();
+        };
+        self.silent_at(now)
+            .into_iter()
+            .filter(|(_, silent)| silent > stall)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard that stops ticking is stalled once silent past the bound, and not before; ticking again clears it.
+    #[test]
+    fn a_shard_silent_past_the_bound_is_stalled_until_it_ticks_again() {
+        let beats = ShardBeats::default();
+        assert!(beats.stalled().is_empty(), "nothing watched yet");
+        beats.watch(3, Duration::from_secs(10));
+        beats.watch(1, Duration::from_millis(1));
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert!(
+            beats.stalled_at(at(9_000)).is_empty(),
+            "the first watch counts"
+        );
+        for shard in 0..3 {
+            beats.beat_at(shard, at(5_000));
+        }
+        beats.beat_at(7, at(5_000));
+        beats.beat_at(1, at(14_000));
+        beats.beat_at(2, at(15_000));
+        // Shard 0 last ticked at 5 s: at 15.5 s it has been silent 10.5 s.
+        let stalled = beats.stalled_at(at(15_500));
+        assert_eq!(stalled.len(), 1, "{stalled:?}");
+        assert_eq!(stalled[0].0, 0);
+        assert!(stalled[0].1 >= Duration::from_millis(10_400), "{stalled:?}");
+        beats.beat_at(0, at(15_600));
+        assert!(beats.stalled_at(at(15_700)).is_empty());
+        let longest = beats
+            .silent_at(at(16_000))
+            .into_iter()
+            .map(|(_, d)| d)
+            .max();
+        assert!(longest >= Some(Duration::from_millis(1_900)), "{longest:?}");
+    }
 
     #[test]
     fn seal_delays_render_as_a_cumulative_prometheus_histogram() {

@@ -430,7 +430,7 @@ impl Aggregator {
             ),
         });
         let shard_count = self.config.shard_count();
-        let shards = Shards::spawn(shard_count, context, &mut tasks);
+        let shards = Shards::spawn(shard_count, self.config.shard_stall, context, &mut tasks);
         let ingest = ingest::IngestService {
             shards,
             limits: self.config.limits.clone(),

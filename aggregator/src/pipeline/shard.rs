@@ -39,6 +39,9 @@ pub(crate) enum ShardCommand {
     /// Panic outside any service's transition (tests of the supervisor only).
     #[cfg(test)]
     Panic,
+    /// Block the shard's thread this long, as a call that does not return would (tests of `/healthz` only).
+    #[cfg(test)]
+    Block(Duration),
 }
 
 /// Handles to the running shards.
@@ -49,12 +52,15 @@ pub(crate) struct Shards {
 }
 
 impl Shards {
-    /// Starts `count` shard tasks in `tasks`; each ends when every handle is dropped.
+    /// Starts `count` shard tasks in `tasks`; each ends when every handle is dropped. One that does not go round
+    /// its loop for `stall` fails `/healthz`.
     pub(crate) fn spawn(
         count: usize,
+        stall: Duration,
         context: Arc<ServiceContext>,
         tasks: &mut JoinSet<()>,
     ) -> Self {
+        context.health.shard_beats.watch(count.max(1), stall);
         let mut senders = Vec::with_capacity(count);
         for index in 0..count.max(1) {
             let (tx, rx) = mpsc::channel(QUEUE);
@@ -199,6 +205,11 @@ async fn run_shard(
                     Some(ShardCommand::Snapshot(snapshot, reservation, acker)) => (snapshot, reservation, acker),
                     #[cfg(test)]
                     Some(ShardCommand::Panic) => panic!("a bug outside any service"),
+                    #[cfg(test)]
+                    Some(ShardCommand::Block(how_long)) => {
+                        std::thread::sleep(how_long);
+                        continue;
+                    }
                     None => {
                         debug!(message = "Shard stopping.", shard = index);
                         return;
@@ -237,6 +248,7 @@ async fn run_shard(
                 }
             }
             _ = tick.tick() => {
+                context.health.shard_beats.beat(index);
                 // Services that moved leave before anything else of theirs is sealed here.
                 if let Some(cluster) = &context.cluster
                     && cluster.epoch() != epoch
@@ -301,11 +313,15 @@ mod tests {
         fn publish_alert(&self, _: &AlertRecord) {}
     }
 
-    #[tokio::test]
-    async fn a_panicking_transition_is_contained_and_counted() {
-        let mut tasks = tokio::task::JoinSet::new();
-        let health = Arc::new(Health::default());
-        let (sink, _notes) = mpsc::unbounded_channel();
+    /// A shard's context, and the alert manager's notifications (unread; held open for the test's length).
+    fn context(
+        health: &Arc<Health>,
+        tasks: &mut JoinSet<()>,
+    ) -> (
+        ServiceContext,
+        mpsc::UnboundedReceiver<crate::alerting::alerts::Notification>,
+    ) {
+        let (sink, notes) = mpsc::unbounded_channel();
         let rules = RulesStore::open(None).expect("no file");
         let context = ServiceContext {
             hub: Arc::new(Hub::new(600, usize::MAX, 64, Default::default())),
@@ -328,13 +344,21 @@ mod tests {
                 health.clone(),
                 None,
                 None,
-                &mut tasks,
+                tasks,
             ),
             canary: Default::default(),
             metrics: Default::default(),
             correction_interval_ms: 250,
             cluster: None,
         };
+        (context, notes)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_transition_is_contained_and_counted() {
+        let mut tasks = tokio::task::JoinSet::new();
+        let health = Arc::new(Health::default());
+        let (context, _notes) = context(&health, &mut tasks);
         assert!(contain("fine", &context, || {}));
         assert!(!contain("broken", &context, || panic!("a bug")));
         assert!(health.render(0).contains("strobe_service_panics_total 1"));
@@ -354,5 +378,48 @@ mod tests {
         assert!(!shard.is_finished(), "the supervisor gave up");
         drop(tx);
         shard.await.expect("ends cleanly when its queue closes");
+    }
+
+    /// A shard stuck in one call stops ticking: `/healthz`'s check names it once it has been silent past the bound,
+    /// and no longer once it goes round its loop again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_shard_fails_liveness_until_it_ticks_again() {
+        let mut tasks = JoinSet::new();
+        let health = Arc::new(Health::default());
+        let (context, _notes) = context(&health, &mut tasks);
+        let context = Arc::new(context);
+        let shards = Shards::spawn(2, Duration::from_millis(200), context, &mut tasks);
+        let stalled = || -> Vec<usize> {
+            health
+                .shard_beats
+                .stalled()
+                .into_iter()
+                .map(|(i, _)| i)
+                .collect()
+        };
+        shards.senders[0]
+            .send(ShardCommand::Block(Duration::from_millis(1500)))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..140 {
+            seen = stalled();
+            if seen.contains(&0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            seen.contains(&0),
+            "the blocked shard is not reported: {seen:?}"
+        );
+        for _ in 0..500 {
+            if !stalled().contains(&0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!stalled().contains(&0), "still reported after it ticked");
+        drop(shards);
     }
 }

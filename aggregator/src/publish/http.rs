@@ -266,7 +266,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         );
     }
     router
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
         .route("/api/v1/cluster", get(cluster))
@@ -293,6 +293,26 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             },
         ))
         .with_state(state)
+}
+
+/// Liveness: "ok", or 503 naming the shards that stopped going round their loop (stuck, or their threads starved).
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    liveness(&state.health.shard_beats.stalled())
+}
+
+fn liveness(stalled: &[(usize, Duration)]) -> Response {
+    if stalled.is_empty() {
+        return "ok\n".into_response();
+    }
+    let shards: Vec<String> = stalled
+        .iter()
+        .map(|(i, silent)| format!("shard {i} silent for {:.1} s", silent.as_secs_f64()))
+        .collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("stalled: {}\n", shards.join(", ")),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -826,6 +846,27 @@ async fn send_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/healthz` answers 200 "ok" with every shard ticking, and 503 naming each stalled shard otherwise.
+    #[tokio::test]
+    async fn liveness_names_the_stalled_shards() {
+        let ok = liveness(&[]);
+        assert_eq!(ok.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(ok.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"ok\n");
+        let stalled = liveness(&[
+            (2, Duration::from_millis(12_340)),
+            (5, Duration::from_secs(60)),
+        ]);
+        assert_eq!(stalled.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(stalled.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "stalled: shard 2 silent for 12.3 s, shard 5 silent for 60.0 s\n"
+        );
+    }
 
     /// A subscription that says it takes no full seconds takes none of any service, whatever its shape (else its
     /// socket, which then does not listen to them, would lose frames).
