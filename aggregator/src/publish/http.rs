@@ -464,7 +464,17 @@ async fn get_rules(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Replaces the rules with the TOML body; a bad body is refused whole with its line and reason.
 async fn put_rules(State(state): State<Arc<AppState>>, body: String) -> Response {
-    match state.rules.replace(&body) {
+    // The file is written on a blocking thread: on the one HTTP thread it would pause every websocket meanwhile.
+    let rules = state.rules.clone();
+    let replaced = tokio::task::spawn_blocking(move || rules.replace(&body)).await;
+    let Ok(replaced) = replaced else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "the rules update did not complete" })),
+        )
+            .into_response();
+    };
+    match replaced {
         Ok(rules) => Json(rules_json(&rules)).into_response(),
         Err(StoreError::Invalid(error)) => (
             StatusCode::BAD_REQUEST,

@@ -1,7 +1,7 @@
 //! The live rule set: swapped whole on a good reload or API update, read by shards once per sealed second.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tracing::{error, info};
@@ -30,6 +30,9 @@ pub enum StoreError {
 /// The current rules and, if any, the file they live in.
 pub(crate) struct RulesStore {
     current: RwLock<Arc<RuleSet>>,
+    /// Held while new rules are written and put in force: two updates at once would otherwise share the temporary
+    /// file, and the one in force could differ from the one on disk.
+    replacing: Mutex<()>,
     path: Option<PathBuf>,
     policy: WebhookPolicy,
 }
@@ -58,6 +61,7 @@ impl RulesStore {
         };
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(rules)),
+            replacing: Mutex::new(()),
             path,
             policy,
         }))
@@ -71,9 +75,11 @@ impl RulesStore {
             .clone()
     }
 
-    /// Validates and applies new rules; writes them to the file (atomically) when there is one.
+    /// Validates and applies new rules; writes them to the file (atomically) when there is one. Blocks on file
+    /// I/O: call it off the async threads.
     pub(crate) fn replace(&self, source: &str) -> Result<Arc<RuleSet>, StoreError> {
         let rules = Arc::new(parse_rules_with(source, &self.policy)?);
+        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = &self.path {
             let tmp = path.with_extension("toml.tmp");
             // The file holds webhook secrets: the new one keeps the old one's permissions (0600 stays 0600).
