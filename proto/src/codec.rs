@@ -4,11 +4,11 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::ProstEncoder;
 
 use crate::v1::{AgentMessage, AggregatorMessage, Snapshot, agent_message};
@@ -114,6 +114,78 @@ impl<U: Decode> Decoder for StrobeDecoder<U> {
             .map(Some)
             .map_err(|e| Status::internal(e.to_string()))
     }
+}
+
+/// An `AgentMessage` already encoded: what an agent sends. Its shipper encodes each snapshot once, in the form the
+/// stream carries (series by dictionary id), straight from the snapshot it keeps for replay, rather than building
+/// that form as a second message for prost to measure and encode.
+#[derive(Debug, Clone)]
+pub struct Encoded(pub Bytes);
+
+impl Encoded {
+    /// `message`, as prost encodes it.
+    pub fn of(message: &AgentMessage) -> Self {
+        Self(message.encode_to_vec().into())
+    }
+}
+
+/// [`tonic::codec::Codec`] for the agent's side of the stream: [`Encoded`] messages go as they are, the aggregator's
+/// answers are decoded as prost does.
+#[derive(Debug, Clone, Default)]
+pub struct AgentCodec;
+
+impl Codec for AgentCodec {
+    type Encode = Encoded;
+    type Decode = AggregatorMessage;
+    type Encoder = EncodedEncoder;
+    type Decoder = StrobeDecoder<AggregatorMessage>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        StrobeDecoder(PhantomData)
+    }
+}
+
+/// Writes an [`Encoded`] message's bytes.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedEncoder;
+
+impl Encoder for EncodedEncoder {
+    type Item = Encoded;
+    type Error = Status;
+
+    fn encode(&mut self, item: Encoded, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put(item.0);
+        Ok(())
+    }
+}
+
+/// Opens `Ingest.Stream` on `channel` as the generated client's `stream` does, but sending `messages` as they were
+/// encoded; messages longer than `max_message_bytes` fail the stream.
+pub async fn open_stream<T>(
+    channel: T,
+    max_message_bytes: usize,
+    messages: impl tonic::IntoStreamingRequest<Message = Encoded>,
+) -> Result<tonic::Response<tonic::codec::Streaming<AggregatorMessage>>, Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(max_message_bytes);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("Service was not ready: {}", e.into())))?;
+    let mut request = messages.into_streaming_request();
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new("strobe.v1.Ingest", "Stream"));
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/strobe.v1.Ingest/Stream");
+    grpc.streaming(request, path, AgentCodec).await
 }
 
 #[cfg(test)]
