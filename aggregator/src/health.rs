@@ -139,7 +139,8 @@ pub(crate) struct Health {
     websocket_subscribers: Gauge,
     /// When each shard last went round its loop, for `/healthz`.
     pub(crate) shard_beats: ShardBeats,
-    /// The longest any shard has gone without going round its loop, in milliseconds (set when rendering).
+    /// How long the most silent shard has gone without going round its loop, in milliseconds, at the moment of
+    /// rendering.
     shard_silent: Gauge,
     /// Frames not delivered to websocket clients that fell behind.
     pub(crate) websocket_frames_dropped: Counter,
@@ -291,7 +292,7 @@ impl Health {
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
         let shard_silent = gauge(
             "shard_silent_milliseconds",
-            "The longest any shard has gone without going round its loop (a healthy one ticks every 10 ms)",
+            "How long the most silent shard has gone without going round its loop, now (a healthy one ticks every 10 ms)",
         );
         let cluster_members = gauge(
             "cluster_members",

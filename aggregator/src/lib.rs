@@ -68,6 +68,9 @@ use crate::publish::Hub;
 /// most; every correction is due by the end of its second's late window, and the second is kept a second longer).
 const MAX_CORRECTION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(900);
 
+/// The least `shard_stall` taken: shards tick every 10 ms, and a bound near that would fail `/healthz` at once.
+const MIN_SHARD_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long connections may take to close after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -230,6 +233,13 @@ pub struct Aggregator {
 impl Aggregator {
     /// Binds both listeners.
     pub async fn bind(config: AggregatorConfig) -> Result<Self, AggregatorError> {
+        if config.shard_stall < MIN_SHARD_STALL {
+            return Err(AggregatorError::Setting {
+                name: "shard_stall",
+                range: "at least 1s (shards tick every 10 ms; a bound near that fails /healthz all the time)",
+                value: humantime::format_duration(config.shard_stall).to_string(),
+            });
+        }
         if !(0.0..=1.0).contains(&config.grace_quorum) {
             return Err(AggregatorError::Setting {
                 name: "grace_quorum",
@@ -697,6 +707,30 @@ mod tests {
                     }
                 ),
                 "{quorum}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shard_stall_near_the_tick_is_refused_before_anything_binds() {
+        for stall in [
+            std::time::Duration::ZERO,
+            std::time::Duration::from_millis(50),
+        ] {
+            let config = AggregatorConfig {
+                shard_stall: stall,
+                ..AggregatorConfig::default()
+            };
+            let err = Aggregator::bind(config).await.err().expect("refused");
+            assert!(
+                matches!(
+                    err,
+                    AggregatorError::Setting {
+                        name: "shard_stall",
+                        ..
+                    }
+                ),
+                "{stall:?}: {err}"
             );
         }
     }

@@ -1,6 +1,7 @@
 //! The live rule set: swapped whole on a good reload or API update, read by shards once per sealed second.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,9 +31,12 @@ pub enum StoreError {
 /// The current rules and, if any, the file they live in.
 pub(crate) struct RulesStore {
     current: RwLock<Arc<RuleSet>>,
-    /// Held while new rules are written and put in force: two updates at once would otherwise share the temporary
-    /// file, and the one in force could differ from the one on disk.
+    /// Held while new rules are written and put in force (two updates at once would otherwise share the temporary
+    /// file, and the one in force could differ from the one on disk), and while a reload puts the file's in force.
     replacing: Mutex<()>,
+    /// Updates through [`Self::replace`] so far: a reload that read the file before one of them does not put what
+    /// it read in force (it would undo the update until the next reload).
+    replaced: AtomicU64,
     path: Option<PathBuf>,
     policy: WebhookPolicy,
 }
@@ -62,6 +66,7 @@ impl RulesStore {
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(rules)),
             replacing: Mutex::new(()),
+            replaced: AtomicU64::new(0),
             path,
             policy,
         }))
@@ -96,7 +101,19 @@ impl RulesStore {
                 })?;
         }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = rules.clone();
+        self.replaced.fetch_add(1, Ordering::SeqCst);
         Ok(rules)
+    }
+
+    /// Puts `rules`, read from the file when [`Self::replace`] had made `updates_before` updates, in force unless it
+    /// has made more since (what was read would undo them until the next reload); whether it did.
+    fn reload(&self, rules: RuleSet, updates_before: u64) -> bool {
+        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.replaced.load(Ordering::SeqCst) != updates_before {
+            return false;
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+        true
     }
 
     /// Re-reads the file every second and applies it when its content changed. A bad edit is logged with its
@@ -111,6 +128,7 @@ impl RulesStore {
         let mut unreadable = false;
         loop {
             interval.tick().await;
+            let updates_before = self.replaced.load(Ordering::SeqCst);
             let text = match tokio::fs::read_to_string(&path).await {
                 Ok(text) => {
                     unreadable = false;
@@ -130,9 +148,12 @@ impl RulesStore {
             }
             match parse_rules_with(&text, &self.policy) {
                 Ok(rules) => {
-                    info!(message = "Rules reloaded.", path = %path.display(), rules = rules.rules.len());
-                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
-                    rejected = None;
+                    let count = rules.rules.len();
+                    // Updated through the API since the file was read: the next round reads the update.
+                    if self.reload(rules, updates_before) {
+                        info!(message = "Rules reloaded.", path = %path.display(), rules = count);
+                        rejected = None;
+                    }
                 }
                 Err(error) => {
                     error!(message = "Rules file rejected; the previous rules stay.", path = %path.display(), %error);
@@ -140,5 +161,44 @@ impl RulesStore {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULE: &str = r#"
+[[rules]]
+name = "r"
+metric = "m"
+stat = "sum"
+above = 1.0
+owner = "team"
+
+[[owners]]
+name = "team"
+escalation = [{ after = "0s", webhook = "http://127.0.0.1:1/dev" }]
+"#;
+
+    /// A reload that read the file before an update through the API does not put the old rules back; one that read
+    /// it after does put the file's rules in force.
+    #[test]
+    fn a_reload_read_before_an_update_does_not_undo_it() {
+        let dir = std::env::temp_dir().join(format!("strobe-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("rules-{}.toml", rand::random::<u64>()));
+        std::fs::write(&path, "").unwrap();
+        let store = RulesStore::open(Some(path.clone())).unwrap();
+        let before = store.replaced.load(Ordering::SeqCst);
+        let read_before = parse_rules_with("", &store.policy).unwrap();
+        store.replace(RULE).unwrap();
+        assert!(!store.reload(read_before, before));
+        assert_eq!(store.current().source, RULE);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), RULE);
+        let after = store.replaced.load(Ordering::SeqCst);
+        assert!(store.reload(parse_rules_with("", &store.policy).unwrap(), after));
+        assert_eq!(store.current().source, "");
+        std::fs::remove_file(&path).ok();
     }
 }
