@@ -4,6 +4,10 @@
 //! ("A/A") candidates run alongside for the whole run to count false verdicts.
 //!
 //! `cargo run --release -p strobe-benches --bin detection -- --agents 10000 --trials 60 --aa-duration 10m`
+//!
+//! The defaults are the easy shape (equal services of 3 series, every snapshot at the second's end); LOAD.md's
+//! production shape is `--traffic persistent --sizes zipf --series 100 --histograms 20 --spread 300ms
+//! --late-share 0.01`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,6 +57,22 @@ struct Args {
     /// How requests move together: independent, latency-shocks, shocked, persistent or shared.
     #[arg(long, default_value = "independent", value_parser = |s: &str| Shape::named(s).ok_or("unknown traffic shape"))]
     traffic: Shape,
+    /// Service sizes: `equal`, or `zipf` (a few large services and a long tail, as fleets are). Trials deploy
+    /// into the services in order, so with `zipf` the first ones go to the largest.
+    #[arg(long, default_value = "equal", value_parser = ["zipf", "equal"])]
+    sizes: String,
+    /// Series per instance and second (the request count, errors and latency included).
+    #[arg(long, default_value_t = 3)]
+    series: usize,
+    /// Of which histograms (the latency one included).
+    #[arg(long, default_value_t = 1)]
+    histograms: usize,
+    /// Snapshots spread over this long after each second ends (0: all at its end).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    spread: Duration,
+    /// Share of instance-seconds sent 0.3 to 0.8 s late (a GC pause).
+    #[arg(long, default_value_t = 0.0)]
+    late_share: f64,
     /// How long the fleet runs before the first deploy: the canary fits its noise model on the baseline's history
     /// (`min_history`, two minutes by default), as it would on a long-running aggregator.
     #[arg(long, default_value = "130s", value_parser = humantime::parse_duration)]
@@ -352,15 +372,18 @@ async fn main() -> Result<()> {
         aggregator: format!("http://{grpc}"),
         agents: args.agents,
         services: args.services,
-        zipf: false,
-        series: 3,
-        histograms: 1,
+        zipf: args.sizes == "zipf",
+        series: args.series,
+        histograms: args.histograms,
         connections: args.connections,
         behavior: healthy,
         traffic: args.traffic,
-        // Every snapshot at the second's end: detection latency measured without arrival spread.
-        arrival: Arrival::default(),
+        arrival: Arrival {
+            spread: args.spread,
+            late_share: args.late_share,
+        },
     };
+    let arrival = spec.arrival.describe();
     // The fleet stands for thousands of other machines: it gets a runtime of its own, so its ten thousand shipper
     // tasks compete with the aggregator for the CPU (as other processes would) and not in the aggregator's task
     // queues (as no real fleet could).
@@ -374,9 +397,13 @@ async fn main() -> Result<()> {
         .await?
         .context("starting the fleet")?;
     println!(
-        "fleet: {} instances over {} services, {} req/s each; deploys of {} instances; traffic {}; warming up {} s",
+        "fleet: {} instances over {} services ({} sizes), {} series each ({} histograms), {} req/s each; deploys of \
+         {} instances; traffic {}; arrival {arrival}; warming up {} s",
         args.agents,
         args.services,
+        args.sizes,
+        args.series,
+        args.histograms,
         args.rps,
         args.candidates,
         args.traffic,
