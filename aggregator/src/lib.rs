@@ -690,47 +690,28 @@ mod tests {
         assert!(ended.is_panic());
     }
 
+    /// A grace quorum that is not a share, or a shard stall near the shards' tick, is refused before anything binds.
     #[tokio::test]
-    async fn a_grace_quorum_that_is_not_a_share_is_refused_before_anything_binds() {
-        for quorum in [f64::NAN, -0.1, 1.5] {
-            let config = AggregatorConfig {
-                grace_quorum: quorum,
-                ..AggregatorConfig::default()
-            };
-            let err = Aggregator::bind(config).await.err().expect("refused");
-            assert!(
-                matches!(
-                    err,
-                    AggregatorError::Setting {
-                        name: "grace_quorum",
-                        ..
-                    }
-                ),
-                "{quorum}: {err}"
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn a_shard_stall_near_the_tick_is_refused_before_anything_binds() {
-        for stall in [
-            std::time::Duration::ZERO,
-            std::time::Duration::from_millis(50),
+    async fn settings_out_of_range_are_refused_before_anything_binds() {
+        let quorum = |q: f64| AggregatorConfig {
+            grace_quorum: q,
+            ..AggregatorConfig::default()
+        };
+        let stall = |ms: u64| AggregatorConfig {
+            shard_stall: std::time::Duration::from_millis(ms),
+            ..AggregatorConfig::default()
+        };
+        for (config, setting) in [
+            (quorum(f64::NAN), "grace_quorum"),
+            (quorum(-0.1), "grace_quorum"),
+            (quorum(1.5), "grace_quorum"),
+            (stall(0), "shard_stall"),
+            (stall(50), "shard_stall"),
         ] {
-            let config = AggregatorConfig {
-                shard_stall: stall,
-                ..AggregatorConfig::default()
-            };
             let err = Aggregator::bind(config).await.err().expect("refused");
             assert!(
-                matches!(
-                    err,
-                    AggregatorError::Setting {
-                        name: "shard_stall",
-                        ..
-                    }
-                ),
-                "{stall:?}: {err}"
+                matches!(err, AggregatorError::Setting { name, .. } if name == setting),
+                "{setting}: {err}"
             );
         }
     }
