@@ -434,18 +434,23 @@ pub(crate) fn millis_as_seconds(ms: i64) -> f64 {
 #[derive(Debug)]
 pub(crate) struct ShardBeats {
     origin: Instant,
-    /// Milliseconds after `origin` of each shard's last tick; set once, when the shards start.
-    beats: OnceLock<Box<[AtomicU64]>>,
+    /// Set once, when the shards start.
+    watched: OnceLock<Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    /// Milliseconds after `origin` of each shard's last tick.
+    beats: Box<[AtomicU64]>,
     /// A shard silent longer than this is stalled.
-    stall: OnceLock<Duration>,
+    stall: Duration,
 }
 
 impl Default for ShardBeats {
     fn default() -> Self {
         Self {
             origin: Instant::now(),
-            beats: OnceLock::new(),
-            stall: OnceLock::new(),
+            watched: OnceLock::new(),
         }
     }
 }
@@ -455,10 +460,10 @@ impl ShardBeats {
     /// Only the first call counts.
     pub(crate) fn watch(&self, count: usize, stall: Duration) {
         let now = self.since_origin(Instant::now());
-        let _ = self
-            .beats
-            .set((0..count).map(|_| AtomicU64::new(now)).collect());
-        let _ = self.stall.set(stall);
+        let _ = self.watched.set(Watched {
+            beats: (0..count).map(|_| AtomicU64::new(now)).collect(),
+            stall,
+        });
     }
 
     /// Shard `index` went round its loop.
@@ -467,7 +472,7 @@ impl ShardBeats {
     }
 
     fn beat_at(&self, index: usize, at: Instant) {
-        if let Some(beat) = self.beats.get().and_then(|b| b.get(index)) {
+        if let Some(beat) = self.watched.get().and_then(|w| w.beats.get(index)) {
             beat.store(self.since_origin(at), Ordering::Relaxed);
         }
     }
@@ -479,8 +484,9 @@ impl ShardBeats {
     /// Each shard and how long it has been silent at `now`.
     fn silent_at(&self, now: Instant) -> Vec<(usize, Duration)> {
         let now = self.since_origin(now);
-        self.beats.get().map_or_else(Vec::new, |beats| {
-            beats
+        self.watched.get().map_or_else(Vec::new, |watched| {
+            watched
+                .beats
                 .iter()
                 .enumerate()
                 .map(|(i, b)| {
@@ -497,12 +503,12 @@ impl ShardBeats {
     }
 
     fn stalled_at(&self, now: Instant) -> Vec<(usize, Duration)> {
-        let Some(stall) = self.stall.get() else {
+        let Some(stall) = self.watched.get().map(|w| w.stall) else {
             return Vec::new();
         };
         self.silent_at(now)
             .into_iter()
-            .filter(|(_, silent)| silent > stall)
+            .filter(|(_, silent)| *silent > stall)
             .collect()
     }
 }
