@@ -252,3 +252,79 @@ impl Default for MainMetrics {
         }
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(tags: &[(&str, &str)], version: Option<&str>, stats: Stats) -> SeriesSummary {
+        SeriesSummary {
+            service: "checkout".into(),
+            metric: "request.latency".into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            version: version.map(Into::into),
+            zone: None,
+            instances: 3,
+            stats,
+        }
+    }
+
+    #[test]
+    fn a_series_summary_is_one_flat_object_with_its_kind() {
+        let cases = [
+            (
+                summary(
+                    &[("route", "/pay")],
+                    Some("v2"),
+                    Stats::Counter { sum: 12.5 },
+                ),
+                r#"{"service":"checkout","metric":"request.latency","tags":{"route":"/pay"},"version":"v2","zone":null,"instances":3,"kind":"counter","sum":12.5}"#,
+            ),
+            (
+                summary(
+                    &[],
+                    None,
+                    Stats::Gauge {
+                        min: 1.0,
+                        max: 3.0,
+                        mean: 2.0,
+                        sum: 6.0,
+                    },
+                ),
+                r#"{"service":"checkout","metric":"request.latency","tags":{},"version":null,"zone":null,"instances":3,"kind":"gauge","min":1.0,"max":3.0,"mean":2.0,"sum":6.0}"#,
+            ),
+            (
+                summary(
+                    &[("a", "1"), ("b", "2")],
+                    None,
+                    Stats::Histogram {
+                        count: 40,
+                        mean: 10.25,
+                        p50: 9.0,
+                        p90: 15.0,
+                        p99: 20.0,
+                        p999: 21.0,
+                        max: f64::NAN,
+                    },
+                ),
+                r#"{"service":"checkout","metric":"request.latency","tags":{"a":"1","b":"2"},"version":null,"zone":null,"instances":3,"kind":"histogram","count":40,"mean":10.25,"p50":9.0,"p90":15.0,"p99":20.0,"p999":21.0,"max":null}"#,
+            ),
+        ];
+        for (summary, json) in cases {
+            assert_eq!(serde_json::to_string(&summary).unwrap(), json);
+            // A value of its own too (the REST API's path).
+            assert_eq!(
+                serde_json::to_value(&summary).unwrap(),
+                serde_json::from_str::<serde_json::Value>(json).unwrap()
+            );
+            assert_eq!(
+                serde_json::to_string(&summary.stats).unwrap(),
+                json.split_once(r#""instances":3,"#)
+                    .map(|(_, stats)| format!("{{{stats}"))
+                    .unwrap()
+            );
+        }
+    }
+}
