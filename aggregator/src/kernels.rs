@@ -150,6 +150,82 @@ impl SealedBench {
     pub fn series(&self) -> usize {
         self.0.series.len()
     }
+
+    /// Stamps the second as second `t` (to feed one second as a run of seconds).
+    pub fn set_second(&mut self, t: i64) {
+        self.0.t = t;
+    }
+
+    /// Second `t` of one large service, as sealing summarises it: `tag_sets` routes x status classes, each with a
+    /// request counter, an error counter and a latency histogram (in ms), merged over all instances, over each of
+    /// two versions and over each of two zones: 15 x `tag_sets` merged series. One tag set in `breaching_every` has
+    /// a high p99 (900 ms, else 120) and a high error ratio (10%, else 0.5%), for rules to fire on.
+    pub fn synthetic(t: i64, tag_sets: usize, breaching_every: usize) -> Self {
+        use crate::model::{SeriesSummary, Stats};
+        let service: Arc<str> = "large".into();
+        // (version, zone) of each split.
+        let splits = [
+            (None, None),
+            (Some("v1"), None),
+            (Some("v2"), None),
+            (None, Some("z1")),
+            (None, Some("z2")),
+        ]
+        .map(|(v, z): (Option<&str>, Option<&str>)| {
+            (v.map(Arc::<str>::from), z.map(Arc::<str>::from))
+        });
+        let metrics: [Arc<str>; 3] = [
+            "http.server.requests".into(),
+            "http.server.errors".into(),
+            "http.server.duration".into(),
+        ];
+        let (route, status): (Arc<str>, Arc<str>) = ("route".into(), "status".into());
+        let mut series = Vec::with_capacity(tag_sets * 15);
+        for i in 0..tag_sets {
+            let tags: std::collections::BTreeMap<Arc<str>, Arc<str>> = [
+                (route.clone(), Arc::from(format!("/r{}", i / 5))),
+                (status.clone(), Arc::from(format!("{}xx", 1 + i % 5))),
+            ]
+            .into();
+            let bad = breaching_every > 0 && i % breaching_every == 0;
+            for (version, zone) in &splits {
+                let requests = 1000.0;
+                let stats = [
+                    Stats::Counter { sum: requests },
+                    Stats::Counter {
+                        sum: requests * if bad { 0.1 } else { 0.005 },
+                    },
+                    Stats::Histogram {
+                        count: 1000,
+                        mean: 40.0,
+                        p50: 30.0,
+                        p90: 80.0,
+                        p99: if bad { 900.0 } else { 120.0 },
+                        p999: 1000.0,
+                        max: 1200.0,
+                    },
+                ];
+                for (metric, stats) in metrics.iter().zip(stats) {
+                    series.push(SeriesSummary {
+                        service: service.clone(),
+                        metric: metric.clone(),
+                        tags: tags.clone(),
+                        version: version.clone(),
+                        zone: zone.clone(),
+                        instances: 100,
+                        stats,
+                    });
+                }
+            }
+        }
+        Self(SealedSecond {
+            service,
+            t,
+            correction: false,
+            series,
+            instances: Vec::new(),
+        })
+    }
 }
 
 /// A rules file, parsed and validated.

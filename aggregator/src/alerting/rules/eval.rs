@@ -40,6 +40,20 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    /// The group a merged series belongs to.
+    pub(crate) fn of(series: &SeriesSummary) -> Self {
+        Self {
+            version: series.version.clone(),
+            zone: series.zone.clone(),
+            tags: series.tags.clone(),
+        }
+    }
+
+    /// The group, borrowed.
+    pub(crate) fn borrowed(&self) -> GroupRef<'_> {
+        (&self.version, &self.zone, &self.tags)
+    }
+
     /// Labels identifying the group: version, zone and tags.
     pub(crate) fn labels(&self) -> BTreeMap<String, String> {
         let mut labels: BTreeMap<String, String> = self
@@ -72,25 +86,35 @@ fn tags_match(rule: &Rule, s: &SeriesSummary) -> bool {
         .all(|(k, v)| s.tags.get(k.as_str()).is_some_and(|t| **t == **v))
 }
 
-/// The rule's value for every group present in the second.
-pub(crate) fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> {
+/// A group, borrowed from the series it is read from or from a [`Group`]: what a ratio pairs numerators and
+/// denominators by, and what the evaluator looks its trackers up by, without cloning anything.
+pub(crate) type GroupRef<'a> = (
+    &'a Option<Arc<str>>,
+    &'a Option<Arc<str>>,
+    &'a BTreeMap<Arc<str>, Arc<str>>,
+);
+
+/// The group of a merged series, borrowed.
+pub(crate) fn group_ref(s: &SeriesSummary) -> GroupRef<'_> {
+    (&s.version, &s.zone, &s.tags)
+}
+
+/// The rule's value for every group present in the second, with the series (the numerator's, for a ratio) whose
+/// group it is ([`Group::of`]). Nothing is cloned: a large service has tens of thousands of groups a second, and
+/// most of them are only compared with the threshold.
+pub(crate) fn evaluate<'a>(rule: &Rule, sealed: &'a SealedSecond) -> Vec<(&'a SeriesSummary, f64)> {
     if !rule.applies_to(&sealed.service) {
         return Vec::new();
     }
     let wanted = |s: &&SeriesSummary| split_matches(rule, s) && tags_match(rule, s);
-    let group_of = |s: &SeriesSummary| Group {
-        version: s.version.clone(),
-        zone: s.zone.clone(),
-        tags: s.tags.clone(),
-    };
     match (&rule.stat, &rule.over) {
         (Stat::Ratio, Some(over)) => {
-            let denominators: HashMap<Group, f64> = sealed
+            let denominators: HashMap<GroupRef<'_>, f64, foldhash::fast::RandomState> = sealed
                 .series
                 .iter()
                 .filter(|s| *s.metric == **over)
                 .filter(wanted)
-                .filter_map(|s| stat_value(s, Stat::Sum).map(|v| (group_of(s), v)))
+                .filter_map(|s| stat_value(s, Stat::Sum).map(|v| (group_ref(s), v)))
                 .collect();
             sealed
                 .series
@@ -98,10 +122,9 @@ pub(crate) fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> 
                 .filter(|s| *s.metric == *rule.metric)
                 .filter(wanted)
                 .filter_map(|s| {
-                    let group = group_of(s);
-                    let denominator = *denominators.get(&group)?;
+                    let denominator = *denominators.get(&group_ref(s))?;
                     let numerator = stat_value(s, Stat::Sum)?;
-                    (denominator > 0.0).then(|| (group, numerator / denominator))
+                    (denominator > 0.0).then(|| (s, numerator / denominator))
                 })
                 .collect()
         }
@@ -110,7 +133,7 @@ pub(crate) fn evaluate(rule: &Rule, sealed: &SealedSecond) -> Vec<(Group, f64)> 
             .iter()
             .filter(|s| *s.metric == *rule.metric)
             .filter(wanted)
-            .filter_map(|s| stat_value(s, *stat).map(|v| (group_of(s), v)))
+            .filter_map(|s| stat_value(s, *stat).map(|v| (s, v)))
             .collect(),
     }
 }
@@ -148,6 +171,8 @@ pub(crate) struct Tracker {
     clear_since: Option<i64>,
     /// The most recent value seen.
     pub(crate) last_value: Option<f64>,
+    /// The second of that value.
+    pub(crate) valued_in: Option<i64>,
 }
 
 impl Tracker {
@@ -165,6 +190,7 @@ impl Tracker {
     ) -> Option<Transition> {
         if value.is_some() {
             self.last_value = value;
+            self.valued_in = Some(t);
         }
         let breach = value.is_some_and(|v| rule.breaches(v));
         if breach {
@@ -291,7 +317,7 @@ pub(super) mod tests {
         };
         let mut by_version: Vec<(Option<Arc<str>>, f64)> = evaluate(&split, &second)
             .into_iter()
-            .map(|(g, v)| (g.version, v))
+            .map(|(s, v)| (Group::of(s).version, v))
             .collect();
         by_version.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
