@@ -259,7 +259,7 @@ impl FanOut {
     pub fn new(subscribers: usize) -> Self {
         let hub = Hub::new(600, usize::MAX, 4096, MainMetrics::default());
         let receivers = (0..subscribers)
-            .map(|_| hub.subscribe(true, |_| false).0)
+            .map(|_| hub.subscribe(true, |_, _| false, |_| false).0)
             .collect();
         Self { hub, receivers }
     }

@@ -647,8 +647,38 @@ struct Subscription {
 }
 
 impl Subscription {
+    /// Its services sorted and without repeats (for [`Subscription::names`]).
+    fn normalized(mut self) -> Self {
+        self.services.sort_unstable();
+        self.services.dedup();
+        self
+    }
+
+    /// Whether it names `service` (the list is sorted: every frame of every subscriber asks this).
     fn names(&self, service: &str) -> bool {
-        self.services.iter().any(|s| s == service)
+        self.services
+            .binary_search_by(|s| s.as_str().cmp(service))
+            .is_ok()
+    }
+
+    /// Whether it may take a frame of this kind and service (all of them, unless it takes only local frames).
+    fn may_want(&self, kind: FrameKind, service: &str) -> bool {
+        if self.local {
+            return true;
+        }
+        match kind {
+            FrameKind::Overview => self.overview,
+            FrameKind::Second if self.overview => self.names(service),
+            FrameKind::Second => self.services.is_empty() || self.names(service),
+            FrameKind::Alert | FrameKind::Deploy => {
+                self.overview || self.services.is_empty() || self.names(service)
+            }
+        }
+    }
+
+    /// Whether it takes every frame of this kind and service.
+    fn wants_all(&self, kind: FrameKind, service: &str) -> bool {
+        !self.local && self.may_want(kind, service)
     }
 
     /// Whether it takes any full second frame (else its socket need not hear of them).
@@ -660,14 +690,7 @@ impl Subscription {
         if self.local {
             return !frame.relayed;
         }
-        match frame.kind {
-            FrameKind::Overview => self.overview,
-            FrameKind::Second if self.overview => self.names(&frame.service),
-            FrameKind::Second => self.services.is_empty() || self.names(&frame.service),
-            FrameKind::Alert | FrameKind::Deploy => {
-                self.overview || self.services.is_empty() || self.names(&frame.service)
-            }
-        }
+        self.may_want(frame.kind, &frame.service)
     }
 }
 
@@ -717,6 +740,13 @@ async fn stream(
             overview: q.overview.unwrap_or(false),
             local: q.local.unwrap_or(false),
         });
+    let from_query = match from_query
+        .map(|s| check_subscription(s, state.limits.max_subscribed_services))
+        .transpose()
+    {
+        Ok(subscription) => subscription,
+        Err(error) => return (axum::http::StatusCode::BAD_REQUEST, error).into_response(),
+    };
     let max_message = state.limits.max_websocket_message_bytes;
     upgrade
         .protocols([WS_PROTOCOL])
@@ -756,9 +786,11 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             _ => Subscription::default(),
         },
     };
-    let (mut live, backfill) = state
-        .hub
-        .subscribe(subscription.wants_seconds(), |f| subscription.wants(f));
+    let (mut live, backfill) = state.hub.subscribe(
+        subscription.wants_seconds(),
+        |kind, service| subscription.may_want(kind, service),
+        |f| subscription.wants(f),
+    );
     let mut delivered = Delivered::default();
     delivered.record(&backfill);
     let mut unflushed = false;
@@ -804,7 +836,14 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         // Full seconds heard exactly while they are wanted (a dashboard tab that closes a service's
                         // view goes back to overviews only).
                         state.hub.want_seconds(&mut live, subscription.wants_seconds());
-                        let added = state.hub.backfill(|f| subscription.wants(f) && !old.wants(f));
+                        // Only the stores that may hold something new are copied: opening one service's view
+                        // among thousands copies that service's frames, not every service's.
+                        let added = state.hub.backfill(
+                            |kind, service| {
+                                subscription.may_want(kind, service) && !old.wants_all(kind, service)
+                            },
+                            |f| subscription.wants(f) && !old.wants(f),
+                        );
                         delivered.record(&added);
                         if send_frames(&mut out, added).await.is_err() {
                             return;
@@ -827,12 +866,20 @@ fn parse_client_message(text: &str, max_services: usize) -> Result<Subscription,
     let subscription = serde_json::from_str::<ClientMessage>(text)
         .map(|m| m.subscribe)
         .map_err(|e| format!("bad client message: {e}"))?;
+    check_subscription(subscription, max_services)
+}
+
+/// A subscription within `max_subscribed_services`, normalised.
+fn check_subscription(
+    subscription: Subscription,
+    max_services: usize,
+) -> Result<Subscription, String> {
     if subscription.services.len() > max_services {
         return Err(format!(
             "a subscription names at most {max_services} services (max_subscribed_services)"
         ));
     }
-    Ok(subscription)
+    Ok(subscription.normalized())
 }
 
 fn error_frame(error: &str) -> Message {
@@ -911,5 +958,67 @@ mod tests {
             }
         }
         assert_eq!(shapes, 1, "only overview without services and not local");
+    }
+
+    /// The backfill reads only the stores a subscription may want something from: so every frame it wants is in
+    /// a store it may want ([`Subscription::may_want`]), and a store it wants whole ([`Subscription::wants_all`])
+    /// holds nothing it does not want. Over every shape of subscription and every kind, service and origin.
+    #[test]
+    fn the_stores_read_for_a_backfill_hold_every_frame_wanted() {
+        let kinds = [
+            FrameKind::Second,
+            FrameKind::Overview,
+            FrameKind::Alert,
+            FrameKind::Deploy,
+        ];
+        let frames: Vec<Frame> = kinds
+            .iter()
+            .flat_map(|kind| {
+                ["a", "b", "c"].into_iter().flat_map(move |service| {
+                    [false, true].map(|relayed| Frame {
+                        kind: *kind,
+                        service: service.into(),
+                        t: 1,
+                        correction: false,
+                        json: "{}".into(),
+                        relayed,
+                    })
+                })
+            })
+            .collect();
+        let named = [vec![], vec!["a"], vec!["c", "a", "c"], vec!["d"]];
+        let mut wanted_somewhere = 0;
+        for services in named {
+            for overview in [false, true] {
+                for local in [false, true] {
+                    let s = Subscription {
+                        services: services.iter().map(|s| (*s).to_owned()).collect(),
+                        overview,
+                        local,
+                    }
+                    .normalized();
+                    for f in &frames {
+                        let store = (f.kind, &*f.service);
+                        if s.wants(f) {
+                            wanted_somewhere += 1;
+                            assert!(s.may_want(store.0, store.1), "{s:?} {f:?}");
+                        }
+                        if s.wants_all(store.0, store.1) {
+                            assert!(s.wants(f), "{s:?} {f:?}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(wanted_somewhere > 100, "{wanted_somewhere}");
+        // Named services are found whatever order and repeats they came in.
+        let s = Subscription {
+            services: vec!["c".into(), "a".into(), "c".into()],
+            overview: true,
+            local: false,
+        }
+        .normalized();
+        assert_eq!(s.services, ["a", "c"]);
+        assert!(s.names("a") && s.names("c") && !s.names("b"));
     }
 }

@@ -225,10 +225,11 @@ impl Hub {
     pub(crate) fn subscribe(
         &self,
         seconds: bool,
+        stores: impl FnMut(FrameKind, &str) -> bool,
         wanted: impl FnMut(&Frame) -> bool,
     ) -> (LiveReceiver, Vec<Frame>) {
         let receiver = self.stream.subscribe(seconds);
-        (receiver, self.backfill(wanted))
+        (receiver, self.backfill(stores, wanted))
     }
 
     /// Makes `receiver` listen to full second frames from now on, or stop listening to them.
@@ -236,10 +237,15 @@ impl Hub {
         self.stream.want_seconds(receiver, wanted);
     }
 
-    /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states.
-    /// Copies frame handles under each store's lock, then filters and sorts with no lock held.
-    pub(crate) fn backfill(&self, mut wanted: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
-        let mut frames = self.stream.stored();
+    /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states. Only
+    /// the services' stores of seconds and of overviews that `stores` accepts (by kind and service) are read: their
+    /// frame handles are copied under each store's lock, then filtered and sorted with no lock held.
+    pub(crate) fn backfill(
+        &self,
+        stores: impl FnMut(FrameKind, &str) -> bool,
+        mut wanted: impl FnMut(&Frame) -> bool,
+    ) -> Vec<Frame> {
+        let mut frames = self.stream.stored(stores);
         frames.retain(&mut wanted);
         frames.sort_by_key(|f| f.t);
         let mut states = self.events.frames();
@@ -302,13 +308,13 @@ mod tests {
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
         let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
-        let (mut live, backfill) = hub.subscribe(true, |_| true);
+        let (mut live, backfill) = hub.subscribe(true, |_, _| true, |_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
         hub.publish_second(sealed(11, false));
         hub.publish_second(sealed(10, true));
         let seconds: Vec<(i64, bool)> = hub
-            .backfill(|f| f.kind == FrameKind::Second)
+            .backfill(|_, _| true, |f| f.kind == FrameKind::Second)
             .iter()
             .map(|f| (f.t, f.correction))
             .collect();
@@ -328,11 +334,11 @@ mod tests {
         hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
         hub.prune(1_500);
         assert_eq!(hub.services().len(), 1);
-        assert!(!hub.backfill(|_| true).is_empty());
+        assert!(!hub.backfill(|_, _| true, |_| true).is_empty());
         hub.prune(1_600);
         assert!(hub.services().is_empty());
         assert!(hub.deploys().is_empty());
-        assert!(hub.backfill(|_| true).is_empty());
+        assert!(hub.backfill(|_, _| true, |_| true).is_empty());
     }
 
     /// A backfill that takes its time (here: its filter waits until a shard has published) holds no lock a publish
@@ -353,19 +359,23 @@ mod tests {
             })
         };
         let mut waited = false;
-        let frames = hub.backfill(|_| {
-            if !waited {
-                waited = true;
-                done_rx
-                    .recv_timeout(Duration::from_secs(30))
-                    .expect("publishing waited for the backfill");
-            }
-            true
-        });
+        let frames = hub.backfill(
+            |_, _| true,
+            |_| {
+                if !waited {
+                    waited = true;
+                    done_rx
+                        .recv_timeout(Duration::from_secs(30))
+                        .expect("publishing waited for the backfill");
+                }
+                true
+            },
+        );
         publisher.join().expect("publisher thread");
         assert!(waited && !frames.is_empty());
         assert_eq!(
-            hub.backfill(|f| f.kind == FrameKind::Second).len(),
+            hub.backfill(|_, _| true, |f| f.kind == FrameKind::Second)
+                .len(),
             3,
             "the publishes made during the backfill are stored"
         );

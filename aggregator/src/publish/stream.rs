@@ -128,19 +128,29 @@ impl LiveStream {
         }
     }
 
-    /// Copies of every stored second and overview frame, each service's in second order.
-    pub(crate) fn stored(&self) -> Vec<Frame> {
-        let services: Vec<Arc<Mutex<ServiceHistory>>> = self
+    /// Copies of the stored second and overview frames of the services and kinds `stores` accepts, each service's
+    /// in second order. Only the stores accepted are locked and copied.
+    pub(crate) fn stored(&self, mut stores: impl FnMut(FrameKind, &str) -> bool) -> Vec<Frame> {
+        let services: Vec<(Arc<Mutex<ServiceHistory>>, bool, bool)> = self
             .history
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
+            .iter()
+            .filter_map(|(service, history)| {
+                let seconds = stores(FrameKind::Second, service);
+                let overviews = stores(FrameKind::Overview, service);
+                (seconds || overviews).then(|| (history.clone(), seconds, overviews))
+            })
             .collect();
         let mut frames = Vec::new();
-        for history in services {
+        for (history, seconds, overviews) in services {
             let history = history.lock().unwrap_or_else(|e| e.into_inner());
-            frames.extend(history.seconds.iter().chain(&history.overview).cloned());
+            if seconds {
+                frames.extend(history.seconds.iter().cloned());
+            }
+            if overviews {
+                frames.extend(history.overview.iter().cloned());
+            }
         }
         frames
     }
