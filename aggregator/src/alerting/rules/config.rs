@@ -144,6 +144,52 @@ pub(crate) struct RuleSet {
     pub(crate) service_owners: HashMap<String, String>,
     /// The TOML it came from.
     pub(crate) source: String,
+    /// Which rules apply to each service a rule names (numbers in `rules`, in file order, the rules for every
+    /// service among them), and to every other service: every shard asks once per sealed second, and thousands of
+    /// services with rules of their own would otherwise each walk every rule.
+    applying: Applying,
+}
+
+/// Numbers in [`RuleSet::rules`] of the rules that apply, by service.
+#[derive(Debug, Clone, Default)]
+struct Applying {
+    named: HashMap<String, Vec<usize>>,
+    others: Vec<usize>,
+}
+
+impl Applying {
+    fn of(rules: &[Arc<Rule>]) -> Self {
+        let mut applying = Applying::default();
+        for service in rules.iter().filter_map(|r| r.service.as_deref()) {
+            applying.named.entry(service.to_owned()).or_default();
+        }
+        for (at, rule) in rules.iter().enumerate() {
+            match &rule.service {
+                Some(service) => applying
+                    .named
+                    .get_mut(service)
+                    .into_iter()
+                    .for_each(|list| list.push(at)),
+                None => {
+                    applying.others.push(at);
+                    applying.named.values_mut().for_each(|list| list.push(at));
+                }
+            }
+        }
+        applying
+    }
+}
+
+impl RuleSet {
+    /// The rules that apply to `service`, in file order.
+    pub(crate) fn applying(&self, service: &str) -> impl Iterator<Item = &Arc<Rule>> {
+        self.applying
+            .named
+            .get(service)
+            .unwrap_or(&self.applying.others)
+            .iter()
+            .filter_map(|at| self.rules.get(*at))
+    }
 }
 
 /// Why a rules file was refused.
@@ -579,6 +625,7 @@ pub(crate) fn parse_rules_with(
         }
     }
     Ok(RuleSet {
+        applying: Applying::of(&rules),
         rules,
         owners,
         service_owners,
@@ -589,6 +636,41 @@ pub(crate) fn parse_rules_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rules that apply to a service are those that name it or no service, in file order, for services named
+    /// in the file and for any other.
+    #[test]
+    fn the_rules_applying_to_a_service_are_found_by_name() {
+        let rule = |name: &str, service: Option<&str>| {
+            let service = service.map_or(String::new(), |s| format!("service = \"{s}\"\n"));
+            format!(
+                "[[rules]]\nname = \"{name}\"\n{service}metric = \"m\"\nstat = \"sum\"\nabove = 1.0\n\n"
+            )
+        };
+        let source: String = [
+            rule("a1", Some("a")),
+            rule("all1", None),
+            rule("b1", Some("b")),
+            rule("a2", Some("a")),
+            rule("all2", None),
+        ]
+        .concat();
+        let rules = parse_rules(&source).unwrap();
+        for service in ["a", "b", "c", ""] {
+            let found: Vec<&str> = rules.applying(service).map(|r| &*r.name).collect();
+            let walked: Vec<&str> = rules
+                .rules
+                .iter()
+                .filter(|r| r.applies_to(service))
+                .map(|r| &*r.name)
+                .collect();
+            assert_eq!(found, walked, "{service}");
+        }
+        let names = |service| -> Vec<&str> { rules.applying(service).map(|r| &*r.name).collect() };
+        assert_eq!(names("a"), ["a1", "all1", "a2", "all2"]);
+        assert_eq!(names("c"), ["all1", "all2"]);
+        assert!(RuleSet::default().applying("a").next().is_none());
+    }
 
     const GOOD: &str = r#"
 [[rules]]

@@ -32,12 +32,10 @@ impl Evaluator {
         now_ms: i64,
     ) -> Vec<AlertEvent> {
         let mut events = Vec::new();
+        let applying: Vec<&Arc<Rule>> = rules.applying(&sealed.service).collect();
         // Rules removed or no longer applying: resolve what fires, forget the rest.
         self.trackers.retain(|(name, group), tracker| {
-            let alive = rules
-                .rules
-                .iter()
-                .any(|r| r.name == *name && r.applies_to(&sealed.service));
+            let alive = applying.iter().any(|r| r.name == *name);
             if !alive && let Some(Transition::Resolved { since }) = tracker.resolve_now() {
                 events.push(event(
                     EventKind::Resolved,
@@ -54,7 +52,7 @@ impl Evaluator {
             }
             alive
         });
-        for rule in rules.rules.iter().filter(|r| r.applies_to(&sealed.service)) {
+        for rule in applying {
             // Only groups that breach, or whose alert is under way, are tracked: a group within its threshold and
             // without a tracker would get a tracker that changes nothing and is forgotten at the end of the
             // second. A large service has tens of thousands of groups; keeping a tracker for each, and checking
