@@ -637,11 +637,28 @@ struct Merge {
 
 fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> Sealed {
     let splits = second.splits();
-    let mut keys: Vec<&(Split, SeriesKey)> = splits.keys().collect();
-    keys.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+    // In series order (name, then tags), each series' splits in split order. The distinct series (every one has
+    // an overall split) are sorted by name and tags, and the cells by their series' rank: sorting every cell by
+    // name and tags was a third of sealing a service of 20,000 series (the `large_service` kernel bench).
+    let mut distinct: Vec<&SeriesKey> = splits
+        .keys()
+        .filter(|(split, _)| *split == Split::All)
+        .map(|(_, key)| key)
+        .collect();
+    distinct.sort_unstable();
+    let rank: FastMap<&SeriesKey, usize> = distinct
+        .into_iter()
+        .enumerate()
+        .map(|(rank, key)| (key, rank))
+        .collect();
+    let mut keys: Vec<(usize, &(Split, SeriesKey))> = splits
+        .keys()
+        .map(|key| (rank.get(&key.1).copied().unwrap_or(usize::MAX), key))
+        .collect();
+    keys.sort_unstable_by(|(a, a_key), (b, b_key)| (a, &a_key.0).cmp(&(b, &b_key.0)));
     let series = keys
         .into_iter()
-        .map(|key| {
+        .map(|(_, key)| {
             let cell = &splits[key];
             let (split, series_key) = key;
             SeriesSummary {
@@ -800,6 +817,71 @@ mod tests {
         }
         assert_eq!(sealed[0].series.len(), 4);
         assert_eq!(sealed[0].instances.len(), 3);
+    }
+
+    /// A sealed second lists its series by name, then tags, each series' splits overall first, then by version,
+    /// then by zone (names and tags from the series table, seconds of many series and splits in any order).
+    #[test]
+    fn a_sealed_second_lists_series_by_name_tags_and_split() {
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let key = |metric: &str, tags: &[(&str, &str)]| {
+            let tags: Vec<(Arc<str>, Arc<str>)> = tags
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect();
+            table()
+                .intern(SeriesKey::new(metric.into(), tags.into()))
+                .expect("room")
+        };
+        let mut ids = Vec::new();
+        for metric in ["b.requests", "a.latency", "a.latency.p", "b"] {
+            for route in ["/x", "/a", "/ab"] {
+                ids.push(key(metric, &[("route", route)]));
+                ids.push(key(metric, &[("route", route), ("status", "5xx")]));
+            }
+            ids.push(key(metric, &[]));
+        }
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        for i in 0..12 {
+            let inst = instance(
+                &format!("i{i}"),
+                ["v2", "v10", "v1"][i % 3],
+                [Some("z2"), Some("z1"), None][i % 3 / 2 + i % 2],
+            );
+            let mut series: Vec<(SeriesId, SeriesValue)> = ids
+                .iter()
+                .filter(|_| rng.random_bool(0.8))
+                .map(|id| (*id, SeriesValue::Counter(1.0)))
+                .collect();
+            series.shuffle(&mut rng);
+            w.apply_now(InstanceSecond {
+                series,
+                ..counter(&inst, 10, 1.0)
+            });
+        }
+        let sealed = w.seal_ready_seconds(11_250, &Arrivals::default());
+        let order = |s: &SeriesSummary| {
+            let split = match (&s.version, &s.zone) {
+                (None, None) => (0, String::new()),
+                (Some(v), _) => (1, v.to_string()),
+                (None, Some(z)) => (2, z.to_string()),
+            };
+            let tags: Vec<(String, String)> = s
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (s.metric.to_string(), tags, split)
+        };
+        let listed: Vec<_> = sealed[0].series.iter().map(order).collect();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(listed, sorted);
+        // 30 series (29 here and `requests`), up to 6 splits each.
+        assert!(listed.len() > 100, "{}", listed.len());
     }
 
     /// Each instance's requests and errors, as its shard read them, reach the sealed second beside the merge.
