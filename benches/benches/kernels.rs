@@ -268,8 +268,7 @@ above = 1e12
 /// One second of a service with many distinct series: 100 instances in 10 groups (two versions, two zones), each
 /// group with routes of its own, each instance 2,000 series (1,800 counters, 200 histograms): 20,000 distinct
 /// series, each merged over 10 instances, 4 splits each (a group runs one version), so 80,000 merged series from
-/// 200,000. Sealing it and
-/// serialising its frame and overview.
+/// 200,000. Sealing it, and serialising its frame and overview.
 fn large_service(c: &mut Criterion, settings: WindowSettings) {
     let histograms = encodings(200, 100);
     let validated: Vec<_> = (0..100)
