@@ -787,14 +787,17 @@ impl Manager {
                 entry.record.fired_at_ms = Some(event.at_ms);
                 entry.record.detected_after_ms = Some(event.at_ms - event.since * 1000);
                 entry.chain = chain;
-                entry.fired_at = Some(Instant::now());
+                let now = Instant::now();
+                entry.fired_at = Some(now);
                 self.dirty = true;
                 info!(
                     message = "Alert firing.", alert = %id, rule = %event.rule, service = %event.service,
                     detected_after_ms = event.at_ms - event.since * 1000,
                 );
                 self.records.publish_alert(&entry.record);
-                // Steps due at once go out in escalate_due, right after this event.
+                // The steps due at once are notified now, not at the upkeep after the batch of commands this event
+                // came in: a resolution or an acknowledgement later in the batch would find nobody told.
+                escalate(entry, now, &mut self.outbox, &self.commands);
             }
             EventKind::Resolved => self.resolve(&id, event.value, event.at_ms),
         }
@@ -904,33 +907,7 @@ impl Manager {
     fn escalate_due(&mut self) {
         let now = Instant::now();
         for entry in self.entries.values_mut() {
-            while entry.record.state == AlertState::Firing {
-                let (Some(chain), Some(fired_at)) = (&entry.chain, entry.fired_at) else {
-                    break;
-                };
-                let Some(step) = chain.escalation.get(entry.next_step) else {
-                    break;
-                };
-                if fired_at + step.after > now {
-                    break;
-                }
-                let index = entry.next_step;
-                entry.next_step += 1;
-                entry.told.push(index);
-                // Named by owner and step, never by URL (a webhook URL can be a secret).
-                entry
-                    .record
-                    .notified
-                    .push(format!("{} step {}", chain.name, index + 1));
-                self.dirty = true;
-                notify(
-                    &mut self.outbox,
-                    &self.commands,
-                    entry,
-                    NotifyTransition::Firing,
-                    index,
-                );
-            }
+            self.dirty |= escalate(entry, now, &mut self.outbox, &self.commands);
         }
     }
 
@@ -972,6 +949,38 @@ fn tell_everyone_told(
     for step in entry.told.clone() {
         notify(outbox, commands, entry, transition, step);
     }
+}
+
+/// Notifies the steps of `entry`'s escalation that are due at `now`, while it fires; whether any was.
+fn escalate(
+    entry: &mut Entry,
+    now: Instant,
+    outbox: &mut Vec<Notification>,
+    commands: &mpsc::WeakUnboundedSender<Command>,
+) -> bool {
+    let mut any = false;
+    while entry.record.state == AlertState::Firing {
+        let (Some(chain), Some(fired_at)) = (&entry.chain, entry.fired_at) else {
+            break;
+        };
+        let Some(step) = chain.escalation.get(entry.next_step) else {
+            break;
+        };
+        if fired_at + step.after > now {
+            break;
+        }
+        let index = entry.next_step;
+        entry.next_step += 1;
+        entry.told.push(index);
+        // Named by owner and step, never by URL (a webhook URL can be a secret).
+        entry
+            .record
+            .notified
+            .push(format!("{} step {}", chain.name, index + 1));
+        any = true;
+        notify(outbox, commands, entry, NotifyTransition::Firing, index);
+    }
+    any
 }
 
 fn notify(
@@ -1253,6 +1262,39 @@ escalation = [
         settle().await;
         assert_eq!(drain(&mut notes).len(), 500);
         assert_eq!(alerts.list().await.len(), 500);
+    }
+
+    /// An alert that fires and ends in the same batch of commands (a manager behind during an incident, an ack
+    /// racing the page) still pages its first step, then tells it the end.
+    #[tokio::test(start_paused = true)]
+    async fn an_alert_that_fires_and_ends_in_one_batch_is_paged_then_told() {
+        let (alerts, mut notes, _tasks) = setup();
+        for kind in [EventKind::Pending, EventKind::Firing, EventKind::Resolved] {
+            alerts.event(event("a", kind));
+        }
+        settle().await;
+        assert_eq!(
+            drain(&mut notes),
+            vec![
+                ("a".into(), "firing", "dev".into()),
+                ("a".into(), "resolved", "dev".into())
+            ]
+        );
+        for kind in [EventKind::Pending, EventKind::Firing] {
+            let mut event = event("b", kind);
+            event.labels.insert("route".into(), "/b".into());
+            alerts.event(event);
+        }
+        let acked = alerts.ack("b", "alice").await.expect("firing");
+        assert_eq!(acked.state, AlertState::Acknowledged);
+        settle().await;
+        assert_eq!(
+            drain(&mut notes),
+            vec![
+                ("b".into(), "firing", "dev".into()),
+                ("b".into(), "acknowledged", "dev".into())
+            ]
+        );
     }
 
     /// A disowned service's last state is written before its streams let their agents go to the new owner:

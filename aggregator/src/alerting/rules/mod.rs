@@ -58,7 +58,8 @@ impl Evaluator {
             // second. A large service has tens of thousands of groups; keeping a tracker for each, and checking
             // each against the list of groups seen, took seconds per second (the `rules` kernel bench).
             // (Looked up by reference, and only once a value within the threshold needs it: cloning every group
-            // to look it up cost more than the rest together.)
+            // to look it up cost more than the rest together. A second has one series per metric, split and tags,
+            // so each group has one value per rule: the set taken before the loop stays true through it.)
             let mut tracked: Option<HashSet<eval::GroupRef<'_>, foldhash::fast::RandomState>> =
                 None;
             let trackers = &self.trackers;
