@@ -165,6 +165,30 @@ fn histogram_merge(c: &mut Criterion) {
     group.finish();
 }
 
+/// A latency histogram series from one V2 encoding (recorded in µs, read in ms).
+fn histogram_series(name: &str, tags: Vec<pb::Tag>, encoding: &bytes::Bytes) -> pb::Series {
+    pb::Series {
+        name: name.into(),
+        tags,
+        id: 0,
+        value: Some(pb::series::Value::Histogram(pb::Histogram {
+            hdr_v2: encoding.clone(),
+            scale: 1000,
+            unit: "ms".into(),
+        })),
+    }
+}
+
+/// `sender`'s second 100 holding `series`, validated as ingest validates it.
+fn second_100(sender: &Sender, series: Vec<pb::Series>) -> kernels::Validated {
+    let snapshot = pb::Snapshot {
+        second: 100,
+        series,
+        stats: None,
+    };
+    kernels::validate(snapshot, sender, 100).expect("a valid snapshot")
+}
+
 /// 1,000 instances x 100 series (20 histograms), one service: the sealing, rule and fan-out kernels on 100k
 /// series a second.
 fn second_of_100k_series(c: &mut Criterion) {
@@ -197,25 +221,14 @@ fn second_of_100k_series(c: &mut Criterion) {
                     value: Some(pb::series::Value::Counter(f64::from(i % 7 + k))),
                 })
                 .collect();
-            series.extend(histograms.iter().enumerate().map(|(k, h)| pb::Series {
-                name: "request.latency".into(),
-                tags: vec![pb::Tag {
+            series.extend(histograms.iter().enumerate().map(|(k, h)| {
+                let route = pb::Tag {
                     key: "route".into(),
                     value: format!("/r{k}"),
-                }],
-                id: 0,
-                value: Some(pb::series::Value::Histogram(pb::Histogram {
-                    hdr_v2: h.clone(),
-                    scale: 1000,
-                    unit: "ms".into(),
-                })),
+                };
+                histogram_series("request.latency", vec![route], h)
             }));
-            let snapshot = pb::Snapshot {
-                second: 100,
-                series,
-                stats: None,
-            };
-            kernels::validate(snapshot, &sender, 100).expect("a valid snapshot")
+            second_100(&sender, series)
         })
         .collect();
     let mut group = c.benchmark_group("second_of_100k_series");
@@ -294,22 +307,13 @@ fn large_service(c: &mut Criterion, settings: WindowSettings) {
                     value: Some(pb::series::Value::Counter((i % 7 + k) as f64)),
                 })
                 .collect();
-            series.extend(histograms.iter().enumerate().map(|(k, h)| pb::Series {
-                name: "http.server.duration".into(),
-                tags: tags(k),
-                id: 0,
-                value: Some(pb::series::Value::Histogram(pb::Histogram {
-                    hdr_v2: h.clone(),
-                    scale: 1000,
-                    unit: "ms".into(),
-                })),
-            }));
-            let snapshot = pb::Snapshot {
-                second: 100,
-                series,
-                stats: None,
-            };
-            kernels::validate(snapshot, &sender, 100).expect("a valid snapshot")
+            series.extend(
+                histograms
+                    .iter()
+                    .enumerate()
+                    .map(|(k, h)| histogram_series("http.server.duration", tags(k), h)),
+            );
+            second_100(&sender, series)
         })
         .collect();
     let sealed = kernels::SealedBench::seal("large", settings, validated.clone()).expect("sealed");

@@ -927,18 +927,23 @@ mod tests {
 
     /// A subscription that says it takes no full seconds takes none of any service, whatever its shape (else its
     /// socket, which then does not listen to them, would lose frames).
+    /// A frame of second 1.
+    fn frame(kind: FrameKind, service: &str, relayed: bool) -> Frame {
+        Frame {
+            kind,
+            service: service.into(),
+            t: 1,
+            correction: false,
+            json: "{}".into(),
+            relayed,
+        }
+    }
+
     #[test]
     fn wanting_no_full_seconds_means_wanting_none() {
         let frames: Vec<Frame> = [("a", false), ("b", false), ("a", true)]
             .into_iter()
-            .map(|(service, relayed)| Frame {
-                kind: FrameKind::Second,
-                service: service.into(),
-                t: 1,
-                correction: false,
-                json: "{}".into(),
-                relayed,
-            })
+            .map(|(service, relayed)| frame(FrameKind::Second, service, relayed))
             .collect();
         let mut shapes = 0;
         for services in [vec![], vec!["a".to_owned()], vec!["c".to_owned()]] {
@@ -975,14 +980,7 @@ mod tests {
             .iter()
             .flat_map(|kind| {
                 ["a", "b", "c"].into_iter().flat_map(move |service| {
-                    [false, true].map(|relayed| Frame {
-                        kind: *kind,
-                        service: service.into(),
-                        t: 1,
-                        correction: false,
-                        json: "{}".into(),
-                        relayed,
-                    })
+                    [false, true].map(|relayed| frame(*kind, service, relayed))
                 })
             })
             .collect();
