@@ -376,7 +376,7 @@ impl Manager {
                     self.handle(command);
                     // What is queued already (an incident's burst of events, a run of deliveries settling) is
                     // taken in before the upkeep and the save below, each a pass over every held alert: one save
-                    // per burst, not one per event (2,000 alerts firing at once were 2,000 saves of 2,000).
+                    // per burst, not one per event (500 alerts firing at once were 500 saves, of 1 to 500 alerts each).
                     for _ in 1..MAX_COMMANDS_AT_ONCE {
                         let Ok(command) = commands.try_recv() else { break };
                         self.handle(command);
