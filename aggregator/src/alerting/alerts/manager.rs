@@ -1132,6 +1132,13 @@ escalation = [
         }
     }
 
+    /// An event of the alert of `route` (alerts are told apart by their labels, not by the id events carry).
+    fn event_of_route(id: &str, kind: EventKind, route: &str) -> AlertEvent {
+        let mut event = event(id, kind);
+        event.labels.insert("route".into(), route.into());
+        event
+    }
+
     /// Records go nowhere: these tests read the notifications.
     struct Discard;
 
@@ -1248,9 +1255,7 @@ escalation = [
         let (alerts, mut notes, _tasks) = setup_handing_over(None, Some(store.clone()));
         for i in 0..500 {
             for kind in [EventKind::Pending, EventKind::Firing] {
-                let mut event = event(&format!("a{i}"), kind);
-                event.labels.insert("route".into(), format!("/r{i}"));
-                alerts.event(event);
+                alerts.event(event_of_route(&format!("a{i}"), kind, &format!("/r{i}")));
             }
         }
         settle().await;
@@ -1281,9 +1286,7 @@ escalation = [
             ]
         );
         for kind in [EventKind::Pending, EventKind::Firing] {
-            let mut event = event("b", kind);
-            event.labels.insert("route".into(), "/b".into());
-            alerts.event(event);
+            alerts.event(event_of_route("b", kind, "/b"));
         }
         let acked = alerts.ack("b", "alice").await.expect("firing");
         assert_eq!(acked.state, AlertState::Acknowledged);

@@ -165,11 +165,11 @@ impl Applying {
         }
         for (at, rule) in rules.iter().enumerate() {
             match &rule.service {
-                Some(service) => applying
-                    .named
-                    .get_mut(service)
-                    .into_iter()
-                    .for_each(|list| list.push(at)),
+                Some(service) => {
+                    if let Some(list) = applying.named.get_mut(service) {
+                        list.push(at);
+                    }
+                }
                 None => {
                     applying.others.push(at);
                     applying.named.values_mut().for_each(|list| list.push(at));
