@@ -167,6 +167,15 @@ pub(crate) struct AggregatorArgs {
     /// How long after its seal a second still takes late snapshots (as corrections), e.g. `10s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_LATE_WINDOW", value_parser = humantime::parse_duration)]
     pub(crate) late_window: Option<Duration>,
+    /// After the aggregator starts, how long older seconds wait for replaying agents to reconnect, e.g. `6s`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_GATHER", value_parser = humantime::parse_duration)]
+    pub(crate) replay_gather: Option<Duration>,
+    /// A second stops waiting for a replaying instance that has not moved on for this long, e.g. `10s`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_STALL", value_parser = humantime::parse_duration)]
+    pub(crate) replay_stall: Option<Duration>,
+    /// The longest a second waits for replaying instances after its first snapshot, e.g. `2m`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_WAIT", value_parser = humantime::parse_duration)]
+    pub(crate) replay_wait: Option<Duration>,
     /// Export every sealed second to this Prometheus remote write endpoint, e.g.
     /// `http://prometheus:9090/api/v1/write`.
     #[arg(help_heading = "Export", long, env = "STROBE_REMOTE_WRITE")]
@@ -523,6 +532,15 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.late_window {
             config.late_window = v;
+        }
+        if let Some(v) = self.replay_gather {
+            config.replay_gather = v;
+        }
+        if let Some(v) = self.replay_stall {
+            config.replay_stall = v;
+        }
+        if let Some(v) = self.replay_wait {
+            config.replay_wait = v;
         }
         if self.remote_write.is_some() {
             config.remote_write.url = self.remote_write;

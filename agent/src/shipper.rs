@@ -545,6 +545,8 @@ async fn ship_once(
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
             identity: Some(identity.clone()),
             token: config.token.clone().unwrap_or_default(),
+            // What follows the hello first: the seconds kept unacknowledged, oldest first.
+            replay_through: buffer.snapshots.iter().map(|s| s.second).max().unwrap_or(0),
         })),
     };
     if out_tx.try_send(Encoded::of(&hello)).is_err() {

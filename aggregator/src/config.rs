@@ -40,6 +40,17 @@ pub struct AggregatorConfig {
     /// How long after it was sealed a second still accepts late snapshots (as corrections), however old it is.
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
+    /// After the aggregator starts, how long seconds that ended before it wait for the agents replaying them to
+    /// reconnect (agents back off for 5 s at most).
+    #[serde(with = "humantime_serde")]
+    pub replay_gather: Duration,
+    /// A second waits for an instance replaying towards it (it said so when it reconnected) until that instance
+    /// has not moved to a newer second for this long...
+    #[serde(with = "humantime_serde")]
+    pub replay_stall: Duration,
+    /// ...and at most this long after the second's first snapshot.
+    #[serde(with = "humantime_serde")]
+    pub replay_wait: Duration,
     /// Late snapshots of one sealed second are gathered this long and published as one correction (at most
     /// 900 ms; larger values are capped); later corrections of the same second wait twice as long each, up to 1 s.
     #[serde(with = "humantime_serde")]
@@ -104,6 +115,9 @@ impl Default for AggregatorConfig {
             grace_max: Duration::from_secs(1),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),
+            replay_gather: Duration::from_secs(6),
+            replay_stall: Duration::from_secs(10),
+            replay_wait: Duration::from_secs(120),
             correction_interval: Duration::from_millis(250),
             shards: 0,
             shard_stall: Duration::from_secs(10),

@@ -359,6 +359,11 @@ impl Aggregator {
             grace_quorum: self.config.grace_quorum,
             grace_max_ms: i64::try_from(self.config.grace_max.as_millis()).unwrap_or(i64::MAX),
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
+            replay_gather_ms: i64::try_from(self.config.replay_gather.as_millis())
+                .unwrap_or(i64::MAX),
+            replay_stall_ms: i64::try_from(self.config.replay_stall.as_millis())
+                .unwrap_or(i64::MAX),
+            replay_wait_ms: i64::try_from(self.config.replay_wait.as_millis()).unwrap_or(i64::MAX),
             max_cells: self.config.limits.max_series_per_service.saturating_mul(3),
             max_bytes: self.config.limits.max_decoded_bytes_per_service,
         };
@@ -418,7 +423,10 @@ impl Aggregator {
                 hub.prune(strobe_proto::clock::unix_second());
             }
         });
+        let replays = Arc::new(pipeline::replays::Replays::default());
         let context = Arc::new(ServiceContext {
+            replays: replays.clone(),
+            started_ms: strobe_proto::clock::unix_millis(),
             hub: self.hub.clone(),
             health: self.health.clone(),
             settings,
@@ -454,6 +462,7 @@ impl Aggregator {
             tables: Arc::new(model::table::SeriesTables::new(
                 self.config.limits.max_series_per_service,
             )),
+            replays,
             cluster: self.cluster.clone(),
             alerts: alerts.clone(),
         };

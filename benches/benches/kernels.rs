@@ -100,6 +100,9 @@ fn aggregator(c: &mut Criterion) {
             grace_quorum: 0.9,
             grace_max_ms: 1000,
             late_window_secs: 10,
+            replay_gather_ms: 6_000,
+            replay_stall_ms: 10_000,
+            replay_wait_ms: 120_000,
             max_cells: 150_000,
             max_bytes: usize::MAX,
         };
@@ -198,6 +201,9 @@ fn second_of_100k_series(c: &mut Criterion) {
         grace_quorum: 0.9,
         grace_max_ms: 1000,
         late_window_secs: 10,
+        replay_gather_ms: 6_000,
+        replay_stall_ms: 10_000,
+        replay_wait_ms: 120_000,
         max_cells: 1_000_000,
         max_bytes: usize::MAX,
     };

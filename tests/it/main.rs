@@ -420,7 +420,7 @@ async fn a_hostile_client_is_contained_and_costs_others_nothing() {
                 instance: "evil-1".into(),
                 labels: Default::default(),
             }),
-            token: String::new(),
+            ..Default::default()
         }))
         .await
     );

@@ -22,6 +22,7 @@ use crate::limits::Limits;
 use crate::model::Instance;
 use crate::model::table::SeriesTables;
 use crate::pipeline::budget::{QueueBudget, StreamBudget};
+use crate::pipeline::replays::{ReplayBook, Replays};
 use crate::pipeline::service::STATE_LOST;
 use crate::pipeline::shard::{ShardCommand, Shards};
 use validate::{Refusal, StreamDictionary, validate_hello, validate_snapshot};
@@ -42,6 +43,8 @@ pub(crate) struct IngestService {
     pub(crate) budget: QueueBudget,
     /// Each service's series table, shared by its streams.
     pub(crate) tables: Arc<SeriesTables>,
+    /// Every service's agents replaying after a reconnect (the shards wait for them before sealing).
+    pub(crate) replays: Arc<Replays>,
     /// The cluster, if any: who owns which service.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The alert manager (a service taken over brings its alerts).
@@ -126,7 +129,15 @@ impl pb::ingest_server::Ingest for IngestService {
             shard: self.shards.for_service(&instance.service),
             budget: self.budget.stream(),
             dictionary: StreamDictionary::new(self.tables.of(&instance.service)),
+            replay: None,
         };
+        if hello.replay_through > 0 {
+            // Nobody replays a second that has not ended.
+            let through = hello.replay_through.min(clock::unix_second());
+            let book = self.replays.of(&instance.service);
+            book.start(&instance.id, through, clock::unix_millis());
+            stream.replay = Some((book, through));
+        }
         let limits = self.limits.clone();
         let health = self.health.clone();
         let cluster = self.cluster.clone();
@@ -161,6 +172,8 @@ struct AgentStream {
     shard: mpsc::Sender<ShardCommand>,
     budget: StreamBudget,
     dictionary: StreamDictionary,
+    /// Where this stream notes how far its replay got, and the newest second it replays, until it reads that.
+    replay: Option<(Arc<ReplayBook>, i64)>,
 }
 
 async fn serve_stream(
@@ -254,6 +267,17 @@ async fn serve_stream(
         };
         let second = snapshot.second;
         received.note(second, clock::unix_millis());
+        // While replaying: how far this stream has read.
+        let replaying = stream.replay.as_ref().map(|(book, through)| {
+            book.read(&instance.id, second, clock::unix_millis());
+            (book.clone(), *through)
+        });
+        if replaying
+            .as_ref()
+            .is_some_and(|(_, through)| second >= *through)
+        {
+            stream.replay = None;
+        }
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
         let reservation = stream
@@ -271,6 +295,11 @@ async fn serve_stream(
             Err(refusal) => {
                 // Nothing of it is queued: give its bytes back before waiting on the agent to read the answer.
                 drop(reservation);
+                // Never to be merged: sealing waits for it no longer (an agent whose clock is ahead replays
+                // seconds that are all refused).
+                if let Some((book, _)) = replaying {
+                    book.merged(&instance.id, second, clock::unix_millis());
+                }
                 health.count_dropped(refusal.reason(), 1);
                 let rejection = pb::Rejection {
                     second,

@@ -572,6 +572,7 @@ mod tests {
                 labels: Default::default(),
             }),
             token: token.into(),
+            replay_through: 0,
         };
         let tokens = Tokens::new(
             &[],
@@ -617,7 +618,7 @@ mod tests {
             (
                 pb::Hello {
                     identity: None,
-                    token: String::new(),
+                    ..Default::default()
                 },
                 &none,
                 Some(Refusal::MissingIdentity("identity")),

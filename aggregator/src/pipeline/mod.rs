@@ -6,9 +6,11 @@
 //! - [`windows`]: when a second is sealed, who is expected, dedup, corrections (pure).
 //! - [`merge`]: the merge of one series in one split (pure).
 //! - [`budget`]: the bytes a stream, and all streams, may have queued for the shards.
+//! - [`replays`]: agents replaying after a reconnect, as their streams read them: what sealing waits for.
 
 pub(crate) mod budget;
 pub(crate) mod merge;
+pub(crate) mod replays;
 pub(crate) mod service;
 pub(crate) mod shard;
 pub(crate) mod windows;

@@ -34,6 +34,10 @@ pub(crate) struct ServiceContext {
     pub(crate) settings: WindowSettings,
     /// The bound on merged state of all services together.
     pub(crate) decoded: DecodedBytes,
+    /// Every service's agents replaying after a reconnect, as their streams note them.
+    pub(crate) replays: Arc<crate::pipeline::replays::Replays>,
+    /// When the aggregator started (wall clock, ms): seconds that ended well before it are replays.
+    pub(crate) started_ms: i64,
     /// The rules in force.
     pub(crate) rules: Arc<RulesStore>,
     /// Where rule and canary lifecycle events go (never waits).
@@ -156,9 +160,19 @@ impl Drop for ServiceState {
 }
 
 impl ServiceState {
-    pub(crate) fn new(service: Arc<str>, settings: WindowSettings, all: DecodedBytes) -> Self {
+    /// A service first heard of (here, or again after it was idle), in an aggregator started at `started_ms`.
+    pub(crate) fn new(
+        service: Arc<str>,
+        settings: WindowSettings,
+        all: DecodedBytes,
+        replays: Arc<crate::pipeline::replays::ReplayBook>,
+        started_ms: i64,
+    ) -> Self {
         Self {
-            windows: ServiceWindows::new(service, settings).sharing(all),
+            windows: ServiceWindows::new(service, settings)
+                .started_at(started_ms)
+                .following(replays)
+                .sharing(all),
             evaluator: Evaluator::default(),
             canary: Canary::default(),
             corrections: BTreeMap::new(),

@@ -231,7 +231,13 @@ async fn run_shard(
                     continue;
                 }
                 let state = services.entry(service.clone()).or_insert_with(|| {
-                    let mut state = ServiceState::new(service.clone(), context.settings, context.decoded.clone());
+                    let mut state = ServiceState::new(
+                        service.clone(),
+                        context.settings,
+                        context.decoded.clone(),
+                        context.replays.of(&service),
+                        context.started_ms,
+                    );
                     if let Some((sealed, _)) = evicted.remove(&service) {
                         state.sealed_before_eviction(sealed);
                     }
@@ -332,10 +338,15 @@ mod tests {
                 grace_quorum: 0.9,
                 grace_max_ms: 1000,
                 late_window_secs: 10,
+                replay_gather_ms: 6_000,
+                replay_stall_ms: 10_000,
+                replay_wait_ms: 120_000,
                 max_cells: 100,
                 max_bytes: usize::MAX,
             },
             decoded: crate::pipeline::windows::DecodedBytes::unbounded(),
+            replays: Default::default(),
+            started_ms: 0,
             rules: rules.clone(),
             alerts: Alerts::spawn(
                 rules,

@@ -10,6 +10,14 @@
 //! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
 //! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
 //! than `late_window` before the newest seal, is refused.
+//!
+//! Replays wait for each other. A stream that reconnects says in its hello up to which second it replays what its
+//! agent kept, and its stream notes in the service's [`ReplayBook`] how far it has read. A second is not sealed
+//! while an instance replaying it has not been merged past it (it sends its seconds in order, so it will), for as
+//! long as that instance keeps moving (`replay_stall`), and at most `replay_wait` after the second's first
+//! snapshot. Seconds that ended well before the aggregator started (it restarted) are not sealed in its first
+//! `replay_gather` either, so that agents reconnecting on their backoff are heard of first. Without this, the first agents back had every replayed second sealed, and after an
+//! outage of a minute at 3,000 agents three quarters of the outage's seconds arrived past their late window.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +28,7 @@ use crate::model::{
     Split,
 };
 use crate::pipeline::merge::Cell;
+use crate::pipeline::replays::ReplayBook;
 
 /// Timing and bounds for one service's windows.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +44,13 @@ pub struct WindowSettings {
     pub grace_max_ms: i64,
     /// Seconds a sealed second still takes late snapshots.
     pub late_window_secs: i64,
+    /// After the aggregator started, how long seconds that ended before it wait for replaying agents to be heard of
+    /// (milliseconds).
+    pub replay_gather_ms: i64,
+    /// A second stops waiting for a replaying instance that has not moved to a newer second for this long (ms)...
+    pub replay_stall_ms: i64,
+    /// ...and waits for replaying instances at most this long after its first snapshot (ms).
+    pub replay_wait_ms: i64,
     /// Most cells (series times splits) in one second of one service.
     pub max_cells: usize,
     /// Most bytes of merged state one service may hold, its open and recent seconds together; what would
@@ -276,6 +292,10 @@ pub(crate) struct ServiceWindows {
     /// (up to `late_window`), or a service falling behind would expect only the few that are still on time, and
     /// seal each second at their first snapshot.
     late: FastMap<Arc<str>, i64>,
+    /// Instances replaying into this service (see the module's doc).
+    replays: Arc<ReplayBook>,
+    /// When the aggregator started (wall clock, ms; 0 when not said).
+    started_ms: i64,
     /// Seconds up to this one were sealed (and published) before this service's state was last dropped as idle: a
     /// snapshot for one of them is too late, or it would open its second again and publish it partial.
     sealed_before_eviction: Option<i64>,
@@ -305,8 +325,39 @@ impl ServiceWindows {
             expected: HashSet::new(),
             stragglers: HashSet::new(),
             late: FastMap::default(),
+            replays: Arc::default(),
+            started_ms: 0,
             sealed_before_eviction: None,
         }
+    }
+
+    /// Whether second `t` (first snapshot at `first_ms`, 0 if unknown) still waits for replays at `now_ms`.
+    fn waits_for_replays(&self, t: i64, first_ms: i64, now_ms: i64) -> bool {
+        let ended = t.saturating_add(1).saturating_mul(1000);
+        let since = if first_ms > 0 { first_ms } else { ended };
+        if now_ms >= since.saturating_add(self.settings.replay_wait_ms) {
+            return false;
+        }
+        // Ended well before the aggregator started: a replay, whose other agents may still be reconnecting.
+        let gathering = ended.saturating_add(self.settings.grace_max_ms) < self.started_ms
+            && now_ms
+                < self
+                    .started_ms
+                    .saturating_add(self.settings.replay_gather_ms);
+        gathering || self.replays.holds(t, now_ms, self.settings.replay_stall_ms)
+    }
+
+    /// In an aggregator that started at `started_ms` (seconds that ended well before it are replays, gathered for
+    /// `replay_gather`).
+    pub(crate) fn started_at(mut self, started_ms: i64) -> Self {
+        self.started_ms = started_ms;
+        self
+    }
+
+    /// Follows the instances replaying into this service in `book` (which its streams write).
+    pub(crate) fn following(mut self, book: Arc<ReplayBook>) -> Self {
+        self.replays = book;
+        self
     }
 
     /// Counts this service's merged state with every other service's, within their common bound.
@@ -356,6 +407,7 @@ impl ServiceWindows {
     pub(crate) fn apply(&mut self, snapshot: InstanceSecond, now_ms: i64) -> Applied {
         let t = snapshot.t;
         self.last_arrival_ms = self.last_arrival_ms.max(now_ms);
+        self.replays.merged(&snapshot.instance.id, t, now_ms);
         if self
             .sealed_before_eviction
             .is_some_and(|sealed| t <= sealed)
@@ -452,6 +504,9 @@ impl ServiceWindows {
     pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
+            if self.waits_for_replays(t, second.first_ms, now_ms) {
+                break;
+            }
             // Waiting starts when the second ends, or, when the service's first snapshot of it came more than a
             // grace later, then: a service (or a whole shard) behind by seconds, on a saturated host or replaying
             // after an outage, would otherwise have each second sealed at its first snapshot and the rest turned
@@ -736,6 +791,9 @@ mod tests {
         grace_quorum: 0.9,
         grace_max_ms: 1000,
         late_window_secs: 10,
+        replay_gather_ms: 6_000,
+        replay_stall_ms: 10_000,
+        replay_wait_ms: 120_000,
         max_cells: 1000,
         max_bytes: usize::MAX,
     };
@@ -1462,5 +1520,135 @@ mod tests {
         ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sealed[0].series.len(), 2);
+    }
+
+    /// Instances `who` said at their hello, at `now_ms`, that they replay up to second `through`.
+    fn replaying(w: &ServiceWindows, who: &[&Arc<Instance>], through: i64, now_ms: i64) {
+        for inst in who {
+            w.replays.start(&inst.id, through, now_ms);
+        }
+    }
+
+    fn seconds_and_instances(sealed: &[SealedSecond]) -> Vec<(i64, usize)> {
+        sealed.iter().map(|s| (s.t, s.instances.len())).collect()
+    }
+
+    /// Two agents back from an outage replay seconds 40 to 99. One sends it all at once; the other's replay takes
+    /// 25 s, longer than the late window: every second is still sealed once, with both.
+    #[test]
+    fn a_replay_is_merged_on_time_however_far_apart_its_agents_are() {
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        let quiet = Arrivals::default();
+        replaying(&w, &[&a, &b], 99, 100_000);
+        for t in 40..=99 {
+            assert!(matches!(
+                w.apply(counter(&a, t, 1.0), 100_000),
+                Applied::Merged { .. }
+            ));
+        }
+        for t in 40..50 {
+            w.apply(counter(&b, t, 1.0), 100_000);
+        }
+        assert!(
+            w.seal_ready_seconds(105_999, &quiet).is_empty(),
+            "agents still reconnecting are heard of first"
+        );
+        assert_eq!(
+            seconds_and_instances(&w.seal_ready_seconds(106_000, &quiet)),
+            (40..50).map(|t| (t, 2)).collect::<Vec<_>>(),
+            "what both sent is sealed; b is on its way to the rest"
+        );
+        let mut now = 106_000;
+        for t in 50..=99 {
+            now += 500;
+            assert!(matches!(
+                w.apply(counter(&b, t, 1.0), now),
+                Applied::Merged { .. }
+            ));
+            assert_eq!(
+                seconds_and_instances(&w.seal_ready_seconds(now, &quiet)),
+                vec![(t, 2)]
+            );
+        }
+        assert_eq!(w.replays.len(), 0, "both are done replaying");
+    }
+
+    /// A replaying instance that stops moving (or sends the same old second again) holds its seconds for
+    /// `replay_stall`, no longer.
+    #[test]
+    fn a_stalled_replay_is_waited_for_no_longer_than_replay_stall() {
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        let quiet = Arrivals::default();
+        replaying(&w, &[&a, &b], 99, 100_000);
+        for t in 40..=99 {
+            w.apply(counter(&a, t, 1.0), 100_000);
+        }
+        for t in 40..50 {
+            w.apply(counter(&b, t, 1.0), 100_000);
+        }
+        // The same second again is not moving on.
+        for now in [104_000, 108_000] {
+            assert!(matches!(
+                w.apply(counter(&b, 49, 1.0), now),
+                Applied::Duplicate { .. }
+            ));
+        }
+        let sealed = w.seal_ready_seconds(109_999, &quiet);
+        assert_eq!(sealed.last().map(|s| s.t), Some(49));
+        let sealed = w.seal_ready_seconds(110_000, &quiet);
+        assert_eq!(
+            seconds_and_instances(&sealed),
+            (50..=99).map(|t| (t, 1)).collect::<Vec<_>>()
+        );
+    }
+
+    /// However alive a replay is, a second waits for it at most `replay_wait` after its first snapshot.
+    #[test]
+    fn a_second_waits_for_replays_at_most_replay_wait() {
+        let settings = WindowSettings {
+            replay_wait_ms: 20_000,
+            ..SETTINGS
+        };
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), settings).started_at(100_000);
+        let quiet = Arrivals::default();
+        replaying(&w, &[&a, &b], 99, 100_000);
+        for t in 40..=99 {
+            w.apply(counter(&a, t, 1.0), 100_000);
+        }
+        // b moves a second every 5 s: alive, and far too slow.
+        let mut now = 100_000;
+        for t in 40..45 {
+            w.apply(counter(&b, t, 1.0), now);
+            now += 5_000;
+        }
+        let sealed = w.seal_ready_seconds(119_999, &quiet);
+        assert_eq!(sealed.last().map(|s| s.t), Some(44));
+        let sealed = w.seal_ready_seconds(120_000, &quiet);
+        assert_eq!(sealed.first().map(|s| s.t), Some(45));
+        assert_eq!(sealed.last().map(|s| s.t), Some(99));
+    }
+
+    /// An aggregator that just started seals live seconds as usual: only seconds that ended well before it started
+    /// are held for agents reconnecting.
+    #[test]
+    fn only_old_seconds_wait_for_agents_reconnecting() {
+        let a = instance("a", "v1", None);
+        let quiet = Arrivals::default();
+        let mut live = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_200);
+        live.apply(counter(&a, 99, 1.0), 100_200);
+        assert_eq!(
+            seconds_and_instances(&live.seal_ready_seconds(101_000, &quiet)),
+            vec![(99, 1)]
+        );
+        let mut old = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_200);
+        old.apply(counter(&a, 90, 1.0), 100_200);
+        assert!(old.seal_ready_seconds(106_199, &quiet).is_empty());
+        assert_eq!(
+            seconds_and_instances(&old.seal_ready_seconds(106_200, &quiet)),
+            vec![(90, 1)]
+        );
     }
 }

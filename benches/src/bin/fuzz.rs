@@ -147,6 +147,9 @@ const SETTINGS: WindowSettings = WindowSettings {
     grace_quorum: 0.9,
     grace_max_ms: 1000,
     late_window_secs: 10,
+    replay_gather_ms: 6_000,
+    replay_stall_ms: 10_000,
+    replay_wait_ms: 120_000,
     max_cells: 150_000,
     max_bytes: 1 << 30,
 };

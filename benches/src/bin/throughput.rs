@@ -7,6 +7,11 @@
 //! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
 //! - instance-seconds lost: expected (agents x seconds) minus those counted in a sealed or corrected second.
 //!
+//! With `--outage D` it kills the aggregator (SIGKILL) `--outage-at` seconds into the measured window, keeps it
+//! down `D` seconds while the agents buffer, starts it again on the same addresses, and reports what an outage at
+//! this scale costs: instance-seconds lost (counted by neither aggregator), how long after the restart live frames
+//! are fresh again, when the outage's seconds were all published, and the second aggregator's CPU and peak RSS.
+//!
 //! `cargo build --release && cargo run --release -p strobe-benches --bin throughput -- --agents 10000 --seconds 300`
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,7 +78,19 @@ struct Args {
     /// frame's `published_ms`) on every live overview frame.
     #[arg(long, default_value_t = 0)]
     subscribers: usize,
+    /// Kill the aggregator (SIGKILL) and keep it down this many seconds, then start it again (0: no outage).
+    #[arg(long, default_value_t = 0)]
+    outage: u64,
+    /// Seconds into the measured window at which `--outage` kills the aggregator.
+    #[arg(long, default_value_t = 15)]
+    outage_at: u64,
 }
+
+/// A second is fresh when at least this share of the fleet is in its live frame (the load sends 1% of
+/// instance-seconds late by default, which its corrections count; three times that is noise)...
+const FRESH_SHARE: f64 = 0.97;
+/// ...and every service's live frame of it came within this long after it ended.
+const FRESH_DELAY_MS: i64 = 2_000;
 
 #[derive(Deserialize)]
 struct FrameHead {
@@ -96,10 +113,17 @@ struct OverviewRow {
 
 #[derive(Default)]
 struct Seen {
-    /// (service, t) -> instances in the live overview, and the most in any correction.
-    instances: HashMap<(String, i64), (u64, u64)>,
+    /// (service, t, aggregator) -> instances in the live overview, and the most in any correction. The aggregator
+    /// is 0, or 1 once it was restarted (`--outage`).
+    instances: HashMap<(String, i64, u8), (u64, u64)>,
     /// Live "second" frames: milliseconds after their second ended.
     frame_delays: Vec<i64>,
+    /// The restarted aggregator's live "second" frames: their second, and milliseconds after it ended.
+    restarted_frames: Vec<(i64, i64)>,
+    /// The restarted aggregator's overview frames (live or corrections): the last arrival for each second.
+    restarted_last: HashMap<i64, i64>,
+    /// Which aggregator is up: 0, or 1 once it was restarted.
+    epoch: u8,
     /// Bytes received on the full-frame connection.
     bytes: u64,
 }
@@ -203,8 +227,23 @@ fn between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Follows the aggregator's stream at `url`, connecting again while it is away (`--outage`).
 async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    loop {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await {
+            read_frames(ws, &seen, full).await.ok();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn read_frames(
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    seen: &Mutex<Seen>,
+    full: bool,
+) -> Result<()> {
     while let Some(message) = ws.next().await {
         let Message::Text(text) = message? else {
             continue;
@@ -214,12 +253,17 @@ async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
             continue;
         };
         let mut seen = seen.lock().expect("lock");
+        let epoch = seen.epoch;
         if full {
             seen.bytes += text.len() as u64;
         }
         match (frame.kind.as_str(), frame.t, frame.service) {
             ("second", Some(t), Some(_)) if full && !frame.correction => {
-                seen.frame_delays.push(arrived - (t + 1) * 1000);
+                let delay = arrived - (t + 1) * 1000;
+                seen.frame_delays.push(delay);
+                if epoch > 0 {
+                    seen.restarted_frames.push((t, delay));
+                }
             }
             ("overview", Some(t), Some(service)) if !full => {
                 let instances = frame
@@ -228,11 +272,15 @@ async fn watch(url: String, seen: Arc<Mutex<Seen>>, full: bool) -> Result<()> {
                     .flatten()
                     .find(|row| row.version.is_none())
                     .map_or(0, |row| row.instances);
-                let entry = seen.instances.entry((service, t)).or_default();
+                if epoch > 0 {
+                    let last = seen.restarted_last.entry(t).or_default();
+                    *last = (*last).max(arrived);
+                }
+                let entry = seen.instances.entry((service, t, epoch)).or_default();
                 if frame.correction {
                     entry.1 = entry.1.max(instances);
                 } else {
-                    entry.0 = instances;
+                    entry.0 = entry.0.max(instances);
                 }
             }
             _ => {}
@@ -278,6 +326,174 @@ async fn subscriber(
                 .expect("lock")
                 .push(arrived - frame.published_ms);
         }
+    }
+    Ok(())
+}
+
+/// The aggregator's arguments with the addresses it was given (`:0`) replaced by those it took.
+fn restart_args(args: &[String], grpc: &str, http: &str) -> Vec<String> {
+    let mut out = args.to_vec();
+    for (flag, address) in [("--grpc-addr", grpc), ("--http-addr", http)] {
+        if let Some(at) = out.iter().position(|a| a == flag) {
+            out[at + 1] = address.to_owned();
+        }
+    }
+    out
+}
+
+/// `--outage`: measures for `args.seconds` from now, killing the aggregator `outage_at` seconds in and starting it
+/// again `outage` seconds later on the same addresses, then prints what the outage cost.
+async fn outage(
+    args: &Args,
+    mut aggregator: Child,
+    restart: Vec<String>,
+    http: &str,
+    seen: &Mutex<Seen>,
+) -> Result<()> {
+    if args.seconds < args.outage_at + args.outage + 20 {
+        bail!("--seconds must leave at least 20 s after the restart (--outage-at + --outage + 20)");
+    }
+    let first_second = now_ms() / 1000;
+    tokio::time::sleep(Duration::from_secs(args.outage_at)).await;
+    let killed_ms = now_ms();
+    aggregator
+        .kill()
+        .await
+        .context("cannot kill the aggregator")?;
+    println!(
+        "outage: aggregator killed (SIGKILL); down {} s",
+        args.outage
+    );
+    tokio::time::sleep(Duration::from_secs(args.outage)).await;
+    seen.lock().expect("lock").epoch = 1;
+    let mut aggregator = spawn(&args.strobe, &restart, args.pin.then_some("0"))?;
+    let mut lines = BufReader::new(aggregator.stdout.take().context("aggregator stdout")?).lines();
+    lines
+        .next_line()
+        .await?
+        .context("the restarted aggregator printed nothing")?;
+    let restarted_ms = now_ms();
+    let pid = aggregator.id().context("aggregator pid")?;
+    tokio::time::sleep(Duration::from_secs(
+        args.seconds - args.outage_at - args.outage,
+    ))
+    .await;
+    let last_second = now_ms() / 1000 - 1;
+    let (ticks, _) = proc_usage(pid)?;
+    let cores = ticks as f64 / 100.0 / ((now_ms() - restarted_ms) as f64 / 1000.0);
+    // Let corrections of the last measured seconds arrive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, rss_kib) = proc_usage(pid)?;
+    let metrics = strobe_benches::scrape_metrics(http.parse()?).await?;
+    let too_late = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strobe_snapshots_too_late_total "))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    aggregator.kill().await.ok();
+
+    let assignment =
+        strobe_sim::loadgen::assign_services(args.agents, args.services, args.sizes == "zipf");
+    let mut size_of: HashMap<String, u64> = HashMap::new();
+    for service in assignment {
+        *size_of
+            .entry(strobe_sim::loadgen::service_name(service))
+            .or_default() += 1;
+    }
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    // Counted in a second: what each aggregator counted of each service (live or corrected), added up (an
+    // instance-second counted by both would be counted twice, so the sum is held to the service's size).
+    let mut counted: HashMap<(&str, i64), u64> = HashMap::new();
+    let mut live_after: BTreeMap<i64, u64> = BTreeMap::new();
+    for ((service, t, epoch), (live, corrected)) in &seen.instances {
+        *counted.entry((service.as_str(), *t)).or_default() += (*live).max(*corrected);
+        if *epoch == 1 {
+            *live_after.entry(*t).or_default() += live;
+        }
+    }
+    let mut counted_at: BTreeMap<i64, u64> = BTreeMap::new();
+    for ((service, t), n) in counted {
+        let size = size_of.get(service).copied().unwrap_or(0);
+        *counted_at.entry(t).or_default() += n.min(size);
+    }
+    let expected = args.agents as u64;
+    let (killed_s, restarted_s) = (killed_ms / 1000, restarted_ms / 1000);
+    let (mut lost_in, mut lost_out) = (0u64, 0u64);
+    let mut missing_at = Vec::new();
+    for t in first_second..last_second {
+        let missing = expected.saturating_sub(counted_at.get(&t).copied().unwrap_or(0));
+        if missing > 0 {
+            missing_at.push((t - killed_s, missing));
+        }
+        if (killed_s - 1..=restarted_s + 1).contains(&t) {
+            lost_in += missing;
+        } else {
+            lost_out += missing;
+        }
+    }
+    let mut worst: BTreeMap<i64, i64> = BTreeMap::new();
+    for (t, delay) in &seen.restarted_frames {
+        let w = worst.entry(*t).or_insert(i64::MIN);
+        *w = (*w).max(*delay);
+    }
+    let fresh = |t: i64| {
+        live_after.get(&t).copied().unwrap_or(0) as f64 >= FRESH_SHARE * expected as f64
+            && worst.get(&t).is_some_and(|w| *w <= FRESH_DELAY_MS)
+    };
+    // The first second from which every second up to the end of the run is fresh.
+    let stale = (restarted_s..last_second).rev().find(|t| !fresh(*t));
+    let fresh_from = stale.map_or(restarted_s, |t| t + 1);
+    let backlog_done = (killed_s..=restarted_s)
+        .filter_map(|t| seen.restarted_last.get(&t))
+        .max()
+        .map(|at| at - restarted_ms);
+    let measured = (last_second - first_second).max(0) as u64;
+    println!(
+        "outage of {} s at {} agents x {} series: instance-seconds expected {}, lost {} ({} of them in the \
+         outage's seconds, {} outside)",
+        (restarted_ms - killed_ms) / 1000,
+        args.agents,
+        args.series,
+        expected * measured,
+        lost_in + lost_out,
+        lost_in,
+        lost_out,
+    );
+    if fresh_from < last_second {
+        println!(
+            "live frames fresh again (>= {}% of instances live, every frame <= {} ms after its second) from the \
+             second that ended {:.1} s after the restart",
+            FRESH_SHARE * 100.0,
+            FRESH_DELAY_MS,
+            ((fresh_from + 1) * 1000 - restarted_ms) as f64 / 1000.0
+        );
+    } else {
+        println!("live frames not fresh again by the end of the run");
+    }
+    match backlog_done {
+        Some(ms) => println!(
+            "the outage's seconds: last frame {:.1} s after the restart",
+            ms as f64 / 1000.0
+        ),
+        None => println!("the outage's seconds: none published by the restarted aggregator"),
+    }
+    println!(
+        "restarted aggregator: {cores:.2} cores since its start, peak RSS {:.2} GiB, snapshots too late {too_late}",
+        rss_kib as f64 / 1024.0 / 1024.0
+    );
+    if args.verbose {
+        let row: Vec<String> = (restarted_s - 2..last_second)
+            .map(|t| {
+                format!(
+                    "{t}: live {} worst {} ms",
+                    live_after.get(&t).copied().unwrap_or(0),
+                    worst.get(&t).copied().unwrap_or(-1)
+                )
+            })
+            .collect();
+        eprintln!("after the restart: {row:#?}");
+        eprintln!("instance-seconds lost, by second after the kill: {missing_at:?}");
     }
     Ok(())
 }
@@ -424,6 +640,25 @@ async fn main() -> Result<()> {
         args.seconds
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    if args.outage > 0 {
+        let report = outage(
+            &args,
+            aggregator,
+            restart_args(&aggregator_args, &grpc, &http),
+            &http,
+            &seen,
+        )
+        .await;
+        println!(
+            "(loadgen's last progress line: {})",
+            last_progress.lock().expect("lock")
+        );
+        std::fs::remove_file(&config).ok();
+        full.abort();
+        overview.abort();
+        loadgen.kill().await.ok();
+        return report;
+    }
     let first_second = now_ms() / 1000;
     let (cpu0, _) = proc_usage(agg_pid)?;
     let (lg0, _) = proc_usage(loadgen_pid)?;
@@ -455,7 +690,7 @@ async fn main() -> Result<()> {
     };
     // Per second of the measured window: instances live and after corrections, summed over services.
     let mut per_second: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
-    for ((_, t), (live, corrected)) in &instances {
+    for ((_, t, _), (live, corrected)) in &instances {
         if (first_second..last_second).contains(t) {
             let entry = per_second.entry(*t).or_default();
             entry.0 += live;
@@ -491,7 +726,7 @@ async fn main() -> Result<()> {
             .or_default() += 1;
     }
     let mut live_of: HashMap<&str, u64> = HashMap::new();
-    for ((service, t), (live, _)) in &instances {
+    for ((service, t, _), (live, _)) in &instances {
         if (first_second..last_second).contains(t) {
             *live_of.entry(service.as_str()).or_default() += live;
         }
