@@ -7,18 +7,30 @@
 //! is still moving.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One service's replaying instances.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ReplayBook {
     replaying: Mutex<FastMap<Arc<str>, Replay>>,
     /// How many entries `replaying` has: read without the lock on every merge, so a service nobody replays into
     /// pays one atomic load.
     count: AtomicUsize,
+    /// When replays that stopped moving were last forgotten (wall clock, ms).
+    pruned_ms: AtomicI64,
+}
+
+impl Default for ReplayBook {
+    fn default() -> Self {
+        Self {
+            replaying: Mutex::default(),
+            count: AtomicUsize::new(0),
+            pruned_ms: AtomicI64::new(i64::MIN),
+        }
+    }
 }
 
 /// Where one replaying instance is.
@@ -81,17 +93,28 @@ impl ReplayBook {
     }
 
     /// Whether second `t` waits for a replay: one whose merged seconds have not reached `t`, that replays `t` or
-    /// newer, and that moved on less than `stall_ms` ago. Forgets the replays that stopped moving.
+    /// newer, and that moved on less than `stall_ms` ago. Forgets the replays that stopped moving, once a second
+    /// (this runs for every snapshot merged while a service waits; forgetting on each took 2.6% of a catching-up
+    /// aggregator's CPU at 10,000 agents).
     pub(crate) fn holds(&self, t: i64, now_ms: i64, stall_ms: i64) -> bool {
         if self.count.load(Ordering::Relaxed) == 0 {
             return false;
         }
+        let moving = |r: &Replay| now_ms < r.moved_ms.saturating_add(stall_ms);
         let mut replaying = self.lock();
-        replaying.retain(|_, r| now_ms < r.moved_ms.saturating_add(stall_ms));
-        self.count.store(replaying.len(), Ordering::Relaxed);
+        if now_ms
+            >= self
+                .pruned_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(PRUNE_EVERY_MS)
+        {
+            replaying.retain(|_, r| moving(r));
+            self.count.store(replaying.len(), Ordering::Relaxed);
+            self.pruned_ms.store(now_ms, Ordering::Relaxed);
+        }
         replaying
             .values()
-            .any(|r| r.merged.is_none_or(|merged| merged < t) && t <= r.through)
+            .any(|r| r.merged.is_none_or(|merged| merged < t) && t <= r.through && moving(r))
     }
 
     /// How many instances are replaying.
@@ -106,6 +129,9 @@ impl ReplayBook {
             .unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// How often replays that stopped moving are forgotten (ms).
+const PRUNE_EVERY_MS: i64 = 1_000;
 
 /// Every service's book, by name: streams and shards look a service's up once (a stream at its hello, a shard when
 /// it starts the service); a book nobody holds is gone.
@@ -157,7 +183,12 @@ mod tests {
         assert!(book.holds(11, 1_850, 1_000));
         // Stopped: neither read nor merged anything newer for the stall.
         assert!(!book.holds(11, 2_850, 1_000));
-        assert_eq!(book.len(), 0, "forgotten");
+        assert!(!book.holds(11, 2_950, 1_000));
+        assert_eq!(
+            book.len(),
+            0,
+            "forgotten (at most a second after it stopped)"
+        );
         book.start(&a, 20, 3_000);
         book.merged(&a, 20, 3_100);
         assert_eq!(book.len(), 0, "done once the newest it replays is merged");
