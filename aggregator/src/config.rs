@@ -41,7 +41,7 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
     /// After the aggregator starts, how long seconds that ended before it wait for the agents replaying them to
-    /// reconnect (agents back off for 5 s at most).
+    /// reconnect (agents back off for 5 s at most, and give a connection 2 s).
     #[serde(with = "humantime_serde")]
     pub replay_gather: Duration,
     /// A second waits for an instance replaying towards it (it said so when it reconnected) until that instance
@@ -115,7 +115,7 @@ impl Default for AggregatorConfig {
             grace_max: Duration::from_secs(1),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),
-            replay_gather: Duration::from_secs(6),
+            replay_gather: Duration::from_secs(8),
             replay_stall: Duration::from_secs(10),
             replay_wait: Duration::from_secs(120),
             correction_interval: Duration::from_millis(250),

@@ -130,13 +130,15 @@ impl pb::ingest_server::Ingest for IngestService {
             budget: self.budget.stream(),
             dictionary: StreamDictionary::new(self.tables.of(&instance.service)),
             replay: None,
+            book: None,
         };
         if hello.replay_through > 0 {
             // Nobody replays a second that has not ended.
             let through = hello.replay_through.min(clock::unix_second());
             let book = self.replays.of(&instance.service);
             book.start(&instance.id, through, clock::unix_millis());
-            stream.replay = Some((book, through));
+            stream.replay = Some((book.clone(), through));
+            stream.book = Some(book);
         }
         let limits = self.limits.clone();
         let health = self.health.clone();
@@ -174,6 +176,9 @@ struct AgentStream {
     dictionary: StreamDictionary,
     /// Where this stream notes how far its replay got, and the newest second it replays, until it reads that.
     replay: Option<(Arc<ReplayBook>, i64)>,
+    /// The same book, held for as long as the stream lives: a book nobody holds is gone, and after a restart the
+    /// shard may start the service only once every stream has read its replay (a long queue).
+    book: Option<Arc<ReplayBook>>,
 }
 
 async fn serve_stream(

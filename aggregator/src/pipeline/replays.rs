@@ -47,19 +47,20 @@ struct Replay {
 }
 
 impl ReplayBook {
-    /// An instance's stream said at its hello that it replays up to `through` (replacing what an earlier stream of
-    /// it said).
+    /// An instance's stream said at its hello that it replays up to `through`. A hello of an instance already
+    /// replaying (it reconnected) changes only how far it replays: a hello is not moving on, or an agent
+    /// reconnecting in a loop would hold its service's seconds for as long as it loops.
     pub(crate) fn start(&self, instance: &Arc<str>, through: i64, now_ms: i64) {
         let mut replaying = self.lock();
-        replaying.insert(
-            instance.clone(),
-            Replay {
+        replaying
+            .entry(instance.clone())
+            .and_modify(|r| r.through = through)
+            .or_insert(Replay {
                 through,
                 read: None,
                 merged: None,
                 moved_ms: now_ms,
-            },
-        );
+            });
         self.count.store(replaying.len(), Ordering::Relaxed);
     }
 
@@ -189,8 +190,15 @@ mod tests {
             0,
             "forgotten (at most a second after it stopped)"
         );
+        // A reconnect (a hello again) is not moving on, and keeps what was merged.
         book.start(&a, 20, 3_000);
-        book.merged(&a, 20, 3_100);
+        book.merged(&a, 12, 3_000);
+        book.start(&a, 25, 3_900);
+        assert!(!book.holds(12, 3_900, 1_000), "merged past it before");
+        assert!(book.holds(13, 3_900, 1_000));
+        assert!(!book.holds(13, 4_000, 1_000), "the hello moved nothing");
+        book.start(&a, 20, 5_000);
+        book.merged(&a, 20, 5_100);
         assert_eq!(book.len(), 0, "done once the newest it replays is merged");
     }
 

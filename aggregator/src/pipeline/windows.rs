@@ -15,9 +15,10 @@
 //! agent kept, and its stream notes in the service's [`ReplayBook`] how far it has read. A second is not sealed
 //! while an instance replaying it has not been merged past it (it sends its seconds in order, so it will), for as
 //! long as that instance keeps moving (`replay_stall`), and at most `replay_wait` after the second's first
-//! snapshot. Seconds that ended well before the aggregator started (it restarted) are not sealed in its first
-//! `replay_gather` either, so that agents reconnecting on their backoff are heard of first. Without this, the first agents back had every replayed second sealed, and after an
-//! outage of a minute at 3,000 agents three quarters of the outage's seconds arrived past their late window.
+//! snapshot (whatever order it came in). Seconds that ended well before the aggregator started (it restarted) are
+//! not sealed in its first `replay_gather` either, so that agents reconnecting on their backoff are heard of first.
+//! Without this, the first agents back had every replayed second sealed, and after an outage of a minute at 3,000
+//! agents 78% of the outage's instance-seconds arrived past their late window and were lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -149,6 +150,9 @@ pub(crate) struct OpenSecond {
     table: Option<Arc<SeriesTable>>,
     /// When its first snapshot arrived (wall clock, ms), if it was newer than every second seen before; else 0.
     first_ms: i64,
+    /// When its first snapshot arrived (wall clock, ms), whatever its order: replays are waited for at most
+    /// `replay_wait` from then.
+    opened_ms: i64,
 }
 
 /// A second's merged cells by split (overall, per version, per zone), derived from its leaves.
@@ -331,11 +335,10 @@ impl ServiceWindows {
         }
     }
 
-    /// Whether second `t` (first snapshot at `first_ms`, 0 if unknown) still waits for replays at `now_ms`.
-    fn waits_for_replays(&self, t: i64, first_ms: i64, now_ms: i64) -> bool {
+    /// Whether second `t` (first snapshot at `opened_ms`) still waits for replays at `now_ms`.
+    fn waits_for_replays(&self, t: i64, opened_ms: i64, now_ms: i64) -> bool {
         let ended = t.saturating_add(1).saturating_mul(1000);
-        let since = if first_ms > 0 { first_ms } else { ended };
-        if now_ms >= since.saturating_add(self.settings.replay_wait_ms) {
+        if now_ms >= opened_ms.saturating_add(self.settings.replay_wait_ms) {
             return false;
         }
         // Ended well before the aggregator started: a replay, whose other agents may still be reconnecting.
@@ -481,6 +484,7 @@ impl ServiceWindows {
         let available = self.room();
         let second = self.open.entry(t).or_insert_with(|| OpenSecond {
             first_ms,
+            opened_ms: now_ms,
             ..OpenSecond::default()
         });
         let Some(merged) = merge_into(
@@ -504,7 +508,7 @@ impl ServiceWindows {
     pub(crate) fn seal_ready(&mut self, now_ms: i64, arrivals: &Arrivals) -> Vec<Sealed> {
         let mut sealed = Vec::new();
         while let Some((&t, second)) = self.open.first_key_value() {
-            if self.waits_for_replays(t, second.first_ms, now_ms) {
+            if self.waits_for_replays(t, second.opened_ms, now_ms) {
                 break;
             }
             // Waiting starts when the second ends, or, when the service's first snapshot of it came more than a
@@ -1618,17 +1622,41 @@ mod tests {
         for t in 40..=99 {
             w.apply(counter(&a, t, 1.0), 100_000);
         }
-        // b moves a second every 5 s: alive, and far too slow.
+        // b moves a second every 4 s: alive, and far too slow.
+        let mut sealed = Vec::new();
         let mut now = 100_000;
         for t in 40..45 {
             w.apply(counter(&b, t, 1.0), now);
-            now += 5_000;
+            sealed.extend(w.seal_ready_seconds(now, &quiet));
+            now += 4_000;
         }
-        let sealed = w.seal_ready_seconds(119_999, &quiet);
-        assert_eq!(sealed.last().map(|s| s.t), Some(44));
+        sealed.extend(w.seal_ready_seconds(119_999, &quiet));
+        assert_eq!(
+            seconds_and_instances(&sealed),
+            (40..45).map(|t| (t, 2)).collect::<Vec<_>>()
+        );
         let sealed = w.seal_ready_seconds(120_000, &quiet);
-        assert_eq!(sealed.first().map(|s| s.t), Some(45));
-        assert_eq!(sealed.last().map(|s| s.t), Some(99));
+        assert_eq!(
+            seconds_and_instances(&sealed),
+            (45..=99).map(|t| (t, 1)).collect::<Vec<_>>()
+        );
+    }
+
+    /// A second that opened out of order (older than one already open) waits for replays like any other: its wait
+    /// counts from its first snapshot, not from its end minutes ago.
+    #[test]
+    fn a_second_opened_out_of_order_waits_for_replays_too() {
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(400_000);
+        let quiet = Arrivals::default();
+        replaying(&w, &[&b], 399, 400_000);
+        w.apply(counter(&a, 150, 1.0), 400_000);
+        w.apply(counter(&a, 100, 1.0), 400_000);
+        w.replays.read(&b.id, 50, 405_000);
+        assert!(
+            w.seal_ready_seconds(407_000, &quiet).is_empty(),
+            "b replays second 100 and is on its way"
+        );
     }
 
     /// An aggregator that just started seals live seconds as usual: only seconds that ended well before it started
