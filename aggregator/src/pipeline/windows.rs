@@ -1533,6 +1533,27 @@ mod tests {
         }
     }
 
+    /// An aggregator started at 100 s; instances a and b reconnected then, each replaying seconds 40 to 99. All of
+    /// a's replay has been merged (at 100 s), and of b's only the seconds `b_merged`. Returns the windows and b.
+    fn back_from_an_outage(
+        settings: WindowSettings,
+        b_merged: std::ops::Range<i64>,
+    ) -> (ServiceWindows, Arc<Instance>) {
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), settings).started_at(100_000);
+        replaying(&w, &[&a, &b], 99, 100_000);
+        for t in 40..=99 {
+            assert!(matches!(
+                w.apply(counter(&a, t, 1.0), 100_000),
+                Applied::Merged { .. }
+            ));
+        }
+        for t in b_merged {
+            w.apply(counter(&b, t, 1.0), 100_000);
+        }
+        (w, b)
+    }
+
     fn seconds_and_instances(sealed: &[SealedSecond]) -> Vec<(i64, usize)> {
         sealed.iter().map(|s| (s.t, s.instances.len())).collect()
     }
@@ -1541,19 +1562,8 @@ mod tests {
     /// 25 s, longer than the late window: every second is still sealed once, with both.
     #[test]
     fn a_replay_is_merged_on_time_however_far_apart_its_agents_are() {
-        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
-        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        let (mut w, b) = back_from_an_outage(SETTINGS, 40..50);
         let quiet = Arrivals::default();
-        replaying(&w, &[&a, &b], 99, 100_000);
-        for t in 40..=99 {
-            assert!(matches!(
-                w.apply(counter(&a, t, 1.0), 100_000),
-                Applied::Merged { .. }
-            ));
-        }
-        for t in 40..50 {
-            w.apply(counter(&b, t, 1.0), 100_000);
-        }
         assert!(
             w.seal_ready_seconds(105_999, &quiet).is_empty(),
             "agents still reconnecting are heard of first"
@@ -1582,16 +1592,8 @@ mod tests {
     /// `replay_stall`, no longer.
     #[test]
     fn a_stalled_replay_is_waited_for_no_longer_than_replay_stall() {
-        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
-        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        let (mut w, b) = back_from_an_outage(SETTINGS, 40..50);
         let quiet = Arrivals::default();
-        replaying(&w, &[&a, &b], 99, 100_000);
-        for t in 40..=99 {
-            w.apply(counter(&a, t, 1.0), 100_000);
-        }
-        for t in 40..50 {
-            w.apply(counter(&b, t, 1.0), 100_000);
-        }
         // The same second again is not moving on.
         for now in [104_000, 108_000] {
             assert!(matches!(
@@ -1615,13 +1617,8 @@ mod tests {
             replay_wait_ms: 20_000,
             ..SETTINGS
         };
-        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
-        let mut w = ServiceWindows::new("svc".into(), settings).started_at(100_000);
+        let (mut w, b) = back_from_an_outage(settings, 40..40);
         let quiet = Arrivals::default();
-        replaying(&w, &[&a, &b], 99, 100_000);
-        for t in 40..=99 {
-            w.apply(counter(&a, t, 1.0), 100_000);
-        }
         // b moves a second every 4 s: alive, and far too slow.
         let mut sealed = Vec::new();
         let mut now = 100_000;

@@ -330,6 +330,19 @@ async fn subscriber(
     Ok(())
 }
 
+/// Each service's instances, from the load generator's own assignment.
+fn service_sizes(args: &Args) -> HashMap<String, u64> {
+    let assignment =
+        strobe_sim::loadgen::assign_services(args.agents, args.services, args.sizes == "zipf");
+    let mut size_of: HashMap<String, u64> = HashMap::new();
+    for service in assignment {
+        *size_of
+            .entry(strobe_sim::loadgen::service_name(service))
+            .or_default() += 1;
+    }
+    size_of
+}
+
 /// The aggregator's arguments with the addresses it was given (`:0`) replaced by those it took.
 fn restart_args(args: &[String], grpc: &str, http: &str) -> Vec<String> {
     let mut out = args.to_vec();
@@ -393,14 +406,7 @@ async fn outage(
         .to_owned();
     aggregator.kill().await.ok();
 
-    let assignment =
-        strobe_sim::loadgen::assign_services(args.agents, args.services, args.sizes == "zipf");
-    let mut size_of: HashMap<String, u64> = HashMap::new();
-    for service in assignment {
-        *size_of
-            .entry(strobe_sim::loadgen::service_name(service))
-            .or_default() += 1;
-    }
+    let size_of = service_sizes(args);
     let seen = std::mem::take(&mut *seen.lock().expect("lock"));
     // Counted in a second: what each aggregator counted of each service (live or corrected), added up (an
     // instance-second counted by both would be counted twice, so the sum is held to the service's size).
@@ -717,14 +723,7 @@ async fn main() -> Result<()> {
     let live_share = live.iter().sum::<i64>() as f64 / (expected as f64 * live.len().max(1) as f64);
     // Live share by service size, from the generator's own assignment: the ten largest services against the rest,
     // each live instance-second over the instance-seconds expected.
-    let assignment =
-        strobe_sim::loadgen::assign_services(args.agents, args.services, args.sizes == "zipf");
-    let mut size_of: HashMap<String, u64> = HashMap::new();
-    for service in assignment {
-        *size_of
-            .entry(strobe_sim::loadgen::service_name(service))
-            .or_default() += 1;
-    }
+    let size_of = service_sizes(&args);
     let mut live_of: HashMap<&str, u64> = HashMap::new();
     for ((service, t, _), (live, _)) in &instances {
         if (first_second..last_second).contains(t) {
