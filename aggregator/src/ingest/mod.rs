@@ -129,16 +129,16 @@ impl pb::ingest_server::Ingest for IngestService {
             shard: self.shards.for_service(&instance.service),
             budget: self.budget.stream(),
             dictionary: StreamDictionary::new(self.tables.of(&instance.service)),
-            replay: None,
             book: None,
+            replay_through: None,
         };
         if hello.replay_through > 0 {
             // Nobody replays a second that has not ended.
             let through = hello.replay_through.min(clock::unix_second());
             let book = self.replays.of(&instance.service);
             book.start(&instance.id, through, clock::unix_millis());
-            stream.replay = Some((book.clone(), through));
             stream.book = Some(book);
+            stream.replay_through = Some(through);
         }
         let limits = self.limits.clone();
         let health = self.health.clone();
@@ -174,11 +174,12 @@ struct AgentStream {
     shard: mpsc::Sender<ShardCommand>,
     budget: StreamBudget,
     dictionary: StreamDictionary,
-    /// Where this stream notes how far its replay got, and the newest second it replays, until it reads that.
-    replay: Option<(Arc<ReplayBook>, i64)>,
-    /// The same book, held for as long as the stream lives: a book nobody holds is gone, and after a restart the
-    /// shard may start the service only once every stream has read its replay (a long queue).
+    /// Where this stream, replaying, notes how far it got. Held for as long as the stream lives: a book nobody
+    /// holds is gone, and after a restart the shard may start the service only once every stream has read its
+    /// replay (a long queue).
     book: Option<Arc<ReplayBook>>,
+    /// The newest second the agent said it replays, until the stream reads it.
+    replay_through: Option<i64>,
 }
 
 async fn serve_stream(
@@ -273,15 +274,12 @@ async fn serve_stream(
         let second = snapshot.second;
         received.note(second, clock::unix_millis());
         // While replaying: how far this stream has read.
-        let replaying = stream.replay.as_ref().map(|(book, through)| {
+        let replaying = stream.replay_through.is_some();
+        if let (Some(book), Some(through)) = (&stream.book, stream.replay_through) {
             book.read(&instance.id, second, clock::unix_millis());
-            (book.clone(), *through)
-        });
-        if replaying
-            .as_ref()
-            .is_some_and(|(_, through)| second >= *through)
-        {
-            stream.replay = None;
+            if second >= through {
+                stream.replay_through = None;
+            }
         }
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
@@ -302,7 +300,7 @@ async fn serve_stream(
                 drop(reservation);
                 // Never to be merged: sealing waits for it no longer (an agent whose clock is ahead replays
                 // seconds that are all refused).
-                if let Some((book, _)) = replaying {
+                if replaying && let Some(book) = &stream.book {
                     book.merged(&instance.id, second, clock::unix_millis());
                 }
                 health.count_dropped(refusal.reason(), 1);
