@@ -2,8 +2,8 @@
 //! metrics are a service's requests, errors and latency. A leaf: imports nothing of the crate. Only `ingest` touches
 //! protobuf types; everything downstream speaks these.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,38 @@ pub(crate) mod hdr;
 pub(crate) mod table;
 
 use hdr::CheckedV2;
+
+/// Something each service has one of while anyone holds it (a series table, a replay book), by service name: looked
+/// up once per stream or service, not per snapshot. One nobody holds is gone, and the next lookup starts another.
+#[derive(Debug)]
+pub(crate) struct PerService<T> {
+    held: Mutex<HashMap<Arc<str>, Weak<T>>>,
+}
+
+impl<T> Default for PerService<T> {
+    fn default() -> Self {
+        Self {
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> PerService<T> {
+    /// `service`'s, made by `make` if nobody holds one.
+    pub(crate) fn of(&self, service: &Arc<str>, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(one) = held.get(service).and_then(Weak::upgrade) {
+            return one;
+        }
+        // Forget dead entries now and then, so services that came and went do not accumulate.
+        if held.len() >= 64 && held.len().is_power_of_two() {
+            held.retain(|_, w| w.strong_count() > 0);
+        }
+        let one = Arc::new(make());
+        held.insert(service.clone(), Arc::downgrade(&one));
+        one
+    }
+}
 
 /// Which instances a merged cell covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

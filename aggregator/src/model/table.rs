@@ -7,9 +7,9 @@
 //! are refused (the service's cardinality limit), and the refusal is the caller's to count.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use super::SeriesKey;
+use super::{PerService, SeriesKey};
 
 /// A series' number within its service's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,7 +99,7 @@ impl Keys<'_> {
 /// any more is gone, and the next stream of its service starts a new one.
 #[derive(Debug)]
 pub(crate) struct SeriesTables {
-    tables: Mutex<HashMap<Arc<str>, Weak<SeriesTable>>>,
+    tables: PerService<SeriesTable>,
     capacity: usize,
 }
 
@@ -107,24 +107,14 @@ impl SeriesTables {
     /// Tables of at most `capacity` series each.
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            tables: Mutex::new(HashMap::new()),
+            tables: PerService::default(),
             capacity,
         }
     }
 
     /// `service`'s table, started if nobody holds one.
     pub(crate) fn of(&self, service: &Arc<str>) -> Arc<SeriesTable> {
-        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(table) = tables.get(service).and_then(Weak::upgrade) {
-            return table;
-        }
-        // Forget dead entries now and then, so services that came and went do not accumulate.
-        if tables.len() >= 64 && tables.len().is_power_of_two() {
-            tables.retain(|_, t| t.strong_count() > 0);
-        }
-        let table = Arc::new(SeriesTable::new(self.capacity));
-        tables.insert(service.clone(), Arc::downgrade(&table));
-        table
+        self.tables.of(service, || SeriesTable::new(self.capacity))
     }
 }
 

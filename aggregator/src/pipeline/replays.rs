@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::model::PerService;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -138,23 +140,13 @@ const PRUNE_EVERY_MS: i64 = 1_000;
 /// it starts the service); a book nobody holds is gone.
 #[derive(Debug, Default)]
 pub(crate) struct Replays {
-    books: Mutex<HashMap<Arc<str>, Weak<ReplayBook>>>,
+    books: PerService<ReplayBook>,
 }
 
 impl Replays {
     /// `service`'s book, started if nobody holds one.
     pub(crate) fn of(&self, service: &Arc<str>) -> Arc<ReplayBook> {
-        let mut books = self.books.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(book) = books.get(service).and_then(Weak::upgrade) {
-            return book;
-        }
-        // Forget dead entries now and then, so services that came and went do not accumulate.
-        if books.len() >= 64 && books.len().is_power_of_two() {
-            books.retain(|_, b| b.strong_count() > 0);
-        }
-        let book = Arc::new(ReplayBook::default());
-        books.insert(service.clone(), Arc::downgrade(&book));
-        book
+        self.books.of(service, ReplayBook::default)
     }
 }
 
@@ -207,9 +199,9 @@ mod tests {
         let replays = Replays::default();
         let service: Arc<str> = "svc".into();
         let book = replays.of(&service);
-        assert!(Arc::ptr_eq(&book, &replays.of(&service)));
+        book.start(&"a".into(), 20, 0);
+        assert_eq!(replays.of(&service).len(), 1, "the same book");
         drop(book);
-        let again = replays.of(&service);
-        assert_eq!(Arc::strong_count(&again), 1);
+        assert_eq!(replays.of(&service).len(), 0, "nobody held it: a new one");
     }
 }
