@@ -176,6 +176,10 @@ pub(crate) struct AggregatorArgs {
     /// The longest a second waits for replaying instances after its first snapshot, e.g. `2m`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_WAIT", value_parser = humantime::parse_duration)]
     pub(crate) replay_wait: Option<Duration>,
+    /// A replaying stream is caught up once it delivers a second within this of its end; until then its later
+    /// seconds are waited for too, e.g. `1s`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_CAUGHT_UP", value_parser = humantime::parse_duration)]
+    pub(crate) replay_caught_up: Option<Duration>,
     /// Export every sealed second to this Prometheus remote write endpoint, e.g.
     /// `http://prometheus:9090/api/v1/write`.
     #[arg(help_heading = "Export", long, env = "STROBE_REMOTE_WRITE")]
@@ -541,6 +545,9 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.replay_wait {
             config.replay_wait = v;
+        }
+        if let Some(v) = self.replay_caught_up {
+            config.replay_caught_up = v;
         }
         if self.remote_write.is_some() {
             config.remote_write.url = self.remote_write;

@@ -51,6 +51,13 @@ pub struct AggregatorConfig {
     /// ...and at most this long after the second's first snapshot.
     #[serde(with = "humantime_serde")]
     pub replay_wait: Duration,
+    /// A replaying stream is caught up once it delivers a second within this of the second's end (about
+    /// `grace_max`: the next second comes about as late). Until then the seconds queued behind its replay are late too, and are waited for like the replay (for at most
+    /// `replay_wait` after its hello): otherwise, after an outage of a large fleet, each live second is sealed
+    /// with the few instances that caught up first and the rest turn into corrections, which cost more than
+    /// merging them on time and keep the aggregator behind.
+    #[serde(with = "humantime_serde")]
+    pub replay_caught_up: Duration,
     /// Late snapshots of one sealed second are gathered this long and published as one correction (at most
     /// 900 ms; larger values are capped); later corrections of the same second wait twice as long each, up to 1 s.
     #[serde(with = "humantime_serde")]
@@ -118,6 +125,7 @@ impl Default for AggregatorConfig {
             replay_gather: Duration::from_secs(8),
             replay_stall: Duration::from_secs(10),
             replay_wait: Duration::from_secs(120),
+            replay_caught_up: Duration::from_secs(1),
             correction_interval: Duration::from_millis(250),
             shards: 0,
             shard_stall: Duration::from_secs(10),

@@ -463,6 +463,11 @@ impl Aggregator {
                 self.config.limits.max_series_per_service,
             )),
             replays,
+            catch_up: pipeline::replays::CatchUp {
+                caught_up_ms: i64::try_from(self.config.replay_caught_up.as_millis())
+                    .unwrap_or(i64::MAX),
+                longest_ms: i64::try_from(self.config.replay_wait.as_millis()).unwrap_or(i64::MAX),
+            },
             cluster: self.cluster.clone(),
             alerts: alerts.clone(),
         };

@@ -22,7 +22,7 @@ use crate::limits::Limits;
 use crate::model::Instance;
 use crate::model::table::SeriesTables;
 use crate::pipeline::budget::{QueueBudget, StreamBudget};
-use crate::pipeline::replays::{ReplayBook, Replays};
+use crate::pipeline::replays::{CatchUp, Replays, StreamReplay};
 use crate::pipeline::service::STATE_LOST;
 use crate::pipeline::shard::{ShardCommand, Shards};
 use validate::{Refusal, StreamDictionary, validate_hello, validate_snapshot};
@@ -45,6 +45,8 @@ pub(crate) struct IngestService {
     pub(crate) tables: Arc<SeriesTables>,
     /// Every service's agents replaying after a reconnect (the shards wait for them before sealing).
     pub(crate) replays: Arc<Replays>,
+    /// When a replaying stream counts as caught up (see [`CatchUp`]).
+    pub(crate) catch_up: CatchUp,
     /// The cluster, if any: who owns which service.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The alert manager (a service taken over brings its alerts).
@@ -129,16 +131,17 @@ impl pb::ingest_server::Ingest for IngestService {
             shard: self.shards.for_service(&instance.service),
             budget: self.budget.stream(),
             dictionary: StreamDictionary::new(self.tables.of(&instance.service)),
-            book: None,
-            replay_through: None,
+            replay: None,
         };
         if hello.replay_through > 0 {
-            // Nobody replays a second that has not ended.
-            let through = hello.replay_through.min(clock::unix_second());
             let book = self.replays.of(&instance.service);
-            book.start(&instance.id, through, clock::unix_millis());
-            stream.book = Some(book);
-            stream.replay_through = Some(through);
+            stream.replay = Some(StreamReplay::start(
+                book,
+                &instance.id,
+                hello.replay_through,
+                self.catch_up,
+                clock::unix_millis(),
+            ));
         }
         let limits = self.limits.clone();
         let health = self.health.clone();
@@ -174,12 +177,8 @@ struct AgentStream {
     shard: mpsc::Sender<ShardCommand>,
     budget: StreamBudget,
     dictionary: StreamDictionary,
-    /// Where this stream, replaying, notes how far it got. Held for as long as the stream lives: a book nobody
-    /// holds is gone, and after a restart the shard may start the service only once every stream has read its
-    /// replay (a long queue).
-    book: Option<Arc<ReplayBook>>,
-    /// The newest second the agent said it replays, until the stream reads it.
-    replay_through: Option<i64>,
+    /// Where this stream, replaying (or catching up after it), notes how far it got.
+    replay: Option<StreamReplay>,
 }
 
 async fn serve_stream(
@@ -273,14 +272,11 @@ async fn serve_stream(
         };
         let second = snapshot.second;
         received.note(second, clock::unix_millis());
-        // While replaying: how far this stream has read.
-        let replaying = stream.replay_through.is_some();
-        if let (Some(book), Some(through)) = (&stream.book, stream.replay_through) {
-            book.read(&instance.id, second, clock::unix_millis());
-            if second >= through {
-                stream.replay_through = None;
-            }
-        }
+        // While replaying (or catching up after it): how far this stream has read.
+        let replaying = stream
+            .replay
+            .as_mut()
+            .is_some_and(|r| r.read(&instance.id, second, clock::unix_millis()));
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
         let reservation = stream
@@ -300,8 +296,10 @@ async fn serve_stream(
                 drop(reservation);
                 // Never to be merged: sealing waits for it no longer (an agent whose clock is ahead replays
                 // seconds that are all refused).
-                if replaying && let Some(book) = &stream.book {
-                    book.merged(&instance.id, second, clock::unix_millis());
+                if replaying && let Some(replay) = &stream.replay {
+                    replay
+                        .book
+                        .merged(&instance.id, second, clock::unix_millis());
                 }
                 health.count_dropped(refusal.reason(), 1);
                 let rejection = pb::Rejection {

@@ -1676,4 +1676,47 @@ mod tests {
             vec![(90, 1)]
         );
     }
+
+    /// After its replay, an agent's live seconds come behind it on its stream, late. Until the stream catches up
+    /// (reads a second within `caught_up_ms` of its end) they are waited for like the replay: each second is sealed
+    /// once, with both agents, not with the agent that caught up first and the other's as a correction.
+    #[test]
+    fn live_seconds_behind_a_replay_wait_until_its_stream_catches_up() {
+        use crate::pipeline::replays::{CatchUp, StreamReplay};
+        let (a, b) = (instance("a", "v1", None), instance("b", "v1", None));
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        let catch_up = CatchUp {
+            caught_up_ms: 1_000,
+            longest_ms: 120_000,
+        };
+        let mut streams: Vec<StreamReplay> = [&a, &b]
+            .iter()
+            .map(|i| StreamReplay::start(w.replays.clone(), &i.id, 99, catch_up, 100_000))
+            .collect();
+        // a replays 40..=99 at once and is on time from 100 on. b reads one second every 100 ms from 100_000 (99 at
+        // 105_900, 104 at 106_400), is within 1 s of the end of 105 (read at 106_500), caught up, and on time after.
+        let mut reads: Vec<(i64, usize, i64)> = (40..=99).map(|t| (100_000, 0, t)).collect();
+        reads.extend((100..=110).map(|t| ((t + 1) * 1000 + 100, 0, t)));
+        reads.extend((40..=105).map(|t| (100_000 + (t - 40) * 100, 1, t)));
+        reads.extend((106..=110).map(|t| ((t + 1) * 1000 + 50, 1, t)));
+        reads.sort();
+        let quiet = Arrivals::default();
+        let mut sealed = Vec::new();
+        for (now, who, t) in reads {
+            let inst = [&a, &b][who];
+            streams[who].read(&inst.id, t, now);
+            assert!(
+                matches!(w.apply(counter(inst, t, 1.0), now), Applied::Merged { .. }),
+                "{} {t} at {now}: a correction",
+                inst.id
+            );
+            sealed.extend(seconds_and_instances(&w.seal_ready_seconds(now, &quiet)));
+        }
+        sealed.extend(seconds_and_instances(
+            &w.seal_ready_seconds(120_000, &quiet),
+        ));
+        assert_eq!(sealed, (40..=110).map(|t| (t, 2)).collect::<Vec<_>>());
+        assert!(!streams[1].read(&b.id, 111, 112_100), "caught up");
+        assert_eq!(w.replays.len(), 0, "both are done");
+    }
 }
