@@ -571,8 +571,24 @@ async fn ship_once(
         channel,
         config.max_message_bytes.saturating_add(1024),
         ReceiverStream::new(out_rx),
-    )
-    .await;
+    );
+    tokio::pin!(opened);
+    // Opening waits for the aggregator's answer, which takes seconds when thousands of agents reconnect at once:
+    // seconds closing meanwhile are taken (and sent) as they come, or the agent's queue would overflow and drop them.
+    let mut input_open = true;
+    let opened = loop {
+        tokio::select! {
+            opened = &mut opened => break opened,
+            next = snapshots.recv(), if input_open => match next {
+                Some(snapshot) => {
+                    if !forward(snapshot, config, buffer, &mut dictionary, &out_tx, report) {
+                        return Session::Lost { connected: false };
+                    }
+                }
+                None => input_open = false,
+            },
+        }
+    };
     let mut inbound = match opened {
         Ok(response) => response.into_inner(),
         Err(status) => {
@@ -583,21 +599,21 @@ async fn ship_once(
     report.connections += 1;
     let _connected = ConnectedGuard::new(tally);
     info!(message = "Connected to aggregator.", address = %target, replaying = buffer.snapshots.len());
-    let mut input_open = true;
     let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
     tokio::pin!(drain_deadline);
+    if !input_open {
+        if buffer.snapshots.is_empty() {
+            return Session::InputClosed;
+        }
+        drain_deadline
+            .as_mut()
+            .reset(buffer.give_up_at(config.drain_timeout));
+    }
     loop {
         tokio::select! {
             next = snapshots.recv(), if input_open => match next {
-                Some(mut snapshot) => {
-                    fit_to_limit(&mut snapshot, config.max_message_bytes, &config.registered);
-                    if let Some(stats) = snapshot.stats.as_mut() {
-                        stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
-                    }
-                    let compact = dictionary.encode(&snapshot);
-                    buffer.note_sent(snapshot.second, config.clock.local_millis());
-                    buffer.push(snapshot, report);
-                    if out_tx.try_send(compact).is_err() {
+                Some(snapshot) => {
+                    if !forward(snapshot, config, buffer, &mut dictionary, &out_tx, report) {
                         return Session::Lost { connected: true };
                     }
                 }
@@ -670,6 +686,26 @@ async fn ship_once(
             _ = &mut drain_deadline, if !input_open => return Session::InputClosed,
         }
     }
+}
+
+/// Keeps a closed second for replay and queues it on the stream; false when the stream's queue is full (it is
+/// not being sent: the connection is as good as lost).
+fn forward(
+    mut snapshot: pb::Snapshot,
+    config: &ShipperConfig,
+    buffer: &mut ReplayBuffer,
+    dictionary: &mut SeriesDictionary,
+    out: &mpsc::Sender<Encoded>,
+    report: &mut ShipperReport,
+) -> bool {
+    fit_to_limit(&mut snapshot, config.max_message_bytes, &config.registered);
+    if let Some(stats) = snapshot.stats.as_mut() {
+        stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
+    }
+    let compact = dictionary.encode(&snapshot);
+    buffer.note_sent(snapshot.second, config.clock.local_millis());
+    buffer.push(snapshot, report);
+    out.try_send(compact).is_ok()
 }
 
 /// The aggregator's clock readings in one answer about one second.
@@ -1334,5 +1370,79 @@ mod tests {
                 "{failures}: {d:?}"
             );
         }
+    }
+
+    /// An aggregator that reads a stream at once but answers its opening only when told (as one does seconds later
+    /// when thousands of agents reconnect at once): the seconds that close meanwhile are taken from the agent's
+    /// queue as they come and sent, not left in it to overflow.
+    #[tokio::test]
+    async fn seconds_closing_while_a_stream_opens_are_taken_and_sent() {
+        use std::pin::Pin;
+        use tokio_stream::Stream;
+        use tonic::{Request, Response, Status, Streaming};
+
+        struct SlowToAnswer {
+            answer: Arc<tokio::sync::Notify>,
+            read: mpsc::UnboundedSender<i64>,
+        }
+        #[tonic::async_trait]
+        impl pb::ingest_server::Ingest for SlowToAnswer {
+            type StreamStream =
+                Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
+            async fn stream(
+                &self,
+                request: Request<Streaming<pb::AgentMessage>>,
+            ) -> Result<Response<Self::StreamStream>, Status> {
+                let mut inbound = request.into_inner();
+                let read = self.read.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(pb::agent_message::Body::Snapshot(s)) = message.body {
+                            read.send(s.second).ok();
+                        }
+                    }
+                });
+                self.answer.notified().await;
+                Ok(Response::new(Box::pin(tokio_stream::pending())))
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let answer = Arc::new(tokio::sync::Notify::new());
+        let (read_tx, mut read) = mpsc::unbounded_channel();
+        let server = tonic::transport::Server::builder()
+            .add_service(pb::ingest_server::IngestServer::new(SlowToAnswer {
+                answer: answer.clone(),
+                read: read_tx,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+
+        // A queue of one: the next second fits only once the shipper has taken the last.
+        let (tx, rx) = mpsc::channel(1);
+        let config = ShipperConfig {
+            aggregator: format!("http://{address}"),
+            ..ShipperConfig::default()
+        };
+        let identity = pb::Identity {
+            service: "svc".into(),
+            instance: "i-1".into(),
+            ..Default::default()
+        };
+        tokio::spawn(run_shipper(identity, config, rx));
+        let within = Duration::from_secs(20);
+        for second in 1..=8 {
+            tx.send(snap(second)).await.unwrap();
+            let got = tokio::time::timeout(within, read.recv())
+                .await
+                .unwrap_or_else(|_| panic!("second {second} not sent while the stream opens"));
+            assert_eq!(got, Some(second));
+        }
+        // Answered at last: the stream goes on.
+        answer.notify_one();
+        tx.send(snap(9)).await.unwrap();
+        let got = tokio::time::timeout(within, read.recv()).await.unwrap();
+        assert_eq!(got, Some(9));
     }
 }

@@ -404,6 +404,16 @@ async fn outage(
         .unwrap_or("?")
         .trim()
         .to_owned();
+    // Where data that never reached the subscriber may have gone: frames it was too slow for, refusals.
+    let elsewhere: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            (l.starts_with("strobe_websocket_frames_dropped_total")
+                || l.starts_with("strobe_dropped_total")
+                || l.starts_with("strobe_snapshots_duplicate_total"))
+                && !l.ends_with(" 0")
+        })
+        .collect();
     aggregator.kill().await.ok();
 
     let size_of = service_sizes(args);
@@ -500,6 +510,27 @@ async fn outage(
             .collect();
         eprintln!("after the restart: {row:#?}");
         eprintln!("instance-seconds lost, by second after the kill: {missing_at:?}");
+        eprintln!("restarted aggregator's drops: {elsewhere:?}");
+        // Who is missing from the seconds with losses: service, its size, then (aggregator, live, corrected).
+        for (t, _) in missing_at.iter().take(12) {
+            let t = killed_s + t;
+            let mut rows: Vec<String> = size_of
+                .iter()
+                .filter_map(|(service, size)| {
+                    let by: Vec<(u8, u64, u64)> = (0..=1u8)
+                        .filter_map(|e| {
+                            seen.instances
+                                .get(&(service.to_string(), t, e))
+                                .map(|(l, c)| (e, *l, *c))
+                        })
+                        .collect();
+                    let n: u64 = by.iter().map(|(_, l, c)| (*l).max(*c)).sum();
+                    (n < *size).then(|| format!("{service} of {size}: {by:?}"))
+                })
+                .collect();
+            rows.sort();
+            eprintln!("missing at kill+{}: {rows:?}", t - killed_s);
+        }
     }
     Ok(())
 }
