@@ -577,6 +577,7 @@ async fn ship_once(
     // seconds closing meanwhile are taken (and sent) as they come, or the agent's queue would overflow and drop them.
     let mut input_open = true;
     let opened = loop {
+        let give_up = buffer.give_up_at;
         tokio::select! {
             opened = &mut opened => break opened,
             next = snapshots.recv(), if input_open => match next {
@@ -585,8 +586,13 @@ async fn ship_once(
                         return Session::Lost { connected: false };
                     }
                 }
-                None => input_open = false,
+                None => {
+                    // Shutting down: an opening that never ends is waited for no longer than the drain.
+                    input_open = false;
+                    buffer.give_up_at(config.drain_timeout);
+                }
             },
+            _ = sleep_until_opt(give_up), if !input_open => return Session::InputClosed,
         }
     };
     let mut inbound = match opened {
@@ -1372,11 +1378,14 @@ mod tests {
         }
     }
 
-    /// An aggregator that reads a stream at once but answers its opening only when told (as one does seconds later
-    /// when thousands of agents reconnect at once): the seconds that close meanwhile are taken from the agent's
-    /// queue as they come and sent, not left in it to overflow.
-    #[tokio::test]
-    async fn seconds_closing_while_a_stream_opens_are_taken_and_sent() {
+    /// A real gRPC server that reads every stream at once but answers its opening only when told (as an aggregator
+    /// does seconds later when thousands of agents reconnect at once). Returns its address, what tells it to
+    /// answer, and the seconds it read.
+    async fn slow_to_answer() -> (
+        std::net::SocketAddr,
+        Arc<tokio::sync::Notify>,
+        mpsc::UnboundedReceiver<i64>,
+    ) {
         use std::pin::Pin;
         use tokio_stream::Stream;
         use tonic::{Request, Response, Status, Streaming};
@@ -1410,7 +1419,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let answer = Arc::new(tokio::sync::Notify::new());
-        let (read_tx, mut read) = mpsc::unbounded_channel();
+        let (read_tx, read) = mpsc::unbounded_channel();
         let server = tonic::transport::Server::builder()
             .add_service(pb::ingest_server::IngestServer::new(SlowToAnswer {
                 answer: answer.clone(),
@@ -1418,9 +1427,10 @@ mod tests {
             }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
+        (address, answer, read)
+    }
 
-        // A queue of one: the next second fits only once the shipper has taken the last.
-        let (tx, rx) = mpsc::channel(1);
+    fn shipping_to(address: std::net::SocketAddr) -> (pb::Identity, ShipperConfig) {
         let config = ShipperConfig {
             aggregator: format!("http://{address}"),
             ..ShipperConfig::default()
@@ -1430,6 +1440,17 @@ mod tests {
             instance: "i-1".into(),
             ..Default::default()
         };
+        (identity, config)
+    }
+
+    /// While a stream waits for its opening to be answered, the seconds that close are taken from the agent's
+    /// queue as they come and sent, not left in it to overflow.
+    #[tokio::test]
+    async fn seconds_closing_while_a_stream_opens_are_taken_and_sent() {
+        let (address, answer, mut read) = slow_to_answer().await;
+        let (identity, config) = shipping_to(address);
+        // A queue of one: the next second fits only once the shipper has taken the last.
+        let (tx, rx) = mpsc::channel(1);
         tokio::spawn(run_shipper(identity, config, rx));
         let within = Duration::from_secs(20);
         for second in 1..=8 {
@@ -1444,5 +1465,24 @@ mod tests {
         tx.send(snap(9)).await.unwrap();
         let got = tokio::time::timeout(within, read.recv()).await.unwrap();
         assert_eq!(got, Some(9));
+    }
+
+    /// Shutting down while the opening is never answered: the shipper waits no longer than its drain timeout, and
+    /// reports what it could not have acknowledged as lost.
+    #[tokio::test]
+    async fn shutdown_while_a_stream_opens_waits_no_longer_than_the_drain() {
+        let (address, _never, mut read) = slow_to_answer().await;
+        let (identity, mut config) = shipping_to(address);
+        config.drain_timeout = Duration::from_millis(200);
+        let (tx, rx) = mpsc::channel(1);
+        let shipper = tokio::spawn(run_shipper(identity, config, rx));
+        tx.send(snap(1)).await.unwrap();
+        assert_eq!(read.recv().await, Some(1));
+        drop(tx);
+        let report = tokio::time::timeout(Duration::from_secs(20), shipper)
+            .await
+            .expect("the shipper stops once the drain is over")
+            .unwrap();
+        assert_eq!((report.acknowledged, report.dropped), (0, 1));
     }
 }

@@ -276,7 +276,7 @@ async fn serve_stream(
         let replaying = stream
             .replay
             .as_mut()
-            .is_some_and(|r| r.read(&instance.id, second, clock::unix_millis()));
+            .is_some_and(|r| r.read(second, clock::unix_millis()));
         // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
         // queue, this waits, and the agent's stream with it.
         let reservation = stream

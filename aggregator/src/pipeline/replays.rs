@@ -38,7 +38,7 @@ impl Default for ReplayBook {
 /// Where one replaying instance is.
 #[derive(Debug, Clone, Copy)]
 struct Replay {
-    /// The newest second it replays (from its hello).
+    /// The newest second it replays: from its hello, moved on while its stream is still behind after it.
     through: i64,
     /// The newest second its stream has read.
     read: Option<i64>,
@@ -46,15 +46,25 @@ struct Replay {
     merged: Option<i64>,
     /// When it last moved on, read or merged (wall clock, ms).
     moved_ms: i64,
+    /// Until when (wall clock, ms) a stream of it still behind after its replay is waited for: set at the hello
+    /// that started it, kept by later ones (a reconnect does not renew it).
+    until_ms: i64,
 }
 
 impl ReplayBook {
     /// An instance's stream said at its hello that it replays up to `through`. A hello of an instance already
     /// replaying (it reconnected) changes only how far it replays: a hello is not moving on, or an agent
-    /// reconnecting in a loop would hold its service's seconds for as long as it loops.
-    pub(crate) fn start(&self, instance: &Arc<str>, through: i64, now_ms: i64) {
+    /// reconnecting in a loop would hold its service's seconds for as long as it loops. Returns until when its
+    /// streams are waited for while behind: `longest_ms` from now, or what the first hello set.
+    pub(crate) fn start(
+        &self,
+        instance: &Arc<str>,
+        through: i64,
+        now_ms: i64,
+        longest_ms: i64,
+    ) -> i64 {
         let mut replaying = self.lock();
-        replaying
+        let until_ms = replaying
             .entry(instance.clone())
             .and_modify(|r| r.through = through)
             .or_insert(Replay {
@@ -62,24 +72,52 @@ impl ReplayBook {
                 read: None,
                 merged: None,
                 moved_ms: now_ms,
+                until_ms: now_ms.saturating_add(longest_ms),
+            })
+            .until_ms;
+        self.count.store(replaying.len(), Ordering::Relaxed);
+        until_ms
+    }
+
+    /// The instance's stream read its second `t` (its replay's newest, or newer) and reads up to `through` before
+    /// it is caught up. Forgotten as stalled in the meantime, it is taken up again, as having merged what came
+    /// before `t` (it moves again, and forgotten meant not waited for).
+    pub(crate) fn reaches(
+        &self,
+        instance: &Arc<str>,
+        t: i64,
+        through: i64,
+        now_ms: i64,
+        until_ms: i64,
+    ) {
+        let mut replaying = self.lock();
+        replaying
+            .entry(instance.clone())
+            .and_modify(|r| {
+                r.through = r.through.max(through);
+                if r.read.is_none_or(|read| t > read) {
+                    r.read = Some(t);
+                    r.moved_ms = now_ms;
+                }
+            })
+            .or_insert(Replay {
+                through,
+                read: Some(t),
+                merged: Some(t.saturating_sub(1)),
+                moved_ms: now_ms,
+                until_ms,
             });
         self.count.store(replaying.len(), Ordering::Relaxed);
     }
 
-    /// The instance's stream read its second `t` (its replay's newest, or newer) and reads up to `through` before
-    /// it is caught up. Forgotten as stalled in the meantime, it is taken up again: it read, so it moves.
-    pub(crate) fn reaches(&self, instance: &Arc<str>, t: i64, through: i64, now_ms: i64) {
-        let mut replaying = self.lock();
-        replaying
-            .entry(instance.clone())
-            .and_modify(|r| r.through = r.through.max(through))
-            .or_insert(Replay {
-                through,
-                read: Some(t),
-                merged: None,
-                moved_ms: now_ms,
-            });
-        self.count.store(replaying.len(), Ordering::Relaxed);
+    /// The instance's stream, which had moved its replay on to `through`, ended: it reads nothing more, so it is
+    /// waited for only up to `read`, the newest it read (a reconnect says in its hello how far it replays).
+    pub(crate) fn ended(&self, instance: &Arc<str>, through: i64, read: i64) {
+        if let Some(replay) = self.lock().get_mut(instance)
+            && replay.through == through
+        {
+            replay.through = read;
+        }
     }
 
     /// The instance's stream read its second `t`.
@@ -172,10 +210,13 @@ pub(crate) struct StreamReplay {
     /// Held for as long as the stream lives: a book nobody holds is gone, and after a restart the shard may start
     /// the service only once every stream has read its replay (a long queue).
     pub(crate) book: Arc<ReplayBook>,
+    instance: Arc<str>,
     /// The newest second the stream replays, until it reads it (moved on while it is still behind); `None` once
     /// it has caught up.
     through: Option<i64>,
-    catch_up: CatchUp,
+    /// The newest second it read, once it reached its replay's newest.
+    reached: Option<i64>,
+    caught_up_ms: i64,
     /// Past this (wall clock, ms) a stream still behind is caught up as far as waiting for it goes.
     until_ms: i64,
 }
@@ -191,35 +232,50 @@ impl StreamReplay {
         now_ms: i64,
     ) -> Self {
         let through = through.min(now_ms.div_euclid(1000));
-        book.start(instance, through, now_ms);
+        let until_ms = book.start(instance, through, now_ms, catch_up.longest_ms);
         Self {
             book,
+            instance: instance.clone(),
             through: Some(through),
-            catch_up,
-            until_ms: now_ms.saturating_add(catch_up.longest_ms),
+            reached: None,
+            caught_up_ms: catch_up.caught_up_ms,
+            until_ms,
         }
     }
 
     /// The stream read second `t` at `now_ms`; returns whether it was still replaying (or catching up) then.
-    pub(crate) fn read(&mut self, instance: &Arc<str>, t: i64, now_ms: i64) -> bool {
+    pub(crate) fn read(&mut self, t: i64, now_ms: i64) -> bool {
         let Some(through) = self.through else {
             return false;
         };
-        self.book.read(instance, t, now_ms);
-        if t >= through {
-            let ended_ms = t.saturating_add(1).saturating_mul(1000);
-            let behind = now_ms > ended_ms.saturating_add(self.catch_up.caught_up_ms);
-            // Still behind: the next second is queued behind this one, just as late. Caught up: this one is the
-            // last waited for.
-            let reach = if behind && now_ms < self.until_ms {
-                t.saturating_add(1)
-            } else {
-                t
-            };
-            self.book.reaches(instance, t, reach, now_ms);
-            self.through = (reach > t).then_some(reach);
+        if t < through {
+            self.book.read(&self.instance, t, now_ms);
+            return true;
         }
+        let ended_ms = t.saturating_add(1).saturating_mul(1000);
+        let behind = now_ms > ended_ms.saturating_add(self.caught_up_ms);
+        // Still behind: the next second is queued behind this one, just as late. Caught up: this one is the last
+        // waited for.
+        let reach = if behind && now_ms < self.until_ms {
+            t.saturating_add(1)
+        } else {
+            t
+        };
+        self.book
+            .reaches(&self.instance, t, reach, now_ms, self.until_ms);
+        self.through = (reach > t).then_some(reach);
+        self.reached = Some(t);
         true
+    }
+}
+
+impl Drop for StreamReplay {
+    /// A stream that ends while behind is not waited for past what it read (a stream that ends mid-replay still
+    /// is, for `replay_stall`: its agent reconnects and replays the rest).
+    fn drop(&mut self) {
+        if let (Some(through), Some(read)) = (self.through, self.reached) {
+            self.book.ended(&self.instance, through, read);
+        }
     }
 }
 
@@ -246,7 +302,7 @@ mod tests {
         let book = ReplayBook::default();
         let a: Arc<str> = "a".into();
         assert!(!book.holds(10, 0, 1_000), "nobody replays");
-        book.start(&a, 20, 0);
+        book.start(&a, 20, 0, 120_000);
         assert!(book.holds(10, 500, 1_000), "heard of, nothing merged yet");
         assert!(!book.holds(21, 500, 1_000), "newer than it replays");
         // Reading newer seconds is moving on, though nothing is merged yet (a long queue to the shard); reading
@@ -254,7 +310,7 @@ mod tests {
         book.read(&a, 5, 900);
         book.read(&a, 5, 1_850);
         assert!(!book.holds(10, 1_900, 1_000), "stopped at 900");
-        book.start(&a, 20, 0);
+        book.start(&a, 20, 0, 120_000);
         book.read(&a, 5, 900);
         book.read(&a, 6, 1_800);
         assert!(book.holds(10, 1_800, 1_000));
@@ -270,13 +326,13 @@ mod tests {
             "forgotten (at most a second after it stopped)"
         );
         // A reconnect (a hello again) is not moving on, and keeps what was merged.
-        book.start(&a, 20, 3_000);
+        book.start(&a, 20, 3_000, 120_000);
         book.merged(&a, 12, 3_000);
-        book.start(&a, 25, 3_900);
+        book.start(&a, 25, 3_900, 120_000);
         assert!(!book.holds(12, 3_900, 1_000), "merged past it before");
         assert!(book.holds(13, 3_900, 1_000));
         assert!(!book.holds(13, 4_000, 1_000), "the hello moved nothing");
-        book.start(&a, 20, 5_000);
+        book.start(&a, 20, 5_000, 120_000);
         book.merged(&a, 20, 5_100);
         assert_eq!(book.len(), 0, "done once the newest it replays is merged");
     }
@@ -286,7 +342,7 @@ mod tests {
         let replays = Replays::default();
         let service: Arc<str> = "svc".into();
         let book = replays.of(&service);
-        book.start(&"a".into(), 20, 0);
+        book.start(&"a".into(), 20, 0, 120_000);
         assert_eq!(replays.of(&service).len(), 1, "the same book");
         drop(book);
         assert_eq!(replays.of(&service).len(), 0, "nobody held it: a new one");
@@ -302,22 +358,22 @@ mod tests {
         };
         // At 100 s, a replays up to 95.
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
-        assert!(stream.read(&a, 90, 100_100));
+        assert!(stream.read(90, 100_100));
         assert!(book.holds(95, 100_100, 10_000));
         assert!(!book.holds(96, 100_100, 10_000), "newer than it replays");
         // 95 read 4.2 s after its end: 96 is queued behind it, as late.
-        assert!(stream.read(&a, 95, 100_200));
+        assert!(stream.read(95, 100_200));
         assert!(book.holds(96, 100_200, 10_000));
         assert!(!book.holds(97, 100_200, 10_000));
-        assert!(stream.read(&a, 96, 100_300));
+        assert!(stream.read(96, 100_300));
         assert!(book.holds(97, 100_300, 10_000));
         book.merged(&a, 96, 100_300);
         assert!(!book.holds(96, 100_300, 10_000), "merged past it");
         // 99 read 400 ms after its end: caught up. Held until it is merged, then done.
-        assert!(stream.read(&a, 99, 100_400));
+        assert!(stream.read(99, 100_400));
         assert!(book.holds(99, 100_400, 10_000));
         assert!(!book.holds(100, 100_400, 10_000), "caught up: 100 is live");
-        assert!(!stream.read(&a, 100, 101_100), "no longer replaying");
+        assert!(!stream.read(100, 101_100), "no longer replaying");
         book.merged(&a, 99, 100_500);
         assert_eq!(book.len(), 0);
 
@@ -327,10 +383,76 @@ mod tests {
             longest_ms: 1_000,
         };
         let mut lagging = StreamReplay::start(book.clone(), &a, 95, short, 100_000);
-        assert!(lagging.read(&a, 95, 100_500));
+        assert!(lagging.read(95, 100_500));
         assert!(book.holds(96, 100_500, 10_000), "behind, within longest_ms");
-        assert!(lagging.read(&a, 96, 101_000));
+        assert!(lagging.read(96, 101_000));
         assert!(!book.holds(97, 101_000, 10_000), "past longest_ms: live");
-        assert!(!lagging.read(&a, 97, 101_100));
+        assert!(!lagging.read(97, 101_100));
+    }
+
+    #[test]
+    fn a_reconnect_does_not_renew_how_long_a_stream_behind_is_waited_for() {
+        let book = Arc::new(ReplayBook::default());
+        let a: Arc<str> = "a".into();
+        let catch_up = CatchUp {
+            caught_up_ms: 1_000,
+            longest_ms: 10_000,
+        };
+        let first = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
+        drop(first);
+        // Reconnected 9 s later, still behind: waited for until 110_000, as the first hello set, not 119_000.
+        let mut again = StreamReplay::start(book.clone(), &a, 98, catch_up, 109_000);
+        assert!(again.read(98, 109_500));
+        assert!(book.holds(99, 109_500, 10_000), "behind, before 110_000");
+        assert!(again.read(99, 110_000));
+        assert!(!book.holds(100, 110_000, 10_000), "not past 110_000");
+    }
+
+    #[test]
+    fn a_stream_that_ends_while_behind_is_waited_for_up_to_what_it_read() {
+        let book = Arc::new(ReplayBook::default());
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let catch_up = CatchUp {
+            caught_up_ms: 1_000,
+            longest_ms: 120_000,
+        };
+        let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
+        assert!(stream.read(95, 100_200));
+        assert!(book.holds(96, 100_200, 10_000), "behind: 96 is waited for");
+        drop(stream);
+        assert!(
+            book.holds(95, 100_300, 10_000),
+            "what it read may still be merged"
+        );
+        assert!(!book.holds(96, 100_300, 10_000), "it reads nothing more");
+        // A stream that ends mid-replay is still waited for (its agent reconnects and replays the rest).
+        let mut mid = StreamReplay::start(book.clone(), &b, 95, catch_up, 100_000);
+        assert!(mid.read(90, 100_100));
+        drop(mid);
+        book.merged(&a, 95, 100_400);
+        assert!(book.holds(95, 100_400, 10_000));
+    }
+
+    #[test]
+    fn a_stream_forgotten_as_stalled_is_taken_up_again_from_where_it_reads() {
+        let book = Arc::new(ReplayBook::default());
+        let a: Arc<str> = "a".into();
+        let catch_up = CatchUp {
+            caught_up_ms: 1_000,
+            longest_ms: 120_000,
+        };
+        let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
+        assert!(stream.read(95, 100_200));
+        // Stalled for 10 s: forgotten.
+        assert!(!book.holds(90, 110_300, 10_000));
+        assert_eq!(book.len(), 0);
+        // It moves again, at 96: taken up again, holding 96 and 97 (it is still behind), not what came before.
+        assert!(stream.read(96, 110_400));
+        assert!(
+            !book.holds(95, 110_400, 10_000),
+            "forgotten: not waited for"
+        );
+        assert!(book.holds(96, 110_400, 10_000));
+        assert!(book.holds(97, 110_400, 10_000));
     }
 }

@@ -1529,7 +1529,7 @@ mod tests {
     /// Instances `who` said at their hello, at `now_ms`, that they replay up to second `through`.
     fn replaying(w: &ServiceWindows, who: &[&Arc<Instance>], through: i64, now_ms: i64) {
         for inst in who {
-            w.replays.start(&inst.id, through, now_ms);
+            w.replays.start(&inst.id, through, now_ms, 120_000);
         }
     }
 
@@ -1704,7 +1704,7 @@ mod tests {
         let mut sealed = Vec::new();
         for (now, who, t) in reads {
             let inst = [&a, &b][who];
-            streams[who].read(&inst.id, t, now);
+            streams[who].read(t, now);
             assert!(
                 matches!(w.apply(counter(inst, t, 1.0), now), Applied::Merged { .. }),
                 "{} {t} at {now}: a correction",
@@ -1716,7 +1716,7 @@ mod tests {
             &w.seal_ready_seconds(120_000, &quiet),
         ));
         assert_eq!(sealed, (40..=110).map(|t| (t, 2)).collect::<Vec<_>>());
-        assert!(!streams[1].read(&b.id, 111, 112_100), "caught up");
+        assert!(!streams[1].read(111, 112_100), "caught up");
         assert_eq!(w.replays.len(), 0, "both are done");
     }
 }
