@@ -167,7 +167,8 @@ pub(crate) struct AggregatorArgs {
     /// How long after its seal a second still takes late snapshots (as corrections), e.g. `10s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_LATE_WINDOW", value_parser = humantime::parse_duration)]
     pub(crate) late_window: Option<Duration>,
-    /// After the aggregator starts, how long older seconds wait for replaying agents to reconnect, e.g. `8s`.
+    /// After the aggregator starts (and after each replaying agent's reconnect), how long older seconds wait for
+    /// replaying agents to reconnect, e.g. `8s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_GATHER", value_parser = humantime::parse_duration)]
     pub(crate) replay_gather: Option<Duration>,
     /// A second stops waiting for a replaying instance that has not moved on for this long, e.g. `10s`.

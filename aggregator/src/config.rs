@@ -41,7 +41,8 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     pub late_window: Duration,
     /// After the aggregator starts, how long seconds that ended before it wait for the agents replaying them to
-    /// reconnect (agents back off for 5 s at most, and give a connection 2 s).
+    /// reconnect (agents back off for 5 s at most, and give a connection 2 s); and as long again after each hello of
+    /// an agent of the service replaying (thousands reconnecting at once are answered over more than that).
     #[serde(with = "humantime_serde")]
     pub replay_gather: Duration,
     /// A second waits for an instance replaying towards it (it said so when it reconnected) until that instance

@@ -23,6 +23,8 @@ pub(crate) struct ReplayBook {
     count: AtomicUsize,
     /// When replays that stopped moving were last forgotten (wall clock, ms).
     pruned_ms: AtomicI64,
+    /// When the newest hello of a replaying stream came (wall clock, ms; 0 for none).
+    hello_ms: AtomicI64,
 }
 
 impl Default for ReplayBook {
@@ -31,6 +33,7 @@ impl Default for ReplayBook {
             replaying: Mutex::default(),
             count: AtomicUsize::new(0),
             pruned_ms: AtomicI64::new(i64::MIN),
+            hello_ms: AtomicI64::new(0),
         }
     }
 }
@@ -76,7 +79,14 @@ impl ReplayBook {
             })
             .until_ms;
         self.count.store(replaying.len(), Ordering::Relaxed);
+        self.hello_ms.fetch_max(now_ms, Ordering::Relaxed);
         until_ms
+    }
+
+    /// When the newest hello of a replaying stream came (wall clock, ms; 0 for none): after a restart, agents of
+    /// the service are still reconnecting while these keep coming.
+    pub(crate) fn last_hello_ms(&self) -> i64 {
+        self.hello_ms.load(Ordering::Relaxed)
     }
 
     /// The instance's stream read its second `t` (its replay's newest, or newer) and reads up to `through` before

@@ -18,7 +18,11 @@
 //! snapshot (whatever order it came in). Seconds that ended well before the aggregator started (it restarted) are
 //! not sealed in its first `replay_gather` either, so that agents reconnecting on their backoff are heard of first.
 //! Without this, the first agents back had every replayed second sealed, and after an outage of a minute at 3,000
-//! agents 78% of the outage's instance-seconds arrived past their late window and were lost.
+//! agents 78% of the outage's instance-seconds arrived past their late window and were lost. A stream still behind
+//! once it has read its replay (it read the replay's newest second more than `replay_caught_up` after that second
+//! ended) is waited for in the same way for the live seconds queued behind it, until it reads one on time, for at
+//! most `replay_wait` after its instance's first hello: at 10,000 agents each live second was otherwise sealed with
+//! the few streams that caught up first, and the rest turned into corrections that kept the aggregator behind.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -341,11 +345,14 @@ impl ServiceWindows {
         if now_ms >= opened_ms.saturating_add(self.settings.replay_wait_ms) {
             return false;
         }
-        // Ended well before the aggregator started: a replay, whose other agents may still be reconnecting.
+        // Ended well before the aggregator started: a replay, whose other agents may still be reconnecting, for
+        // `replay_gather` after the start and after each hello of the service's replaying agents (at 10,000 agents
+        // replaying a minute each, their hellos came over more than `replay_gather`).
         let gathering = ended.saturating_add(self.settings.grace_max_ms) < self.started_ms
             && now_ms
                 < self
                     .started_ms
+                    .max(self.replays.last_hello_ms())
                     .saturating_add(self.settings.replay_gather_ms);
         gathering || self.replays.holds(t, now_ms, self.settings.replay_stall_ms)
     }
@@ -1674,6 +1681,35 @@ mod tests {
         assert_eq!(
             seconds_and_instances(&old.seal_ready_seconds(106_200, &quiet)),
             vec![(90, 1)]
+        );
+    }
+
+    /// After a restart, old seconds wait for agents still reconnecting as long as the service's replaying agents
+    /// keep saying hello (and `replay_gather` after the last), not only `replay_gather` after the start.
+    #[test]
+    fn old_seconds_wait_while_agents_keep_reconnecting() {
+        let who: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| instance(id, "v1", None))
+            .collect();
+        let quiet = Arrivals::default();
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS).started_at(100_000);
+        // Each says hello (replaying second 90) and has its replay merged at once: a at the start, b 5 s later,
+        // c 10.5 s later, which is more than `replay_gather` (6 s here) after the start, but not after b's hello.
+        for (inst, at) in who.iter().zip([100_000, 105_000, 110_500]) {
+            assert!(
+                w.seal_ready_seconds(at, &quiet).is_empty(),
+                "{} is still heard of in time",
+                inst.id
+            );
+            replaying(&w, &[inst], 90, at);
+            w.apply(counter(inst, 90, 1.0), at);
+        }
+        assert!(w.seal_ready_seconds(116_499, &quiet).is_empty());
+        assert_eq!(
+            seconds_and_instances(&w.seal_ready_seconds(116_500, &quiet)),
+            vec![(90, 3)],
+            "sealed 6 s after the last hello, with all three"
         );
     }
 

@@ -650,14 +650,24 @@ async fn main() -> Result<()> {
     let loadgen_pid = loadgen.id().context("loadgen pid")?;
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
     let last_progress = Arc::new(Mutex::new(String::new()));
+    // Snapshots the load generator dropped unsent (its queue to a shipper full: the generator's process starved).
+    let unsent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
         let last = last_progress.clone();
+        let unsent = unsent.clone();
         let verbose = args.verbose;
         tokio::spawn(async move {
             let debug = verbose;
             while let Ok(Some(line)) = loadgen_out.next_line().await {
                 if debug {
                     eprintln!("{} {line}", now_ms());
+                }
+                let dropped = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("generator_dropped="))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if let Some(n) = dropped {
+                    unsent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
                 *last.lock().expect("lock") = line;
             }
@@ -686,6 +696,11 @@ async fn main() -> Result<()> {
             &seen,
         )
         .await;
+        println!(
+            "the load generator dropped {} snapshots unsent over the whole run (counted as lost above when in the \
+             measured window)",
+            unsent.load(std::sync::atomic::Ordering::Relaxed)
+        );
         println!(
             "(loadgen's last progress line: {})",
             last_progress.lock().expect("lock")
