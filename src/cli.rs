@@ -174,7 +174,8 @@ pub(crate) struct AggregatorArgs {
     /// A second stops waiting for a replaying instance that has not moved on for this long, e.g. `10s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_STALL", value_parser = humantime::parse_duration)]
     pub(crate) replay_stall: Option<Duration>,
-    /// The longest a second waits for replaying instances after its first snapshot, e.g. `2m`.
+    /// The longest a second waits for replaying instances after its first snapshot (and an instance behind after its
+    /// replay is waited for, after its first hello), e.g. `5m`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_REPLAY_WAIT", value_parser = humantime::parse_duration)]
     pub(crate) replay_wait: Option<Duration>,
     /// A replaying stream is caught up once it delivers a second within this of its end; until then its later

@@ -49,14 +49,16 @@ pub struct AggregatorConfig {
     /// has not moved to a newer second for this long...
     #[serde(with = "humantime_serde")]
     pub replay_stall: Duration,
-    /// ...and at most this long after the second's first snapshot.
+    /// ...and at most this long after the second's first snapshot. Also the longest an instance's streams are
+    /// waited for while behind after its replay (see `replay_caught_up`), from its first hello. 5 min: at 10,000
+    /// agents on 2 cores, catching up after a minute's outage took 3 (2 min was not enough).
     #[serde(with = "humantime_serde")]
     pub replay_wait: Duration,
-    /// A replaying stream is caught up once it delivers a second within this of the second's end (about
-    /// `grace_max`: the next second comes about as late). Until then the seconds queued behind its replay are late too, and are waited for like the replay (for at most
-    /// `replay_wait` after its hello): otherwise, after an outage of a large fleet, each live second is sealed
-    /// with the few instances that caught up first and the rest turn into corrections, which cost more than
-    /// merging them on time and keep the aggregator behind.
+    /// A replaying stream is caught up while it delivers seconds within this of their end (about `grace_max`: the
+    /// next second comes about as late). While it delivers them later, the seconds queued behind its replay are
+    /// late too, and are waited for like the replay: otherwise, after an outage of a large fleet, each live second
+    /// is sealed with the few instances that caught up first and the rest turn into corrections, which cost more
+    /// than merging them on time and keep the aggregator behind.
     #[serde(with = "humantime_serde")]
     pub replay_caught_up: Duration,
     /// Late snapshots of one sealed second are gathered this long and published as one correction (at most
@@ -125,7 +127,7 @@ impl Default for AggregatorConfig {
             late_window: Duration::from_secs(10),
             replay_gather: Duration::from_secs(8),
             replay_stall: Duration::from_secs(10),
-            replay_wait: Duration::from_secs(120),
+            replay_wait: Duration::from_secs(300),
             replay_caught_up: Duration::from_secs(1),
             correction_interval: Duration::from_millis(250),
             shards: 0,
