@@ -23,8 +23,14 @@ pub(crate) struct ReplayBook {
     count: AtomicUsize,
     /// When replays that stopped moving were last forgotten (wall clock, ms).
     pruned_ms: AtomicI64,
-    /// When the newest hello of a replaying stream came (wall clock, ms; 0 for none).
+    /// When the newest hello of an instance not heard of before came (wall clock, ms; 0 for none).
     hello_ms: AtomicI64,
+    /// When each instance that said hello replaying first did, within the last `longest_ms` (see
+    /// [`ReplayBook::start`]): neither a reconnect nor a replay merged and started again renews how long it is
+    /// waited for while behind, or keeps old seconds gathering.
+    heard: Mutex<FastMap<Arc<str>, i64>>,
+    /// When `heard` was last pruned (wall clock, ms).
+    heard_pruned_ms: AtomicI64,
 }
 
 impl Default for ReplayBook {
@@ -34,6 +40,8 @@ impl Default for ReplayBook {
             count: AtomicUsize::new(0),
             pruned_ms: AtomicI64::new(i64::MIN),
             hello_ms: AtomicI64::new(0),
+            heard: Mutex::default(),
+            heard_pruned_ms: AtomicI64::new(i64::MIN),
         }
     }
 }
@@ -49,16 +57,15 @@ struct Replay {
     merged: Option<i64>,
     /// When it last moved on, read or merged (wall clock, ms).
     moved_ms: i64,
-    /// Until when (wall clock, ms) a stream of it still behind after its replay is waited for: set at the hello
-    /// that started it, kept by later ones (a reconnect does not renew it).
-    until_ms: i64,
 }
 
 impl ReplayBook {
     /// An instance's stream said at its hello that it replays up to `through`. A hello of an instance already
     /// replaying (it reconnected) changes only how far it replays: a hello is not moving on, or an agent
     /// reconnecting in a loop would hold its service's seconds for as long as it loops. Returns until when its
-    /// streams are waited for while behind: `longest_ms` from now, or what the first hello set.
+    /// streams are waited for while behind: `longest_ms` after the instance's first hello within `longest_ms`.
+    /// Only the hello of an instance not heard of in that time counts as agents still reconnecting (an agent
+    /// reconnecting in a loop would keep old seconds gathering).
     pub(crate) fn start(
         &self,
         instance: &Arc<str>,
@@ -66,8 +73,24 @@ impl ReplayBook {
         now_ms: i64,
         longest_ms: i64,
     ) -> i64 {
+        let first_ms = {
+            let mut heard = self.heard.lock().unwrap_or_else(PoisonError::into_inner);
+            let pruned = self.heard_pruned_ms.load(Ordering::Relaxed);
+            if now_ms >= pruned.saturating_add(PRUNE_EVERY_MS) {
+                heard.retain(|_, first| now_ms < first.saturating_add(longest_ms));
+                self.heard_pruned_ms.store(now_ms, Ordering::Relaxed);
+            }
+            match heard.get(instance) {
+                Some(first) if now_ms < first.saturating_add(longest_ms) => *first,
+                _ => {
+                    heard.insert(instance.clone(), now_ms);
+                    self.hello_ms.fetch_max(now_ms, Ordering::Relaxed);
+                    now_ms
+                }
+            }
+        };
         let mut replaying = self.lock();
-        let until_ms = replaying
+        replaying
             .entry(instance.clone())
             .and_modify(|r| r.through = through)
             .or_insert(Replay {
@@ -75,16 +98,13 @@ impl ReplayBook {
                 read: None,
                 merged: None,
                 moved_ms: now_ms,
-                until_ms: now_ms.saturating_add(longest_ms),
-            })
-            .until_ms;
+            });
         self.count.store(replaying.len(), Ordering::Relaxed);
-        self.hello_ms.fetch_max(now_ms, Ordering::Relaxed);
-        until_ms
+        first_ms.saturating_add(longest_ms)
     }
 
-    /// When the newest hello of a replaying stream came (wall clock, ms; 0 for none): after a restart, agents of
-    /// the service are still reconnecting while these keep coming.
+    /// When the newest hello of an instance not heard of before came (wall clock, ms; 0 for none): after a
+    /// restart, agents of the service are still reconnecting while these keep coming.
     pub(crate) fn last_hello_ms(&self) -> i64 {
         self.hello_ms.load(Ordering::Relaxed)
     }
@@ -92,14 +112,7 @@ impl ReplayBook {
     /// The instance's stream read its second `t` (its replay's newest, or newer) and reads up to `through` before
     /// it is caught up. Forgotten as stalled in the meantime, it is taken up again, as having merged what came
     /// before `t` (it moves again, and forgotten meant not waited for).
-    pub(crate) fn reaches(
-        &self,
-        instance: &Arc<str>,
-        t: i64,
-        through: i64,
-        now_ms: i64,
-        until_ms: i64,
-    ) {
+    pub(crate) fn reaches(&self, instance: &Arc<str>, t: i64, through: i64, now_ms: i64) {
         let mut replaying = self.lock();
         replaying
             .entry(instance.clone())
@@ -115,7 +128,6 @@ impl ReplayBook {
                 read: Some(t),
                 merged: Some(t.saturating_sub(1)),
                 moved_ms: now_ms,
-                until_ms,
             });
         self.count.store(replaying.len(), Ordering::Relaxed);
     }
@@ -271,8 +283,7 @@ impl StreamReplay {
         let ended_ms = t.saturating_add(1).saturating_mul(1000);
         let behind = now_ms > ended_ms.saturating_add(self.caught_up_ms) && now_ms < self.until_ms;
         let reach = if behind { t.saturating_add(1) } else { t };
-        self.book
-            .reaches(&self.instance, t, reach, now_ms, self.until_ms);
+        self.book.reaches(&self.instance, t, reach, now_ms);
         self.through = behind.then_some(reach);
         self.reached = Some(t);
         true
@@ -483,5 +494,28 @@ mod tests {
         // Late again: a straggler, not waited for.
         assert!(!stream.read(100, 104_000));
         assert!(!book.holds(101, 104_000, 10_000));
+    }
+
+    #[test]
+    fn only_instances_not_heard_of_before_count_as_still_reconnecting_and_nobody_renews_a_deadline()
+    {
+        let book = ReplayBook::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert_eq!(book.start(&a, 90, 100_000, 60_000), 160_000);
+        assert_eq!(book.last_hello_ms(), 100_000);
+        // a reconnects in a loop, its replay merged in between: neither moves the newest hello nor its deadline.
+        book.merged(&a, 90, 101_000);
+        assert_eq!(book.len(), 0);
+        for at in [105_000, 110_000, 150_000] {
+            assert_eq!(book.start(&a, 95, at, 60_000), 160_000);
+            book.merged(&a, 95, at);
+        }
+        assert_eq!(book.last_hello_ms(), 100_000);
+        // b is new.
+        assert_eq!(book.start(&b, 95, 120_000, 60_000), 180_000);
+        assert_eq!(book.last_hello_ms(), 120_000);
+        // Past its deadline, a is heard of afresh.
+        assert_eq!(book.start(&a, 99, 161_000, 60_000), 221_000);
+        assert_eq!(book.last_hello_ms(), 161_000);
     }
 }
