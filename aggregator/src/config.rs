@@ -51,7 +51,7 @@ pub struct AggregatorConfig {
     pub replay_stall: Duration,
     /// ...and at most this long after the second's first snapshot. Also the longest an instance's streams are
     /// waited for while behind after its replay (see `replay_caught_up`), from its first hello. 5 min: at 10,000
-    /// agents on 2 cores, catching up after a minute's outage took 3 (2 min was not enough).
+    /// agents on 2 cores, catching up after a minute's outage took 3 to 4 (2 min was not enough).
     #[serde(with = "humantime_serde")]
     pub replay_wait: Duration,
     /// A replaying stream is caught up once it delivers a second within this of its end (about `grace_max`: the
