@@ -244,7 +244,13 @@ pub(crate) struct StreamReplay {
     until_ms: i64,
     /// While behind: a second it read and when (wall clock, ms), to tell whether it gains on the clock.
     mark: Option<(i64, i64)>,
+    /// The first second it read: how long its replay was.
+    first: Option<i64>,
 }
+
+/// The shortest replay (seconds) after which a stream may be behind: an agent that kept a second or two (a
+/// connection that blipped, an aggregator slow to answer at a start) has no backlog to work through.
+const MIN_BACKLOG_SECONDS: i64 = 5;
 
 /// How often a stream behind must show that it gains on the clock (ms), and by how much (ms): one that reads at
 /// the pace of the clock is not working through a backlog (a slow link, or an aggregator busy at steady state)
@@ -273,6 +279,7 @@ impl StreamReplay {
             caught_up_ms: catch_up.caught_up_ms,
             until_ms,
             mark: None,
+            first: None,
         }
     }
 
@@ -282,6 +289,7 @@ impl StreamReplay {
         let Some(through) = self.through else {
             return false;
         };
+        let first = *self.first.get_or_insert(t);
         if t < through {
             self.book.read(&self.instance, t, now_ms);
             return true;
@@ -293,6 +301,7 @@ impl StreamReplay {
         let ended_ms = t.saturating_add(1).saturating_mul(1000);
         let behind = now_ms > ended_ms.saturating_add(self.caught_up_ms)
             && now_ms < self.until_ms
+            && (self.mark.is_some() || t.saturating_sub(first) >= MIN_BACKLOG_SECONDS - 1)
             && self.gains(t, now_ms);
         let reach = if behind { t.saturating_add(1) } else { t };
         self.book.reaches(&self.instance, t, reach, now_ms);
@@ -435,6 +444,7 @@ mod tests {
             longest_ms: 1_000,
         };
         let mut lagging = StreamReplay::start(book.clone(), &a, 95, short, 100_000);
+        assert!(lagging.read(90, 100_400));
         assert!(lagging.read(95, 100_500));
         assert!(book.holds(96, 100_500, 10_000), "behind, within longest_ms");
         assert!(lagging.read(96, 101_000));
@@ -454,6 +464,7 @@ mod tests {
         drop(first);
         // Reconnected 9 s later, still behind: waited for until 110_000, as the first hello set, not 119_000.
         let mut again = StreamReplay::start(book.clone(), &a, 98, catch_up, 109_000);
+        assert!(again.read(90, 109_400));
         assert!(again.read(98, 109_500));
         assert!(book.holds(99, 109_500, 10_000), "behind, before 110_000");
         assert!(again.read(99, 110_000));
@@ -469,6 +480,7 @@ mod tests {
             longest_ms: 120_000,
         };
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
+        assert!(stream.read(90, 100_100));
         assert!(stream.read(95, 100_200));
         assert!(book.holds(96, 100_200, 10_000), "behind: 96 is waited for");
         drop(stream);
@@ -494,6 +506,7 @@ mod tests {
             longest_ms: 120_000,
         };
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
+        assert!(stream.read(90, 100_100));
         assert!(stream.read(95, 100_200));
         // Stalled for 10 s: forgotten.
         assert!(!book.holds(90, 110_300, 10_000));
@@ -563,6 +576,7 @@ mod tests {
         };
         // a replayed up to 99 and reads every second 3 s late, at the clock's pace: waited for 5 s, no longer.
         let mut slow = StreamReplay::start(book.clone(), &a, 99, catch_up, 100_000);
+        assert!(slow.read(90, 100_000));
         for t in 99..=103 {
             assert!(slow.read(t, (t + 4) * 1000));
             assert!(book.holds(t + 1, (t + 4) * 1000, 10_000), "{t}: behind");
@@ -573,6 +587,7 @@ mod tests {
         assert!(!slow.read(105, 109_000));
         // b works through a backlog: two seconds read a second, gaining on the clock.
         let mut catching = StreamReplay::start(book.clone(), &b, 99, catch_up, 100_000);
+        assert!(catching.read(90, 109_500));
         for k in 0..8 {
             let (t, now) = (99 + 2 * k, 110_000 + 1000 * k);
             assert!(catching.read(t, now));
@@ -582,5 +597,22 @@ mod tests {
                 "{t}: behind and gaining"
             );
         }
+    }
+
+    #[test]
+    fn a_replay_of_a_second_or_two_leaves_nothing_behind_it_to_wait_for() {
+        let book = Arc::new(ReplayBook::default());
+        let a: Arc<str> = "a".into();
+        let catch_up = CatchUp {
+            caught_up_ms: 1_000,
+            longest_ms: 120_000,
+        };
+        // An agent kept 98 and 99 (a blip) and its stream reads them 3 s late: 99 is the last waited for.
+        let mut blip = StreamReplay::start(book.clone(), &a, 99, catch_up, 103_000);
+        assert!(blip.read(98, 103_000));
+        assert!(blip.read(99, 103_000));
+        assert!(book.holds(99, 103_000, 10_000));
+        assert!(!book.holds(100, 103_000, 10_000));
+        assert!(!blip.read(100, 104_000));
     }
 }
