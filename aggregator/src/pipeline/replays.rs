@@ -242,8 +242,6 @@ pub(crate) struct StreamReplay {
     caught_up_ms: i64,
     /// Past this (wall clock, ms) a stream still behind is caught up as far as waiting for it goes.
     until_ms: i64,
-    /// While behind: a second it read and when (wall clock, ms), to tell whether it gains on the clock.
-    mark: Option<(i64, i64)>,
     /// The first second it read: how long its replay was.
     first: Option<i64>,
 }
@@ -251,13 +249,6 @@ pub(crate) struct StreamReplay {
 /// The shortest replay (seconds) after which a stream may be behind: an agent that kept a second or two (a
 /// connection that blipped, an aggregator slow to answer at a start) has no backlog to work through.
 const MIN_BACKLOG_SECONDS: i64 = 5;
-
-/// How often a stream behind must show that it gains on the clock (ms), and by how much (ms): one that reads at
-/// the pace of the clock is not working through a backlog (a slow link, or an aggregator busy at steady state)
-/// and is a straggler like any other. Waiting for it held its whole service: at 10,000 agents in steady state the
-/// frames' p99 went from 0.8 to 3-4 s after streams that had replayed a second or two at their start.
-const GAIN_EVERY_MS: i64 = 5_000;
-const GAIN_AT_LEAST_MS: i64 = 500;
 
 impl StreamReplay {
     /// `instance`'s stream said at its hello, at `now_ms`, that it replays up to `through` (at most the current
@@ -278,7 +269,6 @@ impl StreamReplay {
             reached: None,
             caught_up_ms: catch_up.caught_up_ms,
             until_ms,
-            mark: None,
             first: None,
         }
     }
@@ -301,32 +291,12 @@ impl StreamReplay {
         let ended_ms = t.saturating_add(1).saturating_mul(1000);
         let behind = now_ms > ended_ms.saturating_add(self.caught_up_ms)
             && now_ms < self.until_ms
-            && (self.mark.is_some() || t.saturating_sub(first) >= MIN_BACKLOG_SECONDS - 1)
-            && self.gains(t, now_ms);
+            && t.saturating_sub(first) >= MIN_BACKLOG_SECONDS - 1;
         let reach = if behind { t.saturating_add(1) } else { t };
         self.book.reaches(&self.instance, t, reach, now_ms);
         self.through = behind.then_some(reach);
         self.reached = Some(t);
         true
-    }
-
-    /// Whether the stream, reading `t` at `now_ms` while behind, still gains on the clock: by
-    /// [`GAIN_AT_LEAST_MS`] in each [`GAIN_EVERY_MS`].
-    fn gains(&mut self, t: i64, now_ms: i64) -> bool {
-        let Some((marked_t, marked_ms)) = self.mark else {
-            self.mark = Some((t, now_ms));
-            return true;
-        };
-        let elapsed = now_ms.saturating_sub(marked_ms);
-        if elapsed < GAIN_EVERY_MS {
-            return true;
-        }
-        let gained = t
-            .saturating_sub(marked_t)
-            .saturating_mul(1000)
-            .saturating_sub(elapsed);
-        self.mark = Some((t, now_ms));
-        gained >= GAIN_AT_LEAST_MS
     }
 }
 
@@ -518,10 +488,7 @@ mod tests {
             "forgotten: not waited for"
         );
         assert!(book.holds(96, 110_400, 10_000));
-        assert!(
-            !book.holds(97, 110_400, 10_000),
-            "it gained nothing on the clock while stalled: 96 is the last waited for"
-        );
+        assert!(book.holds(97, 110_400, 10_000), "still behind");
     }
 
     #[test]
@@ -564,39 +531,6 @@ mod tests {
         // Past its deadline, a is heard of afresh.
         assert_eq!(book.start(&a, 99, 161_000, 60_000), 221_000);
         assert_eq!(book.last_hello_ms(), 161_000);
-    }
-
-    #[test]
-    fn a_stream_behind_at_the_pace_of_the_clock_is_not_waited_for() {
-        let book = Arc::new(ReplayBook::default());
-        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 120_000,
-        };
-        // a replayed up to 99 and reads every second 3 s late, at the clock's pace: waited for 5 s, no longer.
-        let mut slow = StreamReplay::start(book.clone(), &a, 99, catch_up, 100_000);
-        assert!(slow.read(90, 100_000));
-        for t in 99..=103 {
-            assert!(slow.read(t, (t + 4) * 1000));
-            assert!(book.holds(t + 1, (t + 4) * 1000, 10_000), "{t}: behind");
-            book.merged(&a, t, (t + 4) * 1000);
-        }
-        assert!(slow.read(104, 108_000), "5 s on, gained nothing");
-        assert!(!book.holds(105, 108_000, 10_000), "not waited for");
-        assert!(!slow.read(105, 109_000));
-        // b works through a backlog: two seconds read a second, gaining on the clock.
-        let mut catching = StreamReplay::start(book.clone(), &b, 99, catch_up, 100_000);
-        assert!(catching.read(90, 109_500));
-        for k in 0..8 {
-            let (t, now) = (99 + 2 * k, 110_000 + 1000 * k);
-            assert!(catching.read(t, now));
-            assert!(catching.read(t + 1, now + 500));
-            assert!(
-                book.holds(t + 2, now + 500, 10_000),
-                "{t}: behind and gaining"
-            );
-        }
     }
 
     #[test]
