@@ -54,9 +54,9 @@ pub struct AggregatorConfig {
     /// agents on 2 cores, catching up after a minute's outage took 3 to 4 (2 min was not enough).
     #[serde(with = "humantime_serde")]
     pub replay_wait: Duration,
-    /// A replaying stream is caught up once it delivers a second within this of its end (about `grace_max`: the
-    /// next second comes about as late). Until then, the seconds queued behind its replay are late too, and are
-    /// waited for like the replay: otherwise, after an outage of a large fleet, each live second
+    /// A replaying stream (of a replay of at least 5 s) is caught up once it delivers a second within this of its
+    /// end (about `grace_max`: the next second comes about as late). Until then, the seconds queued behind its
+    /// replay are late too, and are waited for like the replay: otherwise, after an outage of a large fleet, each live second
     /// is sealed with the few instances that caught up first and the rest turn into corrections, which cost more
     /// than merging them on time and keep the aggregator behind.
     #[serde(with = "humantime_serde")]
