@@ -379,14 +379,19 @@ mod tests {
         assert_eq!(replays.of(&service).len(), 0, "nobody held it: a new one");
     }
 
-    #[test]
-    fn a_stream_still_behind_after_its_replay_is_waited_for_until_it_catches_up() {
-        let book = Arc::new(ReplayBook::default());
-        let a: Arc<str> = "a".into();
+    /// An empty book, and streams caught up within 1 s of a second's end, waited for at most `longest_ms`.
+    fn catching_up(longest_ms: i64) -> (Arc<ReplayBook>, CatchUp) {
         let catch_up = CatchUp {
             caught_up_ms: 1_000,
-            longest_ms: 120_000,
+            longest_ms,
         };
+        (Arc::new(ReplayBook::default()), catch_up)
+    }
+
+    #[test]
+    fn a_stream_still_behind_after_its_replay_is_waited_for_until_it_catches_up() {
+        let (book, catch_up) = catching_up(120_000);
+        let a: Arc<str> = "a".into();
         // At 100 s, a replays up to 95.
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
         assert!(stream.read(90, 100_100));
@@ -424,12 +429,8 @@ mod tests {
 
     #[test]
     fn a_reconnect_does_not_renew_how_long_a_stream_behind_is_waited_for() {
-        let book = Arc::new(ReplayBook::default());
+        let (book, catch_up) = catching_up(10_000);
         let a: Arc<str> = "a".into();
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 10_000,
-        };
         let first = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
         drop(first);
         // Reconnected 9 s later, still behind: waited for until 110_000, as the first hello set, not 119_000.
@@ -443,12 +444,8 @@ mod tests {
 
     #[test]
     fn a_stream_that_ends_while_behind_is_waited_for_up_to_what_it_read() {
-        let book = Arc::new(ReplayBook::default());
+        let (book, catch_up) = catching_up(120_000);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 120_000,
-        };
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
         assert!(stream.read(90, 100_100));
         assert!(stream.read(95, 100_200));
@@ -469,12 +466,8 @@ mod tests {
 
     #[test]
     fn a_stream_forgotten_as_stalled_is_taken_up_again_from_where_it_reads() {
-        let book = Arc::new(ReplayBook::default());
+        let (book, catch_up) = catching_up(120_000);
         let a: Arc<str> = "a".into();
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 120_000,
-        };
         let mut stream = StreamReplay::start(book.clone(), &a, 95, catch_up, 100_000);
         assert!(stream.read(90, 100_100));
         assert!(stream.read(95, 100_200));
@@ -493,12 +486,8 @@ mod tests {
 
     #[test]
     fn a_stream_caught_up_is_not_waited_for_again() {
-        let book = Arc::new(ReplayBook::default());
+        let (book, catch_up) = catching_up(20_000);
         let a: Arc<str> = "a".into();
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 20_000,
-        };
         let mut stream = StreamReplay::start(book.clone(), &a, 99, catch_up, 100_000);
         assert!(
             stream.read(99, 100_500),
@@ -535,12 +524,8 @@ mod tests {
 
     #[test]
     fn a_replay_of_a_second_or_two_leaves_nothing_behind_it_to_wait_for() {
-        let book = Arc::new(ReplayBook::default());
+        let (book, catch_up) = catching_up(120_000);
         let a: Arc<str> = "a".into();
-        let catch_up = CatchUp {
-            caught_up_ms: 1_000,
-            longest_ms: 120_000,
-        };
         // An agent kept 98 and 99 (a blip) and its stream reads them 3 s late: 99 is the last waited for.
         let mut blip = StreamReplay::start(book.clone(), &a, 99, catch_up, 103_000);
         assert!(blip.read(98, 103_000));
