@@ -213,17 +213,17 @@ impl ReplayBook {
 const PRUNE_EVERY_MS: i64 = 1_000;
 
 /// When a replaying stream is caught up. Its agent sends the seconds it kept first and its live ones behind them, so
-/// until the stream reads a second within `caught_up_ms` of that second's end, the seconds after its replay are late
-/// too, and its service's shard waits for them as for the replay (for at most `longest_ms` after its instance's
-/// first hello). Without this, after an outage of a large fleet the
-/// first streams to catch up had each live second sealed, the rest of it became corrections (or came too late), and
-/// those cost more than merging on time did: at 10,000 agents the aggregator never caught up.
+/// after a replay of at least [`MIN_BACKLOG_SECONDS`], until the stream reads a second within `caught_up_ms` of that
+/// second's end, the seconds after its replay are late too, and its service's shard waits for them as for the
+/// replay (for at most `longest_ms` after its instance's first hello). Without this, after an outage of a large
+/// fleet the first streams to catch up had each live second sealed, the rest of it became corrections (or came too
+/// late), and those cost more than merging on time did: at 10,000 agents the aggregator never caught up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CatchUp {
     /// Caught up once a second is read within this of its end (ms).
     pub(crate) caught_up_ms: i64,
-    /// A stream is waited for so for at most this long after its hello (ms): a lagging or hostile agent holds its
-    /// service's seconds no longer.
+    /// A stream is waited for so for at most this long after its instance's first hello (ms; a reconnect does not
+    /// renew it): a lagging or hostile agent holds its service's seconds no longer.
     pub(crate) longest_ms: i64,
 }
 

@@ -19,8 +19,8 @@
 //! not sealed in its first `replay_gather` either, so that agents reconnecting on their backoff are heard of first.
 //! Without this, the first agents back had every replayed second sealed, and after an outage of a minute at 3,000
 //! agents 78% of the outage's instance-seconds arrived past their late window and were lost. A stream still behind
-//! once it has read its replay (it read the replay's newest second more than `replay_caught_up` after that second
-//! ended) is waited for in the same way for the live seconds queued behind it, until it reads one on time, for at
+//! once it has read a replay of at least 5 s (it read the replay's newest second more than `replay_caught_up` after
+//! that second ended) is waited for in the same way for the live seconds queued behind it, until it reads one on time, for at
 //! most `replay_wait` after its instance's first hello: at 10,000 agents each live second was otherwise sealed with
 //! the few streams that caught up first, and the rest turned into corrections that kept the aggregator behind.
 
@@ -346,8 +346,8 @@ impl ServiceWindows {
             return false;
         }
         // Ended well before the aggregator started: a replay, whose other agents may still be reconnecting, for
-        // `replay_gather` after the start and after each hello of the service's replaying agents (at 10,000 agents
-        // replaying a minute each, their hellos came over more than `replay_gather`).
+        // `replay_gather` after the start and after each hello of an agent new to the service's book (at 10,000
+        // agents replaying a minute each, their hellos came over more than `replay_gather`).
         let gathering = ended.saturating_add(self.settings.grace_max_ms) < self.started_ms
             && now_ms
                 < self
