@@ -587,7 +587,11 @@ async fn ship_once(
                     }
                 }
                 None => {
-                    // Shutting down: an opening that never ends is waited for no longer than the drain.
+                    // Shutting down: nothing left to send is done; an opening that never ends is waited for no
+                    // longer than the drain.
+                    if buffer.snapshots.is_empty() {
+                        return Session::InputClosed;
+                    }
                     input_open = false;
                     buffer.give_up_at(config.drain_timeout);
                 }
