@@ -75,10 +75,8 @@ impl ReplayBook {
     ) -> i64 {
         let first_ms = {
             let mut heard = self.heard.lock().unwrap_or_else(PoisonError::into_inner);
-            let pruned = self.heard_pruned_ms.load(Ordering::Relaxed);
-            if now_ms >= pruned.saturating_add(PRUNE_EVERY_MS) {
+            if prune_due(&self.heard_pruned_ms, now_ms) {
                 heard.retain(|_, first| now_ms < first.saturating_add(longest_ms));
-                self.heard_pruned_ms.store(now_ms, Ordering::Relaxed);
             }
             match heard.get(instance) {
                 Some(first) if now_ms < first.saturating_add(longest_ms) => *first,
@@ -118,10 +116,7 @@ impl ReplayBook {
             .entry(instance.clone())
             .and_modify(|r| {
                 r.through = r.through.max(through);
-                if r.read.is_none_or(|read| t > read) {
-                    r.read = Some(t);
-                    r.moved_ms = now_ms;
-                }
+                r.read_to(t, now_ms);
             })
             .or_insert(Replay {
                 through,
@@ -144,11 +139,8 @@ impl ReplayBook {
 
     /// The instance's stream read its second `t`.
     pub(crate) fn read(&self, instance: &Arc<str>, t: i64, now_ms: i64) {
-        if let Some(replay) = self.lock().get_mut(instance)
-            && replay.read.is_none_or(|read| t > read)
-        {
-            replay.read = Some(t);
-            replay.moved_ms = now_ms;
+        if let Some(replay) = self.lock().get_mut(instance) {
+            replay.read_to(t, now_ms);
         }
     }
 
@@ -181,15 +173,9 @@ impl ReplayBook {
         }
         let moving = |r: &Replay| now_ms < r.moved_ms.saturating_add(stall_ms);
         let mut replaying = self.lock();
-        if now_ms
-            >= self
-                .pruned_ms
-                .load(Ordering::Relaxed)
-                .saturating_add(PRUNE_EVERY_MS)
-        {
+        if prune_due(&self.pruned_ms, now_ms) {
             replaying.retain(|_, r| moving(r));
             self.count.store(replaying.len(), Ordering::Relaxed);
-            self.pruned_ms.store(now_ms, Ordering::Relaxed);
         }
         replaying
             .values()
@@ -209,8 +195,27 @@ impl ReplayBook {
     }
 }
 
-/// How often replays that stopped moving are forgotten (ms).
+/// How often replays that stopped moving, and instances heard of too long ago, are forgotten (ms).
 const PRUNE_EVERY_MS: i64 = 1_000;
+
+/// Whether `PRUNE_EVERY_MS` has passed since `last` (wall clock, ms), which then becomes `now_ms`.
+fn prune_due(last: &AtomicI64, now_ms: i64) -> bool {
+    let due = now_ms >= last.load(Ordering::Relaxed).saturating_add(PRUNE_EVERY_MS);
+    if due {
+        last.store(now_ms, Ordering::Relaxed);
+    }
+    due
+}
+
+impl Replay {
+    /// Its stream read second `t` at `now_ms`: moving on, if newer than any it read.
+    fn read_to(&mut self, t: i64, now_ms: i64) {
+        if self.read.is_none_or(|read| t > read) {
+            self.read = Some(t);
+            self.moved_ms = now_ms;
+        }
+    }
+}
 
 /// When a replaying stream is caught up. Its agent sends the seconds it kept first and its live ones behind them, so
 /// after a replay of at least [`MIN_BACKLOG_SECONDS`], until the stream reads a second within `caught_up_ms` of that
