@@ -119,6 +119,10 @@ pub(crate) struct Health {
     registry: Registry,
     /// Agent streams open now.
     pub(crate) agent_streams: Gauge,
+    /// Agent streams replaying now, or still behind after their replay (their service's seconds wait for them).
+    pub(crate) agent_streams_catching_up: Gauge,
+    /// Agent streams that were still behind the clock after a replay of at least 5 s.
+    pub(crate) agent_streams_behind: Counter,
     /// Snapshots accepted into a second.
     pub(crate) snapshots_accepted: Counter,
     /// Replayed snapshots ignored because the (instance, second) was already merged.
@@ -278,6 +282,10 @@ impl Health {
             "cluster_services_moved",
             "Services given to another node after a membership change",
         );
+        let agent_streams_behind = counter(
+            "agent_streams_behind",
+            "Agent streams still behind the clock after a replay of at least 5 s (waited for until they catch up, at most replay_wait)",
+        );
         let cluster_alert_state_fenced = counter(
             "cluster_alert_state_fenced",
             "Alert state writes not made: another node wrote the service's state since this one read or wrote it",
@@ -288,6 +296,10 @@ impl Health {
             g
         };
         let agent_streams = gauge("agent_streams", "Agent streams open now");
+        let agent_streams_catching_up = gauge(
+            "agent_streams_catching_up",
+            "Agent streams replaying now, or still behind the clock after their replay: their service's seconds wait for them",
+        );
         let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");
         let shard_silent = gauge(
@@ -351,6 +363,8 @@ impl Health {
             remote_write_pending,
             decoded_bytes,
             agent_streams,
+            agent_streams_catching_up,
+            agent_streams_behind,
             snapshots_accepted,
             snapshots_duplicate,
             snapshots_too_late,

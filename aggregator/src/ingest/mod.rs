@@ -135,13 +135,19 @@ impl pb::ingest_server::Ingest for IngestService {
         };
         if hello.replay_through > 0 {
             let book = self.replays.of(&instance.service);
-            stream.replay = Some(StreamReplay::start(
-                book,
-                &instance.id,
-                hello.replay_through,
-                self.catch_up,
-                clock::unix_millis(),
-            ));
+            stream.replay = Some(
+                StreamReplay::start(
+                    book,
+                    &instance.id,
+                    hello.replay_through,
+                    self.catch_up,
+                    clock::unix_millis(),
+                )
+                .counted(
+                    self.health.agent_streams_catching_up.clone(),
+                    self.health.agent_streams_behind.clone(),
+                ),
+            );
         }
         let limits = self.limits.clone();
         let health = self.health.clone();

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::model::PerService;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -249,6 +252,17 @@ pub(crate) struct StreamReplay {
     until_ms: i64,
     /// The first second it read: how long its replay was.
     first: Option<i64>,
+    /// Where it is counted, if anywhere (see [`StreamReplay::counted`]).
+    counted: Option<Counted>,
+}
+
+/// Where replaying streams are counted: how many are catching up now, how many were still behind after a replay.
+#[derive(Debug)]
+struct Counted {
+    catching_up: Gauge,
+    behind: Counter,
+    /// Whether this stream was counted as behind already.
+    was_behind: bool,
 }
 
 /// The shortest replay (seconds) after which a stream may be behind: an agent that kept a second or two (a
@@ -275,7 +289,20 @@ impl StreamReplay {
             caught_up_ms: catch_up.caught_up_ms,
             until_ms,
             first: None,
+            counted: None,
         }
+    }
+
+    /// Counts the stream in `catching_up` until it is caught up (or ends), and in `behind` once if its replay
+    /// leaves it behind the clock.
+    pub(crate) fn counted(mut self, catching_up: Gauge, behind: Counter) -> Self {
+        catching_up.inc();
+        self.counted = Some(Counted {
+            catching_up,
+            behind,
+            was_behind: false,
+        });
+        self
     }
 
     /// The stream read second `t` at `now_ms`; returns whether its service's shard waited for it (it was
@@ -301,6 +328,15 @@ impl StreamReplay {
         self.book.reaches(&self.instance, t, reach, now_ms);
         self.through = behind.then_some(reach);
         self.reached = Some(t);
+        if let Some(counted) = &mut self.counted {
+            if behind && !counted.was_behind {
+                counted.was_behind = true;
+                counted.behind.inc();
+            }
+            if !behind {
+                counted.catching_up.dec();
+            }
+        }
         true
     }
 }
@@ -311,6 +347,9 @@ impl Drop for StreamReplay {
     fn drop(&mut self) {
         if let (Some(through), Some(read)) = (self.through, self.reached) {
             self.book.ended(&self.instance, through, read);
+        }
+        if let (Some(_), Some(counted)) = (self.through, &self.counted) {
+            counted.catching_up.dec();
         }
     }
 }
@@ -391,6 +430,39 @@ mod tests {
             longest_ms,
         };
         (Arc::new(ReplayBook::default()), catch_up)
+    }
+
+    #[test]
+    fn streams_catching_up_and_left_behind_are_counted() {
+        let (book, catch_up) = catching_up(120_000);
+        let (catching, behind) = (Gauge::default(), Counter::default());
+        let counted = |instance: &str, through: i64| {
+            StreamReplay::start(book.clone(), &instance.into(), through, catch_up, 100_000)
+                .counted(catching.clone(), behind.clone())
+        };
+        let mut late = counted("a", 95);
+        let mut short = counted("b", 98);
+        let ended = counted("c", 95);
+        assert_eq!(catching.get(), 3, "three replaying");
+        // a: a replay of 90..95 read 4 s and more after its seconds ended, then 96 still late, then 99 on time.
+        for t in 90..=95 {
+            late.read(t, 100_200);
+        }
+        assert_eq!(behind.get(), 1, "a is behind after its replay");
+        late.read(96, 100_300);
+        assert_eq!(behind.get(), 1, "counted once");
+        assert_eq!(catching.get(), 3);
+        late.read(99, 100_400);
+        assert_eq!(catching.get(), 2, "a caught up");
+        // b: two seconds of replay leave nothing behind.
+        short.read(97, 100_200);
+        short.read(98, 100_200);
+        assert_eq!(catching.get(), 1, "b done");
+        assert_eq!(behind.get(), 1);
+        drop(ended);
+        assert_eq!(catching.get(), 0, "c's stream ended mid-replay");
+        drop((late, short));
+        assert_eq!(catching.get(), 0, "nothing counted twice");
     }
 
     #[test]
