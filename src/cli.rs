@@ -158,6 +158,10 @@ pub(crate) struct AggregatorArgs {
     /// The longest a second stays open after it ends, e.g. `1s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
     pub(crate) grace_max: Option<Duration>,
+    /// The longest a second of a service that is behind stays open after its first snapshot (or after its shard
+    /// went on from a stall), e.g. `3s`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX_BEHIND", value_parser = humantime::parse_duration)]
+    pub(crate) grace_max_behind: Option<Duration>,
     /// Late snapshots of one sealed second become one correction at most this often, e.g. `250ms`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_CORRECTION_INTERVAL", value_parser = humantime::parse_duration)]
     pub(crate) correction_interval: Option<Duration>,
@@ -529,6 +533,9 @@ impl AggregatorArgs {
         }
         if let Some(v) = self.grace_max {
             config.grace_max = v;
+        }
+        if let Some(v) = self.grace_max_behind {
+            config.grace_max_behind = v;
         }
         if let Some(v) = self.history {
             config.history = v;

@@ -30,10 +30,16 @@ pub struct AggregatorConfig {
     /// ...once at least this share (0 to 1) of the instances expected on time have reported it (all but one always
     /// suffice)...
     pub grace_quorum: f64,
-    /// ...but never longer than this after it ends (or after its first snapshot arrived, when that was more than
-    /// `grace` after it ended: a service behind waits for its own burst).
+    /// ...but never longer than this after it ends.
     #[serde(with = "humantime_serde")]
     pub grace_max: Duration,
+    /// A second of a service that is behind waits from its first snapshot instead (when that came more than `grace`
+    /// after the second ended), or from when its shard went on after being stopped past that (a paused host): in
+    /// the same way, but at most this long, for its own burst is queued behind the seconds before it. With
+    /// `grace_max` there, after a 3 s stall of the aggregator at 10,000 agents, seconds were sealed with a fifth to
+    /// two thirds of their instances and the rest turned into corrections, which cost more than merging on time.
+    #[serde(with = "humantime_serde")]
+    pub grace_max_behind: Duration,
     /// How long sealed seconds are kept for backfill.
     #[serde(with = "humantime_serde")]
     pub history: Duration,
@@ -123,6 +129,7 @@ impl Default for AggregatorConfig {
             grace_quiet: Duration::from_millis(50),
             grace_quorum: 0.9,
             grace_max: Duration::from_secs(1),
+            grace_max_behind: Duration::from_secs(3),
             history: Duration::from_secs(600),
             late_window: Duration::from_secs(10),
             replay_gather: Duration::from_secs(8),

@@ -358,6 +358,8 @@ impl Aggregator {
             grace_quiet_ms: i64::try_from(self.config.grace_quiet.as_millis()).unwrap_or(i64::MAX),
             grace_quorum: self.config.grace_quorum,
             grace_max_ms: i64::try_from(self.config.grace_max.as_millis()).unwrap_or(i64::MAX),
+            grace_max_behind_ms: i64::try_from(self.config.grace_max_behind.as_millis())
+                .unwrap_or(i64::MAX),
             late_window_secs: i64::try_from(self.config.late_window.as_secs()).unwrap_or(i64::MAX),
             replay_gather_ms: i64::try_from(self.config.replay_gather.as_millis())
                 .unwrap_or(i64::MAX),

@@ -216,6 +216,7 @@ async fn run_shard(
                     }
                 };
                 let now = clock::unix_millis();
+                arrivals.awake(now);
                 arrivals.record(snapshot.t, now);
                 let end_ms = snapshot.t.saturating_add(1).saturating_mul(1000);
                 context.health.arrival_delay.observe(millis_as_seconds(now.saturating_sub(end_ms)));
@@ -263,6 +264,7 @@ async fn run_shard(
                     give_away(services, cluster, &context);
                 }
                 let now = clock::unix_millis();
+                arrivals.awake(now);
                 let mut failed = Vec::new();
                 for (service, state) in services.iter_mut() {
                     let ok = contain(service, &context, || {
@@ -337,6 +339,7 @@ mod tests {
                 grace_quiet_ms: 50,
                 grace_quorum: 0.9,
                 grace_max_ms: 1000,
+                grace_max_behind_ms: 3000,
                 late_window_secs: 10,
                 replay_gather_ms: 6_000,
                 replay_stall_ms: 10_000,

@@ -45,8 +45,11 @@ pub struct WindowSettings {
     pub grace_quiet_ms: i64,
     /// (the share, from 0 to 1)...
     pub grace_quorum: f64,
-    /// ...but never longer than this after it ends.
+    /// ...but never longer than this after it ends...
     pub grace_max_ms: i64,
+    /// ...or, for a second that waits from later than its grace (its first snapshot came then, or its shard went on
+    /// then from a stall: it is behind), never longer than this after that.
+    pub grace_max_behind_ms: i64,
     /// Seconds a sealed second still takes late snapshots.
     pub late_window_secs: i64,
     /// After the aggregator started, how long seconds that ended before it wait for replaying agents to be heard of
@@ -211,13 +214,30 @@ impl OpenSecond {
 }
 
 /// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
-/// still streaming in, sealing it would only turn the rest of it into corrections.
+/// still streaming in, sealing it would only turn the rest of it into corrections. And when the shard last went on
+/// after being stopped: the wall clock moved on without it, and so did every second's deadline.
 #[derive(Debug, Default)]
 pub(crate) struct Arrivals {
     last: BTreeMap<i64, i64>,
+    /// When the shard last went round its loop (wall clock, ms; 0 before the first time).
+    awake_ms: i64,
+    /// When it last went on after being silent longer than [`STOPPED_MS`] (0 for never).
+    resumed_ms: i64,
 }
 
+/// A shard silent longer than this was stopped (the host paused, its process stopped, its threads starved); a
+/// healthy one goes round its loop every 10 ms.
+const STOPPED_MS: i64 = 500;
+
 impl Arrivals {
+    /// The shard goes round its loop at `now_ms`.
+    pub(crate) fn awake(&mut self, now_ms: i64) {
+        if self.awake_ms != 0 && now_ms.saturating_sub(self.awake_ms) > STOPPED_MS {
+            self.resumed_ms = now_ms;
+        }
+        self.awake_ms = self.awake_ms.max(now_ms);
+    }
+
     /// A snapshot for second `t` arrived at `now_ms`.
     pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
         let last = self.last.entry(t).or_insert(now_ms);
@@ -519,14 +539,17 @@ impl ServiceWindows {
                 break;
             }
             // Waiting starts when the second ends, or, when the service's first snapshot of it came more than a
-            // grace later, then: a service (or a whole shard) behind by seconds, on a saturated host or replaying
-            // after an outage, would otherwise have each second sealed at its first snapshot and the rest turned
-            // into corrections, which cost more than merging them on time did (an aggregator behind stayed behind).
+            // grace later, or its shard went on from a stall then, from then: a service (or a whole shard) behind
+            // by seconds, on a saturated or paused host or replaying after an outage, would otherwise have each
+            // second sealed at its first snapshot and the rest turned into corrections, which cost more than
+            // merging them on time did (an aggregator behind stayed behind). Behind, its burst is queued behind
+            // the seconds before it's, so it may wait longer.
             let ended = t.saturating_add(1).saturating_mul(1000);
-            let end = if second.first_ms > ended.saturating_add(self.settings.grace_ms) {
-                second.first_ms
+            let from = second.first_ms.max(arrivals.resumed_ms);
+            let (end, longest) = if from > ended.saturating_add(self.settings.grace_ms) {
+                (from, self.settings.grace_max_behind_ms)
             } else {
-                ended
+                (ended, self.settings.grace_max_ms)
             };
             let complete = !self.expected.is_empty()
                 && self
@@ -558,7 +581,7 @@ impl ServiceWindows {
                 reported >= needed.min(expected.saturating_sub(1))
             };
             let waited = (now_ms >= end.saturating_add(grace) && quiet && quorum())
-                || now_ms >= end.saturating_add(self.settings.grace_max_ms.max(grace));
+                || now_ms >= end.saturating_add(longest.max(grace));
             if !complete && !waited {
                 break;
             }
@@ -801,6 +824,7 @@ mod tests {
         grace_quiet_ms: 50,
         grace_quorum: 0.9,
         grace_max_ms: 1000,
+        grace_max_behind_ms: 3000,
         late_window_secs: 10,
         replay_gather_ms: 6_000,
         replay_stall_ms: 10_000,
@@ -1157,18 +1181,68 @@ mod tests {
         assert!(w.seal_ready_seconds(16_249, &arrivals).is_empty());
         let sealed = w.seal_ready_seconds(16_250, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (3.0, 3));
-        // And grace_max counts from that first snapshot too: a second whose first snapshot came at 17_500 and
-        // whose others never come is sealed at 18_500.
+        // And the longest wait counts from that first snapshot too, grace_max_behind (its burst is queued behind
+        // the seconds before it): a second whose first snapshot came at 17_500 and whose others never come is
+        // sealed at 20_500, not at 18_500 (grace_max).
         w.apply(counter(&fleet[0], 13, 1.0), 17_500);
         arrivals.record(13, 17_500);
         assert!(w.seal_ready_seconds(17_900, &arrivals).is_empty());
-        assert!(w.seal_ready_seconds(18_499, &arrivals).is_empty());
-        assert_eq!(w.seal_ready_seconds(18_500, &arrivals).len(), 1);
+        assert!(w.seal_ready_seconds(18_500, &arrivals).is_empty());
+        assert!(w.seal_ready_seconds(20_499, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(20_500, &arrivals).len(), 1);
         // A first snapshot within the grace changes nothing: the grace counts from the end.
         w.apply(counter(&fleet[1], 20, 1.0), 21_100);
         arrivals.record(20, 21_100);
         assert!(w.seal_ready_seconds(21_249, &arrivals).is_empty());
         assert_eq!(w.seal_ready_seconds(21_250, &arrivals).len(), 1);
+    }
+
+    #[test]
+    fn a_second_whose_deadline_passed_while_its_shard_was_stopped_waits_from_when_it_went_on() {
+        let fleet = fleet(10);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut arrivals = Arrivals::default();
+        for i in &fleet {
+            w.apply_now(counter(i, 10, 1.0));
+        }
+        arrivals.awake(11_000);
+        arrivals.record(10, 11_000);
+        arrivals.awake(11_250);
+        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        arrivals.awake(11_700);
+        // Two of ten snapshots of 11 arrive on time, then the shard is stopped from 12_100 to 15_000: 11's
+        // grace_max passed meanwhile on the wall clock, but nothing was heard from the other eight.
+        for i in &fleet[..2] {
+            w.apply(counter(i, 11, 1.0), 12_050);
+            arrivals.record(11, 12_050);
+        }
+        arrivals.awake(12_050);
+        assert!(w.seal_ready_seconds(12_100, &arrivals).is_empty());
+        arrivals.awake(15_000);
+        assert!(
+            w.seal_ready_seconds(15_000, &arrivals).is_empty(),
+            "not sealed with two of ten the moment the shard goes on"
+        );
+        // The rest of its burst comes as the shard drains its queue, and 11 is sealed whole, not as corrections.
+        for (n, i) in fleet[2..].iter().enumerate() {
+            let at = 15_010 + 10 * n as i64;
+            arrivals.awake(at);
+            w.apply(counter(i, 11, 1.0), at);
+            arrivals.record(11, at);
+        }
+        let sealed = w.seal_ready_seconds(15_090, &arrivals);
+        assert_eq!(sum_of(&sealed[0], None, None), (10.0, 10), "complete");
+        // One that never gets its quorum is sealed grace_max_behind after the shard went on.
+        w.apply(counter(&fleet[0], 12, 1.0), 12_900);
+        arrivals.record(12, 12_900);
+        assert!(w.seal_ready_seconds(17_999, &arrivals).is_empty());
+        assert_eq!(w.seal_ready_seconds(18_000, &arrivals).len(), 1);
+        // A silence of half a second or less is not a stop: 13, on time, waits grace_max from its end only.
+        w.apply(counter(&fleet[0], 13, 1.0), 14_050);
+        arrivals.record(13, 14_050);
+        arrivals.awake(18_400);
+        arrivals.awake(18_900);
+        assert_eq!(w.seal_ready_seconds(18_900, &arrivals).len(), 1);
     }
 
     #[test]

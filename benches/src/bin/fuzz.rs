@@ -146,6 +146,7 @@ const SETTINGS: WindowSettings = WindowSettings {
     grace_quiet_ms: 50,
     grace_quorum: 0.9,
     grace_max_ms: 1000,
+    grace_max_behind_ms: 3000,
     late_window_secs: 10,
     replay_gather_ms: 6_000,
     replay_stall_ms: 10_000,

@@ -12,6 +12,9 @@
 //! this scale costs: instance-seconds lost (counted by neither aggregator), how long after the restart live frames
 //! are fresh again, when the outage's seconds were all published, and the second aggregator's CPU and peak RSS.
 //!
+//! With `--stall D` it stops the aggregator (SIGSTOP) for `D` seconds instead, connections kept, and reports how
+//! long after it went on live frames were fresh again.
+//!
 //! `cargo build --release && cargo run --release -p strobe-benches --bin throughput -- --agents 10000 --seconds 300`
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,14 +85,18 @@ struct Args {
     /// Kill the aggregator (SIGKILL) and keep it down this many seconds, then start it again (0: no outage).
     #[arg(long, default_value_t = 0)]
     outage: u64,
-    /// Seconds into the measured window at which `--outage` kills the aggregator.
+    /// Stop the aggregator (SIGSTOP) for this many seconds, then let it go on (SIGCONT): a stall of the host (a
+    /// noisy neighbour, a VM paused), with its connections kept. 0: none.
+    #[arg(long, default_value_t = 0, conflicts_with = "outage")]
+    stall: u64,
+    /// Seconds into the measured window at which `--outage` kills the aggregator, or `--stall` stops it.
     #[arg(long, default_value_t = 15)]
     outage_at: u64,
 }
 
 /// A second is fresh when at least this share of the fleet is in its live frame (the load sends 1% of
 /// instance-seconds late by default, which its corrections count; three times that is noise)...
-const FRESH_SHARE: f64 = 0.97;
+const FRESH_SHARE: f64 = 0.95;
 /// ...and every service's live frame of it came within this long after it ended.
 const FRESH_DELAY_MS: i64 = 2_000;
 
@@ -119,8 +126,8 @@ struct Seen {
     instances: HashMap<(String, i64, u8), (u64, u64)>,
     /// Live "second" frames: milliseconds after their second ended.
     frame_delays: Vec<i64>,
-    /// The restarted aggregator's live "second" frames: their second, and milliseconds after it ended.
-    restarted_frames: Vec<(i64, i64)>,
+    /// Every live "second" frame: its aggregator (as in `instances`), its second, and milliseconds after it ended.
+    frames: Vec<(u8, i64, i64)>,
     /// The restarted aggregator's overview frames (live or corrections): the last arrival for each second.
     restarted_last: HashMap<i64, i64>,
     /// Which aggregator is up: 0, or 1 once it was restarted.
@@ -215,6 +222,54 @@ async fn catching_up(http: &str) -> Result<(f64, f64)> {
     ))
 }
 
+/// The slowest live frame of each second from aggregator `epoch`, in ms after the second ended.
+fn slowest_frames(frames: &[(u8, i64, i64)], epoch: u8) -> BTreeMap<i64, i64> {
+    let mut worst: BTreeMap<i64, i64> = BTreeMap::new();
+    for (_, t, delay) in frames.iter().filter(|(e, ..)| *e == epoch) {
+        let w = worst.entry(*t).or_insert(i64::MIN);
+        *w = (*w).max(*delay);
+    }
+    worst
+}
+
+/// Stops process `pid` (SIGSTOP) `after` seconds from now for `seconds`, then lets it go on (SIGCONT); returns when
+/// it went on (wall clock, ms).
+async fn stall(pid: u32, after: u64, seconds: u64) -> Result<i64> {
+    let signal = |name: &str| -> Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} {pid}: {status}");
+        Ok(())
+    };
+    tokio::time::sleep(Duration::from_secs(after)).await;
+    signal("STOP")?;
+    println!("stall: aggregator stopped (SIGSTOP) for {seconds} s");
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    signal("CONT")?;
+    Ok(now_ms())
+}
+
+/// The first second of `seconds` from which every later one in it is fresh: at least [`FRESH_SHARE`] of the
+/// `expected` instances in its live frame (`live`, by second) and each of its live frames (`frames`, of aggregator
+/// `epoch`) at most [`FRESH_DELAY_MS`] after it ended. `seconds.end` when its last one is not.
+fn fresh_from(
+    live: &BTreeMap<i64, u64>,
+    frames: &[(u8, i64, i64)],
+    epoch: u8,
+    seconds: std::ops::Range<i64>,
+    expected: u64,
+) -> i64 {
+    let worst = slowest_frames(frames, epoch);
+    let fresh = |t: i64| {
+        live.get(&t).copied().unwrap_or(0) as f64 >= FRESH_SHARE * expected as f64
+            && worst.get(&t).is_some_and(|w| *w <= FRESH_DELAY_MS)
+    };
+    let stale = seconds.clone().rev().find(|t| !fresh(*t));
+    stale.map_or(seconds.start, |t| t + 1)
+}
+
 /// The cumulative buckets of histogram `name` in OpenMetrics `text`.
 fn histogram_buckets(text: &str, name: &str) -> Result<Vec<(f64, f64)>> {
     let prefix = format!("{name}_bucket{{le=\"");
@@ -281,9 +336,7 @@ async fn read_frames(
             ("second", Some(t), Some(_)) if full && !frame.correction => {
                 let delay = arrived - (t + 1) * 1000;
                 seen.frame_delays.push(delay);
-                if epoch > 0 {
-                    seen.restarted_frames.push((t, delay));
-                }
+                seen.frames.push((epoch, t, delay));
             }
             ("overview", Some(t), Some(service)) if !full => {
                 let instances = frame
@@ -468,18 +521,13 @@ async fn outage(
             lost_out += missing;
         }
     }
-    let mut worst: BTreeMap<i64, i64> = BTreeMap::new();
-    for (t, delay) in &seen.restarted_frames {
-        let w = worst.entry(*t).or_insert(i64::MIN);
-        *w = (*w).max(*delay);
-    }
-    let fresh = |t: i64| {
-        live_after.get(&t).copied().unwrap_or(0) as f64 >= FRESH_SHARE * expected as f64
-            && worst.get(&t).is_some_and(|w| *w <= FRESH_DELAY_MS)
-    };
-    // The first second from which every second up to the end of the run is fresh.
-    let stale = (restarted_s..last_second).rev().find(|t| !fresh(*t));
-    let fresh_from = stale.map_or(restarted_s, |t| t + 1);
+    let fresh_from = fresh_from(
+        &live_after,
+        &seen.frames,
+        1,
+        restarted_s..last_second,
+        expected,
+    );
     let backlog_done = (killed_s..=restarted_s)
         .filter_map(|t| seen.restarted_last.get(&t))
         .max()
@@ -519,6 +567,7 @@ async fn outage(
         rss_kib as f64 / 1024.0 / 1024.0
     );
     if args.verbose {
+        let worst = slowest_frames(&seen.frames, 1);
         let row: Vec<String> = (restarted_s - 2..last_second)
             .map(|t| {
                 format!(
@@ -668,6 +717,7 @@ async fn main() -> Result<()> {
         args.pin.then_some("1"),
     )?;
     let loadgen_pid = loadgen.id().context("loadgen pid")?;
+    let loadgen_started_ms = now_ms();
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
     let last_progress = Arc::new(Mutex::new(String::new()));
     // Snapshots the load generator dropped unsent (its queue to a shipper full: the generator's process starved).
@@ -738,6 +788,7 @@ async fn main() -> Result<()> {
     let (catching0, behind0) = catching_up(&http).await?;
     seen.lock().expect("lock").frame_delays.clear();
     fan_out.lock().expect("lock").clear();
+    let stall = (args.stall > 0).then(|| tokio::spawn(stall(agg_pid, args.outage_at, args.stall)));
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let mut fan_out = std::mem::take(&mut *fan_out.lock().expect("lock"));
     let last_second = now_ms() / 1000 - 1;
@@ -754,14 +805,28 @@ async fn main() -> Result<()> {
     let seal = between(&seal0, &seal1);
     let arrival = between(&arrival0, &arrival1);
 
-    let (instances, frame_delays, bytes) = {
+    let (instances, frame_delays, frames, bytes) = {
         let mut seen = seen.lock().expect("lock");
         (
             std::mem::take(&mut seen.instances),
             std::mem::take(&mut seen.frame_delays),
+            std::mem::take(&mut seen.frames),
             seen.bytes,
         )
     };
+    // How long the whole fleet connecting at once took to digest: when live frames were fresh from, in the warm-up.
+    let mut live_at: BTreeMap<i64, u64> = BTreeMap::new();
+    for ((_, t, _), (live, _)) in &instances {
+        *live_at.entry(*t).or_default() += live;
+    }
+    let started_s = loadgen_started_ms / 1000;
+    let start_fresh = fresh_from(
+        &live_at,
+        &frames,
+        0,
+        started_s..first_second,
+        args.agents as u64,
+    );
     // Per second of the measured window: instances live and after corrections, summed over services.
     let mut per_second: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
     for ((_, t, _), (live, corrected)) in &instances {
@@ -859,6 +924,53 @@ async fn main() -> Result<()> {
         histogram_quantile(&arrival, 0.9),
         histogram_quantile(&arrival, 0.99),
     );
+    if let Some(stall) = stall {
+        let resumed_ms = stall.await??;
+        let resumed_s = resumed_ms / 1000;
+        let again = fresh_from(
+            &live_at,
+            &frames,
+            0,
+            resumed_s..last_second,
+            args.agents as u64,
+        );
+        if again < last_second {
+            println!(
+                "stalled {} s: live frames fresh again from the second that ended {:.1} s after the aggregator went on",
+                args.stall,
+                ((again + 1) * 1000 - resumed_ms) as f64 / 1000.0
+            );
+        } else {
+            println!(
+                "stalled {} s: live frames not fresh again by the end of the run",
+                args.stall
+            );
+        }
+        if args.verbose {
+            let worst = slowest_frames(&frames, 0);
+            let row: Vec<String> = (resumed_s - args.stall as i64 - 2..last_second)
+                .map(|t| {
+                    format!(
+                        "{t}: live {} worst {} ms",
+                        live_at.get(&t).copied().unwrap_or(0),
+                        worst.get(&t).copied().unwrap_or(-1)
+                    )
+                })
+                .collect();
+            eprintln!("around the stall: {row:#?}");
+        }
+    }
+    if start_fresh < first_second {
+        println!(
+            "the fleet's start: live frames fresh (>= {}% of instances live, every frame <= {} ms after its second) \
+             from the second that ended {:.1} s after the load generator started",
+            FRESH_SHARE * 100.0,
+            FRESH_DELAY_MS,
+            ((start_fresh + 1) * 1000 - loadgen_started_ms) as f64 / 1000.0
+        );
+    } else {
+        println!("the fleet's start: live frames not fresh by the end of the warm-up");
+    }
     println!(
         "agent streams catching up (replaying, or behind after a replay) at the window's start / end: {catching0} / \
          {catching1}; left behind after a replay: {behind0} before the window, {} in it",
