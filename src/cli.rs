@@ -155,7 +155,8 @@ pub(crate) struct AggregatorArgs {
     /// (0 to 1; all but one always suffice), e.g. `0.9`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUORUM")]
     pub(crate) grace_quorum: Option<f64>,
-    /// The longest a second stays open after it ends, e.g. `1s`.
+    /// The longest a second stays open after it ends (unless its service is behind: see `--grace-max-behind`), e.g.
+    /// `1s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
     pub(crate) grace_max: Option<Duration>,
     /// The longest a second of a service that is behind stays open after its first snapshot (or after its shard

@@ -30,12 +30,12 @@ pub struct AggregatorConfig {
     /// ...once at least this share (0 to 1) of the instances expected on time have reported it (all but one always
     /// suffice)...
     pub grace_quorum: f64,
-    /// ...but never longer than this after it ends.
+    /// ...but never longer than this after it ends (unless behind: see `grace_max_behind`).
     #[serde(with = "humantime_serde")]
     pub grace_max: Duration,
     /// A second of a service that is behind waits from its first snapshot instead (when that came more than `grace`
-    /// after the second ended), or from when its shard went on after being stopped past that (a paused host): in
-    /// the same way, but at most this long, for its own burst is queued behind the seconds before it. With
+    /// after the second ended), or from when its shard went on after a stop of more than 500 ms during which its
+    /// longest wait ran out (a paused host): in the same way, but at most this long, for its own burst is queued behind the seconds before it. With
     /// `grace_max` there, after a 3 s stall of the aggregator at 10,000 agents, seconds were sealed with a fifth to
     /// two thirds of their instances and the rest turned into corrections, which cost more than merging on time.
     #[serde(with = "humantime_serde")]

@@ -119,7 +119,8 @@ pub(crate) struct Health {
     registry: Registry,
     /// Agent streams open now.
     pub(crate) agent_streams: Gauge,
-    /// Agent streams replaying now, or still behind after their replay (their service's seconds wait for them).
+    /// Agent streams replaying now, or behind after their replay and not caught up yet (their service's seconds wait
+    /// for them, unless they stopped moving for `replay_stall` or their `replay_wait` ran out).
     pub(crate) agent_streams_catching_up: Gauge,
     /// Agent streams that were still behind the clock after a replay of at least 5 s.
     pub(crate) agent_streams_behind: Counter,
@@ -298,7 +299,7 @@ impl Health {
         let agent_streams = gauge("agent_streams", "Agent streams open now");
         let agent_streams_catching_up = gauge(
             "agent_streams_catching_up",
-            "Agent streams replaying now, or still behind the clock after their replay: their service's seconds wait for them",
+            "Agent streams replaying now, or behind the clock after their replay and not caught up yet (their service's seconds wait for them, while they move and for at most replay_wait)",
         );
         let websocket_clients = gauge("websocket_clients", "Websocket clients connected now");
         let websocket_subscribers = gauge("websocket_subscribers", "Live stream receivers now");

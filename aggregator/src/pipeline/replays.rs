@@ -443,14 +443,22 @@ mod tests {
         let mut late = counted("a", 95);
         let mut short = counted("b", 98);
         let ended = counted("c", 95);
-        assert_eq!(catching.get(), 3, "three replaying");
+        let mut gone = counted("d", 95);
+        assert_eq!(catching.get(), 4, "four replaying");
+        // d: behind after its replay, and its stream ends so.
+        for t in 90..=96 {
+            gone.read(t, 100_300);
+        }
+        assert_eq!(behind.get(), 1);
+        drop(gone);
+        assert_eq!(catching.get(), 3, "d's stream ended while behind");
         // a: a replay of 90..95 read 4 s and more after its seconds ended, then 96 still late, then 99 on time.
         for t in 90..=95 {
             late.read(t, 100_200);
         }
-        assert_eq!(behind.get(), 1, "a is behind after its replay");
+        assert_eq!(behind.get(), 2, "a is behind after its replay");
         late.read(96, 100_300);
-        assert_eq!(behind.get(), 1, "counted once");
+        assert_eq!(behind.get(), 2, "counted once");
         assert_eq!(catching.get(), 3);
         late.read(99, 100_400);
         assert_eq!(catching.get(), 2, "a caught up");
@@ -458,7 +466,7 @@ mod tests {
         short.read(97, 100_200);
         short.read(98, 100_200);
         assert_eq!(catching.get(), 1, "b done");
-        assert_eq!(behind.get(), 1);
+        assert_eq!(behind.get(), 2);
         drop(ended);
         assert_eq!(catching.get(), 0, "c's stream ended mid-replay");
         drop((late, short));

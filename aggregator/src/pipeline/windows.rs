@@ -6,7 +6,8 @@
 //! `grace_quiet` ago: a burst of thousands is still being decoded) or fewer than `grace_quorum` of the instances
 //! expected on time have reported, and never longer than `grace_max`. When the service's first snapshot of a second
 //! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
-//! waits count from that snapshot instead. Ingest is idempotent per (instance, second). A snapshot for a sealed
+//! waits count from that snapshot instead, up to `grace_max_behind`; and when a second's longest wait ran out while
+//! its shard was stopped (a paused host), from when the shard went on, up to `grace_max_behind` too. Ingest is idempotent per (instance, second). A snapshot for a sealed
 //! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
 //! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
 //! than `late_window` before the newest seal, is refused.
@@ -214,28 +215,39 @@ impl OpenSecond {
 }
 
 /// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
-/// still streaming in, sealing it would only turn the rest of it into corrections. And when the shard last went on
-/// after being stopped: the wall clock moved on without it, and so did every second's deadline.
+/// still streaming in, sealing it would only turn the rest of it into corrections. And when the shard was last
+/// stopped: the wall clock moved on without it, and deadlines that passed meanwhile passed with nothing merged.
 #[derive(Debug, Default)]
 pub(crate) struct Arrivals {
     last: BTreeMap<i64, i64>,
     /// When the shard last went round its loop (wall clock, ms; 0 before the first time).
     awake_ms: i64,
-    /// When it last went on after being silent longer than [`STOPPED_MS`] (0 for never).
-    resumed_ms: i64,
+    /// The shard's last silence longer than [`STOPPED_MS`]: from when to when it went on (wall clock, ms; `(0, 0)`
+    /// for none).
+    stopped: (i64, i64),
 }
 
-/// A shard silent longer than this was stopped (the host paused, its process stopped, its threads starved); a
-/// healthy one goes round its loop every 10 ms.
+/// A shard silent longer than this was stopped (the host paused, its process stopped, its threads starved, or one
+/// turn of its own loop took that long: its queue was not read meanwhile either); a healthy one goes round its loop
+/// every 10 ms.
 const STOPPED_MS: i64 = 500;
 
 impl Arrivals {
     /// The shard goes round its loop at `now_ms`.
     pub(crate) fn awake(&mut self, now_ms: i64) {
-        if self.awake_ms != 0 && now_ms.saturating_sub(self.awake_ms) > STOPPED_MS {
-            self.resumed_ms = now_ms;
+        if now_ms < self.awake_ms {
+            // The clock went back: no silence is measured across it, and no stop ends after now.
+            self.stopped = (self.stopped.0.min(now_ms), self.stopped.1.min(now_ms));
+        } else if self.awake_ms != 0 && now_ms - self.awake_ms > STOPPED_MS {
+            self.stopped = (self.awake_ms, now_ms);
         }
-        self.awake_ms = self.awake_ms.max(now_ms);
+        self.awake_ms = now_ms;
+    }
+
+    /// When the shard went on, if `deadline` ran out while it was last stopped.
+    fn resumed_past(&self, deadline: i64) -> Option<i64> {
+        let (from, to) = self.stopped;
+        (from < deadline && deadline <= to).then_some(to)
     }
 
     /// A snapshot for second `t` arrived at `now_ms`.
@@ -539,18 +551,23 @@ impl ServiceWindows {
                 break;
             }
             // Waiting starts when the second ends, or, when the service's first snapshot of it came more than a
-            // grace later, or its shard went on from a stall then, from then: a service (or a whole shard) behind
-            // by seconds, on a saturated or paused host or replaying after an outage, would otherwise have each
-            // second sealed at its first snapshot and the rest turned into corrections, which cost more than
-            // merging them on time did (an aggregator behind stayed behind). Behind, its burst is queued behind
-            // the seconds before it's, so it may wait longer.
+            // grace later, from then: a service (or a whole shard) behind by seconds, on a saturated host or
+            // replaying after an outage, would otherwise have each second sealed at its first snapshot and the
+            // rest turned into corrections, which cost more than merging them on time did (an aggregator behind
+            // stayed behind). Behind, its burst is queued behind the seconds before it, so it may wait longer.
             let ended = t.saturating_add(1).saturating_mul(1000);
-            let from = second.first_ms.max(arrivals.resumed_ms);
-            let (end, longest) = if from > ended.saturating_add(self.settings.grace_ms) {
-                (from, self.settings.grace_max_behind_ms)
+            let grace = self.settings.grace_ms;
+            let (mut end, mut longest) = if second.first_ms > ended.saturating_add(grace) {
+                (second.first_ms, self.settings.grace_max_behind_ms)
             } else {
                 (ended, self.settings.grace_max_ms)
             };
+            // Its longest wait ran out while the shard was stopped (a paused host): what was queued for it
+            // meanwhile was never merged, and sealing it now would seal it with what came before the stop. Once:
+            // waiting from then, it runs out after the stop.
+            if let Some(resumed) = arrivals.resumed_past(end.saturating_add(longest.max(grace))) {
+                (end, longest) = (resumed, self.settings.grace_max_behind_ms);
+            }
             let complete = !self.expected.is_empty()
                 && self
                     .expected
@@ -559,7 +576,6 @@ impl ServiceWindows {
             let quiet = arrivals
                 .last(t)
                 .is_none_or(|last| now_ms >= last.saturating_add(self.settings.grace_quiet_ms));
-            let grace = self.settings.grace_ms;
             // A lull at the shard while most of the expected instances are missing is a burst held up on its way
             // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
             // corrections. Counted only once the grace has passed in a lull, over the instances expected on time:
@@ -1200,49 +1216,74 @@ mod tests {
     #[test]
     fn a_second_whose_deadline_passed_while_its_shard_was_stopped_waits_from_when_it_went_on() {
         let fleet = fleet(10);
-        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        // Two services of one shard: `whole` gets the rest of its burst after the stop, `short` never does.
+        let mut whole = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut short = ServiceWindows::new("svc".into(), SETTINGS);
         let mut arrivals = Arrivals::default();
-        for i in &fleet {
-            w.apply_now(counter(i, 10, 1.0));
+        for w in [&mut whole, &mut short] {
+            for i in &fleet {
+                w.apply_now(counter(i, 10, 1.0));
+            }
         }
         arrivals.awake(11_000);
         arrivals.record(10, 11_000);
         arrivals.awake(11_250);
-        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
-        arrivals.awake(11_700);
-        // Two of ten snapshots of 11 arrive on time, then the shard is stopped from 12_100 to 15_000: 11's
-        // grace_max passed meanwhile on the wall clock, but nothing was heard from the other eight.
-        for i in &fleet[..2] {
-            w.apply(counter(i, 11, 1.0), 12_050);
-            arrivals.record(11, 12_050);
+        for w in [&mut whole, &mut short] {
+            assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
         }
+        // Two of ten snapshots of 11 arrive on time, then the shard is stopped from 12_100 to 15_000: 11's
+        // grace_max (13_000) passed meanwhile on the wall clock, with nothing heard from the other eight.
+        for w in [&mut whole, &mut short] {
+            for i in &fleet[..2] {
+                w.apply(counter(i, 11, 1.0), 12_050);
+            }
+        }
+        arrivals.record(11, 12_050);
         arrivals.awake(12_050);
-        assert!(w.seal_ready_seconds(12_100, &arrivals).is_empty());
+        arrivals.awake(12_100);
+        assert!(whole.seal_ready_seconds(12_100, &arrivals).is_empty());
         arrivals.awake(15_000);
-        assert!(
-            w.seal_ready_seconds(15_000, &arrivals).is_empty(),
-            "not sealed with two of ten the moment the shard goes on"
-        );
+        for w in [&mut whole, &mut short] {
+            assert!(
+                w.seal_ready_seconds(15_000, &arrivals).is_empty(),
+                "not sealed with two of ten the moment the shard goes on"
+            );
+        }
         // The rest of its burst comes as the shard drains its queue, and 11 is sealed whole, not as corrections.
         for (n, i) in fleet[2..].iter().enumerate() {
             let at = 15_010 + 10 * n as i64;
             arrivals.awake(at);
-            w.apply(counter(i, 11, 1.0), at);
+            whole.apply(counter(i, 11, 1.0), at);
             arrivals.record(11, at);
         }
-        let sealed = w.seal_ready_seconds(15_090, &arrivals);
+        let sealed = whole.seal_ready_seconds(15_090, &arrivals);
         assert_eq!(sum_of(&sealed[0], None, None), (10.0, 10), "complete");
-        // One that never gets its quorum is sealed grace_max_behind after the shard went on.
-        w.apply(counter(&fleet[0], 12, 1.0), 12_900);
-        arrivals.record(12, 12_900);
-        assert!(w.seal_ready_seconds(17_999, &arrivals).is_empty());
-        assert_eq!(w.seal_ready_seconds(18_000, &arrivals).len(), 1);
-        // A silence of half a second or less is not a stop: 13, on time, waits grace_max from its end only.
-        w.apply(counter(&fleet[0], 13, 1.0), 14_050);
-        arrivals.record(13, 14_050);
-        arrivals.awake(18_400);
-        arrivals.awake(18_900);
-        assert_eq!(w.seal_ready_seconds(18_900, &arrivals).len(), 1);
+        // Without its quorum, it is sealed grace_max_behind after the shard went on, not before.
+        assert!(short.seal_ready_seconds(17_999, &arrivals).is_empty());
+        assert_eq!(short.seal_ready_seconds(18_000, &arrivals).len(), 1);
+    }
+
+    #[test]
+    fn a_stop_is_a_silence_of_more_than_half_a_second_and_only_deadlines_within_it_move() {
+        let mut arrivals = Arrivals::default();
+        arrivals.awake(1_000);
+        arrivals.awake(1_500);
+        assert_eq!(arrivals.resumed_past(1_200), None, "500 ms is not a stop");
+        arrivals.awake(2_001);
+        assert_eq!(arrivals.resumed_past(1_800), Some(2_001), "501 ms is");
+        assert_eq!(arrivals.resumed_past(2_001), Some(2_001));
+        assert_eq!(arrivals.resumed_past(1_500), None, "ran out before it");
+        assert_eq!(arrivals.resumed_past(2_002), None, "runs out after it");
+        // The clock goes back: nothing is moved past now.
+        arrivals.awake(1_700);
+        assert_eq!(arrivals.resumed_past(1_600), Some(1_700));
+        assert_eq!(arrivals.resumed_past(1_800), None);
+        arrivals.awake(2_100);
+        assert_eq!(
+            arrivals.resumed_past(1_600),
+            Some(1_700),
+            "400 ms on: no new stop"
+        );
     }
 
     #[test]

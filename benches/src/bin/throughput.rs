@@ -95,7 +95,8 @@ struct Args {
 }
 
 /// A second is fresh when at least this share of the fleet is in its live frame (the load sends 1% of
-/// instance-seconds late by default, which its corrections count; three times that is noise)...
+/// instance-seconds late by default, which its corrections count; single seconds of steady state dip to 96.5% now
+/// and then)...
 const FRESH_SHARE: f64 = 0.95;
 /// ...and every service's live frame of it came within this long after it ended.
 const FRESH_DELAY_MS: i64 = 2_000;
@@ -614,6 +615,13 @@ fn percentile(sorted: &[i64], q: f64) -> i64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.stall == 0 || args.outage_at + args.stall < args.seconds,
+        "--stall {} at --outage-at {} must end within the {} s measured",
+        args.stall,
+        args.outage_at,
+        args.seconds
+    );
     if args.pin {
         let pinned = std::process::Command::new("taskset")
             .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
