@@ -252,6 +252,25 @@ async fn stall(pid: u32, after: u64, seconds: u64) -> Result<i64> {
     Ok(now_ms())
 }
 
+/// For `--verbose`: each of `seconds`, its live instances (`live`) and its slowest live frame from aggregator `epoch`.
+fn second_by_second(
+    live: &BTreeMap<i64, u64>,
+    frames: &[(u8, i64, i64)],
+    epoch: u8,
+    seconds: std::ops::Range<i64>,
+) -> Vec<String> {
+    let worst = slowest_frames(frames, epoch);
+    seconds
+        .map(|t| {
+            format!(
+                "{t}: live {} worst {} ms",
+                live.get(&t).copied().unwrap_or(0),
+                worst.get(&t).copied().unwrap_or(-1)
+            )
+        })
+        .collect()
+}
+
 /// The first second of `seconds` from which every later one in it is fresh: at least [`FRESH_SHARE`] of the
 /// `expected` instances in its live frame (`live`, by second) and each of its live frames (`frames`, of aggregator
 /// `epoch`) at most [`FRESH_DELAY_MS`] after it ended. `seconds.end` when its last one is not.
@@ -568,16 +587,7 @@ async fn outage(
         rss_kib as f64 / 1024.0 / 1024.0
     );
     if args.verbose {
-        let worst = slowest_frames(&seen.frames, 1);
-        let row: Vec<String> = (restarted_s - 2..last_second)
-            .map(|t| {
-                format!(
-                    "{t}: live {} worst {} ms",
-                    live_after.get(&t).copied().unwrap_or(0),
-                    worst.get(&t).copied().unwrap_or(-1)
-                )
-            })
-            .collect();
+        let row = second_by_second(&live_after, &seen.frames, 1, restarted_s - 2..last_second);
         eprintln!("after the restart: {row:#?}");
         eprintln!("instance-seconds lost, by second after the kill: {missing_at:?}");
         eprintln!("restarted aggregator's drops: {elsewhere:?}");
@@ -955,16 +965,8 @@ async fn main() -> Result<()> {
             );
         }
         if args.verbose {
-            let worst = slowest_frames(&frames, 0);
-            let row: Vec<String> = (resumed_s - args.stall as i64 - 2..last_second)
-                .map(|t| {
-                    format!(
-                        "{t}: live {} worst {} ms",
-                        live_at.get(&t).copied().unwrap_or(0),
-                        worst.get(&t).copied().unwrap_or(-1)
-                    )
-                })
-                .collect();
+            let stopped_s = resumed_s - args.stall as i64;
+            let row = second_by_second(&live_at, &frames, 0, stopped_s - 2..last_second);
             eprintln!("around the stall: {row:#?}");
         }
     }
