@@ -7,8 +7,8 @@
 //! expected on time have reported, and never longer than `grace_max`. When the service's first snapshot of a second
 //! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
 //! waits count from that snapshot instead, up to `grace_max_behind`; and when a second's longest wait ran out while
-//! its shard was stopped (a paused host), from when the shard went on, up to `grace_max_behind` too. Ingest is idempotent per (instance, second). A snapshot for a sealed
-//! second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
+//! its shard was stopped (a paused host), from when the shard went on, up to `grace_max_behind` too. Ingest is
+//! idempotent per (instance, second). A snapshot for a sealed second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
 //! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
 //! than `late_window` before the newest seal, is refused.
 //!
