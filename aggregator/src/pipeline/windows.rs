@@ -8,9 +8,10 @@
 //! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
 //! waits count from that snapshot instead, up to `grace_max_behind`; and when a second's longest wait ran out while
 //! its shard was stopped (a paused host), from when the shard went on, up to `grace_max_behind` too. Ingest is
-//! idempotent per (instance, second). A snapshot for a sealed second is merged and yields a correction for `late_window` after the second was sealed (wall clock: replays after
-//! an outage are old seconds, sealed moments ago); a snapshot for a second sealed longer ago, or never seen and older
-//! than `late_window` before the newest seal, is refused.
+//! idempotent per (instance, second). A snapshot for a sealed second is merged and yields a correction for
+//! `late_window` after the second was sealed (wall clock: replays after an outage are old seconds, sealed moments
+//! ago); a snapshot for a second sealed longer ago, or never seen and older than `late_window` before the newest
+//! seal, is refused.
 //!
 //! Replays wait for each other. A stream that reconnects says in its hello up to which second it replays what its
 //! agent kept, and its stream notes in the service's [`ReplayBook`] how far it has read. A second is not sealed
