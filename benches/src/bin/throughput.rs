@@ -195,13 +195,25 @@ fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
         .map_or(f64::NAN, |(le, _)| *le)
 }
 
-/// The aggregator's seal delay and snapshot arrival delay histograms, in that order.
-async fn delay_buckets(http: &str) -> Result<[Vec<(f64, f64)>; 2]> {
+/// From one scrape of the aggregator's metrics: its seal delay and snapshot arrival delay histograms, and the agent
+/// streams catching up now and left behind after a replay so far.
+struct Scraped {
+    seal: Vec<(f64, f64)>,
+    arrival: Vec<(f64, f64)>,
+    catching_up: f64,
+    behind: f64,
+}
+
+/// Scrapes the aggregator whose HTTP API is at `http`.
+async fn scrape(http: &str) -> Result<Scraped> {
     let text = strobe_benches::scrape_metrics(http.parse()?).await?;
-    Ok([
-        histogram_buckets(&text, "strobe_seal_delay_seconds")?,
-        histogram_buckets(&text, "strobe_snapshot_arrival_delay_seconds")?,
-    ])
+    let value = |name| metric_value(&text, name).unwrap_or(f64::NAN);
+    Ok(Scraped {
+        seal: histogram_buckets(&text, "strobe_seal_delay_seconds")?,
+        arrival: histogram_buckets(&text, "strobe_snapshot_arrival_delay_seconds")?,
+        catching_up: value("strobe_agent_streams_catching_up"),
+        behind: value("strobe_agent_streams_behind_total"),
+    })
 }
 
 /// The value of the unlabelled metric `name` in OpenMetrics `text`, if there.
@@ -211,16 +223,6 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     })
-}
-
-/// Agent streams catching up now, and streams left behind after a replay so far, from the aggregator's metrics.
-async fn catching_up(http: &str) -> Result<(f64, f64)> {
-    let text = strobe_benches::scrape_metrics(http.parse()?).await?;
-    let value = |name| metric_value(&text, name).unwrap_or(f64::NAN);
-    Ok((
-        value("strobe_agent_streams_catching_up"),
-        value("strobe_agent_streams_behind_total"),
-    ))
 }
 
 /// The slowest live frame of each second from aggregator `epoch`, in ms after the second ended.
@@ -491,12 +493,8 @@ async fn outage(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, rss_kib) = proc_usage(pid)?;
     let metrics = strobe_benches::scrape_metrics(http.parse()?).await?;
-    let too_late = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("strobe_snapshots_too_late_total "))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
+    let too_late = metric_value(&metrics, "strobe_snapshots_too_late_total")
+        .map_or_else(|| "?".to_owned(), |n| n.to_string());
     // Where data that never reached the subscriber may have gone: frames it was too slow for, refusals.
     let elsewhere: Vec<&str> = metrics
         .lines()
@@ -802,8 +800,7 @@ async fn main() -> Result<()> {
     let first_second = now_ms() / 1000;
     let (cpu0, _) = proc_usage(agg_pid)?;
     let (lg0, _) = proc_usage(loadgen_pid)?;
-    let [seal0, arrival0] = delay_buckets(&http).await?;
-    let (catching0, behind0) = catching_up(&http).await?;
+    let before = scrape(&http).await?;
     seen.lock().expect("lock").frame_delays.clear();
     fan_out.lock().expect("lock").clear();
     let stall = (args.stall > 0).then(|| tokio::spawn(stall(agg_pid, args.outage_at, args.stall)));
@@ -812,16 +809,15 @@ async fn main() -> Result<()> {
     let last_second = now_ms() / 1000 - 1;
     let (cpu1, _) = proc_usage(agg_pid)?;
     let (lg1, _) = proc_usage(loadgen_pid)?;
-    let [seal1, arrival1] = delay_buckets(&http).await?;
-    let (catching1, behind1) = catching_up(&http).await?;
+    let after = scrape(&http).await?;
     // Let corrections of the last measured seconds arrive.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, rss_kib) = proc_usage(agg_pid)?;
     let ticks_per_second = 100.0;
     let agg_cores = (cpu1 - cpu0) as f64 / ticks_per_second / args.seconds as f64;
     let lg_cores = (lg1 - lg0) as f64 / ticks_per_second / args.seconds as f64;
-    let seal = between(&seal0, &seal1);
-    let arrival = between(&arrival0, &arrival1);
+    let seal = between(&before.seal, &after.seal);
+    let arrival = between(&before.arrival, &after.arrival);
 
     let (instances, frame_delays, frames, bytes) = {
         let mut seen = seen.lock().expect("lock");
@@ -982,9 +978,12 @@ async fn main() -> Result<()> {
         println!("the fleet's start: live frames not fresh by the end of the warm-up");
     }
     println!(
-        "agent streams catching up (replaying, or behind after a replay) at the window's start / end: {catching0} / \
-         {catching1}; left behind after a replay: {behind0} before the window, {} in it",
-        behind1 - behind0
+        "agent streams catching up (replaying, or behind after a replay) at the window's start / end: {} / {}; \
+         left behind after a replay: {} before the window, {} in it",
+        before.catching_up,
+        after.catching_up,
+        before.behind,
+        after.behind - before.behind
     );
     if args.subscribers > 0 {
         fan_out.sort_unstable();
