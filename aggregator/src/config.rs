@@ -35,9 +35,10 @@ pub struct AggregatorConfig {
     pub grace_max: Duration,
     /// A second of a service that is behind waits from its first snapshot instead (when that came more than `grace`
     /// after the second ended), or from when its shard went on after a stop of more than 500 ms during which its
-    /// longest wait ran out (a paused host): in the same way, but at most this long, for its own burst is queued behind the seconds before it. With
-    /// `grace_max` there, after a 3 s stall of the aggregator at 10,000 agents, seconds were sealed with a fifth to
-    /// two thirds of their instances and the rest turned into corrections, which cost more than merging on time.
+    /// longest wait ran out (a paused host): in the same way, but at most this long, for its own burst is queued behind
+    /// the seconds before it. With `grace_max` there, after a 3 s stall of the aggregator at 10,000 agents, seconds
+    /// were sealed with a fifth to two thirds of their instances and the rest turned into corrections, which cost more
+    /// than merging on time.
     #[serde(with = "humantime_serde")]
     pub grace_max_behind: Duration,
     /// How long sealed seconds are kept for backfill.
@@ -60,11 +61,11 @@ pub struct AggregatorConfig {
     /// agents on 2 cores, catching up after a minute's outage took 3 to 4 (2 min was not enough).
     #[serde(with = "humantime_serde")]
     pub replay_wait: Duration,
-    /// A replaying stream (of a replay of at least 5 s) is caught up once it delivers a second within this of its
-    /// end (about `grace_max`: the next second comes about as late). Until then, the seconds queued behind its
-    /// replay are late too, and are waited for like the replay: otherwise, after an outage of a large fleet, each live second
-    /// is sealed with the few instances that caught up first and the rest turn into corrections, which cost more
-    /// than merging them on time and keep the aggregator behind.
+    /// A replaying stream (of a replay of at least 5 s) is caught up once it delivers a second within this of its end
+    /// (about `grace_max`: the next second comes about as late). Until then, the seconds queued behind its replay are
+    /// late too, and are waited for like the replay: otherwise, after an outage of a large fleet, each live second is
+    /// sealed with the few instances that caught up first and the rest turn into corrections, which cost more than
+    /// merging them on time and keep the aggregator behind.
     #[serde(with = "humantime_serde")]
     pub replay_caught_up: Duration,
     /// Late snapshots of one sealed second are gathered this long and published as one correction (at most

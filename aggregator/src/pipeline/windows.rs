@@ -20,10 +20,10 @@
 //! snapshot (whatever order it came in). Seconds that ended well before the aggregator started (it restarted) are
 //! not sealed in its first `replay_gather` either, so that agents reconnecting on their backoff are heard of first.
 //! Without this, the first agents back had every replayed second sealed, and after an outage of a minute at 3,000
-//! agents 78% of the outage's instance-seconds arrived past their late window and were lost. A stream still behind
-//! once it has read a replay of at least 5 s (it read the replay's newest second more than `replay_caught_up` after
-//! that second ended) is waited for in the same way for the live seconds queued behind it, until it reads one on time, for at
-//! most `replay_wait` after its instance's first hello: at 10,000 agents each live second was otherwise sealed with
+//! agents 78% of the outage's instance-seconds arrived past their late window and were lost. A stream still behind once
+//! it has read a replay of at least 5 s (it read the replay's newest second more than `replay_caught_up` after that
+//! second ended) is waited for in the same way for the live seconds queued behind it, until it reads one on time, for
+//! at most `replay_wait` after its instance's first hello: at 10,000 agents each live second was otherwise sealed with
 //! the few streams that caught up first, and the rest turned into corrections that kept the aggregator behind.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
