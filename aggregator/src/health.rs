@@ -191,6 +191,8 @@ pub(crate) struct Health {
     pub(crate) remote_write_pending: Gauge,
     /// Bytes of merged per-second state held now, all services (bounded by `max_decoded_bytes`).
     pub(crate) decoded_bytes: Gauge,
+    /// Bytes of frames kept for backfill (set at each exposition).
+    history_bytes: Gauge,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
@@ -323,6 +325,10 @@ impl Health {
             "decoded_bytes",
             "Bytes of merged per-second state (open and recent seconds) held now, all services together",
         );
+        let history_bytes = gauge(
+            "history_bytes",
+            "Bytes of frames kept for backfill now, all services together (full seconds compressed), at most max_history_bytes",
+        );
         let seal_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
             "seal_delay_seconds",
@@ -363,6 +369,7 @@ impl Health {
             remote_write_retries,
             remote_write_pending,
             decoded_bytes,
+            history_bytes,
             agent_streams,
             agent_streams_catching_up,
             agent_streams_behind,
@@ -417,10 +424,13 @@ impl Health {
         }
     }
 
-    /// The exposition (OpenMetrics text, which Prometheus scrapes), with `subscribers` live receivers now.
-    pub(crate) fn render(&self, subscribers: usize) -> String {
+    /// The exposition (OpenMetrics text, which Prometheus scrapes), with `subscribers` live receivers and
+    /// `history_bytes` of frames kept for backfill now.
+    pub(crate) fn render(&self, subscribers: usize, history_bytes: usize) -> String {
         self.websocket_subscribers
             .set(i64::try_from(subscribers).unwrap_or(i64::MAX));
+        self.history_bytes
+            .set(i64::try_from(history_bytes).unwrap_or(i64::MAX));
         let silent = self.shard_beats.silent_at(Instant::now());
         self.shard_silent.set(
             silent
@@ -579,7 +589,7 @@ mod tests {
         };
         health.count_agent("checkout", &counts);
         health.count_agent("checkout", &counts);
-        let text = health.render(0);
+        let text = health.render(0, 0);
         for line in [
             "# TYPE strobe_seal_delay_seconds histogram",
             "strobe_seal_delay_seconds_bucket{le=\"0.005\"} 2",

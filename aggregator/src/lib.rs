@@ -281,7 +281,10 @@ impl Aggregator {
         let hub = Arc::new(
             Hub::new(
                 history,
-                config.limits.max_history_bytes_per_service,
+                (
+                    config.limits.max_history_bytes_per_service,
+                    config.limits.max_history_bytes,
+                ),
                 config.limits.subscriber_buffer_frames,
                 config.metrics.clone(),
             )

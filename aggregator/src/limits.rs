@@ -61,8 +61,12 @@ pub struct Limits {
     /// Most distinct series one service may have (all instances together, for as long as any of its streams or
     /// recent seconds lives): its cardinality limit. New series past it are dropped and counted.
     pub max_series_per_service: usize,
-    /// Bytes of backfill kept per service (full frames; the overview separately), on top of the `history` time.
+    /// Bytes of backfill kept per service (full frames, compressed; the overview separately), on top of the
+    /// `history` time.
     pub max_history_bytes_per_service: usize,
+    /// Bytes of backfill kept by all services together: each keeps at most its equal share (at most half of it in
+    /// overviews), so the history's memory does not grow with the number of services.
+    pub max_history_bytes: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so).
     pub subscriber_buffer_frames: usize,
     /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
@@ -95,6 +99,7 @@ impl Default for Limits {
             agent_connection_window: 8 << 20,
             agent_stream_window: 1 << 20,
             max_history_bytes_per_service: 4 * 1024 * 1024,
+            max_history_bytes: 256 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,
             max_queued_bytes: 256 * 1024 * 1024,

@@ -332,7 +332,12 @@ mod tests {
         let (sink, notes) = mpsc::unbounded_channel();
         let rules = RulesStore::open(None).expect("no file");
         let context = ServiceContext {
-            hub: Arc::new(Hub::new(600, usize::MAX, 64, Default::default())),
+            hub: Arc::new(Hub::new(
+                600,
+                (usize::MAX, usize::MAX),
+                64,
+                Default::default(),
+            )),
             health: health.clone(),
             settings: WindowSettings {
                 grace_ms: 250,
@@ -375,7 +380,11 @@ mod tests {
         let (context, _notes) = context(&health, &mut tasks);
         assert!(contain("fine", &context, || {}));
         assert!(!contain("broken", &context, || panic!("a bug")));
-        assert!(health.render(0).contains("strobe_service_panics_total 1"));
+        assert!(
+            health
+                .render(0, 0)
+                .contains("strobe_service_panics_total 1")
+        );
 
         // A panic outside any service: the supervisor restarts the shard, which keeps serving its queue.
         let (tx, rx) = mpsc::channel(4);
@@ -383,12 +392,19 @@ mod tests {
         tx.send(ShardCommand::Panic).await.unwrap();
         tx.send(ShardCommand::Panic).await.unwrap();
         for _ in 0..100 {
-            if health.render(0).contains("strobe_shard_restarts_total 2") {
+            if health
+                .render(0, 0)
+                .contains("strobe_shard_restarts_total 2")
+            {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert!(health.render(0).contains("strobe_shard_restarts_total 2"));
+        assert!(
+            health
+                .render(0, 0)
+                .contains("strobe_shard_restarts_total 2")
+        );
         assert!(!shard.is_finished(), "the supervisor gave up");
         drop(tx);
         shard.await.expect("ends cleanly when its queue closes");

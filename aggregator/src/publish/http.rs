@@ -321,7 +321,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.health.render(state.hub.subscriber_count()),
+        state
+            .health
+            .render(state.hub.subscriber_count(), state.hub.history_bytes()),
     )
 }
 
@@ -804,8 +806,10 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             biased;
             received = live.recv() => match received {
                 Ok(frame) => {
-                    if subscription.wants(&frame) && !delivered.already_sent(&frame) {
-                        if out.feed(Message::Text(frame.json)).await.is_err() {
+                    if subscription.wants(&frame) && !delivered.already_sent(&frame)
+                        && let Some(text) = frame.into_text()
+                    {
+                        if out.feed(Message::Text(text)).await.is_err() {
                             return;
                         }
                         unflushed = true;
@@ -894,8 +898,10 @@ async fn send_frames(
     out: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     frames: Vec<Frame>,
 ) -> Result<(), axum::Error> {
-    for frame in frames {
-        out.feed(Message::Text(frame.json)).await?;
+    // Stored full seconds are unpacked one at a time, as they are sent: a large backfill never sits in memory
+    // unpacked.
+    for text in frames.into_iter().filter_map(Frame::into_text) {
+        out.feed(Message::Text(text)).await?;
     }
     out.flush().await
 }

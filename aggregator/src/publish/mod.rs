@@ -57,11 +57,11 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    /// A hub keeping `history_seconds` (and at most `history_bytes` per service and kind) of frames per service;
-    /// subscribers may lag `buffer_frames` frames.
+    /// A hub keeping `history_seconds` of frames per service, and at most `history_bytes.0` per service and kind and
+    /// `history_bytes.1` in all; subscribers may lag `buffer_frames` frames.
     pub(crate) fn new(
         history_seconds: i64,
-        history_bytes: usize,
+        history_bytes: (usize, usize),
         buffer_frames: usize,
         metrics: MainMetrics,
     ) -> Self {
@@ -101,10 +101,9 @@ impl Hub {
         ) else {
             return;
         };
-        let first_seen = if sealed.correction {
-            self.status.first_seen(&sealed.service)
-        } else {
-            self.status.update(&sealed, &frame.json)
+        let first_seen = match frame.plain() {
+            Some(json) if !sealed.correction => self.status.update(&sealed, json),
+            _ => self.status.first_seen(&sealed.service),
         };
         let overview = overview::summarize(
             &sealed,
@@ -268,6 +267,11 @@ impl Hub {
     pub(crate) fn subscriber_count(&self) -> usize {
         self.stream.subscriber_count()
     }
+
+    /// Bytes of frames kept for backfill now (see `LiveStream`).
+    pub(crate) fn history_bytes(&self) -> usize {
+        self.stream.held_bytes()
+    }
 }
 
 impl RecordSink for Hub {
@@ -307,7 +311,7 @@ mod tests {
 
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
-        let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
+        let hub = Hub::new(600, (usize::MAX, usize::MAX), 64, MainMetrics::default());
         let (mut live, backfill) = hub.subscribe(true, |_, _| true, |_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
@@ -329,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_service_that_went_away_is_forgotten_once_its_history_has_passed() {
-        let hub = Hub::new(600, usize::MAX, 64, MainMetrics::default());
+        let hub = Hub::new(600, (usize::MAX, usize::MAX), 64, MainMetrics::default());
         hub.publish_second(sealed(1_000, false));
         hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
         hub.prune(1_500);
@@ -345,7 +349,12 @@ mod tests {
     /// needs. If it did, the publish below could not finish and the filter would give up waiting.
     #[test]
     fn a_slow_backfill_does_not_hold_up_publishing() {
-        let hub = Arc::new(Hub::new(600, usize::MAX, 64, MainMetrics::default()));
+        let hub = Arc::new(Hub::new(
+            600,
+            (usize::MAX, usize::MAX),
+            64,
+            MainMetrics::default(),
+        ));
         hub.publish_second(sealed(10, false));
         hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
         let (done_tx, done_rx) = mpsc::channel();

@@ -6,6 +6,7 @@
 //! released, so a slow or large backfill never holds up a shard's publish.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::broadcast;
@@ -16,8 +17,9 @@ use super::frame::{Frame, FrameKind};
 /// One service's stored frames.
 #[derive(Default)]
 struct ServiceHistory {
+    /// Full seconds, packed (see [`Frame::packed`]).
     seconds: VecDeque<Frame>,
-    /// Bytes of JSON in `seconds`.
+    /// Bytes of packed JSON in `seconds`.
     seconds_bytes: usize,
     overview: VecDeque<Frame>,
     /// Bytes of JSON in `overview`.
@@ -37,11 +39,21 @@ pub(crate) struct LiveStream {
     /// Most bytes of frames kept per service and kind (full seconds, overview), whichever of time and bytes binds
     /// first: a service with 50,000 series would otherwise keep gigabytes.
     history_bytes: usize,
+    /// Most bytes of frames kept by all services together: each keeps at most its equal share (of which at most
+    /// half in overviews), so the history is bounded however many services there are.
+    history_total_bytes: usize,
+    /// Bytes of frames kept now, all services and kinds.
+    held: AtomicUsize,
 }
 
 impl LiveStream {
-    /// A stream keeping `history_seconds` of frames per service; subscribers may lag `buffer_frames` frames.
-    pub(crate) fn new(history_seconds: i64, history_bytes: usize, buffer_frames: usize) -> Self {
+    /// A stream keeping `history_seconds` of frames per service, at most `history_bytes` per service and kind and
+    /// `history_total_bytes` in all; subscribers may lag `buffer_frames` frames.
+    pub(crate) fn new(
+        history_seconds: i64,
+        (history_bytes, history_total_bytes): (usize, usize),
+        buffer_frames: usize,
+    ) -> Self {
         let (live, _) = broadcast::channel(buffer_frames.max(16));
         let (seconds, _) = broadcast::channel(buffer_frames.max(16));
         Self {
@@ -50,7 +62,14 @@ impl LiveStream {
             history: RwLock::new(HashMap::new()),
             history_seconds,
             history_bytes,
+            history_total_bytes,
+            held: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes of frames kept for backfill now, all services and kinds (full seconds packed).
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     fn service_history(&self, service: &Arc<str>) -> Arc<Mutex<ServiceHistory>> {
@@ -89,22 +108,54 @@ impl LiveStream {
         self.broadcast(overview);
     }
 
-    /// Keeps a copy of `frame` in its service's history, among the overviews or among the seconds.
+    /// Keeps a copy of `frame` in its service's history, among the overviews or among the seconds (packed).
     fn remember(&self, frame: &Frame, overview: bool) {
         let history = self.service_history(&frame.service);
+        let services = self
+            .history
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+            .max(1);
+        let share = self.history_total_bytes / services;
+        // Packed before the lock is taken: the lock is held only to insert.
+        let frame = if overview {
+            frame.clone()
+        } else {
+            frame.packed()
+        };
         let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
         let history = &mut *history;
-        let (frames, bytes) = if overview {
-            (&mut history.overview, &mut history.overview_bytes)
+        let (frames, bytes, cap) = if overview {
+            (
+                &mut history.overview,
+                &mut history.overview_bytes,
+                share / 2,
+            )
         } else {
-            (&mut history.seconds, &mut history.seconds_bytes)
+            (
+                &mut history.seconds,
+                &mut history.seconds_bytes,
+                share.saturating_sub(history.overview_bytes),
+            )
         };
+        let before = *bytes;
         keep(
             frames,
             bytes,
-            frame.clone(),
-            (self.history_seconds, self.history_bytes),
+            frame,
+            (self.history_seconds, self.history_bytes.min(cap)),
         );
+        self.note_held(before, *bytes);
+    }
+
+    /// Moves the count of bytes held by one store's change from `before` to `after`.
+    fn note_held(&self, before: usize, after: usize) {
+        if after >= before {
+            self.held.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(before - after, Ordering::Relaxed);
+        }
     }
 
     /// Sends a frame to every subscriber connected now. Having none is normal, not an error.
@@ -129,7 +180,8 @@ impl LiveStream {
     }
 
     /// Copies of the stored second and overview frames of the services and kinds `stores` accepts, each service's
-    /// in second order. Only the stores accepted are locked and copied.
+    /// in second order (full seconds still packed: each is unpacked as it is sent). Only the stores accepted are
+    /// locked and copied.
     pub(crate) fn stored(&self, mut stores: impl FnMut(FrameKind, &str) -> bool) -> Vec<Frame> {
         let services: Vec<(Arc<Mutex<ServiceHistory>>, bool, bool)> = self
             .history
@@ -182,11 +234,13 @@ impl LiveStream {
                 (&mut history.seconds, &mut history.seconds_bytes),
                 (&mut history.overview, &mut history.overview_bytes),
             ] {
+                let before = *size;
                 while frames.front().is_some_and(|f| f.t <= horizon) {
                     if let Some(old) = frames.pop_front() {
-                        *size -= old.json.len();
+                        *size -= old.held_bytes();
                     }
                 }
+                self.note_held(before, *size);
             }
             !(history.seconds.is_empty() && history.overview.is_empty())
         });
@@ -238,13 +292,13 @@ fn keep(
     frame: Frame,
     (seconds, bytes): (i64, usize),
 ) {
-    *size += frame.json.len();
+    *size += frame.held_bytes();
     // Found by bisection (the frames are in second order, one per second): every publish of every service comes
     // here, and a new second, the usual case, matched no frame after a walk through all of them.
     let at = frames.partition_point(|f| f.t < frame.t);
     match frames.get_mut(at) {
         Some(slot) if slot.t == frame.t => {
-            *size -= slot.json.len();
+            *size -= slot.held_bytes();
             *slot = frame;
         }
         _ => frames.insert(at, frame),
@@ -256,7 +310,7 @@ fn keep(
             .is_some_and(|f| f.t <= newest.saturating_sub(seconds) || *size > bytes)
     {
         if let Some(old) = frames.pop_front() {
-            *size -= old.json.len();
+            *size -= old.held_bytes();
         }
     }
 }
@@ -287,7 +341,7 @@ mod tests {
     /// those broadcast from then on, and the frames of one broadcast keep their order; none once it stops asking.
     #[test]
     fn a_receiver_hears_full_seconds_only_once_it_wants_them() {
-        let stream = LiveStream::new(600, usize::MAX, 64);
+        let stream = LiveStream::new(600, (usize::MAX, usize::MAX), 64);
         let mut overview_only = stream.subscribe(false);
         let mut everything = stream.subscribe(true);
         stream.broadcast(of_kind(FrameKind::Second, 1));
@@ -331,6 +385,137 @@ mod tests {
         stream.broadcast(of_kind(FrameKind::Second, 4));
         stream.broadcast(of_kind(FrameKind::Overview, 4));
         assert_eq!(drain(&mut overview_only), [(FrameKind::Overview, 4)]);
+    }
+
+    fn text(frame: Frame) -> String {
+        frame.into_text().expect("unpacks").to_string()
+    }
+
+    /// Noise that does not compress, `len` bytes of it.
+    fn noise(seed: u64, len: usize) -> String {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b"0123456789abcdef"[(x >> 60) as usize])
+            })
+            .collect()
+    }
+
+    /// Full seconds are stored packed (a second's series repeat the same keys and names, so it shrinks several
+    /// times), broadcast as they are, and come out of the history exactly as they went in; overviews stay plain.
+    #[test]
+    fn full_seconds_are_kept_packed_and_come_back_as_they_were() {
+        let stream = LiveStream::new(600, (usize::MAX, usize::MAX), 64);
+        let mut live = stream.subscribe(true);
+        let series = r#"{"instances":193,"kind":"counter","metric":"cache.hits","service":"svc","sum":10099.0,"tags":{"route":"/cart","status":"2xx"},"version":null,"zone":null}"#;
+        let json = format!(
+            r#"{{"type":"second","t":7,"service":"svc","series":[{}]}}"#,
+            vec![series; 200].join(",")
+        );
+        let second = Frame {
+            json: json.clone().into(),
+            ..frame(7, 0)
+        };
+        let overview = Frame {
+            json: r#"{"type":"overview"}"#.into(),
+            ..of_kind(FrameKind::Overview, 7)
+        };
+        stream.publish_second(second, Some(overview));
+
+        let sent = std::iter::from_fn(|| live.try_recv().ok())
+            .find(|f| f.kind == FrameKind::Second)
+            .expect("the second was broadcast");
+        assert!(
+            sent.plain().is_some_and(|j| j.as_str() == json),
+            "broadcast plain, as published"
+        );
+        let stored = stream.stored(|_, _| true);
+        let kept = stored
+            .iter()
+            .find(|f| f.kind == FrameKind::Second)
+            .expect("the second was stored");
+        assert!(kept.plain().is_none(), "stored packed");
+        assert!(
+            kept.held_bytes() * 4 < json.len(),
+            "{} bytes kept for {}",
+            kept.held_bytes(),
+            json.len()
+        );
+        let overview = stored
+            .iter()
+            .find(|f| f.kind == FrameKind::Overview)
+            .expect("the overview was stored");
+        assert!(overview.plain().is_some(), "overviews stay plain");
+        assert_eq!(
+            stream.held_bytes(),
+            kept.held_bytes() + overview.held_bytes()
+        );
+        assert!(text(kept.clone()) == json, "unpacks to what was published");
+        assert!(
+            text(kept.packed()) == json,
+            "packing a packed frame keeps it"
+        );
+    }
+
+    /// However many services there are, their histories together stay within the total: each keeps at most its
+    /// equal share (overviews at most half of it), its newest frames; pruning gives every byte back.
+    #[test]
+    fn all_services_together_keep_at_most_the_total() {
+        let total = 60_000;
+        let stream = LiveStream::new(600, (usize::MAX, total), 64);
+        let services = ["a", "b", "c", "d"];
+        for t in 0..100 {
+            for (i, service) in services.iter().enumerate() {
+                let seed = (t * 10 + i as i64) as u64;
+                let second = Frame {
+                    service: (*service).into(),
+                    json: noise(seed, 1_000).into(),
+                    ..frame(t, 0)
+                };
+                let overview = Frame {
+                    service: (*service).into(),
+                    json: noise(seed + 1_000_000, 400).into(),
+                    ..of_kind(FrameKind::Overview, t)
+                };
+                stream.publish_second(second, Some(overview));
+            }
+        }
+        let stored = stream.stored(|_, _| true);
+        let held = |kind: FrameKind, service: &str| -> (usize, Vec<i64>) {
+            let frames: Vec<&Frame> = stored
+                .iter()
+                .filter(|f| f.kind == kind && &*f.service == service)
+                .collect();
+            (
+                frames.iter().map(|f| f.held_bytes()).sum(),
+                frames.iter().map(|f| f.t).collect(),
+            )
+        };
+        let share = total / services.len();
+        let mut sum = 0;
+        for service in services {
+            let (overview_bytes, overview_ts) = held(FrameKind::Overview, service);
+            let (second_bytes, second_ts) = held(FrameKind::Second, service);
+            assert!(overview_bytes <= share / 2, "{service}: {overview_bytes}");
+            assert!(
+                overview_bytes + second_bytes <= share,
+                "{service}: {overview_bytes} + {second_bytes} over {share}"
+            );
+            // Far fewer than the 100 seconds published, and the newest of them.
+            assert!(second_ts.len() < 20 && second_ts.last() == Some(&99));
+            assert!(overview_ts.len() < 40 && overview_ts.last() == Some(&99));
+            sum += overview_bytes + second_bytes;
+        }
+        assert!(sum <= total);
+        assert_eq!(stream.held_bytes(), sum, "the gauge counts what is held");
+        stream.prune(10_000);
+        assert_eq!(stream.held_bytes(), 0);
+        assert!(stream.stored(|_, _| true).is_empty());
     }
 
     #[test]

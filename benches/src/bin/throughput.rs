@@ -202,6 +202,9 @@ struct Scraped {
     arrival: Vec<(f64, f64)>,
     catching_up: f64,
     behind: f64,
+    /// Bytes of merged state and of backfill held.
+    decoded: f64,
+    history: f64,
 }
 
 /// Scrapes the aggregator whose HTTP API is at `http`.
@@ -213,6 +216,8 @@ async fn scrape(http: &str) -> Result<Scraped> {
         arrival: histogram_buckets(&text, "strobe_snapshot_arrival_delay_seconds")?,
         catching_up: value("strobe_agent_streams_catching_up"),
         behind: value("strobe_agent_streams_behind_total"),
+        decoded: value("strobe_decoded_bytes"),
+        history: value("strobe_history_bytes"),
     })
 }
 
@@ -984,6 +989,11 @@ async fn main() -> Result<()> {
         after.catching_up,
         before.behind,
         after.behind - before.behind
+    );
+    println!(
+        "the aggregator's memory at the window's end: merged state {:.0} MB, backfill {:.0} MB",
+        after.decoded / 1e6,
+        after.history / 1e6
     );
     if args.subscribers > 0 {
         fan_out.sort_unstable();
