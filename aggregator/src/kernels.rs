@@ -257,7 +257,7 @@ pub struct FanOut {
 impl FanOut {
     /// A hub and `subscribers` receivers of every frame.
     pub fn new(subscribers: usize) -> Self {
-        let hub = Hub::new(600, (usize::MAX, usize::MAX), 4096, MainMetrics::default());
+        let hub = Hub::new(Default::default(), 4096, MainMetrics::default());
         let receivers = (0..subscribers)
             .map(|_| hub.subscribe(true, |_, _| false, |_| false).0)
             .collect();

@@ -280,11 +280,12 @@ impl Aggregator {
         )?;
         let hub = Arc::new(
             Hub::new(
-                history,
-                (
-                    config.limits.max_history_bytes_per_service,
-                    config.limits.max_history_bytes,
-                ),
+                publish::HistoryLimits {
+                    seconds: history,
+                    per_service: config.limits.max_history_bytes_per_service,
+                    total: config.limits.max_history_bytes,
+                    backfill: config.limits.max_backfill_bytes,
+                },
                 config.limits.subscriber_buffer_frames,
                 config.metrics.clone(),
             )

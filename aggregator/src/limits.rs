@@ -65,8 +65,12 @@ pub struct Limits {
     /// `history` time.
     pub max_history_bytes_per_service: usize,
     /// Bytes of backfill kept by all services together: each keeps at most its equal share (at most half of it in
-    /// overviews), so the history's memory does not grow with the number of services.
+    /// overviews), so the history's memory does not grow with the number of services (past each service's newest
+    /// frame of each kind, which it keeps whatever its share).
     pub max_history_bytes: usize,
+    /// Bytes of full-second JSON one websocket backfill sends at most: the newest seconds of the services it covers
+    /// (overviews and alert states come whole).
+    pub max_backfill_bytes: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so).
     pub subscriber_buffer_frames: usize,
     /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
@@ -100,6 +104,7 @@ impl Default for Limits {
             agent_stream_window: 1 << 20,
             max_history_bytes_per_service: 4 * 1024 * 1024,
             max_history_bytes: 256 * 1024 * 1024,
+            max_backfill_bytes: 64 * 1024 * 1024,
             subscriber_buffer_frames: 4096,
             max_queued_bytes_per_stream: 4 * 1024 * 1024,
             max_queued_bytes: 256 * 1024 * 1024,

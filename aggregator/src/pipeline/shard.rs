@@ -332,12 +332,7 @@ mod tests {
         let (sink, notes) = mpsc::unbounded_channel();
         let rules = RulesStore::open(None).expect("no file");
         let context = ServiceContext {
-            hub: Arc::new(Hub::new(
-                600,
-                (usize::MAX, usize::MAX),
-                64,
-                Default::default(),
-            )),
+            hub: Arc::new(Hub::new(Default::default(), 64, Default::default())),
             health: health.clone(),
             settings: WindowSettings {
                 grace_ms: 250,

@@ -122,6 +122,14 @@ impl Frame {
         }
     }
 
+    /// Bytes of JSON text it sends (unpacked, if packed: read from the packed header).
+    pub(crate) fn text_len(&self) -> usize {
+        match &self.json {
+            FrameText::Plain(json) => json.len(),
+            FrameText::Packed(packed) => snap::raw::decompress_len(packed).unwrap_or(packed.len()),
+        }
+    }
+
     /// The JSON text to send, unpacked if it was packed. None only if packed bytes do not unpack, which nothing
     /// but a bug here could cause: logged, and the frame is skipped.
     pub(crate) fn into_text(self) -> Option<Utf8Bytes> {

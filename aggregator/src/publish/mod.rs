@@ -32,8 +32,8 @@ use crate::alerting::event::AlertRecord;
 use crate::model::{MainMetrics, SealedSecond, SeriesSummary};
 use state::EventStates;
 use status::StatusRegistry;
-pub(crate) use stream::LiveReceiver;
 use stream::LiveStream;
+pub(crate) use stream::{HistoryLimits, LiveReceiver};
 
 #[derive(Serialize)]
 struct SecondFrame<'a> {
@@ -52,22 +52,19 @@ pub(crate) struct Hub {
     status: StatusRegistry,
     events: EventStates,
     metrics: MainMetrics,
+    /// Most bytes of full-second JSON one backfill sends.
+    backfill_bytes: usize,
     /// Long-term export, when configured.
     export: Option<Arc<remote_write::RemoteWrite>>,
 }
 
 impl Hub {
-    /// A hub keeping `history_seconds` of frames per service, and at most `history_bytes.0` per service and kind and
-    /// `history_bytes.1` in all; subscribers may lag `buffer_frames` frames.
-    pub(crate) fn new(
-        history_seconds: i64,
-        history_bytes: (usize, usize),
-        buffer_frames: usize,
-        metrics: MainMetrics,
-    ) -> Self {
+    /// A hub keeping the history `history` allows; subscribers may lag `buffer_frames` frames.
+    pub(crate) fn new(history: HistoryLimits, buffer_frames: usize, metrics: MainMetrics) -> Self {
         Self {
-            stream: LiveStream::new(history_seconds, history_bytes, buffer_frames),
-            status: StatusRegistry::new(history_seconds),
+            stream: LiveStream::new(history, buffer_frames),
+            status: StatusRegistry::new(history.seconds),
+            backfill_bytes: history.backfill,
             events: EventStates::default(),
             metrics,
             export: None,
@@ -238,7 +235,9 @@ impl Hub {
 
     /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states. Only
     /// the services' stores of seconds and of overviews that `stores` accepts (by kind and service) are read: their
-    /// frame handles are copied under each store's lock, then filtered and sorted with no lock held.
+    /// frame handles are copied under each store's lock, then filtered and sorted with no lock held. Full seconds
+    /// come from the newest back, as many as `max_backfill_bytes` of JSON takes: kept compressed, every service's
+    /// seconds together would unpack into gigabytes for a client that subscribes to everything.
     pub(crate) fn backfill(
         &self,
         stores: impl FnMut(FrameKind, &str) -> bool,
@@ -246,6 +245,18 @@ impl Hub {
     ) -> Vec<Frame> {
         let mut frames = self.stream.stored(stores);
         frames.retain(&mut wanted);
+        frames.sort_by_key(|f| std::cmp::Reverse(f.t));
+        let mut budget = self.backfill_bytes;
+        frames.retain(|f| {
+            if f.kind != FrameKind::Second {
+                return true;
+            }
+            let len = f.text_len();
+            // The first second that does not fit ends the full seconds: the backfill is the newest ones, no gaps.
+            let fits = len <= budget;
+            budget = if fits { budget - len } else { 0 };
+            fits
+        });
         frames.sort_by_key(|f| f.t);
         let mut states = self.events.frames();
         states.retain(&mut wanted);
@@ -311,7 +322,7 @@ mod tests {
 
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
-        let hub = Hub::new(600, (usize::MAX, usize::MAX), 64, MainMetrics::default());
+        let hub = Hub::new(HistoryLimits::default(), 64, MainMetrics::default());
         let (mut live, backfill) = hub.subscribe(true, |_, _| true, |_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
@@ -331,9 +342,57 @@ mod tests {
         assert_eq!(kinds.len(), 6);
     }
 
+    /// A backfill's full seconds are the newest its budget takes, with no gap; overviews come whole.
+    #[test]
+    fn a_backfill_sends_the_newest_full_seconds_its_budget_takes() {
+        let one = |t| {
+            Frame::encode(
+                FrameKind::Second,
+                &"svc".into(),
+                t,
+                false,
+                &SecondFrame {
+                    kind: "second",
+                    t,
+                    service: "svc",
+                    correction: false,
+                    series: &[],
+                },
+            )
+            .expect("encodes")
+            .text_len()
+        };
+        let len = one(10);
+        let hub = Hub::new(
+            HistoryLimits {
+                backfill: 3 * len + len / 2,
+                ..HistoryLimits::default()
+            },
+            64,
+            MainMetrics::default(),
+        );
+        for t in 10..20 {
+            hub.publish_second(sealed(t, false));
+        }
+        let frames = hub.backfill(|_, _| true, |_| true);
+        let of = |kind| {
+            frames
+                .iter()
+                .filter(|f| f.kind == kind)
+                .map(|f| f.t)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(FrameKind::Second), [17, 18, 19]);
+        assert_eq!(of(FrameKind::Overview), (10..20).collect::<Vec<_>>());
+        assert!(
+            frames.windows(2).all(|w| w[0].t <= w[1].t),
+            "in second order"
+        );
+    }
+
     #[test]
     fn a_service_that_went_away_is_forgotten_once_its_history_has_passed() {
-        let hub = Hub::new(600, (usize::MAX, usize::MAX), 64, MainMetrics::default());
+        let hub = Hub::new(HistoryLimits::default(), 64, MainMetrics::default());
         hub.publish_second(sealed(1_000, false));
         hub.publish_deploy(&crate::alerting::canary::verdict::tests::verdict("svc"));
         hub.prune(1_500);
@@ -350,8 +409,7 @@ mod tests {
     #[test]
     fn a_slow_backfill_does_not_hold_up_publishing() {
         let hub = Arc::new(Hub::new(
-            600,
-            (usize::MAX, usize::MAX),
+            HistoryLimits::default(),
             64,
             MainMetrics::default(),
         ));

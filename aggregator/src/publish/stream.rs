@@ -24,6 +24,49 @@ struct ServiceHistory {
     overview: VecDeque<Frame>,
     /// Bytes of JSON in `overview`.
     overview_bytes: usize,
+    /// Taken out of the service map by a prune: a publish that found it just before must store into the new one.
+    gone: bool,
+}
+
+impl ServiceHistory {
+    /// The most bytes of overviews and of full seconds this service may keep with `share` of the total: overviews
+    /// at most half of it, full seconds the rest.
+    fn caps(&self, limits: &HistoryLimits, share: usize) -> (usize, usize) {
+        (
+            limits.per_service.min(share / 2),
+            limits
+                .per_service
+                .min(share.saturating_sub(self.overview_bytes)),
+        )
+    }
+}
+
+/// How much history the hub keeps for backfill.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HistoryLimits {
+    /// Seconds of frames kept per service.
+    pub(crate) seconds: i64,
+    /// Most bytes kept per service and kind (full seconds, overview), whichever of time and bytes binds first: a
+    /// service with 50,000 series would otherwise keep gigabytes.
+    pub(crate) per_service: usize,
+    /// Most bytes kept by all services together: each keeps at most its equal share (of which at most half in
+    /// overviews), so the history is bounded however many services there are (each keeps its newest frame of each
+    /// kind, whatever its share).
+    pub(crate) total: usize,
+    /// Most bytes of full-second JSON one backfill sends (the newest seconds first).
+    pub(crate) backfill: usize,
+}
+
+impl Default for HistoryLimits {
+    /// Ten minutes, no bound in bytes.
+    fn default() -> Self {
+        Self {
+            seconds: 600,
+            per_service: usize::MAX,
+            total: usize::MAX,
+            backfill: usize::MAX,
+        }
+    }
 }
 
 /// Broadcast plus per-service history.
@@ -35,34 +78,21 @@ pub(crate) struct LiveStream {
     live: broadcast::Sender<Frame>,
     seconds: broadcast::Sender<Frame>,
     history: RwLock<HashMap<Arc<str>, Arc<Mutex<ServiceHistory>>>>,
-    history_seconds: i64,
-    /// Most bytes of frames kept per service and kind (full seconds, overview), whichever of time and bytes binds
-    /// first: a service with 50,000 series would otherwise keep gigabytes.
-    history_bytes: usize,
-    /// Most bytes of frames kept by all services together: each keeps at most its equal share (of which at most
-    /// half in overviews), so the history is bounded however many services there are.
-    history_total_bytes: usize,
+    limits: HistoryLimits,
     /// Bytes of frames kept now, all services and kinds.
     held: AtomicUsize,
 }
 
 impl LiveStream {
-    /// A stream keeping `history_seconds` of frames per service, at most `history_bytes` per service and kind and
-    /// `history_total_bytes` in all; subscribers may lag `buffer_frames` frames.
-    pub(crate) fn new(
-        history_seconds: i64,
-        (history_bytes, history_total_bytes): (usize, usize),
-        buffer_frames: usize,
-    ) -> Self {
+    /// A stream keeping the history `limits` allow; subscribers may lag `buffer_frames` frames.
+    pub(crate) fn new(limits: HistoryLimits, buffer_frames: usize) -> Self {
         let (live, _) = broadcast::channel(buffer_frames.max(16));
         let (seconds, _) = broadcast::channel(buffer_frames.max(16));
         Self {
             live,
             seconds,
             history: RwLock::new(HashMap::new()),
-            history_seconds,
-            history_bytes,
-            history_total_bytes,
+            limits,
             held: AtomicUsize::new(0),
         }
     }
@@ -110,43 +140,46 @@ impl LiveStream {
 
     /// Keeps a copy of `frame` in its service's history, among the overviews or among the seconds (packed).
     fn remember(&self, frame: &Frame, overview: bool) {
-        let history = self.service_history(&frame.service);
-        let services = self
-            .history
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-            .max(1);
-        let share = self.history_total_bytes / services;
-        // Packed before the lock is taken: the lock is held only to insert.
+        // Packed before any lock is taken: the store's lock is held only to insert.
         let frame = if overview {
             frame.clone()
         } else {
             frame.packed()
         };
-        let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
-        let history = &mut *history;
-        let (frames, bytes, cap) = if overview {
-            (
-                &mut history.overview,
-                &mut history.overview_bytes,
-                share / 2,
-            )
-        } else {
-            (
-                &mut history.seconds,
-                &mut history.seconds_bytes,
-                share.saturating_sub(history.overview_bytes),
-            )
-        };
-        let before = *bytes;
-        keep(
-            frames,
-            bytes,
-            frame,
-            (self.history_seconds, self.history_bytes.min(cap)),
-        );
-        self.note_held(before, *bytes);
+        loop {
+            let history = self.service_history(&frame.service);
+            let services = self
+                .history
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
+                .max(1);
+            let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
+            if history.gone {
+                // Pruned since it was looked up: stored there, the frame and its bytes would be lost with it.
+                continue;
+            }
+            let history = &mut *history;
+            let (overview_cap, seconds_cap) =
+                history.caps(&self.limits, self.limits.total / services);
+            let (frames, bytes, cap) = if overview {
+                (
+                    &mut history.overview,
+                    &mut history.overview_bytes,
+                    overview_cap,
+                )
+            } else {
+                (
+                    &mut history.seconds,
+                    &mut history.seconds_bytes,
+                    seconds_cap,
+                )
+            };
+            let before = *bytes;
+            keep(frames, bytes, frame, (self.limits.seconds, cap));
+            self.note_held(before, *bytes);
+            return;
+        }
     }
 
     /// Moves the count of bytes held by one store's change from `before` to `after`.
@@ -223,26 +256,41 @@ impl LiveStream {
     }
 
     /// Drops frames older than the history as of second `now`, and the services left with none: a service that
-    /// went away leaves nothing behind once its history has passed.
+    /// went away leaves nothing behind once its history has passed. Also brings every service within its share as
+    /// of now (a service that went quiet keeps what it stored under a larger share until then).
     pub(crate) fn prune(&self, now: i64) {
-        let horizon = now.saturating_sub(self.history_seconds);
+        let horizon = now.saturating_sub(self.limits.seconds);
         let mut services = self.history.write().unwrap_or_else(|e| e.into_inner());
+        let share = self.limits.total / services.len().max(1);
         services.retain(|_, history| {
             let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
             let history = &mut *history;
-            for (frames, size) in [
-                (&mut history.seconds, &mut history.seconds_bytes),
-                (&mut history.overview, &mut history.overview_bytes),
-            ] {
+            for overview in [true, false] {
+                let (overview_cap, seconds_cap) = history.caps(&self.limits, share);
+                let (frames, size, cap) = if overview {
+                    (
+                        &mut history.overview,
+                        &mut history.overview_bytes,
+                        overview_cap,
+                    )
+                } else {
+                    (
+                        &mut history.seconds,
+                        &mut history.seconds_bytes,
+                        seconds_cap,
+                    )
+                };
                 let before = *size;
                 while frames.front().is_some_and(|f| f.t <= horizon) {
                     if let Some(old) = frames.pop_front() {
                         *size -= old.held_bytes();
                     }
                 }
+                trim(frames, size, cap);
                 self.note_held(before, *size);
             }
-            !(history.seconds.is_empty() && history.overview.is_empty())
+            history.gone = history.seconds.is_empty() && history.overview.is_empty();
+            !history.gone
         });
     }
 }
@@ -307,8 +355,18 @@ fn keep(
     while frames.len() > 1
         && frames
             .front()
-            .is_some_and(|f| f.t <= newest.saturating_sub(seconds) || *size > bytes)
+            .is_some_and(|f| f.t <= newest.saturating_sub(seconds))
     {
+        if let Some(old) = frames.pop_front() {
+            *size -= old.held_bytes();
+        }
+    }
+    trim(frames, size, bytes);
+}
+
+/// Drops the oldest frames while they are more than one and over `bytes` together.
+fn trim(frames: &mut VecDeque<Frame>, size: &mut usize, bytes: usize) {
+    while frames.len() > 1 && *size > bytes {
         if let Some(old) = frames.pop_front() {
             *size -= old.held_bytes();
         }
@@ -341,7 +399,7 @@ mod tests {
     /// those broadcast from then on, and the frames of one broadcast keep their order; none once it stops asking.
     #[test]
     fn a_receiver_hears_full_seconds_only_once_it_wants_them() {
-        let stream = LiveStream::new(600, (usize::MAX, usize::MAX), 64);
+        let stream = LiveStream::new(HistoryLimits::default(), 64);
         let mut overview_only = stream.subscribe(false);
         let mut everything = stream.subscribe(true);
         stream.broadcast(of_kind(FrameKind::Second, 1));
@@ -410,7 +468,7 @@ mod tests {
     /// times), broadcast as they are, and come out of the history exactly as they went in; overviews stay plain.
     #[test]
     fn full_seconds_are_kept_packed_and_come_back_as_they_were() {
-        let stream = LiveStream::new(600, (usize::MAX, usize::MAX), 64);
+        let stream = LiveStream::new(HistoryLimits::default(), 64);
         let mut live = stream.subscribe(true);
         let series = r#"{"instances":193,"kind":"counter","metric":"cache.hits","service":"svc","sum":10099.0,"tags":{"route":"/cart","status":"2xx"},"version":null,"zone":null}"#;
         let json = format!(
@@ -467,7 +525,13 @@ mod tests {
     #[test]
     fn all_services_together_keep_at_most_the_total() {
         let total = 60_000;
-        let stream = LiveStream::new(600, (usize::MAX, total), 64);
+        let stream = LiveStream::new(
+            HistoryLimits {
+                total,
+                ..HistoryLimits::default()
+            },
+            64,
+        );
         let services = ["a", "b", "c", "d"];
         for t in 0..100 {
             for (i, service) in services.iter().enumerate() {
@@ -511,11 +575,68 @@ mod tests {
             assert!(overview_ts.len() < 40 && overview_ts.last() == Some(&99));
             sum += overview_bytes + second_bytes;
         }
-        assert!(sum <= total);
         assert_eq!(stream.held_bytes(), sum, "the gauge counts what is held");
         stream.prune(10_000);
         assert_eq!(stream.held_bytes(), 0);
         assert!(stream.stored(|_, _| true).is_empty());
+    }
+
+    /// A service that filled a large share alone, then others that came: the prune brings it within its share of
+    /// now, and the whole within the total.
+    #[test]
+    fn a_service_that_filled_a_larger_share_is_brought_within_its_share_at_the_prune() {
+        let total = 60_000;
+        let stream = LiveStream::new(
+            HistoryLimits {
+                total,
+                ..HistoryLimits::default()
+            },
+            64,
+        );
+        let second = |service: &str, t: i64| Frame {
+            service: service.into(),
+            json: noise(t as u64 + service.len() as u64 * 1_000, 1_000).into(),
+            ..frame(t, 0)
+        };
+        for t in 0..100 {
+            stream.publish_second(second("alone", t), None);
+        }
+        assert!(stream.held_bytes() > total * 9 / 10, "it had the whole");
+        for service in ["b", "cc", "ddd"] {
+            stream.publish_second(second(service, 99), None);
+        }
+        assert!(
+            stream.held_bytes() > total,
+            "until the prune, over the total"
+        );
+        stream.prune(100);
+        let stored = stream.stored(|_, _| true);
+        let alone: Vec<&Frame> = stored.iter().filter(|f| &*f.service == "alone").collect();
+        assert!(alone.iter().map(|f| f.held_bytes()).sum::<usize>() <= total / 4);
+        assert_eq!(alone.last().map(|f| f.t), Some(99), "its newest kept");
+        assert!(stream.held_bytes() <= total);
+        assert_eq!(
+            stream.held_bytes(),
+            stored.iter().map(|f| f.held_bytes()).sum::<usize>()
+        );
+    }
+
+    /// A correction replaces its second's frame, and its bytes in the count.
+    #[test]
+    fn a_correction_replaces_its_seconds_bytes_in_the_count() {
+        let stream = LiveStream::new(HistoryLimits::default(), 64);
+        for (len, correction) in [(2_000, false), (300, true), (5_000, true)] {
+            let second = Frame {
+                json: noise(len as u64, len).into(),
+                correction,
+                ..frame(5, 0)
+            };
+            stream.publish_second(second, None);
+            let stored = stream.stored(|_, _| true);
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stream.held_bytes(), stored[0].held_bytes());
+            assert!(stored[0].text_len() == len);
+        }
     }
 
     #[test]
