@@ -29,15 +29,23 @@ struct ServiceHistory {
 }
 
 impl ServiceHistory {
-    /// The most bytes of overviews and of full seconds this service may keep with `share` of the total: overviews
-    /// at most half of it, full seconds the rest.
-    fn caps(&self, limits: &HistoryLimits, share: usize) -> (usize, usize) {
-        (
-            limits.per_service.min(share / 2),
-            limits
+    /// The overviews or the full seconds, their bytes, and the most bytes they may hold with `share` of the total:
+    /// overviews at most half of it, full seconds the rest.
+    fn store(
+        &mut self,
+        overview: bool,
+        limits: &HistoryLimits,
+        share: usize,
+    ) -> (&mut VecDeque<Frame>, &mut usize, usize) {
+        if overview {
+            let cap = limits.per_service.min(share / 2);
+            (&mut self.overview, &mut self.overview_bytes, cap)
+        } else {
+            let cap = limits
                 .per_service
-                .min(share.saturating_sub(self.overview_bytes)),
-        )
+                .min(share.saturating_sub(self.overview_bytes));
+            (&mut self.seconds, &mut self.seconds_bytes, cap)
+        }
     }
 }
 
@@ -159,22 +167,8 @@ impl LiveStream {
                 // Pruned since it was looked up: stored there, the frame and its bytes would be lost with it.
                 continue;
             }
-            let history = &mut *history;
-            let (overview_cap, seconds_cap) =
-                history.caps(&self.limits, self.limits.total / services);
-            let (frames, bytes, cap) = if overview {
-                (
-                    &mut history.overview,
-                    &mut history.overview_bytes,
-                    overview_cap,
-                )
-            } else {
-                (
-                    &mut history.seconds,
-                    &mut history.seconds_bytes,
-                    seconds_cap,
-                )
-            };
+            let (frames, bytes, cap) =
+                history.store(overview, &self.limits, self.limits.total / services);
             let before = *bytes;
             keep(frames, bytes, frame, (self.limits.seconds, cap));
             self.note_held(before, *bytes);
@@ -264,22 +258,9 @@ impl LiveStream {
         let share = self.limits.total / services.len().max(1);
         services.retain(|_, history| {
             let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
-            let history = &mut *history;
+            // Overviews first: the full seconds' cap is what the overviews leave.
             for overview in [true, false] {
-                let (overview_cap, seconds_cap) = history.caps(&self.limits, share);
-                let (frames, size, cap) = if overview {
-                    (
-                        &mut history.overview,
-                        &mut history.overview_bytes,
-                        overview_cap,
-                    )
-                } else {
-                    (
-                        &mut history.seconds,
-                        &mut history.seconds_bytes,
-                        seconds_cap,
-                    )
-                };
+                let (frames, size, cap) = history.store(overview, &self.limits, share);
                 let before = *size;
                 while frames.front().is_some_and(|f| f.t <= horizon) {
                     if let Some(old) = frames.pop_front() {
@@ -449,6 +430,17 @@ mod tests {
         frame.into_text().expect("unpacks").to_string()
     }
 
+    /// A stream keeping at most `total` bytes of history in all.
+    fn bounded(total: usize) -> LiveStream {
+        LiveStream::new(
+            HistoryLimits {
+                total,
+                ..HistoryLimits::default()
+            },
+            64,
+        )
+    }
+
     /// Noise that does not compress, `len` bytes of it.
     fn noise(seed: u64, len: usize) -> String {
         let mut x = seed
@@ -525,13 +517,7 @@ mod tests {
     #[test]
     fn all_services_together_keep_at_most_the_total() {
         let total = 60_000;
-        let stream = LiveStream::new(
-            HistoryLimits {
-                total,
-                ..HistoryLimits::default()
-            },
-            64,
-        );
+        let stream = bounded(total);
         let services = ["a", "b", "c", "d"];
         for t in 0..100 {
             for (i, service) in services.iter().enumerate() {
@@ -586,13 +572,7 @@ mod tests {
     #[test]
     fn a_service_that_filled_a_larger_share_is_brought_within_its_share_at_the_prune() {
         let total = 60_000;
-        let stream = LiveStream::new(
-            HistoryLimits {
-                total,
-                ..HistoryLimits::default()
-            },
-            64,
-        );
+        let stream = bounded(total);
         let second = |service: &str, t: i64| Frame {
             service: service.into(),
             json: noise(t as u64 + service.len() as u64 * 1_000, 1_000).into(),
