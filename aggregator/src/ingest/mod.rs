@@ -6,7 +6,6 @@ pub(crate) mod validate;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use prost::Message as _;
 use strobe_proto as pb;
 use strobe_proto::clock;
 use tokio::sync::mpsc;
@@ -283,11 +282,12 @@ async fn serve_stream(
             .replay
             .as_mut()
             .is_some_and(|r| r.read(second, clock::unix_millis()));
-        // Reserved before validating (the decoded form holds the same bytes): past this stream's share of the
-        // queue, this waits, and the agent's stream with it.
+        // Reserved before validating, for what the decoded form holds (the histograms' bytes, within the encoded
+        // size, and an entry per series): past this stream's share of the queue, this waits, and the agent's
+        // stream with it.
         let reservation = stream
             .budget
-            .reserve(snapshot.encoded_len())
+            .reserve(validate::decoded_bytes(&snapshot))
             .await
             .ok_or_else(|| Status::unavailable("aggregator is shutting down"))?;
         match validate_snapshot(

@@ -148,6 +148,12 @@ pub(crate) struct CheckedV2 {
 }
 
 impl CheckedV2 {
+    /// Bytes of the encoding kept.
+    #[cfg(test)]
+    pub(crate) fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// Checks an encoding: header (cookie, declared length, precision, range) first, then every varint of the
     /// payload, without allocating. Values above `max_value` and precision above `max_sigfig` are refused.
     pub(crate) fn check(bytes: Bytes, max_sigfig: u32, max_value: u64) -> Result<Self, V2Error> {

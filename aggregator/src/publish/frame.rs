@@ -85,9 +85,7 @@ impl Frame {
             }
         }
     }
-}
 
-impl Frame {
     /// The JSON, if it is not packed (a frame fresh from [`Frame::encode`] or a relay never is).
     pub(crate) fn plain(&self) -> Option<&Utf8Bytes> {
         match &self.json {
@@ -143,7 +141,10 @@ impl Frame {
                 match unpacked {
                     Ok(json) => Some(json.into()),
                     Err(error) => {
-                        tracing::error!(message = "A stored frame did not unpack; skipped.", service = %self.service, t = self.t, %error);
+                        tracing::error!(
+                            message = "A stored frame did not unpack; skipped.",
+                            service = %self.service, t = self.t, %error,
+                        );
                         None
                     }
                 }
