@@ -327,7 +327,7 @@ impl Health {
         );
         let history_bytes = gauge(
             "history_bytes",
-            "Bytes of frames kept for backfill now, all services together (full seconds compressed), at most max_history_bytes",
+            "Bytes of frames kept for backfill now, all services together (full seconds compressed): within max_history_bytes, past each service's newest frame of each kind",
         );
         let seal_delay = Histogram::new(DELAY_BOUNDS);
         registry.register(
