@@ -110,21 +110,17 @@ impl LiveStream {
         self.held.load(Ordering::Relaxed)
     }
 
-    fn service_history(&self, service: &Arc<str>) -> Arc<Mutex<ServiceHistory>> {
-        if let Some(h) = self
-            .history
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(service)
+    /// The service's history (added if new), and how many services have one, read under the same lock.
+    fn service_history(&self, service: &Arc<str>) -> (Arc<Mutex<ServiceHistory>>, usize) {
         {
-            return h.clone();
+            let services = self.history.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = services.get(service) {
+                return (h.clone(), services.len());
+            }
         }
-        self.history
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(service.clone())
-            .or_default()
-            .clone()
+        let mut services = self.history.write().unwrap_or_else(|e| e.into_inner());
+        let h = services.entry(service.clone()).or_default().clone();
+        (h, services.len())
     }
 
     /// Stores a second's frame and its overview in the service's history, then broadcasts both.
@@ -155,13 +151,8 @@ impl LiveStream {
             frame.packed()
         };
         loop {
-            let history = self.service_history(&frame.service);
-            let services = self
-                .history
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .len()
-                .max(1);
+            let (history, services) = self.service_history(&frame.service);
+            let services = services.max(1);
             let mut history = history.lock().unwrap_or_else(|e| e.into_inner());
             if history.gone {
                 // Pruned since it was looked up: stored there, the frame and its bytes would be lost with it.
