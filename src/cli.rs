@@ -854,6 +854,7 @@ mod tests {
         }
         for key in [
             "max_buffered_seconds",
+            "max_seconds_in_flight",
             "max_message_bytes",
             "max_dictionary_series",
         ] {

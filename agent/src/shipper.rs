@@ -29,6 +29,11 @@ pub struct ShipperConfig {
     pub token: Option<String>,
     /// Most unacknowledged seconds kept for replay; the oldest is dropped (and counted) past it.
     pub max_buffered_seconds: usize,
+    /// Most seconds sent on a stream and not yet answered (acknowledged or refused); the others wait here, oldest
+    /// first, and go as answers come. A replay after an outage then puts this many seconds on the wire at once, not
+    /// the whole backlog: with thousands of agents reconnecting to a restarted aggregator, what it holds unread
+    /// stays a few seconds per agent however long the outage was.
+    pub max_seconds_in_flight: usize,
     /// Largest encoded snapshot; series past it are dropped (and counted) before sending.
     pub max_message_bytes: usize,
     /// First reconnect delay.
@@ -134,6 +139,7 @@ impl Default for ShipperConfig {
             aggregator: "http://127.0.0.1:7070".to_owned(),
             token: None,
             max_buffered_seconds: 600,
+            max_seconds_in_flight: 8,
             max_message_bytes: 4 * 1024 * 1024,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -180,6 +186,9 @@ struct ReplayBuffer {
     held: std::collections::BTreeSet<i64>,
     /// When the newest seconds were first sent (local clock, ms): an answer about one bounds the clock offset.
     first_sent: strobe_proto::clock::FirstSeen,
+    /// Seconds sent on the current stream and still kept: those not held are in flight, waiting for an answer
+    /// (see `max_seconds_in_flight`); held ones wait for the next stream.
+    sent: std::collections::BTreeSet<i64>,
 }
 
 /// How many seconds' first send times are remembered (answers come within a few seconds).
@@ -197,7 +206,27 @@ impl ReplayBuffer {
             give_up_at: None,
             held: Default::default(),
             first_sent: strobe_proto::clock::FirstSeen::new(SENT_REMEMBERED),
+            sent: Default::default(),
         }
+    }
+
+    /// A new stream: nothing is sent on it yet, so everything kept is to be sent, held seconds too.
+    fn new_stream(&mut self) {
+        self.sent.clear();
+    }
+
+    /// Seconds sent on this stream and not answered yet.
+    fn in_flight(&self) -> usize {
+        self.sent.iter().filter(|s| !self.held.contains(s)).count()
+    }
+
+    /// The oldest seconds not sent on this stream yet, as many as `limit` seconds in flight leave room for.
+    fn due(&self, limit: usize) -> impl Iterator<Item = &pb::Snapshot> {
+        let room = limit.max(1).saturating_sub(self.in_flight());
+        self.snapshots
+            .iter()
+            .filter(|s| !self.sent.contains(&s.second))
+            .take(room)
     }
 
     /// Notes that `second` went out at `local_ms`, unless it already had; the newest seconds are the ones kept.
@@ -221,6 +250,7 @@ impl ReplayBuffer {
         if self.snapshots.len() >= self.capacity.max(1) {
             if let Some(oldest) = self.snapshots.pop_front() {
                 self.held.remove(&oldest.second);
+                self.sent.remove(&oldest.second);
             }
             self.dropped_unreported += 1;
             report.dropped += 1;
@@ -254,6 +284,7 @@ impl ReplayBuffer {
         let held = &self.held;
         self.snapshots
             .retain(|s| s.second > second || held.contains(&s.second));
+        self.sent.retain(|s| *s > second || held.contains(s));
         self.sync_tally();
         (before - self.snapshots.len()) as u64
     }
@@ -263,6 +294,7 @@ impl ReplayBuffer {
         let before = self.snapshots.len();
         self.snapshots.retain(|s| s.second != second);
         self.held.remove(&second);
+        self.sent.remove(&second);
         self.sync_tally();
         before != self.snapshots.len()
     }
@@ -540,7 +572,7 @@ async fn ship_once(
             None => return Session::Lost { connected: false },
         },
     };
-    let (out_tx, out_rx) = mpsc::channel::<Encoded>(config.max_buffered_seconds + 64);
+    let (out_tx, out_rx) = mpsc::channel::<Encoded>(config.max_seconds_in_flight.max(1) + 64);
     let hello = pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
             identity: Some(identity.clone()),
@@ -556,16 +588,9 @@ async fn ship_once(
         SeriesDictionary::new(config.max_dictionary_series, config.registered.clone());
     // Readings from another connection (perhaps another aggregator) are not mixed with this one's.
     config.clock.forget_readings();
-    let now = config.clock.local_millis();
-    let mut replayed = Vec::with_capacity(buffer.snapshots.len());
-    for snapshot in &buffer.snapshots {
-        if out_tx.try_send(dictionary.encode(snapshot)).is_err() {
-            return Session::Lost { connected: false };
-        }
-        replayed.push(snapshot.second);
-    }
-    for second in replayed {
-        buffer.note_sent(second, now);
+    buffer.new_stream();
+    if !send_due(config, buffer, &mut dictionary, &out_tx) {
+        return Session::Lost { connected: false };
     }
     let opened = strobe_proto::codec::open_stream(
         channel,
@@ -652,6 +677,9 @@ async fn ship_once(
                         if !input_open && buffer.snapshots.is_empty() {
                             return Session::InputClosed;
                         }
+                        if !send_due(config, buffer, &mut dictionary, &out_tx) {
+                            return Session::Lost { connected: true };
+                        }
                     }
                     Some(pb::aggregator_message::Body::Rejection(r)) => {
                         warn!(
@@ -680,6 +708,9 @@ async fn ship_once(
                         if !input_open && buffer.snapshots.is_empty() {
                             return Session::InputClosed;
                         }
+                        if !send_due(config, buffer, &mut dictionary, &out_tx) {
+                            return Session::Lost { connected: true };
+                        }
                     }
                     Some(pb::aggregator_message::Body::Redirect(r)) => {
                         return Session::Redirected(r.address);
@@ -698,8 +729,8 @@ async fn ship_once(
     }
 }
 
-/// Keeps a closed second for replay and queues it on the stream; false when the stream's queue is full (it is
-/// not being sent: the connection is as good as lost).
+/// Keeps a closed second for replay and sends what is due; false when the stream's queue is full (it is not
+/// being sent: the connection is as good as lost).
 fn forward(
     mut snapshot: pb::Snapshot,
     config: &ShipperConfig,
@@ -712,10 +743,33 @@ fn forward(
     if let Some(stats) = snapshot.stats.as_mut() {
         stats.snapshots_dropped += std::mem::take(&mut buffer.dropped_unreported);
     }
-    let compact = dictionary.encode(&snapshot);
-    buffer.note_sent(snapshot.second, config.clock.local_millis());
     buffer.push(snapshot, report);
-    out.try_send(compact).is_ok()
+    send_due(config, buffer, dictionary, out)
+}
+
+/// Queues on the stream the oldest seconds not sent on it yet, while fewer than `max_seconds_in_flight` wait for an
+/// answer; false when the stream's queue is full.
+fn send_due(
+    config: &ShipperConfig,
+    buffer: &mut ReplayBuffer,
+    dictionary: &mut SeriesDictionary,
+    out: &mpsc::Sender<Encoded>,
+) -> bool {
+    let now = config.clock.local_millis();
+    let mut sent = Vec::new();
+    let mut queued = true;
+    for snapshot in buffer.due(config.max_seconds_in_flight) {
+        if out.try_send(dictionary.encode(snapshot)).is_err() {
+            queued = false;
+            break;
+        }
+        sent.push(snapshot.second);
+    }
+    for second in sent {
+        buffer.note_sent(second, now);
+        buffer.sent.insert(second);
+    }
+    queued
 }
 
 /// The aggregator's clock readings in one answer about one second.
@@ -1452,7 +1506,9 @@ mod tests {
     #[tokio::test]
     async fn seconds_closing_while_a_stream_opens_are_taken_and_sent() {
         let (address, answer, mut read) = slow_to_answer().await;
-        let (identity, config) = shipping_to(address);
+        let (identity, mut config) = shipping_to(address);
+        // Nothing is answered here: room for all nine seconds on the wire.
+        config.max_seconds_in_flight = 9;
         // A queue of one: the next second fits only once the shipper has taken the last.
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(run_shipper(identity, config, rx));
@@ -1488,5 +1544,145 @@ mod tests {
             .expect("the shipper stops once the drain is over")
             .unwrap();
         assert_eq!((report.acknowledged, report.dropped), (0, 1));
+    }
+
+    /// A real gRPC server that reports every second it reads and answers only what the test tells it to.
+    async fn answering_when_told() -> (
+        std::net::SocketAddr,
+        mpsc::UnboundedReceiver<i64>,
+        mpsc::UnboundedSender<pb::aggregator_message::Body>,
+    ) {
+        use std::pin::Pin;
+        use tokio_stream::Stream;
+        use tonic::{Request, Response, Status, Streaming};
+
+        use tokio_stream::StreamExt as _;
+
+        type Answers = mpsc::UnboundedReceiver<pb::aggregator_message::Body>;
+        struct WhenTold {
+            read: mpsc::UnboundedSender<i64>,
+            answers: std::sync::Mutex<Option<Answers>>,
+        }
+        #[tonic::async_trait]
+        impl pb::ingest_server::Ingest for WhenTold {
+            type StreamStream =
+                Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
+            async fn stream(
+                &self,
+                request: Request<Streaming<pb::AgentMessage>>,
+            ) -> Result<Response<Self::StreamStream>, Status> {
+                let mut inbound = request.into_inner();
+                let read = self.read.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(pb::agent_message::Body::Snapshot(s)) = message.body {
+                            read.send(s.second).ok();
+                        }
+                    }
+                });
+                let answers = self.answers.lock().unwrap().take().expect("one stream");
+                let answers = tokio_stream::wrappers::UnboundedReceiverStream::new(answers)
+                    .map(|body| Ok(pb::AggregatorMessage { body: Some(body) }));
+                Ok(Response::new(Box::pin(answers)))
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (read_tx, read) = mpsc::unbounded_channel();
+        let (answer, answers) = mpsc::unbounded_channel();
+        let server = tonic::transport::Server::builder()
+            .add_service(pb::ingest_server::IngestServer::new(WhenTold {
+                read: read_tx,
+                answers: std::sync::Mutex::new(Some(answers)),
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (address, read, answer)
+    }
+
+    fn ack(second: i64) -> pb::aggregator_message::Body {
+        pb::aggregator_message::Body::Ack(pb::Ack {
+            second,
+            aggregator_unix_ms: strobe_proto::clock::unix_millis(),
+            received_unix_ms: 0,
+        })
+    }
+
+    /// Reads what the server reads next within a while; None if it read nothing more.
+    async fn next_read(read: &mut mpsc::UnboundedReceiver<i64>, within: Duration) -> Option<i64> {
+        tokio::time::timeout(within, read.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A backlog goes out `max_seconds_in_flight` seconds at a time, oldest first, and the next ones as answers
+    /// (acknowledgements and refusals) come; a second refused for now no longer counts as in flight.
+    #[tokio::test]
+    async fn a_backlog_goes_out_a_few_seconds_at_a_time_as_answers_come() {
+        let (address, mut read, answer) = answering_when_told().await;
+        let (identity, mut config) = shipping_to(address);
+        config.max_seconds_in_flight = 3;
+        let (tx, rx) = mpsc::channel(16);
+        for second in 1..=10 {
+            tx.send(snap(second)).await.unwrap();
+        }
+        tokio::spawn(run_shipper(identity, config, rx));
+        let within = Duration::from_secs(20);
+        let quiet = Duration::from_millis(300);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.extend(next_read(&mut read, within).await);
+        }
+        assert_eq!(got, [1, 2, 3]);
+        assert_eq!(
+            next_read(&mut read, quiet).await,
+            None,
+            "three in flight, no answer yet"
+        );
+        // Two answered (acknowledgements cover what is older): two more go.
+        answer.send(ack(2)).unwrap();
+        assert_eq!(next_read(&mut read, within).await, Some(4));
+        assert_eq!(next_read(&mut read, within).await, Some(5));
+        assert_eq!(
+            next_read(&mut read, quiet).await,
+            None,
+            "3, 4 and 5 in flight"
+        );
+        // Refused for good, and refused for now (kept, to send again later): each makes room for one more.
+        let rejection = |second, retry| {
+            pb::aggregator_message::Body::Rejection(pb::Rejection {
+                second,
+                whole_snapshot: true,
+                retry,
+                aggregator_unix_ms: strobe_proto::clock::unix_millis(),
+                ..Default::default()
+            })
+        };
+        answer.send(rejection(3, false)).unwrap();
+        assert_eq!(next_read(&mut read, within).await, Some(6));
+        answer.send(rejection(4, true)).unwrap();
+        assert_eq!(next_read(&mut read, within).await, Some(7));
+        assert_eq!(
+            next_read(&mut read, quiet).await,
+            None,
+            "5, 6 and 7 in flight"
+        );
+        // A new second waits behind the backlog; the last acknowledgement lets the rest go, oldest first.
+        tx.send(snap(11)).await.unwrap();
+        assert_eq!(
+            next_read(&mut read, quiet).await,
+            None,
+            "still three in flight"
+        );
+        answer.send(ack(7)).unwrap();
+        let mut rest = Vec::new();
+        for _ in 0..3 {
+            rest.extend(next_read(&mut read, within).await);
+        }
+        assert_eq!(rest, [8, 9, 10]);
+        answer.send(ack(10)).unwrap();
+        assert_eq!(next_read(&mut read, within).await, Some(11));
     }
 }
