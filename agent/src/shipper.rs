@@ -281,6 +281,8 @@ impl ReplayBuffer {
     /// Drops everything up to and including `second`, but for held seconds; returns how many.
     fn ack(&mut self, second: i64) -> u64 {
         let before = self.snapshots.len();
+        // A held second sent again and acknowledged is counted: it goes like any other.
+        self.held.remove(&second);
         let held = &self.held;
         self.snapshots
             .retain(|s| s.second > second || held.contains(&s.second));
@@ -1546,12 +1548,16 @@ mod tests {
         assert_eq!((report.acknowledged, report.dropped), (0, 1));
     }
 
-    /// A real gRPC server that reports every second it reads and answers only what the test tells it to.
-    async fn answering_when_told() -> (
-        std::net::SocketAddr,
-        mpsc::UnboundedReceiver<i64>,
-        mpsc::UnboundedSender<pb::aggregator_message::Body>,
-    ) {
+    /// A real gRPC server that refuses its first `refuse` streams, then reports the `replay_through` of each hello
+    /// and every second it reads, and answers only what the test tells it to (on one stream).
+    struct WhenTold {
+        address: std::net::SocketAddr,
+        hellos: mpsc::UnboundedReceiver<i64>,
+        read: mpsc::UnboundedReceiver<i64>,
+        answer: mpsc::UnboundedSender<pb::aggregator_message::Body>,
+    }
+
+    async fn answering_when_told(refuse: usize) -> WhenTold {
         use std::pin::Pin;
         use tokio_stream::Stream;
         use tonic::{Request, Response, Status, Streaming};
@@ -1559,24 +1565,40 @@ mod tests {
         use tokio_stream::StreamExt as _;
 
         type Answers = mpsc::UnboundedReceiver<pb::aggregator_message::Body>;
-        struct WhenTold {
+        struct Server {
+            refuse: std::sync::atomic::AtomicUsize,
+            hellos: mpsc::UnboundedSender<i64>,
             read: mpsc::UnboundedSender<i64>,
             answers: std::sync::Mutex<Option<Answers>>,
         }
         #[tonic::async_trait]
-        impl pb::ingest_server::Ingest for WhenTold {
+        impl pb::ingest_server::Ingest for Server {
             type StreamStream =
                 Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
             async fn stream(
                 &self,
                 request: Request<Streaming<pb::AgentMessage>>,
             ) -> Result<Response<Self::StreamStream>, Status> {
+                use std::sync::atomic::Ordering::Relaxed;
+                if self
+                    .refuse
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(Status::unavailable("not yet"));
+                }
                 let mut inbound = request.into_inner();
-                let read = self.read.clone();
+                let (hellos, read) = (self.hellos.clone(), self.read.clone());
                 tokio::spawn(async move {
                     while let Ok(Some(message)) = inbound.message().await {
-                        if let Some(pb::agent_message::Body::Snapshot(s)) = message.body {
-                            read.send(s.second).ok();
+                        match message.body {
+                            Some(pb::agent_message::Body::Hello(h)) => {
+                                hellos.send(h.replay_through).ok();
+                            }
+                            Some(pb::agent_message::Body::Snapshot(s)) => {
+                                read.send(s.second).ok();
+                            }
+                            None => {}
                         }
                     }
                 });
@@ -1589,16 +1611,24 @@ mod tests {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
+        let (hellos_tx, hellos) = mpsc::unbounded_channel();
         let (read_tx, read) = mpsc::unbounded_channel();
         let (answer, answers) = mpsc::unbounded_channel();
         let server = tonic::transport::Server::builder()
-            .add_service(pb::ingest_server::IngestServer::new(WhenTold {
+            .add_service(pb::ingest_server::IngestServer::new(Server {
+                refuse: refuse.into(),
+                hellos: hellos_tx,
                 read: read_tx,
                 answers: std::sync::Mutex::new(Some(answers)),
             }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
-        (address, read, answer)
+        WhenTold {
+            address,
+            hellos,
+            read,
+            answer,
+        }
     }
 
     fn ack(second: i64) -> pb::aggregator_message::Body {
@@ -1621,7 +1651,12 @@ mod tests {
     /// (acknowledgements and refusals) come; a second refused for now no longer counts as in flight.
     #[tokio::test]
     async fn a_backlog_goes_out_a_few_seconds_at_a_time_as_answers_come() {
-        let (address, mut read, answer) = answering_when_told().await;
+        let WhenTold {
+            address,
+            mut read,
+            answer,
+            ..
+        } = answering_when_told(0).await;
         let (identity, mut config) = shipping_to(address);
         config.max_seconds_in_flight = 3;
         let (tx, rx) = mpsc::channel(16);
@@ -1684,5 +1719,40 @@ mod tests {
         assert_eq!(rest, [8, 9, 10]);
         answer.send(ack(10)).unwrap();
         assert_eq!(next_read(&mut read, within).await, Some(11));
+    }
+
+    /// After a reconnect the backlog is replayed the same way: the hello says how far it goes, and only the oldest
+    /// `max_seconds_in_flight` of it go until answers come.
+    #[tokio::test]
+    async fn a_replay_after_a_reconnect_goes_out_a_few_seconds_at_a_time() {
+        let WhenTold {
+            address,
+            mut hellos,
+            mut read,
+            answer,
+        } = answering_when_told(1).await;
+        let (identity, mut config) = shipping_to(address);
+        config.max_seconds_in_flight = 3;
+        let (tx, rx) = mpsc::channel(16);
+        for second in 1..=10 {
+            tx.send(snap(second)).await.unwrap();
+        }
+        tokio::spawn(run_shipper(identity, config, rx));
+        let within = Duration::from_secs(20);
+        let quiet = Duration::from_millis(300);
+        // The first stream was refused before anything was read; the second replays what the agent kept.
+        assert_eq!(next_read(&mut hellos, within).await, Some(10));
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.extend(next_read(&mut read, within).await);
+        }
+        assert_eq!(got, [1, 2, 3]);
+        assert_eq!(next_read(&mut read, quiet).await, None, "three in flight");
+        answer.send(ack(3)).unwrap();
+        let mut next = Vec::new();
+        for _ in 0..3 {
+            next.extend(next_read(&mut read, within).await);
+        }
+        assert_eq!(next, [4, 5, 6]);
     }
 }

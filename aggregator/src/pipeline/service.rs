@@ -65,9 +65,11 @@ pub(crate) struct ServiceState {
     published: BTreeMap<i64, u32>,
     /// Streams whose late snapshots were merged into a sealed second, told when its correction is published.
     correction_ackers: BTreeMap<i64, Vec<Acker>>,
-    /// Each instance's stream, told every second of it that is counted (sealed, or merged into a sealed second):
-    /// only then does the agent get its ack, so a crash before the seal loses nothing the agent let go of.
-    ackers: HashMap<Arc<str>, Acker>,
+    /// Each instance's streams, told every second of it that is counted (sealed, or merged into a sealed second):
+    /// only then does the agent get its ack, so a crash before the seal loses nothing the agent let go of. Usually
+    /// one; after a reconnect the old stream may still deliver a snapshot after the new one's, and the new one must
+    /// hear of its seconds all the same (its agent sends only a few seconds ahead of their acks).
+    ackers: HashMap<Arc<str>, Vec<Acker>>,
     /// Which of the service's series are its request and error counters.
     roles: RequestRoles,
 }
@@ -152,6 +154,7 @@ impl Drop for ServiceState {
         for acker in self
             .ackers
             .values()
+            .flatten()
             .chain(self.correction_ackers.values().flatten())
         {
             acker.send(STATE_LOST).ok();
@@ -194,14 +197,17 @@ impl ServiceState {
         let health = &context.health;
         let (service, agent) = (snapshot.instance.service.clone(), snapshot.agent);
         let t = snapshot.t;
-        // Once per stream, not per snapshot: the same stream's acker is already there.
-        if !self
-            .ackers
-            .get(&snapshot.instance.id)
-            .is_some_and(|known| known.same_channel(&acker))
-        {
-            self.ackers
-                .insert(snapshot.instance.id.clone(), acker.clone());
+        // Once per stream, not per snapshot: the same stream's acker is usually there already.
+        match self.ackers.get_mut(&snapshot.instance.id) {
+            Some(known) if known.iter().any(|k| k.same_channel(&acker)) => {}
+            Some(known) => {
+                known.retain(|k| !k.is_closed());
+                known.push(acker.clone());
+            }
+            None => {
+                self.ackers
+                    .insert(snapshot.instance.id.clone(), vec![acker.clone()]);
+            }
         }
         if context.canary.enabled {
             snapshot.requests = self.roles.count(&snapshot, &context.metrics);
@@ -391,11 +397,14 @@ impl ServiceState {
         context.hub.publish_second(sealed);
         // Counted and published: every instance in it may let go of this second. Streams that ended leave.
         for id in &reporters {
-            if let Some(acker) = self.ackers.get(id) {
+            for acker in self.ackers.get(id).into_iter().flatten() {
                 acker.send(t).ok();
             }
         }
-        self.ackers.retain(|_, acker| !acker.is_closed());
+        self.ackers.retain(|_, ackers| {
+            ackers.retain(|acker| !acker.is_closed());
+            !ackers.is_empty()
+        });
     }
 }
 

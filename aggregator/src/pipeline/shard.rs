@@ -447,4 +447,54 @@ mod tests {
         assert!(!stalled().contains(&0), "still reported after it ticked");
         drop(shards);
     }
+
+    /// After a reconnect, the old stream can deliver a snapshot after the new one's: the new stream still hears of
+    /// its seconds once they are sealed (its agent sends only a few seconds ahead of their acknowledgements, and
+    /// would wait for them for good), and the old one of its own.
+    #[tokio::test]
+    async fn both_streams_of_a_reconnected_instance_hear_of_their_sealed_seconds() {
+        let mut tasks = JoinSet::new();
+        let health = Arc::new(Health::default());
+        let (context, _notes) = context(&health, &mut tasks);
+        let service: Arc<str> = "svc".into();
+        let mut state = ServiceState::new(
+            service.clone(),
+            context.settings,
+            context.decoded.clone(),
+            context.replays.of(&service),
+            0,
+        );
+        let instance = Arc::new(crate::model::Instance {
+            service: service.clone(),
+            id: "i1".into(),
+            version: "v1".into(),
+            zone: None,
+            deployer: None,
+        });
+        let table = Arc::new(crate::model::table::SeriesTable::new(10));
+        let second = |t| InstanceSecond {
+            instance: instance.clone(),
+            agent: Default::default(),
+            requests: None,
+            t,
+            series: vec![],
+            table: table.clone(),
+        };
+        let (new_stream, mut new_acks) = mpsc::unbounded_channel();
+        let (old_stream, mut old_acks) = mpsc::unbounded_channel();
+        let t = 1_000;
+        let now = (t + 1) * 1000;
+        state.apply(second(t), new_stream, now, &context);
+        // The old stream, still open, delivers its last snapshot (an older second) after the new one's.
+        state.apply(second(t - 1), old_stream, now + 10, &context);
+        state.seal_ready(now + 5_000, &Arrivals::default(), &context);
+        let heard = |acks: &mut mpsc::UnboundedReceiver<i64>| {
+            std::iter::from_fn(|| acks.try_recv().ok()).collect::<Vec<_>>()
+        };
+        assert!(heard(&mut new_acks).contains(&t), "the new stream's second");
+        assert!(
+            heard(&mut old_acks).contains(&(t - 1)),
+            "the old stream's second"
+        );
+    }
 }
