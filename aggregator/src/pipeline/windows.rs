@@ -1712,7 +1712,8 @@ mod tests {
     }
 
     /// A replaying instance that stops moving (or sends the same old second again) holds its seconds for
-    /// `replay_stall`, no longer.
+    /// `replay_stall`, no longer. While the seconds it merged wait for their seal it is not stopped but waiting
+    /// (its agent sends the next ones only once those are acknowledged): its `replay_stall` runs from their seal.
     #[test]
     fn a_stalled_replay_is_waited_for_no_longer_than_replay_stall() {
         let (mut w, b) = back_from_an_outage(SETTINGS, 40..50);
@@ -1724,9 +1725,11 @@ mod tests {
                 Applied::Duplicate { .. }
             ));
         }
+        // Gathering (8 s after the start) held 40 to 49, which b merged: sealed now, and b waited for from here.
         let sealed = w.seal_ready_seconds(109_999, &quiet);
         assert_eq!(sealed.last().map(|s| s.t), Some(49));
-        let sealed = w.seal_ready_seconds(110_000, &quiet);
+        assert!(w.seal_ready_seconds(110_000, &quiet).is_empty());
+        let sealed = w.seal_ready_seconds(120_000, &quiet);
         assert_eq!(
             seconds_and_instances(&sealed),
             (50..=99).map(|t| (t, 1)).collect::<Vec<_>>()
