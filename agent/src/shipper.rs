@@ -1404,6 +1404,13 @@ mod tests {
             "nothing held, nothing moves"
         );
         assert_eq!(buffer.ack(101), 2);
+        // A held second sent again and acknowledged goes like any other (held, it would stay for good).
+        buffer.push(snap(120), &mut report);
+        buffer.push(snap(121), &mut report);
+        buffer.held.insert(120);
+        assert_eq!(buffer.ack(121), 1, "121 goes, held 120 stays");
+        assert_eq!(buffer.ack(120), 1, "120 acknowledged goes");
+        assert!(buffer.held.is_empty() && buffer.snapshots.is_empty());
     }
 
     #[test]

@@ -215,12 +215,15 @@ async fn serve_stream(
     let mut waiting: u64 = 0;
     // When each second waiting for its ack was read here: the agent's clock is checked against it.
     let mut received = clock::FirstSeen::new(RECEIVED_KEPT);
+    // An ack, and whether this stream read that second (and still remembers when).
     let ack = |t: i64, received: &mut clock::FirstSeen| {
-        reply(pb::aggregator_message::Body::Ack(pb::Ack {
+        let read_at = received.take(t);
+        let answer = reply(pb::aggregator_message::Body::Ack(pb::Ack {
             second: t,
             aggregator_unix_ms: clock::unix_millis(),
-            received_unix_ms: received.take(t).unwrap_or(0),
-        }))
+            received_unix_ms: read_at.unwrap_or(0),
+        }));
+        (answer, read_at.is_some())
     };
     loop {
         let message = tokio::select! {
@@ -232,8 +235,13 @@ async fn serve_stream(
                         "this service's state was lost here; reconnect and send again what is unacknowledged",
                     ));
                 }
-                waiting = waiting.saturating_sub(1);
-                send(tx, ack(t, &mut received)).await?;
+                // Every open stream of the instance hears of its sealed seconds (after a reconnect the old one may
+                // have delivered last); only this stream's own count down what it waits for.
+                let (answer, ours) = ack(t, &mut received);
+                if ours {
+                    waiting = waiting.saturating_sub(1);
+                }
+                send(tx, answer).await?;
                 continue;
             }
             changed = async {
@@ -256,7 +264,7 @@ async fn serve_stream(
                         if t == STATE_LOST {
                             break;
                         }
-                        send(tx, ack(t, &mut received)).await?;
+                        send(tx, ack(t, &mut received).0).await?;
                     }
                     moved_away(&instance.service).await;
                     return Err(Status::unavailable(
@@ -364,8 +372,11 @@ async fn serve_stream(
     while waiting > 0 {
         match tokio::time::timeout(LAST_ACKS_WAIT, counted.recv()).await {
             Ok(Some(t)) if t != STATE_LOST => {
-                waiting -= 1;
-                send(tx, ack(t, &mut received)).await?;
+                let (answer, ours) = ack(t, &mut received);
+                if ours {
+                    waiting -= 1;
+                }
+                send(tx, answer).await?;
             }
             _ => break,
         }

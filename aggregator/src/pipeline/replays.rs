@@ -60,6 +60,9 @@ struct Replay {
     merged: Option<i64>,
     /// When it last moved on, read or merged (wall clock, ms).
     moved_ms: i64,
+    /// Its streams still open (a reconnect opens the next before the last is seen to end): only a replay with an
+    /// open stream can be waiting for the seal of what it sent.
+    open: u32,
 }
 
 impl ReplayBook {
@@ -93,12 +96,16 @@ impl ReplayBook {
         let mut replaying = self.lock();
         replaying
             .entry(instance.clone())
-            .and_modify(|r| r.through = through)
+            .and_modify(|r| {
+                r.through = through;
+                r.open = r.open.saturating_add(1);
+            })
             .or_insert(Replay {
                 through,
                 read: None,
                 merged: None,
                 moved_ms: now_ms,
+                open: 1,
             });
         self.count.store(replaying.len(), Ordering::Relaxed);
         first_ms.saturating_add(longest_ms)
@@ -126,6 +133,7 @@ impl ReplayBook {
                 read: Some(t),
                 merged: Some(t.saturating_sub(1)),
                 moved_ms: now_ms,
+                open: 1,
             });
         self.count.store(replaying.len(), Ordering::Relaxed);
     }
@@ -137,6 +145,18 @@ impl ReplayBook {
             && replay.through == through
         {
             replay.through = read;
+        }
+    }
+
+    /// One of the instance's streams ended at `now_ms`. Once none is open, its replay waits for nobody's seal: it
+    /// is waited for `replay_stall` from now (its agent reconnects and replays the rest), and forgotten after that
+    /// if it does not move.
+    pub(crate) fn closed(&self, instance: &Arc<str>, now_ms: i64) {
+        if let Some(replay) = self.lock().get_mut(instance) {
+            replay.open = replay.open.saturating_sub(1);
+            if replay.open == 0 {
+                replay.moved_ms = replay.moved_ms.max(now_ms);
+            }
         }
     }
 
@@ -169,9 +189,11 @@ impl ReplayBook {
     /// Whether second `t` waits for a replay: one whose merged seconds have not reached `t`, that replays `t` or
     /// newer, and that moved on less than `stall_ms` ago. Forgets the replays that stopped moving, once a second
     /// (this runs for every snapshot merged while a service waits; forgetting on each took 2.6% of a catching-up
-    /// aggregator's CPU at 10,000 agents). A replay merged up to `t` or past it is waiting for `t`'s seal, not
-    /// stalled: its agent sends a few seconds at a time and the next only as the aggregator acknowledges (seals)
-    /// them, so it counts as moving until then.
+    /// aggregator's CPU at 10,000 agents). A replay merged up to `t` or past it, whose stream is open, is waiting
+    /// for `t`'s seal, not stalled: its agent sends a few seconds at a time and the next only as the aggregator
+    /// acknowledges (seals) them, so it counts as moving until then. One whose streams all ended is not waiting
+    /// for anything: a dead agent's replay is forgotten `replay_stall` after its stream ended, however long the
+    /// seals before it take.
     pub(crate) fn holds(&self, t: i64, now_ms: i64, stall_ms: i64) -> bool {
         if self.count.load(Ordering::Relaxed) == 0 {
             return false;
@@ -180,7 +202,7 @@ impl ReplayBook {
         let mut replaying = self.lock();
         if prune_due(&self.pruned_ms, now_ms) {
             replaying.retain(|_, r| {
-                if r.merged.is_some_and(|merged| merged >= t) {
+                if r.open > 0 && r.merged.is_some_and(|merged| merged >= t) {
                     r.moved_ms = now_ms;
                 }
                 moving(r)
@@ -355,6 +377,8 @@ impl Drop for StreamReplay {
         if let (Some(through), Some(read)) = (self.through, self.reached) {
             self.book.ended(&self.instance, through, read);
         }
+        self.book
+            .closed(&self.instance, strobe_proto::clock::unix_millis());
         if let (Some(_), Some(counted)) = (self.through, &self.counted) {
             counted.catching_up.dec();
         }
@@ -401,6 +425,35 @@ mod tests {
         book.read(&a, 13, 10_600);
         book.merged(&a, 13, 10_700);
         assert!(book.holds(14, 10_800, 1_000));
+    }
+
+    /// Agents that died mid-replay, merged to different seconds: each is forgotten `replay_stall` after its stream
+    /// ended, all at once, not one after another as the seconds before each are sealed.
+    #[test]
+    fn replays_whose_streams_ended_are_not_waiting_for_any_seal() {
+        let book = ReplayBook::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        book.start(&a, 30, 0, 120_000);
+        book.start(&b, 30, 0, 120_000);
+        book.merged(&a, 12, 100);
+        book.merged(&b, 20, 100);
+        book.closed(&a, 200);
+        book.closed(&b, 200);
+        // Second 10 waits (for someone else) until 10 s later: both merged past it, and neither is refreshed.
+        assert!(!book.holds(10, 10_000, 1_000));
+        assert!(!book.holds(13, 10_100, 1_000), "a forgotten");
+        assert!(!book.holds(21, 10_100, 1_000), "b forgotten with it");
+        assert_eq!(book.len(), 0);
+        // A reconnect opens the next stream before the last is seen to end: the replay waits while either is open.
+        book.start(&a, 30, 20_000, 120_000);
+        book.start(&a, 30, 20_050, 120_000);
+        book.merged(&a, 15, 20_100);
+        book.closed(&a, 20_200);
+        assert!(!book.holds(15, 31_000, 1_000));
+        assert!(
+            book.holds(16, 31_000, 1_000),
+            "one stream still open, waiting for 15's seal"
+        );
     }
 
     #[test]

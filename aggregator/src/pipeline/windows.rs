@@ -1725,7 +1725,8 @@ mod tests {
                 Applied::Duplicate { .. }
             ));
         }
-        // Gathering (8 s after the start) held 40 to 49, which b merged: sealed now, and b waited for from here.
+        // Gathering after the start held 40 to 49, which b merged: sealed now, and b (its stream open) waited for
+        // from here.
         let sealed = w.seal_ready_seconds(109_999, &quiet);
         assert_eq!(sealed.last().map(|s| s.t), Some(49));
         assert!(w.seal_ready_seconds(110_000, &quiet).is_empty());
