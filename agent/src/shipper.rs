@@ -1654,6 +1654,34 @@ mod tests {
             .flatten()
     }
 
+    /// The next `n` seconds the server reads (fewer if it reads nothing more within a while).
+    async fn next_reads(
+        read: &mut mpsc::UnboundedReceiver<i64>,
+        n: usize,
+        within: Duration,
+    ) -> Vec<i64> {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            got.extend(next_read(read, within).await);
+        }
+        got
+    }
+
+    /// A shipper to `address` with at most three seconds in flight, seconds 1 to 10 already closed; the sender of
+    /// its next seconds.
+    async fn ten_seconds_three_in_flight(
+        address: std::net::SocketAddr,
+    ) -> mpsc::Sender<pb::Snapshot> {
+        let (identity, mut config) = shipping_to(address);
+        config.max_seconds_in_flight = 3;
+        let (tx, rx) = mpsc::channel(16);
+        for second in 1..=10 {
+            tx.send(snap(second)).await.unwrap();
+        }
+        tokio::spawn(run_shipper(identity, config, rx));
+        tx
+    }
+
     /// A backlog goes out `max_seconds_in_flight` seconds at a time, oldest first, and the next ones as answers
     /// (acknowledgements and refusals) come; a second refused for now no longer counts as in flight.
     #[tokio::test]
@@ -1664,20 +1692,9 @@ mod tests {
             answer,
             ..
         } = answering_when_told(0).await;
-        let (identity, mut config) = shipping_to(address);
-        config.max_seconds_in_flight = 3;
-        let (tx, rx) = mpsc::channel(16);
-        for second in 1..=10 {
-            tx.send(snap(second)).await.unwrap();
-        }
-        tokio::spawn(run_shipper(identity, config, rx));
-        let within = Duration::from_secs(20);
-        let quiet = Duration::from_millis(300);
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            got.extend(next_read(&mut read, within).await);
-        }
-        assert_eq!(got, [1, 2, 3]);
+        let tx = ten_seconds_three_in_flight(address).await;
+        let (within, quiet) = (Duration::from_secs(20), Duration::from_millis(300));
+        assert_eq!(next_reads(&mut read, 3, within).await, [1, 2, 3]);
         assert_eq!(
             next_read(&mut read, quiet).await,
             None,
@@ -1719,11 +1736,7 @@ mod tests {
             "still three in flight"
         );
         answer.send(ack(7)).unwrap();
-        let mut rest = Vec::new();
-        for _ in 0..3 {
-            rest.extend(next_read(&mut read, within).await);
-        }
-        assert_eq!(rest, [8, 9, 10]);
+        assert_eq!(next_reads(&mut read, 3, within).await, [8, 9, 10]);
         answer.send(ack(10)).unwrap();
         assert_eq!(next_read(&mut read, within).await, Some(11));
     }
@@ -1738,28 +1751,14 @@ mod tests {
             mut read,
             answer,
         } = answering_when_told(1).await;
-        let (identity, mut config) = shipping_to(address);
-        config.max_seconds_in_flight = 3;
-        let (tx, rx) = mpsc::channel(16);
-        for second in 1..=10 {
-            tx.send(snap(second)).await.unwrap();
-        }
-        tokio::spawn(run_shipper(identity, config, rx));
-        let within = Duration::from_secs(20);
-        let quiet = Duration::from_millis(300);
+        // Kept open: a closed input would be the shipper's shutdown.
+        let _input = ten_seconds_three_in_flight(address).await;
+        let (within, quiet) = (Duration::from_secs(20), Duration::from_millis(300));
         // The first stream was refused before anything was read; the second replays what the agent kept.
         assert_eq!(next_read(&mut hellos, within).await, Some(10));
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            got.extend(next_read(&mut read, within).await);
-        }
-        assert_eq!(got, [1, 2, 3]);
+        assert_eq!(next_reads(&mut read, 3, within).await, [1, 2, 3]);
         assert_eq!(next_read(&mut read, quiet).await, None, "three in flight");
         answer.send(ack(3)).unwrap();
-        let mut next = Vec::new();
-        for _ in 0..3 {
-            next.extend(next_read(&mut read, within).await);
-        }
-        assert_eq!(next, [4, 5, 6]);
+        assert_eq!(next_reads(&mut read, 3, within).await, [4, 5, 6]);
     }
 }
