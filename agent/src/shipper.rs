@@ -186,9 +186,10 @@ struct ReplayBuffer {
     held: std::collections::BTreeSet<i64>,
     /// When the newest seconds were first sent (local clock, ms): an answer about one bounds the clock offset.
     first_sent: strobe_proto::clock::FirstSeen,
-    /// Seconds sent on the current stream and still kept: those not held are in flight, waiting for an answer
-    /// (see `max_seconds_in_flight`); held ones wait for the next stream.
+    /// Seconds sent on the current stream and not answered yet: in flight (see `max_seconds_in_flight`).
     sent: std::collections::BTreeSet<i64>,
+    /// Seconds refused for now on the current stream: held, and not sent again on it (the next stream does).
+    held_here: std::collections::BTreeSet<i64>,
 }
 
 /// How many seconds' first send times are remembered (answers come within a few seconds).
@@ -207,26 +208,32 @@ impl ReplayBuffer {
             held: Default::default(),
             first_sent: strobe_proto::clock::FirstSeen::new(SENT_REMEMBERED),
             sent: Default::default(),
+            held_here: Default::default(),
         }
     }
 
     /// A new stream: nothing is sent on it yet, so everything kept is to be sent, held seconds too.
     fn new_stream(&mut self) {
         self.sent.clear();
-    }
-
-    /// Seconds sent on this stream and not answered yet.
-    fn in_flight(&self) -> usize {
-        self.sent.iter().filter(|s| !self.held.contains(s)).count()
+        self.held_here.clear();
     }
 
     /// The oldest seconds not sent on this stream yet, as many as `limit` seconds in flight leave room for.
     fn due(&self, limit: usize) -> impl Iterator<Item = &pb::Snapshot> {
-        let room = limit.max(1).saturating_sub(self.in_flight());
+        let room = limit.max(1).saturating_sub(self.sent.len());
         self.snapshots
             .iter()
-            .filter(|s| !self.sent.contains(&s.second))
+            .filter(|s| !self.sent.contains(&s.second) && !self.held_here.contains(&s.second))
             .take(room)
+    }
+
+    /// `second` was refused for now (ahead of the aggregator's clock): kept, answered, and not sent again on this
+    /// stream.
+    fn hold(&mut self, second: i64) {
+        self.held.insert(second);
+        if self.sent.remove(&second) {
+            self.held_here.insert(second);
+        }
     }
 
     /// Notes that `second` went out at `local_ms`, unless it already had; the newest seconds are the ones kept.
@@ -251,6 +258,7 @@ impl ReplayBuffer {
             if let Some(oldest) = self.snapshots.pop_front() {
                 self.held.remove(&oldest.second);
                 self.sent.remove(&oldest.second);
+                self.held_here.remove(&oldest.second);
             }
             self.dropped_unreported += 1;
             report.dropped += 1;
@@ -283,9 +291,11 @@ impl ReplayBuffer {
         let before = self.snapshots.len();
         // A held second sent again and acknowledged is counted: it goes like any other.
         self.held.remove(&second);
+        self.held_here.remove(&second);
         let held = &self.held;
         self.snapshots
             .retain(|s| s.second > second || held.contains(&s.second));
+        // A held second sent again stays in flight until its own answer.
         self.sent.retain(|s| *s > second || held.contains(s));
         self.sync_tally();
         (before - self.snapshots.len()) as u64
@@ -297,6 +307,7 @@ impl ReplayBuffer {
         self.snapshots.retain(|s| s.second != second);
         self.held.remove(&second);
         self.sent.remove(&second);
+        self.held_here.remove(&second);
         self.sync_tally();
         before != self.snapshots.len()
     }
@@ -691,7 +702,7 @@ async fn ship_once(
                             kept_to_send_again = r.whole_snapshot && r.retry,
                         );
                         if r.whole_snapshot && r.retry {
-                            buffer.held.insert(r.second);
+                            buffer.hold(r.second);
                             config.clock.note_held();
                         } else if r.whole_snapshot && buffer.refused(r.second) {
                             report.refused += 1;
@@ -1411,6 +1422,34 @@ mod tests {
         assert_eq!(buffer.ack(121), 1, "121 goes, held 120 stays");
         assert_eq!(buffer.ack(120), 1, "120 acknowledged goes");
         assert!(buffer.held.is_empty() && buffer.snapshots.is_empty());
+    }
+
+    /// Held seconds sent again on a new stream are in flight until answered, like any other: a clock far ahead
+    /// with many held seconds still puts only `max_seconds_in_flight` on the wire at once.
+    #[test]
+    fn held_seconds_sent_again_count_as_in_flight_until_answered() {
+        let mut report = ShipperReport::default();
+        let mut buffer = ReplayBuffer::new(100, None);
+        for s in 1..=10 {
+            buffer.push(snap(s), &mut report);
+        }
+        buffer.held.extend(1..=10);
+        buffer.new_stream();
+        let send = |buffer: &mut ReplayBuffer| -> Vec<i64> {
+            let due: Vec<i64> = buffer.due(3).map(|s| s.second).collect();
+            buffer.sent.extend(&due);
+            due
+        };
+        assert_eq!(send(&mut buffer), [1, 2, 3]);
+        assert!(send(&mut buffer).is_empty(), "three in flight, held or not");
+        // Refused for now again: answered, and not sent again on this stream.
+        buffer.hold(1);
+        assert_eq!(send(&mut buffer), [4]);
+        // 3 acknowledged; held 2 stays, in flight until its own answer.
+        assert_eq!(buffer.ack(3), 1);
+        assert_eq!(send(&mut buffer), [5]);
+        buffer.new_stream();
+        assert_eq!(send(&mut buffer), [1, 2, 4]);
     }
 
     #[test]
