@@ -1485,55 +1485,11 @@ mod tests {
     }
 
     /// A real gRPC server that reads every stream at once but answers its opening only when told (as an aggregator
-    /// does seconds later when thousands of agents reconnect at once). Returns its address, what tells it to
-    /// answer, and the seconds it read.
-    async fn slow_to_answer() -> (
-        std::net::SocketAddr,
-        Arc<tokio::sync::Notify>,
-        mpsc::UnboundedReceiver<i64>,
-    ) {
-        use std::pin::Pin;
-        use tokio_stream::Stream;
-        use tonic::{Request, Response, Status, Streaming};
-
-        struct SlowToAnswer {
-            answer: Arc<tokio::sync::Notify>,
-            read: mpsc::UnboundedSender<i64>,
-        }
-        #[tonic::async_trait]
-        impl pb::ingest_server::Ingest for SlowToAnswer {
-            type StreamStream =
-                Pin<Box<dyn Stream<Item = Result<pb::AggregatorMessage, Status>> + Send>>;
-            async fn stream(
-                &self,
-                request: Request<Streaming<pb::AgentMessage>>,
-            ) -> Result<Response<Self::StreamStream>, Status> {
-                let mut inbound = request.into_inner();
-                let read = self.read.clone();
-                tokio::spawn(async move {
-                    while let Ok(Some(message)) = inbound.message().await {
-                        if let Some(pb::agent_message::Body::Snapshot(s)) = message.body {
-                            read.send(s.second).ok();
-                        }
-                    }
-                });
-                self.answer.notified().await;
-                Ok(Response::new(Box::pin(tokio_stream::pending())))
-            }
-        }
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let answer = Arc::new(tokio::sync::Notify::new());
-        let (read_tx, read) = mpsc::unbounded_channel();
-        let server = tonic::transport::Server::builder()
-            .add_service(pb::ingest_server::IngestServer::new(SlowToAnswer {
-                answer: answer.clone(),
-                read: read_tx,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        tokio::spawn(server);
-        (address, answer, read)
+    /// does seconds later when thousands of agents reconnect at once). Returns the server and what tells it to
+    /// answer.
+    async fn slow_to_answer() -> (WhenTold, Arc<tokio::sync::Notify>) {
+        let opening = Arc::new(tokio::sync::Notify::new());
+        (answering_when_told(0, Some(opening.clone())).await, opening)
     }
 
     fn shipping_to(address: std::net::SocketAddr) -> (pb::Identity, ShipperConfig) {
@@ -1553,7 +1509,8 @@ mod tests {
     /// queue as they come and sent, not left in it to overflow.
     #[tokio::test]
     async fn seconds_closing_while_a_stream_opens_are_taken_and_sent() {
-        let (address, answer, mut read) = slow_to_answer().await;
+        let (server, answer) = slow_to_answer().await;
+        let (address, mut read) = (server.address, server.read);
         let (identity, mut config) = shipping_to(address);
         // Nothing is answered here: room for all nine seconds on the wire.
         config.max_seconds_in_flight = 9;
@@ -1579,7 +1536,8 @@ mod tests {
     /// reports what it could not have acknowledged as lost.
     #[tokio::test]
     async fn shutdown_while_a_stream_opens_waits_no_longer_than_the_drain() {
-        let (address, _never, mut read) = slow_to_answer().await;
+        let (server, _never) = slow_to_answer().await;
+        let (address, mut read) = (server.address, server.read);
         let (identity, mut config) = shipping_to(address);
         config.drain_timeout = Duration::from_millis(200);
         let (tx, rx) = mpsc::channel(1);
@@ -1595,7 +1553,8 @@ mod tests {
     }
 
     /// A real gRPC server that refuses its first `refuse` streams, then reports the `replay_through` of each hello
-    /// and every second it reads, and answers only what the test tells it to (on one stream).
+    /// and every second it reads, answers a stream's opening only once `opening` (if any) says so, and answers
+    /// only what the test tells it to (on one stream).
     struct WhenTold {
         address: std::net::SocketAddr,
         hellos: mpsc::UnboundedReceiver<i64>,
@@ -1603,7 +1562,10 @@ mod tests {
         answer: mpsc::UnboundedSender<pb::aggregator_message::Body>,
     }
 
-    async fn answering_when_told(refuse: usize) -> WhenTold {
+    async fn answering_when_told(
+        refuse: usize,
+        opening: Option<Arc<tokio::sync::Notify>>,
+    ) -> WhenTold {
         use std::pin::Pin;
         use tokio_stream::Stream;
         use tonic::{Request, Response, Status, Streaming};
@@ -1613,6 +1575,7 @@ mod tests {
         type Answers = mpsc::UnboundedReceiver<pb::aggregator_message::Body>;
         struct Server {
             refuse: std::sync::atomic::AtomicUsize,
+            opening: Option<Arc<tokio::sync::Notify>>,
             hellos: mpsc::UnboundedSender<i64>,
             read: mpsc::UnboundedSender<i64>,
             answers: std::sync::Mutex<Option<Answers>>,
@@ -1648,6 +1611,9 @@ mod tests {
                         }
                     }
                 });
+                if let Some(opening) = &self.opening {
+                    opening.notified().await;
+                }
                 let answers = self.answers.lock().unwrap().take().expect("one stream");
                 let answers = tokio_stream::wrappers::UnboundedReceiverStream::new(answers)
                     .map(|body| Ok(pb::AggregatorMessage { body: Some(body) }));
@@ -1663,6 +1629,7 @@ mod tests {
         let server = tonic::transport::Server::builder()
             .add_service(pb::ingest_server::IngestServer::new(Server {
                 refuse: refuse.into(),
+                opening,
                 hellos: hellos_tx,
                 read: read_tx,
                 answers: std::sync::Mutex::new(Some(answers)),
@@ -1730,7 +1697,7 @@ mod tests {
             mut read,
             answer,
             ..
-        } = answering_when_told(0).await;
+        } = answering_when_told(0, None).await;
         let tx = ten_seconds_three_in_flight(address).await;
         let (within, quiet) = (Duration::from_secs(20), Duration::from_millis(300));
         assert_eq!(next_reads(&mut read, 3, within).await, [1, 2, 3]);
@@ -1789,7 +1756,7 @@ mod tests {
             mut hellos,
             mut read,
             answer,
-        } = answering_when_told(1).await;
+        } = answering_when_told(1, None).await;
         // Kept open: a closed input would be the shipper's shutdown.
         let _input = ten_seconds_three_in_flight(address).await;
         let (within, quiet) = (Duration::from_secs(20), Duration::from_millis(300));
