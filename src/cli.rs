@@ -155,6 +155,10 @@ pub(crate) struct AggregatorArgs {
     /// (0 to 1; all but one always suffice), e.g. `0.9`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUORUM")]
     pub(crate) grace_quorum: Option<f64>,
+    /// Past the grace, snapshots of a second still arriving at most at this share of its burst's rate (0 to 1) are
+    /// a trickle of late ones, and count as quiet; 0: only no arrival does. E.g. `0.05`.
+    #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_TRICKLE")]
+    pub(crate) grace_trickle: Option<f64>,
     /// The longest a second stays open after it ends (unless its service is behind: see `--grace-max-behind`), e.g.
     /// `1s`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_MAX", value_parser = humantime::parse_duration)]
@@ -532,6 +536,9 @@ impl AggregatorArgs {
         if let Some(v) = self.grace_quorum {
             config.grace_quorum = v;
         }
+        if let Some(v) = self.grace_trickle {
+            config.grace_trickle = v;
+        }
         if let Some(v) = self.grace_max {
             config.grace_max = v;
         }
@@ -718,6 +725,8 @@ mod tests {
             "127.0.0.1:1234",
             "--grace-quiet",
             "20ms",
+            "--grace-trickle",
+            "0.1",
             "--http-threads",
             "0",
             "--shard-stall",
@@ -730,6 +739,7 @@ mod tests {
         assert_eq!(config.grace, Duration::from_millis(100));
         assert_eq!(config.grace_max, Duration::from_secs(2));
         assert_eq!(config.grace_quiet, Duration::from_millis(20));
+        assert_eq!(config.grace_trickle, 0.1);
         assert_eq!(config.http_threads, 0);
         assert_eq!(config.shard_stall, Duration::from_secs(30));
         assert_eq!(config.http_addr.port(), 1234);

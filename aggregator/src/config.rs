@@ -30,6 +30,10 @@ pub struct AggregatorConfig {
     /// ...once at least this share (0 to 1) of the instances expected on time have reported it (all but one always
     /// suffice)...
     pub grace_quorum: f64,
+    /// (Snapshots still arriving at most at this share, 0 to 1, of the second's burst rate, the most that reached its
+    /// shard within one `grace_quiet`, are a trickle of late ones: the shard counts as quiet. 0: only no arrival
+    /// does.)...
+    pub grace_trickle: f64,
     /// ...but never longer than this after it ends (unless behind: see `grace_max_behind`).
     #[serde(with = "humantime_serde")]
     pub grace_max: Duration,
@@ -129,6 +133,7 @@ impl Default for AggregatorConfig {
             grace: Duration::from_millis(250),
             grace_quiet: Duration::from_millis(50),
             grace_quorum: 0.9,
+            grace_trickle: 0.05,
             grace_max: Duration::from_secs(1),
             grace_max_behind: Duration::from_secs(3),
             history: Duration::from_secs(600),

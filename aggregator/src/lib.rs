@@ -240,12 +240,17 @@ impl Aggregator {
                 value: humantime::format_duration(config.shard_stall).to_string(),
             });
         }
-        if !(0.0..=1.0).contains(&config.grace_quorum) {
-            return Err(AggregatorError::Setting {
-                name: "grace_quorum",
-                range: "a share from 0 to 1",
-                value: config.grace_quorum.to_string(),
-            });
+        for (name, share) in [
+            ("grace_quorum", config.grace_quorum),
+            ("grace_trickle", config.grace_trickle),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(AggregatorError::Setting {
+                    name,
+                    range: "a share from 0 to 1",
+                    value: share.to_string(),
+                });
+            }
         }
         let tokens = auth::Tokens::new(
             &config.read_tokens,
@@ -361,6 +366,7 @@ impl Aggregator {
             grace_ms: i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX),
             grace_quiet_ms: i64::try_from(self.config.grace_quiet.as_millis()).unwrap_or(i64::MAX),
             grace_quorum: self.config.grace_quorum,
+            grace_trickle: self.config.grace_trickle,
             grace_max_ms: i64::try_from(self.config.grace_max.as_millis()).unwrap_or(i64::MAX),
             grace_max_behind_ms: i64::try_from(self.config.grace_max_behind.as_millis())
                 .unwrap_or(i64::MAX),
@@ -717,6 +723,10 @@ mod tests {
             grace_quorum: q,
             ..AggregatorConfig::default()
         };
+        let trickle = |share: f64| AggregatorConfig {
+            grace_trickle: share,
+            ..AggregatorConfig::default()
+        };
         let stall = |ms: u64| AggregatorConfig {
             shard_stall: std::time::Duration::from_millis(ms),
             ..AggregatorConfig::default()
@@ -725,6 +735,8 @@ mod tests {
             (quorum(f64::NAN), "grace_quorum"),
             (quorum(-0.1), "grace_quorum"),
             (quorum(1.5), "grace_quorum"),
+            (trickle(f64::NAN), "grace_trickle"),
+            (trickle(-0.5), "grace_trickle"),
             (stall(0), "shard_stall"),
             (stall(50), "shard_stall"),
         ] {

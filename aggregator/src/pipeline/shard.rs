@@ -190,7 +190,7 @@ async fn run_shard(
     services: &mut HashMap<Arc<str>, ServiceState>,
     context: Arc<ServiceContext>,
 ) {
-    let mut arrivals = Arrivals::default();
+    let mut arrivals = Arrivals::new(context.settings.grace_quiet_ms);
     // Services dropped as idle: their newest sealed second, and when they were dropped. A straggler of a second
     // sealed before would otherwise open it again and publish it with only itself in it.
     let mut evicted: HashMap<Arc<str>, (i64, i64)> = HashMap::new();
@@ -338,6 +338,7 @@ mod tests {
                 grace_ms: 250,
                 grace_quiet_ms: 50,
                 grace_quorum: 0.9,
+                grace_trickle: 0.05,
                 grace_max_ms: 1000,
                 grace_max_behind_ms: 3000,
                 late_window_secs: 10,

@@ -47,6 +47,10 @@ pub struct WindowSettings {
     pub grace_quiet_ms: i64,
     /// (the share, from 0 to 1)...
     pub grace_quorum: f64,
+    /// (A second whose snapshots still arrive, but at most this share, from 0 to 1, of its burst's rate: the most
+    /// that reached its shard within one `grace_quiet`, counts as quiet: a trickle of late ones, not its burst. 0:
+    /// only no arrival at all does.)...
+    pub grace_trickle: f64,
     /// ...but never longer than this after it ends...
     pub grace_max_ms: i64,
     /// ...or, for a second that waits from later than its grace (its first snapshot came then, or its shard went on
@@ -215,12 +219,14 @@ impl OpenSecond {
     }
 }
 
-/// When the newest snapshot for each recent second reached a shard (all its services together): while a second is
-/// still streaming in, sealing it would only turn the rest of it into corrections. And when the shard was last
-/// stopped: the wall clock moved on without it, and deadlines that passed meanwhile passed with nothing merged.
-#[derive(Debug, Default)]
+/// How each recent second's snapshots reached a shard (all its services together): while a second is still
+/// streaming in, sealing it would only turn the rest of it into corrections. And when the shard was last stopped:
+/// the wall clock moved on without it, and deadlines that passed meanwhile passed with nothing merged.
+#[derive(Debug)]
 pub(crate) struct Arrivals {
-    last: BTreeMap<i64, i64>,
+    flows: BTreeMap<i64, Flow>,
+    /// The window arrivals are counted over (`grace_quiet`, ms).
+    window_ms: i64,
     /// When the shard last went round its loop (wall clock, ms; 0 before the first time).
     awake_ms: i64,
     /// The shard's last silence longer than [`STOPPED_MS`]: from when to when it went on (wall clock, ms; `(0, 0)`
@@ -228,12 +234,43 @@ pub(crate) struct Arrivals {
     stopped: (i64, i64),
 }
 
+impl Default for Arrivals {
+    /// Counted over the default `grace_quiet` (50 ms).
+    fn default() -> Self {
+        Self::new(50)
+    }
+}
+
+/// How one second's snapshots reached a shard.
+#[derive(Debug, Default)]
+struct Flow {
+    /// When the newest arrived (wall clock, ms).
+    last: i64,
+    /// Arrivals per [`SLOT_MS`] slot (slot number, count), oldest first, covering the last window.
+    slots: std::collections::VecDeque<(i64, u32)>,
+    /// The most that arrived within one window, over the second so far: its burst's rate.
+    peak: u32,
+}
+
+/// The resolution arrivals are counted at.
+const SLOT_MS: i64 = 10;
+
 /// A shard silent longer than this was stopped (the host paused, its process stopped, its threads starved, or one
 /// turn of its own loop took that long: its queue was not read meanwhile either); a healthy one goes round its loop
 /// every 10 ms.
 const STOPPED_MS: i64 = 500;
 
 impl Arrivals {
+    /// Arrivals counted over windows of `window_ms` (the service's `grace_quiet`).
+    pub(crate) fn new(window_ms: i64) -> Self {
+        Self {
+            flows: BTreeMap::new(),
+            window_ms: window_ms.max(1),
+            awake_ms: 0,
+            stopped: (0, 0),
+        }
+    }
+
     /// The shard goes round its loop at `now_ms`.
     pub(crate) fn awake(&mut self, now_ms: i64) {
         if now_ms < self.awake_ms {
@@ -253,18 +290,59 @@ impl Arrivals {
 
     /// A snapshot for second `t` arrived at `now_ms`.
     pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
-        let last = self.last.entry(t).or_insert(now_ms);
-        *last = (*last).max(now_ms);
+        let window_ms = self.window_ms;
+        let flow = self.flows.entry(t).or_default();
+        flow.last = flow.last.max(now_ms);
+        let slot = now_ms.div_euclid(SLOT_MS);
+        match flow.slots.back_mut() {
+            // (A clock that went back counts in the newest slot.)
+            Some((newest, count)) if *newest >= slot => *count = count.saturating_add(1),
+            _ => flow.slots.push_back((slot, 1)),
+        }
+        let oldest = Self::oldest_slot(now_ms, window_ms);
+        while flow.slots.front().is_some_and(|(s, _)| *s < oldest) {
+            flow.slots.pop_front();
+        }
+        let within: u32 = flow.slots.iter().map(|(_, n)| *n).sum();
+        flow.peak = flow.peak.max(within);
     }
 
-    /// When the newest snapshot for `t` arrived.
-    pub(crate) fn last(&self, t: i64) -> Option<i64> {
-        self.last.get(&t).copied()
+    /// The first slot of the window that ends at `now_ms`.
+    fn oldest_slot(now_ms: i64, window_ms: i64) -> i64 {
+        now_ms.saturating_sub(window_ms).div_euclid(SLOT_MS) + 1
+    }
+
+    /// Whether second `t`'s snapshots stopped streaming in at `now_ms`: none arrived for `quiet_ms`, or those that
+    /// arrived within the last window are at most `trickle` of its burst's rate (the most that arrived within one
+    /// window), when that rate was at least `1 / trickle` a window. A burst being decoded keeps its rate until its
+    /// end; a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and would otherwise keep
+    /// the second open after its burst, up to `grace_max`, on a shard of busy services.
+    pub(crate) fn quiet(&self, t: i64, now_ms: i64, quiet_ms: i64, trickle: f64) -> bool {
+        let Some(flow) = self.flows.get(&t) else {
+            return true;
+        };
+        if now_ms >= flow.last.saturating_add(quiet_ms) {
+            return true;
+        }
+        let oldest = Self::oldest_slot(now_ms, self.window_ms);
+        let within: u32 = flow
+            .slots
+            .iter()
+            .filter(|(s, _)| *s >= oldest)
+            .map(|(_, n)| *n)
+            .sum();
+        trickle > 0.0 && f64::from(within) <= trickle * f64::from(flow.peak) && within < flow.peak
     }
 
     /// Forgets seconds before `t`.
     pub(crate) fn forget_before(&mut self, t: i64) {
-        self.last = self.last.split_off(&t);
+        self.flows = self.flows.split_off(&t);
+    }
+
+    /// When the newest snapshot for `t` arrived.
+    #[cfg(test)]
+    fn last(&self, t: i64) -> Option<i64> {
+        self.flows.get(&t).map(|flow| flow.last)
     }
 }
 
@@ -574,9 +652,12 @@ impl ServiceWindows {
                     .expected
                     .iter()
                     .all(|id| second.reporters.contains_key(id));
-            let quiet = arrivals
-                .last(t)
-                .is_none_or(|last| now_ms >= last.saturating_add(self.settings.grace_quiet_ms));
+            let quiet = arrivals.quiet(
+                t,
+                now_ms,
+                self.settings.grace_quiet_ms,
+                self.settings.grace_trickle,
+            );
             // A lull at the shard while most of the expected instances are missing is a burst held up on its way
             // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
             // corrections. Counted only once the grace has passed in a lull, over the instances expected on time:
@@ -840,6 +921,7 @@ mod tests {
         grace_ms: 250,
         grace_quiet_ms: 50,
         grace_quorum: 0.9,
+        grace_trickle: 0.05,
         grace_max_ms: 1000,
         grace_max_behind_ms: 3000,
         late_window_secs: 10,
@@ -1053,6 +1135,111 @@ mod tests {
         let sealed = w.seal_ready_seconds(13_250, &Arrivals::default());
         assert_eq!(sealed.iter().map(|s| s.t).collect::<Vec<_>>(), [12, 13]);
         assert_eq!(w.last_sealed(), Some(13));
+    }
+
+    /// A burst of `n` arrivals for second `t`, evenly from `from_ms` over `over_ms`.
+    fn burst(arrivals: &mut Arrivals, t: i64, n: i64, from_ms: i64, over_ms: i64) {
+        for k in 0..n {
+            arrivals.record(t, from_ms + k * over_ms / n);
+        }
+    }
+
+    #[test]
+    fn a_trickle_after_a_burst_is_quiet_and_a_burst_or_a_slow_flow_is_not() {
+        let mut arrivals = Arrivals::new(50);
+        // 400 in 200 ms: about 100 a window.
+        burst(&mut arrivals, 11, 400, 12_000, 200);
+        assert!(!arrivals.quiet(11, 12_199, 50, 0.05), "in the burst");
+        assert!(!arrivals.quiet(11, 12_230, 50, 0.05), "its last 50 ms");
+        // Then a late one every 30 ms: one or two a window, at most 5% of 100.
+        for at in [12_260, 12_290, 12_320, 12_350] {
+            arrivals.record(11, at);
+        }
+        assert!(arrivals.quiet(11, 12_360, 50, 0.05), "a trickle");
+        assert!(
+            !arrivals.quiet(11, 12_360, 50, 0.0),
+            "without the trickle rule, an arrival 10 ms ago is not quiet"
+        );
+        assert!(
+            arrivals.quiet(11, 12_400, 50, 0.0),
+            "none for 50 ms is quiet"
+        );
+        // The burst's tail, still a tenth of its rate, is not a trickle.
+        let mut tail = Arrivals::new(50);
+        burst(&mut tail, 11, 400, 12_000, 200);
+        burst(&mut tail, 11, 20, 12_200, 100);
+        assert!(!tail.quiet(11, 12_300, 50, 0.05));
+        // A slow flow (8 a window at most) has no trickle: any arrival within the window keeps it open.
+        let mut slow = Arrivals::new(50);
+        burst(&mut slow, 11, 40, 12_000, 250);
+        assert!(!slow.quiet(11, 12_260, 50, 0.05));
+        assert!(slow.quiet(11, 12_300, 50, 0.05));
+        // Seconds are counted apart: the next second's burst does not make this one's trickle loud.
+        burst(&mut arrivals, 12, 400, 12_360, 40);
+        assert!(arrivals.quiet(11, 12_360, 50, 0.05));
+    }
+
+    #[test]
+    fn late_snapshots_trickling_in_after_the_burst_do_not_hold_the_second() {
+        let fleet = fleet(100);
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let mut arrivals = Arrivals::default();
+        for i in &fleet {
+            w.apply_now(counter(i, 10, 1.0));
+        }
+        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        // Second 11: 98 of 100 in a 300 ms burst, on a shard busy with other services too (400 arrivals).
+        for i in &fleet[..98] {
+            w.apply_now(counter(i, 11, 1.0));
+        }
+        burst(&mut arrivals, 11, 400, 12_000, 300);
+        // Late ones of other services keep arriving, one every 40 ms, into the second's grace_max.
+        let mut at = 12_320;
+        let mut sealed = Vec::new();
+        while at < 13_000 && sealed.is_empty() {
+            arrivals.record(11, at);
+            sealed = w.seal_ready_seconds(at + 10, &arrivals);
+            at += 40;
+        }
+        assert_eq!(
+            seconds_and_instances(&sealed),
+            [(11, 98)],
+            "sealed within the trickle, not at grace_max"
+        );
+        assert!(
+            at <= 12_400,
+            "sealed 80 ms after the burst at the latest (at {at})"
+        );
+        // Without the trickle rule the same flow holds it to grace_max.
+        let mut strict = ServiceWindows::new(
+            "svc".into(),
+            WindowSettings {
+                grace_trickle: 0.0,
+                ..SETTINGS
+            },
+        );
+        let mut arrivals = Arrivals::default();
+        for i in &fleet {
+            strict.apply_now(counter(i, 10, 1.0));
+        }
+        assert_eq!(strict.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        for i in &fleet[..98] {
+            strict.apply_now(counter(i, 11, 1.0));
+        }
+        burst(&mut arrivals, 11, 400, 12_000, 300);
+        let mut at = 12_320;
+        while at < 12_990 {
+            arrivals.record(11, at);
+            assert!(
+                strict.seal_ready_seconds(at + 10, &arrivals).is_empty(),
+                "at {at}"
+            );
+            at += 40;
+        }
+        assert_eq!(
+            seconds_and_instances(&strict.seal_ready_seconds(13_000, &arrivals)),
+            [(11, 98)]
+        );
     }
 
     #[test]

@@ -145,6 +145,7 @@ const SETTINGS: WindowSettings = WindowSettings {
     grace_ms: 250,
     grace_quiet_ms: 50,
     grace_quorum: 0.9,
+    grace_trickle: 0.05,
     grace_max_ms: 1000,
     grace_max_behind_ms: 3000,
     late_window_secs: 10,
