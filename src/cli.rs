@@ -156,7 +156,8 @@ pub(crate) struct AggregatorArgs {
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_QUORUM")]
     pub(crate) grace_quorum: Option<f64>,
     /// Past the grace, snapshots of a second still arriving at most at this share of its burst's rate (0 to 1) are
-    /// a trickle of late ones, and count as quiet; 0: only no arrival does. E.g. `0.05`.
+    /// a trickle of late ones, and count as quiet once `1 - grace_trickle` of the instances expected have reported;
+    /// 0: only no arrival counts as quiet. E.g. `0.05`.
     #[arg(help_heading = "Seconds", long, env = "STROBE_GRACE_TRICKLE")]
     pub(crate) grace_trickle: Option<f64>,
     /// The longest a second stays open after it ends (unless its service is behind: see `--grace-max-behind`), e.g.
