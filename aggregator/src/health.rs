@@ -92,6 +92,37 @@ impl EncodeLabelValue for DropReason {
     }
 }
 
+/// What sealed a second (`strobe_seconds_sealed_by_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum SealedBy {
+    /// Every instance expected had reported it.
+    Complete,
+    /// Past its grace, its shard was silent for `grace_quiet` and the quorum had reported.
+    Quiet,
+    /// Past its grace, only a trickle still reached its shard (`grace_trickle`), and `1 - grace_trickle` of the
+    /// instances expected had reported.
+    Trickle,
+    /// Its longest wait ran out (`grace_max`, or `grace_max_behind`).
+    Longest,
+}
+
+impl EncodeLabelValue for SealedBy {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let value = match self {
+            SealedBy::Complete => "complete",
+            SealedBy::Quiet => "quiet",
+            SealedBy::Trickle => "trickle",
+            SealedBy::Longest => "longest_wait",
+        };
+        std::fmt::Write::write_str(encoder, value)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SealLabels {
+    by: SealedBy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DropLabels {
     limit: DropReason,
@@ -195,6 +226,8 @@ pub(crate) struct Health {
     history_bytes: Gauge,
     /// Refused messages and dropped series, by the limit they hit.
     dropped: Family<DropLabels, Counter>,
+    /// Service-seconds sealed, by what sealed them.
+    sealed_by: Family<SealLabels, Counter>,
     /// The agents' own counters (inputs received, malformed, over limits), summed per service.
     agents: Family<AgentLabels, Counter>,
 }
@@ -341,6 +374,14 @@ impl Health {
             "From the end of a second to a snapshot of it reaching its shard",
             arrival_delay.clone(),
         );
+        let sealed_by = Family::<SealLabels, Counter>::default();
+        registry.register(
+            "seconds_sealed_by",
+            "Service-seconds sealed, by what sealed them: every instance expected reported (complete), past the \
+             grace a silent shard with the quorum in (quiet) or only a trickle of late snapshots with \
+             1 - grace_trickle in (trickle), or the longest wait ran out (longest_wait)",
+            sealed_by.clone(),
+        );
         let dropped = Family::<DropLabels, Counter>::default();
         registry.register(
             "dropped",
@@ -395,7 +436,13 @@ impl Health {
             service_panics,
             shard_restarts,
             dropped,
+            sealed_by,
         }
+    }
+
+    /// Counts a sealed second by what sealed it.
+    pub(crate) fn count_sealed_by(&self, by: SealedBy) {
+        self.sealed_by.get_or_create(&SealLabels { by }).inc();
     }
 
     /// Counts `n` items dropped for `reason`.
@@ -589,6 +636,9 @@ mod tests {
         };
         health.count_agent("checkout", &counts);
         health.count_agent("checkout", &counts);
+        health.count_sealed_by(SealedBy::Trickle);
+        health.count_sealed_by(SealedBy::Longest);
+        health.count_sealed_by(SealedBy::Trickle);
         let text = health.render(0, 0);
         for line in [
             "# TYPE strobe_seal_delay_seconds histogram",
@@ -606,6 +656,8 @@ mod tests {
             "strobe_dropped_total{limit=\"finite_values\"} 3",
             "strobe_websocket_subscribers 0",
             "strobe_agent_reported_total{service=\"checkout\",counter=\"lines_malformed\"} 4",
+            "strobe_seconds_sealed_by_total{by=\"trickle\"} 2",
+            "strobe_seconds_sealed_by_total{by=\"longest_wait\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -392,6 +392,9 @@ impl ServiceState {
         let sealed = merged.second;
         let delay = now.saturating_sub(sealed.t.saturating_add(1).saturating_mul(1000));
         context.health.seconds_sealed.inc();
+        if let Some(by) = merged.by {
+            context.health.count_sealed_by(by);
+        }
         context.health.seal_delay.observe(millis_as_seconds(delay));
         let t = sealed.t;
         context.hub.publish_second(sealed);

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::health::SealedBy;
 use crate::model::table::{SeriesId, SeriesTable};
 use crate::model::{
     Instance, InstanceSecond, RequestCounts, SealedSecond, SeriesKey, SeriesSummary, SeriesValue,
@@ -183,6 +184,8 @@ pub(crate) struct Sealed {
     /// Each instance's requests and errors, where it reported them (the canary reads single instances' shocks
     /// from them).
     pub(crate) requests: Vec<(Arc<Instance>, RequestCounts)>,
+    /// What sealed it (`None` for a correction).
+    pub(crate) by: Option<SealedBy>,
 }
 
 impl OpenSecond {
@@ -226,8 +229,10 @@ impl OpenSecond {
 #[derive(Debug)]
 pub(crate) struct Arrivals {
     flows: BTreeMap<i64, Flow>,
-    /// The window arrivals are counted over (`grace_quiet`, ms).
+    /// The window arrivals are counted over (`grace_quiet`, ms)...
     window_ms: i64,
+    /// ...in whole slots (at least one).
+    window_slots: i64,
     /// When the shard last went round its loop (wall clock, ms; 0 before the first time).
     awake_ms: i64,
     /// The shard's last silence longer than [`STOPPED_MS`]: from when to when it went on (wall clock, ms; `(0, 0)`
@@ -247,10 +252,11 @@ impl Default for Arrivals {
 struct Flow {
     /// When the newest arrived (wall clock, ms).
     last: i64,
-    /// Arrivals per [`SLOT_MS`] slot (slot number, count), oldest first, covering the last window.
+    /// Arrivals per [`SLOT_MS`] slot (slot number, count), oldest first, within the last window.
     slots: std::collections::VecDeque<(i64, u32)>,
-    /// The most that arrived within one window, over the second so far: its burst's rate.
-    peak: u32,
+    /// The most that arrived within one window, over the second so far (since the shard last went round its loop
+    /// on time): its burst's rate.
+    peak: u64,
 }
 
 /// The resolution arrivals are counted at.
@@ -273,11 +279,13 @@ pub(crate) enum Flowing {
 const STOPPED_MS: i64 = 500;
 
 impl Arrivals {
-    /// Arrivals counted over windows of `window_ms` (the service's `grace_quiet`).
+    /// Arrivals counted over windows of `window_ms` (the services' `grace_quiet`).
     pub(crate) fn new(window_ms: i64) -> Self {
+        let window_ms = window_ms.max(0);
         Self {
             flows: BTreeMap::new(),
-            window_ms: window_ms.max(1),
+            window_ms,
+            window_slots: (window_ms.saturating_add(SLOT_MS - 1) / SLOT_MS).max(1),
             awake_ms: 0,
             stopped: (0, 0),
         }
@@ -291,6 +299,15 @@ impl Arrivals {
         } else if self.awake_ms != 0 && now_ms - self.awake_ms > STOPPED_MS {
             self.stopped = (self.awake_ms, now_ms);
         }
+        if self.awake_ms != 0 && now_ms - self.awake_ms > self.window_ms {
+            // The shard did not go round its loop for a window (starved, or stopped): what it dequeues next is a
+            // backlog, and what came before tells nothing of the rate now. Each second's burst rate is measured
+            // afresh, so a lull read across the gap cannot pass for a trickle.
+            for flow in self.flows.values_mut() {
+                flow.slots.clear();
+                flow.peak = 0;
+            }
+        }
         self.awake_ms = now_ms;
     }
 
@@ -302,49 +319,53 @@ impl Arrivals {
 
     /// A snapshot for second `t` arrived at `now_ms`.
     pub(crate) fn record(&mut self, t: i64, now_ms: i64) {
-        let window_ms = self.window_ms;
+        let slot = now_ms.div_euclid(SLOT_MS);
+        let oldest = slot.saturating_sub(self.window_slots - 1);
         let flow = self.flows.entry(t).or_default();
         flow.last = flow.last.max(now_ms);
-        let slot = now_ms.div_euclid(SLOT_MS);
         match flow.slots.back_mut() {
-            // (A clock that went back counts in the newest slot.)
-            Some((newest, count)) if *newest >= slot => *count = count.saturating_add(1),
+            Some((newest, count)) if *newest == slot => *count = count.saturating_add(1),
+            Some((newest, _)) if *newest > slot => {
+                // The clock went back: counted afresh from here (a rate measured across the step means nothing).
+                flow.slots.clear();
+                flow.slots.push_back((slot, 1));
+                flow.peak = 0;
+            }
             _ => flow.slots.push_back((slot, 1)),
         }
-        let oldest = Self::oldest_slot(now_ms, window_ms);
         while flow.slots.front().is_some_and(|(s, _)| *s < oldest) {
             flow.slots.pop_front();
         }
-        let within: u32 = flow.slots.iter().map(|(_, n)| *n).sum();
+        let within: u64 = flow.slots.iter().map(|(_, n)| u64::from(*n)).sum();
         flow.peak = flow.peak.max(within);
     }
 
-    /// The first slot of the window that ends at `now_ms`.
-    fn oldest_slot(now_ms: i64, window_ms: i64) -> i64 {
-        now_ms.saturating_sub(window_ms).div_euclid(SLOT_MS) + 1
-    }
-
-    /// How second `t`'s snapshots reach the shard at `now_ms`: silent when none arrived for `quiet_ms`; a trickle
-    /// when those that arrived within the last window are at most `trickle` of its burst's rate (the most that
-    /// arrived within one window), if that rate was at least `1 / trickle` a window. A burst being decoded keeps
-    /// its rate until its end; a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and
-    /// would otherwise keep the second open after its burst, up to `grace_max`, on a shard of busy services.
-    pub(crate) fn flowing(&self, t: i64, now_ms: i64, quiet_ms: i64, trickle: f64) -> Flowing {
+    /// How second `t`'s snapshots reach the shard at `now_ms`: silent when none arrived for the window
+    /// (`grace_quiet`); a trickle when those that arrived within the last window are at most `trickle` of its
+    /// burst's rate (the most that arrived within one window since the shard last went round its loop on time), if
+    /// that rate was at least `1 / trickle` a window; else busy. A burst being decoded keeps its rate until its end;
+    /// a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and would otherwise keep the
+    /// second open after its burst, up to `grace_max`, on a shard of busy services.
+    pub(crate) fn flowing(&self, t: i64, now_ms: i64, trickle: f64) -> Flowing {
         let Some(flow) = self.flows.get(&t) else {
             return Flowing::Silent;
         };
-        if now_ms >= flow.last.saturating_add(quiet_ms) {
+        if now_ms >= flow.last.saturating_add(self.window_ms) {
             return Flowing::Silent;
         }
-        let oldest = Self::oldest_slot(now_ms, self.window_ms);
-        let within: u32 = flow
+        let oldest = now_ms
+            .div_euclid(SLOT_MS)
+            .saturating_sub(self.window_slots - 1);
+        let within: u64 = flow
             .slots
             .iter()
             .filter(|(s, _)| *s >= oldest)
-            .map(|(_, n)| *n)
+            .map(|(_, n)| u64::from(*n))
             .sum();
+        let peak = flow.peak as f64;
         if trickle > 0.0
-            && f64::from(within) <= trickle * f64::from(flow.peak)
+            && peak * trickle >= 1.0
+            && within as f64 <= trickle * peak
             && within < flow.peak
         {
             Flowing::Trickle
@@ -671,31 +692,28 @@ impl ServiceWindows {
                     .expected
                     .iter()
                     .all(|id| second.reporters.contains_key(id));
-            let flowing = arrivals.flowing(
-                t,
-                now_ms,
-                self.settings.grace_quiet_ms,
-                self.settings.grace_trickle,
-            );
+            let flowing = arrivals.flowing(t, now_ms, self.settings.grace_trickle);
             // A lull at the shard while most of the expected instances are missing is a burst held up on its way
             // (a busy core, a slow connection), not the end of the second: sealing then would turn most of it into
             // corrections. Counted only once the grace has passed in a lull, over the instances expected on time:
             // stragglers are waited for, not counted (an instance that is always late would hold every second to
             // `grace_max`), unless most of the service is late: then it is behind as a whole, and all count.
-            // Past a burst that still trickles, the instances it did not bring should be few, like the trickle (more
-            // missing were held up together, on one connection or core, rather than late one by one): at least
-            // `1 - grace_trickle` of them must have reported.
+            // Past a burst that still trickles, few of them may be missing, not "all but one": more missing were
+            // held up together, on one connection or core, rather than late one by one; and a small service whose
+            // own burst is late reads as a trickle beside a large one on the same shard. At least `1 - grace_trickle`
+            // of them, and at least one.
             let share = match flowing {
                 Flowing::Busy => None,
-                Flowing::Silent => Some(self.settings.grace_quorum),
-                Flowing::Trickle => Some(
+                Flowing::Silent => Some((self.settings.grace_quorum, true)),
+                Flowing::Trickle => Some((
                     self.settings
                         .grace_quorum
                         .max(1.0 - self.settings.grace_trickle),
-                ),
+                    false,
+                )),
             };
             let few_late = self.stragglers.len() * 2 <= self.expected.len();
-            let quorum = |share: f64| {
+            let quorum = |(share, all_but_one): (f64, bool)| {
                 let (mut expected, mut reported) = (0usize, 0usize);
                 for id in self
                     .expected
@@ -706,13 +724,25 @@ impl ServiceWindows {
                     reported += usize::from(second.reporters.contains_key(id));
                 }
                 let needed = (expected as f64 * share.clamp(0.0, 1.0)).ceil() as usize;
-                reported >= needed.min(expected.saturating_sub(1))
+                if all_but_one {
+                    reported >= needed.min(expected.saturating_sub(1))
+                } else {
+                    expected > 0 && reported >= needed
+                }
             };
-            let waited = (now_ms >= end.saturating_add(grace) && share.is_some_and(quorum))
-                || now_ms >= end.saturating_add(longest.max(grace));
-            if !complete && !waited {
+            let by = if complete {
+                SealedBy::Complete
+            } else if now_ms >= end.saturating_add(grace) && share.is_some_and(quorum) {
+                if flowing == Flowing::Trickle {
+                    SealedBy::Trickle
+                } else {
+                    SealedBy::Quiet
+                }
+            } else if now_ms >= end.saturating_add(longest.max(grace)) {
+                SealedBy::Longest
+            } else {
                 break;
-            }
+            };
             let Some(second) = self.open.remove(&t) else {
                 break;
             };
@@ -729,7 +759,9 @@ impl ServiceWindows {
             self.expected.extend(self.stragglers.iter().cloned());
             self.last_sealed = Some(t);
             self.last_seal_ms = now_ms;
-            sealed.push(summarize(&self.service, t, &second, false));
+            let mut summary = summarize(&self.service, t, &second, false);
+            summary.by = Some(by);
+            sealed.push(summary);
             self.recent.insert(t, (second, now_ms));
         }
         // One second more than late data is accepted for, so a correction gathered just before the end of its late
@@ -920,6 +952,7 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
             instances,
         },
         splits,
+        by: None,
     }
 }
 
@@ -1180,12 +1213,12 @@ mod tests {
         // 400 in 200 ms: about 100 a window.
         burst(&mut arrivals, 11, 400, 12_000, 200);
         assert_eq!(
-            arrivals.flowing(11, 12_199, 50, 0.05),
+            arrivals.flowing(11, 12_199, 0.05),
             Flowing::Busy,
             "in the burst"
         );
         assert_eq!(
-            arrivals.flowing(11, 12_230, 50, 0.05),
+            arrivals.flowing(11, 12_230, 0.05),
             Flowing::Busy,
             "its last 50 ms"
         );
@@ -1193,73 +1226,141 @@ mod tests {
         for at in [12_260, 12_290, 12_320, 12_350] {
             arrivals.record(11, at);
         }
-        assert_eq!(arrivals.flowing(11, 12_360, 50, 0.05), Flowing::Trickle);
+        assert_eq!(arrivals.flowing(11, 12_360, 0.05), Flowing::Trickle);
         assert_eq!(
-            arrivals.flowing(11, 12_360, 50, 0.0),
+            arrivals.flowing(11, 12_360, 0.0),
             Flowing::Busy,
             "without the trickle rule, an arrival 10 ms ago is not quiet"
         );
-        assert_eq!(arrivals.flowing(11, 12_400, 50, 0.0), Flowing::Silent);
+        assert_eq!(arrivals.flowing(11, 12_400, 0.0), Flowing::Silent);
         // The burst's tail, still a tenth of its rate, is not a trickle.
         let mut tail = Arrivals::new(50);
         burst(&mut tail, 11, 400, 12_000, 200);
         burst(&mut tail, 11, 20, 12_200, 100);
-        assert_eq!(tail.flowing(11, 12_300, 50, 0.05), Flowing::Busy);
+        assert_eq!(tail.flowing(11, 12_300, 0.05), Flowing::Busy);
         // A slow flow (8 a window at most) has no trickle: any arrival within the window keeps it open.
         let mut slow = Arrivals::new(50);
         burst(&mut slow, 11, 40, 12_000, 250);
-        assert_eq!(slow.flowing(11, 12_260, 50, 0.05), Flowing::Busy);
-        assert_eq!(slow.flowing(11, 12_300, 50, 0.05), Flowing::Silent);
+        assert_eq!(slow.flowing(11, 12_260, 0.05), Flowing::Busy);
+        assert_eq!(
+            slow.flowing(11, 12_290, 0.05),
+            Flowing::Busy,
+            "its last arrival has left the counted slots but not the window"
+        );
+        assert_eq!(slow.flowing(11, 12_300, 0.05), Flowing::Silent);
         // Seconds are counted apart: the next second's burst does not make this one's trickle loud.
         burst(&mut arrivals, 12, 400, 12_360, 40);
-        assert_eq!(arrivals.flowing(11, 12_360, 50, 0.05), Flowing::Trickle);
+        assert_eq!(arrivals.flowing(11, 12_360, 0.05), Flowing::Trickle);
         assert_eq!(
-            arrivals.flowing(13, 12_360, 50, 0.05),
+            arrivals.flowing(13, 12_360, 0.05),
             Flowing::Silent,
             "never seen"
         );
     }
 
-    /// 100 instances; `reported` of them report second 11 in a 300 ms burst on a shard busy with other services
+    /// `size` instances; `reported` of them report second 11 in a 300 ms burst on a shard busy with other services
     /// too (400 arrivals), then late ones of other services arrive one every 40 ms. When second 11 is sealed (ms),
-    /// and with how many instances.
-    fn sealed_in_a_trickle(settings: WindowSettings, reported: usize) -> (i64, usize) {
-        let fleet = fleet(100);
+    /// with how many instances, and what sealed it.
+    fn sealed_in_a_trickle(
+        settings: WindowSettings,
+        size: usize,
+        reported: usize,
+    ) -> (i64, usize, Option<SealedBy>) {
+        let fleet = fleet(size);
         let mut w = ServiceWindows::new("svc".into(), settings);
         let mut arrivals = Arrivals::new(settings.grace_quiet_ms);
         for i in &fleet {
             w.apply_now(counter(i, 10, 1.0));
         }
-        assert_eq!(w.seal_ready_seconds(11_250, &arrivals).len(), 1);
+        // (Nobody expected yet: sealed past its grace on a silent shard.)
+        let first = w.seal_ready(11_250, &arrivals);
+        assert_eq!(
+            first.iter().map(|s| s.by).collect::<Vec<_>>(),
+            [Some(SealedBy::Quiet)]
+        );
         for i in &fleet[..reported] {
             w.apply_now(counter(i, 11, 1.0));
         }
         burst(&mut arrivals, 11, 400, 12_000, 300);
         for at in (12_320..13_100).step_by(40) {
             arrivals.record(11, at);
-            let sealed = w.seal_ready_seconds(at + 10, &arrivals);
-            if let [(t, instances)] = seconds_and_instances(&sealed)[..] {
-                assert_eq!(t, 11);
-                return (at + 10, instances);
+            let sealed = w.seal_ready(at + 10, &arrivals);
+            if let [one] = &sealed[..] {
+                assert_eq!(one.second.t, 11);
+                return (at + 10, one.second.instances.len(), one.by);
             }
         }
         panic!("never sealed")
     }
 
     #[test]
+    fn what_is_read_across_a_gap_or_a_step_of_the_clock_is_no_trickle() {
+        // The shard did not go round its loop for more than a window: the first arrival after the gap is not
+        // measured against the burst before it.
+        let mut gap = Arrivals::new(50);
+        for k in 0..400 {
+            gap.awake(12_000 + k / 2);
+            gap.record(11, 12_000 + k / 2);
+        }
+        assert_eq!(gap.flowing(11, 12_199, 0.05), Flowing::Busy);
+        gap.awake(12_260);
+        gap.record(11, 12_261);
+        assert_eq!(gap.flowing(11, 12_270, 0.05), Flowing::Busy);
+        // Without the gap, the same arrival after the same burst is a trickle.
+        let mut steady = Arrivals::new(50);
+        burst(&mut steady, 11, 400, 12_000, 200);
+        steady.record(11, 12_261);
+        assert_eq!(steady.flowing(11, 12_270, 0.05), Flowing::Trickle);
+        // The clock steps back by half a second: counted afresh, not piled into the newest slot.
+        let mut back = Arrivals::new(50);
+        burst(&mut back, 11, 400, 12_000, 200);
+        burst(&mut back, 11, 100, 11_700, 100);
+        assert_eq!(back.flowing(11, 11_790, 0.05), Flowing::Busy);
+        burst(&mut back, 11, 2, 11_800, 60);
+        assert_eq!(
+            back.flowing(11, 11_870, 0.05),
+            Flowing::Trickle,
+            "a trickle against the rate after the step"
+        );
+        // A window that is not a whole number of slots (35 ms: four slots), or under one slot (5 ms: one).
+        for window in [35, 5] {
+            let mut odd = Arrivals::new(window);
+            burst(&mut odd, 11, 400, 12_000, 200);
+            assert_eq!(
+                odd.flowing(11, 12_199, 0.05),
+                Flowing::Busy,
+                "window {window}"
+            );
+        }
+    }
+
+    #[test]
     fn late_snapshots_trickling_in_after_the_burst_do_not_hold_the_second() {
+        let (trickle, longest) = (Some(SealedBy::Trickle), Some(SealedBy::Longest));
         // 98 of 100 in the burst: sealed once the trickle is told from the burst, 70 ms after the burst.
-        assert_eq!(sealed_in_a_trickle(SETTINGS, 98), (12_370, 98));
+        assert_eq!(
+            sealed_in_a_trickle(SETTINGS, 100, 98),
+            (12_370, 98, trickle)
+        );
         // Without the trickle rule the same flow held it to grace_max.
         let strict = WindowSettings {
             grace_trickle: 0.0,
             ..SETTINGS
         };
-        assert_eq!(sealed_in_a_trickle(strict, 98), (13_010, 98));
+        assert_eq!(sealed_in_a_trickle(strict, 100, 98), (13_010, 98, longest));
         // 94 of 100: more are missing than a trickle explains (held up together, on a connection or a core), so
         // it waits as before, though 94% is past the quorum a silent shard needs.
-        assert_eq!(sealed_in_a_trickle(SETTINGS, 95), (12_370, 95));
-        assert_eq!(sealed_in_a_trickle(SETTINGS, 94), (13_010, 94));
+        assert_eq!(
+            sealed_in_a_trickle(SETTINGS, 100, 95),
+            (12_370, 95, trickle)
+        );
+        assert_eq!(
+            sealed_in_a_trickle(SETTINGS, 100, 94),
+            (13_010, 94, longest)
+        );
+        // A small service whose own burst is late reads as a trickle beside the shard's large one: past a trickle
+        // "all but one" is not enough (9 of 10 would be, on a silent shard).
+        assert_eq!(sealed_in_a_trickle(SETTINGS, 10, 9), (13_010, 9, longest));
     }
 
     #[test]

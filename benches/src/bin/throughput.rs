@@ -3,7 +3,8 @@
 //! a number of seconds:
 //! - instances per sealed second (live frames, and after corrections), min and median;
 //! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p50, p90 and p99;
-//! - when snapshots were merged at their shard, after their second ended (p50, p90, p99; the same `/metrics`);
+//! - when snapshots were merged at their shard, after their second ended (p50, p90, p99; the same `/metrics`), and
+//!   what sealed the live seconds (`strobe_seconds_sealed_by_total`);
 //! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
 //! - instance-seconds lost: expected (agents x seconds) minus those counted in a sealed or corrected second.
 //!
@@ -205,7 +206,12 @@ struct Scraped {
     /// Bytes of merged state and of backfill held.
     decoded: f64,
     history: f64,
+    /// Seconds sealed so far, by what sealed them (as [`SEALED_BY`] names them).
+    sealed_by: [f64; 4],
 }
+
+/// The values of `strobe_seconds_sealed_by_total`'s label.
+const SEALED_BY: [&str; 4] = ["complete", "quiet", "trickle", "longest_wait"];
 
 /// Scrapes the aggregator whose HTTP API is at `http`.
 async fn scrape(http: &str) -> Result<Scraped> {
@@ -218,6 +224,13 @@ async fn scrape(http: &str) -> Result<Scraped> {
         behind: value("strobe_agent_streams_behind_total"),
         decoded: value("strobe_decoded_bytes"),
         history: value("strobe_history_bytes"),
+        sealed_by: SEALED_BY.map(|by| {
+            metric_value(
+                &text,
+                &format!("strobe_seconds_sealed_by_total{{by=\"{by}\"}}"),
+            )
+            .unwrap_or(0.0)
+        }),
     })
 }
 
@@ -989,6 +1002,15 @@ async fn main() -> Result<()> {
         after.catching_up,
         before.behind,
         after.behind - before.behind
+    );
+    let sealed: Vec<String> = SEALED_BY
+        .iter()
+        .zip(after.sealed_by.iter().zip(before.sealed_by))
+        .map(|(by, (after, before))| format!("{by} {:.0}", after - before))
+        .collect();
+    println!(
+        "live seconds sealed in the window, by what sealed them: {}",
+        sealed.join(", ")
     );
     println!(
         "the aggregator's memory at the window's end: merged state {:.0} MB, backfill {:.0} MB",
