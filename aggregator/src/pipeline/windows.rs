@@ -235,6 +235,8 @@ pub(crate) struct Arrivals {
     window_slots: i64,
     /// When the shard last went round its loop (wall clock, ms; 0 before the first time).
     awake_ms: i64,
+    /// When it last went on after not going round its loop for more than a window (wall clock, ms; 0 for never).
+    resumed_ms: i64,
     /// The shard's last silence longer than [`STOPPED_MS`]: from when to when it went on (wall clock, ms; `(0, 0)`
     /// for none).
     stopped: (i64, i64),
@@ -254,8 +256,7 @@ struct Flow {
     last: i64,
     /// Arrivals per [`SLOT_MS`] slot (slot number, count), oldest first, within the last window.
     slots: std::collections::VecDeque<(i64, u32)>,
-    /// The most that arrived within one window, over the second so far (since the shard last went round its loop
-    /// on time): its burst's rate.
+    /// The most that arrived within one window, over the second so far: its burst's rate.
     peak: u64,
 }
 
@@ -287,6 +288,7 @@ impl Arrivals {
             window_ms,
             window_slots: (window_ms.saturating_add(SLOT_MS - 1) / SLOT_MS).max(1),
             awake_ms: 0,
+            resumed_ms: 0,
             stopped: (0, 0),
         }
     }
@@ -300,13 +302,10 @@ impl Arrivals {
             self.stopped = (self.awake_ms, now_ms);
         }
         if self.awake_ms != 0 && now_ms - self.awake_ms > self.window_ms {
-            // The shard did not go round its loop for a window (starved, or stopped): what it dequeues next is a
-            // backlog, and what came before tells nothing of the rate now. Each second's burst rate is measured
-            // afresh, so a lull read across the gap cannot pass for a trickle.
-            for flow in self.flows.values_mut() {
-                flow.slots.clear();
-                flow.peak = 0;
-            }
+            // The shard did not go round its loop for a window (starved, or stopped): the window just past says
+            // nothing of the flow, and what it dequeues next is a backlog. No trickle is read until a whole window
+            // has been watched again.
+            self.resumed_ms = now_ms;
         }
         self.awake_ms = now_ms;
     }
@@ -342,8 +341,8 @@ impl Arrivals {
 
     /// How second `t`'s snapshots reach the shard at `now_ms`: silent when none arrived for the window
     /// (`grace_quiet`); a trickle when those that arrived within the last window are at most `trickle` of its
-    /// burst's rate (the most that arrived within one window since the shard last went round its loop on time), if
-    /// that rate was at least `1 / trickle` a window; else busy. A burst being decoded keeps its rate until its end;
+    /// burst's rate (the most that arrived within one window), if that rate was at least `1 / trickle` a window and
+    /// the shard has gone round its loop on time for the whole window; else busy. A burst being decoded keeps its rate until its end;
     /// a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and would otherwise keep the
     /// second open after its burst, up to `grace_max`, on a shard of busy services.
     pub(crate) fn flowing(&self, t: i64, now_ms: i64, trickle: f64) -> Flowing {
@@ -363,7 +362,9 @@ impl Arrivals {
             .map(|(_, n)| u64::from(*n))
             .sum();
         let peak = flow.peak as f64;
+        let watched = now_ms >= self.resumed_ms.saturating_add(self.window_ms);
         if trickle > 0.0
+            && watched
             && peak * trickle >= 1.0
             && within as f64 <= trickle * peak
             && within < flow.peak
@@ -1295,8 +1296,8 @@ mod tests {
 
     #[test]
     fn what_is_read_across_a_gap_or_a_step_of_the_clock_is_no_trickle() {
-        // The shard did not go round its loop for more than a window: the first arrival after the gap is not
-        // measured against the burst before it.
+        // The shard did not go round its loop for more than a window: no trickle is read until it has watched a
+        // whole window again (what it dequeues right after a gap is a backlog).
         let mut gap = Arrivals::new(50);
         for k in 0..400 {
             gap.awake(12_000 + k / 2);
@@ -1306,7 +1307,14 @@ mod tests {
         gap.awake(12_260);
         gap.record(11, 12_261);
         assert_eq!(gap.flowing(11, 12_270, 0.05), Flowing::Busy);
-        // Without the gap, the same arrival after the same burst is a trickle.
+        gap.awake(12_300);
+        gap.record(11, 12_300);
+        assert_eq!(
+            gap.flowing(11, 12_315, 0.05),
+            Flowing::Trickle,
+            "a window after the gap, against the burst's rate from before it"
+        );
+        // Without the gap, the same arrival after the same burst is a trickle at once.
         let mut steady = Arrivals::new(50);
         burst(&mut steady, 11, 400, 12_000, 200);
         steady.record(11, 12_261);
