@@ -1251,7 +1251,8 @@ mod tests {
         assert_eq!(slow.flowing(11, 12_300, 0.05), Flowing::Silent);
         // Seconds are counted apart: the next second's burst does not make this one's trickle loud.
         burst(&mut arrivals, 12, 400, 12_360, 40);
-        assert_eq!(arrivals.flowing(11, 12_360, 0.05), Flowing::Trickle);
+        assert_eq!(arrivals.flowing(11, 12_399, 0.05), Flowing::Trickle);
+        assert_eq!(arrivals.flowing(12, 12_399, 0.05), Flowing::Busy);
         assert_eq!(
             arrivals.flowing(13, 12_360, 0.05),
             Flowing::Silent,
