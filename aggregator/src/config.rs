@@ -32,7 +32,7 @@ pub struct AggregatorConfig {
     pub grace_quorum: f64,
     /// (Snapshots still arriving at most at this share, 0 to 1, of the second's burst rate, the most that reached its
     /// shard within one `grace_quiet`, are a trickle of late ones: the shard counts as quiet, and the quorum is then
-    /// at least `1 - grace_trickle`. 0: only no arrival counts as quiet.)...
+    /// at least `1 - grace_trickle`, all but one not being enough. 0: only no arrival counts as quiet.)...
     pub grace_trickle: f64,
     /// ...but never longer than this after it ends (unless behind: see `grace_max_behind`).
     #[serde(with = "humantime_serde")]

@@ -4,7 +4,8 @@
 //! sealed second, and those that reported a second of the late window late (alive, if behind). Otherwise it waits
 //! `grace` after it ended, longer while its snapshots are still streaming in (one arrived at the shard less than
 //! `grace_quiet` ago: a burst of thousands is still being decoded; not a trickle of late ones, at most
-//! `grace_trickle` of the burst's rate) or fewer than `grace_quorum` of the instances
+//! `grace_trickle` of the burst's rate, once `1 - grace_trickle` of the instances expected on time have reported)
+//! or fewer than `grace_quorum` of the instances
 //! expected on time have reported, and never longer than `grace_max`. When the service's first snapshot of a second
 //! arrives more than `grace` after the second ended (the service, or the aggregator, is behind by that much), these
 //! waits count from that snapshot instead, up to `grace_max_behind`; and when a second's longest wait ran out while
@@ -342,9 +343,9 @@ impl Arrivals {
     /// How second `t`'s snapshots reach the shard at `now_ms`: silent when none arrived for the window
     /// (`grace_quiet`); a trickle when those that arrived within the last window are at most `trickle` of its
     /// burst's rate (the most that arrived within one window), if that rate was at least `1 / trickle` a window and
-    /// the shard has gone round its loop on time for the whole window; else busy. A burst being decoded keeps its rate until its end;
-    /// a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and would otherwise keep the
-    /// second open after its burst, up to `grace_max`, on a shard of busy services.
+    /// the shard has gone round its loop on time for the whole window; else busy. A burst being decoded keeps its
+    /// rate until its end; a few late snapshots (an instance's GC pause, 0.3 to 0.8 s) are a trickle, and would
+    /// otherwise keep the second open after its burst, up to `grace_max`, on a shard of busy services.
     pub(crate) fn flowing(&self, t: i64, now_ms: i64, trickle: f64) -> Flowing {
         let Some(flow) = self.flows.get(&t) else {
             return Flowing::Silent;
