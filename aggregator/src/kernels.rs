@@ -129,6 +129,37 @@ pub fn merge_checked(histograms: &CheckedHistograms) -> u64 {
     acc.total()
 }
 
+/// One service's windows holding a sealed second, as a correction finds it.
+#[derive(Debug)]
+pub struct CorrectionBench {
+    windows: ServiceWindows,
+    t: i64,
+}
+
+impl CorrectionBench {
+    /// Merges and seals `snapshots` of one service, keeping its windows and the first second sealed.
+    pub fn seal(
+        service: &str,
+        settings: WindowSettings,
+        snapshots: Vec<Validated>,
+    ) -> Option<Self> {
+        let mut windows = ServiceWindows::new(service.into(), settings);
+        for snapshot in snapshots {
+            windows.apply(snapshot.0, 0);
+        }
+        let sealed = windows.seal_ready(i64::MAX / 2, &Arrivals::default());
+        let t = sealed.first()?.second.t;
+        Some(Self { windows, t })
+    }
+
+    /// Summarises the sealed second again, as a correction does; returns its merged series (every split).
+    pub fn correct(&self) -> usize {
+        self.windows
+            .corrected(self.t)
+            .map_or(0, |sealed| sealed.second.series.len())
+    }
+}
+
 /// A sealed second, ready for rule evaluation.
 #[derive(Debug)]
 pub struct SealedBench(SealedSecond);

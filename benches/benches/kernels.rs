@@ -212,41 +212,54 @@ fn second_of_100k_series(c: &mut Criterion) {
         max_bytes: usize::MAX,
     };
     let histograms = encodings(20, 100);
-    let validated: Vec<_> = (0..1000)
-        .map(|i| {
-            let sender = Sender::new(
-                "svc",
-                &format!("i{i}"),
-                if i % 10 == 0 { "v2" } else { "v1" },
-                Some(if i % 2 == 0 { "z1" } else { "z2" }),
-            );
-            let mut series: Vec<pb::Series> = (0..80)
-                .map(|k| pb::Series {
-                    name: format!("business.counter.{}", k % 8),
-                    tags: vec![pb::Tag {
+    // With `canary`, one instance in ten runs a second version.
+    let fleet = |canary: bool| -> Vec<_> {
+        (0..1000)
+            .map(|i| {
+                let sender = Sender::new(
+                    "svc",
+                    &format!("i{i}"),
+                    if canary && i % 10 == 0 { "v2" } else { "v1" },
+                    Some(if i % 2 == 0 { "z1" } else { "z2" }),
+                );
+                let mut series: Vec<pb::Series> = (0..80)
+                    .map(|k| pb::Series {
+                        name: format!("business.counter.{}", k % 8),
+                        tags: vec![pb::Tag {
+                            key: "route".into(),
+                            value: format!("/r{}", k / 8),
+                        }],
+                        id: 0,
+                        value: Some(pb::series::Value::Counter(f64::from(i % 7 + k))),
+                    })
+                    .collect();
+                series.extend(histograms.iter().enumerate().map(|(k, h)| {
+                    let route = pb::Tag {
                         key: "route".into(),
-                        value: format!("/r{}", k / 8),
-                    }],
-                    id: 0,
-                    value: Some(pb::series::Value::Counter(f64::from(i % 7 + k))),
-                })
-                .collect();
-            series.extend(histograms.iter().enumerate().map(|(k, h)| {
-                let route = pb::Tag {
-                    key: "route".into(),
-                    value: format!("/r{k}"),
-                };
-                histogram_series("request.latency", vec![route], h)
-            }));
-            second_100(&sender, series)
-        })
-        .collect();
+                        value: format!("/r{k}"),
+                    };
+                    histogram_series("request.latency", vec![route], h)
+                }));
+                second_100(&sender, series)
+            })
+            .collect()
+    };
+    let validated = fleet(true);
     let mut group = c.benchmark_group("second_of_100k_series");
     group.sample_size(10);
     group.throughput(Throughput::Elements(100_000));
     group.bench_function("merge_and_seal", |b| {
         b.iter_batched(
             || validated.clone(),
+            |seconds| kernels::merge_and_seal("svc", settings, seconds),
+            BatchSize::LargeInput,
+        )
+    });
+    // Most seconds of most services: one version (its split is the overall one, not merged again).
+    let one_version = fleet(false);
+    group.bench_function("merge_and_seal_one_version", |b| {
+        b.iter_batched(
+            || one_version.clone(),
             |seconds| kernels::merge_and_seal("svc", settings, seconds),
             BatchSize::LargeInput,
         )
@@ -294,38 +307,42 @@ above = 1e12
 /// 200,000. Sealing it, and serialising its frame and overview.
 fn large_service(c: &mut Criterion, settings: WindowSettings) {
     let histograms = encodings(200, 100);
-    let validated: Vec<_> = (0..100)
-        .map(|i| {
-            let sender = Sender::new(
-                "large",
-                &format!("i{i}"),
-                if i % 2 == 0 { "v1" } else { "v2" },
-                Some(if (i / 2) % 2 == 0 { "z1" } else { "z2" }),
-            );
-            let group = i % 10;
-            let tags = |k: usize| {
-                vec![pb::Tag {
-                    key: "route".into(),
-                    value: format!("/g{group}/r{k}"),
-                }]
-            };
-            let mut series: Vec<pb::Series> = (0..1800)
-                .map(|k| pb::Series {
-                    name: format!("http.server.requests.{}", k % 9),
-                    tags: tags(k / 9),
-                    id: 0,
-                    value: Some(pb::series::Value::Counter((i % 7 + k) as f64)),
-                })
-                .collect();
-            series.extend(
-                histograms
-                    .iter()
-                    .enumerate()
-                    .map(|(k, h)| histogram_series("http.server.duration", tags(k), h)),
-            );
-            second_100(&sender, series)
-        })
-        .collect();
+    // With `canary`, half the instances run a second version.
+    let fleet = |canary: bool| -> Vec<_> {
+        (0..100)
+            .map(|i| {
+                let sender = Sender::new(
+                    "large",
+                    &format!("i{i}"),
+                    if canary && i % 2 == 1 { "v2" } else { "v1" },
+                    Some(if (i / 2) % 2 == 0 { "z1" } else { "z2" }),
+                );
+                let group = i % 10;
+                let tags = |k: usize| {
+                    vec![pb::Tag {
+                        key: "route".into(),
+                        value: format!("/g{group}/r{k}"),
+                    }]
+                };
+                let mut series: Vec<pb::Series> = (0..1800)
+                    .map(|k| pb::Series {
+                        name: format!("http.server.requests.{}", k % 9),
+                        tags: tags(k / 9),
+                        id: 0,
+                        value: Some(pb::series::Value::Counter((i % 7 + k) as f64)),
+                    })
+                    .collect();
+                series.extend(
+                    histograms
+                        .iter()
+                        .enumerate()
+                        .map(|(k, h)| histogram_series("http.server.duration", tags(k), h)),
+                );
+                second_100(&sender, series)
+            })
+            .collect()
+    };
+    let validated = fleet(true);
     let sealed = kernels::SealedBench::seal("large", settings, validated.clone()).expect("sealed");
     let mut group = c.benchmark_group("large_service");
     group.sample_size(10);
@@ -340,6 +357,14 @@ fn large_service(c: &mut Criterion, settings: WindowSettings) {
             )
         },
     );
+    // Summarising a sealed second again, as a correction does (the seal's own summary, without the merging).
+    for (name, canary) in [("two_versions", true), ("one_version", false)] {
+        let kept =
+            kernels::CorrectionBench::seal("large", settings, fleet(canary)).expect("sealed");
+        group.bench_function(format!("summarise_again_{name}"), |b| {
+            b.iter(|| kept.correct())
+        });
+    }
     group.bench_function("serialise_and_deliver_to_10_subscribers", |b| {
         let mut hub = kernels::FanOut::new(10);
         b.iter(|| hub.publish(black_box(&sealed)))

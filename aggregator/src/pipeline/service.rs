@@ -17,7 +17,7 @@ use crate::alerting::rules::{Evaluator, RulesStore};
 use crate::health::{DropReason, Health, millis_as_seconds};
 use crate::model::hdr::HdrAccumulator;
 use crate::model::table::SeriesTable;
-use crate::model::{InstanceSecond, MainMetrics, RequestCounts, SeriesValue, Split};
+use crate::model::{InstanceSecond, MainMetrics, RequestCounts, SeriesValue};
 use crate::pipeline::merge::Cell;
 use crate::pipeline::windows::{
     Applied, Arrivals, DecodedBytes, Sealed, ServiceWindows, WindowSettings,
@@ -414,16 +414,13 @@ impl ServiceState {
 /// The canary's per-version numbers of a sealed second, read from its version-split cells (merged histograms, so
 /// its latency tests see every bucket).
 fn canary_inputs(merged: &Sealed, metrics: &MainMetrics) -> BTreeMap<Arc<str>, VersionSecond> {
-    let series = merged.splits.iter().filter_map(|((split, key), cell)| {
-        let Split::Version(version) = split else {
-            return None;
-        };
+    let series = merged.splits.by_version().map(|(version, key, cell)| {
         let value: SeriesNumber<(&HdrAccumulator, u32)> = match cell {
             Cell::Counter { sum, .. } => SeriesNumber::Counter(*sum),
             Cell::Histogram { acc, scale, .. } => SeriesNumber::Latency((acc, *scale)),
             _ => SeriesNumber::Other,
         };
-        Some((Some(version), &*key.metric, key.tags.is_empty(), value))
+        (Some(version), &*key.metric, key.tags.is_empty(), value)
     });
     let mut seconds = version_seconds(per_version(&merged.second.instances, series, metrics));
     for (instance, counts) in &merged.requests {

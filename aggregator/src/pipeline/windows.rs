@@ -35,7 +35,7 @@ use crate::health::SealedBy;
 use crate::model::table::{SeriesId, SeriesTable};
 use crate::model::{
     Instance, InstanceSecond, RequestCounts, SealedSecond, SeriesKey, SeriesSummary, SeriesValue,
-    Split,
+    Split, Stats,
 };
 use crate::pipeline::merge::Cell;
 use crate::pipeline::replays::ReplayBook;
@@ -171,8 +171,38 @@ pub(crate) struct OpenSecond {
     opened_ms: i64,
 }
 
-/// A second's merged cells by split (overall, per version, per zone), derived from its leaves.
-pub(crate) type Splits = FastMap<(Split, SeriesKey), Cell>;
+/// A second's merged cells by split (overall, per version, per zone), derived from its leaves. When every leaf has
+/// the same version, that version's split holds exactly the overall cells: it is not built again, and reads as the
+/// overall split (most seconds of most services: a version is deployed for minutes, and runs for days). The same for
+/// a zone that every leaf is in.
+#[derive(Debug, Default)]
+pub(crate) struct Splits {
+    /// The cells of every split built.
+    pub(crate) cells: FastMap<(Split, SeriesKey), Cell>,
+    /// The version of every leaf, if they share one: its split is the overall one.
+    pub(crate) sole_version: Option<Arc<str>>,
+    /// The zone of every leaf, if they share one: its split is the overall one.
+    pub(crate) sole_zone: Option<Arc<str>>,
+}
+
+impl Splits {
+    /// Every version's cells, with the version (a sole version's are the overall cells).
+    pub(crate) fn by_version(&self) -> impl Iterator<Item = (&Arc<str>, &SeriesKey, &Cell)> {
+        self.cells
+            .iter()
+            .filter_map(|((split, key), cell)| match (split, &self.sole_version) {
+                (Split::Version(version), None) => Some((version, key, cell)),
+                (Split::All, Some(version)) => Some((version, key, cell)),
+                _ => None,
+            })
+    }
+}
+
+/// The one value every item of `values` has, if they have one (and there is any).
+fn sole<'a>(mut values: impl Iterator<Item = Option<&'a Arc<str>>>) -> Option<Arc<str>> {
+    let first = values.next()??;
+    values.all(|v| v == Some(first)).then(|| first.clone())
+}
 
 /// A summarised second and the merged cells it was summarised from (which the canary reads: merged histograms,
 /// not summaries).
@@ -197,6 +227,9 @@ impl OpenSecond {
             return splits;
         };
         let keys = table.keys();
+        splits.sole_version = sole(self.leaves.keys().map(|(version, _)| Some(version)));
+        splits.sole_zone = sole(self.leaves.keys().map(|(_, zone)| zone.as_ref()));
+        let (by_version, by_zone) = (splits.sole_version.is_none(), splits.sole_zone.is_none());
         {
             for ((version, zone), cells) in &self.leaves {
                 for (id, (_, cell)) in cells {
@@ -204,11 +237,11 @@ impl OpenSecond {
                     // No allocation per cell: this runs for every cell of every leaf at each seal.
                     let targets = [
                         Some(Split::All),
-                        Some(Split::Version(version.clone())),
-                        zone.clone().map(Split::Zone),
+                        by_version.then(|| Split::Version(version.clone())),
+                        zone.clone().filter(|_| by_zone).map(Split::Zone),
                     ];
                     for split in targets.into_iter().flatten() {
-                        match splits.entry((split, key.clone())) {
+                        match splits.cells.entry((split, key.clone())) {
                             std::collections::hash_map::Entry::Occupied(mut e) => {
                                 e.get_mut().absorb(cell)
                             }
@@ -892,6 +925,7 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
     // an overall split) are sorted by name and tags, and the cells by their series' rank: sorting every cell by
     // name and tags was a third of sealing a service of 20,000 series (the `large_service` kernel bench).
     let mut distinct: Vec<&SeriesKey> = splits
+        .cells
         .keys()
         .filter(|(split, _)| *split == Split::All)
         .map(|(_, key)| key)
@@ -902,19 +936,37 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
         .enumerate()
         .map(|(rank, key)| (key, rank))
         .collect();
-    let mut keys: Vec<(usize, &(Split, SeriesKey))> = splits
-        .keys()
-        .map(|key| (rank.get(&key.1).copied().unwrap_or(usize::MAX), key))
-        .collect();
+    // Each cell, and the sole version's and zone's beside the overall one they read as (marked `true`).
+    let shared: Vec<Split> = [
+        splits.sole_version.clone().map(Split::Version),
+        splits.sole_zone.clone().map(Split::Zone),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut keys: Vec<(usize, &Split, &SeriesKey, &Cell, bool)> =
+        Vec::with_capacity(splits.cells.len() * (1 + shared.len()));
+    for ((split, key), cell) in &splits.cells {
+        let rank = rank.get(key).copied().unwrap_or(usize::MAX);
+        keys.push((rank, split, key, cell, false));
+        if *split == Split::All {
+            keys.extend(shared.iter().map(|split| (rank, split, key, cell, true)));
+        }
+    }
     // (The key itself last: a tie-break that costs nothing while every series has its overall split.)
-    keys.sort_unstable_by(|(a, a_key), (b, b_key)| {
-        (a, &a_key.0, &a_key.1).cmp(&(b, &b_key.0, &b_key.1))
-    });
+    keys.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    // A shared split comes right after its overall one, and takes its statistics.
+    let mut overall: Option<Stats> = None;
     let series = keys
         .into_iter()
-        .map(|(_, key)| {
-            let cell = &splits[key];
-            let (split, series_key) = key;
+        .map(|(_, split, series_key, cell, shared)| {
+            let stats = match (shared, &overall) {
+                (true, Some(stats)) => stats.clone(),
+                _ => cell.stats(),
+            };
+            if *split == Split::All {
+                overall = Some(stats.clone());
+            }
             SeriesSummary {
                 service: service.clone(),
                 metric: series_key.metric.clone(),
@@ -928,7 +980,7 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
                     _ => None,
                 },
                 instances: cell.instances(),
-                stats: cell.stats(),
+                stats,
             }
         })
         .collect();
@@ -1077,6 +1129,161 @@ mod tests {
         }
         assert_eq!(sealed[0].series.len(), 4);
         assert_eq!(sealed[0].instances.len(), 3);
+    }
+
+    /// With one version among a second's instances, its split is the overall one, not merged again: listed right
+    /// after it with the same statistics, and read by the canary as that version's cells. The same for a zone
+    /// every instance is in. A second version, or an instance without a zone, makes each split its own.
+    #[test]
+    fn a_sole_version_or_zone_reads_as_the_overall_split() {
+        use crate::model::hdr::CheckedV2;
+        use hdrhistogram::serialization::{Serializer, V2Serializer};
+        let latency = |n: u64| {
+            let mut h = hdrhistogram::Histogram::<u64>::new(2).unwrap();
+            h.record(10 * n).unwrap();
+            h.record(1000 * n).unwrap();
+            let mut bytes = Vec::new();
+            V2Serializer::new().serialize(&h, &mut bytes).unwrap();
+            let v2 = CheckedV2::check(bytes.into(), 3, u64::MAX).unwrap();
+            SeriesValue::Histogram { v2, scale: 1 }
+        };
+        let seal = |fleet: &[(&str, &str, Option<&str>)]| {
+            let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+            for (n, (name, version, zone)) in (1u64..).zip(fleet) {
+                w.apply_now(InstanceSecond {
+                    series: vec![
+                        (id("requests"), SeriesValue::Counter(n as f64)),
+                        (id("latency"), latency(n)),
+                    ],
+                    ..counter(&instance(name, version, *zone), 10, 0.0)
+                });
+            }
+            let mut sealed = w.seal_ready(11_250, &Arrivals::default());
+            assert_eq!(sealed.len(), 1);
+            sealed.remove(0)
+        };
+        // Each series listed: metric, version, zone, statistics and instances.
+        type Listed = (String, Option<String>, Option<String>, Stats, u32);
+        let listed = |sealed: &Sealed| -> Vec<Listed> {
+            let text = |s: &Option<Arc<str>>| s.as_deref().map(str::to_owned);
+            sealed
+                .second
+                .series
+                .iter()
+                .map(|s| {
+                    let (metric, version, zone) =
+                        (s.metric.to_string(), text(&s.version), text(&s.zone));
+                    (metric, version, zone, s.stats.clone(), s.instances)
+                })
+                .collect()
+        };
+        let by_version = |sealed: &Sealed| -> Vec<(String, String)> {
+            let mut read: Vec<(String, String)> = sealed
+                .splits
+                .by_version()
+                .map(|(version, key, _)| (version.to_string(), key.metric.to_string()))
+                .collect();
+            read.sort();
+            read
+        };
+        let (v1, z1, z2) = (
+            Some("v1".to_owned()),
+            Some("z1".to_owned()),
+            Some("z2".to_owned()),
+        );
+
+        // One version, one zone: only the overall cells are merged; v1 and z1 list as they are.
+        let one = seal(&[("a", "v1", Some("z1")), ("b", "v1", Some("z1"))]);
+        assert_eq!(one.splits.sole_version.as_deref(), Some("v1"));
+        assert_eq!(one.splits.sole_zone.as_deref(), Some("z1"));
+        assert_eq!(one.splits.cells.len(), 2);
+        let rows = listed(&one);
+        let splits: Vec<_> = rows
+            .iter()
+            .map(|r| (r.0.as_str(), r.1.clone(), r.2.clone()))
+            .collect();
+        assert_eq!(
+            splits,
+            [
+                ("latency", None, None),
+                ("latency", v1.clone(), None),
+                ("latency", None, z1.clone()),
+                ("requests", None, None),
+                ("requests", v1.clone(), None),
+                ("requests", None, z1.clone()),
+            ]
+        );
+        for shared in [&rows[1], &rows[2], &rows[4], &rows[5]] {
+            let overall = if shared.0 == "latency" {
+                &rows[0]
+            } else {
+                &rows[3]
+            };
+            assert_eq!((&shared.3, shared.4), (&overall.3, overall.4), "{shared:?}");
+        }
+        assert_eq!(rows[3].3, Stats::Counter { sum: 3.0 });
+        assert_eq!(
+            by_version(&one),
+            [
+                ("v1".into(), "latency".into()),
+                ("v1".into(), "requests".into())
+            ]
+        );
+
+        // One version over two zones: v1 reads as the overall split; each zone is merged.
+        let zones = seal(&[
+            ("a", "v1", Some("z1")),
+            ("b", "v1", Some("z2")),
+            ("c", "v1", Some("z2")),
+        ]);
+        assert_eq!(zones.splits.sole_version.as_deref(), Some("v1"));
+        assert_eq!(zones.splits.sole_zone, None);
+        assert_eq!(zones.splits.cells.len(), 6);
+        let sums: Vec<_> = listed(&zones)
+            .into_iter()
+            .filter(|r| r.0 == "requests")
+            .map(|r| (r.1, r.2, r.3, r.4))
+            .collect();
+        let sum = |sum: f64| Stats::Counter { sum };
+        assert_eq!(
+            sums,
+            [
+                (None, None, sum(6.0), 3),
+                (v1.clone(), None, sum(6.0), 3),
+                (None, z1.clone(), sum(1.0), 1),
+                (None, z2.clone(), sum(5.0), 2),
+            ]
+        );
+
+        // Two versions, and an instance without a zone: every split merged on its own.
+        let two = seal(&[
+            ("a", "v1", Some("z1")),
+            ("b", "v2", Some("z1")),
+            ("c", "v2", None),
+        ]);
+        assert_eq!(
+            (
+                two.splits.sole_version.clone(),
+                two.splits.sole_zone.clone()
+            ),
+            (None, None)
+        );
+        assert_eq!(two.splits.cells.len(), 8);
+        let sums: Vec<_> = listed(&two)
+            .into_iter()
+            .filter(|r| r.0 == "requests")
+            .map(|r| (r.1, r.2, r.3))
+            .collect();
+        assert_eq!(
+            sums,
+            [
+                (None, None, sum(6.0)),
+                (v1, None, sum(1.0)),
+                (Some("v2".into()), None, sum(5.0)),
+                (None, z1, sum(3.0)),
+            ]
+        );
+        assert_eq!(by_version(&two).len(), 4);
     }
 
     /// A sealed second lists its series by name, then tags, each series' splits overall first, then by version,
