@@ -357,7 +357,8 @@ fn large_service(c: &mut Criterion, settings: WindowSettings) {
             )
         },
     );
-    // Summarising a sealed second again, as a correction does (the seal's own summary, without the merging).
+    // Summarising a sealed second again, as a correction does (the seal's own summary: the leaves merged into
+    // the splits again, but no snapshot merged).
     for (name, canary) in [("two_versions", true), ("one_version", false)] {
         let kept =
             kernels::CorrectionBench::seal("large", settings, fleet(canary)).expect("sealed");

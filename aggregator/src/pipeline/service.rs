@@ -411,8 +411,8 @@ impl ServiceState {
     }
 }
 
-/// The canary's per-version numbers of a sealed second, read from its version-split cells (merged histograms, so
-/// its latency tests see every bucket).
+/// The canary's per-version numbers of a sealed second, read from its version-split cells (a sole version's are the
+/// overall cells; merged histograms, so its latency tests see every bucket).
 fn canary_inputs(merged: &Sealed, metrics: &MainMetrics) -> BTreeMap<Arc<str>, VersionSecond> {
     let series = merged.splits.by_version().map(|(version, key, cell)| {
         let value: SeriesNumber<(&HdrAccumulator, u32)> = match cell {

@@ -210,7 +210,7 @@ fn sole<'a>(mut values: impl Iterator<Item = Option<&'a Arc<str>>>) -> Option<Ar
 pub(crate) struct Sealed {
     /// What is published.
     pub(crate) second: SealedSecond,
-    /// Every split's cells.
+    /// Every split's cells (a sole version's or zone's read as the overall ones: see [`Splits`]).
     pub(crate) splits: Splits,
     /// Each instance's requests and errors, where it reported them (the canary reads single instances' shocks
     /// from them).
@@ -220,7 +220,8 @@ pub(crate) struct Sealed {
 }
 
 impl OpenSecond {
-    /// Every split of every series, derived from the leaves.
+    /// Every split of every series, derived from the leaves (a sole version's or zone's is the overall split: see
+    /// [`Splits`]).
     pub(crate) fn splits(&self) -> Splits {
         let mut splits = Splits::default();
         let Some(table) = &self.table else {
@@ -238,7 +239,7 @@ impl OpenSecond {
                     let targets = [
                         Some(Split::All),
                         by_version.then(|| Split::Version(version.clone())),
-                        zone.clone().filter(|_| by_zone).map(Split::Zone),
+                        by_zone.then(|| zone.clone()).flatten().map(Split::Zone),
                     ];
                     for split in targets.into_iter().flatten() {
                         match splits.cells.entry((split, key.clone())) {
@@ -945,7 +946,7 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
     .flatten()
     .collect();
     let mut keys: Vec<(usize, &Split, &SeriesKey, &Cell, bool)> =
-        Vec::with_capacity(splits.cells.len() * (1 + shared.len()));
+        Vec::with_capacity(splits.cells.len() + shared.len() * rank.len());
     for ((split, key), cell) in &splits.cells {
         let rank = rank.get(key).copied().unwrap_or(usize::MAX);
         keys.push((rank, split, key, cell, false));
@@ -955,7 +956,8 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
     }
     // (The key itself last: a tie-break that costs nothing while every series has its overall split.)
     keys.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
-    // A shared split comes right after its overall one, and takes its statistics.
+    // A shared split comes after its overall one (right after, but for a sole zone, which follows the series'
+    // versions) and takes its statistics: only overall rows set them.
     let mut overall: Option<Stats> = None;
     let series = keys
         .into_iter()
@@ -1133,7 +1135,8 @@ mod tests {
 
     /// With one version among a second's instances, its split is the overall one, not merged again: listed right
     /// after it with the same statistics, and read by the canary as that version's cells. The same for a zone
-    /// every instance is in. A second version, or an instance without a zone, makes each split its own.
+    /// every instance is in. A second version makes each version's split its own, and an instance without a zone
+    /// (or in another) each zone's.
     #[test]
     fn a_sole_version_or_zone_reads_as_the_overall_split() {
         use crate::model::hdr::CheckedV2;
@@ -1222,6 +1225,11 @@ mod tests {
             assert_eq!((&shared.3, shared.4), (&overall.3, overall.4), "{shared:?}");
         }
         assert_eq!(rows[3].3, Stats::Counter { sum: 3.0 });
+        assert!(
+            matches!(rows[0].3, Stats::Histogram { count: 4, .. }),
+            "two values from each instance: {:?}",
+            rows[0].3
+        );
         assert_eq!(
             by_version(&one),
             [
@@ -1254,6 +1262,44 @@ mod tests {
                 (None, z2.clone(), sum(5.0), 2),
             ]
         );
+
+        // Two versions in one zone: each version merged; z1 reads as the overall split, after the versions.
+        let versions = seal(&[
+            ("a", "v1", Some("z1")),
+            ("b", "v2", Some("z1")),
+            ("c", "v2", Some("z1")),
+        ]);
+        assert_eq!(versions.splits.sole_version, None);
+        assert_eq!(versions.splits.sole_zone.as_deref(), Some("z1"));
+        assert_eq!(versions.splits.cells.len(), 6);
+        let rows: Vec<_> = listed(&versions)
+            .into_iter()
+            .map(|r| (r.0, r.1, r.2, r.3, r.4))
+            .collect();
+        let latency: Vec<_> = rows.iter().filter(|r| r.0 == "latency").collect();
+        assert_eq!(latency.len(), 4);
+        assert_eq!((&latency[3].1, &latency[3].2), (&None, &z1));
+        assert_eq!((&latency[3].3, latency[3].4), (&latency[0].3, 3));
+        assert!(
+            matches!(latency[3].3, Stats::Histogram { count: 6, .. }),
+            "{:?}",
+            latency[3].3
+        );
+        let requests: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.0 == "requests")
+            .map(|r| (r.1, r.2, r.3, r.4))
+            .collect();
+        assert_eq!(
+            requests,
+            [
+                (None, None, sum(6.0), 3),
+                (v1.clone(), None, sum(1.0), 1),
+                (Some("v2".into()), None, sum(5.0), 2),
+                (None, z1.clone(), sum(6.0), 3),
+            ]
+        );
+        assert_eq!(by_version(&versions).len(), 4);
 
         // Two versions, and an instance without a zone: every split merged on its own.
         let two = seal(&[
