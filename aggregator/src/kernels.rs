@@ -213,11 +213,13 @@ impl SealedBench {
         let (route, status): (Arc<str>, Arc<str>) = ("route".into(), "status".into());
         let mut series = Vec::with_capacity(tag_sets * 15);
         for i in 0..tag_sets {
-            let tags: std::collections::BTreeMap<Arc<str>, Arc<str>> = [
-                (route.clone(), Arc::from(format!("/r{}", i / 5))),
-                (status.clone(), Arc::from(format!("{}xx", 1 + i % 5))),
-            ]
-            .into();
+            let tags: Arc<std::collections::BTreeMap<Arc<str>, Arc<str>>> = Arc::new(
+                [
+                    (route.clone(), Arc::from(format!("/r{}", i / 5))),
+                    (status.clone(), Arc::from(format!("{}xx", 1 + i % 5))),
+                ]
+                .into(),
+            );
             let bad = breaching_every > 0 && i % breaching_every == 0;
             for (version, zone) in &splits {
                 let requests = 1000.0;

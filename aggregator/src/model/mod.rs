@@ -235,8 +235,8 @@ pub(crate) struct SeriesSummary {
     pub(crate) service: Arc<str>,
     /// Metric name.
     pub(crate) metric: Arc<str>,
-    /// Tags as a JSON object.
-    pub(crate) tags: BTreeMap<Arc<str>, Arc<str>>,
+    /// Tags as a JSON object (shared by the splits of one series: one map per series, not per split).
+    pub(crate) tags: Arc<BTreeMap<Arc<str>, Arc<str>>>,
     /// `null` for the merge over all versions, else the version of this split.
     pub(crate) version: Option<Arc<str>>,
     /// `null` for the merge over all zones, else the zone of this split.
@@ -292,10 +292,11 @@ mod tests {
         SeriesSummary {
             service: "checkout".into(),
             metric: "request.latency".into(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
+            tags: Arc::new(
+                tags.iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
             version: version.map(Into::into),
             zone: None,
             instances: 3,

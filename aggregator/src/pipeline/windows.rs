@@ -920,6 +920,9 @@ struct Merge {
     used: usize,
 }
 
+/// A series' tags as its summaries list them, one map shared by all its splits.
+type SharedTags = Arc<BTreeMap<Arc<str>, Arc<str>>>;
+
 fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) -> Sealed {
     let splits = second.splits();
     // In series order (name, then tags), each series' splits in split order. The distinct series (every one has
@@ -957,11 +960,12 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
     // (The key itself last: a tie-break that costs nothing while every series has its overall split.)
     keys.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     // A shared split comes after its overall one (right after, but for a sole zone, which follows the series'
-    // versions) and takes its statistics: only overall rows set them.
+    // versions) and takes its statistics: only overall rows set them. The series' splits share its tag map.
     let mut overall: Option<Stats> = None;
+    let mut tags: Option<(usize, SharedTags)> = None;
     let series = keys
         .into_iter()
-        .map(|(_, split, series_key, cell, shared)| {
+        .map(|(rank, split, series_key, cell, shared)| {
             let stats = match (shared, &overall) {
                 (true, Some(stats)) => stats.clone(),
                 _ => cell.stats(),
@@ -969,10 +973,19 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
             if *split == Split::All {
                 overall = Some(stats.clone());
             }
+            let tags = match &tags {
+                // (The rank is the series': each split's cell has a key of its own.)
+                Some((of, map)) if *of == rank => map.clone(),
+                _ => {
+                    let map = Arc::new(series_key.tags.iter().cloned().collect());
+                    tags = Some((rank, Arc::clone(&map)));
+                    map
+                }
+            };
             SeriesSummary {
                 service: service.clone(),
                 metric: series_key.metric.clone(),
-                tags: series_key.tags.iter().cloned().collect(),
+                tags,
                 version: match split {
                     Split::Version(v) => Some(v.clone()),
                     _ => None,
@@ -1330,6 +1343,18 @@ mod tests {
             ]
         );
         assert_eq!(by_version(&two).len(), 4);
+        // A series' splits share one tag map; another series has its own.
+        let series = &two.second.series;
+        assert_eq!(
+            (&*series[0].metric, &*series[3].metric, &*series[4].metric),
+            ("latency", "latency", "requests")
+        );
+        assert!(
+            series[..4]
+                .iter()
+                .all(|s| Arc::ptr_eq(&s.tags, &series[0].tags))
+        );
+        assert!(!Arc::ptr_eq(&series[0].tags, &series[4].tags));
     }
 
     /// A sealed second lists its series by name, then tags, each series' splits overall first, then by version,

@@ -102,10 +102,11 @@ mod tests {
             SeriesSummary {
                 service: "svc".into(),
                 metric: metric.into(),
-                tags: tags
-                    .iter()
-                    .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
-                    .collect(),
+                tags: Arc::new(
+                    tags.iter()
+                        .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
+                        .collect(),
+                ),
                 version: version.map(Into::into),
                 zone: None,
                 instances: 1,

@@ -151,7 +151,7 @@ fn points(sealed: &SealedSecond, interner: &mut Interner) -> Vec<Point> {
         if let Some(zone) = &series.zone {
             base.push(("zone".to_owned(), zone.to_string()));
         }
-        for (k, v) in &series.tags {
+        for (k, v) in series.tags.iter() {
             if !v.is_empty() {
                 base.push((label_name(k), v.to_string()));
             }
@@ -592,10 +592,10 @@ mod tests {
         SeriesSummary {
             service: "checkout".into(),
             metric: "request.count".into(),
-            tags: BTreeMap::from([
+            tags: Arc::new(BTreeMap::from([
                 ("route".into(), "/a".into()),
                 ("service".into(), "x".into()),
-            ]),
+            ])),
             version: version.map(Into::into),
             zone: None,
             instances: 1,
@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(metric_name("9lives"), "_9lives");
         // An upper-case tag sorts before `__name__`: byte order, as remote write requires.
         let mut upper = counter(None, 1.0);
-        upper.tags.insert("Region".into(), "eu".into());
+        Arc::make_mut(&mut upper.tags).insert("Region".into(), "eu".into());
         let sorted = points(&sealed(1, vec![upper]), &mut Interner::default());
         let names: Vec<&str> = sorted[0].labels.iter().map(|(k, _)| k.as_str()).collect();
         let mut expected = names.clone();

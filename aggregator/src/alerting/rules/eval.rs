@@ -45,7 +45,7 @@ impl Group {
         Self {
             version: series.version.clone(),
             zone: series.zone.clone(),
-            tags: series.tags.clone(),
+            tags: (*series.tags).clone(),
         }
     }
 
@@ -262,7 +262,7 @@ pub(super) mod tests {
         SeriesSummary {
             service: "svc".into(),
             metric: metric.into(),
-            tags: BTreeMap::new(),
+            tags: Default::default(),
             version: version.map(Into::into),
             zone: None,
             instances: 1,

@@ -385,7 +385,7 @@ below = 50.0
                     let mut one = |metric: &str, stats: Stats| {
                         let mut s = summary(metric, version, stats);
                         s.zone = zone.map(Into::into);
-                        s.tags = [("route".into(), format!("/r{route}").into())].into();
+                        s.tags = Arc::new([("route".into(), format!("/r{route}").into())].into());
                         series.push(s);
                     };
                     let requests = rng.random_range(0.0..200.0_f64).floor();
