@@ -974,8 +974,9 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
                 overall = Some(stats.clone());
             }
             let tags = match &tags {
-                // (The rank is the series': each split's cell has a key of its own.)
-                Some((of, map)) if *of == rank => map.clone(),
+                // (The rank is the series': each split's cell has a key of its own. Every key has a rank, as every
+                // series has its overall split; one without would not share.)
+                Some((of, map)) if *of == rank && rank != usize::MAX => map.clone(),
                 _ => {
                     let map = Arc::new(series_key.tags.iter().cloned().collect());
                     tags = Some((rank, Arc::clone(&map)));
