@@ -68,21 +68,32 @@ pub fn merge_and_seal(service: &str, settings: WindowSettings, snapshots: Vec<Va
         .sum()
 }
 
+/// Merges every snapshot into one service's windows and seals every second they cover; returns the windows (which
+/// keep the sealed seconds for corrections) and what was sealed.
+fn merged_and_sealed(
+    service: &str,
+    settings: WindowSettings,
+    snapshots: Vec<Validated>,
+) -> (ServiceWindows, Vec<SealedSecond>) {
+    let mut windows = ServiceWindows::new(service.into(), settings);
+    for snapshot in snapshots {
+        windows.apply(snapshot.0, 0);
+    }
+    let sealed = windows
+        .seal_ready(i64::MAX / 2, &Arrivals::default())
+        .into_iter()
+        .map(|s| s.second)
+        .collect();
+    (windows, sealed)
+}
+
 /// Merges every snapshot into one service's windows and seals every second they cover.
 fn seal_all(
     service: &str,
     settings: WindowSettings,
     snapshots: Vec<Validated>,
 ) -> Vec<SealedSecond> {
-    let mut windows = ServiceWindows::new(service.into(), settings);
-    for snapshot in snapshots {
-        windows.apply(snapshot.0, 0);
-    }
-    windows
-        .seal_ready(i64::MAX / 2, &Arrivals::default())
-        .into_iter()
-        .map(|s| s.second)
-        .collect()
+    merged_and_sealed(service, settings, snapshots).1
 }
 
 /// HdrHistogram V2 encodings checked as ingest checks them (header, then every varint, no allocation).
@@ -143,12 +154,8 @@ impl CorrectionBench {
         settings: WindowSettings,
         snapshots: Vec<Validated>,
     ) -> Option<Self> {
-        let mut windows = ServiceWindows::new(service.into(), settings);
-        for snapshot in snapshots {
-            windows.apply(snapshot.0, 0);
-        }
-        let sealed = windows.seal_ready(i64::MAX / 2, &Arrivals::default());
-        let t = sealed.first()?.second.t;
+        let (windows, sealed) = merged_and_sealed(service, settings, snapshots);
+        let t = sealed.first()?.t;
         Some(Self { windows, t })
     }
 

@@ -965,12 +965,13 @@ fn summarize(service: &Arc<str>, t: i64, second: &OpenSecond, correction: bool) 
     let mut tags: Option<(usize, SharedTags)> = None;
     let series = keys
         .into_iter()
-        .map(|(rank, split, series_key, cell, shared)| {
-            let stats = match (shared, &overall) {
+        .map(|(rank, split, series_key, cell, is_shared)| {
+            let stats = match (is_shared, &overall) {
                 (true, Some(stats)) => stats.clone(),
                 _ => cell.stats(),
             };
-            if *split == Split::All {
+            // (Kept only where a shared split will take it.)
+            if *split == Split::All && !shared.is_empty() {
                 overall = Some(stats.clone());
             }
             let tags = match &tags {
