@@ -299,7 +299,10 @@ impl FanOut {
     pub fn new(subscribers: usize) -> Self {
         let hub = Hub::new(Default::default(), 4096, MainMetrics::default());
         let receivers = (0..subscribers)
-            .map(|_| hub.subscribe(true, |_, _| false, |_| false).0)
+            .map(|_| {
+                hub.subscribe(crate::publish::Seconds::All, |_, _| false, |_| false)
+                    .0
+            })
             .collect();
         Self { hub, receivers }
     }

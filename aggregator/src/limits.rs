@@ -71,7 +71,8 @@ pub struct Limits {
     /// Bytes of full-second JSON one websocket backfill sends at most: the newest seconds of the services it covers
     /// (overviews and alert states come whole).
     pub max_backfill_bytes: usize,
-    /// Frames a websocket client may fall behind before it loses frames (and is told so).
+    /// Frames a websocket client may fall behind before it loses frames (and is told so); on the broadcast of one
+    /// service's full seconds, which a client naming a few services hears, a sixty-fourth of it (at least 16).
     pub subscriber_buffer_frames: usize,
     /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
     pub max_queued_bytes_per_stream: usize,

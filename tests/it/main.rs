@@ -144,6 +144,72 @@ async fn two_agents_merge_into_one_second_with_true_percentiles() {
     drop((a, b));
 }
 
+/// Reads `ws` for `within`: appends the second of each full (not corrected) second frame of `service` to `seen`,
+/// and counts those of other services.
+async fn read_seconds(ws: &mut Ws, within: Duration, service: &str, seen: &mut Vec<i64>) -> usize {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut others = 0;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = message else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        if frame["type"] != "second" || frame["correction"] == true {
+            continue;
+        }
+        if frame["service"] == service {
+            seen.push(frame["t"].as_i64().unwrap());
+        } else {
+            others += 1;
+        }
+    }
+    others
+}
+
+/// A dashboard's view of one service hears that service's full seconds alone (on a broadcast of its own); asking
+/// for every service's then, it hears those too, and every second of the first service comes once, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_view_hears_its_service_alone_then_every_second_once_after_asking_for_all() {
+    use futures_util::SinkExt;
+    let aggregator = aggregator(&[]).await;
+    let http = aggregator.addr("http");
+    let _feed = agent(&aggregator, "feed", "v1", "z1", "feed-a").await;
+    let _other = agent(&aggregator, "other", "v1", "z1", "other-a").await;
+    wait_for_instances(http, "feed", 1).await;
+    wait_for_instances(http, "other", 1).await;
+    let mut ws = subscribe(http, &["feed"]).await;
+    let mut seen = Vec::new();
+    let others = read_seconds(&mut ws, Duration::from_secs(3), "feed", &mut seen).await;
+    assert_eq!(
+        others, 0,
+        "one service's view hears no other service's full seconds"
+    );
+    assert!(seen.len() >= 3, "its own, backfill and live: {seen:?}");
+    let before = seen.len();
+    let everything = serde_json::json!({ "subscribe": { "services": [] } }).to_string();
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        everything.into(),
+    ))
+    .await
+    .unwrap();
+    let others = read_seconds(&mut ws, Duration::from_secs(4), "feed", &mut seen).await;
+    assert!(
+        others >= 2,
+        "every service's full seconds after asking for all"
+    );
+    let mut distinct = seen.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), seen.len(), "no second twice: {seen:?}");
+    let span = distinct[distinct.len() - 1] - distinct[0] + 1;
+    assert_eq!(span, distinct.len() as i64, "no second missing: {seen:?}");
+    assert!(
+        seen.len() >= before + 3,
+        "its seconds kept coming after the move: {seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_second_is_lost_while_the_aggregator_restarts() {
     let grpc = free_local_addr();

@@ -154,7 +154,7 @@ impl Frame {
 }
 
 /// The newest second a subscriber has been sent, per frame kind and service, to skip live frames that its
-/// backfill already carried.
+/// backfill already carried (and, for full seconds, a backfill's frames that went out live already).
 #[derive(Debug, Default)]
 pub(crate) struct Delivered {
     newest: HashMap<(FrameKind, Arc<str>), i64>,
@@ -173,6 +173,11 @@ impl Delivered {
                 .or_insert(f.t);
             *newest = (*newest).max(f.t);
         }
+    }
+
+    /// Notes a live frame sent.
+    pub(crate) fn note(&mut self, frame: &Frame) {
+        self.record(std::slice::from_ref(frame));
     }
 
     /// Whether a live frame repeats one already sent (corrections and alert states always go out).

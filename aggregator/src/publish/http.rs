@@ -22,7 +22,7 @@ use crate::alerting::rules::config::redacted_source;
 use crate::alerting::rules::{RuleSet, RulesStore, StoreError};
 use crate::auth::{Denied, Role, Tokens, is_loopback_host, origin_allowed};
 use crate::health::Health;
-use crate::publish::{Delivered, Frame, FrameKind, Hub};
+use crate::publish::{Delivered, Frame, FrameKind, Hub, Seconds};
 
 /// What the HTTP handlers share.
 pub(crate) struct AppState {
@@ -683,9 +683,15 @@ impl Subscription {
         !self.local && self.may_want(kind, service)
     }
 
-    /// Whether it takes any full second frame (else its socket need not hear of them).
-    fn wants_seconds(&self) -> bool {
-        self.local || !self.overview || !self.services.is_empty()
+    /// Which full second frames its socket hears (those it takes, or more).
+    fn seconds(&self) -> Seconds<'_> {
+        if self.local || (!self.overview && self.services.is_empty()) {
+            Seconds::All
+        } else if self.services.is_empty() {
+            Seconds::None
+        } else {
+            Seconds::Of(&self.services)
+        }
     }
 
     fn wants(&self, frame: &Frame) -> bool {
@@ -789,7 +795,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
         },
     };
     let (mut live, backfill) = state.hub.subscribe(
-        subscription.wants_seconds(),
+        subscription.seconds(),
         |kind, service| subscription.may_want(kind, service),
         |f| subscription.wants(f),
     );
@@ -806,13 +812,18 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             biased;
             received = live.recv() => match received {
                 Ok(frame) => {
-                    if subscription.wants(&frame) && !delivered.already_sent(&frame)
-                        && let Some(text) = frame.into_text()
-                    {
-                        if out.feed(Message::Text(text)).await.is_err() {
-                            return;
+                    if subscription.wants(&frame) && !delivered.already_sent(&frame) {
+                        if frame.kind == FrameKind::Second {
+                            // Noted, so that reading the history again after a move to another broadcast (below)
+                            // sends only what was missed.
+                            delivered.note(&frame);
                         }
-                        unflushed = true;
+                        if let Some(text) = frame.into_text() {
+                            if out.feed(Message::Text(text)).await.is_err() {
+                                return;
+                            }
+                            unflushed = true;
+                        }
                     }
                     // Flush once the burst is drained: one write per burst rather than per frame.
                     if unflushed && live.is_empty() {
@@ -838,15 +849,22 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         let old = subscription.clone();
                         subscription = next;
                         // Full seconds heard exactly while they are wanted (a dashboard tab that closes a service's
-                        // view goes back to overviews only).
-                        state.hub.want_seconds(&mut live, subscription.wants_seconds());
+                        // view goes back to overviews only), on the services' own broadcasts when it names a few.
+                        let moved = state.hub.want_seconds(&mut live, subscription.seconds());
                         // Only the stores that may hold something new are copied: opening one service's view
-                        // among thousands copies that service's frames, not every service's.
+                        // among thousands copies that service's frames, not every service's. After a move from
+                        // the services' own broadcasts to every service's, their full seconds are read again,
+                        // and what was sent already is skipped.
+                        let again = |kind| moved && kind == FrameKind::Second;
                         let added = state.hub.backfill(
                             |kind, service| {
-                                subscription.may_want(kind, service) && !old.wants_all(kind, service)
+                                subscription.may_want(kind, service)
+                                    && (!old.wants_all(kind, service) || again(kind))
                             },
-                            |f| subscription.wants(f) && !old.wants(f),
+                            |f| {
+                                subscription.wants(f)
+                                    && (!old.wants(f) || (again(f.kind) && !delivered.already_sent(f)))
+                            },
                         );
                         delivered.record(&added);
                         if send_frames(&mut out, added).await.is_err() {
@@ -961,9 +979,20 @@ mod tests {
                         local,
                     };
                     let wanted = frames.iter().any(|f| s.wants(f));
-                    if !s.wants_seconds() {
-                        shapes += 1;
-                        assert!(!wanted, "{s:?}");
+                    match s.seconds() {
+                        Seconds::None => {
+                            shapes += 1;
+                            assert!(!wanted, "{s:?}");
+                        }
+                        // Heard on the named services' own broadcasts: every full second it takes is theirs.
+                        Seconds::Of(names) => assert!(
+                            frames
+                                .iter()
+                                .filter(|f| s.wants(f))
+                                .all(|f| names.iter().any(|n| n.as_str() == &*f.service)),
+                            "{s:?}"
+                        ),
+                        Seconds::All => {}
                     }
                 }
             }

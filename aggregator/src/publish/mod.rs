@@ -33,7 +33,7 @@ use crate::model::{MainMetrics, SealedSecond, SeriesSummary};
 use state::EventStates;
 use status::StatusRegistry;
 use stream::LiveStream;
-pub(crate) use stream::{HistoryLimits, LiveReceiver};
+pub(crate) use stream::{HistoryLimits, LiveReceiver, Seconds};
 
 #[derive(Serialize)]
 struct SecondFrame<'a> {
@@ -220,7 +220,7 @@ impl Hub {
     /// so nothing published meanwhile falls between the two (what comes both ways is skipped by [`Delivered`]).
     pub(crate) fn subscribe(
         &self,
-        seconds: bool,
+        seconds: Seconds<'_>,
         stores: impl FnMut(FrameKind, &str) -> bool,
         wanted: impl FnMut(&Frame) -> bool,
     ) -> (LiveReceiver, Vec<Frame>) {
@@ -228,9 +228,10 @@ impl Hub {
         (receiver, self.backfill(stores, wanted))
     }
 
-    /// Makes `receiver` listen to full second frames from now on, or stop listening to them.
-    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: bool) {
-        self.stream.want_seconds(receiver, wanted);
+    /// Makes `receiver` listen to the full second frames `wanted` names from now on; true if full seconds of
+    /// services it listened to before may have been missed meanwhile (see [`LiveStream::want_seconds`]).
+    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: Seconds<'_>) -> bool {
+        self.stream.want_seconds(receiver, wanted)
     }
 
     /// The stored frames `wanted` accepts: seconds and overviews oldest first, then alert and verdict states. Only
@@ -323,7 +324,7 @@ mod tests {
     #[test]
     fn publishing_stores_history_for_backfill_and_replaces_corrections() {
         let hub = Hub::new(HistoryLimits::default(), 64, MainMetrics::default());
-        let (mut live, backfill) = hub.subscribe(true, |_, _| true, |_| true);
+        let (mut live, backfill) = hub.subscribe(Seconds::All, |_, _| true, |_| true);
         assert!(backfill.is_empty());
         hub.publish_second(sealed(10, false));
         hub.publish_second(sealed(11, false));

@@ -77,14 +77,36 @@ impl Default for HistoryLimits {
     }
 }
 
+/// Which full second frames a receiver hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seconds<'a> {
+    /// None (an overview page).
+    None,
+    /// Every service's.
+    All,
+    /// These services' (sorted, no repeats): a dashboard's view of one service.
+    Of(&'a [String]),
+}
+
+/// Most services a receiver hears full seconds of on their own broadcasts; naming more, it hears them all (and its
+/// socket keeps those it wants, as every subscriber once did).
+const MAX_SERVICE_FEEDS: usize = 16;
+
 /// Broadcast plus per-service history.
 ///
-/// Two broadcasts: full second frames on one, every other frame (overviews, alerts, verdicts) on the other. A
-/// subscriber that wants no full frames (the overview page, by far the most common) listens to the second only and
-/// is never woken for the full frames, which are as many as the overviews (one per service and second).
+/// Broadcasts: full second frames of every service on one, every other frame (overviews, alerts, verdicts) on
+/// another, and the full frames of each service that a receiver asked for by name on one of that service's own.
+/// A subscriber that wants no full frames (the overview page, by far the most common) listens to the second only and
+/// is never woken for the full frames, which are as many as the overviews (one per service and second); one that
+/// wants one service's (a service's view) is woken for that service's alone, and does not fall behind, losing its
+/// own frames, when thousands of other services publish theirs.
 pub(crate) struct LiveStream {
     live: broadcast::Sender<Frame>,
     seconds: broadcast::Sender<Frame>,
+    /// Each named service's full seconds, while some receiver listens to them.
+    service_seconds: RwLock<HashMap<Arc<str>, broadcast::Sender<Frame>>>,
+    /// Frames a receiver may fall behind on one service's broadcast (a frame a second, and its corrections).
+    service_buffer: usize,
     history: RwLock<HashMap<Arc<str>, Arc<Mutex<ServiceHistory>>>>,
     limits: HistoryLimits,
     /// Bytes of frames kept now, all services and kinds.
@@ -99,6 +121,9 @@ impl LiveStream {
         Self {
             live,
             seconds,
+            service_seconds: RwLock::new(HashMap::new()),
+            // A sixty-fourth of the all-services buffer: 64 frames (a minute of one service) at the default.
+            service_buffer: (buffer_frames / 64).max(16),
             history: RwLock::new(HashMap::new()),
             limits,
             held: AtomicUsize::new(0),
@@ -178,23 +203,37 @@ impl LiveStream {
 
     /// Sends a frame to every subscriber connected now. Having none is normal, not an error.
     pub(crate) fn broadcast(&self, frame: Frame) {
-        let channel = if frame.kind == FrameKind::Second {
-            &self.seconds
-        } else {
-            &self.live
-        };
-        if channel.receiver_count() > 0 {
-            // Fails only when every receiver went away since the count: nobody to tell.
-            channel.send(frame).ok();
+        if frame.kind != FrameKind::Second {
+            if self.live.receiver_count() > 0 {
+                // Fails only when every receiver went away since the count: nobody to tell.
+                self.live.send(frame).ok();
+            }
+            return;
+        }
+        {
+            let services = self
+                .service_seconds
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(own) = services.get(&frame.service)
+                && own.receiver_count() > 0
+            {
+                own.send(frame.clone()).ok();
+            }
+        }
+        if self.seconds.receiver_count() > 0 {
+            self.seconds.send(frame).ok();
         }
     }
 
-    /// A receiver of every frame broadcast from now on; of full second frames only if `seconds`.
-    pub(crate) fn subscribe(&self, seconds: bool) -> LiveReceiver {
-        LiveReceiver {
+    /// A receiver of every frame broadcast from now on but full seconds, and of the full seconds `seconds` names.
+    pub(crate) fn subscribe(&self, seconds: Seconds<'_>) -> LiveReceiver {
+        let mut receiver = LiveReceiver {
             live: self.live.subscribe(),
-            seconds: seconds.then(|| self.seconds.subscribe()),
-        }
+            seconds: Feed::None,
+        };
+        self.want_seconds(&mut receiver, seconds);
+        receiver
     }
 
     /// Copies of the stored second and overview frames of the services and kinds `stores` accepts, each service's
@@ -230,14 +269,76 @@ impl LiveStream {
         self.live.receiver_count()
     }
 
-    /// Listens to full second frames from now on (a subscription that now names services), if it did not; or
-    /// stops listening to them (the frames of them still waiting are dropped: unwanted).
-    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: bool) {
-        if !wanted {
-            receiver.seconds = None;
-        } else if receiver.seconds.is_none() {
-            receiver.seconds = Some(self.seconds.subscribe());
+    /// Listens to the full second frames `wanted` names from now on. A few services already seen are each heard on
+    /// their own broadcast; more, or one not seen yet (it may start publishing any moment), on the broadcast of
+    /// every service's, which a receiver then keeps while it wants any full seconds. What it listened to and still
+    /// wants it keeps listening to, so nothing is lost in between, and frames waiting of what it no longer wants
+    /// are dropped, except when it moves from services' own broadcasts to the one of every service's: then returns
+    /// true, and frames of those services published meanwhile may be missing (read them from the history).
+    pub(crate) fn want_seconds(&self, receiver: &mut LiveReceiver, wanted: Seconds<'_>) -> bool {
+        let names = match wanted {
+            Seconds::None => {
+                receiver.seconds = Feed::None;
+                return false;
+            }
+            Seconds::Of(names)
+                if !names.is_empty()
+                    && names.len() <= MAX_SERVICE_FEEDS
+                    && !matches!(receiver.seconds, Feed::All(_)) =>
+            {
+                names
+            }
+            Seconds::All | Seconds::Of(_) => return self.hear_all(receiver),
+        };
+        let known: Vec<Arc<str>> = {
+            let history = self.history.read().unwrap_or_else(|e| e.into_inner());
+            names
+                .iter()
+                .filter_map(|name| history.get_key_value(name.as_str()).map(|(k, _)| k.clone()))
+                .collect()
+        };
+        if known.len() < names.len() {
+            return self.hear_all(receiver);
         }
+        let mut had = match std::mem::replace(&mut receiver.seconds, Feed::None) {
+            Feed::Services(feeds) => feeds,
+            Feed::None | Feed::All(_) => Vec::new(),
+        };
+        let mut feeds = Vec::with_capacity(known.len());
+        for service in known {
+            if let Some(at) = had.iter().position(|(name, _)| *name == service) {
+                feeds.push(had.swap_remove(at));
+                continue;
+            }
+            let mut services = self
+                .service_seconds
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let own = services
+                .entry(service.clone())
+                .or_insert_with(|| broadcast::channel(self.service_buffer).0);
+            feeds.push((service, own.subscribe()));
+        }
+        receiver.seconds = Feed::Services(feeds);
+        false
+    }
+
+    /// Makes `receiver` hear every service's full seconds; true if it moved there from services' own broadcasts.
+    fn hear_all(&self, receiver: &mut LiveReceiver) -> bool {
+        let moved = matches!(receiver.seconds, Feed::Services(_));
+        if !matches!(receiver.seconds, Feed::All(_)) {
+            receiver.seconds = Feed::All(self.seconds.subscribe());
+        }
+        moved
+    }
+
+    /// Services with a broadcast of their own full seconds now (tests).
+    #[cfg(test)]
+    fn service_feeds(&self) -> usize {
+        self.service_seconds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Drops frames older than the history as of second `now`, and the services left with none: a service that
@@ -245,6 +346,11 @@ impl LiveStream {
     /// of now (a service that went quiet keeps what it stored under a larger share until then).
     pub(crate) fn prune(&self, now: i64) {
         let horizon = now.saturating_sub(self.limits.seconds);
+        // Broadcasts of one service's full seconds that nobody listens to any more.
+        self.service_seconds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, own| own.receiver_count() > 0);
         let mut services = self.history.write().unwrap_or_else(|e| e.into_inner());
         let share = self.limits.total / services.len().max(1);
         services.retain(|_, history| {
@@ -267,40 +373,73 @@ impl LiveStream {
     }
 }
 
-/// One subscriber's end of the live stream: every frame but full seconds, and full seconds if it wants any.
+/// One subscriber's end of the live stream: every frame but full seconds, and the full seconds it wants.
 pub(crate) struct LiveReceiver {
     live: broadcast::Receiver<Frame>,
-    seconds: Option<broadcast::Receiver<Frame>>,
+    seconds: Feed,
+}
+
+/// Where a receiver hears full seconds.
+enum Feed {
+    None,
+    /// The broadcast of every service's.
+    All(broadcast::Receiver<Frame>),
+    /// Each named service's own broadcast (never empty).
+    Services(Vec<(Arc<str>, broadcast::Receiver<Frame>)>),
 }
 
 impl LiveReceiver {
-    /// The next frame of either broadcast (the other frames first when both have one waiting). Frames of one
-    /// broadcast come in the order they were sent; between the two, in either.
+    /// The next frame of any of its broadcasts (the other frames first when several have one waiting). Frames of
+    /// one broadcast come in the order they were sent; between broadcasts, in any.
     pub(crate) async fn recv(&mut self) -> Result<Frame, RecvError> {
         match &mut self.seconds {
-            None => self.live.recv().await,
-            Some(seconds) => tokio::select! {
+            Feed::None => self.live.recv().await,
+            Feed::All(seconds) => tokio::select! {
                 biased;
                 frame = self.live.recv() => frame,
                 frame = seconds.recv() => frame,
+            },
+            Feed::Services(feeds) => tokio::select! {
+                biased;
+                frame = self.live.recv() => frame,
+                // Each `recv` is cancel safe: the ones not chosen lose nothing.
+                (frame, _, _) = futures_util::future::select_all(
+                    feeds.iter_mut().map(|(_, feed)| Box::pin(feed.recv())),
+                ) => frame,
             },
         }
     }
 
     /// A frame already waiting, if any (the other frames first).
     pub(crate) fn try_recv(&mut self) -> Result<Frame, broadcast::error::TryRecvError> {
+        use broadcast::error::TryRecvError;
         match self.live.try_recv() {
-            Err(broadcast::error::TryRecvError::Empty) => match &mut self.seconds {
-                Some(seconds) => seconds.try_recv(),
-                None => Err(broadcast::error::TryRecvError::Empty),
-            },
-            other => other,
+            Err(TryRecvError::Empty) => {}
+            other => return other,
+        }
+        match &mut self.seconds {
+            Feed::None => Err(TryRecvError::Empty),
+            Feed::All(seconds) => seconds.try_recv(),
+            Feed::Services(feeds) => {
+                for (_, feed) in feeds.iter_mut() {
+                    match feed.try_recv() {
+                        Err(TryRecvError::Empty) => {}
+                        other => return other,
+                    }
+                }
+                Err(TryRecvError::Empty)
+            }
         }
     }
 
-    /// Whether no frame waits on either broadcast.
+    /// Whether no frame waits on any of its broadcasts.
     pub(crate) fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.seconds.as_ref().is_none_or(|s| s.is_empty())
+        self.live.is_empty()
+            && match &self.seconds {
+                Feed::None => true,
+                Feed::All(seconds) => seconds.is_empty(),
+                Feed::Services(feeds) => feeds.iter().all(|(_, feed)| feed.is_empty()),
+            }
     }
 }
 
@@ -372,8 +511,8 @@ mod tests {
     #[test]
     fn a_receiver_hears_full_seconds_only_once_it_wants_them() {
         let stream = LiveStream::new(HistoryLimits::default(), 64);
-        let mut overview_only = stream.subscribe(false);
-        let mut everything = stream.subscribe(true);
+        let mut overview_only = stream.subscribe(Seconds::None);
+        let mut everything = stream.subscribe(Seconds::All);
         stream.broadcast(of_kind(FrameKind::Second, 1));
         stream.broadcast(of_kind(FrameKind::Overview, 1));
         stream.broadcast(of_kind(FrameKind::Alert, 1));
@@ -399,7 +538,7 @@ mod tests {
                 (FrameKind::Alert, 1)
             ]
         );
-        stream.want_seconds(&mut overview_only, true);
+        stream.want_seconds(&mut overview_only, Seconds::All);
         stream.broadcast(of_kind(FrameKind::Second, 2));
         stream.broadcast(of_kind(FrameKind::Second, 3));
         stream.broadcast(of_kind(FrameKind::Overview, 2));
@@ -411,10 +550,86 @@ mod tests {
                 (FrameKind::Second, 3)
             ]
         );
-        stream.want_seconds(&mut overview_only, false);
+        stream.want_seconds(&mut overview_only, Seconds::None);
         stream.broadcast(of_kind(FrameKind::Second, 4));
         stream.broadcast(of_kind(FrameKind::Overview, 4));
         assert_eq!(drain(&mut overview_only), [(FrameKind::Overview, 4)]);
+    }
+
+    /// A receiver of a few named services' full seconds hears them on those services' own broadcasts: no other
+    /// service's, and it does not fall behind (losing its own) under a flood of other services' full seconds that
+    /// overruns the broadcast of every service's. Naming a service not seen yet, it hears every service's; moving
+    /// from named broadcasts to every service's is said (frames may have been missed), and once hearing every
+    /// service's it stays there. Broadcasts nobody listens to go at the next prune.
+    #[test]
+    fn a_receiver_of_named_services_hears_their_full_seconds_alone() {
+        let stream = LiveStream::new(HistoryLimits::default(), 64);
+        let second = |service: &str, t| Frame {
+            service: service.into(),
+            ..frame(t, 10)
+        };
+        stream.publish_second(second("a", 1), None);
+        stream.publish_second(second("b", 1), None);
+        let a = ["a".to_owned()];
+        let mut one = stream.subscribe(Seconds::Of(&a));
+        let mut all = stream.subscribe(Seconds::All);
+        assert_eq!(stream.service_feeds(), 1);
+        for t in 2..500 {
+            stream.broadcast(second("b", t));
+            if t % 100 == 0 {
+                stream.broadcast(second("a", t));
+            }
+        }
+        let heard: Vec<(String, i64)> = std::iter::from_fn(|| one.try_recv().ok())
+            .map(|f| (f.service.to_string(), f.t))
+            .collect();
+        assert_eq!(
+            heard,
+            [100, 200, 300, 400].map(|t| ("a".to_owned(), t)),
+            "a's alone, none lost"
+        );
+        assert!(one.is_empty());
+        assert!(
+            matches!(
+                all.try_recv(),
+                Err(broadcast::error::TryRecvError::Lagged(_))
+            ),
+            "the broadcast of every service's was overrun"
+        );
+        let c = ["c".to_owned()];
+        let mut unseen = stream.subscribe(Seconds::Of(&c));
+        assert_eq!(
+            stream.service_feeds(),
+            1,
+            "no broadcast for a service not seen"
+        );
+        stream.broadcast(second("c", 1));
+        assert_eq!(
+            unseen.try_recv().map(|f| f.service.to_string()).ok(),
+            Some("c".to_owned())
+        );
+        let both = ["a".to_owned(), "b".to_owned()];
+        assert!(!stream.want_seconds(&mut one, Seconds::Of(&both)));
+        assert_eq!(stream.service_feeds(), 2);
+        stream.broadcast(second("a", 600));
+        assert!(
+            stream.want_seconds(&mut one, Seconds::All),
+            "moved off the named broadcasts"
+        );
+        assert!(
+            one.try_recv().is_err(),
+            "what waited on the named broadcasts is dropped (the history has it)"
+        );
+        assert!(!stream.want_seconds(&mut one, Seconds::Of(&a)));
+        stream.broadcast(second("b", 601));
+        assert_eq!(
+            one.try_recv().map(|f| (f.service.to_string(), f.t)).ok(),
+            Some(("b".to_owned(), 601)),
+            "once hearing every service's, it keeps hearing them (its socket keeps those it wants)"
+        );
+        drop((one, unseen));
+        stream.prune(0);
+        assert_eq!(stream.service_feeds(), 0);
     }
 
     fn text(frame: Frame) -> String {
@@ -452,7 +667,7 @@ mod tests {
     #[test]
     fn full_seconds_are_kept_packed_and_come_back_as_they_were() {
         let stream = LiveStream::new(HistoryLimits::default(), 64);
-        let mut live = stream.subscribe(true);
+        let mut live = stream.subscribe(Seconds::All);
         let series = r#"{"instances":193,"kind":"counter","metric":"cache.hits","service":"svc","sum":10099.0,"tags":{"route":"/cart","status":"2xx"},"version":null,"zone":null}"#;
         let json = format!(
             r#"{{"type":"second","t":7,"service":"svc","series":[{}]}}"#,

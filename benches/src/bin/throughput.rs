@@ -83,6 +83,11 @@ struct Args {
     /// frame's `published_ms`) on every live overview frame.
     #[arg(long, default_value_t = 0)]
     subscribers: usize,
+    /// More websocket clients each watching one service's full seconds (a dashboard's view of a service; the
+    /// services taken in turn), connected a third of the way into the warm-up: each counts the full seconds of its
+    /// service and of others it receives, and the "lagged" notices (frames the server dropped for it).
+    #[arg(long, default_value_t = 0)]
+    view_subscribers: usize,
     /// Kill the aggregator (SIGKILL) and keep it down this many seconds, then start it again (0: no outage).
     #[arg(long, default_value_t = 0)]
     outage: u64,
@@ -443,6 +448,66 @@ async fn subscriber(
     Ok(())
 }
 
+/// What the `--view-subscribers` received, all together.
+#[derive(Default)]
+struct ViewCounts {
+    connected: std::sync::atomic::AtomicUsize,
+    own: std::sync::atomic::AtomicU64,
+    others: std::sync::atomic::AtomicU64,
+    lagged: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl ViewCounts {
+    /// Full seconds of their own service and of others, lagged notices, frames dropped.
+    fn snapshot(&self) -> [u64; 4] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.own.load(Relaxed),
+            self.others.load(Relaxed),
+            self.lagged.load(Relaxed),
+            self.dropped.load(Relaxed),
+        ]
+    }
+}
+
+/// One of `--view-subscribers`: a client of one service's full seconds.
+async fn view_subscriber(url: String, service: String, counts: Arc<ViewCounts>) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        service: String,
+        #[serde(default)]
+        dropped: u64,
+    }
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
+    counts.connected.fetch_add(1, Relaxed);
+    while let Some(message) = ws.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let Ok(head) = serde_json::from_str::<Head>(text.as_str()) else {
+            continue;
+        };
+        match head.kind.as_str() {
+            "second" if head.service == service => counts.own.fetch_add(1, Relaxed),
+            "second" => counts.others.fetch_add(1, Relaxed),
+            "lagged" => {
+                counts.dropped.fetch_add(head.dropped, Relaxed);
+                counts.lagged.fetch_add(1, Relaxed)
+            }
+            _ => 0,
+        };
+    }
+    Ok(())
+}
+
 /// Each service's instances, from the load generator's own assignment.
 fn service_sizes(args: &Args) -> HashMap<String, u64> {
     let assignment =
@@ -672,12 +737,12 @@ async fn main() -> Result<()> {
     // Every subscriber comes from this one address: past the default per-address bound, raise it for this run.
     let config =
         std::env::temp_dir().join(format!("strobe-throughput-{}.toml", std::process::id()));
-    if args.subscribers > 200 {
+    if args.subscribers + args.view_subscribers > 200 {
         std::fs::write(
             &config,
             format!(
                 "[aggregator.limits]\nmax_websocket_clients_per_address = {}\n",
-                args.subscribers + 16
+                args.subscribers + args.view_subscribers + 16
             ),
         )?;
         aggregator_args.extend(["--config".to_owned(), config.display().to_string()]);
@@ -790,7 +855,26 @@ async fn main() -> Result<()> {
         args.warmup,
         args.seconds
     );
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let views = Arc::new(ViewCounts::default());
+    let mut viewers = Vec::new();
+    if args.view_subscribers > 0 {
+        // Once every service has published: a view is opened on a service that is listed.
+        tokio::time::sleep(Duration::from_secs(args.warmup / 3)).await;
+        viewers = (0..args.view_subscribers)
+            .map(|k| {
+                let service = strobe_sim::loadgen::service_name(k % args.services.max(1));
+                tokio::spawn(view_subscriber(
+                    format!("ws://{http}/api/v1/stream?services={service}"),
+                    service,
+                    views.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(args.warmup - args.warmup / 3)).await;
+    } else {
+        tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    }
+    let views_before = views.snapshot();
     if args.outage > 0 {
         let report = outage(
             &args,
@@ -1030,7 +1114,21 @@ async fn main() -> Result<()> {
             fan_out.len()
         );
     }
-    for subscriber in subscribers {
+    if args.view_subscribers > 0 {
+        let [own, others, lagged, dropped] = views.snapshot();
+        let [own0, others0, lagged0, dropped0] = views_before;
+        println!(
+            "{} service-view subscribers ({} connected): in the window {} full seconds of their service, {} of \
+             others, {} \"lagged\" notices ({} frames dropped for them)",
+            args.view_subscribers,
+            views.connected.load(std::sync::atomic::Ordering::Relaxed),
+            own - own0,
+            others - others0,
+            lagged - lagged0,
+            dropped - dropped0
+        );
+    }
+    for subscriber in subscribers.into_iter().chain(viewers) {
         subscriber.abort();
     }
     std::fs::remove_file(&config).ok();
