@@ -72,7 +72,7 @@ pub struct Limits {
     /// (overviews and alert states come whole).
     pub max_backfill_bytes: usize,
     /// Frames a websocket client may fall behind before it loses frames (and is told so); on the broadcast of one
-    /// service's full seconds, which a client naming a few services hears, a sixty-fourth of it (at least 16).
+    /// service's full seconds, which a client naming a few services hears, an eighth of it (at least 16).
     pub subscriber_buffer_frames: usize,
     /// Bytes of one agent stream's snapshots queued between its socket and its shard; past it, that stream waits.
     pub max_queued_bytes_per_stream: usize,

@@ -144,31 +144,30 @@ async fn two_agents_merge_into_one_second_with_true_percentiles() {
     drop((a, b));
 }
 
-/// Reads `ws` for `within`: appends the second of each full (not corrected) second frame of `service` to `seen`,
-/// and counts those of other services.
-async fn read_seconds(ws: &mut Ws, within: Duration, service: &str, seen: &mut Vec<i64>) -> usize {
+/// Reads `ws` for `within`: the service, second and correction flag of each full second frame.
+async fn read_seconds(ws: &mut Ws, within: Duration) -> Vec<(String, i64, bool)> {
     use futures_util::StreamExt;
     let deadline = tokio::time::Instant::now() + within;
-    let mut others = 0;
+    let mut seconds = Vec::new();
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline, ws.next()).await {
         let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = message else {
             continue;
         };
         let frame: Value = serde_json::from_str(&text).unwrap();
-        if frame["type"] != "second" || frame["correction"] == true {
-            continue;
-        }
-        if frame["service"] == service {
-            seen.push(frame["t"].as_i64().unwrap());
-        } else {
-            others += 1;
+        if frame["type"] == "second" {
+            seconds.push((
+                frame["service"].as_str().unwrap_or_default().to_owned(),
+                frame["t"].as_i64().unwrap(),
+                frame["correction"] == true,
+            ));
         }
     }
-    others
+    seconds
 }
 
 /// A dashboard's view of one service hears that service's full seconds alone (on a broadcast of its own); asking
-/// for every service's then, it hears those too, and every second of the first service comes once, with no gap.
+/// for every service's then, it hears those too, live, and every second of the first service comes once (a
+/// correction aside), with no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_view_hears_its_service_alone_then_every_second_once_after_asking_for_all() {
     use futures_util::SinkExt;
@@ -179,34 +178,50 @@ async fn a_service_view_hears_its_service_alone_then_every_second_once_after_ask
     wait_for_instances(http, "feed", 1).await;
     wait_for_instances(http, "other", 1).await;
     let mut ws = subscribe(http, &["feed"]).await;
-    let mut seen = Vec::new();
-    let others = read_seconds(&mut ws, Duration::from_secs(3), "feed", &mut seen).await;
-    assert_eq!(
-        others, 0,
-        "one service's view hears no other service's full seconds"
+    let mut seen = read_seconds(&mut ws, Duration::from_secs(4)).await;
+    assert!(
+        seen.iter().all(|(service, _, _)| service == "feed"),
+        "one service's view hears no other service's full seconds: {seen:?}"
     );
-    assert!(seen.len() >= 3, "its own, backfill and live: {seen:?}");
     let before = seen.len();
+    assert!(before >= 3, "its own, backfill and live: {seen:?}");
+    let moved_at = unix_now().floor() as i64;
     let everything = serde_json::json!({ "subscribe": { "services": [] } }).to_string();
     ws.send(tokio_tungstenite::tungstenite::Message::Text(
         everything.into(),
     ))
     .await
     .unwrap();
-    let others = read_seconds(&mut ws, Duration::from_secs(4), "feed", &mut seen).await;
+    seen.extend(read_seconds(&mut ws, Duration::from_secs(6)).await);
+    let live_others = seen
+        .iter()
+        .filter(|(service, t, _)| service == "other" && *t >= moved_at)
+        .count();
     assert!(
-        others >= 2,
-        "every service's full seconds after asking for all"
+        live_others >= 2,
+        "every service's full seconds, live, after asking for all: {seen:?}"
     );
-    let mut distinct = seen.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    assert_eq!(distinct.len(), seen.len(), "no second twice: {seen:?}");
-    let span = distinct[distinct.len() - 1] - distinct[0] + 1;
-    assert_eq!(span, distinct.len() as i64, "no second missing: {seen:?}");
+    let feed: Vec<(i64, bool)> = seen
+        .iter()
+        .filter(|(service, _, _)| service == "feed")
+        .map(|(_, t, correction)| (*t, *correction))
+        .collect();
     assert!(
-        seen.len() >= before + 3,
-        "its seconds kept coming after the move: {seen:?}"
+        feed.len() >= before + 3,
+        "its seconds kept coming after the move: {feed:?}"
+    );
+    let mut firsts: Vec<i64> = feed.iter().filter(|(_, c)| !c).map(|(t, _)| *t).collect();
+    let sent = firsts.len();
+    firsts.sort_unstable();
+    firsts.dedup();
+    assert_eq!(firsts.len(), sent, "no second twice: {feed:?}");
+    let mut all: Vec<i64> = feed.iter().map(|(t, _)| *t).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all[all.len() - 1] - all[0] + 1,
+        all.len() as i64,
+        "no second missing: {feed:?}"
     );
 }
 

@@ -154,10 +154,12 @@ impl Frame {
 }
 
 /// The newest second a subscriber has been sent, per frame kind and service, to skip live frames that its
-/// backfill already carried (and, for full seconds, a backfill's frames that went out live already).
+/// backfill already carried; and, apart, the newest full second it was sent live of each service, to skip what it
+/// already has when it reads a service's full seconds from the history again.
 #[derive(Debug, Default)]
 pub(crate) struct Delivered {
     newest: HashMap<(FrameKind, Arc<str>), i64>,
+    live_seconds: HashMap<Arc<str>, i64>,
 }
 
 impl Delivered {
@@ -175,9 +177,15 @@ impl Delivered {
         }
     }
 
-    /// Notes a live frame sent.
-    pub(crate) fn note(&mut self, frame: &Frame) {
-        self.record(std::slice::from_ref(frame));
+    /// Notes a full second sent live.
+    pub(crate) fn note_live(&mut self, frame: &Frame) {
+        if frame.kind == FrameKind::Second {
+            let newest = self
+                .live_seconds
+                .entry(frame.service.clone())
+                .or_insert(frame.t);
+            *newest = (*newest).max(frame.t);
+        }
     }
 
     /// Whether a live frame repeats one already sent (corrections and alert states always go out).
@@ -188,6 +196,18 @@ impl Delivered {
                 .newest
                 .get(&(frame.kind, frame.service.clone()))
                 .is_some_and(|t| frame.t <= *t)
+    }
+
+    /// Whether a full second read from the history again is one the subscriber has, from its backfill or live, or
+    /// the correction of one it has (a correction published in that instant is the one thing this can miss).
+    pub(crate) fn has_second(&self, frame: &Frame) -> bool {
+        let newest = [
+            self.newest
+                .get(&(FrameKind::Second, frame.service.clone()))
+                .copied(),
+            self.live_seconds.get(&frame.service).copied(),
+        ];
+        newest.into_iter().flatten().any(|t| frame.t <= t)
     }
 }
 
@@ -204,6 +224,32 @@ pub(crate) mod tests {
             json: "{}".into(),
             relayed: false,
         }
+    }
+
+    /// Full seconds sent live do not hold back a live second that comes out of order (a cluster's hand-over), but a
+    /// read of the history again skips every second up to the newest sent, its corrections included.
+    #[test]
+    fn full_seconds_sent_live_are_skipped_only_when_the_history_is_read_again() {
+        let mut delivered = Delivered::default();
+        delivered.note_live(&frame(FrameKind::Second, "a", 101, false));
+        delivered.note_live(&frame(FrameKind::Overview, "b", 50, false));
+        let late = frame(FrameKind::Second, "a", 100, false);
+        assert!(
+            !delivered.already_sent(&late),
+            "an out-of-order live second still goes out"
+        );
+        assert!(delivered.has_second(&late));
+        assert!(delivered.has_second(&frame(FrameKind::Second, "a", 99, true)));
+        assert!(!delivered.has_second(&frame(FrameKind::Second, "a", 102, false)));
+        assert!(
+            !delivered.has_second(&frame(FrameKind::Second, "b", 40, false)),
+            "only full seconds are noted"
+        );
+        delivered.record(&[frame(FrameKind::Second, "b", 45, false)]);
+        assert!(
+            delivered.has_second(&frame(FrameKind::Second, "b", 45, true)),
+            "the backfill's count too"
+        );
     }
 
     #[test]

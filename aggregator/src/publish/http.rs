@@ -813,11 +813,9 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
             received = live.recv() => match received {
                 Ok(frame) => {
                     if subscription.wants(&frame) && !delivered.already_sent(&frame) {
-                        if frame.kind == FrameKind::Second {
-                            // Noted, so that reading the history again after a move to another broadcast (below)
-                            // sends only what was missed.
-                            delivered.note(&frame);
-                        }
+                        // Noted, so that reading the history again after a move to another broadcast (below) sends
+                        // only what was missed.
+                        delivered.note_live(&frame);
                         if let Some(text) = frame.into_text() {
                             if out.feed(Message::Text(text)).await.is_err() {
                                 return;
@@ -853,8 +851,8 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                         let moved = state.hub.want_seconds(&mut live, subscription.seconds());
                         // Only the stores that may hold something new are copied: opening one service's view
                         // among thousands copies that service's frames, not every service's. After a move from
-                        // the services' own broadcasts to every service's, their full seconds are read again,
-                        // and what was sent already is skipped.
+                        // the services' own broadcasts to every service's, their full seconds newer than those sent
+                        // are read again from the history.
                         let again = |kind| moved && kind == FrameKind::Second;
                         let added = state.hub.backfill(
                             |kind, service| {
@@ -863,7 +861,7 @@ async fn serve_socket(socket: WebSocket, state: &AppState, from_query: Option<Su
                             },
                             |f| {
                                 subscription.wants(f)
-                                    && (!old.wants(f) || (again(f.kind) && !delivered.already_sent(f)))
+                                    && (!old.wants(f) || (again(f.kind) && !delivered.has_second(f)))
                             },
                         );
                         delivered.record(&added);

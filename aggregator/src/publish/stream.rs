@@ -122,8 +122,9 @@ impl LiveStream {
             live,
             seconds,
             service_seconds: RwLock::new(HashMap::new()),
-            // A sixty-fourth of the all-services buffer: 64 frames (a minute of one service) at the default.
-            service_buffer: (buffer_frames / 64).max(16),
+            // An eighth of the all-services buffer: 512 frames at the default, several minutes of one service (a
+            // restart releases the seconds of its outage at once).
+            service_buffer: (buffer_frames / 8).max(16),
             history: RwLock::new(HashMap::new()),
             limits,
             held: AtomicUsize::new(0),
