@@ -407,6 +407,19 @@ async fn read_frames(
     Ok(())
 }
 
+/// A websocket client with a small read buffer: tungstenite zero-fills all of it on each read, and a thousand of
+/// these share the cores with the aggregator being measured.
+async fn connect_small(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
+    Ok(ws)
+}
+
 /// One of `--subscribers`: an overview client that notes how long each live overview frame took from its publish.
 async fn subscriber(
     url: String,
@@ -422,12 +435,7 @@ async fn subscriber(
         #[serde(default)]
         published_ms: i64,
     }
-    // A small read buffer: tungstenite zero-fills all of it on each read, and a thousand of these share the cores
-    // with the aggregator being measured.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(8 * 1024);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
+    let mut ws = connect_small(&url).await?;
     connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     while let Some(message) = ws.next().await {
         let Message::Text(text) = message? else {
@@ -483,10 +491,7 @@ async fn view_subscriber(url: String, service: String, counts: Arc<ViewCounts>) 
         #[serde(default)]
         dropped: u64,
     }
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(8 * 1024);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false).await?;
+    let mut ws = connect_small(&url).await?;
     counts.connected.fetch_add(1, Relaxed);
     while let Some(message) = ws.next().await {
         let Message::Text(text) = message? else {
