@@ -109,6 +109,13 @@ pub struct AggregatorConfig {
     /// again before it is resolved.
     #[serde(with = "humantime_serde")]
     pub alert_restore_grace: Duration,
+    /// How long a resolved alert stays listed (`/api/v1/alerts`, the dashboard's list, the state kept across
+    /// restarts)...
+    #[serde(with = "humantime_serde")]
+    pub resolved_alert_retention: Duration,
+    /// ...and how many resolved alerts at most, the oldest going first; firing, acknowledged and pending alerts are
+    /// always listed, however many.
+    pub max_resolved_alerts: usize,
     /// Webhook timeouts and retries.
     pub webhooks: DeliverySettings,
     /// The request, error and latency metrics the overview and the canary read.
@@ -155,6 +162,8 @@ impl Default for AggregatorConfig {
             rules: None,
             state_dir: None,
             alert_restore_grace: Duration::from_secs(120),
+            resolved_alert_retention: Duration::from_secs(3600),
+            max_resolved_alerts: 1000,
             webhooks: DeliverySettings::default(),
             metrics: MainMetrics::default(),
             canary: CanarySettings::default(),

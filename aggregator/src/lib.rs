@@ -412,6 +412,10 @@ impl Aggregator {
             self.cluster
                 .clone()
                 .map(|c| c as Arc<dyn alerting::alerts::Handover>),
+            alerting::alerts::manager::ResolvedKept {
+                retention: self.config.resolved_alert_retention,
+                most: self.config.max_resolved_alerts,
+            },
             &mut tasks,
         );
         if let Some(cluster) = &self.cluster {

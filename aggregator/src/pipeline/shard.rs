@@ -359,6 +359,7 @@ mod tests {
                 health.clone(),
                 None,
                 None,
+                Default::default(),
                 tasks,
             ),
             canary: Default::default(),

@@ -28,9 +28,26 @@ use crate::health::Health;
 /// How long resolved alerts stay listed.
 /// How long an alert taken over without a state directory's settings waits for its rule to confirm it.
 const DEFAULT_RESTORE_GRACE: Duration = Duration::from_secs(120);
-const RESOLVED_RETENTION: Duration = Duration::from_secs(3600);
-/// Most alerts listed; the oldest resolved go first.
-const MAX_RECORDS: usize = 1000;
+
+/// How long resolved alerts stay listed, and how many at most (the oldest go first); firing, acknowledged and
+/// pending ones always are. A pending alert whose rule went away without clearing it is forgotten after `retention`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResolvedKept {
+    /// `resolved_alert_retention`.
+    pub(crate) retention: Duration,
+    /// `max_resolved_alerts`.
+    pub(crate) most: usize,
+}
+
+impl Default for ResolvedKept {
+    /// An hour, a thousand.
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(3600),
+            most: 1000,
+        }
+    }
+}
 
 /// Why an acknowledgement failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -164,6 +181,7 @@ impl Alerts {
         health: Arc<Health>,
         persistence: Option<Persistence>,
         handover: Option<Arc<dyn Handover>>,
+        kept: ResolvedKept,
         tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -185,6 +203,7 @@ impl Alerts {
             health: health.clone(),
             handover,
             handed_over: HashMap::new(),
+            kept,
         };
         if manager.handover.is_some() {
             // In a cluster a service's alerts come with the service (from etcd), not from this node's file: this
@@ -354,6 +373,8 @@ struct Manager {
     handover: Option<Arc<dyn Handover>>,
     /// What was last handed over, per service (JSON), to send only what changed.
     handed_over: HashMap<Arc<str>, String>,
+    /// How long, and how many, resolved alerts stay listed.
+    kept: ResolvedKept,
 }
 
 /// Commands the manager takes in before its upkeep and save, at most: a burst is saved once, and a flood still
@@ -916,24 +937,26 @@ impl Manager {
         let before = self.entries.len();
         // A pending alert whose rule went away without clearing it (its service gone, a panic) is forgotten after
         // the retention too.
+        let retention = self.kept.retention;
         let stale_pending = strobe_proto::clock::unix_second()
-            .saturating_sub(i64::try_from(RESOLVED_RETENTION.as_secs()).unwrap_or(i64::MAX));
+            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         self.entries.retain(|_, e| {
             e.ended_at
-                .is_none_or(|ended| now.duration_since(ended) < RESOLVED_RETENTION)
+                .is_none_or(|ended| now.duration_since(ended) < retention)
                 && !(e.record.state == AlertState::Pending && e.record.since < stale_pending)
         });
-        while self.entries.len() > MAX_RECORDS {
-            let oldest = self
-                .entries
-                .iter()
-                .filter(|(_, e)| e.ended_at.is_some())
-                .min_by_key(|(_, e)| e.ended_at)
-                .map(|(id, _)| id.clone());
-            match oldest {
-                Some(id) => self.entries.remove(&id),
-                None => break,
-            };
+        // Past the most kept, the oldest resolved go, however many fire: sorted once, not searched once per alert.
+        let mut resolved: Vec<(Instant, String)> = self
+            .entries
+            .iter()
+            .filter_map(|(id, e)| e.ended_at.map(|ended| (ended, id.clone())))
+            .collect();
+        if resolved.len() > self.kept.most {
+            resolved.sort_unstable();
+            let excess = resolved.len() - self.kept.most;
+            for (_, id) in resolved.into_iter().take(excess) {
+                self.entries.remove(&id);
+            }
         }
         self.dirty |= self.entries.len() != before;
     }
@@ -1160,6 +1183,14 @@ escalation = [
         persistence: Option<Persistence>,
         handover: Option<Arc<dyn Handover>>,
     ) -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
+        setup_keeping(persistence, handover, ResolvedKept::default())
+    }
+
+    fn setup_keeping(
+        persistence: Option<Persistence>,
+        handover: Option<Arc<dyn Handover>>,
+        kept: ResolvedKept,
+    ) -> (Alerts, mpsc::UnboundedReceiver<Notification>, JoinSet<()>) {
         let dir = std::env::temp_dir().join(format!("strobe-manager-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("rules-{}.toml", rand::random::<u64>()));
@@ -1175,6 +1206,7 @@ escalation = [
             health,
             persistence,
             handover,
+            kept,
             &mut tasks,
         );
         (alerts, notes, tasks)
@@ -1245,6 +1277,59 @@ escalation = [
             !store.published.lock().unwrap().contains(&0),
             "never an empty state"
         );
+    }
+
+    /// Resolved alerts stay listed for `resolved_alert_retention`, at most `max_resolved_alerts` of them (the
+    /// newest), however many fire; firing ones are never dropped for the count.
+    #[tokio::test(start_paused = true)]
+    async fn resolved_alerts_are_kept_by_time_and_count_while_firing_ones_always_are() {
+        let kept = ResolvedKept {
+            retention: Duration::from_secs(600),
+            most: 3,
+        };
+        let (alerts, _notes, _tasks) = setup_keeping(None, None, kept);
+        for i in 0..10 {
+            for kind in [EventKind::Pending, EventKind::Firing] {
+                alerts.event(event_of_route(&format!("a{i}"), kind, &format!("/r{i}")));
+            }
+        }
+        settle().await;
+        assert_eq!(alerts.list().await.len(), 10);
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            alerts.event(event_of_route(
+                &format!("a{i}"),
+                EventKind::Resolved,
+                &format!("/r{i}"),
+            ));
+            settle().await;
+        }
+        let listed = alerts.list().await;
+        let ids = |state: AlertState| {
+            let mut ids: Vec<String> = listed
+                .iter()
+                .filter(|r| r.state == state)
+                .map(|r| r.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(AlertState::Firing), ["a6", "a7", "a8", "a9"]);
+        assert_eq!(
+            ids(AlertState::Resolved),
+            ["a3", "a4", "a5"],
+            "the newest three resolved"
+        );
+        tokio::time::sleep(Duration::from_secs(601)).await;
+        alerts.event(event_of_route("b", EventKind::Pending, "/b"));
+        settle().await;
+        let left: Vec<AlertState> = alerts.list().await.iter().map(|r| r.state).collect();
+        assert_eq!(
+            left.iter().filter(|s| **s == AlertState::Resolved).count(),
+            0,
+            "past the retention"
+        );
+        assert_eq!(left.iter().filter(|s| **s == AlertState::Firing).count(), 4);
     }
 
     /// An incident's burst of events is taken in at once: its state is saved (and handed over) once, holding every
