@@ -408,13 +408,16 @@ impl Aggregator {
             self.hub.clone(),
             sink,
             self.health.clone(),
-            persistence,
-            self.cluster
-                .clone()
-                .map(|c| c as Arc<dyn alerting::alerts::Handover>),
-            alerting::alerts::manager::ResolvedKept {
-                retention: self.config.resolved_alert_retention,
-                most: self.config.max_resolved_alerts,
+            alerting::alerts::manager::Keeping {
+                persistence,
+                handover: self
+                    .cluster
+                    .clone()
+                    .map(|c| c as Arc<dyn alerting::alerts::Handover>),
+                resolved: alerting::alerts::manager::ResolvedKept {
+                    retention: self.config.resolved_alert_retention,
+                    most: self.config.max_resolved_alerts,
+                },
             },
             &mut tasks,
         );

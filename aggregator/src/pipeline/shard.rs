@@ -357,8 +357,6 @@ mod tests {
                 Arc::new(Discard),
                 sink,
                 health.clone(),
-                None,
-                None,
                 Default::default(),
                 tasks,
             ),

@@ -39,6 +39,17 @@ pub(crate) struct ResolvedKept {
     pub(crate) most: usize,
 }
 
+/// Where the manager keeps its alerts' state, and how long it lists resolved ones.
+#[derive(Default)]
+pub(crate) struct Keeping {
+    /// Across restarts, if anywhere.
+    pub(crate) persistence: Option<Persistence>,
+    /// For the node that takes a service over next (cluster only).
+    pub(crate) handover: Option<Arc<dyn Handover>>,
+    /// Resolved alerts listed.
+    pub(crate) resolved: ResolvedKept,
+}
+
 impl Default for ResolvedKept {
     /// An hour, a thousand.
     fn default() -> Self {
@@ -179,11 +190,14 @@ impl Alerts {
         records: Arc<dyn RecordSink>,
         sink: mpsc::UnboundedSender<Notification>,
         health: Arc<Health>,
-        persistence: Option<Persistence>,
-        handover: Option<Arc<dyn Handover>>,
-        kept: ResolvedKept,
+        keeping: Keeping,
         tasks: &mut JoinSet<()>,
     ) -> Self {
+        let Keeping {
+            persistence,
+            handover,
+            resolved: kept,
+        } = keeping;
         let (tx, rx) = mpsc::unbounded_channel();
         let (gate, releases) = mpsc::unbounded_channel();
         let write_wait = handover.as_ref().map_or(Duration::ZERO, |h| h.write_wait());
@@ -1204,9 +1218,11 @@ escalation = [
             Arc::new(Discard),
             sink,
             health,
-            persistence,
-            handover,
-            kept,
+            Keeping {
+                persistence,
+                handover,
+                resolved: kept,
+            },
             &mut tasks,
         );
         (alerts, notes, tasks)
