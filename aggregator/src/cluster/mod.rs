@@ -477,7 +477,7 @@ impl Cluster {
                         unconfirmed: VecDeque::new(),
                     };
                     self.set_fence(&key, fence);
-                    kv.map(|kv| decode_handover(kv.value()))
+                    kv.map(|kv| serde_json::from_slice::<Vec<SavedAlert>>(kv.value()))
                         .transpose()
                         .map_err(|e| format!("alert state of {service} unreadable: {e}"))?
                         .unwrap_or_default()
@@ -743,48 +743,10 @@ impl Cluster {
 /// Largest alert state of one service written to etcd (its default request limit is 1.5 MiB).
 const MAX_HANDOVER_BYTES: usize = 1 << 20;
 
-/// What starts a packed hand-over value: never the start of JSON, so plain values read as before.
-const PACKED: &[u8] = b"\0snappy\0";
-
-/// Largest alert state of one service unpacked from a hand-over value: past it the value is refused unread (a value
-/// that says it unpacks into gigabytes is not one this code wrote).
-const MAX_HANDOVER_UNPACKED: usize = 256 << 20;
-
-/// A service's alerts as a hand-over value: their JSON, or, when that is larger than [`MAX_HANDOVER_BYTES`], the
-/// JSON snappy-compressed behind [`PACKED`] (so that an incident's thousands of alerts of one service still fit;
-/// nodes of earlier versions read the plain values, which is all they were ever handed).
-fn encode_handover(alerts: &[SavedAlert]) -> Result<Vec<u8>, String> {
-    let json = serde_json::to_vec(alerts).map_err(|e| e.to_string())?;
-    if json.len() <= MAX_HANDOVER_BYTES {
-        return Ok(json);
-    }
-    let packed = snap::raw::Encoder::new()
-        .compress_vec(&json)
-        .map_err(|e| e.to_string())?;
-    Ok([PACKED, &packed].concat())
-}
-
-/// The alerts of a hand-over value, plain or packed.
-fn decode_handover(value: &[u8]) -> Result<Vec<SavedAlert>, String> {
-    let Some(packed) = value.strip_prefix(PACKED) else {
-        return serde_json::from_slice(value).map_err(|e| e.to_string());
-    };
-    let len = snap::raw::decompress_len(packed).map_err(|e| e.to_string())?;
-    if len > MAX_HANDOVER_UNPACKED {
-        return Err(format!(
-            "it unpacks into {len} bytes, more than {MAX_HANDOVER_UNPACKED}"
-        ));
-    }
-    let json = snap::raw::Decoder::new()
-        .decompress_vec(packed)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&json).map_err(|e| e.to_string())
-}
-
 impl Handover for Cluster {
     fn publish(&self, service: &str, alerts: Vec<SavedAlert>) -> Option<oneshot::Receiver<()>> {
         let key = self.alert_key(service);
-        match encode_handover(&alerts) {
+        match serde_json::to_vec(&alerts) {
             Ok(value) => {
                 let (written, answer) = oneshot::channel();
                 let write = Write {
@@ -844,61 +806,6 @@ const ETCD_CALL: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `n` firing alerts of one service, each with its own labels (as a rule split by route makes them).
-    fn many_alerts(n: usize) -> Vec<SavedAlert> {
-        (0..n)
-            .map(|k| {
-                let mut record = crate::alerting::alerts::manager::tests_support::record(&format!(
-                    "alert-{k:06}"
-                ));
-                record
-                    .labels
-                    .insert("route".into(), format!("/api/v2/items/{k}"));
-                record.value = Some(5.0 + k as f64 / 7.0);
-                SavedAlert {
-                    key: format!("r|svc|route=/api/v2/items/{k}"),
-                    record,
-                    next_step: 1,
-                    told: vec![0],
-                    queued: Vec::new(),
-                    settled: Vec::new(),
-                }
-            })
-            .collect()
-    }
-
-    /// A service's alert state is handed over as JSON while it fits, packed past that (so ten thousand alerts of one
-    /// service still fit in an etcd value), and either reads back the same; a packed value that would unpack into
-    /// more than the bound, or that is not snappy, is refused with a reason.
-    #[test]
-    fn a_large_alert_state_is_packed_to_fit_and_reads_back_the_same() {
-        let few = many_alerts(3);
-        let plain = encode_handover(&few).unwrap();
-        assert_eq!(plain.first(), Some(&b'['), "small states stay plain JSON");
-        assert_eq!(decode_handover(&plain).unwrap().len(), 3);
-        let incident = many_alerts(10_000);
-        let json = serde_json::to_vec(&incident).unwrap().len();
-        let packed = encode_handover(&incident).unwrap();
-        assert!(json > MAX_HANDOVER_BYTES, "{json} bytes of JSON");
-        assert!(packed.starts_with(PACKED));
-        assert!(
-            packed.len() <= MAX_HANDOVER_BYTES,
-            "{json} bytes of JSON packed into {}",
-            packed.len()
-        );
-        let back = decode_handover(&packed).unwrap();
-        assert_eq!(back.len(), incident.len());
-        assert!(back.iter().zip(&incident).all(|(a, b)| a.key == b.key
-            && a.record.id == b.record.id
-            && a.record.labels == b.record.labels
-            && a.told == b.told));
-        // A header saying 1 GiB (varint 2^30), then nothing.
-        let bomb = [PACKED, &[0x80, 0x80, 0x80, 0x80, 0x04]].concat();
-        assert!(decode_handover(&bomb).unwrap_err().contains("unpacks into"));
-        assert!(decode_handover(&[PACKED, b"not snappy"].concat()).is_err());
-        assert!(decode_handover(b"[tru").is_err());
-    }
 
     /// A single-member etcd on free loopback ports (the test command installs Debian's `etcd-server`); killed when
     /// dropped.
