@@ -114,7 +114,7 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     pub resolved_alert_retention: Duration,
     /// ...and how many resolved alerts at most, the oldest going first; firing, acknowledged and pending alerts are
-    /// always listed, however many.
+    /// always listed, however many, and so is a resolved one whose notifications are still being delivered.
     pub max_resolved_alerts: usize,
     /// Webhook timeouts and retries.
     pub webhooks: DeliverySettings,

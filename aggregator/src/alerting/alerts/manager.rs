@@ -25,12 +25,15 @@ use crate::alerting::event::{AlertRecord, AlertState, NotifyTransition};
 use crate::alerting::rules::RulesStore;
 use crate::health::Health;
 
-/// How long resolved alerts stay listed.
 /// How long an alert taken over without a state directory's settings waits for its rule to confirm it.
 const DEFAULT_RESTORE_GRACE: Duration = Duration::from_secs(120);
 
+/// A pending alert whose rule went away without clearing it (its service gone, a panic) is forgotten after this.
+const STALE_PENDING: Duration = Duration::from_secs(3600);
+
 /// How long resolved alerts stay listed, and how many at most (the oldest go first); firing, acknowledged and
-/// pending ones always are. A pending alert whose rule went away without clearing it is forgotten after `retention`.
+/// pending ones always are, and so is a resolved one until delivery is finished with every notification of it
+/// (its resolve included), so that the state saved and handed over still holds what is left to send.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ResolvedKept {
     /// `resolved_alert_retention`.
@@ -949,26 +952,35 @@ impl Manager {
     fn prune(&mut self) {
         let now = Instant::now();
         let before = self.entries.len();
-        // A pending alert whose rule went away without clearing it (its service gone, a panic) is forgotten after
-        // the retention too.
         let retention = self.kept.retention;
         let stale_pending = strobe_proto::clock::unix_second()
-            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+            .saturating_sub(i64::try_from(STALE_PENDING.as_secs()).unwrap_or(i64::MAX));
+        let unsettled = |e: &Entry| e.sent.iter().any(|n| !e.settled.contains(n));
         self.entries.retain(|_, e| {
             e.ended_at
-                .is_none_or(|ended| now.duration_since(ended) < retention)
+                .is_none_or(|ended| now.duration_since(ended) < retention || unsettled(e))
                 && !(e.record.state == AlertState::Pending && e.record.since < stale_pending)
         });
         // Past the most kept, the oldest resolved go, however many fire: sorted once, not searched once per alert.
-        let mut resolved: Vec<(Instant, String)> = self
+        // Restored ones all ended "now" (the monotonic clock cannot go back past the start): their wall-clock end
+        // orders them.
+        let resolved = self
             .entries
-            .iter()
-            .filter_map(|(id, e)| e.ended_at.map(|ended| (ended, id.clone())))
-            .collect();
-        if resolved.len() > self.kept.most {
-            resolved.sort_unstable();
-            let excess = resolved.len() - self.kept.most;
-            for (_, id) in resolved.into_iter().take(excess) {
+            .values()
+            .filter(|e| e.ended_at.is_some())
+            .count();
+        if resolved > self.kept.most {
+            let mut oldest: Vec<(Instant, i64, String)> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| !unsettled(e))
+                .filter_map(|(id, e)| {
+                    let ended_ms = e.record.resolved_at_ms.unwrap_or(i64::MAX);
+                    e.ended_at.map(|ended| (ended, ended_ms, id.clone()))
+                })
+                .collect();
+            oldest.sort_unstable();
+            for (_, _, id) in oldest.into_iter().take(resolved - self.kept.most) {
                 self.entries.remove(&id);
             }
         }
@@ -1296,20 +1308,33 @@ escalation = [
     }
 
     /// Resolved alerts stay listed for `resolved_alert_retention`, at most `max_resolved_alerts` of them (the
-    /// newest), however many fire; firing ones are never dropped for the count.
+    /// newest), however many fire; firing ones are never dropped for the count, nor a resolved one while a
+    /// notification of it is still being delivered.
     #[tokio::test(start_paused = true)]
     async fn resolved_alerts_are_kept_by_time_and_count_while_firing_ones_always_are() {
         let kept = ResolvedKept {
             retention: Duration::from_secs(600),
             most: 3,
         };
-        let (alerts, _notes, _tasks) = setup_keeping(None, None, kept);
+        let (alerts, mut notes, _tasks) = setup_keeping(None, None, kept);
+        // Delivery finishes with every notification sent so far; how many there were.
+        let deliver = |notes: &mut mpsc::UnboundedReceiver<Notification>| {
+            let mut n = 0;
+            while let Ok(note) = notes.try_recv() {
+                if let Some(settled) = note.on_settled {
+                    (settled.0)();
+                }
+                n += 1;
+            }
+            n
+        };
         for i in 0..10 {
             for kind in [EventKind::Pending, EventKind::Firing] {
                 alerts.event(event_of_route(&format!("a{i}"), kind, &format!("/r{i}")));
             }
         }
         settle().await;
+        assert_eq!(deliver(&mut notes), 10, "each firing alert paged");
         assert_eq!(alerts.list().await.len(), 10);
         for i in 0..6 {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1319,7 +1344,15 @@ escalation = [
                 &format!("/r{i}"),
             ));
             settle().await;
+            assert_eq!(deliver(&mut notes), 1, "its resolve told");
+            settle().await;
         }
+        // One more resolved whose resolve is still being delivered: kept past the count.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        alerts.event(event_of_route("a6", EventKind::Resolved, "/r6"));
+        settle().await;
+        let held: Vec<Notification> = std::iter::from_fn(|| notes.try_recv().ok()).collect();
+        assert_eq!(held.len(), 1);
         let listed = alerts.list().await;
         let ids = |state: AlertState| {
             let mut ids: Vec<String> = listed
@@ -1330,22 +1363,39 @@ escalation = [
             ids.sort();
             ids
         };
-        assert_eq!(ids(AlertState::Firing), ["a6", "a7", "a8", "a9"]);
+        assert_eq!(ids(AlertState::Firing), ["a7", "a8", "a9"]);
         assert_eq!(
             ids(AlertState::Resolved),
-            ["a3", "a4", "a5"],
-            "the newest three resolved"
+            ["a4", "a5", "a6"],
+            "the newest three resolved, the one still being told among them"
         );
+        // Past the retention: the resolved ones go, but not before the last resolve is delivered.
         tokio::time::sleep(Duration::from_secs(601)).await;
         alerts.event(event_of_route("b", EventKind::Pending, "/b"));
         settle().await;
-        let left: Vec<AlertState> = alerts.list().await.iter().map(|r| r.state).collect();
+        let resolved = |list: &[AlertRecord]| {
+            list.iter()
+                .filter(|r| r.state == AlertState::Resolved)
+                .map(|r| r.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(resolved(&alerts.list().await), ["a6"], "still being told");
+        for note in held {
+            if let Some(settled) = note.on_settled {
+                (settled.0)();
+            }
+        }
+        settle().await;
+        alerts.event(event_of_route("c", EventKind::Pending, "/c"));
+        settle().await;
+        let left = alerts.list().await;
+        assert!(resolved(&left).is_empty(), "past the retention");
         assert_eq!(
-            left.iter().filter(|s| **s == AlertState::Resolved).count(),
-            0,
-            "past the retention"
+            left.iter()
+                .filter(|r| r.state == AlertState::Firing)
+                .count(),
+            3
         );
-        assert_eq!(left.iter().filter(|s| **s == AlertState::Firing).count(), 4);
     }
 
     /// An incident's burst of events is taken in at once: its state is saved (and handed over) once, holding every
