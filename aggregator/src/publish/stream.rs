@@ -400,6 +400,12 @@ impl LiveReceiver {
                 frame = self.live.recv() => frame,
                 frame = seconds.recv() => frame,
             },
+            // One service's view, the usual case: nothing allocated per frame.
+            Feed::Services(feeds) if feeds.len() == 1 => tokio::select! {
+                biased;
+                frame = self.live.recv() => frame,
+                frame = feeds[0].1.recv() => frame,
+            },
             Feed::Services(feeds) => tokio::select! {
                 biased;
                 frame = self.live.recv() => frame,
