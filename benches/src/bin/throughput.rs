@@ -16,6 +16,9 @@
 //! With `--stall D` it stops the aggregator (SIGSTOP) for `D` seconds instead, connections kept, and reports how
 //! long after it went on live frames were fresh again.
 //!
+//! `--subscribers N` adds N overview clients (seal -> client latency); `--view-subscribers N` adds N clients each
+//! watching one service's full seconds (what they received of their service and of others, and lagged notices).
+//!
 //! `cargo build --release && cargo run --release -p strobe-benches --bin throughput -- --agents 10000 --seconds 300`
 
 use std::collections::{BTreeMap, HashMap};
