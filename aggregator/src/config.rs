@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::alerting::alerts::DeliverySettings;
+use crate::alerting::alerts::manager::ResolvedKept;
 use crate::alerting::canary::CanarySettings;
 use crate::limits::Limits;
 use crate::model::MainMetrics;
@@ -162,8 +163,8 @@ impl Default for AggregatorConfig {
             rules: None,
             state_dir: None,
             alert_restore_grace: Duration::from_secs(120),
-            resolved_alert_retention: Duration::from_secs(3600),
-            max_resolved_alerts: 1000,
+            resolved_alert_retention: ResolvedKept::default().retention,
+            max_resolved_alerts: ResolvedKept::default().most,
             webhooks: DeliverySettings::default(),
             metrics: MainMetrics::default(),
             canary: CanarySettings::default(),
