@@ -110,6 +110,12 @@ pub struct AggregatorConfig {
     /// again before it is resolved.
     #[serde(with = "humantime_serde")]
     pub alert_restore_grace: Duration,
+    /// Alert state written longer ago than this when the aggregator starts is not carried over: its firing and
+    /// acknowledged alerts are resolved (and everyone told is told), so a breach seen now pages again, and an
+    /// acknowledgement from before a long outage does not silence it. Prometheus bounds the `for` state it
+    /// restores the same way (`--rules.alert.for-outage-tolerance`, 1 h).
+    #[serde(with = "humantime_serde")]
+    pub alert_outage_tolerance: Duration,
     /// How long a resolved alert stays listed (`/api/v1/alerts`, the dashboard's list, the state kept across
     /// restarts)...
     #[serde(with = "humantime_serde")]
@@ -163,6 +169,7 @@ impl Default for AggregatorConfig {
             rules: None,
             state_dir: None,
             alert_restore_grace: Duration::from_secs(120),
+            alert_outage_tolerance: Duration::from_secs(3600),
             resolved_alert_retention: ResolvedKept::default().retention,
             max_resolved_alerts: ResolvedKept::default().most,
             webhooks: DeliverySettings::default(),

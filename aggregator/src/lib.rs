@@ -397,6 +397,7 @@ impl Aggregator {
                 canary_restore_grace: self.config.alert_restore_grace
                     + self.config.canary.min_history
                     + self.config.canary.settle,
+                outage_tolerance: self.config.alert_outage_tolerance,
             }),
             None => {
                 info!(message = "No state directory: alert state is kept in memory only.");

@@ -58,7 +58,7 @@ async fn alert_of(http: std::net::SocketAddr, rule: &str) -> Option<Value> {
 async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_everyone_told() {
     // The developer's endpoint fails with 500 three times before it recovers.
     let receiver = Receiver::start(3).await;
-    let dir = std::env::temp_dir().join(format!("strobe-it-alerts-{}", std::process::id()));
+    let dir = scratch_dir().join("alerts");
     std::fs::create_dir_all(&dir).unwrap();
     let rules_path = dir.join("rules.toml");
     std::fs::write(&rules_path, rules(receiver.addr)).unwrap();
@@ -242,7 +242,7 @@ async fn breaches_page_the_owner_escalate_unless_acknowledged_and_resolve_to_eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
-    let dir = std::env::temp_dir().join(format!("strobe-it-reload-{}", std::process::id()));
+    let dir = scratch_dir().join("reload");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("rules.toml");
     let rule = |threshold: f64| {
@@ -297,7 +297,7 @@ async fn rules_reload_on_edit_reject_bad_edits_and_are_served_by_the_api() {
 async fn an_alert_firing_across_a_restart_keeps_its_id_and_acknowledgement_and_is_not_paged_again()
 {
     let receiver = Receiver::start(0).await;
-    let dir = std::env::temp_dir().join(format!("strobe-it-restart-{}", std::process::id()));
+    let dir = scratch_dir().join("restart");
     std::fs::create_dir_all(&dir).unwrap();
     let rules_path = dir.join("rules.toml");
     std::fs::write(&rules_path, rules(receiver.addr)).unwrap();
@@ -422,7 +422,7 @@ async fn a_webhook_receiver_down_for_a_minute_gets_every_notification_once_in_or
  {
     // The receiver's address is reserved but nothing listens there for the first minute.
     let receiver_addr = free_local_addr();
-    let dir = std::env::temp_dir().join(format!("strobe-it-down-{}", std::process::id()));
+    let dir = scratch_dir().join("down");
     std::fs::create_dir_all(&dir).unwrap();
     let rules_path = dir.join("rules.toml");
     std::fs::write(&rules_path, rules(receiver_addr.parse().unwrap())).unwrap();

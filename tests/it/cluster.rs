@@ -27,9 +27,8 @@ struct Etcd {
 
 impl Etcd {
     async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "strobe-it-etcd-{}-{}",
-            std::process::id(),
+        let dir = scratch_dir().join(format!(
+            "etcd-{}",
             free_local_addr().rsplit(':').next().unwrap()
         ));
         std::fs::create_dir_all(&dir).unwrap();

@@ -287,7 +287,7 @@ async fn the_kubernetes_aggregator_starts_with_its_manifests_flags_tokens_and_ru
         &help,
     );
 
-    let dir = std::env::temp_dir().join(format!("strobe-it-deploy-{}", std::process::id()));
+    let dir = scratch_dir().join("deploy");
     std::fs::create_dir_all(&dir).unwrap();
     let rules_path = dir.join("rules.toml");
     std::fs::write(&rules_path, str_of(&rules["data"]["rules.toml"])).unwrap();

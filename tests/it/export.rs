@@ -21,11 +21,7 @@ impl Prometheus {
         let binary = which("prometheus").expect(
             "prometheus is not installed: run scripts/test, which installs Debian's prometheus package",
         );
-        let dir = std::env::temp_dir().join(format!(
-            "strobe-it-prometheus-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let dir = scratch_dir().join(format!("prometheus-{}", rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
         std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();

@@ -333,11 +333,25 @@ pub(crate) fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
+/// This test run's own temporary folder, made on first use. Named by process id *and* start time: process ids come
+/// round again, and a folder an earlier run left behind would hand this one its files, among them the alert state
+/// an aggregator keeps beside its rules file (a firing or acknowledged alert restored from a run long gone took in
+/// a test's new breach, and nothing paged).
+pub(crate) fn scratch_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("strobe-it-{}-{started}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+}
+
 /// Writes `text` to a file named `name` in this test run's temporary folder; its path.
 pub(crate) fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("strobe-it-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    let path = scratch_dir().join(name);
     std::fs::write(&path, text).unwrap();
     path
 }

@@ -21,7 +21,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("strobe-it-tls-{}", std::process::id()));
+        let dir = scratch_dir().join("tls");
         std::fs::create_dir_all(&dir).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -123,6 +123,9 @@ pub(crate) struct Persistence {
     /// The same for canary alerts: the canary starts from no history after a restart and needs longer to convict
     /// again.
     pub(crate) canary_restore_grace: Duration,
+    /// A state file older than this at start is history, not state: its firing and acknowledged alerts are
+    /// resolved (everyone told is told) instead of carried over, so that a breach now pages afresh.
+    pub(crate) outage_tolerance: Duration,
 }
 
 /// Where each service's alert state goes whenever it changes, for the node that takes the service over next
@@ -558,8 +561,8 @@ impl Manager {
         let Some(persistence) = &self.persistence else {
             return;
         };
-        let saved = match persistence.file.load() {
-            Ok(saved) => saved,
+        let loaded = match persistence.file.load() {
+            Ok(loaded) => loaded,
             Err(failure) => {
                 error!(message = "Alert state unreadable; starting without it.", error = %failure);
                 match persistence.file.set_aside() {
@@ -574,12 +577,34 @@ impl Manager {
             }
         };
         let (grace, canary_grace) = (persistence.restore_grace, persistence.canary_restore_grace);
+        let tolerance = persistence.outage_tolerance;
         let path = persistence.file.path().display().to_string();
-        let (open, requeued) = self.take_saved(saved, grace, canary_grace);
+        let now_ms = strobe_proto::clock::unix_millis();
+        let age = loaded.saved_at_ms.map_or(Duration::ZERO, |at| {
+            Duration::from_millis(u64::try_from(now_ms.saturating_sub(at)).unwrap_or(0))
+        });
+        let (open, requeued) = self.take_saved(loaded.alerts, grace, canary_grace);
         info!(
             message = "Alert state restored.", %path,
             alerts = self.entries.len(), firing = open, notifications_queued_again = requeued,
         );
+        if open > 0 && age > tolerance {
+            // Nobody watched the rules for longer than the tolerance: whether those breaches went on is unknown, and
+            // an acknowledgement that old must not silence the incident of today.
+            warn!(
+                message = "Alert state older than alert_outage_tolerance: its open alerts are resolved, not carried over.",
+                %path, age_secs = age.as_secs(), tolerance_secs = tolerance.as_secs(), open,
+            );
+            let open: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.is_open())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in open {
+                self.resolve(&id, None, now_ms);
+            }
+        }
     }
 
     /// A service's alerts handed over by its previous owner: held as after a restart (waiting for their rule to
@@ -1661,6 +1686,7 @@ escalation = [
             file: StateFile::open(dir).unwrap(),
             restore_grace: Duration::from_secs(60),
             canary_restore_grace: Duration::from_secs(300),
+            outage_tolerance: Duration::from_secs(3600),
         }
     }
 
@@ -1745,6 +1771,69 @@ escalation = [
         assert_eq!(
             take(&mut notes, &[]).await,
             vec![("a".into(), "resolved", "dev".into())]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// State written longer ago than `alert_outage_tolerance` is not carried over: its acknowledged alert is resolved
+    /// at start (the one told is told), and the same breach seen now is a new alert that pages.
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_past_the_tolerance_open_alerts_are_resolved_and_a_breach_pages_afresh()
+    {
+        let dir = std::env::temp_dir().join(format!(
+            "strobe-outage-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        {
+            let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
+            alerts.event(event("a", EventKind::Pending));
+            alerts.event(event("a", EventKind::Firing));
+            settled().await;
+            assert_eq!(take(&mut notes, &["firing"]).await.len(), 1);
+            alerts.ack("a", "alice").await.unwrap();
+            settled().await;
+            assert_eq!(take(&mut notes, &["acknowledged"]).await.len(), 1);
+            tasks.abort_all();
+        }
+        // The file as an aggregator down for two hours left it.
+        let path = dir.join("alerts.json");
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        body["saved_at_ms"] = (strobe_proto::clock::unix_millis() - 2 * 3_600_000).into();
+        std::fs::write(&path, serde_json::to_vec(&body).unwrap()).unwrap();
+
+        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &["resolved"]).await,
+            vec![("a".into(), "resolved", "dev".into())],
+            "resolved at start, and the one told is told"
+        );
+        let mut again = event("a-now", EventKind::Pending);
+        again.since = 500;
+        alerts.event(again.clone());
+        again.kind = EventKind::Firing;
+        alerts.event(again);
+        settled().await;
+        assert_eq!(
+            take(&mut notes, &[]).await,
+            vec![("a-now".into(), "firing", "dev".into())],
+            "the breach now is a new alert, paged: the old acknowledgement does not silence it"
+        );
+        let mut listed: Vec<(String, AlertState)> = alerts
+            .list()
+            .await
+            .into_iter()
+            .map(|r| (r.id, r.state))
+            .collect();
+        listed.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            listed,
+            [
+                ("a".to_owned(), AlertState::Resolved),
+                ("a-now".to_owned(), AlertState::Firing)
+            ]
         );
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -54,6 +54,15 @@ pub(crate) struct SavedAlert {
     pub(crate) settled: Vec<(NotifyTransition, usize)>,
 }
 
+/// What a state file held.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    /// When it was written (unix milliseconds); `None` when there was no file.
+    pub(crate) saved_at_ms: Option<i64>,
+    /// The alerts.
+    pub(crate) alerts: Vec<SavedAlert>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StateFileBody {
     format: u32,
@@ -84,11 +93,13 @@ impl StateFile {
         &self.path
     }
 
-    /// What was saved last; nothing if there is no file yet.
-    pub(crate) fn load(&self) -> Result<Vec<SavedAlert>, StateError> {
+    /// What was saved last, and when; nothing if there is no file yet.
+    pub(crate) fn load(&self) -> Result<Loaded, StateError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Loaded::default());
+            }
             Err(source) => {
                 return Err(StateError::Io {
                     path: self.path.clone(),
@@ -108,7 +119,10 @@ impl StateFile {
                 body.format
             )));
         }
-        Ok(body.alerts)
+        Ok(Loaded {
+            saved_at_ms: Some(body.saved_at_ms),
+            alerts: body.alerts,
+        })
     }
 
     /// Moves an unreadable file aside (to `alerts.json.unreadable`) so that the next save does not destroy it.
@@ -164,7 +178,11 @@ mod tests {
     fn saved_alerts_load_back_and_an_unreadable_file_is_refused_then_set_aside() {
         let dir = dir("roundtrip");
         let file = StateFile::open(&dir.join("nested")).unwrap();
-        assert!(file.load().unwrap().is_empty(), "no file yet is no state");
+        let nothing = file.load().unwrap();
+        assert!(
+            nothing.alerts.is_empty() && nothing.saved_at_ms.is_none(),
+            "no file yet is no state"
+        );
         let saved = SavedAlert {
             record: record("a"),
             key: "k".into(),
@@ -173,8 +191,16 @@ mod tests {
             queued: vec![(NotifyTransition::Firing, 0), (NotifyTransition::Firing, 1)],
             settled: vec![(NotifyTransition::Firing, 0)],
         };
+        let before = strobe_proto::clock::unix_millis();
         file.save(vec![saved]).unwrap();
-        let loaded = file.load().unwrap();
+        let Loaded {
+            saved_at_ms,
+            alerts: loaded,
+        } = file.load().unwrap();
+        assert!(
+            saved_at_ms.is_some_and(|at| at >= before),
+            "{saved_at_ms:?}"
+        );
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].record.id, "a");
         assert_eq!(loaded[0].told, vec![0, 1]);
@@ -184,7 +210,7 @@ mod tests {
         assert!(matches!(file.load(), Err(StateError::Corrupt { .. })));
         let aside = file.set_aside().unwrap();
         assert!(aside.exists());
-        assert!(file.load().unwrap().is_empty());
+        assert!(file.load().unwrap().alerts.is_empty());
 
         std::fs::write(
             file.path(),
