@@ -140,22 +140,25 @@ impl Pool {
             .collect()
     }
 
-    /// The index of a prebuilt second whose latency multiplier is about `latency` (`n` picks among neighbours, so
-    /// that instances with the same shock do not send the same second).
-    fn index_for(&self, latency: f64, n: usize) -> usize {
+    /// The index of a prebuilt second whose latency multiplier is about `latency`: any second of the pool when
+    /// there are no shocks, else one of the five nearest, drawn afresh for every instance-second. (Picking by
+    /// instance and second in turn made instance `n` send the second instance `n + 1` had sent the second before:
+    /// a version's seconds over a minute held a few dozen distinct draws, and two identical versions' p99s drifted
+    /// 10% apart, past what the canary allows for sampling.)
+    fn index_for(&self, latency: f64, rng: &mut SmallRng) -> usize {
         let len = self.seconds.len();
         if latency == 1.0 && self.multipliers.iter().all(|m| *m == 1.0) {
-            return n % len;
+            return rng.random_range(0..len);
         }
         let at = self.multipliers.partition_point(|m| *m < latency);
-        (at + n % 5).saturating_sub(2).min(len - 1)
+        (at + rng.random_range(0..5)).saturating_sub(2).min(len - 1)
     }
 
     /// A prebuilt second, with the error count drawn afresh: reusing a fixed sample of error counts would give
     /// two "identical" versions really different error ratios. (Latency histograms are reused; the pool is large
     /// enough that its quantiles sit within a few percent of the behaviour's.)
-    fn pick(&self, n: usize, shock: SecondShock, rng: &mut SmallRng) -> Vec<pb::Series> {
-        let mut series = self.seconds[self.index_for(shock.latency, n)].clone();
+    fn pick(&self, shock: SecondShock, rng: &mut SmallRng) -> Vec<pb::Series> {
+        let mut series = self.seconds[self.index_for(shock.latency, rng)].clone();
         let requests = series
             .iter()
             .find(|s| s.id == self.requests)
@@ -744,7 +747,7 @@ impl Generator {
                 .pool
                 .partial(1.0 - instance.starts_at.fract(), shock, rng)
         } else {
-            instance.pool.pick(n.wrapping_add(t as usize), shock, rng)
+            instance.pool.pick(shock, rng)
         };
         let snapshot = pb::Snapshot {
             second: t,
@@ -864,5 +867,19 @@ mod tests {
         assert!(sizes[0] >= 1, "{sizes:?}");
         let even = assign_services(10, 3, false);
         assert_eq!(even, vec![0, 1, 2, 0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    /// A version's instances over a minute send most of the pool's seconds, not a few dozen resent by turns: its
+    /// latency quantiles are those of thousands of draws, as an identical version's are.
+    #[test]
+    fn a_versions_minute_draws_from_the_whole_pool() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let pool = Pool::build(Behavior::HEALTHY, Shape::INDEPENDENT, 0, 0, POOL_SECONDS, 1);
+        let mut drawn = std::collections::BTreeSet::new();
+        // Twelve instances for a minute: 720 draws of 256, about 239 distinct expected (71 when picked by turns).
+        for _ in 0..60 * 12 {
+            drawn.insert(pool.index_for(1.0, &mut rng));
+        }
+        assert!(drawn.len() > 220, "{}", drawn.len());
     }
 }

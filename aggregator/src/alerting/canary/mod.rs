@@ -741,7 +741,11 @@ impl Canary {
             .into_iter()
             .map(|(v, track)| (v.clone(), track.first_seen))
             .collect();
-        let min_history = usize::try_from(settings.min_history.as_secs()).unwrap_or(usize::MAX);
+        // A model cannot be fitted on fewer seconds: a deployment marked fitted with less would keep the cautious
+        // models for good.
+        let min_history = usize::try_from(settings.min_history.as_secs())
+            .unwrap_or(usize::MAX)
+            .max(stats::FEWEST_FIT_SECONDS);
         let b = counted(seconds.get(&baseline));
         for (candidate, first_seen) in candidates {
             let c = counted(seconds.get(&candidate));
@@ -1423,6 +1427,34 @@ mod tests {
             Models::fit(&track_of(std::iter::empty()), 120).latency,
             NoiseModel::CAUTIOUS
         );
+    }
+
+    /// A `min_history` shorter than a fit needs (two seconds, as the integration tests set it) does not leave a
+    /// comparison that began with that much history on the cautious models for good: they are fitted once the
+    /// baseline has the seconds a fit takes.
+    #[test]
+    fn a_comparison_begun_on_less_history_than_a_fit_takes_is_fitted_later() {
+        let settings = CanarySettings {
+            min_history: Duration::from_secs(2),
+            ..CanarySettings::default()
+        };
+        for warmup in 1..=4 {
+            let mut rng = SmallRng::seed_from_u64(warmup);
+            let service: Arc<str> = "svc".into();
+            let mut canary = Canary::default();
+            let mut baseline = Fleet::new(BASE, INDEPENDENT, 4);
+            let mut candidate = Fleet::new(BASE, INDEPENDENT, 4);
+            for t in 0..warmup + 10 {
+                let mut versions = BTreeMap::from([(Arc::from("v1"), baseline.second(&mut rng))]);
+                if t >= warmup {
+                    versions.insert(Arc::from("v2"), candidate.second(&mut rng));
+                }
+                canary.observe(&service, t as i64, versions, &settings);
+            }
+            let d = &canary.deployments["v2"];
+            assert!(d.fitted, "warmup {warmup}");
+            assert_ne!(d.models.latency, NoiseModel::CAUTIOUS, "warmup {warmup}");
+        }
     }
 
     /// The quiet error floors apply only where the baseline's instances, each on its own, show no error shocks

@@ -21,6 +21,9 @@
 //! The same mixture gives an always-valid confidence bound: a candidate is `healthy` only once the upper bound of
 //! every check is under its floor.
 
+/// Fewest seconds a [`NoiseModel`] is fitted on, whatever `min_history` says.
+pub(crate) const FEWEST_FIT_SECONDS: usize = 3;
+
 /// The per-second shock structure of one statistic (a log error ratio or a log quantile) on one side.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct NoiseModel {
@@ -62,7 +65,7 @@ impl NoiseModel {
     /// at three, 4; at two and a half, 2, but one independent-traffic regression in 40 then took 158 s instead of
     /// a few (a spurious shock).
     pub(crate) fn fit(values: &[(f64, f64)], instances: f64, min_seconds: usize) -> Option<Self> {
-        if values.len() < min_seconds.max(3) {
+        if values.len() < min_seconds.max(FEWEST_FIT_SECONDS) {
             return None;
         }
         let n = values.len() as f64;
