@@ -42,6 +42,9 @@ impl DemoCluster {
             "strobe demo --nodes needs etcd on the PATH (Debian: apt-get install etcd-server)",
         )?;
         let data = std::env::temp_dir().join(format!("strobe-demo-etcd-{}", std::process::id()));
+        // An earlier demo whose process id was this one's left its etcd data (handed-over alerts among it): every
+        // demo starts from none.
+        std::fs::remove_dir_all(&data).ok();
         std::fs::create_dir_all(&data)?;
         let (client, peer) = (free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client}");

@@ -110,10 +110,12 @@ pub struct AggregatorConfig {
     /// again before it is resolved.
     #[serde(with = "humantime_serde")]
     pub alert_restore_grace: Duration,
-    /// Alert state written longer ago than this when the aggregator starts is not carried over: its firing and
-    /// acknowledged alerts are resolved (and everyone told is told), so a breach seen now pages again, and an
-    /// acknowledgement from before a long outage does not silence it. Prometheus bounds the `for` state it
-    /// restores the same way (`--rules.alert.for-outage-tolerance`, 1 h).
+    /// An aggregator down longer than this does not carry its alerts over: at start, a state file written longer
+    /// ago has its firing and acknowledged alerts resolved (and everyone told is told), so a breach seen now pages
+    /// again and an acknowledgement from before a long outage does not silence it. While an alert is open the file
+    /// is written at least every minute (a quarter of this, if less), so its age is the outage's. Prometheus bounds
+    /// the `for` state it restores likewise (`--rules.alert.for-outage-tolerance`, 1 h). The state file only: in a
+    /// cluster, alerts handed over through etcd are taken over as they are.
     #[serde(with = "humantime_serde")]
     pub alert_outage_tolerance: Duration,
     /// How long a resolved alert stays listed (`/api/v1/alerts`, the dashboard's list, the state kept across

@@ -830,6 +830,8 @@ mod tests {
         let (client, peer) = (free_port(), free_port());
         let dir =
             std::env::temp_dir().join(format!("strobe-fence-{}-{client}", std::process::id()));
+        // A run long gone with the same process id and port left its data: start from none.
+        std::fs::remove_dir_all(&dir).ok();
         let child = std::process::Command::new("etcd")
             .arg("--name=fence")
             .arg(format!("--data-dir={}", dir.display()))

@@ -124,8 +124,16 @@ pub(crate) struct Persistence {
     /// again.
     pub(crate) canary_restore_grace: Duration,
     /// A state file older than this at start is history, not state: its firing and acknowledged alerts are
-    /// resolved (everyone told is told) instead of carried over, so that a breach now pages afresh.
+    /// resolved (everyone told is told) instead of carried over, so that a breach now pages afresh. While an alert
+    /// is open the file is written at least every [`heartbeat`] of it, so its age is how long the aggregator was
+    /// down (to within that).
     pub(crate) outage_tolerance: Duration,
+}
+
+/// How often the state file is written again, unchanged, while an alert is open: a quarter of the outage tolerance,
+/// at most a minute and at least a second.
+fn heartbeat(outage_tolerance: Duration) -> Duration {
+    (outage_tolerance / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// Where each service's alert state goes whenever it changes, for the node that takes the service over next
@@ -403,12 +411,19 @@ const MAX_COMMANDS_AT_ONCE: usize = 1024;
 
 impl Manager {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        // What the state file had queued and not delivered is on record already.
+        // What the state file had queued and not delivered is on record already, and so are the resolves of a file
+        // older than the outage tolerance (saved by `restore`).
         self.release();
         // In a cluster: how often alerts of services that moved away without their shard knowing (evicted as idle
         // here before the move) are let go, so that only the owner pages for them.
         let mut moves = tokio::time::interval(Duration::from_secs(1));
         moves.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let beat = self
+            .persistence
+            .as_ref()
+            .map_or(Duration::from_secs(60), |p| heartbeat(p.outage_tolerance));
+        let mut beats = tokio::time::interval(beat);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self.next_due();
             tokio::select! {
@@ -425,6 +440,15 @@ impl Manager {
                 }
                 _ = sleep_until_opt(due) => {}
                 _ = moves.tick(), if self.handover.is_some() => self.disown_moved(),
+                _ = beats.tick(), if self.persistence.is_some() => {
+                    // The file's time says the aggregator was up: written again while an alert is open.
+                    if self.entries.values().any(|e| {
+                            matches!(e.record.state, AlertState::Firing | AlertState::Acknowledged)
+                        })
+                    {
+                        self.dirty = true;
+                    }
+                }
             }
             self.escalate_due();
             self.resolve_unconfirmed();
@@ -604,6 +628,9 @@ impl Manager {
             for id in open {
                 self.resolve(&id, None, now_ms);
             }
+            // On record before the resolves go out (the run's first release), so that a restart right after
+            // does not send them again.
+            self.save();
         }
     }
 
@@ -1834,6 +1861,50 @@ escalation = [
                 ("a".to_owned(), AlertState::Resolved),
                 ("a-now".to_owned(), AlertState::Firing)
             ]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// While an alert is open the state file is written again at least every minute, unchanged, so that its age at
+    /// the next start is the outage's, not the time since the alert last changed (an acknowledgement an hour old on
+    /// an aggregator that never stopped is carried over a restart).
+    #[tokio::test(start_paused = true)]
+    async fn the_state_file_is_rewritten_while_an_alert_is_open() {
+        let dir = std::env::temp_dir().join(format!(
+            "strobe-heartbeat-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        alerts.event(event("a", EventKind::Pending));
+        alerts.event(event("a", EventKind::Firing));
+        settled().await;
+        assert_eq!(take(&mut notes, &["firing"]).await.len(), 1);
+        alerts.ack("a", "alice").await.unwrap();
+        settled().await;
+        assert_eq!(take(&mut notes, &["acknowledged"]).await.len(), 1);
+        // Nothing changes from here on; the file is made to look two hours old.
+        let path = dir.join("alerts.json");
+        let saved_at = || -> i64 {
+            let body: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            body["saved_at_ms"].as_i64().unwrap()
+        };
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let old = strobe_proto::clock::unix_millis() - 2 * 3_600_000;
+        body["saved_at_ms"] = old.into();
+        std::fs::write(&path, serde_json::to_vec(&body).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        settled().await;
+        assert!(
+            saved_at() > strobe_proto::clock::unix_millis() - 60_000,
+            "written again within a minute"
+        );
+        assert_eq!(
+            alerts.list().await[0].state,
+            AlertState::Acknowledged,
+            "unchanged"
         );
         std::fs::remove_dir_all(&dir).ok();
     }
