@@ -274,6 +274,34 @@ impl HistorySecond {
     }
 }
 
+/// What a fit of a version's history has to go on: its seconds (the error model's) and those of them with a p50,
+/// that is with [`MIN_SECOND_SAMPLES`] latencies or more (the latency model's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FitBasis {
+    seconds: usize,
+    latency_seconds: usize,
+}
+
+impl FitBasis {
+    fn of(track: &VersionTrack) -> Self {
+        FitBasis {
+            seconds: track.history.len(),
+            latency_seconds: track.history.iter().filter(|h| h.log_p50.is_some()).count(),
+        }
+    }
+
+    /// Whether both models could be fitted on it.
+    fn complete(self, min_seconds: usize) -> bool {
+        self.seconds >= min_seconds && self.latency_seconds >= min_seconds
+    }
+
+    /// Whether a fit on it fits a model that a fit on `before` left cautious.
+    fn adds_to(self, before: FitBasis, min_seconds: usize) -> bool {
+        (self.seconds >= min_seconds && before.seconds < min_seconds)
+            || (self.latency_seconds >= min_seconds && before.latency_seconds < min_seconds)
+    }
+}
+
 /// The noise models a comparison uses, fitted once from the baseline's history when it starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Models {
@@ -486,9 +514,9 @@ struct Deployment {
     baseline_side: Side,
     /// The same plus the baseline's history before the comparison (what the tests compare with).
     baseline_total: Side,
-    /// Whether the noise models were fitted on enough history (else they are the cautious ones, refitted once
-    /// the baseline has enough).
-    fitted: bool,
+    /// What the noise models were fitted on: until both had enough seconds, a model short of them is the cautious
+    /// one, and the models are fitted again once the baseline's history has them.
+    fitted_on: FitBasis,
     /// The newest seconds as counted, for corrections.
     recent: VecDeque<(i64, VersionSecond, VersionSecond)>,
     verdict: Verdict,
@@ -752,39 +780,40 @@ impl Canary {
             let deployment = self
                 .deployments
                 .entry(candidate.clone())
-                .or_insert_with(|| {
-                    let history = &base_track.history;
-                    Deployment {
+                .or_insert_with(|| Deployment {
+                    candidate: candidate.clone(),
+                    baseline: baseline.clone(),
+                    models: Models::fit(base_track, min_history),
+                    candidate_side: Side::new(),
+                    baseline_side: Side::new(),
+                    baseline_total: base_track.prior(),
+                    fitted_on: FitBasis::of(base_track),
+                    recent: VecDeque::new(),
+                    verdict: Verdict {
+                        service: service.clone(),
                         candidate: candidate.clone(),
                         baseline: baseline.clone(),
-                        models: Models::fit(base_track, min_history),
-                        candidate_side: Side::new(),
-                        baseline_side: Side::new(),
-                        baseline_total: base_track.prior(),
-                        fitted: history.len() >= min_history,
-                        recent: VecDeque::new(),
-                        verdict: Verdict {
-                            service: service.clone(),
-                            candidate: candidate.clone(),
-                            baseline: baseline.clone(),
-                            state: VerdictState::Collecting,
-                            since: first_seen,
-                            t,
-                            reason: None,
-                            checks: Vec::new(),
-                            deployer: None,
-                        },
-                    }
+                        state: VerdictState::Collecting,
+                        since: first_seen,
+                        t,
+                        reason: None,
+                        checks: Vec::new(),
+                        deployer: None,
+                    },
                 });
             if deployment.baseline != baseline {
                 // A convicted candidate whose baseline changed keeps its verdict until it is gone.
                 continue;
             }
-            if !deployment.fitted && base_track.history.len() >= min_history {
-                // Started without enough history: the cautious models give way to fitted ones once the baseline's
-                // own seconds (which do not depend on the candidate) are enough.
-                deployment.models = Models::fit(base_track, min_history);
-                deployment.fitted = true;
+            if !deployment.fitted_on.complete(min_history) {
+                // Started without enough history, or with too few seconds that had a p50 (a service too quiet for
+                // one then): the cautious models give way to fitted ones once the baseline's own seconds (which do
+                // not depend on the candidate) are enough.
+                let now = FitBasis::of(base_track);
+                if now.adds_to(deployment.fitted_on, min_history) {
+                    deployment.models = Models::fit(base_track, min_history);
+                    deployment.fitted_on = now;
+                }
             }
             deployment.verdict.deployer =
                 deployment.verdict.deployer.clone().or(c.deployer.clone());
@@ -1452,9 +1481,54 @@ mod tests {
                 canary.observe(&service, t as i64, versions, &settings);
             }
             let d = &canary.deployments["v2"];
-            assert!(d.fitted, "warmup {warmup}");
+            assert!(d.fitted_on.complete(3), "warmup {warmup}");
             assert_ne!(d.models.latency, NoiseModel::CAUTIOUS, "warmup {warmup}");
         }
+    }
+
+    /// A comparison that began while the baseline was too quiet for a p50 in its seconds (history enough, but no
+    /// second with the latencies a p50 takes) does not keep the cautious latency model for good: it is fitted once
+    /// the baseline has the seconds with a p50 that a fit takes.
+    #[test]
+    fn a_comparison_begun_on_seconds_without_a_p50_fits_latency_once_they_have_one() {
+        let settings = CanarySettings {
+            min_history: Duration::from_secs(5),
+            ..CanarySettings::default()
+        };
+        // Under 20 requests a second: no p50. The candidate smaller still, so the baseline stays the baseline.
+        let quiet = Traffic { rps: 10.0, ..BASE };
+        let mut rng = SmallRng::seed_from_u64(5);
+        let service: Arc<str> = "svc".into();
+        let mut canary = Canary::default();
+        let mut baseline = Fleet::new(quiet, INDEPENDENT, 2);
+        let mut candidate = Fleet::new(Traffic { rps: 1.0, ..BASE }, INDEPENDENT, 1);
+        let mut observe =
+            |canary: &mut Canary, t: i64, rng: &mut SmallRng, baseline: &mut Fleet| {
+                let versions = BTreeMap::from([
+                    (Arc::from("v1"), baseline.second(rng)),
+                    (Arc::from("v2"), candidate.second(rng)),
+                ]);
+                canary.observe(&service, t, versions, &settings);
+            };
+        for t in 0..10 {
+            let versions = BTreeMap::from([(Arc::from("v1"), baseline.second(&mut rng))]);
+            canary.observe(&service, t, versions, &settings);
+        }
+        observe(&mut canary, 10, &mut rng, &mut baseline);
+        let d = &canary.deployments["v2"];
+        assert_eq!(
+            d.models.latency,
+            NoiseModel::CAUTIOUS,
+            "no second had a p50"
+        );
+        assert!(!d.fitted_on.complete(5));
+        baseline.traffic = BASE;
+        for t in 11..20 {
+            observe(&mut canary, t, &mut rng, &mut baseline);
+        }
+        let d = &canary.deployments["v2"];
+        assert!(d.fitted_on.complete(5), "{:?}", d.fitted_on);
+        assert_ne!(d.models.latency, NoiseModel::CAUTIOUS);
     }
 
     /// The quiet error floors apply only where the baseline's instances, each on its own, show no error shocks
