@@ -1,4 +1,5 @@
-// Strobe dashboard: reads only the public API (/api/v1/stream, /api/v1/alerts, POST /api/v1/alerts/{id}/ack).
+// Strobe dashboard: reads only the public API (/api/v1/stream, /api/v1/alerts, POST /api/v1/alerts/{id}/ack,
+// /api/v1/services, /api/v1/cluster).
 // Overview tiles come from "overview" frames; the service view from "second" frames of one service.
 "use strict";
 

@@ -10,7 +10,8 @@
 //! - [`health`]: the agent's own counters on `/metrics`.
 //! - [`Agent`]: binds the sockets and runs the fold loop, the inputs' servers and the shipper.
 //!
-//! Inputs record, the window folds, the shipper exports: the three never share a lock.
+//! Inputs record, the window folds, the shipper exports: the three never share a lock (the in-process facade's
+//! cells are the exception: the service's threads write them, the fold task drains them).
 
 pub mod facade;
 pub mod health;

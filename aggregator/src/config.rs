@@ -112,8 +112,9 @@ pub struct AggregatorConfig {
     pub alert_restore_grace: Duration,
     /// An aggregator down longer than this does not carry its alerts over: at start, a state file written longer
     /// ago has its firing and acknowledged alerts resolved (and everyone told is told), so a breach seen now pages
-    /// again and an acknowledgement from before a long outage does not silence it. While an alert is open the file
-    /// is written at least every minute (a quarter of this, if less), so its age is the outage's. Prometheus bounds
+    /// again and an acknowledgement from before a long outage does not silence it. While an alert is firing or
+    /// acknowledged the file is written every minute, or every quarter of this if that is shorter (but at most once a
+    /// second), so its age is the outage's. Prometheus bounds
     /// the `for` state it restores likewise (`--rules.alert.for-outage-tolerance`, 1 h). The state file only: in a
     /// cluster, alerts handed over through etcd are taken over as they are.
     #[serde(with = "humantime_serde")]

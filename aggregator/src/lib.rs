@@ -4,9 +4,11 @@
 //!
 //! # Layout
 //! Rooms, each depending only on the ones listed before it (no two rooms import each other):
-//! - leaves: [`model`] (data types, the main metrics), [`limits`], [`health`] (counters, typed drop reasons);
+//! - leaves: [`model`] (data types, the main metrics), [`limits`], [`auth`] (tokens, roles, origins), [`tls`];
+//! - [`health`] (counters, typed drop reasons), on `model`;
 //! - [`alerting`]: rules, canary, the alert manager and webhook delivery, and the alert currency they trade in;
 //! - [`publish`]: the hub (frames, history, broadcast, status, alert and verdict states), the overview, HTTP;
+//! - [`cluster`]: membership in etcd, which node owns which service, relays and alert hand-over;
 //! - [`pipeline`]: shards (the scheduler), per-service transitions, windows, merge;
 //! - [`ingest`]: the tonic service and the validator, the only code that touches protobuf types;
 //! - this file and [`config`]: the composition root that wires them.
@@ -14,8 +16,9 @@
 //! `model`, `limits`, `ingest::validate`, `pipeline::windows`, `pipeline::merge`, the rules' evaluation, the canary
 //! and `publish::overview` are pure (no I/O, no tokio); time is passed in.
 //!
-//! The public surface is [`Aggregator`], its configuration and [`kernels`] (the pure hot-path functions, public so
-//! the benchmarks can measure them); everything else is `pub(crate)`.
+//! The public surface is [`Aggregator`], its configuration and errors, [`auth`] and [`tls`] (their types are part
+//! of the configuration), and [`kernels`] (the pure hot-path functions, public so the benchmarks can measure them);
+//! everything else is `pub(crate)`.
 
 pub(crate) mod alerting;
 #[cfg(test)]

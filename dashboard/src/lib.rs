@@ -1,6 +1,6 @@
 //! Strobe's browser dashboard: static files embedded in the binary at build time and served by the aggregator.
 //! No build step: plain HTML, CSS and JavaScript drawing on canvas. The page reads only the public API
-//! (`/api/v1/stream`, `/api/v1/alerts`), so anyone can build their own view the same way.
+//! (`/api/v1/stream`, `/api/v1/alerts`, `/api/v1/services`, `/api/v1/cluster`), so anyone can build their own view the same way.
 
 /// One embedded file.
 #[derive(Debug, Clone, Copy)]

@@ -1,7 +1,7 @@
 //! Strobe's wire format: the `strobe.v1` protobuf messages and the tonic client and server for the
 //! agent-to-aggregator stream, generated from `strobe.proto` at build time. Hand-written beside them: the
-//! HdrHistogram V2 cookie both ends check, the HTTP/2 window sizes both ends set, [`clock`], the wall-clock
-//! second arithmetic both ends share, and [`codec`], prost's codec with a snapshot's series vector sized up front.
+//! HdrHistogram V2 cookie both ends check, the HTTP/2 window sizes the agent sets, [`host_pid`] (an instance's
+//! default name), [`clock`], the wall-clock second arithmetic both ends share, and [`codec`], prost's codec with a snapshot's series vector sized up front.
 
 #![allow(unreachable_pub, clippy::all)]
 

@@ -6,6 +6,7 @@
 //! - [`sim`]: one simulated instance's traffic per second (rates, errors, latency) and its shipping loop.
 //! - [`demo`]: the `strobe demo` scenario: an aggregator, a small fleet, a staged bad deploy.
 //! - [`loadgen`]: `strobe loadgen`: thousands of instances over a few shared HTTP/2 connections.
+//! - [`traffic`]: production-shaped traffic within a second (shocks that requests share and that persist).
 
 pub mod demo;
 pub mod loadgen;

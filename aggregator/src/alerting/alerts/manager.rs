@@ -125,8 +125,8 @@ pub(crate) struct Persistence {
     pub(crate) canary_restore_grace: Duration,
     /// A state file older than this at start is history, not state: its firing and acknowledged alerts are
     /// resolved (everyone told is told) instead of carried over, so that a breach now pages afresh. While an alert
-    /// is open the file is written at least every [`heartbeat`] of it, so its age is how long the aggregator was
-    /// down (to within that).
+    /// is firing or acknowledged the file is written at least every [`heartbeat`] of it, so its age is how long the
+    /// aggregator was down (to within that).
     pub(crate) outage_tolerance: Duration,
 }
 
@@ -440,7 +440,8 @@ impl Manager {
                 }
                 _ = sleep_until_opt(due) => {}
                 _ = moves.tick(), if self.handover.is_some() => self.disown_moved(),
-                _ = beats.tick(), if self.persistence.is_some() => {
+                // Single node only: in a cluster the file is not read at start (alerts come with their services).
+                _ = beats.tick(), if self.persistence.is_some() && self.handover.is_none() => {
                     // The file's time says the aggregator was up: written again while an alert is open.
                     if self.entries.values().any(|e| {
                             matches!(e.record.state, AlertState::Firing | AlertState::Acknowledged)
@@ -1875,7 +1876,7 @@ escalation = [
             std::process::id(),
             rand::random::<u32>()
         ));
-        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
         alerts.event(event("a", EventKind::Pending));
         alerts.event(event("a", EventKind::Firing));
         settled().await;
@@ -1906,6 +1907,12 @@ escalation = [
             AlertState::Acknowledged,
             "unchanged"
         );
+        // So a restart now carries the acknowledgement over (an age of two hours would resolve it).
+        tasks.abort_all();
+        let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
+        settled().await;
+        assert_eq!(take(&mut notes, &[]).await, vec![], "nobody told anything");
+        assert_eq!(alerts.list().await[0].state, AlertState::Acknowledged);
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -274,8 +274,8 @@ impl HistorySecond {
     }
 }
 
-/// What a fit of a version's history has to go on: its seconds (the error model's) and those of them with a p50,
-/// that is with [`MIN_SECOND_SAMPLES`] latencies or more (the latency model's).
+/// What a fit of a version's history has to go on: its seconds with requests (the error model's) and those of them
+/// with a p50, that is with [`MIN_SECOND_SAMPLES`] latencies or more (the latency model's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FitBasis {
     seconds: usize,
@@ -285,7 +285,7 @@ struct FitBasis {
 impl FitBasis {
     fn of(track: &VersionTrack) -> Self {
         FitBasis {
-            seconds: track.history.len(),
+            seconds: track.history.iter().filter(|h| h.requests > 0.0).count(),
             latency_seconds: track.history.iter().filter(|h| h.log_p50.is_some()).count(),
         }
     }
@@ -295,10 +295,14 @@ impl FitBasis {
         self.seconds >= min_seconds && self.latency_seconds >= min_seconds
     }
 
-    /// Whether a fit on it fits a model that a fit on `before` left cautious.
-    fn adds_to(self, before: FitBasis, min_seconds: usize) -> bool {
-        (self.seconds >= min_seconds && before.seconds < min_seconds)
-            || (self.latency_seconds >= min_seconds && before.latency_seconds < min_seconds)
+    /// Whether a fit on it fits the error model where a fit on `before` could not.
+    fn adds_errors_to(self, before: FitBasis, min_seconds: usize) -> bool {
+        self.seconds >= min_seconds && before.seconds < min_seconds
+    }
+
+    /// Whether a fit on it fits the latency model where a fit on `before` could not.
+    fn adds_latency_to(self, before: FitBasis, min_seconds: usize) -> bool {
+        self.latency_seconds >= min_seconds && before.latency_seconds < min_seconds
     }
 }
 
@@ -809,10 +813,20 @@ impl Canary {
                 // Started without enough history, or with too few seconds that had a p50 (a service too quiet for
                 // one then): the cautious models give way to fitted ones once the baseline's own seconds (which do
                 // not depend on the candidate) are enough.
+                // Each model is fitted once on enough seconds, and then fixed.
                 let now = FitBasis::of(base_track);
-                if now.adds_to(deployment.fitted_on, min_history) {
-                    deployment.models = Models::fit(base_track, min_history);
-                    deployment.fitted_on = now;
+                let (before, min) = (deployment.fitted_on, min_history);
+                if now.adds_errors_to(before, min) || now.adds_latency_to(before, min) {
+                    let fitted = Models::fit(base_track, min_history);
+                    if now.adds_errors_to(before, min) {
+                        deployment.models.errors = fitted.errors;
+                        deployment.models.quiet_errors = fitted.quiet_errors;
+                        deployment.fitted_on.seconds = now.seconds;
+                    }
+                    if now.adds_latency_to(before, min) {
+                        deployment.models.latency = fitted.latency;
+                        deployment.fitted_on.latency_seconds = now.latency_seconds;
+                    }
                 }
             }
             deployment.verdict.deployer =
