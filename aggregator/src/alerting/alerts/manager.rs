@@ -1803,6 +1803,33 @@ escalation = [
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Alert `id` pending, firing (the page settled) and acknowledged by alice (settled).
+    async fn fire_and_acknowledge(
+        alerts: &Alerts,
+        notes: &mut mpsc::UnboundedReceiver<Notification>,
+        id: &str,
+    ) {
+        alerts.event(event(id, EventKind::Pending));
+        alerts.event(event(id, EventKind::Firing));
+        settled().await;
+        assert_eq!(take(notes, &["firing"]).await.len(), 1);
+        alerts.ack(id, "alice").await.unwrap();
+        settled().await;
+        assert_eq!(take(notes, &["acknowledged"]).await.len(), 1);
+    }
+
+    /// The state file in `dir`, as JSON.
+    fn state_file_body(dir: &std::path::Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("alerts.json")).unwrap()).unwrap()
+    }
+
+    /// Makes the state file in `dir` look written `ms` before now.
+    fn age_state_file(dir: &std::path::Path, ms: i64) {
+        let mut body = state_file_body(dir);
+        body["saved_at_ms"] = (strobe_proto::clock::unix_millis() - ms).into();
+        std::fs::write(dir.join("alerts.json"), serde_json::to_vec(&body).unwrap()).unwrap();
+    }
+
     /// State written longer ago than `alert_outage_tolerance` is not carried over: its acknowledged alert is resolved
     /// at start (the one told is told), and the same breach seen now is a new alert that pages.
     #[tokio::test(start_paused = true)]
@@ -1815,21 +1842,11 @@ escalation = [
         ));
         {
             let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
-            alerts.event(event("a", EventKind::Pending));
-            alerts.event(event("a", EventKind::Firing));
-            settled().await;
-            assert_eq!(take(&mut notes, &["firing"]).await.len(), 1);
-            alerts.ack("a", "alice").await.unwrap();
-            settled().await;
-            assert_eq!(take(&mut notes, &["acknowledged"]).await.len(), 1);
+            fire_and_acknowledge(&alerts, &mut notes, "a").await;
             tasks.abort_all();
         }
         // The file as an aggregator down for two hours left it.
-        let path = dir.join("alerts.json");
-        let mut body: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        body["saved_at_ms"] = (strobe_proto::clock::unix_millis() - 2 * 3_600_000).into();
-        std::fs::write(&path, serde_json::to_vec(&body).unwrap()).unwrap();
+        age_state_file(&dir, 2 * 3_600_000);
 
         let (alerts, mut notes, _tasks) = setup_with(Some(persistence(&dir)));
         settled().await;
@@ -1877,29 +1894,14 @@ escalation = [
             rand::random::<u32>()
         ));
         let (alerts, mut notes, mut tasks) = setup_with(Some(persistence(&dir)));
-        alerts.event(event("a", EventKind::Pending));
-        alerts.event(event("a", EventKind::Firing));
-        settled().await;
-        assert_eq!(take(&mut notes, &["firing"]).await.len(), 1);
-        alerts.ack("a", "alice").await.unwrap();
-        settled().await;
-        assert_eq!(take(&mut notes, &["acknowledged"]).await.len(), 1);
+        fire_and_acknowledge(&alerts, &mut notes, "a").await;
         // Nothing changes from here on; the file is made to look two hours old.
-        let path = dir.join("alerts.json");
-        let saved_at = || -> i64 {
-            let body: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-            body["saved_at_ms"].as_i64().unwrap()
-        };
-        let mut body: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let old = strobe_proto::clock::unix_millis() - 2 * 3_600_000;
-        body["saved_at_ms"] = old.into();
-        std::fs::write(&path, serde_json::to_vec(&body).unwrap()).unwrap();
+        age_state_file(&dir, 2 * 3_600_000);
         tokio::time::sleep(Duration::from_secs(61)).await;
         settled().await;
         assert!(
-            saved_at() > strobe_proto::clock::unix_millis() - 60_000,
+            state_file_body(&dir)["saved_at_ms"].as_i64().unwrap()
+                > strobe_proto::clock::unix_millis() - 60_000,
             "written again within a minute"
         );
         assert_eq!(

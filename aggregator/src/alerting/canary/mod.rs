@@ -815,15 +815,17 @@ impl Canary {
                 // not depend on the candidate) are enough.
                 // Each model is fitted once on enough seconds, and then fixed.
                 let now = FitBasis::of(base_track);
-                let (before, min) = (deployment.fitted_on, min_history);
-                if now.adds_errors_to(before, min) || now.adds_latency_to(before, min) {
+                let before = deployment.fitted_on;
+                let errors = now.adds_errors_to(before, min_history);
+                let latency = now.adds_latency_to(before, min_history);
+                if errors || latency {
                     let fitted = Models::fit(base_track, min_history);
-                    if now.adds_errors_to(before, min) {
+                    if errors {
                         deployment.models.errors = fitted.errors;
                         deployment.models.quiet_errors = fitted.quiet_errors;
                         deployment.fitted_on.seconds = now.seconds;
                     }
-                    if now.adds_latency_to(before, min) {
+                    if latency {
                         deployment.models.latency = fitted.latency;
                         deployment.fitted_on.latency_seconds = now.latency_seconds;
                     }
