@@ -2,7 +2,8 @@
 //! websocket clients (one subscribed to every full frame, one to the overview). After a warm-up it measures, for
 //! a number of seconds:
 //! - instances per sealed second (live frames, and after corrections), min and median;
-//! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p50, p90 and p99;
+//! - seal delay p50 and p99 (from the aggregator's `/metrics` histogram), live frame after second end p50, p90 and p99,
+//!   also for the ten largest services and the rest apart;
 //! - when snapshots were merged at their shard, after their second ended (p50, p90, p99; the same `/metrics`), and
 //!   what sealed the live seconds (`strobe_seconds_sealed_by_total`);
 //! - the aggregator's CPU (cores) and peak RSS, from `/proc`;
@@ -134,8 +135,8 @@ struct Seen {
     /// (service, t, aggregator) -> instances in the live overview, and the most in any correction. The aggregator
     /// is 0, or 1 once it was restarted (`--outage`).
     instances: HashMap<(String, i64, u8), (u64, u64)>,
-    /// Live "second" frames: milliseconds after their second ended.
-    frame_delays: Vec<i64>,
+    /// Live "second" frames: their service and milliseconds after their second ended.
+    frame_delays: Vec<(String, i64)>,
     /// Every live "second" frame: its aggregator (as in `instances`), its second, and milliseconds after it ended.
     frames: Vec<(u8, i64, i64)>,
     /// The restarted aggregator's overview frames (live or corrections): the last arrival for each second.
@@ -381,9 +382,9 @@ async fn read_frames(
             seen.bytes += text.len() as u64;
         }
         match (frame.kind.as_str(), frame.t, frame.service) {
-            ("second", Some(t), Some(_)) if full && !frame.correction => {
+            ("second", Some(t), Some(service)) if full && !frame.correction => {
                 let delay = arrived - (t + 1) * 1000;
-                seen.frame_delays.push(delay);
+                seen.frame_delays.push((service, delay));
                 seen.frames.push((epoch, t, delay));
             }
             ("overview", Some(t), Some(service)) if !full => {
@@ -1000,7 +1001,26 @@ async fn main() -> Result<()> {
         100.0 * live as f64 / expected.max(1) as f64
     };
     let head = sizes.len().min(10);
-    let mut delays = frame_delays;
+    // Frame delays by service size too: the ten largest services (whose shards merge the most) against the rest.
+    let size_rank: HashMap<&str, usize> = {
+        let mut by_size: Vec<(&String, &u64)> = size_of.iter().collect();
+        by_size.sort_unstable_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        by_size
+            .iter()
+            .enumerate()
+            .map(|(rank, (service, _))| (service.as_str(), rank))
+            .collect()
+    };
+    let (mut delays_head, mut delays_rest) = (Vec::new(), Vec::new());
+    for (service, delay) in &frame_delays {
+        match size_rank.get(service.as_str()) {
+            Some(rank) if *rank < head => delays_head.push(*delay),
+            _ => delays_rest.push(*delay),
+        }
+    }
+    delays_head.sort_unstable();
+    delays_rest.sort_unstable();
+    let mut delays: Vec<i64> = frame_delays.iter().map(|(_, d)| *d).collect();
     delays.sort_unstable();
     println!(
         "| agents x series | instances per second, live (min / median) | after corrections (min / median) | live share | seal delay p50 / p99 | frame after second p50 / p90 / p99 | aggregator CPU | aggregator peak RSS | loadgen CPU | lost |"
@@ -1041,6 +1061,17 @@ async fn main() -> Result<()> {
         "(full-frame client received {:.1} MB/s; loadgen's last progress line: {})",
         bytes as f64 / 1e6 / (args.seconds + args.warmup) as f64,
         last_progress.lock().expect("lock")
+    );
+    println!(
+        "live frame after second end by service size, p50 / p90 / p99: the {} largest {} / {} / {} ms, the other {} {} / {} / {} ms",
+        head,
+        percentile(&delays_head, 0.5),
+        percentile(&delays_head, 0.9),
+        percentile(&delays_head, 0.99),
+        sizes.len() - head,
+        percentile(&delays_rest, 0.5),
+        percentile(&delays_rest, 0.9),
+        percentile(&delays_rest, 0.99),
     );
     println!(
         "snapshots merged at their shard, after their second ended (bucket bounds): p50 / p90 / p99 {} / {} / {} s",
