@@ -878,8 +878,13 @@ pub(crate) mod tests {
             let first = 1u64 << 63;
             raw_varint(((first - 1) << 1) | 1, &mut payload);
             raw_varint(((u64::MAX - below - first - 1) << 1) | 1, &mut payload);
+            let mut longest = payload.clone();
             payload.extend_from_slice(&[2, 0x7f, 4, 0x7f, 0x7f, 6, 0x7f, 0x7f, 0x7f, 0x7f, 8, 2]);
             payloads.push(payload);
+            // Eight of the longest runs (512 buckets) in one window: the most an eight-at-once step moves.
+            longest.extend_from_slice(&[0x7f; 8]);
+            longest.extend_from_slice(&[2, 4]);
+            payloads.push(longest);
         }
         for payload in &payloads {
             for len in [0usize, 1, 64, 300, usize::MAX] {
