@@ -16,6 +16,8 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Before the allocator's arenas grow (see `use_small_pages`).
+    let pages = strobe_aggregator::use_small_pages();
     let cli = Cli::parse();
     let default_log = if matches!(cli.command, Command::Demo(_)) {
         "warn"
@@ -27,6 +29,12 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_new(log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    match pages {
+        Ok(pages) => tracing::debug!(message = "Memory pages.", ?pages),
+        Err(error) => {
+            tracing::warn!(message = "Could not turn transparent huge pages off.", %error)
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(error) => {

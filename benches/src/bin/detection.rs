@@ -339,6 +339,8 @@ fn percentiles(label: &str, mut values: Vec<f64>) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    // As the `strobe` binary does (its arenas on small pages); the runtime's few allocations before this stay.
+    strobe_aggregator::use_small_pages()?;
     let args = Args::parse();
     tracing_subscriber_init();
     let healthy = Behavior {
