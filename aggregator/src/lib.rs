@@ -218,22 +218,22 @@ pub enum AggregatorError {
 pub enum Pages {
     /// Transparent huge pages are off for this process.
     Small,
-    /// `MIMALLOC_ALLOW_THP` is set: the operator chose, and the allocator does as it says.
+    /// `MIMALLOC_ALLOW_THP` is set: the operator chose, and the allocator's own option decides (within what a
+    /// parent process allowed).
     AsConfigured,
     /// Not Linux: nothing to turn off.
     Unsupported,
 }
 
 /// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`), unless `MIMALLOC_ALLOW_THP` is
-/// set. Call it first thing in `main`: pages faulted in before it keep their size, and child processes inherit it.
+/// set and not empty (mimalloc reads an empty one as on). Call it first thing in `main`: pages faulted in before it
+/// keep their size, and child processes inherit it.
 ///
-/// mimalloc asks for huge pages for its arenas (`MADV_HUGEPAGE`), and the first touch of each zeroes 2 MiB at once.
-/// While 10,000 agents connected at once, that zeroing (`clear_page_erms`, under `do_huge_pmd_anonymous_page`) took
-/// 23% of the aggregator's CPU in `perf`, and the node was fresh 22.5 s after the start; with small pages the
-/// zeroing was gone from the profile and the node fresh after 1.6 s (README, *A sixth machine*). In steady state the
-/// zeroing was 0.3%.
+/// mimalloc asks for huge pages for its arenas (`MADV_HUGEPAGE`), and the first touch of each zeroes 2 MiB at once:
+/// while 10,000 agents connected at once, that zeroing was about a quarter of the aggregator's CPU and the start
+/// took several times as long (measured in the README, *A sixth machine*); in steady state it was negligible.
 pub fn use_small_pages() -> std::io::Result<Pages> {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some_and(|value| !value.is_empty()) {
         return Ok(Pages::AsConfigured);
     }
     #[cfg(target_os = "linux")]
@@ -718,7 +718,9 @@ mod tests {
     fn small_pages_turn_transparent_huge_pages_off_for_the_process() {
         match use_small_pages().unwrap() {
             Pages::Small => assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap()),
-            Pages::AsConfigured => assert!(std::env::var_os("MIMALLOC_ALLOW_THP").is_some()),
+            Pages::AsConfigured => {
+                assert!(std::env::var_os("MIMALLOC_ALLOW_THP").is_some_and(|v| !v.is_empty()));
+            }
             Pages::Unsupported => panic!("Linux has transparent huge pages to turn off"),
         }
     }

@@ -989,11 +989,14 @@ async fn main() -> Result<()> {
         }
     }
     let measured = (last_second - first_second).max(0) as u64;
-    let mut sizes: Vec<(u64, u64)> = size_of
+    // Services by size, largest first (ties by name): the ten first are "the largest" for the live share and the
+    // frame delays alike.
+    let mut by_size: Vec<(&str, u64)> = size_of.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    by_size.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let sizes: Vec<(u64, u64)> = by_size
         .iter()
-        .map(|(service, size)| (*size, live_of.get(service.as_str()).copied().unwrap_or(0)))
+        .map(|(service, size)| (*size, live_of.get(service).copied().unwrap_or(0)))
         .collect();
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
     let share = |rows: &[(u64, u64)]| {
         let (live, expected) = rows.iter().fold((0, 0), |(l, e), (size, live)| {
             (l + live, e + size * measured)
@@ -1002,20 +1005,17 @@ async fn main() -> Result<()> {
     };
     let head = sizes.len().min(10);
     // Frame delays by service size too: the ten largest services (whose shards merge the most) against the rest.
-    let size_rank: HashMap<&str, usize> = {
-        let mut by_size: Vec<(&String, &u64)> = size_of.iter().collect();
-        by_size.sort_unstable_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        by_size
-            .iter()
-            .enumerate()
-            .map(|(rank, (service, _))| (service.as_str(), rank))
-            .collect()
-    };
+    let largest: std::collections::HashSet<&str> = by_size
+        .iter()
+        .take(head)
+        .map(|(service, _)| *service)
+        .collect();
     let (mut delays_head, mut delays_rest) = (Vec::new(), Vec::new());
     for (service, delay) in &frame_delays {
-        match size_rank.get(service.as_str()) {
-            Some(rank) if *rank < head => delays_head.push(*delay),
-            _ => delays_rest.push(*delay),
+        if largest.contains(service.as_str()) {
+            delays_head.push(*delay);
+        } else {
+            delays_rest.push(*delay);
         }
     }
     delays_head.sort_unstable();
