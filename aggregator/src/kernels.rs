@@ -140,6 +140,38 @@ pub fn merge_checked(histograms: &CheckedHistograms) -> u64 {
     acc.total()
 }
 
+/// Accumulators enough that merging into each in turn finds its counts out of the caches, as a shard finds a
+/// cell's when thousands of cells take snapshots in between.
+#[derive(Debug)]
+pub struct ColdAccumulators {
+    accumulators: Vec<HdrAccumulator>,
+    next: usize,
+}
+
+impl ColdAccumulators {
+    /// `count` empty accumulators.
+    pub fn new(count: usize) -> Self {
+        Self {
+            accumulators: vec![HdrAccumulator::default(); count.max(1)],
+            next: 0,
+        }
+    }
+
+    /// Merges each checked encoding into the next accumulator in turn; returns the values those accumulators
+    /// hold.
+    pub fn merge(&mut self, histograms: &CheckedHistograms) -> u64 {
+        let mut held = 0;
+        for v2 in &histograms.0 {
+            let at = self.next;
+            self.next = (at + 1) % self.accumulators.len();
+            let acc = &mut self.accumulators[at];
+            acc.add_v2(v2);
+            held += acc.total();
+        }
+        held
+    }
+}
+
 /// One service's windows holding a sealed second, as a correction finds it.
 #[derive(Debug)]
 pub struct CorrectionBench {

@@ -150,6 +150,13 @@ fn histogram_merge(c: &mut Criterion) {
             format!("strobe_merge_v2_bytes_into_counts_{values}_values"),
             |b| b.iter(|| kernels::merge_checked(black_box(&checked))),
         );
+        // The same merge into 16,384 accumulators in turn (tens of MB of counts): each one's counts were last
+        // touched 163 iterations before, out of the core's caches, as a shard's cells are at 10,000 agents.
+        let mut cold = kernels::ColdAccumulators::new(16_384);
+        group.bench_function(
+            format!("strobe_merge_v2_bytes_into_cold_counts_{values}_values"),
+            |b| b.iter(|| cold.merge(black_box(&checked))),
+        );
         group.bench_function(
             format!("hdrhistogram_deserialize_and_add_{values}_values"),
             |b| {
