@@ -157,8 +157,8 @@ impl ColdAccumulators {
         }
     }
 
-    /// Merges each checked encoding into the next accumulator in turn; returns the values those accumulators
-    /// hold.
+    /// Merges each checked encoding into the next accumulator in turn; returns the sum of their totals after each
+    /// merge, only for the benchmark to consume.
     pub fn merge(&mut self, histograms: &CheckedHistograms) -> u64 {
         let mut held = 0;
         for v2 in &histograms.0 {

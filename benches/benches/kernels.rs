@@ -151,7 +151,8 @@ fn histogram_merge(c: &mut Criterion) {
             |b| b.iter(|| kernels::merge_checked(black_box(&checked))),
         );
         // The same merge into 16,384 accumulators in turn (tens of MB of counts): each one's counts were last
-        // touched 163 iterations before, out of the core's caches, as a shard's cells are at 10,000 agents.
+        // touched about 164 iterations before, out of the core's caches (colder than a shard's cells at 10,000 agents,
+        // whose merges cost between this and the warm merge).
         let mut cold = kernels::ColdAccumulators::new(16_384);
         group.bench_function(
             format!("strobe_merge_v2_bytes_into_cold_counts_{values}_values"),
