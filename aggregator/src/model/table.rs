@@ -20,6 +20,12 @@ impl SeriesId {
     pub(crate) fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// The id numbered `n` (tests that need ids without a table).
+    #[cfg(test)]
+    pub(crate) fn test(n: u32) -> Self {
+        Self(n)
+    }
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;

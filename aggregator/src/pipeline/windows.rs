@@ -130,6 +130,12 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// The instances a leaf holds: one version in one zone. Every instance is in exactly one leaf.
 type Leaf = (Arc<str>, Option<Arc<str>>);
 
+/// One leaf's cells, sorted by series id. A snapshot's series, sorted the same way, are merged into them in one walk
+/// through both: no hashing, and the cells are read in the order they lie in memory, which the processor fetches
+/// ahead. (Looked up one by one in a hash map, each cell was a cache miss of its own: the load of its bucket was
+/// half of `merge_into`'s time, and `merge_into` a tenth of the aggregator's in the burst after each second.)
+type LeafCells = Vec<(SeriesId, Cell)>;
+
 /// What a series is, fixed for the second by its first contribution: later ones of another kind (or histogram
 /// scale) are refused, whichever leaf they land in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,8 +162,8 @@ impl Kind {
 pub(crate) struct OpenSecond {
     /// Who reported, with their requests and errors.
     reporters: FastMap<Arc<str>, (Arc<Instance>, Option<RequestCounts>)>,
-    /// Each leaf's cells, with the number of the snapshot (within this second) that last touched each.
-    leaves: FastMap<Leaf, FastMap<SeriesId, (u32, Cell)>>,
+    /// Each leaf's cells, sorted by series id (see [`LeafCells`]).
+    leaves: FastMap<Leaf, LeafCells>,
     kinds: FastMap<SeriesId, Kind>,
     cells: usize,
     /// Bytes its cells take (as counted against the service's `max_bytes`).
@@ -233,7 +239,7 @@ impl OpenSecond {
         let (by_version, by_zone) = (splits.sole_version.is_none(), splits.sole_zone.is_none());
         {
             for ((version, zone), cells) in &self.leaves {
-                for (id, (_, cell)) in cells {
+                for (id, cell) in cells {
                     let key = keys.get(*id);
                     // No allocation per cell: this runs for every cell of every leaf at each seal.
                     let targets = [
@@ -842,22 +848,45 @@ fn merge_into(
     }
     let (instance, requests) = (snapshot.instance, snapshot.requests);
     second.table.get_or_insert(snapshot.table);
-    // This snapshot's number within the second: each instance reports a second once.
-    let this = u32::try_from(second.reporters.len()).unwrap_or(u32::MAX);
+    // The series in id order, as (id, place in the snapshot) packed in one word: sorting words is cheap, and of a
+    // series sent twice the first comes first. (An agent's order is its own: the ids follow the order in which the
+    // service's first stream named them.)
+    let series = snapshot.series;
+    let mut order: Vec<u64> = series
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| ((id.index() as u64) << 32) | i as u64)
+        .collect();
+    if !order.is_sorted() {
+        order.sort_unstable();
+    }
     let leaf = second
         .leaves
         .entry((instance.version.clone(), instance.zone.clone()))
         .or_default();
     let (mut dropped, mut over_budget, mut over_total, mut used) = (0, 0, 0, 0usize);
-    for (key, value) in snapshot.series {
-        if let Some((last, cell)) = leaf.get_mut(&key) {
-            // The same series twice in one snapshot (named and by id, say) counts once.
-            if *last == this {
-                dropped += 1;
-                continue;
-            }
+    // Series new to the leaf, in id order, added once the walk is done.
+    let mut fresh: LeafCells = Vec::new();
+    // The last series taken from this snapshot: the same series twice in one snapshot (named and by id, say)
+    // counts once.
+    let mut taken: Option<SeriesId> = None;
+    // The walk through the leaf: its first cell whose id is not below the series at hand.
+    let mut at = 0;
+    for (key, value) in order
+        .iter()
+        .map(|k| &series[(k & u64::from(u32::MAX)) as usize])
+    {
+        let key = *key;
+        if taken == Some(key) {
+            dropped += 1;
+            continue;
+        }
+        while leaf.get(at).is_some_and(|(id, _)| *id < key) {
+            at += 1;
+        }
+        if let Some((_, cell)) = leaf.get_mut(at).filter(|(id, _)| *id == key) {
             // Checked before allocating: a histogram reaching further than the budget allows is refused.
-            let growth = cell.growth(&value);
+            let growth = cell.growth(value);
             if used + growth > available {
                 over_budget += 1;
                 continue;
@@ -866,23 +895,23 @@ fn merge_into(
                 over_total += 1;
                 continue;
             }
-            if cell.merge(&value).is_err() {
+            if cell.merge(value).is_err() {
                 all.release(growth);
                 dropped += 1;
             } else {
-                *last = this;
+                taken = Some(key);
                 used += growth;
             }
             continue;
         }
         // The first contribution of this series to this leaf: within the cell limit, and agreeing with the other
         // leaves (a refused contribution neither fixes the series' kind nor costs memory).
-        let kind = Kind::of(&value);
+        let kind = Kind::of(value);
         if second.cells >= max_cells || second.kinds.get(&key).is_some_and(|k| *k != kind) {
             dropped += 1;
             continue;
         }
-        let cost = Cell::cost(&value);
+        let cost = Cell::cost(value);
         if used + cost > available {
             over_budget += 1;
             continue;
@@ -894,8 +923,10 @@ fn merge_into(
         second.kinds.entry(key).or_insert(kind);
         second.cells += 1;
         used += cost;
-        leaf.insert(key, (this, Cell::new(&value)));
+        taken = Some(key);
+        fresh.push((key, Cell::new(value)));
     }
+    add_sorted(leaf, fresh);
     second
         .reporters
         .insert(instance.id.clone(), (instance, requests));
@@ -906,6 +937,28 @@ fn merge_into(
         over_total,
         used,
     })
+}
+
+/// Adds `fresh` to `cells`, both sorted by id and with no id in common, keeping them sorted: appended when they all
+/// come after (a leaf's first snapshot, and most later additions), else merged in one pass (never an insertion per
+/// series, which a snapshot of thousands of new series in the middle would make quadratic).
+fn add_sorted(cells: &mut LeafCells, fresh: LeafCells) {
+    if fresh.is_empty() {
+        return;
+    }
+    if cells.last().is_none_or(|(last, _)| *last < fresh[0].0) {
+        cells.extend(fresh);
+        return;
+    }
+    let old = std::mem::take(cells);
+    cells.reserve(old.len() + fresh.len());
+    let (mut old, mut fresh) = (old.into_iter().peekable(), fresh.into_iter().peekable());
+    while let (Some((a, _)), Some((b, _))) = (old.peek(), fresh.peek()) {
+        let next = if a < b { old.next() } else { fresh.next() };
+        cells.extend(next);
+    }
+    cells.extend(old);
+    cells.extend(fresh);
 }
 
 /// What merging one snapshot did.
@@ -2095,6 +2148,106 @@ mod tests {
         ));
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         assert_eq!(sum_of(&sealed[0], None, None), (5.0, 2));
+    }
+
+    /// A leaf's cells are kept sorted by id and merged in one walk: instances listing their series in other orders,
+    /// with series new to the leaf before, between and after the ones it has, and a repeat, all sum as they should.
+    #[test]
+    fn series_in_any_order_merge_into_their_own_cells() {
+        let names: Vec<String> = (0..8).map(|i| format!("order.{i}")).collect();
+        let ids: Vec<SeriesId> = names.iter().map(|n| id(n)).collect();
+        let snapshot = |inst: &Arc<Instance>, picks: &[(usize, f64)]| InstanceSecond {
+            instance: inst.clone(),
+            agent: Default::default(),
+            requests: None,
+            t: 10,
+            series: picks
+                .iter()
+                .map(|(i, v)| (ids[*i], SeriesValue::Counter(*v)))
+                .collect(),
+            table: table(),
+        };
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let a = instance("a", "v1", None);
+        let b = instance("b", "v1", None);
+        let c = instance("c", "v1", None);
+        // The leaf starts with 2, 4 and 6 (given out of order).
+        assert!(matches!(
+            w.apply_now(snapshot(&a, &[(6, 1.0), (2, 1.0), (4, 1.0)])),
+            Applied::Merged { dropped: 0, .. }
+        ));
+        // New ones before, between and after; 4 twice (its first counts).
+        assert!(matches!(
+            w.apply_now(snapshot(
+                &b,
+                &[(7, 10.0), (4, 10.0), (0, 10.0), (4, 99.0), (3, 10.0)]
+            )),
+            Applied::Merged { dropped: 1, .. }
+        ));
+        assert!(matches!(
+            w.apply_now(snapshot(
+                &c,
+                &[
+                    (0, 100.0),
+                    (1, 100.0),
+                    (2, 100.0),
+                    (5, 100.0),
+                    (6, 100.0),
+                    (7, 100.0)
+                ]
+            )),
+            Applied::Merged { dropped: 0, .. }
+        ));
+        let leaf = &w.open[&10].leaves[&(Arc::from("v1"), None)];
+        assert!(leaf.is_sorted_by_key(|(id, _)| *id) && leaf.len() == 8);
+        let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
+        let expected = [
+            (0, 110.0, 2),
+            (1, 100.0, 1),
+            (2, 101.0, 2),
+            (3, 10.0, 1),
+            (4, 11.0, 2),
+            (5, 100.0, 1),
+            (6, 101.0, 2),
+            (7, 110.0, 2),
+        ];
+        for (i, sum, instances) in expected {
+            let s = sealed[0]
+                .series
+                .iter()
+                .find(|s| s.metric.as_ref() == names[i] && s.version.is_none() && s.zone.is_none())
+                .unwrap_or_else(|| panic!("{} sealed", names[i]));
+            assert!(
+                matches!(s.stats, Stats::Counter { sum: got } if got == sum)
+                    && s.instances == instances,
+                "{}: {:?} from {} instances",
+                names[i],
+                s.stats,
+                s.instances
+            );
+        }
+    }
+
+    #[test]
+    fn fresh_cells_are_appended_or_merged_in_order() {
+        let cell = || Cell::new(&SeriesValue::Counter(1.0));
+        let cells_of = |ids: &[u32]| -> LeafCells {
+            ids.iter().map(|i| (SeriesId::test(*i), cell())).collect()
+        };
+        let ids_of = |cells: &LeafCells| -> Vec<u32> {
+            cells.iter().map(|(id, _)| id.index() as u32).collect()
+        };
+        for (old, fresh, both) in [
+            (vec![], vec![1, 2], vec![1, 2]),
+            (vec![1, 2], vec![], vec![1, 2]),
+            (vec![1, 2], vec![3, 9], vec![1, 2, 3, 9]),
+            (vec![5, 8], vec![1, 6, 9], vec![1, 5, 6, 8, 9]),
+            (vec![5, 8], vec![1, 2], vec![1, 2, 5, 8]),
+        ] {
+            let mut cells = cells_of(&old);
+            add_sorted(&mut cells, cells_of(&fresh));
+            assert_eq!(ids_of(&cells), both, "{old:?} + {fresh:?}");
+        }
     }
 
     /// A histogram of one value at 2^40 (its counts reach that far) and what its cell costs.

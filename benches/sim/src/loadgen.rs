@@ -31,6 +31,24 @@ use crate::traffic::{InstanceShocks, SecondShock, ServiceShocks, Shape};
 /// Prebuilt seconds per behaviour.
 const POOL_SECONDS: usize = 256;
 
+/// When, after a second's sending starts, the next second's snapshots are made, and for how long at most. Real
+/// agents each make theirs on their own machine; made here when due, as they were sent, the copying was a fifth of
+/// the generator's CPU in the 300 ms after each second (`perf`), taken from the aggregator in the burst it is
+/// measured in. At 800 ms that burst is over (on the slowest machine measured, at 7,000 agents, the aggregator was
+/// mostly idle from 700 ms), and only the late snapshots of the second before are still being sent. Slots not made
+/// by 950 ms are made when due, as before, so a slow core never holds up the next second's sending. (Made earlier,
+/// right after the second's sending, they competed with the aggregator's drain: README, *When in the second the two
+/// cores do what*.)
+const MAKE_AHEAD_AT: Duration = Duration::from_millis(800);
+const MAKE_AHEAD_FOR: Duration = Duration::from_millis(150);
+
+/// A second's schedule (the instances sent in each slot) and the snapshots of its first slots, made ahead.
+struct Ahead {
+    second: i64,
+    slots: Vec<Vec<usize>>,
+    made: Vec<Vec<(usize, pb::Snapshot)>>,
+}
+
 /// Prebuilt seconds for one behaviour. Under a shape with latency shocks each second is built with its own latency
 /// multiplier (drawn from the shape's spread, in ascending order), so an instance-second picks the second whose
 /// multiplier matches its shock.
@@ -611,6 +629,8 @@ impl Generator {
         // The newest second emitted: a generator that overran a boundary (a starved core) catches up rather than
         // skipping seconds, which the benchmark would count as lost.
         let mut emitted: Option<i64> = None;
+        // The next second's schedule and the snapshots of its first slots, made ahead (see `MAKE_AHEAD_AT`).
+        let mut ready: Option<Ahead> = None;
         loop {
             let boundary =
                 tokio::time::sleep(clock::until_next_second() + Duration::from_millis(1));
@@ -618,6 +638,8 @@ impl Generator {
                 _ = boundary => {}
                 Some(deploy) = deploys.recv() => {
                     self.add_deploy(deploy, &mut shippers);
+                    // Instances came or go: what was made ahead does not know of them.
+                    ready = None;
                     continue;
                 }
                 _ = stop.wait_for(|s| *s) => break,
@@ -637,21 +659,42 @@ impl Generator {
             }
             let sent_from = tokio::time::Instant::now();
             for missed in from..t {
-                for n in self.schedule(missed, &mut rng).into_iter().flatten() {
-                    self.emit(n, missed, &mut rng);
+                for slot in self.schedule(missed, &mut rng) {
+                    for (n, snapshot) in self.make(&slot, missed, &mut rng) {
+                        self.send(n, snapshot);
+                    }
                 }
             }
-            // Each slot's snapshots are made when it is due, so making them is spread over the second as sending
-            // is (made all at once, 10,000 of them took long enough on a busy core to push the last slots past the
-            // next boundary).
-            for (k, slot) in self.schedule(t, &mut rng).into_iter().enumerate() {
+            let ahead = match ready.take() {
+                Some(ahead) if ahead.second == t => ahead,
+                _ => Ahead {
+                    second: t,
+                    slots: self.schedule(t, &mut rng),
+                    made: Vec::new(),
+                },
+            };
+            let make_ahead_at = sent_from + MAKE_AHEAD_AT;
+            let mut made = ahead.made.into_iter();
+            for (k, slot) in ahead.slots.into_iter().enumerate() {
+                // Slots not made ahead are made when due, so that making them is spread as sending is.
+                let snapshots = made.next();
                 if slot.is_empty() {
                     continue;
                 }
-                tokio::time::sleep_until(sent_from + Arrival::SLOT * k as u32).await;
-                for n in slot {
-                    self.emit(n, t, &mut rng);
+                let due = sent_from + Arrival::SLOT * k as u32;
+                if ready.is_none() && due >= make_ahead_at {
+                    tokio::time::sleep_until(make_ahead_at).await;
+                    ready = Some(self.make_ahead(t + 1, make_ahead_at + MAKE_AHEAD_FOR, &mut rng));
                 }
+                tokio::time::sleep_until(due).await;
+                let snapshots = snapshots.unwrap_or_else(|| self.make(&slot, t, &mut rng));
+                for (n, snapshot) in snapshots {
+                    self.send(n, snapshot);
+                }
+            }
+            if ready.is_none() {
+                tokio::time::sleep_until(make_ahead_at).await;
+                ready = Some(self.make_ahead(t + 1, make_ahead_at + MAKE_AHEAD_FOR, &mut rng));
             }
         }
         // Dropping the senders lets every shipper drain and finish.
@@ -735,11 +778,33 @@ impl Generator {
         slots
     }
 
-    /// Makes instance `n`'s snapshot of second `t` and hands it to its shipper.
-    fn emit(&mut self, n: usize, t: i64, rng: &mut SmallRng) {
-        let Some(instance) = self.instances.get_mut(n) else {
-            return;
-        };
+    /// The snapshots of second `t` of the instances in `slot`.
+    fn make(&mut self, slot: &[usize], t: i64, rng: &mut SmallRng) -> Vec<(usize, pb::Snapshot)> {
+        slot.iter()
+            .filter_map(|n| Some((*n, self.snapshot(*n, t, rng)?)))
+            .collect()
+    }
+
+    /// Second `t`'s schedule, and the snapshots of as many of its slots, first ones first, as are made by `until`.
+    fn make_ahead(&mut self, t: i64, until: tokio::time::Instant, rng: &mut SmallRng) -> Ahead {
+        let slots = self.schedule(t, rng);
+        let mut made = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            made.push(self.make(slot, t, rng));
+        }
+        Ahead {
+            second: t,
+            slots,
+            made,
+        }
+    }
+
+    /// Instance `n`'s snapshot of second `t`.
+    fn snapshot(&mut self, n: usize, t: i64, rng: &mut SmallRng) -> Option<pb::Snapshot> {
+        let instance = self.instances.get_mut(n)?;
         let start_second = instance.starts_at.floor() as i64;
         let shock = instance.shocks.second(t, rng);
         let series = if t == start_second && instance.starts_at > 0.0 {
@@ -749,12 +814,11 @@ impl Generator {
         } else {
             instance.pool.pick(shock, rng)
         };
-        let snapshot = pb::Snapshot {
+        Some(pb::Snapshot {
             second: t,
             series,
             stats: Some(pb::AgentStats::default()),
-        };
-        self.send(n, snapshot);
+        })
     }
 }
 
