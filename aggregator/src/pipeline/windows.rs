@@ -130,11 +130,62 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// The instances a leaf holds: one version in one zone. Every instance is in exactly one leaf.
 type Leaf = (Arc<str>, Option<Arc<str>>);
 
-/// One leaf's cells, sorted by series id. A snapshot's series, sorted the same way, are merged into them in one walk
-/// through both: no hashing, and the cells are read in the order they lie in memory, which the processor fetches
-/// ahead. (Looked up one by one in a hash map, each cell was a cache miss of its own: the load of its bucket was
-/// half of `merge_into`'s time, and `merge_into` a tenth of the aggregator's in the burst after each second.)
-type LeafCells = Vec<(SeriesId, Cell)>;
+/// One leaf's cells. Most are in `sorted`, by series id: a snapshot's series, visited in id order, are merged into
+/// them in one walk through both, galloping past cells the snapshot does not have. No hashing, and the cells are
+/// read in the order they lie in memory, which the processor fetches ahead. (Looked up one by one in a hash map,
+/// each cell was a cache miss of its own: the load of its bucket was half of `merge_into`'s time, and `merge_into` a
+/// tenth of the aggregator's in the burst after each second.) A series new to the leaf whose id is below the last
+/// sorted one (an instance sending a series the leaf's first instances did not) goes to `others`, a hash map:
+/// inserted into the vector, it would move every cell after it, for every such snapshot.
+#[derive(Debug, Default)]
+struct LeafCells {
+    sorted: Vec<(SeriesId, Cell)>,
+    others: FastMap<SeriesId, Cell>,
+}
+
+impl LeafCells {
+    /// The first place at or after `from` in `sorted` whose id is not below `key`: one step when that is the next
+    /// cell (a snapshot holding the leaf's series), logarithmic in the distance otherwise.
+    fn seek(&self, from: usize, key: SeriesId) -> usize {
+        let rest = self.sorted.get(from..).unwrap_or_default();
+        let mut bound = 1;
+        while bound <= rest.len() && rest[bound - 1].0 < key {
+            bound *= 2;
+        }
+        // Every id before `rest[bound / 2]` is below `key`; `rest[bound - 1]`, if there is one, is not.
+        let (low, high) = (bound / 2, bound.min(rest.len()));
+        from + low + rest[low..high].partition_point(|(id, _)| *id < key)
+    }
+
+    /// The cell of `key`, moving the walk through `sorted` (`at`) up to it.
+    fn find_mut(&mut self, at: &mut usize, key: SeriesId) -> Option<&mut Cell> {
+        *at = self.seek(*at, key);
+        match self.sorted.get_mut(*at) {
+            Some((id, cell)) if *id == key => Some(cell),
+            _ if self.others.is_empty() => None,
+            _ => self.others.get_mut(&key),
+        }
+    }
+
+    /// Adds cells new to the leaf, given in id order: appended to `sorted` while they come after it, the rest kept
+    /// in `others`.
+    fn add(&mut self, fresh: Vec<(SeriesId, Cell)>) {
+        for (id, cell) in fresh {
+            if self.sorted.last().is_none_or(|(last, _)| *last < id) {
+                self.sorted.push((id, cell));
+            } else {
+                self.others.insert(id, cell);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&SeriesId, &Cell)> {
+        self.sorted
+            .iter()
+            .map(|(id, cell)| (id, cell))
+            .chain(self.others.iter())
+    }
+}
 
 /// What a series is, fixed for the second by its first contribution: later ones of another kind (or histogram
 /// scale) are refused, whichever leaf they land in.
@@ -239,7 +290,7 @@ impl OpenSecond {
         let (by_version, by_zone) = (splits.sole_version.is_none(), splits.sole_zone.is_none());
         {
             for ((version, zone), cells) in &self.leaves {
-                for (id, cell) in cells {
+                for (id, cell) in cells.iter() {
                     let key = keys.get(*id);
                     // No allocation per cell: this runs for every cell of every leaf at each seal.
                     let targets = [
@@ -834,7 +885,8 @@ impl ServiceWindows {
 
 /// Merges a snapshot into its instance's leaf, allocating at most `available` bytes (the service's own room),
 /// each cell's growth taken from `all` before it is allocated; says what was dropped and what was used (`None`:
-/// the instance already reported this second).
+/// the instance already reported this second). The series are taken in id order: when the cell limit or a byte
+/// bound is reached partway, the series the service named first are the ones kept.
 fn merge_into(
     second: &mut OpenSecond,
     snapshot: InstanceSecond,
@@ -866,11 +918,11 @@ fn merge_into(
         .or_default();
     let (mut dropped, mut over_budget, mut over_total, mut used) = (0, 0, 0, 0usize);
     // Series new to the leaf, in id order, added once the walk is done.
-    let mut fresh: LeafCells = Vec::new();
+    let mut fresh = Vec::new();
     // The last series taken from this snapshot: the same series twice in one snapshot (named and by id, say)
     // counts once.
     let mut taken: Option<SeriesId> = None;
-    // The walk through the leaf: its first cell whose id is not below the series at hand.
+    // The walk through the leaf's sorted cells.
     let mut at = 0;
     for (key, value) in order
         .iter()
@@ -881,10 +933,7 @@ fn merge_into(
             dropped += 1;
             continue;
         }
-        while leaf.get(at).is_some_and(|(id, _)| *id < key) {
-            at += 1;
-        }
-        if let Some((_, cell)) = leaf.get_mut(at).filter(|(id, _)| *id == key) {
+        if let Some(cell) = leaf.find_mut(&mut at, key) {
             // Checked before allocating: a histogram reaching further than the budget allows is refused.
             let growth = cell.growth(value);
             if used + growth > available {
@@ -926,7 +975,7 @@ fn merge_into(
         taken = Some(key);
         fresh.push((key, Cell::new(value)));
     }
-    add_sorted(leaf, fresh);
+    leaf.add(fresh);
     second
         .reporters
         .insert(instance.id.clone(), (instance, requests));
@@ -937,28 +986,6 @@ fn merge_into(
         over_total,
         used,
     })
-}
-
-/// Adds `fresh` to `cells`, both sorted by id and with no id in common, keeping them sorted: appended when they all
-/// come after (a leaf's first snapshot, and most later additions), else merged in one pass (never an insertion per
-/// series, which a snapshot of thousands of new series in the middle would make quadratic).
-fn add_sorted(cells: &mut LeafCells, fresh: LeafCells) {
-    if fresh.is_empty() {
-        return;
-    }
-    if cells.last().is_none_or(|(last, _)| *last < fresh[0].0) {
-        cells.extend(fresh);
-        return;
-    }
-    let old = std::mem::take(cells);
-    cells.reserve(old.len() + fresh.len());
-    let (mut old, mut fresh) = (old.into_iter().peekable(), fresh.into_iter().peekable());
-    while let (Some((a, _)), Some((b, _))) = (old.peek(), fresh.peek()) {
-        let next = if a < b { old.next() } else { fresh.next() };
-        cells.extend(next);
-    }
-    cells.extend(old);
-    cells.extend(fresh);
 }
 
 /// What merging one snapshot did.
@@ -2199,7 +2226,13 @@ mod tests {
             Applied::Merged { dropped: 0, .. }
         ));
         let leaf = &w.open[&10].leaves[&(Arc::from("v1"), None)];
-        assert!(leaf.is_sorted_by_key(|(id, _)| *id) && leaf.len() == 8);
+        assert!(leaf.sorted.is_sorted_by_key(|(id, _)| *id));
+        assert_eq!(leaf.iter().count(), 8);
+        assert_eq!(
+            leaf.others.len(),
+            4,
+            "0, 1, 3 and 5 came below the sorted cells' last"
+        );
         let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
         let expected = [
             (0, 110.0, 2),
@@ -2229,25 +2262,81 @@ mod tests {
     }
 
     #[test]
-    fn fresh_cells_are_appended_or_merged_in_order() {
+    fn the_walk_gallops_to_the_first_id_not_below_the_key() {
         let cell = || Cell::new(&SeriesValue::Counter(1.0));
-        let cells_of = |ids: &[u32]| -> LeafCells {
-            ids.iter().map(|i| (SeriesId::test(*i), cell())).collect()
-        };
-        let ids_of = |cells: &LeafCells| -> Vec<u32> {
-            cells.iter().map(|(id, _)| id.index() as u32).collect()
-        };
-        for (old, fresh, both) in [
-            (vec![], vec![1, 2], vec![1, 2]),
-            (vec![1, 2], vec![], vec![1, 2]),
-            (vec![1, 2], vec![3, 9], vec![1, 2, 3, 9]),
-            (vec![5, 8], vec![1, 6, 9], vec![1, 5, 6, 8, 9]),
-            (vec![5, 8], vec![1, 2], vec![1, 2, 5, 8]),
+        let mut leaf = LeafCells::default();
+        leaf.add(
+            [1, 3, 5, 7, 9, 11, 13]
+                .map(|i| (SeriesId::test(i), cell()))
+                .into(),
+        );
+        for (from, key, at) in [
+            (0, 0, 0),
+            (0, 1, 0),
+            (0, 2, 1),
+            (0, 13, 6),
+            (0, 14, 7),
+            (3, 7, 3),
+            (3, 8, 4),
+            (3, 12, 6),
+            (6, 1, 6),
+            (7, 20, 7),
         ] {
-            let mut cells = cells_of(&old);
-            add_sorted(&mut cells, cells_of(&fresh));
-            assert_eq!(ids_of(&cells), both, "{old:?} + {fresh:?}");
+            assert_eq!(
+                leaf.seek(from, SeriesId::test(key)),
+                at,
+                "from {from} to {key}"
+            );
         }
+        // Cells new to the leaf below its last sorted id are kept apart, and still found.
+        leaf.add([2, 6, 15].map(|i| (SeriesId::test(i), cell())).into());
+        let sorted: Vec<u32> = leaf
+            .sorted
+            .iter()
+            .map(|(id, _)| id.index() as u32)
+            .collect();
+        assert_eq!(sorted, [1, 3, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(leaf.others.len(), 2);
+        for key in [2, 6, 15] {
+            assert!(
+                leaf.find_mut(&mut 0, SeriesId::test(key)).is_some(),
+                "{key}"
+            );
+        }
+        assert!(leaf.find_mut(&mut 0, SeriesId::test(4)).is_none());
+    }
+
+    /// Past the cell limit partway through a snapshot, the series the service named first are kept, whatever the
+    /// order the snapshot lists them in.
+    #[test]
+    fn at_the_cell_limit_the_series_named_first_are_kept() {
+        let ids = ["limit.a", "limit.b", "limit.c"].map(id);
+        let mut w = ServiceWindows::new(
+            "svc".into(),
+            WindowSettings {
+                max_cells: 2,
+                ..SETTINGS
+            },
+        );
+        let snapshot = InstanceSecond {
+            instance: instance("a", "v1", None),
+            agent: Default::default(),
+            requests: None,
+            t: 10,
+            series: [2, 1, 0]
+                .map(|i| (ids[i], SeriesValue::Counter(1.0)))
+                .into(),
+            table: table(),
+        };
+        assert!(matches!(
+            w.apply_now(snapshot),
+            Applied::Merged { dropped: 1, .. }
+        ));
+        let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
+        // Each listed twice: overall, and as the sole version's split.
+        let mut metrics: Vec<&str> = sealed[0].series.iter().map(|s| s.metric.as_ref()).collect();
+        metrics.dedup();
+        assert_eq!(metrics, ["limit.a", "limit.b"]);
     }
 
     /// A histogram of one value at 2^40 (its counts reach that far) and what its cell costs.

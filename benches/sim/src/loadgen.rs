@@ -31,16 +31,18 @@ use crate::traffic::{InstanceShocks, SecondShock, ServiceShocks, Shape};
 /// Prebuilt seconds per behaviour.
 const POOL_SECONDS: usize = 256;
 
-/// When, after a second's sending starts, the next second's snapshots are made, and for how long at most. Real
-/// agents each make theirs on their own machine; made here when due, as they were sent, the copying was a fifth of
-/// the generator's CPU in the 300 ms after each second (`perf`), taken from the aggregator in the burst it is
-/// measured in. At 800 ms that burst is over (on the slowest machine measured, at 7,000 agents, the aggregator was
-/// mostly idle from 700 ms), and only the late snapshots of the second before are still being sent. Slots not made
-/// by 950 ms are made when due, as before, so a slow core never holds up the next second's sending. (Made earlier,
-/// right after the second's sending, they competed with the aggregator's drain: README, *When in the second the two
-/// cores do what*.)
+/// When, after a second's sending starts, the next second's snapshots are made. Real agents each make theirs on
+/// their own machine; made here when due, as they were sent, the copying was a fifth of the generator's CPU in the
+/// 300 ms after each second (`perf`), taken from the aggregator in the burst it is measured in. At 800 ms that burst
+/// is over (on the slowest machine measured, at 7,000 agents, the aggregator was mostly idle from 700 ms), and only
+/// the late snapshots of the second before are still being sent. (Made earlier, right after the second's sending,
+/// they competed with the aggregator's drain: README, *When in the second the two cores do what*.) A second made
+/// ahead and then thrown away (a deploy changed the fleet, or the generator overran) is made again: its instances'
+/// shocks then take one step more, which leaves their distribution as it was.
 const MAKE_AHEAD_AT: Duration = Duration::from_millis(800);
-const MAKE_AHEAD_FOR: Duration = Duration::from_millis(150);
+/// Making ahead stops this long before the next second begins; the slots not made by then are made when due, as
+/// before, so a slow core does not hold up the next second's sending by more than one slot's making.
+const MAKE_AHEAD_MARGIN: Duration = Duration::from_millis(50);
 
 /// A second's schedule (the instances sent in each slot) and the snapshots of its first slots, made ahead.
 struct Ahead {
@@ -673,7 +675,6 @@ impl Generator {
                     made: Vec::new(),
                 },
             };
-            let make_ahead_at = sent_from + MAKE_AHEAD_AT;
             let mut made = ahead.made.into_iter();
             for (k, slot) in ahead.slots.into_iter().enumerate() {
                 // Slots not made ahead are made when due, so that making them is spread as sending is.
@@ -681,21 +682,18 @@ impl Generator {
                 if slot.is_empty() {
                     continue;
                 }
-                let due = sent_from + Arrival::SLOT * k as u32;
-                if ready.is_none() && due >= make_ahead_at {
-                    tokio::time::sleep_until(make_ahead_at).await;
-                    ready = Some(self.make_ahead(t + 1, make_ahead_at + MAKE_AHEAD_FOR, &mut rng));
-                }
-                tokio::time::sleep_until(due).await;
+                tokio::time::sleep_until(sent_from + Arrival::SLOT * k as u32).await;
                 let snapshots = snapshots.unwrap_or_else(|| self.make(&slot, t, &mut rng));
                 for (n, snapshot) in snapshots {
                     self.send(n, snapshot);
                 }
             }
-            if ready.is_none() {
-                tokio::time::sleep_until(make_ahead_at).await;
-                ready = Some(self.make_ahead(t + 1, make_ahead_at + MAKE_AHEAD_FOR, &mut rng));
-            }
+            // The last slot is due before `MAKE_AHEAD_AT` (a delay is under 0.8 s), so every snapshot of `t` was
+            // made before any of `t + 1`: each instance's shocks are drawn second after second.
+            tokio::time::sleep_until(sent_from + MAKE_AHEAD_AT).await;
+            let until = tokio::time::Instant::now()
+                + clock::until_next_second().saturating_sub(MAKE_AHEAD_MARGIN);
+            ready = Some(self.make_ahead(t + 1, until, &mut rng));
         }
         // Dropping the senders lets every shipper drain and finish.
         self.instances.clear();
