@@ -691,9 +691,13 @@ impl Generator {
             // The last slot is due before `MAKE_AHEAD_AT` (a delay is under 0.8 s), so every snapshot of `t` was
             // made before any of `t + 1`: each instance's shocks are drawn second after second.
             tokio::time::sleep_until(sent_from + MAKE_AHEAD_AT).await;
-            let until = tokio::time::Instant::now()
-                + clock::until_next_second().saturating_sub(MAKE_AHEAD_MARGIN);
-            ready = Some(self.make_ahead(t + 1, until, &mut rng));
+            // Already past the next second's start (the generator overran): that second goes out as a missed one,
+            // made as it is sent, and making it ahead now would only delay it.
+            if clock::unix_second() - 1 == t {
+                let until = tokio::time::Instant::now()
+                    + clock::until_next_second().saturating_sub(MAKE_AHEAD_MARGIN);
+                ready = Some(self.make_ahead(t + 1, until, &mut rng));
+            }
         }
         // Dropping the senders lets every shipper drain and finish.
         self.instances.clear();
