@@ -2306,6 +2306,51 @@ mod tests {
         assert!(leaf.find_mut(&mut 0, SeriesId::test(4)).is_none());
     }
 
+    /// A series sent twice in one snapshot counts once, as the first of the two that is taken: a first refused (its
+    /// kind conflicts with the second's other instances) leaves the second to be judged on its own.
+    #[test]
+    fn a_repeat_after_a_refused_first_is_judged_on_its_own() {
+        let key = id("repeat.kind");
+        let mut w = ServiceWindows::new("svc".into(), SETTINGS);
+        let snapshot = |inst: &Arc<Instance>, values: Vec<SeriesValue>| InstanceSecond {
+            instance: inst.clone(),
+            agent: Default::default(),
+            requests: None,
+            t: 10,
+            series: values.into_iter().map(|v| (key, v)).collect(),
+            table: table(),
+        };
+        // Another leaf makes the series a gauge for this second.
+        w.apply_now(snapshot(
+            &instance("a", "v1", Some("z1")),
+            vec![SeriesValue::Gauge(1.0)],
+        ));
+        // A counter first (refused: the kind), then a gauge (taken), then a gauge again (a repeat).
+        assert!(matches!(
+            w.apply_now(snapshot(
+                &instance("b", "v1", Some("z2")),
+                vec![
+                    SeriesValue::Counter(5.0),
+                    SeriesValue::Gauge(3.0),
+                    SeriesValue::Gauge(9.0)
+                ]
+            )),
+            Applied::Merged { dropped: 2, .. }
+        ));
+        let sealed = w.seal_ready_seconds(20_000, &Arrivals::default());
+        let overall = sealed[0]
+            .series
+            .iter()
+            .find(|s| s.metric.as_ref() == "repeat.kind" && s.version.is_none() && s.zone.is_none())
+            .expect("sealed");
+        assert_eq!(overall.instances, 2);
+        assert!(
+            matches!(overall.stats, Stats::Gauge { max, .. } if max == 3.0),
+            "{:?}",
+            overall.stats
+        );
+    }
+
     /// Past the cell limit partway through a snapshot, the series the service named first are kept, whatever the
     /// order the snapshot lists them in.
     #[test]
