@@ -162,7 +162,6 @@ impl LeafCells {
         *at = self.seek(*at, key);
         match self.sorted.get_mut(*at) {
             Some((id, cell)) if *id == key => Some(cell),
-            _ if self.others.is_empty() => None,
             _ => self.others.get_mut(&key),
         }
     }
@@ -2177,8 +2176,9 @@ mod tests {
         assert_eq!(sum_of(&sealed[0], None, None), (5.0, 2));
     }
 
-    /// A leaf's cells are kept sorted by id and merged in one walk: instances listing their series in other orders,
-    /// with series new to the leaf before, between and after the ones it has, and a repeat, all sum as they should.
+    /// A leaf's cells are merged in one walk through its sorted cells (those new below its last kept apart):
+    /// instances listing their series in other orders, with series new to the leaf before, between and after the
+    /// ones it has, and a repeat, all sum as they should.
     #[test]
     fn series_in_any_order_merge_into_their_own_cells() {
         let names: Vec<String> = (0..8).map(|i| format!("order.{i}")).collect();

@@ -32,10 +32,11 @@ use crate::traffic::{InstanceShocks, SecondShock, ServiceShocks, Shape};
 const POOL_SECONDS: usize = 256;
 
 /// When, after a second's sending starts, the next second's snapshots are made. Real agents each make theirs on
-/// their own machine; made here when due, as they were sent, the copying was a fifth of the generator's CPU in the
-/// 300 ms after each second (`perf`), taken from the aggregator in the burst it is measured in. At 800 ms that burst
-/// is over (on the slowest machine measured, at 7,000 agents, the aggregator was mostly idle from 700 ms), and only
-/// the late snapshots of the second before are still being sent. (Made earlier, right after the second's sending,
+/// their own machine; made here when due, as they were sent, the making took a third of the generator's CPU in the
+/// 300 ms after each second (its schedule thread, `perf`), taken from the aggregator in the burst it is measured
+/// in. Made at 800 ms, it meets little of the aggregator's drain (at 7,000 agents on the slowest machine measured,
+/// the drain was then mostly over by 700 ms; where it runs past 800 ms the two meet again), and only the late
+/// snapshots of the second before are still being sent. (Made earlier, right after the second's sending,
 /// they competed with the aggregator's drain: README, *When in the second the two cores do what*.) A second made
 /// ahead and then thrown away (a deploy changed the fleet, or the generator overran) is made again: its instances'
 /// shocks then take one step more, which leaves their distribution as it was.
