@@ -66,6 +66,31 @@ fn instance_snapshot(seed: u64, second: i64) -> pb::Snapshot {
     window.close().0
 }
 
+/// A snapshot of second 100 that names `n` counters as an agent's first snapshot on a stream does: ids from 1,
+/// names and tags (a route and a status class) in full.
+fn naming_snapshot(n: usize) -> pb::Snapshot {
+    let tag = |key: &str, value: String| pb::Tag {
+        key: key.into(),
+        value,
+    };
+    let series = (0..n)
+        .map(|i| pb::Series {
+            id: u32::try_from(i + 1).expect("a hundred ids"),
+            name: ["http.requests", "http.errors", "jobs.done", "cache.hits"][i % 4].into(),
+            tags: vec![
+                tag("route", format!("/api/v1/route-{:02}", i / 8)),
+                tag("status", ["2xx", "5xx"][(i / 4) % 2].into()),
+            ],
+            value: Some(pb::series::Value::Counter(i as f64)),
+        })
+        .collect();
+    pb::Snapshot {
+        second: 100,
+        series,
+        stats: None,
+    }
+}
+
 fn aggregator(c: &mut Criterion) {
     let instances: Vec<Sender> = (0..100)
         .map(|i| {
@@ -84,6 +109,17 @@ fn aggregator(c: &mut Criterion) {
         b.iter_batched(
             || snapshots[0].clone(),
             |s| kernels::validate(s, &instances[0], 100),
+            BatchSize::SmallInput,
+        )
+    });
+    // A stream's first snapshot names every series it sends (an agent that reconnects, or a whole fleet after
+    // the aggregator restarts): 100 series of two tags each, all of them already in the service's table.
+    let naming = naming_snapshot(100);
+    kernels::validate(naming.clone(), &instances[1], 100).expect("a valid snapshot");
+    group.bench_function("first_snapshot_of_a_stream_naming_100_known_series", |b| {
+        b.iter_batched(
+            || naming.clone(),
+            |s| kernels::validate(s, &instances[1], 100),
             BatchSize::SmallInput,
         )
     });

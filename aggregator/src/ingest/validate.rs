@@ -225,8 +225,13 @@ impl StreamDictionary {
                 .flatten()
                 .ok_or(SeriesProblem::UnknownSeriesId);
         }
-        let key = series_key(series, limits)?;
-        let interned = self.table.intern(key).ok_or(SeriesProblem::ServiceFull)?;
+        let interned = match find_named(&self.table, series, limits) {
+            Some(known) => known,
+            None => {
+                let key = series_key(series, limits)?;
+                self.table.intern(key).ok_or(SeriesProblem::ServiceFull)?
+            }
+        };
         if id != 0 && id <= limits.max_series_per_stream {
             if self.ids.len() <= id {
                 self.ids.resize(id + 1, None);
@@ -329,6 +334,27 @@ fn validate_series(
         pb::series::Value::Histogram(h) => decode_histogram(h, limits)?,
     };
     Ok((key, value))
+}
+
+/// The series `series` names, if its service's table already holds it (what every stream but the first to name it
+/// finds): looked up by its spelling, with nothing allocated. A key in the table was checked when it was interned,
+/// so the same spelling needs no check. Only for tags in the order keys keep them (sorted, keys unique: what agents
+/// send) and within the tag limit; any other spelling takes the long way, which checks, sorts and builds a key.
+fn find_named(table: &SeriesTable, series: &pb::Series, limits: &Limits) -> Option<SeriesId> {
+    const MOST: usize = 32;
+    let n = series.tags.len();
+    if n > MOST.min(limits.max_tags_per_series) {
+        return None;
+    }
+    let mut tags = [("", ""); MOST];
+    for (slot, tag) in tags.iter_mut().zip(&series.tags) {
+        *slot = (tag.key.as_str(), tag.value.as_str());
+    }
+    let tags = &tags[..n];
+    if !tags.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+        return None;
+    }
+    table.find(&series.name, tags)
 }
 
 /// A named series' key: name and tags checked, tags sorted (a repeated key keeps its last value).
@@ -666,6 +692,53 @@ mod tests {
         for (h, tokens, expected) in table {
             assert_eq!(validate_hello(&h, &limits, tokens).err(), expected, "{h:?}");
         }
+    }
+
+    /// A second stream naming a series its service already has finds it by its spelling; tags in another order
+    /// or repeated take the long way and reach the same series; a spelling that is not a valid key is refused
+    /// whichever way it comes.
+    #[test]
+    fn a_stream_naming_a_known_series_gets_its_id_however_it_orders_the_tags() {
+        let limits = Limits::default();
+        let table = Arc::new(SeriesTable::new(1_000));
+        let tag = |key: &str, value: &str| pb::Tag {
+            key: key.into(),
+            value: value.into(),
+        };
+        let named = |name: &str, tags: Vec<pb::Tag>| pb::Series {
+            id: 1,
+            name: name.into(),
+            tags,
+            value: Some(pb::series::Value::Counter(1.0)),
+        };
+        let resolve =
+            |series: pb::Series| StreamDictionary::new(table.clone()).resolve(&series, &limits);
+        let sorted = || vec![tag("route", "/pay"), tag("status", "2xx")];
+        let first = resolve(named("req", sorted())).unwrap();
+        assert_eq!(resolve(named("req", sorted())), Ok(first));
+        let reversed = vec![tag("status", "2xx"), tag("route", "/pay")];
+        assert_eq!(resolve(named("req", reversed)), Ok(first));
+        // A repeated key keeps its last value, as on the long way.
+        let repeated = vec![
+            tag("route", "/old"),
+            tag("route", "/pay"),
+            tag("status", "2xx"),
+        ];
+        assert_eq!(resolve(named("req", repeated)), Ok(first));
+        assert_ne!(resolve(named("req", vec![tag("route", "/pay")])), Ok(first));
+        assert_eq!(
+            resolve(named("req\n", sorted())),
+            Err(SeriesProblem::BadName)
+        );
+        let too_many = (0..=limits.max_tags_per_series)
+            .map(|i| tag(&format!("k{i:02}"), "v"))
+            .collect();
+        assert_eq!(
+            resolve(named("req", too_many)),
+            Err(SeriesProblem::TooManyTags)
+        );
+        assert_eq!(table.keys().at(1).map(|k| k.tags.len()), Some(1));
+        assert!(table.keys().at(2).is_none(), "nothing else was interned");
     }
 
     #[test]

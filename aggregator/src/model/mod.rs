@@ -85,6 +85,25 @@ impl SeriesKey {
         let hash = key_hasher().hash_one((&*metric, &*tags));
         Self { metric, tags, hash }
     }
+
+    /// The hash the key of `metric` with `tags` (sorted, keys unique) has, computed without building it (a string
+    /// hashes the same borrowed as shared).
+    pub(crate) fn hash_of(metric: &str, tags: &[(&str, &str)]) -> u64 {
+        use std::hash::BuildHasher;
+        key_hasher().hash_one((metric, tags))
+    }
+
+    /// Whether this is the key of `metric` with `tags`, whose hash is `hash`.
+    pub(crate) fn spells(&self, hash: u64, metric: &str, tags: &[(&str, &str)]) -> bool {
+        self.hash == hash
+            && &*self.metric == metric
+            && self.tags.len() == tags.len()
+            && self
+                .tags
+                .iter()
+                .zip(tags)
+                .all(|((k, v), (key, value))| &**k == *key && &**v == *value)
+    }
 }
 
 impl PartialEq for SeriesKey {

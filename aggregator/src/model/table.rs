@@ -33,6 +33,9 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 #[derive(Debug, Default)]
 struct Entries {
     ids: FastMap<SeriesKey, SeriesId>,
+    /// The first id interned under each key hash, so that a series can be found by its spelling without building
+    /// its key (two keys with one hash: the second is found only by its key).
+    by_hash: FastMap<u64, SeriesId>,
     keys: Vec<SeriesKey>,
 }
 
@@ -65,9 +68,22 @@ impl SeriesTable {
             return None;
         }
         let id = SeriesId(u32::try_from(entries.keys.len()).ok()?);
+        entries.by_hash.entry(key.hash).or_insert(id);
         entries.keys.push(key.clone());
         entries.ids.insert(key, id);
         Some(id)
+    }
+
+    /// The id of the series named `metric` with `tags` (sorted, keys unique), if the table holds it: found without
+    /// building its key, which allocates a string per name and tag (ten thousand streams each naming their
+    /// hundred series at once, as after a restart, were a million keys built to be thrown away).
+    pub(crate) fn find(&self, metric: &str, tags: &[(&str, &str)]) -> Option<SeriesId> {
+        let hash = SeriesKey::hash_of(metric, tags);
+        let entries = self.read();
+        let id = *entries.by_hash.get(&hash)?;
+        entries.keys[id.index()]
+            .spells(hash, metric, tags)
+            .then_some(id)
     }
 
     /// How many series the table holds.
@@ -142,6 +158,48 @@ mod tests {
         assert_eq!(table.intern(key("c")), None);
         assert_eq!(table.len(), 2);
         assert_eq!(&*table.keys().get(b).metric, "b");
+    }
+
+    /// A series is found by its spelling exactly when it was interned: same name, same tags, same order.
+    #[test]
+    fn a_series_is_found_by_its_spelling_without_a_key() {
+        let table = SeriesTable::new(10);
+        let tagged = |metric: &str, tags: &[(&str, &str)]| {
+            SeriesKey::new(
+                metric.into(),
+                tags.iter()
+                    .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
+                    .collect::<Vec<_>>()
+                    .into(),
+            )
+        };
+        let tags = [("route", "/a"), ("status", "2xx")];
+        let key = tagged("requests", &tags);
+        assert_eq!(
+            SeriesKey::hash_of("requests", &tags),
+            key.hash,
+            "hashed alike borrowed and shared"
+        );
+        assert_eq!(
+            table.find("requests", &tags),
+            None,
+            "not before it is interned"
+        );
+        let id = table.intern(key).unwrap();
+        let plain = table.intern(tagged("requests", &[])).unwrap();
+        assert_eq!(table.find("requests", &tags), Some(id));
+        assert_eq!(table.find("requests", &[]), Some(plain));
+        assert_eq!(table.find("requests", &[("route", "/a")]), None);
+        assert_eq!(
+            table.find("requests", &[("route", "/a"), ("status", "5xx")]),
+            None
+        );
+        assert_eq!(table.find("request", &tags), None);
+        // A tag's key and value moved across the boundary between them spell another series.
+        assert_eq!(
+            table.find("requests", &[("route", "/a"), ("statu", "s2xx")]),
+            None
+        );
     }
 
     #[test]
