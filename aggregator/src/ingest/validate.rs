@@ -337,24 +337,32 @@ fn validate_series(
 }
 
 /// The series `series` names, if its service's table already holds it (what every stream but the first to name it
-/// finds): looked up by its spelling, with nothing allocated. A key in the table was checked when it was interned,
-/// so the same spelling needs no check. Only for tags in the order keys keep them (sorted, keys unique: what agents
-/// send) and within the tag limit; any other spelling takes the long way, which checks, sorts and builds a key.
+/// finds): looked up by its spelling, building no key (and, up to eight tags, allocating nothing). A key in the
+/// table was checked when it was interned, under the same limits, so the same spelling needs no check. Only for tags
+/// in the order keys keep them (sorted, keys unique: what agents send) and within the tag limit; any other spelling
+/// takes the long way, which checks, sorts and builds a key. A series new to the service is looked up both ways.
 fn find_named(table: &SeriesTable, series: &pb::Series, limits: &Limits) -> Option<SeriesId> {
-    const MOST: usize = 32;
+    // Up to this many tags are viewed on the stack (more take a vector).
+    const INLINE: usize = 8;
     let n = series.tags.len();
-    if n > MOST.min(limits.max_tags_per_series) {
+    if n > limits.max_tags_per_series
+        || !series.tags.windows(2).all(|pair| pair[0].key < pair[1].key)
+    {
         return None;
     }
-    let mut tags = [("", ""); MOST];
-    for (slot, tag) in tags.iter_mut().zip(&series.tags) {
-        *slot = (tag.key.as_str(), tag.value.as_str());
+    fn view(tag: &pb::Tag) -> (&str, &str) {
+        (tag.key.as_str(), tag.value.as_str())
     }
-    let tags = &tags[..n];
-    if !tags.windows(2).all(|pair| pair[0].0 < pair[1].0) {
-        return None;
+    if n <= INLINE {
+        let mut tags = [("", ""); INLINE];
+        for (slot, tag) in tags.iter_mut().zip(&series.tags) {
+            *slot = view(tag);
+        }
+        table.find(&series.name, &tags[..n])
+    } else {
+        let tags: Vec<(&str, &str)> = series.tags.iter().map(view).collect();
+        table.find(&series.name, &tags)
     }
-    table.find(&series.name, tags)
 }
 
 /// A named series' key: name and tags checked, tags sorted (a repeated key keeps its last value).
@@ -714,18 +722,30 @@ mod tests {
         let resolve =
             |series: pb::Series| StreamDictionary::new(table.clone()).resolve(&series, &limits);
         let sorted = || vec![tag("route", "/pay"), tag("status", "2xx")];
+        let found = |series: pb::Series| find_named(&table, &series, &limits);
+        assert_eq!(found(named("req", sorted())), None);
         let first = resolve(named("req", sorted())).unwrap();
+        // Found by its spelling from now on.
+        assert_eq!(found(named("req", sorted())), Some(first));
         assert_eq!(resolve(named("req", sorted())), Ok(first));
-        let reversed = vec![tag("status", "2xx"), tag("route", "/pay")];
-        assert_eq!(resolve(named("req", reversed)), Ok(first));
+        let reversed = || vec![tag("status", "2xx"), tag("route", "/pay")];
+        assert_eq!(found(named("req", reversed())), None);
+        assert_eq!(resolve(named("req", reversed())), Ok(first));
         // A repeated key keeps its last value, as on the long way.
-        let repeated = vec![
-            tag("route", "/old"),
-            tag("route", "/pay"),
-            tag("status", "2xx"),
-        ];
-        assert_eq!(resolve(named("req", repeated)), Ok(first));
+        let repeated = || {
+            vec![
+                tag("route", "/old"),
+                tag("route", "/pay"),
+                tag("status", "2xx"),
+            ]
+        };
+        assert_eq!(found(named("req", repeated())), None);
+        assert_eq!(resolve(named("req", repeated())), Ok(first));
         assert_ne!(resolve(named("req", vec![tag("route", "/pay")])), Ok(first));
+        // More tags than are viewed on the stack: the same, through a vector.
+        let many = || (0..12).map(|i| tag(&format!("k{i:02}"), "v")).collect();
+        let wide = resolve(named("req", many())).unwrap();
+        assert_eq!(found(named("req", many())), Some(wide));
         assert_eq!(
             resolve(named("req\n", sorted())),
             Err(SeriesProblem::BadName)
@@ -738,7 +758,8 @@ mod tests {
             Err(SeriesProblem::TooManyTags)
         );
         assert_eq!(table.keys().at(1).map(|k| k.tags.len()), Some(1));
-        assert!(table.keys().at(2).is_none(), "nothing else was interned");
+        assert_eq!(table.keys().at(2).map(|k| k.tags.len()), Some(12));
+        assert!(table.keys().at(3).is_none(), "nothing else was interned");
     }
 
     #[test]

@@ -55,7 +55,9 @@ impl SeriesTable {
         }
     }
 
-    /// The id of `key`, numbered now if it is new; `None` when the table is full.
+    /// The id of `key`, numbered now if it is new; `None` when the table is full. Keys come only from ingest's
+    /// checks (`series_key`, under the process's fixed limits): [`SeriesTable::find`] hands out their ids without
+    /// checking the spelling again.
     pub(crate) fn intern(&self, key: SeriesKey) -> Option<SeriesId> {
         if let Some(id) = self.read().ids.get(&key) {
             return Some(*id);
@@ -68,8 +70,8 @@ impl SeriesTable {
             return None;
         }
         let id = SeriesId(u32::try_from(entries.keys.len()).ok()?);
-        entries.by_hash.entry(key.hash).or_insert(id);
         entries.keys.push(key.clone());
+        entries.by_hash.entry(key.hash).or_insert(id);
         entries.ids.insert(key, id);
         Some(id)
     }
@@ -175,11 +177,21 @@ mod tests {
         };
         let tags = [("route", "/a"), ("status", "2xx")];
         let key = tagged("requests", &tags);
-        assert_eq!(
-            SeriesKey::hash_of("requests", &tags),
-            key.hash,
-            "hashed alike borrowed and shared"
-        );
+        // Hashed alike borrowed and shared, however many tags.
+        for n in [0, 1, 8, 9, 32] {
+            let owned: Vec<(String, String)> = (0..n)
+                .map(|i| (format!("k{i:02}"), format!("v{i}")))
+                .collect();
+            let borrowed: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(
+                SeriesKey::hash_of("m", &borrowed),
+                tagged("m", &borrowed).hash,
+                "{n} tags"
+            );
+        }
         assert_eq!(
             table.find("requests", &tags),
             None,
