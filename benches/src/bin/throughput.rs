@@ -102,6 +102,10 @@ struct Args {
     /// Seconds into the measured window at which `--outage` kills the aggregator, or `--stall` stops it.
     #[arg(long, default_value_t = 15)]
     outage_at: u64,
+    /// Print the fleet's first seconds one by one, read from the aggregator every second for this long from the
+    /// load generator's start: its CPU, what it merged, sealed and corrected, and how late it sealed (0: not).
+    #[arg(long, default_value_t = 0)]
+    start_trace: u64,
 }
 
 /// A second is fresh when at least this share of the fleet is in its live frame (the load sends 1% of
@@ -217,6 +221,12 @@ struct Scraped {
     history: f64,
     /// Seconds sealed so far, by what sealed them (as [`SEALED_BY`] names them).
     sealed_by: [f64; 4],
+    /// Snapshots merged, seconds sealed and corrections published so far.
+    accepted: f64,
+    sealed: f64,
+    corrections: f64,
+    /// The seal delay histogram's sum (seconds).
+    seal_sum: f64,
 }
 
 /// The values of `strobe_seconds_sealed_by_total`'s label.
@@ -240,7 +250,56 @@ async fn scrape(http: &str) -> Result<Scraped> {
             )
             .unwrap_or(0.0)
         }),
+        accepted: value("strobe_snapshots_accepted_total"),
+        sealed: value("strobe_seconds_sealed_total"),
+        corrections: value("strobe_corrections_total"),
+        seal_sum: value("strobe_seal_delay_seconds_sum"),
     })
+}
+
+/// One second of the fleet's start, as `--start-trace` prints it.
+struct StartSecond {
+    /// Seconds after the load generator started.
+    at: f64,
+    cores: f64,
+    accepted: f64,
+    sealed: f64,
+    corrections: f64,
+    /// Mean seal delay of the seconds sealed in it (seconds).
+    seal_delay: f64,
+}
+
+/// Reads the aggregator (`pid`, HTTP API at `http`) every second for `seconds` from `started_ms`: what changed in
+/// each. A scrape that fails ends the trace (what was read is kept).
+async fn start_trace(http: String, pid: u32, started_ms: i64, seconds: u64) -> Vec<StartSecond> {
+    let mut rows = Vec::new();
+    let mut last: Option<(i64, u64, Scraped)> = None;
+    for _ in 0..=seconds {
+        let (Ok(scraped), Ok((ticks, _))) = (scrape(&http).await, proc_usage(pid)) else {
+            break;
+        };
+        let at_ms = now_ms();
+        if let Some((was_ms, was_ticks, was)) = &last {
+            let elapsed = (at_ms - was_ms).max(1) as f64 / 1000.0;
+            let per_second = |now: f64, then: f64| (now - then) / elapsed;
+            let sealed = scraped.sealed - was.sealed;
+            rows.push(StartSecond {
+                at: (at_ms - started_ms) as f64 / 1000.0,
+                cores: (ticks - was_ticks) as f64 / 100.0 / elapsed,
+                accepted: per_second(scraped.accepted, was.accepted),
+                sealed: per_second(scraped.sealed, was.sealed),
+                corrections: per_second(scraped.corrections, was.corrections),
+                seal_delay: if sealed > 0.0 {
+                    (scraped.seal_sum - was.seal_sum) / sealed
+                } else {
+                    f64::NAN
+                },
+            });
+        }
+        last = Some((at_ms, ticks, scraped));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    rows
 }
 
 /// The value of the unlabelled metric `name` in OpenMetrics `text`, if there.
@@ -826,6 +885,14 @@ async fn main() -> Result<()> {
     )?;
     let loadgen_pid = loadgen.id().context("loadgen pid")?;
     let loadgen_started_ms = now_ms();
+    let trace = (args.start_trace > 0).then(|| {
+        tokio::spawn(start_trace(
+            http.clone(),
+            agg_pid,
+            loadgen_started_ms,
+            args.start_trace,
+        ))
+    });
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
     let last_progress = Arc::new(Mutex::new(String::new()));
     // Snapshots the load generator dropped unsent (its queue to a shipper full: the generator's process starved).
@@ -1117,6 +1184,19 @@ async fn main() -> Result<()> {
         );
     } else {
         println!("the fleet's start: live frames not fresh by the end of the warm-up");
+    }
+    if let Some(trace) = trace {
+        let rows = trace.await.unwrap_or_default();
+        println!(
+            "the fleet's start, second by second (s after the load generator started; aggregator cores; snapshots \
+             merged, seconds sealed and corrections published a second; mean delay of the seconds sealed):"
+        );
+        for r in rows {
+            println!(
+                "  {:5.1} s  {:4.2} cores  {:6.0} merged  {:4.0} sealed  {:4.0} corrections  seal delay {:.2} s",
+                r.at, r.cores, r.accepted, r.sealed, r.corrections, r.seal_delay
+            );
+        }
     }
     println!(
         "agent streams catching up (replaying, or behind after a replay) at the window's start / end: {} / {}; \
