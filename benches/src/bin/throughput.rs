@@ -890,7 +890,8 @@ async fn main() -> Result<()> {
             http.clone(),
             agg_pid,
             loadgen_started_ms,
-            args.start_trace,
+            // (Read until the window ends at most; an outage's run does not print it.)
+            args.start_trace.min(args.warmup + args.seconds),
         ))
     });
     let mut loadgen_out = BufReader::new(loadgen.stdout.take().context("loadgen stdout")?).lines();
