@@ -93,10 +93,9 @@ impl SeriesKey {
         key_hasher().hash_one((metric, tags))
     }
 
-    /// Whether this is the key of `metric` with `tags`, whose hash is `hash`.
-    pub(crate) fn spells(&self, hash: u64, metric: &str, tags: &[(&str, &str)]) -> bool {
-        self.hash == hash
-            && &*self.metric == metric
+    /// Whether this is the key of `metric` with `tags`.
+    pub(crate) fn spells(&self, metric: &str, tags: &[(&str, &str)]) -> bool {
+        &*self.metric == metric
             && self.tags.len() == tags.len()
             && self
                 .tags

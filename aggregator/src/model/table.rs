@@ -83,9 +83,7 @@ impl SeriesTable {
         let hash = SeriesKey::hash_of(metric, tags);
         let entries = self.read();
         let id = *entries.by_hash.get(&hash)?;
-        entries.keys[id.index()]
-            .spells(hash, metric, tags)
-            .then_some(id)
+        entries.keys[id.index()].spells(metric, tags).then_some(id)
     }
 
     /// How many series the table holds.
